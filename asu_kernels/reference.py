@@ -1,0 +1,202 @@
+"""Plain-PyTorch specifications of every asu kernel.
+
+Each function here is the *definition* the Triton kernels are tested against (run in float64), and the
+CPU path of the package when the Triton interpreter is off. They favour clarity over speed: attention
+materialises the full (N x N) score matrix and the vocabulary losses materialise the full logits.
+
+Conventions shared with the kernels
+-----------------------------------
+Attention
+    * Dense layout: ``q`` (B, Hq, Nq, D), ``k``/``v`` (B, Hkv, Nk, D) with ``Hq % Hkv == 0`` (GQA/MQA:
+      query head ``h`` reads key/value head ``h // (Hq // Hkv)``).
+    * Varlen (packed) layout: ``q`` (total, Hq, D), ``k``/``v`` (total, Hkv, D) and ``cu_seqlens`` (B+1,)
+      int32, non-decreasing from 0 to total; document ``b`` owns rows ``cu_seqlens[b]:cu_seqlens[b+1]``
+      and attends only within itself.
+    * Logit ``s_ij = (q_i . k_j) * scale / temperature``, ``scale`` defaulting to ``1/sqrt(D)``.
+    * ``causal``: bottom-right aligned, as in FlashAttention-2 — query ``i`` of ``Nq`` sees key ``j`` of
+      ``Nk`` iff ``j <= i + (Nk - Nq)`` (equal lengths: ``j <= i``; decoding one token: every key).
+    * ``window`` (an int ``W >= 1``, Hugging Face's ``sliding_window``): query ``i`` sees key ``j`` iff
+      ``(i + Nk - Nq) - j < W``, i.e. itself and the ``W - 1`` keys before it. Used together with causal.
+    * ``key_padding_mask`` (B, Nk) bool, True where the key is a real token (dense layout only).
+    * ``lse`` is the natural-log log-sum-exp of the visible logits, fp32, shaped like ``q`` without its
+      last dim: (B, Hq, Nq) dense, (total, Hq) varlen. A row with no visible key has ``lse = -inf`` and a
+      zero output (never NaN), and passes zero gradient.
+
+Vocabulary losses (rows are tokens, ``M`` of them; ``V`` is the vocabulary)
+    * ``linear_kl``: ``sum_i w_i * KL(softmax(hT_i WT^T + bT) || softmax(hS_i WS^T + bS))``;
+      ``weights=None`` means the plain mean over rows (``w_i = 1/M``).
+    * ``linear_cross_entropy``: ``sum_i w_i * (-log softmax(h_i W^T + b)[y_i])`` over rows whose label is not
+      ``ignore_index``; ``weights=None`` means the mean over those rows (0 when there are none).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "attention_mask",
+    "attention",
+    "attention_varlen",
+    "linear_kl",
+    "linear_cross_entropy",
+]
+
+
+def attention_mask(
+    n_q: int,
+    n_k: int,
+    *,
+    causal: bool,
+    window: int | None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Boolean (Nq, Nk) visibility mask (True = the query may attend to the key), bottom-right aligned."""
+    i = torch.arange(n_q, device=device)[:, None] + (n_k - n_q)
+    j = torch.arange(n_k, device=device)[None, :]
+    visible = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
+    if causal:
+        visible &= j <= i
+    if window is not None:
+        visible &= (i - j) < window
+    return visible
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    temperature: float = 1.0,
+    window: int | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense temperature-scaled attention, computed in the dtype of the inputs.
+
+    Args:
+        q: (B, Hq, Nq, D). k, v: (B, Hkv, Nk, D).
+        key_padding_mask: optional (B, Nk) bool, True = real key.
+
+    Returns:
+        out (B, Hq, Nq, D) in q's dtype and lse (B, Hq, Nq) in float32 (float64 when q is float64).
+    """
+    b, hq, n_q, d = q.shape
+    hkv, n_k = k.shape[1], k.shape[2]
+    group = hq // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    # GQA by index: broadcasting the key/value head over its group of query heads is the definition.
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale / temperature)
+    visible = attention_mask(n_q, n_k, causal=causal, window=window, device=q.device)
+    visible = visible.expand(b, hq, n_q, n_k)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :].to(torch.bool)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    # Rows with no visible key: exp(-inf - (-inf)) would be NaN; define p = 0 there instead.
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    out = torch.matmul(probs, v)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return out.to(q.dtype), lse.to(lse_dtype)
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    temperature: float = 1.0,
+    window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed variable-length attention: each document of ``cu_seqlens`` attends only within itself.
+
+    Args:
+        q: (total, Hq, D). k, v: (total, Hkv, D). cu_seqlens: (B+1,) integer offsets.
+
+    Returns:
+        out (total, Hq, D) and lse (total, Hq).
+    """
+    outs, lses = [], []
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        # (n, H, D) -> (1, H, n, D) for the dense definition, and back.
+        o, lse = attention(
+            q[start:end].transpose(0, 1)[None],
+            k[start:end].transpose(0, 1)[None],
+            v[start:end].transpose(0, 1)[None],
+            causal=causal,
+            scale=scale,
+            temperature=temperature,
+            window=window,
+        )
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0].transpose(0, 1))
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if not outs:
+        return q.new_zeros(q.shape), q.new_zeros(q.shape[:-1], dtype=lse_dtype)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = hidden @ weight.T
+    return logits if bias is None else logits + bias
+
+
+def linear_kl(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``sum_i w_i * KL(p_T,i || p_S,i)`` with ``p = softmax(h W^T + b)``, materialising the logits.
+
+    Args:
+        student_hidden, teacher_hidden: (M, d). student_weight, teacher_weight: (V, d). weights: (M,).
+
+    Returns:
+        A scalar in the hidden states' dtype. Gradients flow to the student side only when the caller
+        detaches the teacher (the fused kernel never produces teacher gradients).
+    """
+    log_p_s = torch.log_softmax(_logits(student_hidden, student_weight, student_bias), dim=-1)
+    log_p_t = torch.log_softmax(_logits(teacher_hidden, teacher_weight, teacher_bias), dim=-1)
+    per_row = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1)
+    if weights is None:
+        return per_row.mean() if per_row.numel() else per_row.sum()
+    return (per_row * weights.to(per_row.dtype)).sum()
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    weights: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``softmax(h W^T + b)`` against ``labels``, materialising the logits.
+
+    Args:
+        hidden: (M, d). weight: (V, d). labels: (M,) int64. weights: (M,).
+
+    Returns:
+        ``sum_i w_i * CE_i`` over rows whose label is not ``ignore_index``; with ``weights=None`` the mean
+        over those rows (0 when every row is ignored).
+    """
+    logits = _logits(hidden, weight, bias)
+    per_row = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
+    valid = labels != ignore_index
+    if weights is None:
+        count = valid.sum()
+        return per_row.sum() / count.clamp(min=1).to(per_row.dtype)
+    return (per_row * weights.to(per_row.dtype) * valid.to(per_row.dtype)).sum()
