@@ -42,6 +42,7 @@ __all__ = [
     "attention_varlen",
     "linear_kl",
     "linear_cross_entropy",
+    "attention_kl",
 ]
 
 
@@ -200,3 +201,90 @@ def linear_cross_entropy(
         count = valid.sum()
         return per_row.sum() / count.clamp(min=1).to(per_row.dtype)
     return (per_row * weights.to(per_row.dtype) * valid.to(per_row.dtype)).sum()
+
+
+def _attention_kl_dense(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    *,
+    temperature_t: float,
+    temperature_s: float,
+    causal: bool,
+    window: int | None,
+    scale: float | None,
+    key_padding_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, hq, n_q, d = q_s.shape
+    n_k = k_s.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    k_s = k_s.repeat_interleave(hq // k_s.shape[1], dim=1)
+    k_t = k_t.repeat_interleave(hq // k_t.shape[1], dim=1)
+    s_s = torch.matmul(q_s, k_s.transpose(-1, -2)) * (scale / temperature_s)
+    s_t = torch.matmul(q_t, k_t.transpose(-1, -2)) * (scale / temperature_t)
+    visible = attention_mask(n_q, n_k, causal=causal, window=window, device=q_s.device)
+    visible = visible.expand(b, hq, n_q, n_k)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :].to(torch.bool)
+    # Rows with no visible key get finite dummy logits so that neither logsumexp nor its gradient is NaN;
+    # every probability of such a row is zeroed below, making its KL and entropies 0.
+    empty = ~visible.any(-1, keepdim=True)
+    keep = visible | empty
+    log_p_s = torch.log_softmax(s_s.masked_fill(~keep, float("-inf")), dim=-1)
+    log_p_t = torch.log_softmax(s_t.masked_fill(~keep, float("-inf")), dim=-1)
+    log_p_s = torch.where(visible, log_p_s, torch.zeros_like(log_p_s))
+    log_p_t = torch.where(visible, log_p_t, torch.zeros_like(log_p_t))
+    p_s = torch.exp(log_p_s) * visible
+    p_t = torch.exp(log_p_t) * visible
+    kl = (p_t * (log_p_t - log_p_s)).sum(-1)
+    return kl, -(p_s * log_p_s).sum(-1), -(p_t * log_p_t).sum(-1)
+
+
+def attention_kl(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    *,
+    temperature_t: float,
+    temperature_s: float = 1.0,
+    causal: bool = True,
+    window: int | None = None,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-query-row ``KL(p_T || p_S)`` between two attention maps, and the entropy of each, materialised.
+
+    ``p_T = softmax(q_t k_t^T * scale / temperature_t)`` (teacher) and ``p_S = softmax(q_s k_s^T * scale /
+    temperature_s)`` (student) over the same visible keys (causal / window / padding / varlen mask):
+    ``KL_i = sum_j p_T,ij (log p_T,ij - log p_S,ij)`` and ``H_i = -sum_j p_ij log p_ij`` for either side.
+
+    Args:
+        q_s, q_t: (B, Hq, Nq, D); k_s: (B, Hkv_s, Nk, D); k_t: (B, Hkv_t, Nk, D); GQA by index on each side.
+            Varlen: (total, H, D) tensors with ``cu_seqlens`` (B+1,).
+        key_padding_mask: (B, Nk) bool, True = real key (dense layout only).
+
+    Returns:
+        ``(kl, entropy_s, entropy_t)``, each (B, Hq, Nq) dense or (total, Hq) varlen, in the inputs' dtype.
+        Rows with no visible key give 0 for all three. Gradients flow to whichever inputs require them.
+    """
+    kw = dict(
+        temperature_t=temperature_t, temperature_s=temperature_s, causal=causal, window=window, scale=scale
+    )
+    if cu_seqlens is None:
+        return _attention_kl_dense(q_s, k_s, q_t, k_t, key_padding_mask=key_padding_mask, **kw)
+    outs: list[tuple[torch.Tensor, ...]] = []
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if end == start:
+            continue
+        # (n, H, D) -> (1, H, n, D) for the dense definition; results back to (n, H).
+        docs = [t[start:end].transpose(0, 1)[None] for t in (q_s, k_s, q_t, k_t)]
+        res = _attention_kl_dense(*docs, key_padding_mask=None, **kw)
+        outs.append(tuple(r[0].transpose(0, 1) for r in res))
+    if not outs:
+        z = q_s.new_zeros(q_s.shape[:-1])
+        return z, z.clone(), z.clone()
+    return tuple(torch.cat([o[i] for o in outs]) for i in range(3))  # type: ignore[return-value]
