@@ -1,0 +1,247 @@
+"""The ``"asu"`` attention implementation for Hugging Face transformers models.
+
+Importing this module registers, under the name ``"asu"``,
+
+* :func:`asu_attention_forward` in ``transformers.AttentionInterface``: the attention itself, running
+  :func:`asu_kernels.attention` (fused temperature flash attention; GQA without ``repeat_kv``; sliding window;
+  packed documents), and
+* :func:`asu_attention_mask` in ``transformers.masking_utils.AttentionMaskInterface``: the mask the model
+  builds for it. Without a mask function registered under the same name, transformers hands a custom
+  attention ``attention_mask=None`` even for padded batches, and padding would be attended silently.
+
+so that ``AutoModelForCausalLM.from_pretrained(path, attn_implementation="asu")`` or
+``model.set_attn_implementation("asu")`` runs the kernel with no patched model classes. Any model whose
+attention calls the interface (Llama, Mistral, Qwen2, Qwen3, ...) is served.
+
+Per attention module the computation is
+
+    out = softmax(q k^T * scaling / tau + mask) v
+
+with ``scaling`` the module's (passed by the model) and ``tau = module.asu_temperature`` (default 1.0), the
+attribute :func:`asu.smoothing.smoothing` sets. Masks come in three forms, chosen per call:
+
+* padded batch: ``attention_mask`` is a (B, Nk) bool key-padding mask (True = real token) from
+  :func:`asu_attention_mask`, combined in the kernel with the causal (bottom-right aligned) and sliding-window
+  masks. Query rows of padding that see no real key give 0.
+* packed batch (documents concatenated in a row, no padding): ``attention_mask`` is None and the documents
+  are found, as transformers' flash-attention path does, from ``cu_seq_lens_q``/``max_length_q`` when the
+  caller passes them (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``), else from the restarts
+  of ``position_ids`` (a position that is not the previous one + 1 starts a new document). The batch is
+  flattened to the kernel's varlen layout, so no token attends across a document boundary.
+* decoding with a KV cache (Nq < Nk): the causal mask is bottom-right aligned, so the new queries sit at the
+  end of the cached keys; padding in the cache comes as the key-padding mask.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+import asu_kernels
+from asu.smoothing import TEMPERATURE_ATTR
+
+__all__ = ["ATTN_IMPLEMENTATION", "asu_attention_forward", "asu_attention_mask", "register"]
+
+#: The name the attention and mask functions are registered under.
+ATTN_IMPLEMENTATION = "asu"
+
+
+def asu_attention_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: object = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: object,
+) -> torch.Tensor | None:
+    """The mask transformers builds for the ``asu`` attention: a (B, kv_length) bool key-padding mask or None.
+
+    The causal, sliding-window and packed-document structure is not materialised (the kernel applies the
+    first two from ``causal``/``window``, and the attention function finds documents from ``position_ids``);
+    only padding needs a tensor. ``attention_mask`` is the user's 2D mask (B, seen + q_length), True/1 = real
+    token. It is sliced to the last ``kv_length`` columns, which are the keys a sliding-window cache keeps.
+    None is returned when nothing is padded (the kernel then needs no mask at all).
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            "the asu attention expects a 2D (batch, length) attention_mask, "
+            f"got shape {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask[:, -kv_length:].to(torch.bool)
+    if mask.shape[1] == kv_length and bool(mask.all()):
+        return None
+    return mask
+
+
+# The documents of a packed batch are the same in every layer of one forward: remember the last derivation
+# (keyed on the position_ids tensor object and its version) so that only the first layer pays the host sync.
+_packed_cache: dict[str, object] = {"ref": None, "version": -1, "value": None}
+
+
+def _documents_from_position_ids(
+    position_ids: torch.Tensor, batch_size: int
+) -> tuple[torch.Tensor, int] | None:
+    """``(cu_seqlens int32 (docs+1,), max_seqlen)`` over the flattened B*N tokens; None if nothing is packed.
+
+    A document starts at the first token of each row and wherever ``position_ids[t] != position_ids[t-1] + 1``
+    (the same rule as transformers' ``find_packed_sequence_indices``).
+    """
+    ref = _packed_cache["ref"]
+    if ref is not None and ref() is position_ids and _packed_cache["version"] == position_ids._version:
+        return _packed_cache["value"]  # type: ignore[return-value]
+    pos = position_ids
+    if pos.dim() == 1:
+        pos = pos[None]
+    if pos.shape[0] != batch_size:
+        pos = pos.expand(batch_size, -1)
+    n = pos.shape[1]
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    if int(starts.sum()) == batch_size:
+        value = None
+    else:
+        flat_starts = starts.reshape(-1).nonzero().view(-1)
+        total = torch.tensor([batch_size * n], device=pos.device)
+        cu = torch.cat([flat_starts, total]).to(torch.int32)
+        value = (cu, int((cu[1:] - cu[:-1]).max()))
+    _packed_cache.update(ref=weakref.ref(position_ids), version=position_ids._version, value=value)
+    return value
+
+
+def _flash_kwargs_documents(kwargs: dict) -> tuple[torch.Tensor, int] | None:
+    """cu_seqlens/max_seqlen from the flash-attention kwargs of ``DataCollatorWithFlattening``, if present."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and cu_k is None:
+        return None
+    if cu_q is None or (cu_k is not None and cu_k is not cu_q and not torch.equal(cu_q, cu_k)):
+        raise ValueError(
+            "the asu attention supports packed batches with identical query and key documents "
+            "(cu_seq_lens_q == cu_seq_lens_k)"
+        )
+    cu = cu_q.to(torch.int32)
+    max_q = kwargs.get("max_length_q")
+    max_len = int(max_q) if max_q is not None else int((cu[1:] - cu[:-1]).max())
+    return cu, max_len
+
+
+def asu_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface function running :func:`asu_kernels.attention`.
+
+    Args:
+        module: the attention module (reads ``asu_temperature``, default 1.0, and ``is_causal``).
+        query: (B, Hq, Nq, D); key, value: (B, Hkv, Nk, D) with ``Hq % Hkv == 0`` (not repeated), Nq <= Nk.
+        attention_mask: None or the (B, Nk') bool key-padding mask of :func:`asu_attention_mask`.
+        scaling: logit scale (the module's ``scaling``), default ``1/sqrt(D)``.
+        dropout: must be 0: attention dropout is not implemented (raises ValueError otherwise).
+        sliding_window: keys visible including the diagonal (transformers' convention), or None.
+        kwargs: ``position_ids`` (B or 1, Nq), ``cu_seq_lens_q``/``max_length_q`` for packed batches,
+            ``is_causal``; ``output_attentions=True``, ``softcap`` and attention sinks raise ValueError.
+
+    Returns:
+        ``(out, None)`` with out (B, Nq, Hq, D) in the query's dtype.
+    """
+    if dropout:
+        raise ValueError(
+            f"the asu attention does not implement attention dropout (got dropout={dropout} in training "
+            "mode); set config.attention_dropout = 0.0"
+        )
+    if kwargs.get("output_attentions"):
+        raise ValueError(
+            "the asu attention never materialises attention weights, so output_attentions=True is not "
+            "supported; use attn_implementation='eager' to get them"
+        )
+    if kwargs.get("softcap") is not None:
+        raise ValueError("the asu attention does not support attention logit soft-capping (softcap)")
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        raise ValueError("the asu attention does not support attention sinks")
+    temperature = float(getattr(module, TEMPERATURE_ATTR, 1.0))
+    is_causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    window = int(sliding_window) if sliding_window is not None else None
+    batch, heads, n_q, head_dim = query.shape
+    n_k = key.shape[2]
+
+    documents = _flash_kwargs_documents(kwargs)
+    if documents is None and attention_mask is None and n_q == n_k and n_q > 1:
+        position_ids = kwargs.get("position_ids")
+        if isinstance(position_ids, torch.Tensor):
+            documents = _documents_from_position_ids(position_ids, batch)
+
+    if documents is not None:
+        if attention_mask is not None:
+            raise ValueError(
+                "a packed batch (cu_seq_lens_q or restarting position_ids) must not also carry padding "
+                "in attention_mask"
+            )
+        if n_q != n_k:
+            raise ValueError(
+                f"a packed batch cannot be used with a KV cache (query {n_q} != key {n_k} tokens)"
+            )
+        cu_seqlens, max_seqlen = documents
+        # (B, H, N, D) -> (B*N, H, D): the kernel's varlen layout; a transposed view of q_proj's output.
+        q = query.transpose(1, 2).reshape(batch * n_q, heads, head_dim)
+        k = key.transpose(1, 2).reshape(batch * n_k, key.shape[1], head_dim)
+        v = value.transpose(1, 2).reshape(batch * n_k, value.shape[1], head_dim)
+        out = asu_kernels.attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            scale=scaling,
+            temperature=temperature,
+            window=window,
+            cu_seqlens=cu_seqlens.to(query.device),
+            max_seqlen=max_seqlen,
+        )
+        return out.view(batch, n_q, heads, head_dim), None
+
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
+            raise ValueError(
+                "the asu attention expects a (batch, keys) bool key-padding mask, got "
+                f"{tuple(attention_mask.shape)} {attention_mask.dtype}; was the model loaded with "
+                "attn_implementation='asu' (so that transformers builds the matching mask)?"
+            )
+        if attention_mask.shape[1] < n_k:
+            # A static cache is longer than what was written so far: the slots past the mask are empty, and
+            # the queries are the last written positions (as flash-attention's unpadding treats it).
+            key, value = key[:, :, : attention_mask.shape[1]], value[:, :, : attention_mask.shape[1]]
+        elif attention_mask.shape[1] > n_k:
+            attention_mask = attention_mask[:, -n_k:]
+    out = asu_kernels.attention(
+        query,
+        key,
+        value,
+        causal=causal,
+        scale=scaling,
+        temperature=temperature,
+        window=window,
+        key_padding_mask=attention_mask,
+    )
+    return out.transpose(1, 2), None
+
+
+def register() -> None:
+    """Register the ``"asu"`` attention and mask functions with transformers (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, asu_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, asu_attention_mask)
+
+
+register()
