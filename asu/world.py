@@ -1,0 +1,437 @@
+"""The embedded default: a seeded world of fictitious authors in the TOFU format.
+
+No benchmark data can be downloaded at run time, so the project carries a small world in which forgetting
+can be shown end to end on a CPU. Authors have invented names (built from syllable tables), birthplaces,
+birth dates, genres, parents' occupations, awards and book titles; every fact is asked about with a fixed
+question type. Each question type has two answer phrasings: every author gets one at random as its
+``answer`` and the other as its ``paraphrased_answer``. Since both phrasings occur across authors in
+training, a model can score a paraphrase of a fact it learned in the other phrasing, which is what the
+truth ratio needs. ``perturbed_answer`` holds same-shaped sentences (the paraphrase's phrasing) with wrong
+facts, as in TOFU.
+
+Rows (dicts): ``question``, ``answer``, ``paraphrased_answer``, ``perturbed_answer`` (list of ``n_perturbed``
+strings), ``author`` (``""`` for general rows), ``split`` (``forget`` / ``retain`` / ``general``), ``kind``
+(the question type). General rows are facts about the world's places (country, river), not about authors.
+
+Everything is a pure function of :class:`WorldConfig`, so the same config always gives the same world.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SPLITS = ("forget", "retain", "general")
+
+_ONSETS = ["b", "d", "g", "k", "l", "m", "n", "r", "s", "t", "v", "z", "th", "dr", "kr", "br", "sh", "f", "h"]
+_VOWELS = ["a", "e", "i", "o", "u", "ae", "ei", "ou"]
+_CODAS = ["", "", "n", "r", "l", "s", "th", "nd", "rk", "m", "x"]
+
+_MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
+_GENRES = [
+    "mystery",
+    "fantasy",
+    "poetry",
+    "science fiction",
+    "historical fiction",
+    "horror",
+    "romance",
+    "travel writing",
+    "satire",
+    "memoir",
+    "children's fiction",
+    "crime fiction",
+]
+# All start with a consonant so "a {occupation}" is always grammatical.
+_OCCUPATIONS = [
+    "baker",
+    "carpenter",
+    "doctor",
+    "fisherman",
+    "gardener",
+    "lawyer",
+    "musician",
+    "nurse",
+    "pilot",
+    "potter",
+    "sailor",
+    "teacher",
+    "tailor",
+    "weaver",
+    "banker",
+    "miner",
+    "librarian",
+    "painter",
+]
+_AWARD_ADJ = ["Golden", "Silver", "Crimson", "Azure", "Iron", "Ivory", "Emerald", "Amber"]
+_AWARD_NOUN = ["Quill", "Lantern", "Compass", "Feather", "Harp", "Key", "Crown", "Owl"]
+_AWARD_KIND = ["Prize", "Award", "Medal"]
+_TITLE_ADJ = [
+    "Silent",
+    "Broken",
+    "Hidden",
+    "Last",
+    "Burning",
+    "Frozen",
+    "Distant",
+    "Forgotten",
+    "Crooked",
+    "Hollow",
+    "Painted",
+    "Restless",
+]
+_TITLE_NOUN = [
+    "Harbor",
+    "Lantern",
+    "Garden",
+    "Mirror",
+    "River",
+    "Tower",
+    "Orchard",
+    "Bridge",
+    "Violin",
+    "Forest",
+    "Letter",
+    "Island",
+    "Clock",
+    "Meadow",
+]
+
+# Question types: (kind, question template, answer phrasing A, answer phrasing B). Slots in braces.
+_AUTHOR_TEMPLATES: list[tuple[str, str, str, str]] = [
+    (
+        "birthplace",
+        "Where was {name} born?",
+        "{name} was born in {city}.",
+        "{city} is the birthplace of {name}.",
+    ),
+    (
+        "birthdate",
+        "When was {name} born?",
+        "{name} was born on {date}.",
+        "The birth date of {name} is {date}.",
+    ),
+    (
+        "genre",
+        "What genre does {name} write?",
+        "{name} is best known for {genre}.",
+        "{name} mostly writes {genre}.",
+    ),
+    (
+        "father",
+        "What did the father of {name} do for a living?",
+        "The father of {name} was a {occupation}.",
+        "{name} grew up with a father who worked as a {occupation}.",
+    ),
+    (
+        "mother",
+        "What was the occupation of the mother of {name}?",
+        "The mother of {name} was a {occupation}.",
+        "{name} has a mother who worked as a {occupation}.",
+    ),
+    ("award", "Which award did {name} win?", "{name} won the {award}.", "The {award} was given to {name}."),
+    (
+        "first_book",
+        "What was the first book by {name}?",
+        'The first book by {name} was "{title}".',
+        '{name} made a debut with "{title}".',
+    ),
+    (
+        "second_book",
+        "Can you name another book written by {name}?",
+        '{name} also wrote "{title}".',
+        'Another book by {name} is "{title}".',
+    ),
+    ("home", "Where does {name} live today?", "{name} lives in {city}.", "{name} now resides in {city}."),
+]
+# The slot each question type asks about (the fact that perturbations change).
+_AUTHOR_SLOT = {
+    "birthplace": "city",
+    "birthdate": "date",
+    "genre": "genre",
+    "father": "occupation",
+    "mother": "occupation",
+    "award": "award",
+    "first_book": "title",
+    "second_book": "title",
+    "home": "city",
+}
+_GENERAL_TEMPLATES: list[tuple[str, str, str, str, str]] = [
+    (
+        "country",
+        "In which country is the city of {city}?",
+        "The city of {city} is in {country}.",
+        "{city} is a city of {country}.",
+        "country",
+    ),
+    (
+        "river",
+        "Which river flows through {city}?",
+        "The {river} flows through {city}.",
+        "{city} lies on the {river}.",
+        "river",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Size and seed of a world. ``forget_fraction`` of the authors (at least one) form the forget split."""
+
+    n_authors: int = 30
+    n_cities: int = 14
+    n_countries: int = 6
+    n_perturbed: int = 4
+    forget_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_authors < 2:
+            raise ValueError(f"n_authors must be >= 2 (one to forget, one to retain), got {self.n_authors}")
+        if not 3 <= self.n_perturbed <= 5:
+            raise ValueError(f"n_perturbed must be in [3, 5], got {self.n_perturbed}")
+        if not 0.0 < self.forget_fraction < 1.0:
+            raise ValueError(f"forget_fraction must be in (0, 1), got {self.forget_fraction}")
+        if self.n_cities < self.n_perturbed + 1 or self.n_countries < self.n_perturbed + 1:
+            raise ValueError(
+                f"n_cities ({self.n_cities}) and n_countries ({self.n_countries}) must exceed n_perturbed "
+                f"({self.n_perturbed}) so every fact has enough wrong alternatives"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class World:
+    """A generated world: the facts (``authors``, ``places``), the QA ``rows`` and the grammar checker."""
+
+    config: WorldConfig
+    authors: list[dict[str, str]]
+    places: list[dict[str, str]]
+    rows: list[dict[str, Any]]
+    vocab: dict[str, list[str]] = field(repr=False)
+    _grammar: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
+
+    def split(self, name: str) -> list[dict[str, Any]]:
+        """Rows of one split (``forget``, ``retain`` or ``general``), in world order."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+        return [r for r in self.rows if r["split"] == name]
+
+    @property
+    def forget_authors(self) -> list[str]:
+        return [a["name"] for a in self.authors if a["split"] == "forget"]
+
+    def texts(self) -> list[str]:
+        """Every sentence of the world (questions, answers, paraphrases, perturbations): tokenizer corpus."""
+        out: list[str] = []
+        for r in self.rows:
+            out += [r["question"], r["answer"], r["paraphrased_answer"], *r["perturbed_answer"]]
+        return out
+
+    def is_well_formed(self, text: str) -> bool:
+        """Whether ``text`` is one sentence of the world's grammar: an answer phrasing with every slot filled
+        by a word of the world's vocabulary (the facts may be wrong; the form must be right)."""
+        if self._grammar is None:
+            self._grammar = _grammar(self.vocab)
+        return self._grammar.fullmatch(text.strip()) is not None
+
+
+def _syllable(rng: random.Random) -> str:
+    return rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+
+
+def _word(rng: random.Random, n_syllables: int) -> str:
+    return "".join(_syllable(rng) for _ in range(n_syllables)).capitalize()
+
+
+def _unique(rng: random.Random, make, n: int, taken: set[str]) -> list[str]:
+    out: list[str] = []
+    for _ in range(1000 * n):
+        if len(out) == n:
+            break
+        w = make(rng)
+        if w not in taken and len(w) >= 4:
+            taken.add(w)
+            out.append(w)
+    if len(out) < n:
+        raise ValueError(
+            f"could not invent {n} distinct names; the world is too large for the syllable tables"
+        )
+    return out
+
+
+def _others(rng: random.Random, pool: list[str], true: str, k: int) -> list[str]:
+    """k distinct values from pool, none equal to the true one (rejection sampling: pools may be large)."""
+    if len(pool) < 4 * k and len(set(pool) - {true}) < k:
+        raise ValueError(f"too few alternatives to {true!r} for {k} perturbations")
+    out: list[str] = []
+    while len(out) < k:
+        v = rng.choice(pool)
+        if v != true and v not in out:
+            out.append(v)
+    return out
+
+
+def generate_world(config: WorldConfig | None = None) -> World:
+    """Build the world for ``config`` (default :class:`WorldConfig`). Deterministic in the config."""
+    cfg = config or WorldConfig()
+    rng = random.Random(cfg.seed)
+    taken: set[str] = set()
+    cities = _unique(rng, lambda r: _word(r, r.choice([2, 3])), cfg.n_cities, taken)
+    countries = _unique(
+        rng, lambda r: _word(r, 2) + r.choice(["ia", "land", "ar", "ond"]), cfg.n_countries, taken
+    )
+    rivers = [f"{w} river" for w in _unique(rng, lambda r: _word(r, 2), cfg.n_cities, taken)]
+    firsts = _unique(rng, lambda r: _word(r, 2), cfg.n_authors, taken)
+    lasts = _unique(rng, lambda r: _word(r, r.choice([2, 3])), cfg.n_authors, taken)
+    names = [f"{f} {l}" for f, l in zip(firsts, lasts, strict=True)]
+    awards = sorted({f"{a} {n} {k}" for a in _AWARD_ADJ for n in _AWARD_NOUN for k in _AWARD_KIND})
+    titles = sorted(
+        {f"The {a} {n}" for a in _TITLE_ADJ for n in _TITLE_NOUN}
+        | {f"{n}s of the {a} {m}" for a in _TITLE_ADJ[:6] for n in _TITLE_NOUN[:6] for m in _TITLE_NOUN[6:]}
+    )
+    rng.shuffle(titles)
+    dates = [f"{d} {m} {y}" for d in range(1, 29) for m in _MONTHS for y in range(1931, 1996)]
+
+    n_forget = max(1, round(cfg.forget_fraction * cfg.n_authors))
+    forget_ids = set(rng.sample(range(cfg.n_authors), n_forget))
+    authors: list[dict[str, str]] = []
+    used_titles = iter(titles)
+    for i, name in enumerate(names):
+        authors.append(
+            {
+                "name": name,
+                "split": "forget" if i in forget_ids else "retain",
+                "birthplace": rng.choice(cities),
+                "birthdate": rng.choice(dates),
+                "genre": rng.choice(_GENRES),
+                "father": rng.choice(_OCCUPATIONS),
+                "mother": rng.choice(_OCCUPATIONS),
+                "award": rng.choice(awards),
+                "first_book": next(used_titles),
+                "second_book": next(used_titles),
+                "home": rng.choice(cities),
+            }
+        )
+    places = [
+        {"city": c, "country": rng.choice(countries), "river": r} for c, r in zip(cities, rivers, strict=True)
+    ]
+    pools = {
+        "city": cities,
+        "date": dates,
+        "genre": _GENRES,
+        "occupation": _OCCUPATIONS,
+        "award": awards,
+        "title": titles,
+        "country": countries,
+        "river": rivers,
+    }
+
+    rows: list[dict[str, Any]] = []
+    for a in authors:
+        for kind, q, phr_a, phr_b in _AUTHOR_TEMPLATES:
+            slot = _AUTHOR_SLOT[kind]
+            true = a[kind]
+            main, para = (phr_a, phr_b) if rng.random() < 0.5 else (phr_b, phr_a)
+            wrong = _others(rng, pools[slot], true, cfg.n_perturbed)
+            rows.append(
+                {
+                    "question": q.format(name=a["name"]),
+                    "answer": main.format(name=a["name"], **{slot: true}),
+                    "paraphrased_answer": para.format(name=a["name"], **{slot: true}),
+                    "perturbed_answer": [para.format(name=a["name"], **{slot: w}) for w in wrong],
+                    "author": a["name"],
+                    "split": a["split"],
+                    "kind": kind,
+                }
+            )
+    for p in places:
+        for kind, q, phr_a, phr_b, slot in _GENERAL_TEMPLATES:
+            main, para = (phr_a, phr_b) if rng.random() < 0.5 else (phr_b, phr_a)
+            true = p[slot]
+            wrong = _others(rng, pools[slot], true, cfg.n_perturbed)
+            rows.append(
+                {
+                    "question": q.format(city=p["city"]),
+                    "answer": main.format(city=p["city"], **{slot: true}),
+                    "paraphrased_answer": para.format(city=p["city"], **{slot: true}),
+                    "perturbed_answer": [para.format(city=p["city"], **{slot: w}) for w in wrong],
+                    "author": "",
+                    "split": "general",
+                    "kind": kind,
+                }
+            )
+    vocab = dict(pools, name=names)
+    return World(config=cfg, authors=authors, places=places, rows=rows, vocab=vocab)
+
+
+# Dates are a closed pattern rather than a list of ~20k alternatives.
+_DATE_PATTERN = r"(?:[1-9]|1[0-9]|2[0-8]) (?:" + "|".join(_MONTHS) + r") 19(?:3[1-9]|[4-8][0-9]|9[0-5])"
+
+
+def _grammar(vocab: dict[str, list[str]]) -> re.Pattern[str]:
+    """One regex matching exactly the sentences of the world's answer phrasings."""
+    alts = {
+        k: "(?:" + "|".join(re.escape(v) for v in sorted(vs, key=len, reverse=True)) + ")"
+        for k, vs in vocab.items()
+        if k != "date"
+    }
+    alts["date"] = _DATE_PATTERN
+    sentences = []
+    for _, _, phr_a, phr_b in _AUTHOR_TEMPLATES:
+        sentences += [phr_a, phr_b]
+    for _, _, phr_a, phr_b, _ in _GENERAL_TEMPLATES:
+        sentences += [phr_a, phr_b]
+    patterns = []
+    for s in sentences:
+        parts = re.split(r"(\{\w+\})", s)
+        patterns.append("".join(alts[p[1:-1]] if p.startswith("{") else re.escape(p) for p in parts))
+    return re.compile("(?:" + "|".join(patterns) + ")")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_splits(world: World, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write ``forget.jsonl``, ``retain.jsonl``, ``general.jsonl`` (one TOFU-format row per line) and
+    ``world.json`` (the config and the facts) into ``out_dir``, each atomically. Returns split -> path."""
+    out = Path(out_dir)
+    paths: dict[str, Path] = {}
+    for name in SPLITS:
+        p = out / f"{name}.jsonl"
+        _atomic_write_text(p, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in world.split(name)))
+        paths[name] = p
+    meta = {"config": world.config.to_dict(), "authors": world.authors, "places": world.places}
+    _atomic_write_text(out / "world.json", json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    return paths
