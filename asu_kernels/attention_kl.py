@@ -1,0 +1,907 @@
+"""Attention-map KL in one streaming pass: ``KL(teacher attention || student attention)`` per query row.
+
+For query row ``i`` with teacher logits ``s_T,ij = q_t,i . k_t,j * scale / temperature_t`` and student logits
+``s_S,ij = q_s,i . k_s,j * scale / temperature_s`` over the same visible keys (causal / window / padding /
+varlen mask, conventions of :mod:`asu_kernels.reference`)::
+
+    KL_i = sum_j p_T,ij (s_T,ij - s_S,ij) - lse_T,i + lse_S,i
+    H_i  = lse_i - sum_j p_ij s_ij                          (entropy of either side)
+
+The forward kernel streams key blocks once, keeping for each row running maxima ``m`` and sums ``l`` of
+both distributions and rescaled accumulators ``a = sum_j exp(s_T - m_T)(s_T - s_S)`` and
+``b = sum_j exp(s - m)(s - m)`` (entropies), so no (N x N) matrix ever exists: memory is O(N) per head
+and the work is two ``QK^T`` products per block (4 N^2 D flops, as many as flash attention).
+
+The teacher is frozen. With upstream gradients ``g_i`` (KL) and ``e_i`` (student entropy),
+``dL/ds_S,ij = g_i (p_S,ij - p_T,ij) + e_i p_S,ij (lse_S,i - H_S,i - s_S,ij)``, so
+``dq_s = scale_s (dS) k_s`` and ``dk_s = scale_s (dS)^T q_s`` (``scale_s = scale / temperature_s``), both
+recomputed blockwise from the stored LSEs by two kernels (one per key block, one per query block; no atomics).
+
+Inside the kernels logits are kept in base 2 (``t = s * log2(e)``) so that ``exp2`` does the exponentials;
+results are converted back to natural units on the way out.
+"""
+
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from asu_kernels import reference
+from asu_kernels._aot import AOTSpec
+from asu_kernels._backend import interpreting, use_triton
+
+__all__ = ["attention_kl", "aot_specs"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LOG2E = 1.4426950408889634
+_TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The forward holds two query tiles and two score tiles;
+# the backward kernels hold one fp32 gradient tile on top of that.
+_FWD_GPU_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+_BWD_GPU_CONFIGS = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
+# The interpreter runs one small configuration: autotuning there would only multiply the CPU time.
+_INTERPRET_CONFIG = (16, 16, 4, 1)
+
+
+def _configs(gpu: list[tuple[int, int, int, int]], outer: str, inner: str) -> list[triton.Config]:
+    chosen = [_INTERPRET_CONFIG] if interpreting() else gpu
+    return [triton.Config({outer: a, inner: c}, num_warps=w, num_stages=s) for a, c, w, s in chosen]
+
+
+_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_KPM", "IS_VARLEN"]
+
+
+@triton.autotune(configs=_configs(_FWD_GPU_CONFIGS, "BLOCK_M", "BLOCK_N"), key=_TUNE_KEY + ["WANT_ENTROPY"])
+@triton.jit
+def _attention_kl_fwd(
+    QS, KS, QT, KT, KPM, CU,
+    KL, LSE_S, LSE_T, ENT_S, ENT_T,
+    s_qs_b, s_qs_h, s_qs_n,
+    s_ks_b, s_ks_h, s_ks_n,
+    s_qt_b, s_qt_h, s_qt_n,
+    s_kt_b, s_kt_h, s_kt_n,
+    s_kpm_b,
+    s_o_b, s_o_h, s_o_n,
+    n_q, n_k, H, GROUP_S, GROUP_T, window,
+    qk_scale_s, qk_scale_t,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One (query block, batch * head) program: stream the visible key blocks once for both maps."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    if IS_VARLEN:
+        start = tl.load(CU + b)
+        n_q = tl.load(CU + b + 1) - start
+        n_k = n_q
+    else:
+        start = 0
+    m0 = pid_m * BLOCK_M
+    if m0 >= n_q:
+        return
+    off = n_k - n_q  # bottom-right alignment of the causal / window masks
+    b64 = b.to(tl.int64)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < n_q
+    d_ok = offs_d < HEAD_DIM
+    rows = (start + offs_m).to(tl.int64)
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q_s = tl.load(
+        QS + b64 * s_qs_b + h * s_qs_h + rows[:, None] * s_qs_n + offs_d[None, :], mask=q_mask, other=0.0
+    )
+    q_t = tl.load(
+        QT + b64 * s_qt_b + h * s_qt_h + rows[:, None] * s_qt_n + offs_d[None, :], mask=q_mask, other=0.0
+    )
+    ks_base = KS + b64 * s_ks_b + (h // GROUP_S) * s_ks_h
+    kt_base = KT + b64 * s_kt_b + (h // GROUP_T) * s_kt_h
+
+    # A finite start for the running maxima keeps exp2(m_old - m_new) and (m_old - m_new) * l_old finite
+    # when a row has not met a visible key yet (all-masked blocks happen with padding and windows).
+    m_s = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    m_t = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_s = tl.zeros([BLOCK_M], tl.float32)
+    l_t = tl.zeros([BLOCK_M], tl.float32)
+    acc_kl = tl.zeros([BLOCK_M], tl.float32)
+    acc_hs = tl.zeros([BLOCK_M], tl.float32)
+    acc_ht = tl.zeros([BLOCK_M], tl.float32)
+
+    hi = n_k
+    if CAUSAL:
+        hi = tl.minimum(n_k, m0 + BLOCK_M + off)
+    lo = 0
+    if HAS_WINDOW:
+        lo = (tl.maximum(0, m0 + off - window + 1) // BLOCK_N) * BLOCK_N
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < n_k
+        cols = (start + offs_n).to(tl.int64)
+        k_mask = col_ok[:, None] & d_ok[None, :]
+        k_s = tl.load(ks_base + cols[:, None] * s_ks_n + offs_d[None, :], mask=k_mask, other=0.0)
+        k_t = tl.load(kt_base + cols[:, None] * s_kt_n + offs_d[None, :], mask=k_mask, other=0.0)
+        # Raw (unmasked) base-2 logits are finite everywhere, so products with exp2(masked) are 0, not NaN.
+        t_s = tl.dot(q_s, tl.trans(k_s), input_precision=DOT_PRECISION) * qk_scale_s
+        t_t = tl.dot(q_t, tl.trans(k_t), input_precision=DOT_PRECISION) * qk_scale_t
+        vis = row_ok[:, None] & col_ok[None, :]
+        if CAUSAL:
+            vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
+        if HAS_WINDOW:
+            vis = vis & ((offs_m[:, None] + off - offs_n[None, :]) < window)
+        if HAS_KPM:
+            kp = tl.load(KPM + b64 * s_kpm_b + offs_n, mask=col_ok, other=0)
+            vis = vis & (kp != 0)[None, :]
+
+        mt_new = tl.maximum(m_t, tl.max(tl.where(vis, t_t, float("-inf")), 1))
+        alpha_t = tl.math.exp2(m_t - mt_new)
+        e_t = tl.math.exp2(tl.where(vis, t_t, float("-inf")) - mt_new[:, None])
+        acc_kl = acc_kl * alpha_t + tl.sum(e_t * (t_t - t_s), 1)
+        if WANT_ENTROPY:
+            # sum exp(t - m)(t - m) re-based from m_old to m_new: (t - m_new) = (t - m_old) + (m_old - m_new).
+            acc_ht = alpha_t * (acc_ht + (m_t - mt_new) * l_t) + tl.sum(e_t * (t_t - mt_new[:, None]), 1)
+        l_t = l_t * alpha_t + tl.sum(e_t, 1)
+        m_t = mt_new
+
+        ms_new = tl.maximum(m_s, tl.max(tl.where(vis, t_s, float("-inf")), 1))
+        alpha_s = tl.math.exp2(m_s - ms_new)
+        e_s = tl.math.exp2(tl.where(vis, t_s, float("-inf")) - ms_new[:, None])
+        if WANT_ENTROPY:
+            acc_hs = alpha_s * (acc_hs + (m_s - ms_new) * l_s) + tl.sum(e_s * (t_s - ms_new[:, None]), 1)
+        l_s = l_s * alpha_s + tl.sum(e_s, 1)
+        m_s = ms_new
+
+    # Both maps share one mask, so a row is empty for both or for neither.
+    empty = l_t == 0.0
+    l_t = tl.where(empty, 1.0, l_t)
+    l_s = tl.where(empty, 1.0, l_s)
+    lse2_t = m_t + tl.math.log2(l_t)
+    lse2_s = m_s + tl.math.log2(l_s)
+    ln2 = 0.6931471805599453
+    kl = tl.where(empty, 0.0, (acc_kl / l_t - lse2_t + lse2_s) * ln2)
+    o_off = b64 * s_o_b + h * s_o_h + rows * s_o_n
+    tl.store(KL + o_off, kl, mask=row_ok)
+    tl.store(LSE_S + o_off, tl.where(empty, float("-inf"), lse2_s * ln2), mask=row_ok)
+    tl.store(LSE_T + o_off, tl.where(empty, float("-inf"), lse2_t * ln2), mask=row_ok)
+    if WANT_ENTROPY:
+        ent_s = tl.where(empty, 0.0, (tl.math.log2(l_s) - acc_hs / l_s) * ln2)
+        ent_t = tl.where(empty, 0.0, (tl.math.log2(l_t) - acc_ht / l_t) * ln2)
+        tl.store(ENT_S + o_off, ent_s, mask=row_ok)
+        tl.store(ENT_T + o_off, ent_t, mask=row_ok)
+
+
+@triton.autotune(configs=_configs(_BWD_GPU_CONFIGS, "BLOCK_M", "BLOCK_N"), key=_TUNE_KEY + ["ENT_GRAD"])
+@triton.jit
+def _attention_kl_bwd_dq(
+    QS, KS, QT, KT, KPM, CU,
+    LSE_S, LSE_T, ENT_S, G_KL, G_ENT, DQ,
+    s_qs_b, s_qs_h, s_qs_n,
+    s_ks_b, s_ks_h, s_ks_n,
+    s_qt_b, s_qt_h, s_qt_n,
+    s_kt_b, s_kt_h, s_kt_n,
+    s_kpm_b,
+    s_o_b, s_o_h, s_o_n,
+    s_dq_b, s_dq_h, s_dq_n,
+    n_q, n_k, H, GROUP_S, GROUP_T, window,
+    qk_scale_s, qk_scale_t, grad_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr,
+    ENT_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dq_s for one (query block, batch * head): ``scale_s * dS @ k_s`` over the visible key blocks."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    if IS_VARLEN:
+        start = tl.load(CU + b)
+        n_q = tl.load(CU + b + 1) - start
+        n_k = n_q
+    else:
+        start = 0
+    m0 = pid_m * BLOCK_M
+    if m0 >= n_q:
+        return
+    off = n_k - n_q
+    b64 = b.to(tl.int64)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < n_q
+    d_ok = offs_d < HEAD_DIM
+    rows = (start + offs_m).to(tl.int64)
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q_s = tl.load(
+        QS + b64 * s_qs_b + h * s_qs_h + rows[:, None] * s_qs_n + offs_d[None, :], mask=q_mask, other=0.0
+    )
+    q_t = tl.load(
+        QT + b64 * s_qt_b + h * s_qt_h + rows[:, None] * s_qt_n + offs_d[None, :], mask=q_mask, other=0.0
+    )
+    ks_base = KS + b64 * s_ks_b + (h // GROUP_S) * s_ks_h
+    kt_base = KT + b64 * s_kt_b + (h // GROUP_T) * s_kt_h
+    o_off = b64 * s_o_b + h * s_o_h + rows * s_o_n
+    log2e = 1.4426950408889634
+    ln2 = 0.6931471805599453
+    # Empty rows store lse = -inf; any finite stand-in works since all their probabilities are 0.
+    lse2_s = tl.load(LSE_S + o_off, mask=row_ok, other=0.0) * log2e
+    lse2_t = tl.load(LSE_T + o_off, mask=row_ok, other=0.0) * log2e
+    lse2_s = tl.where(lse2_s == float("-inf"), 0.0, lse2_s)
+    lse2_t = tl.where(lse2_t == float("-inf"), 0.0, lse2_t)
+    g_kl = tl.load(G_KL + o_off, mask=row_ok, other=0.0)
+    if ENT_GRAD:
+        g_ent = tl.load(G_ENT + o_off, mask=row_ok, other=0.0)
+        ent_s = tl.load(ENT_S + o_off, mask=row_ok, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = n_k
+    if CAUSAL:
+        hi = tl.minimum(n_k, m0 + BLOCK_M + off)
+    lo = 0
+    if HAS_WINDOW:
+        lo = (tl.maximum(0, m0 + off - window + 1) // BLOCK_N) * BLOCK_N
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < n_k
+        cols = (start + offs_n).to(tl.int64)
+        k_mask = col_ok[:, None] & d_ok[None, :]
+        k_s = tl.load(ks_base + cols[:, None] * s_ks_n + offs_d[None, :], mask=k_mask, other=0.0)
+        k_t = tl.load(kt_base + cols[:, None] * s_kt_n + offs_d[None, :], mask=k_mask, other=0.0)
+        t_s = tl.dot(q_s, tl.trans(k_s), input_precision=DOT_PRECISION) * qk_scale_s
+        t_t = tl.dot(q_t, tl.trans(k_t), input_precision=DOT_PRECISION) * qk_scale_t
+        vis = row_ok[:, None] & col_ok[None, :]
+        if CAUSAL:
+            vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
+        if HAS_WINDOW:
+            vis = vis & ((offs_m[:, None] + off - offs_n[None, :]) < window)
+        if HAS_KPM:
+            kp = tl.load(KPM + b64 * s_kpm_b + offs_n, mask=col_ok, other=0)
+            vis = vis & (kp != 0)[None, :]
+        p_s = tl.math.exp2(tl.where(vis, t_s, float("-inf")) - lse2_s[:, None])
+        p_t = tl.math.exp2(tl.where(vis, t_t, float("-inf")) - lse2_t[:, None])
+        ds = g_kl[:, None] * (p_s - p_t)
+        if ENT_GRAD:
+            ds += g_ent[:, None] * p_s * ((lse2_s[:, None] - t_s) * ln2 - ent_s[:, None])
+        dq += tl.dot(ds.to(k_s.dtype), k_s, input_precision=DOT_PRECISION)
+    dq = dq * grad_scale
+    tl.store(
+        DQ + b64 * s_dq_b + h * s_dq_h + rows[:, None] * s_dq_n + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=q_mask,
+    )
+
+
+@triton.autotune(configs=_configs(_BWD_GPU_CONFIGS, "BLOCK_N", "BLOCK_M"), key=_TUNE_KEY + ["ENT_GRAD"])
+@triton.jit
+def _attention_kl_bwd_dk(
+    QS, KS, QT, KT, KPM, CU,
+    LSE_S, LSE_T, ENT_S, G_KL, G_ENT, DK,
+    s_qs_b, s_qs_h, s_qs_n,
+    s_ks_b, s_ks_h, s_ks_n,
+    s_qt_b, s_qt_h, s_qt_n,
+    s_kt_b, s_kt_h, s_kt_n,
+    s_kpm_b,
+    s_o_b, s_o_h, s_o_n,
+    s_dk_b, s_dk_h, s_dk_n,
+    n_q, n_k, H_KV, GROUP_S, GROUP_T, window,
+    qk_scale_s, qk_scale_t, grad_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr,
+    ENT_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """dk_s for one (key block, batch * student kv head): ``scale_s * dS^T @ q_s`` over its GQA group."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_KV
+    hk = pid_bh % H_KV
+    if IS_VARLEN:
+        start = tl.load(CU + b)
+        n_q = tl.load(CU + b + 1) - start
+        n_k = n_q
+    else:
+        start = 0
+    n0 = pid_n * BLOCK_N
+    if n0 >= n_k:
+        return
+    off = n_k - n_q
+    b64 = b.to(tl.int64)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = offs_n < n_k
+    d_ok = offs_d < HEAD_DIM
+    cols = (start + offs_n).to(tl.int64)
+    k_mask = col_ok[:, None] & d_ok[None, :]
+    k_s = tl.load(
+        KS + b64 * s_ks_b + hk * s_ks_h + cols[:, None] * s_ks_n + offs_d[None, :], mask=k_mask, other=0.0
+    )
+    col_vis = col_ok
+    if HAS_KPM:
+        kp = tl.load(KPM + b64 * s_kpm_b + offs_n, mask=col_ok, other=0)
+        col_vis = col_vis & (kp != 0)
+    log2e = 1.4426950408889634
+    ln2 = 0.6931471805599453
+
+    # Query rows that can see this key block: causal gives a lower bound, the window an upper one.
+    lo = 0
+    if CAUSAL:
+        lo = (tl.maximum(0, n0 - off) // BLOCK_M) * BLOCK_M
+    hi = n_q
+    if HAS_WINDOW:
+        hi = tl.minimum(n_q, n0 + BLOCK_N - 1 + window - off)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(0, GROUP_S):
+        h = hk * GROUP_S + g
+        kt_ptrs = KT + b64 * s_kt_b + (h // GROUP_T) * s_kt_h + cols[:, None] * s_kt_n + offs_d[None, :]
+        k_t = tl.load(kt_ptrs, mask=k_mask, other=0.0)
+        for m0 in range(lo, hi, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < n_q
+            rows = (start + offs_m).to(tl.int64)
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q_s = tl.load(
+                QS + b64 * s_qs_b + h * s_qs_h + rows[:, None] * s_qs_n + offs_d[None, :],
+                mask=q_mask,
+                other=0.0,
+            )
+            q_t = tl.load(
+                QT + b64 * s_qt_b + h * s_qt_h + rows[:, None] * s_qt_n + offs_d[None, :],
+                mask=q_mask,
+                other=0.0,
+            )
+            o_off = b64 * s_o_b + h * s_o_h + rows * s_o_n
+            lse2_s = tl.load(LSE_S + o_off, mask=row_ok, other=0.0) * log2e
+            lse2_t = tl.load(LSE_T + o_off, mask=row_ok, other=0.0) * log2e
+            lse2_s = tl.where(lse2_s == float("-inf"), 0.0, lse2_s)
+            lse2_t = tl.where(lse2_t == float("-inf"), 0.0, lse2_t)
+            g_kl = tl.load(G_KL + o_off, mask=row_ok, other=0.0)
+            # Transposed tiles (keys x queries) so that dk accumulates with one dot and no transpose of dS.
+            t_s = tl.dot(k_s, tl.trans(q_s), input_precision=DOT_PRECISION) * qk_scale_s
+            t_t = tl.dot(k_t, tl.trans(q_t), input_precision=DOT_PRECISION) * qk_scale_t
+            vis = col_vis[:, None] & row_ok[None, :]
+            if CAUSAL:
+                vis = vis & (offs_n[:, None] <= offs_m[None, :] + off)
+            if HAS_WINDOW:
+                vis = vis & ((offs_m[None, :] + off - offs_n[:, None]) < window)
+            p_s = tl.math.exp2(tl.where(vis, t_s, float("-inf")) - lse2_s[None, :])
+            p_t = tl.math.exp2(tl.where(vis, t_t, float("-inf")) - lse2_t[None, :])
+            ds = g_kl[None, :] * (p_s - p_t)
+            if ENT_GRAD:
+                g_ent = tl.load(G_ENT + o_off, mask=row_ok, other=0.0)
+                ent_s = tl.load(ENT_S + o_off, mask=row_ok, other=0.0)
+                ds += g_ent[None, :] * p_s * ((lse2_s[None, :] - t_s) * ln2 - ent_s[None, :])
+            dk += tl.dot(ds.to(q_s.dtype), q_s, input_precision=DOT_PRECISION)
+    dk = dk * grad_scale
+    tl.store(
+        DK + b64 * s_dk_b + hk * s_dk_h + cols[:, None] * s_dk_n + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=k_mask,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers. Outputs are passed in so that tests can poison them and check that every element is written.
+
+
+def _lastdim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _seq_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, position) strides of a (B, H, N, D) or (total, H, D) tensor (packed: batch stride 0)."""
+    if varlen:
+        return 0, t.stride(1), t.stride(0)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _row_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, position) strides of a per-row (B, H, N) or (total, H) tensor."""
+    if varlen:
+        return 0, t.stride(1), t.stride(0)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _common_meta(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    k_t: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+) -> tuple[bool, int, int, int, int, int, int]:
+    varlen = cu_seqlens is not None
+    if varlen:
+        n_batch, hq, n_q, n_k = cu_seqlens.numel() - 1, q_s.shape[1], max_seqlen, max_seqlen
+        hkv_s, hkv_t = k_s.shape[1], k_t.shape[1]
+    else:
+        n_batch, hq, n_q = q_s.shape[0], q_s.shape[1], q_s.shape[2]
+        hkv_s, hkv_t, n_k = k_s.shape[1], k_t.shape[1], k_s.shape[2]
+    return varlen, n_batch, hq, n_q, n_k, hkv_s, hkv_t
+
+
+def _kernel_flags(q_s: torch.Tensor, causal: bool, window: int, kpm: torch.Tensor | None) -> dict:
+    d = q_s.shape[-1]
+    return dict(
+        HEAD_DIM=d,
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        CAUSAL=bool(causal),
+        HAS_WINDOW=window > 0,
+        HAS_KPM=kpm is not None,
+        # fp32 inputs get full-precision products (PyTorch's default matmul), not TF32.
+        DOT_PRECISION="ieee" if q_s.dtype == torch.float32 else "tf32",
+    )
+
+
+def _launch_fwd(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    kpm: torch.Tensor | None,
+    max_seqlen: int,
+    scale_s: float,
+    scale_t: float,
+    causal: bool,
+    window: int,
+    kl: torch.Tensor,
+    lse_s: torch.Tensor,
+    lse_t: torch.Tensor,
+    ent_s: torch.Tensor | None,
+    ent_t: torch.Tensor | None,
+) -> None:
+    """Run the forward kernel into preallocated fp32 ``kl``, ``lse_*`` (and ``ent_*`` when given)."""
+    q_s, k_s, q_t, k_t = (_lastdim_contiguous(t) for t in (q_s, k_s, q_t, k_t))
+    varlen, n_batch, hq, n_q, n_k, hkv_s, hkv_t = _common_meta(q_s, k_s, k_t, cu_seqlens, max_seqlen)
+    if n_batch * hq == 0 or n_q == 0:
+        return
+    want_entropy = ent_s is not None
+    dummy = kl
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), n_batch * hq)  # noqa: E731
+    with torch.cuda.device(q_s.device) if q_s.is_cuda else contextlib.nullcontext():
+        _attention_kl_fwd[grid](
+            q_s, k_s, q_t, k_t,
+            dummy if kpm is None else kpm,
+            dummy if cu_seqlens is None else cu_seqlens,
+            kl, lse_s, lse_t,
+            dummy if ent_s is None else ent_s,
+            dummy if ent_t is None else ent_t,
+            *_seq_strides(q_s, varlen), *_seq_strides(k_s, varlen),
+            *_seq_strides(q_t, varlen), *_seq_strides(k_t, varlen),
+            0 if kpm is None else kpm.stride(0),
+            *_row_strides(kl, varlen),
+            n_q, n_k, hq, hq // hkv_s, hq // hkv_t, window,
+            scale_s * _LOG2E, scale_t * _LOG2E,
+            IS_VARLEN=varlen, WANT_ENTROPY=want_entropy,
+            **_kernel_flags(q_s, causal, window, kpm),
+        )  # fmt: skip
+
+
+def _launch_bwd(
+    g_kl: torch.Tensor,
+    g_ent: torch.Tensor | None,
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    kpm: torch.Tensor | None,
+    lse_s: torch.Tensor,
+    lse_t: torch.Tensor,
+    ent_s: torch.Tensor | None,
+    max_seqlen: int,
+    scale_s: float,
+    scale_t: float,
+    causal: bool,
+    window: int,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+) -> None:
+    """Run the two backward kernels into preallocated ``dq`` (like q_s) and ``dk`` (like k_s)."""
+    q_s, k_s, q_t, k_t = (_lastdim_contiguous(t) for t in (q_s, k_s, q_t, k_t))
+    varlen, n_batch, hq, n_q, n_k, hkv_s, hkv_t = _common_meta(q_s, k_s, k_t, cu_seqlens, max_seqlen)
+    if n_batch * hq == 0 or n_q == 0:
+        return
+    ent_grad = g_ent is not None
+    dummy = lse_s
+    g_kl = g_kl.contiguous()
+    ptrs = (
+        q_s, k_s, q_t, k_t,
+        dummy if kpm is None else kpm,
+        dummy if cu_seqlens is None else cu_seqlens,
+        lse_s, lse_t,
+        ent_s if ent_grad else dummy,
+        g_kl,
+        g_ent.contiguous() if ent_grad else dummy,
+    )  # fmt: skip
+    strides = (
+        *_seq_strides(q_s, varlen), *_seq_strides(k_s, varlen),
+        *_seq_strides(q_t, varlen), *_seq_strides(k_t, varlen),
+        0 if kpm is None else kpm.stride(0),
+        *_row_strides(lse_s, varlen),
+    )  # fmt: skip
+    # The per-row tensors (lse, entropies, upstream grads) must share one layout: the stride set above.
+    assert g_kl.stride() == lse_s.stride(), (g_kl.stride(), lse_s.stride())
+    flags = dict(IS_VARLEN=varlen, ENT_GRAD=ent_grad, **_kernel_flags(q_s, causal, window, kpm))
+    scalars = (window, scale_s * _LOG2E, scale_t * _LOG2E, scale_s)
+    with torch.cuda.device(q_s.device) if q_s.is_cuda else contextlib.nullcontext():
+        grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), n_batch * hq)  # noqa: E731
+        _attention_kl_bwd_dq[grid_q](
+            *ptrs, dq, *strides, *_seq_strides(dq, varlen),
+            n_q, n_k, hq, hq // hkv_s, hq // hkv_t, *scalars, **flags,
+        )  # fmt: skip
+        grid_k = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), n_batch * hkv_s)  # noqa: E731
+        _attention_kl_bwd_dk[grid_k](
+            *ptrs, dk, *strides, *_seq_strides(dk, varlen),
+            n_q, n_k, hkv_s, hq // hkv_s, hq // hkv_t, *scalars, **flags,
+        )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Custom ops (compile-traceable: torch.compile sees opaque ops with fake implementations).
+
+
+def _row_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
+    return tuple(q.shape[:-1])
+
+
+@torch.library.custom_op("asu_kernels::attention_kl_fwd", mutates_args=())
+def _fwd_op(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    max_seqlen: int,
+    scale_s: float,
+    scale_t: float,
+    causal: bool,
+    window: int,
+    want_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    shape = _row_shape(q_s, cu_seqlens is not None)
+    kl = q_s.new_empty(shape, dtype=torch.float32)
+    lse_s, lse_t = torch.empty_like(kl), torch.empty_like(kl)
+    ent_s = torch.empty_like(kl) if want_entropy else kl.new_empty(0)
+    ent_t = torch.empty_like(kl) if want_entropy else kl.new_empty(0)
+    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
+    _launch_fwd(
+        q_s, k_s, q_t, k_t, cu_seqlens, kpm, max_seqlen, scale_s, scale_t, causal, window,
+        kl, lse_s, lse_t, ent_s if want_entropy else None, ent_t if want_entropy else None,
+    )  # fmt: skip
+    return kl, lse_s, lse_t, ent_s, ent_t
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, max_seqlen, scale_s, scale_t, causal, window,
+              want_entropy):  # fmt: skip
+    shape = tuple(q_s.shape[:-1])
+    kl = q_s.new_empty(shape, dtype=torch.float32)
+    ent = (lambda: torch.empty_like(kl)) if want_entropy else (lambda: kl.new_empty(0))
+    return kl, torch.empty_like(kl), torch.empty_like(kl), ent(), ent()
+
+
+@torch.library.custom_op("asu_kernels::attention_kl_bwd", mutates_args=())
+def _bwd_op(
+    g_kl: torch.Tensor,
+    g_ent: torch.Tensor,
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    lse_s: torch.Tensor,
+    lse_t: torch.Tensor,
+    ent_s: torch.Tensor,
+    max_seqlen: int,
+    scale_s: float,
+    scale_t: float,
+    causal: bool,
+    window: int,
+    ent_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dq = torch.empty_like(q_s)
+    dk = torch.empty_like(k_s)
+    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
+    _launch_bwd(
+        g_kl, g_ent if ent_grad else None, q_s, k_s, q_t, k_t, cu_seqlens, kpm, lse_s, lse_t,
+        ent_s if ent_grad else None, max_seqlen, scale_s, scale_t, causal, window, dq, dk,
+    )  # fmt: skip
+    return dq, dk
+
+
+@_bwd_op.register_fake
+def _bwd_fake(g_kl, g_ent, q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, lse_s, lse_t, ent_s, max_seqlen,
+              scale_s, scale_t, causal, window, ent_grad):  # fmt: skip
+    return torch.empty_like(q_s), torch.empty_like(k_s)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q_s, k_s, q_t, k_t, cu_seqlens, kpm, max_seqlen, scale_s, scale_t, causal, window, want_entropy = inputs
+    _, lse_s, lse_t, ent_s, _ = output
+    ctx.save_for_backward(q_s, k_s, q_t, k_t, cu_seqlens, kpm, lse_s, lse_t, ent_s)
+    ctx.params = (max_seqlen, scale_s, scale_t, causal, window, want_entropy)
+
+
+def _backward(ctx, g_kl, g_lse_s, g_lse_t, g_ent_s, g_ent_t):
+    q_s, k_s, q_t, k_t, cu_seqlens, kpm, lse_s, lse_t, ent_s = ctx.saved_tensors
+    max_seqlen, scale_s, scale_t, causal, window, want_entropy = ctx.params
+    if g_kl is None:
+        g_kl = torch.zeros_like(lse_s)
+    # The LSEs are internal outputs (never returned to the caller), and the teacher is frozen, so only the
+    # KL and the student entropy carry gradient.
+    ent_grad = bool(want_entropy) and g_ent_s is not None
+    dq, dk = _bwd_op(
+        g_kl.float(), g_ent_s.float() if ent_grad else g_kl.new_empty(0), q_s, k_s, q_t, k_t, cu_seqlens, kpm,
+        lse_s, lse_t, ent_s, max_seqlen, scale_s, scale_t, causal, window, ent_grad,
+    )  # fmt: skip
+    return dq, dk, None, None, None, None, None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry point.
+
+
+def _check_inputs(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    *,
+    temperature_t: float,
+    temperature_s: float,
+    causal: bool,
+    window: int | None,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int | None,
+    scale: float | None,
+    key_padding_mask: torch.Tensor | None,
+) -> None:
+    """Raise a TypeError/ValueError naming the problem; never silently fix the caller's input."""
+    names = ("q_s", "k_s", "q_t", "k_t")
+    tensors = (q_s, k_s, q_t, k_t)
+    for name, t in zip(names, tensors, strict=True):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
+    if len({t.dtype for t in tensors}) != 1:
+        raise TypeError(f"q_s, k_s, q_t, k_t must share one dtype, got {[str(t.dtype) for t in tensors]}")
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"q_s, k_s, q_t, k_t must be on one device, got {[str(t.device) for t in tensors]}")
+    varlen = cu_seqlens is not None
+    want = 3 if varlen else 4
+    layout = "(total, H, D) with cu_seqlens" if varlen else "(B, H, N, D)"
+    for name, t in zip(names, tensors, strict=True):
+        if t.dim() != want:
+            raise ValueError(f"{name} must be {want}-D {layout}, got shape {tuple(t.shape)}")
+    if q_s.shape != q_t.shape:
+        raise ValueError(
+            f"q_s and q_t must have the same shape, got {tuple(q_s.shape)} and {tuple(q_t.shape)}"
+        )
+    d = q_s.shape[-1]
+    if k_s.shape[-1] != d or k_t.shape[-1] != d:
+        raise ValueError(f"head dims differ: q {d}, k_s {k_s.shape[-1]}, k_t {k_t.shape[-1]}")
+    if d < 1 or d > 256:
+        raise ValueError(f"head dim {d} is not supported (1 <= D <= 256)")
+    hq = q_s.shape[1]
+    for name, t in (("k_s", k_s), ("k_t", k_t)):
+        if t.shape[1] == 0 or hq % t.shape[1] != 0:
+            raise ValueError(
+                f"the number of query heads ({hq}) must be a multiple of {name}'s heads ({t.shape[1]})"
+            )
+    if varlen:
+        for name, t in (("k_s", k_s), ("k_t", k_t)):
+            if t.shape[0] != q_s.shape[0]:
+                raise ValueError(f"varlen q_s and {name} must have the same total length, got "
+                                 f"{q_s.shape[0]} and {t.shape[0]}")  # fmt: skip
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError("cu_seqlens must be an int32 (or int64) tensor of shape (B+1,)")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must have shape (B+1,) with B >= 1, got {tuple(cu_seqlens.shape)}")
+        if cu_seqlens.device != q_s.device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q_s is on {q_s.device}")
+        if key_padding_mask is not None:
+            raise ValueError(
+                "key_padding_mask is for the dense layout; packed batches carry cu_seqlens instead"
+            )
+        if max_seqlen is not None and (int(max_seqlen) != max_seqlen or max_seqlen < 0):
+            raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen}")
+        # Value checks read the offsets on the host; a compiled graph must pass max_seqlen and skip them.
+        if not torch.compiler.is_compiling():
+            offsets = cu_seqlens.detach().cpu()
+            if offsets[0].item() != 0 or offsets[-1].item() != q_s.shape[0]:
+                raise ValueError(f"cu_seqlens must start at 0 and end at total={q_s.shape[0]}, "
+                                 f"got {offsets[0].item()}..{offsets[-1].item()}")  # fmt: skip
+            lengths = offsets[1:] - offsets[:-1]
+            if (lengths < 0).any():
+                raise ValueError("cu_seqlens must be non-decreasing")
+            if max_seqlen is not None and int(lengths.max()) > max_seqlen:
+                raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest document "
+                                 f"({int(lengths.max())})")  # fmt: skip
+        elif max_seqlen is None:
+            raise ValueError("under torch.compile, varlen calls must pass max_seqlen")
+    else:
+        for name, t in (("k_s", k_s), ("k_t", k_t)):
+            if t.shape[0] != q_s.shape[0]:
+                raise ValueError(f"batch sizes differ: q_s {q_s.shape[0]}, {name} {t.shape[0]}")
+        if k_s.shape[2] != k_t.shape[2]:
+            raise ValueError(
+                f"k_s and k_t must have the same number of keys, got {k_s.shape[2]} and {k_t.shape[2]}"
+            )
+        if k_s.shape[2] < q_s.shape[2]:
+            raise ValueError(f"k_s has fewer positions ({k_s.shape[2]}) than q_s ({q_s.shape[2]})")
+        if key_padding_mask is not None:
+            if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+                raise TypeError("key_padding_mask must be a bool tensor (True = real key)")
+            if key_padding_mask.shape != (k_s.shape[0], k_s.shape[2]):
+                raise ValueError(f"key_padding_mask must be (B, Nk) = {(k_s.shape[0], k_s.shape[2])}, "
+                                 f"got {tuple(key_padding_mask.shape)}")  # fmt: skip
+            if key_padding_mask.device != q_s.device:
+                raise ValueError(
+                    f"key_padding_mask is on {key_padding_mask.device} but q_s is on {q_s.device}"
+                )
+        if max_seqlen is not None:
+            raise ValueError("max_seqlen is only meaningful with cu_seqlens (packed batches)")
+    for name, value in (("temperature_t", temperature_t), ("temperature_s", temperature_s)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if not math.isfinite(float(value)) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    if scale is not None and (not math.isfinite(float(scale)) or float(scale) <= 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale}")
+    if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
+        raise ValueError(f"window must be a positive int (keys visible including the diagonal), got {window}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+
+
+def attention_kl(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor | None = None,
+    k_t: torch.Tensor | None = None,
+    *,
+    temperature_t: float,
+    temperature_s: float = 1.0,
+    causal: bool = True,
+    window: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-query-row ``KL(p_T || p_S)`` between a teacher's and a student's attention maps, linear in N.
+
+    ``p_T = softmax(q_t k_t^T * scale / temperature_t)``, ``p_S = softmax(q_s k_s^T * scale / temperature_s)``
+    over the same visible keys; ``KL_i = sum_j p_T,ij (s_T,ij - s_S,ij) - lse_T,i + lse_S,i``.
+
+    Args:
+        q_s: student queries (B, Hq, Nq, D), or (total, Hq, D) with ``cu_seqlens``. Any strides.
+        k_s: student keys (B, Hkv_s, Nk, D) or (total, Hkv_s, D); ``Hq % Hkv_s == 0``.
+        q_t, k_t: teacher queries/keys shaped like q_s and (B, Hkv_t, Nk, D); ``Hq % Hkv_t == 0``. Both None
+            means self-smoothing: the teacher is the student's own ``q_s, k_s``, detached.
+        temperature_t: teacher temperature (> 0; ASU's smoothed teacher uses > 1).
+        temperature_s: student temperature, default 1.
+        causal: bottom-right aligned causal mask. window: keys visible including the diagonal, or None.
+        cu_seqlens: (B+1,) int32 offsets of a packed batch; ``max_seqlen`` its longest document (computed
+            from cu_seqlens when omitted; required under torch.compile).
+        scale: logit scale, default ``1/sqrt(D)``.
+        key_padding_mask: (B, Nk) bool, True = real key (dense layout only).
+        return_entropy: also return the per-row entropies ``H_S`` and ``H_T``.
+
+    Returns:
+        ``kl`` of shape (B, Hq, Nq) dense or (total, Hq) varlen, float32 (float64 for float64 inputs); with
+        ``return_entropy`` the tuple ``(kl, entropy_s, entropy_t)``. Rows with no visible key give 0.
+        Gradients flow to ``q_s`` and ``k_s`` through ``kl`` and ``entropy_s``; the teacher is frozen
+        (never receives gradient, like a detached tensor).
+    """
+    if (q_t is None) != (k_t is None):
+        raise ValueError("pass both q_t and k_t, or neither (self-smoothing: teacher = detached q_s, k_s)")
+    if q_t is None:
+        q_t, k_t = q_s.detach(), k_s.detach()
+    else:
+        q_t, k_t = q_t.detach(), k_t.detach()
+    _check_inputs(
+        q_s, k_s, q_t, k_t,
+        temperature_t=temperature_t, temperature_s=temperature_s, causal=causal, window=window,
+        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, key_padding_mask=key_padding_mask,
+    )  # fmt: skip
+    scale = 1.0 / math.sqrt(q_s.shape[-1]) if scale is None else float(scale)
+    if q_s.dtype == torch.float64 or not use_triton(q_s):
+        # The reference path: float64 as is, lower precisions computed in fp32 (results are fp32 either way).
+        work = torch.float64 if q_s.dtype == torch.float64 else torch.float32
+        kl, ent_s, ent_t = reference.attention_kl(
+            *(t.to(work) for t in (q_s, k_s, q_t, k_t)),
+            temperature_t=float(temperature_t), temperature_s=float(temperature_s), causal=causal,
+            window=window, scale=scale, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
+        )  # fmt: skip
+        return (kl, ent_s, ent_t) if return_entropy else kl
+    if cu_seqlens is not None and max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+    kl, _, _, ent_s, ent_t = _fwd_op(
+        q_s, k_s, q_t, k_t,
+        None if cu_seqlens is None else cu_seqlens.to(torch.int32),
+        key_padding_mask,
+        0 if max_seqlen is None else int(max_seqlen),
+        scale / float(temperature_s), scale / float(temperature_t),
+        causal, 0 if window is None else int(window), bool(return_entropy),
+    )  # fmt: skip
+    return (kl, ent_s, ent_t) if return_entropy else kl
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (benchmarks/compile_report.py builds each for sm_80 and sm_90).
+
+
+def _signature(kernel: str, dtype: torch.dtype) -> dict[str, str]:
+    ptr = f"*{_TL_DTYPE[dtype]}"
+    sig = {"QS": ptr, "KS": ptr, "QT": ptr, "KT": ptr, "KPM": "*u8", "CU": "*i32"}
+    if kernel == "fwd":
+        sig.update({n: "*fp32" for n in ("KL", "LSE_S", "LSE_T", "ENT_S", "ENT_T")})
+    else:
+        sig.update({n: "*fp32" for n in ("LSE_S", "LSE_T", "ENT_S", "G_KL", "G_ENT")})
+        sig["DQ" if kernel == "dq" else "DK"] = ptr
+    groups = ["qs", "ks", "qt", "kt"]
+    for g in groups:
+        sig.update({f"s_{g}_b": "i64", f"s_{g}_h": "i32", f"s_{g}_n": "i32"})
+    sig["s_kpm_b"] = "i32"
+    sig.update({"s_o_b": "i32", "s_o_h": "i32", "s_o_n": "i32"})
+    if kernel != "fwd":
+        g = "dq" if kernel == "dq" else "dk"
+        sig.update({f"s_{g}_b": "i64", f"s_{g}_h": "i32", f"s_{g}_n": "i32"})
+    sig.update({"n_q": "i32", "n_k": "i32", ("H" if kernel != "dk" else "H_KV"): "i32"})
+    sig.update(
+        {"GROUP_S": "i32", "GROUP_T": "i32", "window": "i32", "qk_scale_s": "fp32", "qk_scale_t": "fp32"}
+    )
+    if kernel != "fwd":
+        sig["grad_scale"] = "fp32"
+    flags = ["HEAD_DIM", "BLOCK_D", "CAUSAL", "HAS_WINDOW", "HAS_KPM", "IS_VARLEN"]
+    flags += ["WANT_ENTROPY" if kernel == "fwd" else "ENT_GRAD", "DOT_PRECISION"]
+    flags += ["BLOCK_N", "BLOCK_M"] if kernel == "dk" else ["BLOCK_M", "BLOCK_N"]
+    sig.update({f: "constexpr" for f in flags})
+    return sig
+
+
+def aot_specs() -> list[AOTSpec]:
+    """Every configuration the GPU autotuner may launch, at head dim 128 (bf16, causal; the ones an H100
+    picks from) plus fp16 / fp32 / head dim 64 / window+padding / varlen variants on the first config."""
+    kernels = {"fwd": (_attention_kl_fwd, _FWD_GPU_CONFIGS), "dq": (_attention_kl_bwd_dq, _BWD_GPU_CONFIGS),
+               "dk": (_attention_kl_bwd_dk, _BWD_GPU_CONFIGS)}  # fmt: skip
+    variants = [
+        # (dtype, D, causal, window, kpm, varlen, extra flag, all configs?)
+        (torch.bfloat16, 128, True, False, False, False, True, True),
+        (torch.float16, 128, True, False, False, False, False, False),
+        (torch.float32, 64, False, False, False, False, True, False),
+        (torch.bfloat16, 64, True, True, True, False, False, False),
+        (torch.bfloat16, 80, True, False, False, True, True, False),
+    ]
+    specs = []
+    for kernel, (fn, configs) in kernels.items():
+        for dtype, d, causal, window, kpm, varlen, extra, all_configs in variants:
+            for _i, (a, c, w, s) in enumerate(configs if all_configs else configs[:1]):
+                outer, inner = ("BLOCK_N", "BLOCK_M") if kernel == "dk" else ("BLOCK_M", "BLOCK_N")
+                constexprs = {
+                    "HEAD_DIM": d, "BLOCK_D": triton.next_power_of_2(d), "CAUSAL": causal,
+                    "HAS_WINDOW": window, "HAS_KPM": kpm, "IS_VARLEN": varlen,
+                    ("WANT_ENTROPY" if kernel == "fwd" else "ENT_GRAD"): extra,
+                    "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", outer: a, inner: c,
+                }  # fmt: skip
+                name = (f"attention_kl_{kernel}[D={d},{_TL_DTYPE[dtype]},{'causal' if causal else 'full'}"
+                        f"{',window,kpm' if window else ''}{',varlen' if varlen else ''}"
+                        f"{',entropy' if extra else ''},{outer}={a},{inner}={c},w{w},s{s}]")  # fmt: skip
+                specs.append(AOTSpec(
+                    name=name, fn=fn.fn, signature=_signature(kernel, dtype), constexprs=constexprs,
+                    num_warps=w, num_stages=s, h100_candidate=(all_configs and d == 128),
+                ))  # fmt: skip
+    return specs
