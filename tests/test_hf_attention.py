@@ -1,0 +1,356 @@
+"""The "asu" attention implementation inside tiny random-init Llama, Mistral and Qwen2 models.
+
+At tau = 1 its logits must equal transformers' own "eager" and "sdpa" attention (fp32) for unpadded, right-
+and left-padded, and packed batches, and greedy generation with a KV cache must match eager's; at tau = 2.3
+the asu model under smoothing must equal the eager model with ``scaling / tau`` and a hand computation of one
+layer. Under TRITON_INTERPRET=1 these run the Triton kernel; without it, the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+import transformers
+
+import asu.attention as asu_attention
+import asu_kernels
+from asu.smoothing import attention_modules, smoothing
+
+ATOL = RTOL = 1e-5
+N = 12
+FAMILIES = ["llama", "mistral", "qwen2"]
+
+
+def _config(family: str, num_layers: int = 2) -> transformers.PretrainedConfig:
+    common = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        attention_dropout=0.0,
+    )
+    if family == "llama":
+        return transformers.LlamaConfig(**common)
+    if family == "mistral":
+        # A window of 4 keys with 12-token rows: most queries lose keys to the window.
+        return transformers.MistralConfig(sliding_window=4, **common)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**common)
+    raise AssertionError(family)
+
+
+_MODELS: dict[str, torch.nn.Module] = {}
+
+
+def _models(family: str, *impls: str) -> list[torch.nn.Module]:
+    """Copies of one random-init model (seeded per family), one per attention implementation, in eval mode."""
+    if family not in _MODELS:
+        torch.manual_seed(1234 + FAMILIES.index(family))
+        model = transformers.AutoModelForCausalLM.from_config(_config(family), attn_implementation="eager")
+        # Random-init weights are small (std 0.02): scale up the attention projections so the attention
+        # pattern is far from uniform and a wrong mask or scale shows in the logits.
+        with torch.no_grad():
+            for _, attn in attention_modules(model):
+                attn.q_proj.weight.mul_(20.0)
+                attn.k_proj.weight.mul_(20.0)
+        _MODELS[family] = model.eval()
+    out = []
+    for impl in impls:
+        model = copy.deepcopy(_MODELS[family])
+        model.set_attn_implementation(impl)
+        out.append(model.eval())
+    return out
+
+
+def _ids(batch: int = 2, n: int = N, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (batch, n), generator=g)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the calls reaching asu_kernels.attention through the asu attention function."""
+    calls = []
+    real = asu_kernels.attention
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(asu_attention.asu_kernels, "attention", counting)
+    return calls
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False, **kwargs).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpadded_logits_equal_eager_and_sdpa(family, kernel_calls):
+    eager, sdpa, ours = _models(family, "eager", "sdpa", "asu")
+    ids = _ids()
+    got = _logits(ours, ids)
+    torch.testing.assert_close(got, _logits(eager, ids), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got, _logits(sdpa, ids), atol=ATOL, rtol=RTOL)
+    assert len(kernel_calls) == 2  # one per layer: the kernel really ran
+    expect_window = 4 if family == "mistral" else None
+    assert all(c["window"] == expect_window and c["temperature"] == 1.0 for c in kernel_calls)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_logits_equal_eager_and_sdpa(family, side, kernel_calls):
+    eager, sdpa, ours = _models(family, "eager", "sdpa", "asu")
+    ids = _ids(batch=3)
+    mask = torch.ones_like(ids)
+    # Row 0 unpadded, row 1 padded by 5, row 2 by 2 (on the chosen side).
+    for row, pad in ((1, 5), (2, 2)):
+        if side == "right":
+            mask[row, N - pad :] = 0
+        else:
+            mask[row, :pad] = 0
+    real = mask.bool()
+    got = _logits(ours, ids, attention_mask=mask)
+    for ref in (eager, sdpa):
+        torch.testing.assert_close(
+            got[real], _logits(ref, ids, attention_mask=mask)[real], atol=ATOL, rtol=RTOL
+        )
+    assert all(c["key_padding_mask"] is not None for c in kernel_calls)
+    assert torch.isfinite(got).all()
+    if side == "left":
+        # Left padding precedes real tokens under the causal mask: without the mask, they would change.
+        unmasked = _logits(ours, ids)
+        assert not torch.allclose(unmasked[1][real[1]], got[1][real[1]], atol=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_rows_equal_separate_documents(family, kernel_calls):
+    """Two rows of packed documents (position_ids restart) equal each document's own forward."""
+    eager, ours = _models(family, "eager", "asu")
+    ids = _ids(batch=2, seed=3)
+    lengths = [[5, 7], [3, 6, 3]]
+    position_ids = torch.cat([torch.arange(n) for n in lengths[0]])[None]
+    position_ids = torch.cat([position_ids, torch.cat([torch.arange(n) for n in lengths[1]])[None]])
+    got = _logits(ours, ids, position_ids=position_ids)
+    for row, docs in enumerate(lengths):
+        start = 0
+        for n in docs:
+            alone = _logits(eager, ids[row : row + 1, start : start + n])
+            torch.testing.assert_close(got[row, start : start + n], alone[0], atol=ATOL, rtol=RTOL)
+            start += n
+    assert all(c["cu_seqlens"] is not None for c in kernel_calls)
+    assert kernel_calls[0]["cu_seqlens"].tolist() == [0, 5, 12, 15, 21, 24]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_packed_with_flash_kwargs_from_flattening_collator(family):
+    """DataCollatorWithFlattening(return_flash_attn_kwargs=True) passes cu_seq_lens_q/max_length_q."""
+    eager, ours = _models(family, "eager", "asu")
+    features = [{"input_ids": _ids(1, n, seed=n)[0].tolist()} for n in (4, 7, 5)]
+    collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_tensors="pt")
+    batch = collator(features)
+    assert batch["cu_seq_lens_q"].tolist() == [0, 4, 11, 16]
+    kwargs = {
+        k: batch[k]
+        for k in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    }
+    got = _logits(ours, batch["input_ids"], **kwargs)
+    # The kwargs alone (no position restarts visible) must also separate the documents.
+    got_kwargs_only = _logits(
+        ours, batch["input_ids"], **{k: v for k, v in kwargs.items() if k != "position_ids"}
+    )
+    start = 0
+    for feature in features:
+        n = len(feature["input_ids"])
+        alone = _logits(eager, torch.tensor([feature["input_ids"]]))[0]
+        torch.testing.assert_close(got[0, start : start + n], alone, atol=ATOL, rtol=RTOL)
+        if start == 0:
+            torch.testing.assert_close(got_kwargs_only[0, :n], alone, atol=ATOL, rtol=RTOL)
+        start += n
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generation_with_kv_cache_equals_eager(family):
+    eager, ours = _models(family, "eager", "asu")
+    ids = _ids(batch=2, n=8, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding, as for generation
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expect = eager.generate(ids, **kwargs)
+    got = ours.generate(ids, **kwargs)
+    assert got.shape == (2, 14)
+    torch.testing.assert_close(got, expect, atol=0, rtol=0)
+    # Decode steps really ran with one query against the cache: compare the logits of a cached step too.
+    with torch.no_grad():
+        out_e = eager(ids, attention_mask=mask, use_cache=True)
+        out_o = ours(ids, attention_mask=mask, use_cache=True)
+        nxt = out_e.logits[:, -1:].argmax(-1)
+        mask2 = torch.cat([mask, torch.ones_like(nxt)], 1)
+        step_e = eager(nxt, attention_mask=mask2, past_key_values=out_e.past_key_values).logits
+        step_o = ours(nxt, attention_mask=mask2, past_key_values=out_o.past_key_values).logits
+    torch.testing.assert_close(step_o, step_e, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_smoothed_asu_equals_eager_with_divided_scaling(family, kernel_calls):
+    eager, ours = _models(family, "eager", "asu")
+    ids = _ids(seed=7)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    real = mask.bool()
+    with smoothing(ours, 2.3), smoothing(eager, 2.3):
+        assert all(m.scaling == pytest.approx(0.25 / 2.3) for _, m in attention_modules(eager))
+        got = _logits(ours, ids, attention_mask=mask)
+        expect = _logits(eager, ids, attention_mask=mask)
+    torch.testing.assert_close(got[real], expect[real], atol=ATOL, rtol=RTOL)
+    # asu keeps the exact logit scale and passes the temperature to the kernel.
+    assert all(c["temperature"] == 2.3 and c["scale"] == 0.25 for c in kernel_calls)
+    assert not torch.allclose(got[real], _logits(ours, ids, attention_mask=mask)[real], atol=1e-3)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def test_smoothed_layer_equals_hand_computation():
+    """Layer 0 of the asu Llama at tau = 2.3 against attention written out by hand (RoPE included)."""
+    (ours,) = _models("llama", "asu")
+    cfg = ours.config
+    ids = _ids(batch=2, seed=11)
+    attn = ours.model.layers[0].self_attn
+    seen = {}
+
+    def hook(module, args, kwargs, output):
+        seen["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        seen["out"] = output[0]
+
+    handle = attn.register_forward_hook(hook, with_kwargs=True)
+    try:
+        with smoothing(ours, 2.3, layers=[0]), torch.no_grad():
+            ours(input_ids=ids, use_cache=False)
+    finally:
+        handle.remove()
+    x = seen["x"].double()
+    b, n, _ = x.shape
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    w = {name: getattr(attn, name).weight.double() for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    q = (x @ w["q_proj"].T).view(b, n, hq, d).transpose(1, 2)
+    k = (x @ w["k_proj"].T).view(b, n, hkv, d).transpose(1, 2)
+    v = (x @ w["v_proj"].T).view(b, n, hkv, d).transpose(1, 2)
+    theta = cfg.rope_parameters["rope_theta"]
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = torch.arange(n, dtype=torch.float64)[:, None] * inv_freq[None]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    out = torch.zeros(b, hq, n, d, dtype=torch.float64)
+    for h in range(hq):
+        kh, vh = k[:, h // (hq // hkv)], v[:, h // (hq // hkv)]
+        for i in range(n):
+            logits = (q[:, h, i : i + 1] @ kh[:, : i + 1].transpose(-1, -2))[:, 0] / math.sqrt(d) / 2.3
+            p = torch.softmax(logits, dim=-1)
+            out[:, h, i] = (p[:, :, None] * vh[:, : i + 1]).sum(1)
+    expect = out.transpose(1, 2).reshape(b, n, hq * d) @ w["o_proj"].T
+    torch.testing.assert_close(seen["out"].double(), expect, atol=ATOL, rtol=RTOL)
+
+
+def test_set_attn_implementation_and_from_pretrained(tmp_path):
+    (eager,) = _models("qwen2", "eager")
+    eager.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="asu").eval()
+    assert loaded.config._attn_implementation == "asu"
+    ids = _ids(seed=13)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(eager, ids), atol=ATOL, rtol=RTOL)
+    switched = copy.deepcopy(eager)
+    switched.set_attn_implementation("asu")
+    assert switched.config._attn_implementation == "asu"
+    assert all(m.config._attn_implementation == "asu" for _, m in attention_modules(switched))
+
+
+def test_register_is_idempotent():
+    asu_attention.register()
+    asu_attention.register()
+    assert transformers.AttentionInterface._global_mapping["asu"] is asu_attention.asu_attention_forward
+    masks = transformers.masking_utils.AttentionMaskInterface._global_mapping
+    assert masks["asu"] is asu_attention.asu_attention_mask
+
+
+def test_training_gradients_equal_eager():
+    """Backward through the asu attention: same loss and parameter gradients as eager (padded batch)."""
+    eager, ours = _models("llama", "eager", "asu")
+    ids = _ids(seed=17)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    # Only logits of real positions enter the loss (the last padding position predicts the first real token).
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, 3] = -100
+    losses = []
+    for model in (eager, ours):
+        model.train()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        losses.append(loss)
+        model.eval()
+    torch.testing.assert_close(losses[1], losses[0], atol=ATOL, rtol=RTOL)
+    for (name, pe), po in zip(eager.named_parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(po.grad, pe.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_dropout_in_training_raises():
+    (ours,) = _models("llama", "asu")
+    for _, module in attention_modules(ours):
+        module.attention_dropout = 0.1
+    ours.train()
+    with pytest.raises(ValueError, match="attention dropout"):
+        ours(input_ids=_ids())
+    ours.eval()  # dropout is only applied in training: eval mode runs
+    ours(input_ids=_ids(), use_cache=False)
+
+
+def test_output_attentions_raises():
+    (ours,) = _models("llama", "asu")
+    with pytest.raises(ValueError, match="output_attentions"):
+        ours(input_ids=_ids(), output_attentions=True)
+
+
+def test_mask_function_forms():
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    got = asu_attention.asu_attention_mask(2, 4, 4, attention_mask=mask.bool())
+    assert got.dtype == torch.bool and got.tolist() == mask.bool().tolist()
+    assert (
+        asu_attention.asu_attention_mask(2, 4, 4, attention_mask=torch.ones(2, 4, dtype=torch.bool)) is None
+    )
+    assert asu_attention.asu_attention_mask(2, 4, 4, attention_mask=None) is None
+    # A sliding-window cache keeps the last kv_length keys: the mask is sliced from the right.
+    assert asu_attention.asu_attention_mask(2, 1, 2, attention_mask=mask.bool()) is None
+    with pytest.raises(ValueError, match="2D"):
+        asu_attention.asu_attention_mask(2, 4, 4, attention_mask=torch.ones(2, 1, 4, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_padded_packed_on_each_backend(backend, monkeypatch):
+    """The same checks forced through each kernel backend (triton needs the interpreter or a GPU)."""
+    if backend == "triton" and not (os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
+        pytest.skip("the Triton kernel on CPU needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("ASU_KERNELS_BACKEND", backend)
+    eager, ours = _models("mistral", "eager", "asu")
+    ids = _ids(seed=19)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    real = mask.bool()
+    with smoothing(ours, 2.3), smoothing(eager, 2.3):
+        got = _logits(ours, ids, attention_mask=mask)
+        expect = _logits(eager, ids, attention_mask=mask)
+    torch.testing.assert_close(got[real], expect[real], atol=ATOL, rtol=RTOL)
+    position_ids = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    packed = _logits(ours, ids[:1], position_ids=position_ids)
+    torch.testing.assert_close(packed[0, 5:], _logits(eager, ids[:1, 5:])[0], atol=ATOL, rtol=RTOL)
