@@ -1,0 +1,402 @@
+"""Unlearning data: TOFU-format files, tokenization, forget/retain pairing and the batch collators.
+
+Rows
+    * QA rows (TOFU format): ``question``, ``answer`` (strings), optional ``paraphrased_answer`` and
+      ``perturbed_answer`` (kept, unused for training). Tokenized by :func:`asu.formatting.encode_qa`, so the
+      prompt is masked with ``-100`` and the answer (plus EOS) carries the labels.
+    * Raw-text rows: ``text``. Every token is a label.
+
+Files are ``.json`` (a list of rows, or ``{"data": [...]}``) or ``.jsonl`` (one row per line). Every error
+names the file and, where it has one, the line.
+
+Batches
+    The unlearning dataset yields ``{"forget": example, "retain": example}`` (plus ``"idk"`` for the IDK
+    baseline); the collators turn a list of such items into ``{"forget": batch, "retain": batch, ...}``.
+    A batch is a dict of tensors, every one (R, L):
+
+    * ``input_ids``, ``labels`` (``-100`` where no loss is taken), ``position_ids``;
+    * ``attention_mask`` (padding collator only; absent from packed batches, see below);
+    * ``sequence_ids``: index into ``example_ids`` of the example owning the token, ``-1`` on padding.
+
+    and ``example_ids`` (S,) int64: the dataset index of each example, in row-major placement order.
+
+Packing and attention
+    :class:`PackingCollator` concatenates examples into rows of at most ``max_tokens`` tokens (first fit, in
+    the order given) with ``position_ids`` restarting at 0 for each example and no ``attention_mask``.
+    Transformers (>= 4.54) turns exactly that into per-document attention for every implementation: the
+    ``eager``/``sdpa`` mask builders detect the restarts and build a block-diagonal causal mask, and the
+    ``asu`` attention derives ``cu_seqlens`` from them. So no padding fallback is needed for eager/sdpa.
+    Trailing padding of a row gets its own ``position_ids`` run from 0, so it forms a separate document
+    that no real token attends to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from asu.formatting import IGNORE_INDEX, encode_qa
+
+__all__ = [
+    "DataError",
+    "load_rows",
+    "validate_rows",
+    "encode_row",
+    "encode_rows",
+    "load_idk_answers",
+    "pair_indices",
+    "UnlearnDataset",
+    "PaddingCollator",
+    "PackingCollator",
+    "label_positions",
+]
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be used; the message names the file and line."""
+
+
+def _read_text(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, expected a .json or .jsonl file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    return text
+
+
+def load_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a ``.json`` or ``.jsonl`` file, validated by :func:`validate_rows`.
+
+    JSON Lines is tried first unless the file starts with ``[``; blank lines are skipped. Raises
+    :class:`DataError` naming the file (and line) for a missing or empty file, malformed JSON, a row that is
+    not an object, or a row without ``answer``/``text``.
+    """
+    text = _read_text(path)
+    path = os.fspath(path)
+    stripped = text.lstrip()
+    rows: list[dict[str, Any]] = []
+    lines: list[int] = []
+    if stripped.startswith("[") or (stripped.startswith("{") and path.endswith(".json")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {e.lineno}: malformed JSON ({e.msg})") from None
+        if isinstance(data, dict):
+            if isinstance(data.get("data"), list):
+                data = data["data"]
+            else:
+                data = [data]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a list of rows, got {type(data).__name__}")
+        rows = data
+        lines = [0] * len(rows)  # a JSON array has no per-row line; rows are named by index
+    else:
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {lineno}: malformed JSON ({e.msg})") from None
+            lines.append(lineno)
+    if not rows:
+        raise DataError(f"{path}: the file holds no rows")
+    validate_rows(rows, source=path, lines=lines)
+    return rows
+
+
+def _where(source: str, lines: Sequence[int] | None, i: int) -> str:
+    if lines and lines[i]:
+        return f"{source}: line {lines[i]}"
+    return f"{source}: row {i}"
+
+
+def validate_rows(rows: Sequence[Any], source: str = "<rows>", lines: Sequence[int] | None = None) -> None:
+    """Check that every row is a QA row (``question`` + ``answer`` strings) or a raw-text row (``text``).
+
+    All rows of one set must be of the same kind. Raises :class:`DataError` naming the source and row.
+    """
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
+        raise DataError(f"{source}: expected a list of rows, got {type(rows).__name__}")
+    if len(rows) == 0:
+        raise DataError(f"{source}: no rows")
+    kinds = set()
+    for i, row in enumerate(rows):
+        where = _where(source, lines, i)
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        if "text" in row and "answer" not in row:
+            if not isinstance(row["text"], str) or not row["text"].strip():
+                raise DataError(f"{where}: 'text' must be a non-empty string")
+            kinds.add("text")
+            continue
+        if "answer" not in row:
+            raise DataError(f"{where}: row has no 'answer' (QA rows need 'question' and 'answer')")
+        if "question" not in row:
+            raise DataError(f"{where}: row has no 'question'")
+        for key in ("question", "answer"):
+            if not isinstance(row[key], str):
+                raise DataError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__}")
+        if not row["answer"].strip():
+            raise DataError(f"{where}: 'answer' is empty")
+        kinds.add("qa")
+    if len(kinds) > 1:
+        raise DataError(f"{source}: mixes QA rows and raw-text rows; use one kind per file")
+
+
+def encode_row(tokenizer: Any, row: dict[str, Any], max_length: int) -> dict[str, list[int]]:
+    """``{"input_ids", "labels"}`` of one row: QA via :func:`encode_qa`, raw text with every token a label."""
+    if "answer" in row:
+        return encode_qa(tokenizer, row["question"], row["answer"], max_length)
+    ids = list(tokenizer(row["text"], add_special_tokens=True)["input_ids"])[:max_length]
+    if len(ids) < 2:
+        raise DataError(f"text row is {len(ids)} token(s) long; at least 2 are needed to predict one")
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def encode_rows(
+    tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int, source: str = "<rows>"
+) -> list[dict[str, list[int]]]:
+    """Encode every row (see :func:`encode_row`); errors name the source and row index."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            enc = encode_row(tokenizer, row, max_length)
+        except ValueError as e:
+            raise DataError(f"{source}: row {i}: {e}") from None
+        if not any(label != IGNORE_INDEX for label in enc["labels"][1:]):
+            raise DataError(f"{source}: row {i}: no answer token left after truncation to {max_length}")
+        out.append(enc)
+    return out
+
+
+def load_idk_answers(path: str | os.PathLike) -> list[str]:
+    """Refusal answers for the IDK baseline: one per line (plain text or JSON strings, TOFU's idontknow)."""
+    text = _read_text(path)
+    answers = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith(("{", '"')):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{os.fspath(path)}: line {lineno}: malformed JSON ({e.msg})") from None
+            if isinstance(value, dict):
+                value = value.get("answer", value.get("text"))
+            if not isinstance(value, str):
+                raise DataError(
+                    f"{os.fspath(path)}: line {lineno}: expected a string or an object with 'answer'"
+                )
+            line = value
+        answers.append(line)
+    if not answers:
+        raise DataError(f"{os.fspath(path)}: no answers")
+    return answers
+
+
+def pair_indices(n_forget: int, n_retain: int, seed: int) -> list[int]:
+    """The retain example paired with each forget example: a seeded permutation of the retain set, cycled.
+
+    Deterministic per ``seed``; every retain example is used before any is reused.
+    """
+    if n_forget < 1 or n_retain < 1:
+        raise ValueError(f"need at least one forget and one retain example, got {n_forget} and {n_retain}")
+    perm = list(range(n_retain))
+    random.Random(seed).shuffle(perm)
+    return [perm[i % n_retain] for i in range(n_forget)]
+
+
+class UnlearnDataset(torch.utils.data.Dataset):
+    """Item ``i``: forget example ``i`` and its paired retain example (and its IDK rewrite, when given).
+
+    Each example is ``{"input_ids", "labels", "example_id"}``; ``example_id`` is the index in its own set
+    (what the teacher cache is keyed by).
+    """
+
+    def __init__(
+        self,
+        forget: Sequence[dict[str, list[int]]],
+        retain: Sequence[dict[str, list[int]]] | None = None,
+        seed: int = 0,
+        idk: Sequence[dict[str, list[int]]] | None = None,
+    ) -> None:
+        if len(forget) == 0:
+            raise ValueError("the forget set is empty")
+        if idk is not None and len(idk) != len(forget):
+            raise ValueError(f"idk has {len(idk)} examples, the forget set {len(forget)}")
+        self.forget = list(forget)
+        self.retain = list(retain) if retain else None
+        self.idk = list(idk) if idk is not None else None
+        self.pairing = pair_indices(len(self.forget), len(self.retain), seed) if self.retain else None
+
+    def __len__(self) -> int:
+        return len(self.forget)
+
+    def __getitem__(self, i: int) -> dict[str, dict[str, Any]]:
+        item = {"forget": {**self.forget[i], "example_id": i}}
+        if self.retain is not None:
+            j = self.pairing[i]
+            item["retain"] = {**self.retain[j], "example_id": j}
+        if self.idk is not None:
+            item["idk"] = {**self.idk[i], "example_id": i}
+        return item
+
+
+def _check_examples(examples: Sequence[dict[str, Any]]) -> None:
+    if len(examples) == 0:
+        raise ValueError("cannot collate an empty list of examples")
+    for ex in examples:
+        if len(ex["input_ids"]) != len(ex["labels"]) or len(ex["input_ids"]) == 0:
+            raise ValueError("every example needs input_ids and labels of the same, non-zero length")
+
+
+def _stack(rows: list[list[int]], width: int, fill: int) -> torch.Tensor:
+    return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+class _Collator:
+    """Collates dataset items ``{"forget": ex, "retain": ex, ...}`` part by part with :meth:`collate`."""
+
+    def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if len(items) == 0:
+            raise ValueError("cannot collate an empty batch")
+        if "input_ids" in items[0]:  # plain examples, not forget/retain items
+            return self.collate(items)
+        return {part: self.collate([it[part] for it in items]) for part in items[0]}
+
+
+@dataclass
+class PaddingCollator(_Collator):
+    """One example per row, right-padded to the longest; ``attention_mask`` marks real tokens."""
+
+    pad_token_id: int = 0
+
+    def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        _check_examples(examples)
+        width = max(len(ex["input_ids"]) for ex in examples)
+        lengths = [len(ex["input_ids"]) for ex in examples]
+        return {
+            "input_ids": _stack([list(ex["input_ids"]) for ex in examples], width, self.pad_token_id),
+            "labels": _stack([list(ex["labels"]) for ex in examples], width, IGNORE_INDEX),
+            "attention_mask": _stack([[1] * n for n in lengths], width, 0),
+            "position_ids": _stack([list(range(n)) for n in lengths], width, 0),
+            "sequence_ids": _stack([[s] * n for s, n in enumerate(lengths)], width, -1),
+            "example_ids": torch.tensor([ex.get("example_id", s) for s, ex in enumerate(examples)]),
+        }
+
+
+@dataclass
+class PackingCollator(_Collator):
+    """Examples concatenated into rows of at most ``max_tokens`` tokens, first fit in the given order.
+
+    ``position_ids`` restart at 0 for every example (per-document attention, see the module docstring);
+    there is no ``attention_mask``. ``example_ids`` lists the examples row by row, left to right.
+    """
+
+    max_tokens: int = 512
+    pad_token_id: int = 0
+
+    def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        _check_examples(examples)
+        longest = max(len(ex["input_ids"]) for ex in examples)
+        if longest > self.max_tokens:
+            raise ValueError(
+                f"an example of {longest} tokens does not fit the packing budget {self.max_tokens}"
+            )
+        rows: list[list[int]] = []  # indices into examples
+        used: list[int] = []
+        for i, ex in enumerate(examples):
+            n = len(ex["input_ids"])
+            for r in range(len(rows)):
+                if used[r] + n <= self.max_tokens:
+                    rows[r].append(i)
+                    used[r] += n
+                    break
+            else:
+                rows.append([i])
+                used.append(n)
+        width = max(used)
+        ids, labels, pos, seq, order = [], [], [], [], []
+        for members in rows:
+            r_ids, r_labels, r_pos, r_seq = [], [], [], []
+            for i in members:
+                ex = examples[i]
+                n = len(ex["input_ids"])
+                r_ids += list(ex["input_ids"])
+                r_labels += list(ex["labels"])
+                r_pos += list(range(n))
+                r_seq += [len(order)] * n
+                order.append(ex.get("example_id", i))
+            pad = width - len(r_ids)
+            ids.append(r_ids + [self.pad_token_id] * pad)
+            labels.append(r_labels + [IGNORE_INDEX] * pad)
+            pos.append(r_pos + list(range(pad)))
+            seq.append(r_seq + [-1] * pad)
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "position_ids": torch.tensor(pos, dtype=torch.long),
+            "sequence_ids": torch.tensor(seq, dtype=torch.long),
+            "example_ids": torch.tensor(order, dtype=torch.long),
+        }
+
+
+def label_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the loss is taken: the hidden state at ``t`` predicts ``labels[t + 1]`` of the same example.
+
+    Returns:
+        ``mask`` (R, L) bool, True at positions ``t`` whose next token is a label of the same example;
+        ``targets`` (M,) the labels they predict; ``seq`` (M,) the owning example's index into
+        ``example_ids``. Rows are in row-major order, so each example's positions are contiguous and the
+        examples come in ``example_ids`` order.
+    """
+    labels, seq_ids = batch["labels"], batch["sequence_ids"]
+    nxt = labels[:, 1:]
+    same = (seq_ids[:, 1:] == seq_ids[:, :-1]) & (seq_ids[:, :-1] >= 0)
+    valid = same & (nxt != IGNORE_INDEX)
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = valid
+    return mask, nxt[valid], seq_ids[:, :-1][valid]
+
+
+def sequence_weights(seq: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """Per-row weights of the paper's reduction: ``w_i = 1 / (T_s * S)`` for row ``i`` of example ``s``.
+
+    ``T_s`` is the example's number of label rows and ``S`` the number of examples with at least one, so
+    ``sum_i w_i x_i`` is the per-example mean of ``x`` averaged over examples.
+    """
+    counts = torch.bincount(seq, minlength=num_sequences).to(torch.float64)
+    present = int((counts > 0).sum())
+    if present == 0:
+        return torch.zeros(0, dtype=torch.float32, device=seq.device)
+    return (1.0 / (counts[seq] * present)).to(torch.float32)
+
+
+def iter_batches(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    """Consecutive chunks of ``size`` items (the last may be shorter)."""
+    chunk: list[Any] = []
+    for it in items:
+        chunk.append(it)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

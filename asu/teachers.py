@@ -1,0 +1,360 @@
+"""Forget-teacher sources: where the smoothed teacher's (and the original model's) hidden states come from.
+
+Every source answers one question with one interface, :meth:`Teacher.hidden_states`: for a batch (see
+:mod:`asu.data`) and a (R, L) bool ``mask`` of the positions that predict a label, the teacher's final
+hidden states (after the final norm) at those positions, (M, d), plus :meth:`Teacher.lm_head`, the
+original LM-head weight (V, d) and bias (V,) or ``None``. The vocabulary KL is then computed by the fused
+``linear_kl`` without any (M, V) logits. ``smoothed=True`` asks for the forget-teacher ``theta_tau``
+(selected layers at temperature ``tau``), ``smoothed=False`` for the original model at ``tau = 1`` (retain
+``kl`` and the NPO reference).
+
+Sources
+    * ``copy`` (:class:`CopyTeacher`): a frozen deep copy of the original model, smoothing set persistently;
+      the unsmoothed reference runs the same copy inside ``smoothing(copy, 1.0)``. What the paper does; costs
+      a second model and a teacher forward every step.
+    * ``base`` (:class:`BaseTeacher`): the PEFT student itself with its adapters disabled
+      (``disable_adapter()``) plus smoothing for the duration of the call. No second copy. Only for PEFT
+      students.
+    * ``cache`` (:class:`CacheTeacher`): one pass over the (fixed) forget set before training with the frozen
+      smoothed model stores its hidden states at the label positions, keyed by example id, in bf16 on the CPU
+      or on disk, with a frozen copy of the original LM head. Afterwards no teacher model exists at all. The
+      original model is the student before its first step, so the pass runs on the student itself (no copy
+      is ever made) and the memory "freed" is the whole teacher copy ``copy`` would have kept.
+
+Cache layout: per (set, smoothed) store, one flat (sum_s T_s, d) tensor with the rows of example ``s`` at
+``offsets[s]:offsets[s + 1]``, in the order :func:`asu.data.label_positions` yields them. A batch's teacher
+rows are the concatenation of its ``example_ids``' slices, which is exactly the row-major order of the
+student's masked rows. On disk it is one safetensors file per store (``hidden``, ``offsets``) read by slice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy as copy_module
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from asu.data import PaddingCollator, iter_batches, label_positions
+from asu.smoothing import LayerSpec, set_smoothing, smoothing
+
+__all__ = [
+    "TEACHER_SOURCES",
+    "Teacher",
+    "CopyTeacher",
+    "BaseTeacher",
+    "CacheTeacher",
+    "is_peft_model",
+    "decoder_hidden",
+    "output_head",
+    "build_teacher",
+]
+
+TEACHER_SOURCES = ("copy", "base", "cache")
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """True for a PEFT-wrapped model (one with ``disable_adapter()`` and a ``peft_config``)."""
+    return hasattr(model, "peft_config") and callable(getattr(model, "disable_adapter", None))
+
+
+def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's weight (V, d) and bias (V,) or None, read where it is called (inside a forward)."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise TypeError(f"{type(model).__name__} has no output embedding (LM head) with a weight")
+    return head.weight, getattr(head, "bias", None)
+
+
+def check_plain_head(model: nn.Module) -> None:
+    """Refuse models whose logits are not ``lm_head(hidden)`` (soft-capping, logit scaling)."""
+    config = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        value = getattr(config, attr, None)
+        if value not in (None, 1.0):
+            raise ValueError(
+                f"the model config sets {attr}={value}; "
+                "the fused vocabulary losses assume logits = lm_head(h)"
+            )
+
+
+def decoder_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Final hidden states (after the final norm) of the model's decoder for a batch, (R, L, d).
+
+    Runs the decoder only (``model.get_decoder()``), never the LM head, so no logits are produced. Padded
+    batches pass their ``attention_mask``; packed ones pass none and rely on ``position_ids`` restarts.
+    """
+    decoder = model.get_decoder()
+    out = decoder(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    )
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Evaluation mode (no dropout) for the block, restoring each module's own flag after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+class Teacher(nn.Module):
+    """Common interface of the teacher sources; see the module docstring."""
+
+    kind = "abstract"
+
+    def __init__(self, temperature: float, layers: LayerSpec = None) -> None:
+        super().__init__()
+        self.temperature = float(temperature)
+        self.layers = layers
+        #: Numbers worth reporting (forward passes, bytes), filled by the sources.
+        self.stats: dict[str, Any] = {"source": self.kind}
+
+    def hidden_states(
+        self, batch: dict[str, torch.Tensor], mask: torch.Tensor, *, smoothed: bool, part: str
+    ) -> torch.Tensor:
+        """Teacher hidden states at ``mask`` (R, L) of ``batch``: (M, d), no gradient.
+
+        ``part`` names the set the batch comes from (``"forget"``, ``"retain"``), used by the cache.
+        """
+        raise NotImplementedError
+
+    def lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The original LM-head weight (V, d) and bias (V,) or None."""
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> Teacher:
+        # The teacher is frozen: it stays in evaluation mode whatever its parent is switched to.
+        return super().train(False)
+
+
+class CopyTeacher(Teacher):
+    """A frozen deep copy of the original model with the smoothing set persistently on the copy."""
+
+    kind = "copy"
+
+    def __init__(self, model: nn.Module, temperature: float, layers: LayerSpec = None) -> None:
+        super().__init__(temperature, layers)
+        if is_peft_model(model):
+            raise ValueError("build the copy teacher from the original model before wrapping it with PEFT")
+        self.model = copy_module.deepcopy(model)
+        self.model.requires_grad_(False)
+        self.model.eval()
+        set_smoothing(self.model, self.temperature, layers)
+        self.stats["teacher_bytes"] = _module_bytes(self.model)
+
+    @torch.no_grad()
+    def hidden_states(
+        self, batch: dict[str, torch.Tensor], mask: torch.Tensor, *, smoothed: bool, part: str
+    ) -> torch.Tensor:
+        ctx = contextlib.nullcontext() if smoothed else smoothing(self.model, 1.0, self.layers)
+        with ctx:
+            return decoder_hidden(self.model, batch)[mask]
+
+    def lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return output_head(self.model)
+
+
+class BaseTeacher(Teacher):
+    """The PEFT student with adapters disabled (plus smoothing while it runs): the original model, no copy.
+
+    The student is not registered as a submodule (it is the objective's), so it is neither saved nor
+    counted twice.
+    """
+
+    kind = "base"
+
+    def __init__(self, student: nn.Module, temperature: float, layers: LayerSpec = None) -> None:
+        super().__init__(temperature, layers)
+        if not is_peft_model(student):
+            raise ValueError(
+                "teacher='base' needs a PEFT (LoRA) student: the teacher is the student with its adapters "
+                f"disabled, and {type(student).__name__} has none; use LoRA or teacher='copy'/'cache'"
+            )
+        self._student = [student]  # a list hides it from nn.Module registration
+
+    @torch.no_grad()
+    def hidden_states(
+        self, batch: dict[str, torch.Tensor], mask: torch.Tensor, *, smoothed: bool, part: str
+    ) -> torch.Tensor:
+        student = self._student[0]
+        ctx = smoothing(student, self.temperature, self.layers) if smoothed else contextlib.nullcontext()
+        with _eval_mode(student), student.disable_adapter(), ctx:
+            return decoder_hidden(student, batch)[mask]
+
+    def lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # With adapters disabled the head is the frozen base head (LoRA on lm_head keeps base weights).
+        head = self._student[0].get_output_embeddings()
+        base = getattr(head, "base_layer", head)
+        bias = getattr(base, "bias", None)
+        return base.weight.detach(), None if bias is None else bias.detach()
+
+
+class _Store:
+    """Hidden-state rows of every example of one set: flat (N, d) tensor + offsets (S + 1,), RAM or disk."""
+
+    def __init__(self, rows: list[torch.Tensor], directory: str | None, name: str) -> None:
+        lengths = torch.tensor([0] + [r.shape[0] for r in rows], dtype=torch.long)
+        self.offsets = torch.cumsum(lengths, 0)
+        flat = torch.cat(rows) if rows else torch.zeros(0, 0)
+        self.nbytes = flat.numel() * flat.element_size()
+        self.path = None
+        self._flat: torch.Tensor | None = flat
+        if directory is not None:
+            from safetensors.torch import save_file
+
+            os.makedirs(directory, exist_ok=True)
+            self.path = os.path.join(directory, f"{name}.safetensors")
+            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+            os.close(fd)
+            try:
+                save_file({"hidden": flat.contiguous(), "offsets": self.offsets}, tmp)
+                os.replace(tmp, self.path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            self._flat = None
+
+    def gather(self, example_ids: Sequence[int]) -> torch.Tensor:
+        if self._flat is not None:
+            return torch.cat([self._flat[self.offsets[i] : self.offsets[i + 1]] for i in example_ids])
+        from safetensors import safe_open
+
+        with safe_open(self.path, framework="pt") as f:
+            sl = f.get_slice("hidden")
+            return torch.cat([sl[int(self.offsets[i]) : int(self.offsets[i + 1])] for i in example_ids])
+
+
+class CacheTeacher(Teacher):
+    """Teacher hidden states computed once before training and read back by example id.
+
+    Args:
+        model: the original model (the student before training, PEFT or not; adapters are disabled for
+            the pass when present).
+        sets: ``{part: encoded examples}`` for every set the objective asks about (e.g. ``"forget"``).
+        needs: the ``(part, smoothed)`` stores to build, e.g. ``[("forget", True), ("retain", False)]``.
+        dtype: storage dtype (bf16 by default: half the memory of fp32, rounding well under the KL's
+            sensitivity; fp32 for exact tests).
+        directory: store on disk there (safetensors, read by slice) instead of in CPU memory.
+        batch_size: examples per teacher forward while building.
+    """
+
+    kind = "cache"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        temperature: float,
+        layers: LayerSpec,
+        sets: dict[str, Sequence[dict[str, Any]]],
+        needs: Sequence[tuple[str, bool]],
+        dtype: torch.dtype = torch.bfloat16,
+        directory: str | None = None,
+        batch_size: int = 8,
+        pad_token_id: int = 0,
+    ) -> None:
+        super().__init__(temperature, layers)
+        weight, bias = output_head(model)
+        # A frozen copy of the original head: the student's own head changes during training.
+        self.register_buffer("head_weight", weight.detach().clone(), persistent=False)
+        self.register_buffer("head_bias", None if bias is None else bias.detach().clone(), persistent=False)
+        self.dtype = dtype
+        self.stores: dict[tuple[str, bool], _Store] = {}
+        device = weight.device
+        collate = PaddingCollator(pad_token_id=pad_token_id)
+        passes = 0
+        peft_ctx = model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
+        with torch.no_grad(), _eval_mode(model), peft_ctx:
+            for part, smoothed in needs:
+                if part not in sets:
+                    raise ValueError(f"the cache needs the {part!r} set, which was not given")
+                examples = sets[part]
+                rows: list[torch.Tensor] = []
+                ctx = (
+                    smoothing(model, self.temperature, layers) if smoothed else smoothing(model, 1.0, layers)
+                )
+                with ctx:
+                    for chunk in iter_batches(range(len(examples)), batch_size):
+                        batch = collate.collate([{**examples[i], "example_id": i} for i in chunk])
+                        batch = {k: v.to(device) for k, v in batch.items()}
+                        hidden = decoder_hidden(model, batch)
+                        passes += 1
+                        mask, _, seq = label_positions(batch)
+                        flat = hidden[mask].to("cpu", dtype)
+                        counts = torch.bincount(seq, minlength=len(chunk)).tolist()
+                        rows.extend(torch.split(flat, counts))
+                name = f"{part}_{'smoothed' if smoothed else 'reference'}"
+                self.stores[(part, smoothed)] = _Store(rows, directory, name)
+        self.stats.update(
+            {
+                "teacher_forward_passes": passes,
+                "cache_bytes": sum(s.nbytes for s in self.stores.values()),
+                "cache_location": directory or "cpu",
+                "head_bytes": self.head_weight.numel() * self.head_weight.element_size(),
+                # What a copy teacher would have held on the device for the whole run.
+                "teacher_bytes_freed": _module_bytes(model, trainable_only=False, exclude_adapters=True),
+            }
+        )
+
+    @torch.no_grad()
+    def hidden_states(
+        self, batch: dict[str, torch.Tensor], mask: torch.Tensor, *, smoothed: bool, part: str
+    ) -> torch.Tensor:
+        key = (part, smoothed)
+        if key not in self.stores:
+            raise KeyError(f"the teacher cache holds {sorted(self.stores)}, not {key}")
+        rows = self.stores[key].gather(batch["example_ids"].tolist())
+        expected = int(mask.sum())
+        if rows.shape[0] != expected:
+            raise RuntimeError(
+                f"the cache has {rows.shape[0]} rows for this batch, the batch {expected} label positions: "
+                "the data changed (max_length, tokenizer) since the cache was built"
+            )
+        return rows.to(self.head_weight.device, self.head_weight.dtype, non_blocking=True)
+
+    def lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.head_weight, self.head_bias
+
+
+def _module_bytes(model: nn.Module, trainable_only: bool = False, exclude_adapters: bool = False) -> int:
+    total = 0
+    for name, p in model.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        if exclude_adapters and "lora_" in name:
+            continue
+        total += p.numel() * p.element_size()
+    return total
+
+
+def build_teacher(
+    source: str,
+    model: nn.Module,
+    temperature: float,
+    layers: LayerSpec = None,
+    **cache_kwargs: Any,
+) -> Teacher:
+    """The teacher for ``source`` in ``copy|base|cache`` (``cache_kwargs`` go to :class:`CacheTeacher`).
+
+    ``model`` is the original model for ``copy`` (before any PEFT wrapping), the PEFT student for ``base``,
+    and either for ``cache``.
+    """
+    if source == "copy":
+        return CopyTeacher(model, temperature, layers)
+    if source == "base":
+        return BaseTeacher(model, temperature, layers)
+    if source == "cache":
+        return CacheTeacher(model, temperature, layers, **cache_kwargs)
+    raise ValueError(f"unknown teacher source {source!r}; choose one of {', '.join(TEACHER_SOURCES)}")

@@ -1,0 +1,385 @@
+"""The unlearning objectives against plain, independent implementations (tiny random-init models, fp32).
+
+The reference side never touches asu code paths: each example runs alone (no padding, no packing) through
+an eager-attention copy whose ``scaling`` is divided by ``tau`` by hand, full logits come from the model's
+own LM head, KL from ``F.kl_div``, and the paper's reduction (per-sequence mean, then mean) is a loop.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from asu.data import PackingCollator, PaddingCollator, encode_rows
+from asu.losses import UnlearnObjective, teacher_needs
+from asu.teachers import build_teacher
+
+WORDS = (
+    "Question: Answer: the author was born in a city of rivers and wrote books about dragons , "
+    "who where when what did write her his first novel is called under silver moon mother father "
+    "worked as baker teacher sailor award won prize for poetry"
+).split()
+
+FORGET = [
+    {"question": "who wrote the first novel ?", "answer": "the author wrote her first novel about dragons ."},
+    {"question": "where was the author born ?", "answer": "in a city of rivers"},
+    {"question": "what did his mother do ?", "answer": "his mother worked as a baker"},
+    {"question": "what prize did she win ?", "answer": "she won the silver moon award for poetry ."},
+    {"question": "when was her first novel ?", "answer": "under silver moon"},
+]
+RETAIN = [
+    {"question": "who is the father ?", "answer": "the father was a sailor ."},
+    {"question": "what did the teacher write ?", "answer": "the teacher wrote books about rivers and a city"},
+    {"question": "where was the sailor born ?", "answer": "the sailor was born in a city"},
+]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the test vocabulary, BOS prepended, EOS ``</s>``."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS) | {"?", "."}))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
+ARCHS["qwen2"] = (Qwen2Config, Qwen2ForCausalLM)
+
+
+def tiny_model(
+    arch: str = "llama", vocab_size: int = 64, seed: int = 0, attn: str = "sdpa"
+) -> torch.nn.Module:
+    """hidden 64, 2 layers, 4 heads / 2 kv heads, random init, fp32."""
+    config_cls, model_cls = ARCHS[arch]
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if arch == "mistral":
+        kwargs["sliding_window"] = 8  # short enough that the test sequences use it
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kwargs)).float()
+    model.set_attn_implementation(attn)
+    # Random init has tiny weights; widen them so attention temperature visibly changes the outputs.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "proj" in name:
+                p.mul_(4.0)
+    return model.eval()
+
+
+def encoded(tokenizer, rows, max_length=64):
+    return [{**ex, "example_id": i} for i, ex in enumerate(encode_rows(tokenizer, rows, max_length))]
+
+
+# ---- the independent reference ---------------------------------------------------------------------------
+
+
+def hand_smoothed(model: torch.nn.Module, temperature: float, layers=None) -> torch.nn.Module:
+    """An eager copy whose selected layers' attention logits are divided by ``temperature``."""
+    teacher = copy.deepcopy(model)
+    teacher.set_attn_implementation("eager")
+    for i, layer in enumerate(teacher.model.layers):
+        if layers is None or i in layers:
+            layer.self_attn.scaling = layer.self_attn.scaling / temperature
+    return teacher.eval()
+
+
+def full_logits(model, ids: list[int]) -> torch.Tensor:
+    return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+def plain_asu(student, teacher, examples) -> torch.Tensor:
+    """(1/S) sum_s (1/T_s) sum_t KL(p_T || p_S) over label-predicting positions, one example at a time."""
+    per_seq = []
+    for ex in examples:
+        labels = torch.tensor(ex["labels"])
+        pos = torch.nonzero(labels[1:] != -100).flatten()  # position t predicts labels[t + 1]
+        log_s = F.log_softmax(full_logits(student, ex["input_ids"])[pos], -1)
+        with torch.no_grad():
+            log_t = F.log_softmax(full_logits(teacher, ex["input_ids"])[pos], -1)
+        per_seq.append(F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(-1).mean())
+    return torch.stack(per_seq).mean()
+
+
+def plain_nll(model, examples, reduce="token") -> torch.Tensor:
+    """Token-mean NLL over all examples' labels, or per-sequence sums and lengths."""
+    sums, counts = [], []
+    for ex in examples:
+        labels = torch.tensor(ex["labels"])
+        logits = full_logits(model, ex["input_ids"])[:-1]
+        nll = F.cross_entropy(logits, labels[1:], ignore_index=-100, reduction="sum")
+        sums.append(nll)
+        counts.append(int((labels[1:] != -100).sum()))
+    sums = torch.stack(sums)
+    if reduce == "token":
+        return sums.sum() / sum(counts)
+    return sums, torch.tensor(counts, dtype=torch.float32)
+
+
+def plain_kl_tokens(student, reference, examples) -> torch.Tensor:
+    rows = []
+    for ex in examples:
+        labels = torch.tensor(ex["labels"])
+        pos = torch.nonzero(labels[1:] != -100).flatten()
+        log_s = F.log_softmax(full_logits(student, ex["input_ids"])[pos], -1)
+        with torch.no_grad():
+            log_r = F.log_softmax(full_logits(reference, ex["input_ids"])[pos], -1)
+        rows.append(F.kl_div(log_s, log_r, reduction="none", log_target=True).sum(-1))
+    return torch.cat(rows).mean()
+
+
+def make_batch(collator, examples):
+    return collator.collate(examples)
+
+
+COLLATORS = {
+    "padded": PaddingCollator(pad_token_id=0),
+    "packed": PackingCollator(max_tokens=40, pad_token_id=0),
+}
+
+
+def perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """A student that differs from the original (so KL and ratios are not trivially zero)."""
+    student = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    return student
+
+
+# ---- tests -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("source", ["copy", "cache"])
+def test_asu_loss_matches_plain(tok, arch, layout, source, monkeypatch):
+    if arch != "llama":
+        monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")  # the interpreter run is the llama case
+    original = tiny_model(arch, vocab_size=len(tok))
+    student = perturbed(original)
+    forget = encoded(tok, FORGET)
+    tau = 2.3
+    kwargs = {}
+    if source == "cache":
+        kwargs = dict(sets={"forget": forget}, needs=teacher_needs("asu", "gd"), dtype=torch.float32)
+    teacher = build_teacher(source, original, tau, None, **kwargs)
+    objective = UnlearnObjective(student, method="asu", lam=1.0, teacher=teacher)
+    batch = make_batch(COLLATORS[layout], forget)
+    if layout == "packed":
+        assert batch["input_ids"].shape[0] < len(forget)  # packing really packed
+    got = objective.forget_term(batch, None)
+    want = plain_asu(student, hand_smoothed(original, tau), forget)
+    assert want.item() > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # The gradient reaches the student (through hidden states and LM head).
+    got.backward()
+    assert student.lm_head.weight.grad is not None and student.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_asu_loss_selected_layers(tok, monkeypatch):
+    monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
+    original = tiny_model("llama", vocab_size=len(tok))
+    student = perturbed(original)
+    forget = encoded(tok, FORGET)
+    teacher = build_teacher("copy", original, 3.0, [1])
+    objective = UnlearnObjective(student, method="asu", teacher=teacher)
+    got = objective.forget_term(make_batch(COLLATORS["packed"], forget), None)
+    want = plain_asu(student, hand_smoothed(original, 3.0, layers=[1]), forget)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_asu_loss_base_teacher_peft(tok, layout, monkeypatch):
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
+    original = tiny_model("llama", vocab_size=len(tok))
+    student = peft.get_peft_model(
+        copy.deepcopy(original), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    with torch.no_grad():  # non-zero adapters, so student and base differ
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    forget = encoded(tok, FORGET)
+    teacher = build_teacher("base", student, 2.3)
+    objective = UnlearnObjective(student, method="asu", teacher=teacher)
+    got = objective.forget_term(make_batch(COLLATORS[layout], forget), None)
+    want = plain_asu(student, hand_smoothed(original, 2.3), forget)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # The student is back to tau = 1 with adapters on after the teacher call.
+    assert all(
+        m.scaling == original.model.layers[0].self_attn.scaling
+        for m in [student.model.model.layers[0].self_attn]
+    )
+
+
+def test_base_teacher_needs_peft(tok):
+    with pytest.raises(ValueError, match="PEFT"):
+        build_teacher("base", tiny_model(vocab_size=len(tok)), 2.3)
+
+
+def test_teacher_equals_student_at_tau_one_gives_zero(tok):
+    original = tiny_model("llama", vocab_size=len(tok))
+    forget = encoded(tok, FORGET)
+    for source in ("copy", "cache"):
+        kwargs = (
+            dict(sets={"forget": forget}, needs=[("forget", True)], dtype=torch.float32)
+            if source == "cache"
+            else {}
+        )
+        teacher = build_teacher(source, original, 1.0, None, **kwargs)
+        objective = UnlearnObjective(original, method="asu", teacher=teacher)
+        loss = objective.forget_term(make_batch(COLLATORS["packed"], forget), None)
+        assert abs(loss.item()) < 1e-6
+
+
+def test_asu_loss_decreases(tok, monkeypatch):
+    monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
+    original = tiny_model("llama", vocab_size=len(tok))
+    student = copy.deepcopy(original).train()
+    forget = encoded(tok, FORGET)
+    retain = encoded(tok, RETAIN)
+    teacher = build_teacher("copy", original, 2.3)
+    objective = UnlearnObjective(student, method="asu", lam=1.0, teacher=teacher)
+    fb, rb = make_batch(COLLATORS["packed"], forget), make_batch(COLLATORS["packed"], retain)
+    opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=2e-4)
+    losses = []
+    for _ in range(8):
+        out = objective(forget=fb, retain=rb)
+        opt.zero_grad()
+        (out["loss"] - out["retain_loss"]).backward()  # the ASU term alone, on a fixed batch
+        opt.step()
+        losses.append(out["forget_loss"].item())
+    assert losses[0] > 1e-4
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(b <= a * 1.01 for a, b in zip(losses, losses[1:], strict=False)), losses
+
+
+@pytest.mark.parametrize("method", ["ga", "gd", "npo", "simnpo", "idk"])
+@pytest.mark.parametrize("retain_loss", ["gd", "kl"])
+def test_baselines_match_plain(tok, method, retain_loss, monkeypatch):
+    if retain_loss == "kl" and method in ("ga", "simnpo", "idk"):
+        pytest.skip("covered by the gd retain case (same forget term)")
+    monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
+    original = tiny_model("llama", vocab_size=len(tok))
+    student = perturbed(original)
+    forget, retain = encoded(tok, FORGET), encoded(tok, RETAIN)
+    idk = encoded(tok, [{"question": r["question"], "answer": "who where when"} for r in FORGET])
+    teacher = build_teacher("copy", original, 2.3) if teacher_needs(method, retain_loss) else None
+    objective = UnlearnObjective(student, method=method, retain_loss=retain_loss, teacher=teacher)
+    col = COLLATORS["packed"]
+    out = objective(forget=col.collate(forget), retain=col.collate(retain), idk=col.collate(idk))
+
+    if method in ("ga", "gd"):
+        forget_want = -plain_nll(student, forget)
+    elif method == "idk":
+        forget_want = plain_nll(student, idk)
+    elif method == "npo":
+        nll, _ = plain_nll(student, forget, "seq")
+        ref_nll, _ = plain_nll(original, forget, "seq")
+        forget_want = -(2 / 0.1) * F.logsigmoid(-0.1 * (ref_nll - nll)).mean()
+    else:
+        nll, lengths = plain_nll(student, forget, "seq")
+        forget_want = -(2 / 4.5) * F.logsigmoid(4.5 * (nll / lengths - 0.0)).mean()
+    torch.testing.assert_close(out["forget_loss"], forget_want, atol=1e-5, rtol=1e-5)
+
+    if method == "ga":
+        assert "retain_loss" not in out
+        torch.testing.assert_close(out["loss"], forget_want)
+        return
+    retain_want = (
+        plain_nll(student, retain) if retain_loss == "gd" else plain_kl_tokens(student, original, retain)
+    )
+    torch.testing.assert_close(out["retain_loss"], retain_want, atol=1e-5, rtol=1e-5)
+    weight = 0.125 if method == "simnpo" else 1.0
+    torch.testing.assert_close(out["loss"], weight * forget_want + retain_want, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_teacher_retain_kl_and_disk(tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
+    original = tiny_model("llama", vocab_size=len(tok))
+    student = perturbed(original)
+    forget, retain = encoded(tok, FORGET), encoded(tok, RETAIN)
+    teacher = build_teacher(
+        "cache",
+        original,
+        2.3,
+        None,
+        sets={"forget": forget, "retain": retain},
+        needs=teacher_needs("asu", "kl"),
+        dtype=torch.float32,
+        directory=str(tmp_path),
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "forget_smoothed.safetensors",
+        "retain_reference.safetensors",
+    ]
+    assert teacher.stats["teacher_forward_passes"] == 2
+    assert teacher.stats["teacher_bytes_freed"] > teacher.stats["cache_bytes"]
+    objective = UnlearnObjective(student, method="asu", retain_loss="kl", lam=0.1, teacher=teacher)
+    col = COLLATORS["padded"]
+    out = objective(forget=col.collate(forget[::-1]), retain=col.collate(retain))
+    asu_want = plain_asu(student, hand_smoothed(original, 2.3), forget[::-1])
+    kl_want = plain_kl_tokens(student, original, retain)
+    torch.testing.assert_close(out["loss"], 0.1 * asu_want + kl_want, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_bf16_close(tok, monkeypatch):
+    monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
+    original = tiny_model("llama", vocab_size=len(tok))
+    student = perturbed(original)
+    forget = encoded(tok, FORGET)
+    teacher = build_teacher("cache", original, 2.3, None, sets={"forget": forget}, needs=[("forget", True)])
+    got = UnlearnObjective(student, teacher=teacher).forget_term(COLLATORS["packed"].collate(forget), None)
+    want = plain_asu(student, hand_smoothed(original, 2.3), forget)
+    torch.testing.assert_close(got, want, atol=5e-3, rtol=2e-2)
+
+
+def test_objective_bad_arguments(tok):
+    model = tiny_model(vocab_size=len(tok))
+    with pytest.raises(ValueError, match="unknown method"):
+        UnlearnObjective(model, method="rmu")
+    with pytest.raises(ValueError, match="retain loss"):
+        UnlearnObjective(model, method="gd", retain_loss="nll")
+    with pytest.raises(ValueError, match="lam"):
+        UnlearnObjective(model, method="gd", lam=-1.0)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        UnlearnObjective(model, method="asu")
+    with pytest.raises(ValueError, match="unknown teacher"):
+        build_teacher("twin", model, 2.3)
+    with pytest.raises(ValueError, match="temperature"):
+        build_teacher("copy", model, 0.0)
