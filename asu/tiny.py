@@ -1,0 +1,332 @@
+"""The tiny model of the embedded world: tokenizer, Llama config, memorisation training and the cache.
+
+A byte-level BPE tokenizer is trained with ``tokenizers`` on every sentence of the world and wrapped as a
+``PreTrainedTokenizerFast`` (``<s>`` prepended, ``</s>`` as EOS, ``<pad>``; no chat template, so the plain
+``Question: ...\\nAnswer:`` format of :mod:`asu.formatting` is used). The model is a small
+``LlamaForCausalLM`` with grouped-query attention, trained from scratch with AdamW on :func:`encode_qa` rows
+(loss on the answer tokens) until greedy answers reach ROUGE-L recall >= ``target_rouge`` on every
+monitored split. Training is deterministic for a seed (fixed initialisation and data order).
+
+Two models come from one world: ``full`` (forget + retain + general rows) and the ``oracle`` (retain +
+general only), which is what perfect unlearning would give and serves as the forget-quality reference.
+
+Trained models are cached under ``$ASU_CACHE`` (default ``~/.cache/asu``) in a directory named by a hash of
+everything that determines them. A model is saved into a temporary directory, a ``COMPLETE`` marker holding
+the configuration hash is written last, and the directory is renamed into place; an entry without a valid
+marker (a killed run) is deleted and rebuilt, never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from asu.formatting import IGNORE_INDEX, encode_qa
+from asu.world import World
+
+CACHE_VERSION = 1
+MARKER = "COMPLETE"
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Architecture of the tiny Llama (GQA: ``n_heads`` query heads share ``n_kv_heads`` key/value heads)."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 384
+    max_position_embeddings: int = 256
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        for k in ("vocab_size", "hidden_size", "n_layers", "n_heads", "head_dim", "intermediate_size"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Memorisation training: AdamW, linear warm-up then constant lr, early stop on greedy ROUGE-L recall."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    max_epochs: int = 200
+    warmup_steps: int = 50
+    target_rouge: float = 0.95
+    eval_every: int = 5
+    seed: int = 0
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.batch_size < 1 or self.max_epochs < 1 or self.eval_every < 1:
+            raise ValueError("lr must be > 0 and batch_size, max_epochs, eval_every >= 1")
+        if not 0.0 < self.target_rouge <= 1.0:
+            raise ValueError(f"target_rouge must be in (0, 1], got {self.target_rouge}")
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``cache_dir``, else ``$ASU_CACHE``, else ``~/.cache/asu``."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("ASU_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "asu"
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> Any:
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts`` (at most ``vocab_size`` tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if not texts:
+        raise ValueError("train_tokenizer needs a non-empty corpus")
+    specials = ["<pad>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side="left"
+    )
+
+
+def build_model(cfg: TinyModelConfig, tokenizer: Any, seed: int = 0) -> Any:
+    """A freshly initialised ``LlamaForCausalLM`` for ``cfg`` sized to ``tokenizer`` (seeded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def _collate(batch: list[dict[str, list[int]]], pad: int) -> dict[str, torch.Tensor]:
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n] = torch.tensor(b["input_ids"])
+        labels[i, :n] = torch.tensor(b["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def memorisation_rouge(model: Any, tokenizer: Any, rows: list[dict[str, Any]], batch_size: int = 64) -> float:
+    """Mean ROUGE-L recall of greedy answers to ``rows``."""
+    from asu.evaluate import generate_answers, rouge_l_recall
+
+    was_training = model.training
+    model.eval()
+    try:
+        gens = generate_answers(
+            model, tokenizer, [r["question"] for r in rows], batch_size, max_new_tokens=40
+        )
+    finally:
+        model.train(was_training)
+    return float(
+        sum(rouge_l_recall(r["answer"], g["text"]) for r, g in zip(rows, gens, strict=True)) / len(rows)
+    )
+
+
+def train_memorise(
+    model: Any,
+    tokenizer: Any,
+    train_rows: list[dict[str, Any]],
+    monitor: dict[str, list[dict[str, Any]]],
+    cfg: TrainConfig,
+    progress: bool = True,
+    desc: str = "memorising",
+) -> dict[str, Any]:
+    """Train ``model`` in place on ``train_rows`` until every ``monitor`` split reaches ``cfg.target_rouge``.
+
+    Loss: token-mean NLL of the answer tokens (prompt masked, see :func:`encode_qa`). Every
+    ``cfg.eval_every`` epochs the monitored splits are generated greedily and scored; training stops as soon
+    as all reach the target. Returns ``{"epochs", "steps", "seconds", "rouge": {split: value}, "reached"}``.
+    """
+    from tqdm.auto import tqdm
+
+    if not train_rows:
+        raise ValueError("train_memorise needs training rows")
+    encoded = [encode_qa(tokenizer, r["question"], r["answer"]) for r in train_rows]
+    pad = int(tokenizer.pad_token_id)
+    g = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    model.train()
+    t0, step, rouge, epoch = time.perf_counter(), 0, {}, 0
+    reached = False
+    bar = tqdm(total=cfg.max_epochs, desc=desc, disable=not progress, leave=False)
+    for epoch in range(1, cfg.max_epochs + 1):
+        order = torch.randperm(len(encoded), generator=g).tolist()
+        total = 0.0
+        for s in range(0, len(order), cfg.batch_size):
+            batch = _collate([encoded[i] for i in order[s : s + cfg.batch_size]], pad)
+            loss = model(**batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            total += float(loss.detach())
+        n_batches = math.ceil(len(order) / cfg.batch_size)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total / n_batches:.3f}", **{k: f"{v:.2f}" for k, v in rouge.items()})
+        if epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs:
+            rouge = {k: memorisation_rouge(model, tokenizer, rows) for k, rows in monitor.items()}
+            if all(v >= cfg.target_rouge for v in rouge.values()):
+                reached = True
+                break
+    bar.close()
+    model.eval()
+    return {
+        "epochs": epoch,
+        "steps": step,
+        "seconds": time.perf_counter() - t0,
+        "rouge": rouge,
+        "reached": reached,
+    }
+
+
+def config_hash(world: World, model_cfg: TinyModelConfig, train_cfg: TrainConfig, kind: str) -> str:
+    """Hash of everything that determines a trained model (world, architecture, training, kind)."""
+    import tokenizers
+    import transformers
+
+    blob = json.dumps(
+        {
+            "version": CACHE_VERSION,
+            "world": world.config.to_dict(),
+            "model": asdict(model_cfg),
+            "train": asdict(train_cfg),
+            "kind": kind,
+            # Initialisation and BPE merges may change between library versions.
+            "torch": torch.__version__.split("+")[0],
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _is_complete(path: Path, digest: str) -> bool:
+    marker = path / MARKER
+    try:
+        return marker.is_file() and marker.read_text().strip() == digest
+    except OSError:
+        return False
+
+
+def load_or_train(
+    world: World,
+    kind: str = "full",
+    cache_dir: str | os.PathLike[str] | None = None,
+    model_cfg: TinyModelConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+    progress: bool = True,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """The tiny model of ``world``: loaded from a complete cache entry, else trained and cached.
+
+    ``kind="full"`` trains on forget + retain + general rows and requires the target ROUGE on forget and
+    retain; ``kind="oracle"`` trains on retain + general only. Returns ``(model, tokenizer, info)`` where
+    ``info`` holds the training record plus ``path`` and ``cached`` (whether it was loaded).
+    """
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    if kind not in ("full", "oracle"):
+        raise ValueError(f"kind must be 'full' or 'oracle', got {kind!r}")
+    model_cfg = model_cfg or TinyModelConfig()
+    train_cfg = train_cfg or TrainConfig()
+    root = cache_root(cache_dir)
+    digest = config_hash(world, model_cfg, train_cfg, kind)
+    path = root / f"tiny-{kind}-{digest}"
+    if path.exists() and not _is_complete(path, digest):
+        # A half-written or corrupt entry: never load it.
+        shutil.rmtree(path, ignore_errors=True)
+    if _is_complete(path, digest):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = LlamaForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+            info = json.loads((path / "train_info.json").read_text())
+            model.eval()
+            return model, tokenizer, dict(info, path=str(path), cached=True)
+        except (OSError, ValueError, json.JSONDecodeError):
+            shutil.rmtree(path, ignore_errors=True)
+
+    # The tokenizer is trained on the whole world for both kinds, so the oracle shares the full model's
+    # vocabulary (as in TOFU, where the oracle is the same base model fine-tuned on retain only).
+    tokenizer = train_tokenizer(world.texts(), model_cfg.vocab_size)
+    model = build_model(model_cfg, tokenizer, seed=train_cfg.seed)
+    forget, retain, general = world.split("forget"), world.split("retain"), world.split("general")
+    train_rows = (forget if kind == "full" else []) + retain + general
+    monitor = {"forget": forget, "retain": retain} if kind == "full" else {"retain": retain}
+    random.Random(train_cfg.seed).shuffle(train_rows)
+    info = train_memorise(
+        model, tokenizer, train_rows, monitor, train_cfg, progress, desc=f"training {kind} model"
+    )
+    info.update(
+        kind=kind,
+        digest=digest,
+        n_parameters=sum(p.numel() for p in model.parameters()),
+        world=world.config.to_dict(),
+        model_config=asdict(model_cfg),
+        train_config=asdict(train_cfg),
+    )
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tiny-{kind}-{digest}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "train_info.json").write_text(json.dumps(info, indent=1) + "\n")
+        (tmp / MARKER).write_text(digest + "\n")  # written last: its presence means the entry is whole
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return model, tokenizer, dict(info, path=str(path), cached=False)
