@@ -40,8 +40,12 @@ _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). The forward holds two query tiles and two score tiles;
 # the backward kernels hold one fp32 gradient tile on top of that.
-_FWD_GPU_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
-_BWD_GPU_CONFIGS = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)]
+_FWD_GPU_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 2)]
+# Backward tiles hold an fp32 gradient accumulator on top: smaller blocks, chosen to compile without
+# register spills on sm_80 and sm_90 at head dim 128 (see aot_specs / the compile report).
+_DQ_GPU_CONFIGS = [(64, 32, 8, 2), (32, 32, 4, 1), (64, 32, 8, 1)]
+# (BLOCK_N, BLOCK_M, ...) for the dk kernel: keys are the outer (resident) block.
+_DK_GPU_CONFIGS = [(64, 32, 8, 1), (32, 32, 8, 1), (64, 16, 4, 1), (32, 16, 4, 1)]
 # The interpreter runs one small configuration: autotuning there would only multiply the CPU time.
 _INTERPRET_CONFIG = (16, 16, 4, 1)
 
@@ -52,6 +56,16 @@ def _configs(gpu: list[tuple[int, int, int, int]], outer: str, inner: str) -> li
 
 
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_KPM", "IS_VARLEN"]
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``a @ b`` with fp32 accumulation. The triton 3.6 interpreter multiplies bf16 operands wrongly (errors
+    of 1e10), so under the interpreter bf16 operands are widened first: bf16 products are exact in fp32, so
+    the result is the one a GPU computes, up to the order of the additions."""
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
 @triton.autotune(configs=_configs(_FWD_GPU_CONFIGS, "BLOCK_M", "BLOCK_N"), key=_TUNE_KEY + ["WANT_ENTROPY"])
@@ -69,7 +83,7 @@ def _attention_kl_fwd(
     qk_scale_s, qk_scale_t,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr,
-    WANT_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One (query block, batch * head) program: stream the visible key blocks once for both maps."""
@@ -127,8 +141,8 @@ def _attention_kl_fwd(
         k_s = tl.load(ks_base + cols[:, None] * s_ks_n + offs_d[None, :], mask=k_mask, other=0.0)
         k_t = tl.load(kt_base + cols[:, None] * s_kt_n + offs_d[None, :], mask=k_mask, other=0.0)
         # Raw (unmasked) base-2 logits are finite everywhere, so products with exp2(masked) are 0, not NaN.
-        t_s = tl.dot(q_s, tl.trans(k_s), input_precision=DOT_PRECISION) * qk_scale_s
-        t_t = tl.dot(q_t, tl.trans(k_t), input_precision=DOT_PRECISION) * qk_scale_t
+        t_s = _dot(q_s, tl.trans(k_s), DOT_PRECISION, UPCAST_DOT) * qk_scale_s
+        t_t = _dot(q_t, tl.trans(k_t), DOT_PRECISION, UPCAST_DOT) * qk_scale_t
         vis = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
             vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
@@ -175,7 +189,7 @@ def _attention_kl_fwd(
         tl.store(ENT_T + o_off, ent_t, mask=row_ok)
 
 
-@triton.autotune(configs=_configs(_BWD_GPU_CONFIGS, "BLOCK_M", "BLOCK_N"), key=_TUNE_KEY + ["ENT_GRAD"])
+@triton.autotune(configs=_configs(_DQ_GPU_CONFIGS, "BLOCK_M", "BLOCK_N"), key=_TUNE_KEY + ["ENT_GRAD"])
 @triton.jit
 def _attention_kl_bwd_dq(
     QS, KS, QT, KT, KPM, CU,
@@ -191,7 +205,7 @@ def _attention_kl_bwd_dq(
     qk_scale_s, qk_scale_t, grad_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr,
-    ENT_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ENT_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """dq_s for one (query block, batch * head): ``scale_s * dS @ k_s`` over the visible key blocks."""
@@ -251,8 +265,8 @@ def _attention_kl_bwd_dq(
         k_mask = col_ok[:, None] & d_ok[None, :]
         k_s = tl.load(ks_base + cols[:, None] * s_ks_n + offs_d[None, :], mask=k_mask, other=0.0)
         k_t = tl.load(kt_base + cols[:, None] * s_kt_n + offs_d[None, :], mask=k_mask, other=0.0)
-        t_s = tl.dot(q_s, tl.trans(k_s), input_precision=DOT_PRECISION) * qk_scale_s
-        t_t = tl.dot(q_t, tl.trans(k_t), input_precision=DOT_PRECISION) * qk_scale_t
+        t_s = _dot(q_s, tl.trans(k_s), DOT_PRECISION, UPCAST_DOT) * qk_scale_s
+        t_t = _dot(q_t, tl.trans(k_t), DOT_PRECISION, UPCAST_DOT) * qk_scale_t
         vis = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
             vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
@@ -266,7 +280,7 @@ def _attention_kl_bwd_dq(
         ds = g_kl[:, None] * (p_s - p_t)
         if ENT_GRAD:
             ds += g_ent[:, None] * p_s * ((lse2_s[:, None] - t_s) * ln2 - ent_s[:, None])
-        dq += tl.dot(ds.to(k_s.dtype), k_s, input_precision=DOT_PRECISION)
+        dq += _dot(ds.to(k_s.dtype), k_s, DOT_PRECISION, UPCAST_DOT)
     dq = dq * grad_scale
     tl.store(
         DQ + b64 * s_dq_b + h * s_dq_h + rows[:, None] * s_dq_n + offs_d[None, :],
@@ -275,7 +289,7 @@ def _attention_kl_bwd_dq(
     )
 
 
-@triton.autotune(configs=_configs(_BWD_GPU_CONFIGS, "BLOCK_N", "BLOCK_M"), key=_TUNE_KEY + ["ENT_GRAD"])
+@triton.autotune(configs=_configs(_DK_GPU_CONFIGS, "BLOCK_N", "BLOCK_M"), key=_TUNE_KEY + ["ENT_GRAD"])
 @triton.jit
 def _attention_kl_bwd_dk(
     QS, KS, QT, KT, KPM, CU,
@@ -291,7 +305,7 @@ def _attention_kl_bwd_dk(
     qk_scale_s, qk_scale_t, grad_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr,
-    ENT_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ENT_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """dk_s for one (key block, batch * student kv head): ``scale_s * dS^T @ q_s`` over its GQA group."""
@@ -361,8 +375,8 @@ def _attention_kl_bwd_dk(
             lse2_t = tl.where(lse2_t == float("-inf"), 0.0, lse2_t)
             g_kl = tl.load(G_KL + o_off, mask=row_ok, other=0.0)
             # Transposed tiles (keys x queries) so that dk accumulates with one dot and no transpose of dS.
-            t_s = tl.dot(k_s, tl.trans(q_s), input_precision=DOT_PRECISION) * qk_scale_s
-            t_t = tl.dot(k_t, tl.trans(q_t), input_precision=DOT_PRECISION) * qk_scale_t
+            t_s = _dot(k_s, tl.trans(q_s), DOT_PRECISION, UPCAST_DOT) * qk_scale_s
+            t_t = _dot(k_t, tl.trans(q_t), DOT_PRECISION, UPCAST_DOT) * qk_scale_t
             vis = col_vis[:, None] & row_ok[None, :]
             if CAUSAL:
                 vis = vis & (offs_n[:, None] <= offs_m[None, :] + off)
@@ -375,7 +389,7 @@ def _attention_kl_bwd_dk(
                 g_ent = tl.load(G_ENT + o_off, mask=row_ok, other=0.0)
                 ent_s = tl.load(ENT_S + o_off, mask=row_ok, other=0.0)
                 ds += g_ent[None, :] * p_s * ((lse2_s[None, :] - t_s) * ln2 - ent_s[None, :])
-            dk += tl.dot(ds.to(q_s.dtype), q_s, input_precision=DOT_PRECISION)
+            dk += _dot(ds.to(q_s.dtype), q_s, DOT_PRECISION, UPCAST_DOT)
     dk = dk * grad_scale
     tl.store(
         DK + b64 * s_dk_b + hk * s_dk_h + cols[:, None] * s_dk_n + offs_d[None, :],
@@ -433,6 +447,7 @@ def _kernel_flags(q_s: torch.Tensor, causal: bool, window: int, kpm: torch.Tenso
         HAS_KPM=kpm is not None,
         # fp32 inputs get full-precision products (PyTorch's default matmul), not TF32.
         DOT_PRECISION="ieee" if q_s.dtype == torch.float32 else "tf32",
+        UPCAST_DOT=interpreting() and q_s.dtype == torch.bfloat16,
     )
 
 
@@ -867,7 +882,7 @@ def _signature(kernel: str, dtype: torch.dtype) -> dict[str, str]:
     if kernel != "fwd":
         sig["grad_scale"] = "fp32"
     flags = ["HEAD_DIM", "BLOCK_D", "CAUSAL", "HAS_WINDOW", "HAS_KPM", "IS_VARLEN"]
-    flags += ["WANT_ENTROPY" if kernel == "fwd" else "ENT_GRAD", "DOT_PRECISION"]
+    flags += ["WANT_ENTROPY" if kernel == "fwd" else "ENT_GRAD", "DOT_PRECISION", "UPCAST_DOT"]
     flags += ["BLOCK_N", "BLOCK_M"] if kernel == "dk" else ["BLOCK_M", "BLOCK_N"]
     sig.update({f: "constexpr" for f in flags})
     return sig
@@ -876,8 +891,8 @@ def _signature(kernel: str, dtype: torch.dtype) -> dict[str, str]:
 def aot_specs() -> list[AOTSpec]:
     """Every configuration the GPU autotuner may launch, at head dim 128 (bf16, causal; the ones an H100
     picks from) plus fp16 / fp32 / head dim 64 / window+padding / varlen variants on the first config."""
-    kernels = {"fwd": (_attention_kl_fwd, _FWD_GPU_CONFIGS), "dq": (_attention_kl_bwd_dq, _BWD_GPU_CONFIGS),
-               "dk": (_attention_kl_bwd_dk, _BWD_GPU_CONFIGS)}  # fmt: skip
+    kernels = {"fwd": (_attention_kl_fwd, _FWD_GPU_CONFIGS), "dq": (_attention_kl_bwd_dq, _DQ_GPU_CONFIGS),
+               "dk": (_attention_kl_bwd_dk, _DK_GPU_CONFIGS)}  # fmt: skip
     variants = [
         # (dtype, D, causal, window, kpm, varlen, extra flag, all configs?)
         (torch.bfloat16, 128, True, False, False, False, True, True),
@@ -895,7 +910,8 @@ def aot_specs() -> list[AOTSpec]:
                     "HEAD_DIM": d, "BLOCK_D": triton.next_power_of_2(d), "CAUSAL": causal,
                     "HAS_WINDOW": window, "HAS_KPM": kpm, "IS_VARLEN": varlen,
                     ("WANT_ENTROPY" if kernel == "fwd" else "ENT_GRAD"): extra,
-                    "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", outer: a, inner: c,
+                    "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", "UPCAST_DOT": False,
+                    outer: a, inner: c,
                 }  # fmt: skip
                 name = (f"attention_kl_{kernel}[D={d},{_TL_DTYPE[dtype]},{'causal' if causal else 'full'}"
                         f"{',window,kpm' if window else ''}{',varlen' if varlen else ''}"
