@@ -1,17 +1,29 @@
-"""Temperature-scaled flash attention: the public entry point.
+"""Temperature-scaled flash attention: the public entry point, its autograd/custom-op wrapper and AOT specs.
 
 ``o = softmax(q k^T * scale / temperature + mask) v`` without ever forming the (N x N) matrix on the
-Triton path. Semantics (masks, GQA, varlen layout, LSE) are defined in :mod:`asu_kernels.reference`.
+Triton path. Semantics (masks, GQA, varlen layout, LSE) are defined in :mod:`asu_kernels.reference`; the
+kernels live in :mod:`asu_kernels._attention_kernels`.
+
+Dispatch: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) in fp16/bf16/fp32 run the Triton
+kernels through the custom ops ``asu_kernels::attention_fwd`` / ``asu_kernels::attention_bwd`` (opaque to
+``torch.compile``, with fake implementations for tracing); float64 inputs and CPU tensors without the
+interpreter run the PyTorch reference, differentiated by autograd.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
+import triton
 
+from asu_kernels import _attention_kernels as _k
 from asu_kernels import reference
-from asu_kernels._backend import use_triton
+from asu_kernels._aot import AOTSpec
+from asu_kernels._backend import interpreting, use_triton
+
+LOG2E = _k.LOG2E
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -38,6 +50,13 @@ def _check_inputs(
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    t = float(temperature)
+    if not math.isfinite(t) or t <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if scale is not None and (not math.isfinite(float(scale)) or float(scale) <= 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale}")
+    if window is not None and (int(window) != window or window < 1):
+        raise ValueError(f"window must be a positive int (keys visible including the diagonal), got {window}")
     varlen = cu_seqlens is not None
     want = 3 if varlen else 4
     layout = "(total, H, D) with cu_seqlens" if varlen else "(B, H, N, D)"
@@ -66,6 +85,8 @@ def _check_inputs(
             raise ValueError(f"cu_seqlens must have shape (B+1,) with B >= 1, got {tuple(cu_seqlens.shape)}")
         if cu_seqlens.device != q.device:
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+        if torch.compiler.is_compiling():
+            return  # the value checks below read the tensor (a graph break); eager calls run them
         offsets = cu_seqlens.detach().cpu()
         if offsets[0].item() != 0 or offsets[-1].item() != q.shape[0]:
             raise ValueError(
@@ -89,6 +110,14 @@ def _check_inputs(
         if k.shape[2] < q.shape[2]:
             raise ValueError(f"k has fewer positions ({k.shape[2]}) than q ({q.shape[2]})")
         if key_padding_mask is not None:
+            if not isinstance(key_padding_mask, torch.Tensor):
+                raise TypeError(
+                    f"key_padding_mask must be a torch.Tensor, got {type(key_padding_mask).__name__}"
+                )
+            if key_padding_mask.dtype.is_floating_point or key_padding_mask.dtype.is_complex:
+                raise TypeError(
+                    f"key_padding_mask must be bool (True = real key), got dtype {key_padding_mask.dtype}"
+                )
             if key_padding_mask.shape != (k.shape[0], k.shape[2]):
                 raise ValueError(
                     f"key_padding_mask must be (B, Nk) = {(k.shape[0], k.shape[2])}, "
@@ -96,13 +125,6 @@ def _check_inputs(
                 )
             if key_padding_mask.device != q.device:
                 raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
-    t = float(temperature)
-    if not math.isfinite(t) or t <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    if scale is not None and (not math.isfinite(float(scale)) or float(scale) <= 0):
-        raise ValueError(f"scale must be a finite number > 0, got {scale}")
-    if window is not None and (int(window) != window or window < 1):
-        raise ValueError(f"window must be a positive int (keys visible including the diagonal), got {window}")
 
 
 def attention(
@@ -128,7 +150,8 @@ def attention(
         temperature: > 0; ASU's forget-teacher uses ``temperature > 1``.
         window: sliding window (keys visible including the diagonal), or None.
         cu_seqlens: (B+1,) int32 document offsets for packed batches; ``max_seqlen`` its longest document.
-        return_lse: also return the natural-log LSE (fp32, shaped like q without D).
+        return_lse: also return the natural-log LSE (fp32, shaped like q without D). It is differentiable:
+            an upstream LSE gradient ``g`` adds ``p_ij * g_i`` to the logit gradient.
         key_padding_mask: (B, Nk) bool, True = real key (dense layout only).
 
     Returns:
@@ -145,8 +168,23 @@ def attention(
         max_seqlen=max_seqlen,
         key_padding_mask=key_padding_mask,
     )
-    if use_triton(q):
-        raise NotImplementedError("the Triton attention kernel is not wired in yet")
+    if q.dtype != torch.float64 and use_triton(q):
+        d = q.shape[-1]
+        sm_scale = (1.0 / math.sqrt(d) if scale is None else float(scale)) / float(temperature)
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        out, lse = _attention_fwd_op(
+            q,
+            k,
+            v,
+            bool(causal),
+            sm_scale,
+            0 if window is None else int(window),
+            cu_seqlens,
+            -1 if max_seqlen is None else int(max_seqlen),
+            key_padding_mask,
+            bool(return_lse or needs_grad),
+        )
+        return (out, lse) if return_lse else out
     if cu_seqlens is not None:
         out, lse = reference.attention_varlen(
             q, k, v, cu_seqlens, causal=causal, scale=scale, temperature=temperature, window=window
@@ -163,3 +201,446 @@ def attention(
             key_padding_mask=key_padding_mask,
         )
     return (out, lse) if return_lse else out
+
+
+# Triton launch path -----------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The GPU lists are the search space of the autotuner; the
+# interpreter runs one tiny tile so the CPU suite stays fast (it ignores warps and stages).
+FWD_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
+    (128, 64, 4, 3),
+    (128, 64, 8, 3),
+    (128, 128, 8, 2),
+    (128, 32, 4, 4),
+    (64, 64, 4, 3),
+    (64, 32, 4, 4),
+)
+DKDV_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
+    (32, 64, 8, 3),
+    (64, 64, 8, 2),
+    (64, 64, 8, 3),
+    (32, 128, 8, 2),
+    (16, 64, 8, 4),
+    (32, 64, 4, 3),
+)
+DQ_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
+    (128, 32, 8, 3),
+    (128, 64, 8, 2),
+    (64, 32, 4, 3),
+    (64, 64, 4, 2),
+    (32, 64, 4, 4),
+)
+INTERPRETER_CONFIG = (16, 16, 1, 1)
+PREPROCESS_BLOCK_M = 64
+AUTOTUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "HAS_KPM", "n_ctx_key"]
+
+
+def _configs(table: tuple[tuple[int, int, int, int], ...]) -> list[triton.Config]:
+    rows = (INTERPRETER_CONFIG,) if interpreting() else table
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in rows]
+
+
+def _smem_bytes(kernel: str, block_m: int, block_n: int, block_d: int, stages: int, elsize: int) -> int:
+    """Rough shared-memory estimate of one config: the pipelined tiles plus the tiles kept resident.
+
+    Only used to prune configs that cannot fit; the compile report measures the real numbers.
+    """
+    if kernel == "fwd":  # q resident, k and v pipelined
+        return elsize * block_d * (block_m + stages * 2 * block_n)
+    if kernel == "dkdv":  # k and v resident, q and dO pipelined, p^T/dS^T staged for the second operand
+        return elsize * (block_d * (2 * block_n + stages * 2 * block_m) + 2 * block_m * block_n)
+    return elsize * (block_d * (2 * block_m + stages * 2 * block_n) + 2 * block_m * block_n)  # dq
+
+
+def _shared_memory_limit(t: torch.Tensor) -> int:
+    if not t.is_cuda:
+        return 1 << 30
+    props = triton.runtime.driver.active.utils.get_device_properties(t.device.index or 0)
+    return int(props["max_shared_mem"])
+
+
+def config_allowed(
+    kernel: str,
+    block_m: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+    block_d: int,
+    elsize: int,
+    smem_limit: int,
+    n_ctx: int,
+) -> bool:
+    """Whether the autotuner may try a config: tiles no longer than the sequence, within shared memory and
+    within the registers (the fp32 accumulators of dK and dV spill beyond 64 x 128 per program)."""
+    cap = max(16, n_ctx)
+    if block_m > cap or block_n > cap:
+        return False  # a tile longer than the whole sequence only wastes work
+    if _smem_bytes(kernel, block_m, block_n, block_d, num_stages, elsize) > smem_limit:
+        return False
+    if block_d >= 256 and num_warps < 8 and max(block_m, block_n) >= 128:
+        return False  # a 128 x 256 fp32 accumulator does not fit the registers of 4 warps
+    return True
+
+
+def _pruner(kernel: str):
+    """Build an ``early_config_prune`` applying :func:`config_allowed` to the launch at hand."""
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        args = {**named_args, **kwargs}
+        q = args["Q"]
+        shape = (int(args["BLOCK_D"]), q.element_size(), _shared_memory_limit(q), int(args["n_ctx_key"]))
+        kept = [
+            c
+            for c in configs
+            if config_allowed(
+                kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, *shape
+            )
+        ]
+        if not kept:  # keep the smallest tile so the launch still has a config
+            kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+        return kept
+
+    return prune
+
+
+_fwd_kernel = triton.autotune(
+    configs=_configs(FWD_CONFIGS),
+    key=AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _pruner("fwd")},
+)(_k.attn_fwd_kernel)
+_dkdv_kernel = triton.autotune(
+    configs=_configs(DKDV_CONFIGS),
+    key=AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _pruner("dkdv")},
+)(_k.attn_bwd_dkdv_kernel)
+_dq_kernel = triton.autotune(
+    configs=_configs(DQ_CONFIGS),
+    key=AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _pruner("dq")},
+)(_k.attn_bwd_dq_kernel)
+
+
+class _Layout(NamedTuple):
+    """How the kernels address a call: batch count, lengths and 4-D (b, h, row, d) strides."""
+
+    batch: int
+    n_q: int
+    n_k: int
+    max_q: int
+    max_k: int
+    varlen: bool
+
+
+def _layout(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int) -> _Layout:
+    if cu_seqlens is None:
+        return _Layout(q.shape[0], q.shape[2], k.shape[2], q.shape[2], k.shape[2], False)
+    if max_seqlen < 0:
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        max_seqlen = int(lengths.max().item()) if lengths.numel() else 0
+    return _Layout(cu_seqlens.numel() - 1, 0, 0, max_seqlen, max_seqlen, True)
+
+
+def _strides4(t: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
+    """(batch, head, row, dim) strides; packed tensors (total, H, D) have no batch axis."""
+    if varlen:
+        return (0, t.stride(1), t.stride(0), t.stride(2))
+    return tuple(t.stride())  # type: ignore[return-value]
+
+
+def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, row) strides of an LSE-shaped tensor."""
+    if varlen:
+        return (0, t.stride(1), t.stride(0))
+    return tuple(t.stride())  # type: ignore[return-value]
+
+
+def _lse_shape(q: torch.Tensor) -> tuple[int, ...]:
+    return tuple(q.shape[:-1])
+
+
+def _kpm_args(kpm: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    if kpm is None:
+        return q, 0, 0  # never read: HAS_KPM is False
+    kpm = kpm.view(torch.uint8) if kpm.dtype == torch.bool else (kpm != 0).view(torch.uint8)
+    return kpm, kpm.stride(0), kpm.stride(1)
+
+
+def _head_dim_block(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """The ``DOT_PREC`` of the kernels (see ``_attention_kernels._mma``)."""
+    if dtype == torch.float32:
+        return "ieee"  # tf32 would be less exact than the PyTorch fp32 reference the kernel matches
+    if dtype == torch.bfloat16 and interpreting():
+        return "fp32_operands"  # the Triton 3.6 interpreter's bf16 dot is wrong; see _mma
+    return "tf32"
+
+
+def _cu32(cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    if cu_seqlens is None:
+        return q  # never read: IS_VARLEN is False
+    return cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
+
+
+@torch.library.custom_op("asu_kernels::attention_fwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _attention_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    sm_scale: float,
+    window: int,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    key_padding_mask: torch.Tensor | None,
+    store_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward. ``window <= 0`` means no window; ``max_seqlen < 0`` means derive it from cu_seqlens.
+
+    Returns ``out`` (like q) and ``lse`` (fp32, q's shape without D; an empty tensor when not stored).
+    """
+    lay = _layout(q, k, cu_seqlens, max_seqlen)
+    out = torch.empty_like(q)
+    lse = torch.empty(_lse_shape(q) if store_lse else (0,), dtype=torch.float32, device=q.device)
+    if q.numel() == 0 or lay.batch == 0 or lay.max_q == 0:
+        if store_lse:
+            lse.fill_(float("-inf"))
+        return out, lse
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+    kpm, stride_pb, stride_pn = _kpm_args(key_padding_mask, q)
+    lse_strides = _strides3(lse, lay.varlen) if store_lse else (0, 0, 0)
+
+    def grid(meta):
+        return (triton.cdiv(lay.max_q, meta["BLOCK_M"]), hq, lay.batch)
+
+    _fwd_kernel[grid](
+        q, k, v, out, lse, kpm, _cu32(cu_seqlens, q),
+        *_strides4(q, lay.varlen), *_strides4(k, lay.varlen), *_strides4(v, lay.varlen),
+        *_strides4(out, lay.varlen), *lse_strides, stride_pb, stride_pn,
+        lay.n_q, lay.n_k, hq // hkv, max(window, 0), sm_scale * LOG2E,
+        triton.next_power_of_2(max(lay.max_q, lay.max_k)),
+        HEAD_DIM=d, BLOCK_D=_head_dim_block(d), CAUSAL=causal, HAS_WINDOW=window > 0,
+        IS_VARLEN=lay.varlen, HAS_KPM=key_padding_mask is not None, STORE_LSE=store_lse,
+        DOT_PREC=_dot_precision(q.dtype),
+    )  # fmt: skip
+    return out, lse
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, causal, sm_scale, window, cu_seqlens, max_seqlen, key_padding_mask, store_lse):
+    out = torch.empty_like(q)
+    lse = q.new_empty(_lse_shape(q) if store_lse else (0,), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("asu_kernels::attention_bwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _attention_bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None,
+    causal: bool,
+    sm_scale: float,
+    window: int,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    key_padding_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward: Delta preprocess, then the dK/dV and dQ kernels. Returns (dq, dk, dv)."""
+    lay = _layout(q, k, cu_seqlens, max_seqlen)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if q.numel() == 0 or lay.batch == 0 or lay.max_q == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if not lay.varlen and lay.n_k > 0 and lay.n_q == 0:
+        return dq, dk.zero_(), dv.zero_()
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+    block_d = _head_dim_block(d)
+    cu = _cu32(cu_seqlens, q)
+    kpm, stride_pb, stride_pn = _kpm_args(key_padding_mask, q)
+    delta = torch.empty_like(lse)
+    lse_strides = _strides3(lse, lay.varlen)
+    dlse_t = dlse.contiguous() if dlse is not None else lse  # same layout as lse
+    pre_m = 16 if interpreting() else PREPROCESS_BLOCK_M
+    _k.attn_bwd_preprocess_kernel[(triton.cdiv(lay.max_q, pre_m), hq, lay.batch)](
+        out, do, dlse_t, delta, cu,
+        *_strides4(out, lay.varlen), *_strides4(do, lay.varlen), *lse_strides, lay.n_q,
+        HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=lay.varlen, HAS_DLSE=dlse is not None, BLOCK_M=pre_m,
+        num_warps=4,
+    )  # fmt: skip
+    common = dict(
+        HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_WINDOW=window > 0, IS_VARLEN=lay.varlen,
+        HAS_KPM=key_padding_mask is not None, DOT_PREC=_dot_precision(q.dtype),
+    )  # fmt: skip
+    scalars = (lay.n_q, lay.n_k, hq // hkv, max(window, 0), sm_scale, sm_scale * LOG2E)
+    n_ctx_key = triton.next_power_of_2(max(lay.max_q, lay.max_k))
+
+    def grid_kv(meta):
+        return (triton.cdiv(lay.max_k, meta["BLOCK_N"]), hkv, lay.batch)
+
+    _dkdv_kernel[grid_kv](
+        q, k, v, do, dk, dv, lse, delta, kpm, cu,
+        *_strides4(q, lay.varlen), *_strides4(k, lay.varlen), *_strides4(v, lay.varlen),
+        *_strides4(do, lay.varlen), *_strides4(dk, lay.varlen), *_strides4(dv, lay.varlen),
+        *lse_strides, stride_pb, stride_pn, *scalars, n_ctx_key, **common,
+    )  # fmt: skip
+
+    def grid_q(meta):
+        return (triton.cdiv(lay.max_q, meta["BLOCK_M"]), hq, lay.batch)
+
+    _dq_kernel[grid_q](
+        q, k, v, do, dq, lse, delta, kpm, cu,
+        *_strides4(q, lay.varlen), *_strides4(k, lay.varlen), *_strides4(v, lay.varlen),
+        *_strides4(do, lay.varlen), *_strides4(dq, lay.varlen),
+        *lse_strides, stride_pb, stride_pn, *scalars, n_ctx_key, **common,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, out, lse, dlse, causal, sm_scale, window, cu_seqlens, max_seqlen, key_padding_mask):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, causal, sm_scale, window, cu_seqlens, max_seqlen, key_padding_mask, store_lse = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, key_padding_mask)
+    ctx.causal, ctx.sm_scale, ctx.window, ctx.max_seqlen = causal, sm_scale, window, max_seqlen
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens, key_padding_mask = ctx.saved_tensors
+    if lse.numel() == 0 and q.numel() != 0:
+        raise RuntimeError("attention backward needs the LSE: the forward ran without storing it")
+    dq, dk, dv = _attention_bwd_op(
+        dout, q, k, v, out, lse, dlse, ctx.causal, ctx.sm_scale, ctx.window, cu_seqlens, ctx.max_seqlen,
+        key_padding_mask,
+    )  # fmt: skip
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Ahead-of-time compile specs -------------------------------------------------------------------------------
+
+_TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+# (head dim, dtype, causal, varlen, window, key padding): a representative set of launch variants. The first
+# one is the H100 target (d = 128, bf16, causal); its autotune configs are the ``h100_candidate`` ones.
+AOT_VARIANTS: tuple[tuple[int, torch.dtype, bool, bool, bool, bool], ...] = (
+    (128, torch.bfloat16, True, False, False, False),
+    (128, torch.float16, False, False, False, False),
+    (128, torch.bfloat16, True, True, True, False),
+    (64, torch.bfloat16, True, True, False, False),
+    (64, torch.float16, False, False, False, True),
+)
+
+
+def _aot_signature(
+    fn, pointers: dict[str, str], constexprs: dict, unit_strides: tuple[str, ...]
+) -> tuple[dict[str, str], dict]:
+    """Triton signature of ``fn`` as a real launch specialises it.
+
+    Pointers and the non-unit strides carry 16-divisibility (true for head dims that are multiples of 16),
+    the head-dim strides are the constant 1 (Triton specialises an int argument equal to 1), the lengths and
+    scalars are plain i32/fp32.
+    """
+    sig: dict[str, str] = {}
+    consts = dict(constexprs)
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        elif name in unit_strides:
+            sig[name] = "constexpr"
+            consts[name] = 1
+        elif name in ("qk_scale", "sm_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig, consts
+
+
+def aot_specs() -> list[AOTSpec]:
+    """Every attention kernel (forward, backward preprocess, dK/dV, dQ) in every autotune config, for the
+    variants of :data:`AOT_VARIANTS`; the configs the H100 autotuner may pick at d = 128 are flagged."""
+    specs: list[AOTSpec] = []
+    tables = {
+        "attn_fwd": (_k.attn_fwd_kernel, FWD_CONFIGS, "fwd"),
+        "attn_bwd_dkdv": (_k.attn_bwd_dkdv_kernel, DKDV_CONFIGS, "dkdv"),
+        "attn_bwd_dq": (_k.attn_bwd_dq_kernel, DQ_CONFIGS, "dq"),
+    }
+    for d, dtype, causal, varlen, window, kpm in AOT_VARIANTS:
+        el = _TL_DTYPE[dtype]
+        block_d = _head_dim_block(d)
+        tag = f"D={d},{el}" + (",causal" if causal else "") + (",varlen" if varlen else "")
+        tag += (",window" if window else "") + (",kpm" if kpm else "")
+        h100 = d == 128 and dtype == torch.bfloat16 and causal and not varlen and not window and not kpm
+        # dense LSE rows are contiguous; packed LSE (total, H) strides rows by H
+        unit = ("stride_pn",) + (() if varlen else ("stride_lm",))
+        for kname, (fn, table, kind) in tables.items():
+            ptr = {n: f"*{el}" for n in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")}
+            ptr.update({"LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "CU_SEQLENS": "*i32"})
+            units = unit + tuple(n for n in fn.arg_names if n.startswith("stride_") and n.endswith("d"))
+            for bm, bn, warps, stages in table:
+                if not config_allowed(kind, bm, bn, warps, stages, block_d, dtype.itemsize, 232448, 1 << 20):
+                    continue  # the pruner drops it on every GPU at every length
+                meta = {
+                    "HEAD_DIM": d, "BLOCK_D": block_d, "CAUSAL": causal, "HAS_WINDOW": window,
+                    "IS_VARLEN": varlen, "HAS_KPM": kpm, "DOT_PREC": "tf32", "BLOCK_M": bm, "BLOCK_N": bn,
+                }  # fmt: skip
+                if kind == "fwd":
+                    meta["STORE_LSE"] = True
+                sig, consts = _aot_signature(fn, ptr, meta, units)
+                specs.append(
+                    AOTSpec(
+                        name=f"{kname}[{tag},BLOCK_M={bm},BLOCK_N={bn},w{warps},s{stages}]",
+                        fn=fn,
+                        signature=sig,
+                        constexprs=consts,
+                        num_warps=warps,
+                        num_stages=stages,
+                        h100_candidate=h100,
+                    )
+                )
+        fn = _k.attn_bwd_preprocess_kernel
+        ptr = {"O": f"*{el}", "DO": f"*{el}", "DLSE": "*fp32", "DELTA": "*fp32", "CU_SEQLENS": "*i32"}
+        meta = {"HEAD_DIM": d, "BLOCK_D": block_d, "IS_VARLEN": varlen, "HAS_DLSE": False}
+        meta["BLOCK_M"] = PREPROCESS_BLOCK_M
+        units = unit[1:] + ("stride_od", "stride_dd")
+        sig, consts = _aot_signature(fn, ptr, meta, units)
+        specs.append(
+            AOTSpec(
+                name=f"attn_bwd_preprocess[{tag},BLOCK_M={PREPROCESS_BLOCK_M},w4]",
+                fn=fn,
+                signature=sig,
+                constexprs=consts,
+                num_warps=4,
+                num_stages=1,
+                h100_candidate=h100,
+            )
+        )
+    return specs
+
+
+def aot_attrs(spec: AOTSpec) -> dict:
+    """Argument attributes for compiling ``spec`` as a real launch would specialise it.
+
+    Pointers (torch allocations) and the batch/head/row strides (multiples of the head dim) are
+    16-divisible; lengths such as ``n_q`` are not assumed to be.
+    """
+    attrs = {}
+    for i, name in enumerate(spec.fn.arg_names):
+        kind = spec.signature.get(name, "")
+        if kind.startswith("*") or (name.startswith("stride_") and kind == "i32"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs

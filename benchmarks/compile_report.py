@@ -1,0 +1,235 @@
+"""Ahead-of-time compile report: every kernel configuration, compiled for sm_80 and sm_90 without a GPU.
+
+    python -m benchmarks.compile_report [--module attention,linear_kl] [--quick] [--cc 80,90] [--out FILE]
+
+For each ``asu_kernels.<module>.aot_specs()`` (modules without one are skipped), every spec is built with
+``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cc, 32))``; the bundled
+``ptxas -v`` is run on its PTX (``sm_90a`` for Hopper, needed by wgmma) for registers and spill bytes, and
+the sm_90 PTX is searched for ``wgmma``. One table row per (spec, cc): shared memory, registers, spill bytes,
+wgmma, status.
+
+Exit status 1 when a spec fails to compile, needs more shared memory than the device has (sm_80: 163 KiB,
+sm_90: 227 KiB), or spills on sm_90 in a config flagged ``h100_candidate`` (spills elsewhere are reported).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Kernels defined while TRITON_INTERPRET is set are interpreter objects that cannot be compiled.
+os.environ.pop("TRITON_INTERPRET", None)
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+DEFAULT_MODULES = ("attention", "linear_kl")
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+PTXAS_ARCH = {80: "sm_80", 90: "sm_90a"}
+
+
+@dataclass
+class Row:
+    """One compiled (spec, cc) pair."""
+
+    module: str
+    spec: str
+    cc: int
+    h100_candidate: bool
+    smem: int = -1
+    regs: int = -1
+    spill: int = -1
+    wgmma: bool | None = None
+    seconds: float = 0.0
+    error: str = ""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.error:
+            out.append(f"compile error: {self.error}")
+        else:
+            if self.smem > SMEM_LIMIT[self.cc]:
+                out.append(f"shared memory {self.smem} B > sm_{self.cc} limit {SMEM_LIMIT[self.cc]} B")
+            if self.h100_candidate and self.cc == 90 and self.spill > 0:
+                out.append(f"{self.spill} spill bytes in an h100_candidate config")
+            if self.spill < 0:
+                out.append("ptxas -v gave no register/spill numbers")
+        return out
+
+
+def _ptxas() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+
+def _ptxas_stats(ptx: str, cc: int) -> tuple[int, int]:
+    """(registers, spill bytes = stores + loads) from ``ptxas -v`` on the kernel's PTX."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        res = subprocess.run(
+            [str(_ptxas()), "-v", "--gpu-name", PTXAS_ARCH[cc], str(src), "-o", str(Path(tmp) / "k.cubin")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    text = res.stdout + res.stderr
+    if res.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {text.strip()[-400:]}")
+    regs = re.search(r"Used (\d+) registers", text)
+    stores = re.search(r"(\d+) bytes spill stores", text)
+    loads = re.search(r"(\d+) bytes spill loads", text)
+    if not (regs and stores and loads):
+        return -1, -1
+    return int(regs.group(1)), int(stores.group(1)) + int(loads.group(1))
+
+
+def _load_specs(module: str) -> list | None:
+    """The module's ``aot_specs()``, or None when the module or the function does not exist."""
+    try:
+        mod = importlib.import_module(f"asu_kernels.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name in (f"asu_kernels.{module}",):
+            return None
+        raise
+    fn = getattr(mod, "aot_specs", None)
+    return None if fn is None else list(fn())
+
+
+def _attrs_for(module: str, spec) -> dict:
+    """Argument attributes: the module's ``aot_attrs(spec)`` when it has one, else 16-aligned pointers."""
+    mod = importlib.import_module(f"asu_kernels.{module}")
+    hook = getattr(mod, "aot_attrs", None)
+    if hook is not None:
+        return hook(spec)
+    names = spec.fn.arg_names
+    return {
+        (names.index(n),): [["tt.divisibility", 16]] for n, t in spec.signature.items() if t.startswith("*")
+    }
+
+
+def _compile_one(job: tuple[str, int, int]) -> Row:
+    """Compile spec ``index`` of ``module`` for ``cc`` (runs in a worker process)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module, index, cc = job
+    spec = _load_specs(module)[index]
+    row = Row(module, spec.name, cc, spec.h100_candidate)
+    start = time.perf_counter()
+    try:
+        src = ASTSource(spec.fn, spec.signature, constexprs=spec.constexprs, attrs=_attrs_for(module, spec))
+        kernel = triton.compile(
+            src,
+            target=GPUTarget("cuda", cc, 32),
+            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+        )
+        row.smem = int(kernel.metadata.shared)
+        ptx = kernel.asm["ptx"]
+        row.regs, row.spill = _ptxas_stats(ptx, cc)
+        row.wgmma = ("wgmma" in ptx) if cc >= 90 else None
+    except Exception as exc:  # a failed compile is a report row, not a crash of the whole report
+        row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+    row.seconds = time.perf_counter() - start
+    return row
+
+
+def _quick_subset(specs: list) -> list[int]:
+    """One spec per kernel: the first h100 candidate when there is one, else the first spec."""
+    chosen: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        kernel = spec.name.split("[", 1)[0]
+        if kernel not in chosen or (spec.h100_candidate and not specs[chosen[kernel]].h100_candidate):
+            chosen[kernel] = i
+    return sorted(chosen.values())
+
+
+def _table(rows: list[Row]) -> str:
+    head = "| spec | cc | smem (B) | regs | spill (B) | wgmma | h100 cand. | s | status |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        wg = "-" if r.wgmma is None else ("yes" if r.wgmma else "no")
+        status = "; ".join(r.problems()) or "ok"
+        lines.append(
+            f"| {r.spec} | sm_{r.cc} | {r.smem} | {r.regs} | {r.spill} | {wg} | "
+            f"{'yes' if r.h100_candidate else ''} | {r.seconds:.1f} | {status} |"
+        )
+    return "\n".join(lines)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--module", default=",".join(DEFAULT_MODULES), help="comma-separated asu_kernels modules"
+    )
+    parser.add_argument("--cc", default="80,90", help="compute capabilities, e.g. 80,90")
+    parser.add_argument("--quick", action="store_true", help="one config per kernel (the compile test)")
+    parser.add_argument("--filter", default="", help="only specs whose name contains this substring")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
+    parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    args = parser.parse_args(argv)
+    ccs = [int(c) for c in args.cc.split(",") if c]
+    bad_cc = [c for c in ccs if c not in SMEM_LIMIT]
+    if bad_cc:
+        parser.error(f"unsupported --cc {bad_cc}; choose from {sorted(SMEM_LIMIT)}")
+
+    jobs: list[tuple[str, int, int]] = []
+    notes: list[str] = []
+    for module in [m.strip() for m in args.module.split(",") if m.strip()]:
+        specs = _load_specs(module)
+        if specs is None:
+            notes.append(f"asu_kernels.{module}: no aot_specs(), skipped")
+            continue
+        indices = _quick_subset(specs) if args.quick else range(len(specs))
+        indices = [i for i in indices if args.filter in specs[i].name]
+        jobs += [(module, i, cc) for i in indices for cc in ccs]
+    if not jobs:
+        print("\n".join(notes + ["nothing to compile"]))
+        return 1
+
+    start = time.perf_counter()
+    if args.jobs > 1:
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            rows = list(pool.map(_compile_one, jobs))
+    else:
+        rows = [_compile_one(j) for j in jobs]
+    elapsed = time.perf_counter() - start
+
+    failures = [(r, p) for r in rows for p in r.problems()]
+    import triton
+
+    summary = [
+        f"triton {triton.__version__}; {len(rows)} compiles in {elapsed:.0f} s; "
+        f"{sum(1 for r in rows if not r.error)} ok, {len(failures)} problem(s)",
+        *notes,
+    ]
+    text = _table(rows) + "\n\n" + "\n".join(summary) + "\n"
+    print(text)
+    if args.out is not None:
+        _write_atomic(args.out, text)
+    for row, problem in failures:
+        print(f"FAIL {row.spec} sm_{row.cc}: {problem}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
