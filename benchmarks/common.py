@@ -316,6 +316,7 @@ def write_text_atomic(path: Path, text: str | bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by everyone
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -359,13 +360,16 @@ class Recorder:
         path: CSV file to (re)write.
         device: ``cuda`` / ``cuda:N`` / ``cpu``; fills the environment columns.
         verbose: print each row as it is recorded.
+        append: keep the rows ``path`` already holds (several runs into one CSV).
     """
 
-    def __init__(self, path: Path, device: str, *, verbose: bool = True):
+    def __init__(self, path: Path, device: str, *, verbose: bool = True, append: bool = False):
         self.path = Path(path)
         self.device = device
         self.env = environment(device)
         self.rows: list[dict[str, Any]] = []
+        if append and self.path.exists():
+            self.rows = list(read_csv(self.path))
         self.verbose = verbose
 
     def add(

@@ -319,12 +319,16 @@ def context_section(rows: list[Row]) -> list[str]:
     body = []
     for p in _providers(ctx, ("authors", "ours")):
         r = _lookup(ctx, provider=p, metric="max_tokens")
-        longest = _lookup([x for x in ctx if x["metric"] == "s" and x["status"] == "ok"], provider=p)
         fits = [x for x in ctx if x["provider"] == p and x["metric"] == "s" and x["status"] == "ok"]
-        best = max(fits, key=lambda x: _int(x["seqlen"]), default=longest)
+        best = max(fits, key=lambda x: _int(x["seqlen"]), default=None)
         gb = _lookup(ctx, provider=p, metric="GB", seqlen=best["seqlen"]) if best else None
-        step_s = _cell(best) if best else "—"
-        body.append([p, _cell(r, 6) if r else "—", step_s, _cell(gb) if gb else "—", r["note"] if r else ""])
+        if r is not None:
+            longest, note = _cell(r, 6), r["note"]
+        elif best is not None:  # the search was stopped (timeout) before it recorded its answer
+            longest, note = best["seqlen"], "search interrupted: longest N measured so far"
+        else:
+            longest, note = "—", ""
+        body.append([p, longest, _cell(best) if best else "—", _cell(gb) if gb else "—", note])
     return (
         ["**Longest context of one ASU step** (1B Llama-3-like shape)", ""]
         + _table(["pipeline", "longest N", "step s at it", "peak GB at it", "note"], body)

@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the results CSV")
+    p.add_argument("--csv", type=Path, default=None, help="exact CSV path; rows are appended if it exists")
     p.add_argument("--tiny", action="store_true", help="smallest sizes (CPU test-suite)")
     p.add_argument(
         "--providers", default="", help="comma-separated attention providers to run (default: suite's)"
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    rec = Recorder(Path(args.out) / f"bench-{slug(args_device_name(args.device))}-{stamp}.csv", args.device)
+    path = args.csv or Path(args.out) / f"bench-{slug(args_device_name(args.device))}-{stamp}.csv"
+    rec = Recorder(path, args.device, append=args.csv is not None)
     rec.verbose = not args.quiet
     env = rec.env
     print(
