@@ -1,0 +1,631 @@
+"""Unlearning a forget set from a causal LM: the Python API (:func:`unlearn`) and the ``asu unlearn`` command.
+
+.. code-block:: python
+
+    from asu.unlearn import UnlearnConfig, unlearn
+    cfg = UnlearnConfig(method="asu", temperature=2.3, lam=0.1, retain_loss="gd", teacher="copy")
+    result = unlearn(model, tokenizer, forget_rows, retain_rows, cfg, output_dir=None)
+    result.model, result.history
+
+The defaults are the paper's TOFU settings (Llama-2-7B-chat): ``tau = 2.3``, ``lam = 0.1``, retain ``gd``,
+lr 1e-5 with one warm-up epoch then linear decay, weight decay 0.01, 5 epochs, effective batch 32
+(8 x 4 accumulation), max length 500, bf16 on GPUs that support it.
+
+``output_dir=None`` trains in memory and writes nothing. With a directory, checkpoints go to
+``DIR/checkpoints`` while training (``resume=True`` continues from the newest one); only after a run
+finishes are the model (safetensors, or the adapter for LoRA), the tokenizer and ``run.json`` moved into
+``DIR`` (``run.json`` last: its presence marks a finished run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from asu.data import (
+    DataError,
+    PackingCollator,
+    PaddingCollator,
+    UnlearnDataset,
+    encode_rows,
+    load_idk_answers,
+    load_rows,
+    validate_rows,
+)
+from asu.losses import DEFAULTS, METHODS, RETAIN_LOSSES, UnlearnObjective, teacher_needs
+from asu.smoothing import attention_modules, parse_layers
+from asu.teachers import TEACHER_SOURCES, build_teacher, is_peft_model
+
+__all__ = ["UnlearnConfig", "UnlearnResult", "unlearn", "add_arguments", "run"]
+
+RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints"
+CONFIG_FILE = "unlearn_config.json"
+
+
+@dataclass
+class UnlearnConfig:
+    """Everything that defines an unlearning run (see the module docstring for the defaults' origin).
+
+    Attributes:
+        method: ``asu|ga|gd|npo|simnpo|idk``.
+        temperature: attention temperature ``tau > 0`` of the forget-teacher (ASU).
+        lam: weight ``lambda >= 0`` of the ASU term in ``lambda * L_ASU + L_R``.
+        retain_loss: ``gd`` (NLL) or ``kl`` (KL to the original model at ``tau = 1``).
+        teacher: ``copy`` (frozen copy), ``base`` (PEFT student with adapters off) or ``cache``.
+        layers: smoothed layers: ``None``/``"all"``, a list of indices, or a string like ``"6-8"``.
+        lr, epochs, batch_size, grad_accum, weight_decay, warmup_epochs: optimisation (AdamW, linear decay
+            after ``warmup_epochs`` of linear warm-up).
+        max_length: tokens per example (answers are truncated to fit).
+        pack: pack examples into rows of ``pack_tokens`` (default ``max_length``) tokens instead of padding.
+        seed: seeds model-independent randomness, the forget/retain pairing and the data order.
+        bf16: bf16 mixed precision; ``None`` = on where a CUDA GPU supports it.
+        gradient_checkpointing: recompute activations in backward.
+        lora_r: LoRA rank (0 = full fine-tuning); ``lora_alpha`` defaults to ``2 r``; ``lora_target`` is
+            PEFT's ``target_modules`` (``"all-linear"`` = every projection, not the LM head).
+        cache_dtype, cache_dir: storage of the ``cache`` teacher (bf16 in CPU memory by default).
+        npo_beta, simnpo_beta, simnpo_delta, simnpo_gamma: baseline hyper-parameters.
+        save_steps: checkpoint every this many optimizer steps (``None`` = every epoch).
+        max_steps: stop after this many optimizer steps (``-1`` = run all epochs).
+        keep_checkpoints: keep ``DIR/checkpoints`` after a finished run.
+        progress: show the progress bar.
+    """
+
+    method: str = "asu"
+    temperature: float = 2.3
+    lam: float = 0.1
+    retain_loss: str = "gd"
+    teacher: str = "copy"
+    layers: str | list[int] | None = None
+    lr: float = 1e-5
+    epochs: float = 5
+    batch_size: int = 8
+    grad_accum: int = 4
+    max_length: int = 500
+    pack: bool = True
+    pack_tokens: int | None = None
+    seed: int = 0
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0
+    bf16: bool | None = None
+    gradient_checkpointing: bool = False
+    lora_r: int = 0
+    lora_alpha: int | None = None
+    lora_dropout: float = 0.0
+    lora_target: str | list[str] = "all-linear"
+    cache_dtype: str = "bfloat16"
+    cache_dir: str | None = None
+    npo_beta: float = DEFAULTS["npo_beta"]
+    simnpo_beta: float = DEFAULTS["simnpo_beta"]
+    simnpo_delta: float = DEFAULTS["simnpo_delta"]
+    simnpo_gamma: float = DEFAULTS["simnpo_gamma"]
+    save_steps: int | None = None
+    max_steps: int = -1
+    keep_checkpoints: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise ValueError/TypeError naming the first bad field."""
+
+        def number(name: str, value: Any) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TypeError(f"{name} must be a finite number, got {value!r}")
+            return float(value)
+
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.retain_loss not in RETAIN_LOSSES:
+            raise ValueError(
+                f"unknown retain loss {self.retain_loss!r}; choose one of {', '.join(RETAIN_LOSSES)}"
+            )
+        if self.teacher not in TEACHER_SOURCES:
+            raise ValueError(f"unknown teacher {self.teacher!r}; choose one of {', '.join(TEACHER_SOURCES)}")
+        if number("temperature", self.temperature) <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if number("lam", self.lam) < 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if number("lr", self.lr) <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if number("epochs", self.epochs) <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        number("weight_decay", self.weight_decay)
+        if number("warmup_epochs", self.warmup_epochs) < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        for name in ("batch_size", "grad_accum", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.pack_tokens is not None and (not isinstance(self.pack_tokens, int) or self.pack_tokens < 2):
+            raise ValueError(f"pack_tokens must be an int >= 2, got {self.pack_tokens!r}")
+        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 0:
+            raise ValueError(f"lora_r must be an int >= 0, got {self.lora_r!r}")
+        if self.teacher == "base" and self.lora_r == 0:
+            raise ValueError(
+                "teacher='base' needs a LoRA student (lora_r > 0); use teacher='copy' or 'cache'"
+            )
+        if self.cache_dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"cache_dtype must be bfloat16, float16 or float32, got {self.cache_dtype!r}")
+        if self.save_steps is not None and (not isinstance(self.save_steps, int) or self.save_steps < 1):
+            raise ValueError(f"save_steps must be a positive int or None, got {self.save_steps!r}")
+        if number("npo_beta", self.npo_beta) <= 0 or number("simnpo_beta", self.simnpo_beta) <= 0:
+            raise ValueError("npo_beta and simnpo_beta must be > 0")
+        if isinstance(self.layers, str) and self.layers.strip().lower() == "all":
+            self.layers = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class UnlearnResult:
+    """What :func:`unlearn` returns.
+
+    Attributes:
+        model: the unlearned student (a PEFT model when LoRA was used).
+        history: one dict per logged optimizer step: ``step``, ``epoch``, ``loss``, ``forget_loss``,
+            ``retain_loss`` (when there is one), ``learning_rate``, ``grad_norm``.
+        stats: teacher numbers (forward passes, bytes), steps, effective batch size, wall time.
+        output_dir: where the result was written, or None.
+    """
+
+    model: nn.Module
+    history: list[dict[str, Any]]
+    stats: dict[str, Any]
+    output_dir: str | None = None
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("asu", "torch", "transformers", "triton", "peft", "accelerate", "tokenizers"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def _write_json_atomic(path: str, data: Any) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _idk_examples(tokenizer: Any, forget_rows: Sequence[dict], answers: Sequence[str], cfg: UnlearnConfig):
+    rng = random.Random(cfg.seed)
+    rows = [{"question": r["question"], "answer": rng.choice(list(answers))} for r in forget_rows]
+    return encode_rows(tokenizer, rows, cfg.max_length, source="idk")
+
+
+def _checkpoints(directory: str) -> list[str]:
+    if not os.path.isdir(directory):
+        return []
+    found = [d for d in os.listdir(directory) if d.startswith("checkpoint-") and d.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda d: int(d.split("-")[-1]))
+
+
+def check_output_dir(output_dir: str, resume: bool) -> None:
+    """Refuse to overwrite a finished run, or to start over an interrupted one without ``resume``."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--out {output_dir} exists and is not a directory")
+    ckpt_dir = os.path.join(output_dir, CHECKPOINTS)
+    if resume:
+        if not _checkpoints(ckpt_dir):
+            raise ValueError(f"nothing to resume: {ckpt_dir} holds no checkpoint")
+        return
+    if os.path.exists(os.path.join(output_dir, RUN_FILE)):
+        raise ValueError(
+            f"{output_dir} already holds a finished run ({RUN_FILE}); choose another output directory"
+        )
+    if _checkpoints(ckpt_dir):
+        raise ValueError(
+            f"{output_dir} holds checkpoints of an interrupted run; resume it or choose another directory"
+        )
+
+
+def unlearn(
+    model: nn.Module,
+    tokenizer: Any,
+    forget_rows: Sequence[dict[str, Any]],
+    retain_rows: Sequence[dict[str, Any]] | None,
+    cfg: UnlearnConfig | None = None,
+    output_dir: str | None = None,
+    *,
+    idk_answers: Sequence[str] | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Any] | None = None,
+) -> UnlearnResult:
+    """Unlearn ``forget_rows`` from ``model`` (trained in place), keeping ``retain_rows``.
+
+    Args:
+        model: a transformers causal LM (not yet PEFT-wrapped; ``cfg.lora_r > 0`` wraps it).
+        tokenizer: its tokenizer (a pad token is not required).
+        forget_rows, retain_rows: TOFU-format rows (``question``/``answer``) or raw-text rows (``text``).
+            ``retain_rows`` may be None only for ``method="ga"``.
+        cfg: the run's settings (:class:`UnlearnConfig`; defaults = the paper's TOFU settings).
+        output_dir: where to write checkpoints and the result; ``None`` writes nothing.
+        idk_answers: refusal strings for ``method="idk"``.
+        resume: continue from the newest checkpoint in ``output_dir/checkpoints``.
+        callbacks: extra ``transformers.TrainerCallback`` objects.
+
+    Returns:
+        :class:`UnlearnResult`.
+    """
+    from transformers import TrainingArguments
+
+    from asu.trainer import UnlearnTrainer
+
+    cfg = UnlearnConfig() if cfg is None else cfg
+    if not isinstance(cfg, UnlearnConfig):
+        raise TypeError(f"cfg must be an UnlearnConfig, got {type(cfg).__name__}")
+    cfg.validate()
+    if not isinstance(model, nn.Module) or not hasattr(model, "get_decoder"):
+        raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
+    if is_peft_model(model):
+        raise ValueError("pass the plain model; unlearn() adds LoRA itself when cfg.lora_r > 0")
+    num_layers = len(attention_modules(model))
+    layers = None if cfg.layers is None else parse_layers(cfg.layers, num_layers)
+    validate_rows(forget_rows, source="forget")
+    if cfg.method != "ga":
+        if retain_rows is None:
+            raise ValueError(f"method={cfg.method!r} needs retain rows")
+        validate_rows(retain_rows, source="retain")
+    if cfg.method == "idk" and not idk_answers:
+        raise ValueError("method='idk' needs idk_answers (refusal strings, e.g. from --idk-file)")
+    if output_dir is not None:
+        check_output_dir(output_dir, resume)
+    elif resume:
+        raise ValueError("resume=True needs an output_dir")
+
+    start = time.perf_counter()
+    forget = encode_rows(tokenizer, forget_rows, cfg.max_length, source="forget")
+    retain = (
+        encode_rows(tokenizer, retain_rows, cfg.max_length, source="retain") if cfg.method != "ga" else None
+    )
+    idk = _idk_examples(tokenizer, forget_rows, idk_answers, cfg) if cfg.method == "idk" else None
+    dataset = UnlearnDataset(forget, retain, seed=cfg.seed, idk=idk)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    if cfg.pack:
+        collator = PackingCollator(max_tokens=cfg.pack_tokens or cfg.max_length, pad_token_id=pad_id)
+    else:
+        collator = PaddingCollator(pad_token_id=pad_id)
+
+    created_out = False
+    if output_dir is not None and not os.path.isdir(output_dir):
+        os.makedirs(output_dir)
+        created_out = True
+    scratch = None
+    try:
+        if output_dir is None:
+            scratch = tempfile.mkdtemp(prefix="asu-unlearn-")
+            trainer_dir = scratch
+        else:
+            trainer_dir = os.path.join(output_dir, CHECKPOINTS)
+        cuda = torch.cuda.is_available()
+        bf16 = cfg.bf16 if cfg.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        micro_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * world))
+        steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum))
+        args = TrainingArguments(
+            output_dir=trainer_dir,
+            per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum,
+            learning_rate=cfg.lr,
+            num_train_epochs=cfg.epochs,
+            max_steps=cfg.max_steps,
+            weight_decay=cfg.weight_decay,
+            warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)),
+            lr_scheduler_type="linear",
+            bf16=bf16,
+            logging_steps=1,
+            save_strategy="no" if output_dir is None else ("epoch" if cfg.save_steps is None else "steps"),
+            save_steps=cfg.save_steps or 500,
+            save_total_limit=1,
+            report_to=[],
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            disable_tqdm=not cfg.progress,
+            use_cpu=not cuda,
+        )
+        device = args.device
+        model.to(device)
+
+        # The copy teacher is copied before LoRA is injected (get_peft_model edits the model in place).
+        needs = teacher_needs(cfg.method, cfg.retain_loss)
+        teacher = None
+        if needs and cfg.teacher == "copy":
+            teacher = build_teacher("copy", model, cfg.temperature, layers)
+        student = model
+        if cfg.lora_r > 0:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=cfg.lora_target,
+                task_type="CAUSAL_LM",
+            )
+            student = get_peft_model(model, lora)
+        if cfg.gradient_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if is_peft_model(student):
+                # Without it, checkpointed blocks whose inputs need no grad leave LoRA weights untrained.
+                student.enable_input_require_grads()
+        if needs and cfg.teacher == "base":
+            teacher = build_teacher("base", student, cfg.temperature, layers)
+        if needs and cfg.teacher == "cache":
+            sets = {"forget": forget} if retain is None else {"forget": forget, "retain": retain}
+            teacher = build_teacher(
+                "cache",
+                student,
+                cfg.temperature,
+                layers,
+                sets=sets,
+                needs=needs,
+                dtype=getattr(torch, cfg.cache_dtype),
+                directory=cfg.cache_dir,
+                batch_size=cfg.batch_size,
+                pad_token_id=pad_id,
+            )
+        objective = UnlearnObjective(
+            student,
+            method=cfg.method,
+            retain_loss=cfg.retain_loss,
+            lam=cfg.lam,
+            teacher=teacher,
+            npo_beta=cfg.npo_beta,
+            simnpo_beta=cfg.simnpo_beta,
+            simnpo_delta=cfg.simnpo_delta,
+            simnpo_gamma=cfg.simnpo_gamma,
+        )
+        if output_dir is not None:
+            os.makedirs(trainer_dir, exist_ok=True)
+            saved_cfg = os.path.join(trainer_dir, CONFIG_FILE)
+            if resume and os.path.exists(saved_cfg):
+                with open(saved_cfg) as f:
+                    before = json.load(f)
+                now = json.loads(json.dumps(cfg.to_dict(), default=str))
+                changed = sorted(k for k in now if k not in ("progress",) and before.get(k) != now[k])
+                if changed:
+                    raise ValueError(f"cannot resume with different settings: {', '.join(changed)} changed")
+            else:
+                _write_json_atomic(saved_cfg, cfg.to_dict())
+        trainer = UnlearnTrainer(
+            model=objective,
+            args=args,
+            train_dataset=dataset,
+            data_collator=collator,
+            processing_class=tokenizer,
+            callbacks=list(callbacks or []),
+        )
+        if not cfg.progress:
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)  # quiet means quiet: no per-step dicts on stdout
+        trainer.train(resume_from_checkpoint=True if resume else None)
+        wall = time.perf_counter() - start
+
+        keys = ("step", "epoch", "loss", "forget_loss", "retain_loss", "learning_rate", "grad_norm")
+        history = [
+            {k: entry[k] for k in keys if k in entry}
+            for entry in trainer.state.log_history
+            if "loss" in entry
+        ]
+        stats: dict[str, Any] = {
+            "optimizer_steps": trainer.state.global_step,
+            "micro_batches_per_epoch": micro_per_epoch,
+            "effective_batch_size": cfg.batch_size * cfg.grad_accum * world,
+            "wall_time_s": wall,
+            "num_forget": len(forget),
+            "num_retain": 0 if retain is None else len(retain),
+            "bf16": bf16,
+            "device": str(device),
+        }
+        if teacher is not None:
+            stats["teacher"] = dict(teacher.stats)
+            if cfg.teacher == "cache":
+                # A copy/base teacher runs one forward per needed output per micro-batch, every epoch.
+                would_run = micro_per_epoch * math.ceil(cfg.epochs) * len(needs)
+                stats["teacher"]["teacher_forward_passes_saved"] = (
+                    would_run - teacher.stats["teacher_forward_passes"]
+                )
+
+        if output_dir is not None:
+            _write_result(output_dir, student, tokenizer, cfg, history, stats)
+            if not cfg.keep_checkpoints:
+                shutil.rmtree(trainer_dir, ignore_errors=True)
+        return UnlearnResult(model=student, history=history, stats=stats, output_dir=output_dir)
+    except BaseException:
+        if output_dir is not None and created_out and not _checkpoints(os.path.join(output_dir, CHECKPOINTS)):
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_result(
+    output_dir: str,
+    student: nn.Module,
+    tokenizer: Any,
+    cfg: UnlearnConfig,
+    history: list[dict[str, Any]],
+    stats: dict[str, Any],
+) -> None:
+    """Model + tokenizer saved to a scratch directory, moved into place, then ``run.json`` last."""
+    tmp = tempfile.mkdtemp(dir=output_dir, prefix=".result-")
+    try:
+        student.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    record = {
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "versions": library_versions(),
+        "effective_batch_size": stats["effective_batch_size"],
+        "wall_time_s": stats["wall_time_s"],
+        "losses": history,
+        "stats": stats,
+        "lora": is_peft_model(student),
+    }
+    _write_json_atomic(os.path.join(output_dir, RUN_FILE), record)
+
+
+# ---- the command ----------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``asu unlearn``; defaults are :class:`UnlearnConfig`'s (the paper's TOFU settings)."""
+    d = UnlearnConfig()
+    parser.add_argument("--model", required=True, help="path of a Hugging Face causal LM directory")
+    parser.add_argument(
+        "--forget", required=True, help="forget set (.json/.jsonl, TOFU format or 'text' rows)"
+    )
+    parser.add_argument("--retain", help="retain set (required except for --method ga)")
+    parser.add_argument("--method", default=d.method, help=f"{'|'.join(METHODS)} (default {d.method})")
+    parser.add_argument("--retain-loss", default=d.retain_loss, help=f"{'|'.join(RETAIN_LOSSES)}")
+    parser.add_argument("--temperature", type=float, default=d.temperature, help="attention temperature tau")
+    parser.add_argument("--lam", type=float, default=d.lam, help="weight of the ASU term")
+    parser.add_argument("--layers", default="all", help="smoothed layers: all, 6-8, or 0,2,5-7")
+    parser.add_argument("--teacher", default=d.teacher, help=f"{'|'.join(TEACHER_SOURCES)}")
+    parser.add_argument("--epochs", type=float, default=d.epochs)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per device step")
+    parser.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    parser.add_argument("--max-length", type=int, default=d.max_length)
+    parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=d.pack)
+    parser.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (0 = full fine-tuning)")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--cache-dir", help="keep the cache teacher's hidden states on disk there")
+    parser.add_argument("--idk-file", help="refusal answers for --method idk, one per line")
+    parser.add_argument(
+        "--save-steps", type=int, help="checkpoint every N optimizer steps (default: each epoch)"
+    )
+    parser.add_argument(
+        "--attn-implementation",
+        default="auto",
+        help="attention to load the model with (auto = asu on a GPU, sdpa on CPU)",
+    )
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _config_from_args(args: argparse.Namespace) -> UnlearnConfig:
+    return UnlearnConfig(
+        method=args.method,
+        temperature=args.temperature,
+        lam=args.lam,
+        retain_loss=args.retain_loss,
+        teacher=args.teacher,
+        layers=None if str(args.layers).strip().lower() == "all" else args.layers,
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_length=args.max_length,
+        pack=args.pack,
+        seed=args.seed,
+        bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing,
+        lora_r=args.lora_r,
+        cache_dir=args.cache_dir,
+        save_steps=args.save_steps,
+        progress=not args.no_progress,
+    )
+
+
+def _error(message: str) -> int:
+    first = str(message).strip().splitlines()[0] if str(message).strip() else "failed"
+    print(f"asu unlearn: error: {first}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """``asu unlearn``: validate everything, load, unlearn, write ``--out``. Returns the exit status."""
+    try:
+        cfg = _config_from_args(args)
+        cfg.validate()
+        if not os.path.isdir(args.model):
+            raise ValueError(f"model path {args.model} does not exist (or is not a directory)")
+        forget_rows = load_rows(args.forget)
+        if cfg.method != "ga" and not args.retain:
+            raise ValueError(f"--method {cfg.method} needs --retain")
+        retain_rows = load_rows(args.retain) if args.retain else None
+        idk_answers = None
+        if cfg.method == "idk":
+            if not args.idk_file:
+                raise ValueError("--method idk needs --idk-file (refusal answers, one per line)")
+            idk_answers = load_idk_answers(args.idk_file)
+        check_output_dir(args.out, args.resume)
+
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        if args.no_progress:
+            hf_logging.disable_progress_bar()
+        # Check the layer selection against the config before loading any weights.
+        model_config = AutoConfig.from_pretrained(args.model)
+        num_layers = getattr(model_config, "num_hidden_layers", None)
+        if cfg.layers is not None and isinstance(num_layers, int):
+            parse_layers(cfg.layers, num_layers)
+        attn = args.attn_implementation
+        if attn == "auto":
+            attn = "asu" if torch.cuda.is_available() else "sdpa"
+        if attn == "asu":
+            import asu.attention  # noqa: F401  (registers the "asu" attention)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=torch.float32, attn_implementation=attn
+        )
+        result = unlearn(
+            model,
+            tokenizer,
+            forget_rows,
+            retain_rows,
+            cfg,
+            output_dir=args.out,
+            idk_answers=idk_answers,
+            resume=args.resume,
+        )
+    except (DataError, ValueError, TypeError, OSError) as e:
+        return _error(str(e))
+    final = result.history[-1] if result.history else {}
+    print(
+        f"asu unlearn: {cfg.method} done, {result.stats['optimizer_steps']} steps, "
+        f"final loss {final.get('loss', float('nan')):.6g}, wrote {args.out}"
+    )
+    return 0

@@ -1,0 +1,199 @@
+"""The unlearning trainer, the Python API and the ``asu unlearn`` command on a tiny random-init Llama."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from test_losses import FORGET, RETAIN, tiny_model, tiny_tokenizer
+from transformers import TrainerCallback
+
+from asu.cli import main
+from asu.unlearn import UnlearnConfig, unlearn
+
+FAST = dict(epochs=2, batch_size=2, grad_accum=1, lr=1e-3, max_length=64, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def reference_backend(monkeypatch):
+    # The Trainer runs many forward/backward passes; the interpreter path is covered in test_losses.
+    monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAt(TrainerCallback):
+    """Raises after optimizer step ``step``, like a run killed mid-epoch."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupt(f"stopped at step {self.step}")
+
+
+def test_unlearn_in_memory_writes_nothing(tok, tmp_path, monkeypatch, reference_backend):
+    monkeypatch.chdir(tmp_path)
+    model = tiny_model(vocab_size=len(tok))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = unlearn(model, tok, FORGET, RETAIN, UnlearnConfig(teacher="cache", **FAST))
+    assert list(tmp_path.iterdir()) == []
+    assert result.output_dir is None and result.model is model
+    assert (
+        len(result.history) == result.stats["optimizer_steps"] == 6
+    )  # 5 forget rows / batch 2 = 3 per epoch
+    assert {"loss", "forget_loss", "retain_loss", "learning_rate", "step"} <= set(result.history[-1])
+    for h in result.history:  # the logged total is exactly lam * L_ASU + L_R
+        assert h["loss"] == pytest.approx(0.1 * h["forget_loss"] + h["retain_loss"], rel=1e-5)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    teacher = result.stats["teacher"]
+    assert teacher["teacher_forward_passes"] == 3 and teacher["teacher_forward_passes_saved"] == 3
+    assert teacher["teacher_bytes_freed"] > 0
+
+
+def test_unlearn_lora_base_teacher_with_checkpointing(tok, reference_backend):
+    model = tiny_model(vocab_size=len(tok))
+    cfg = UnlearnConfig(teacher="base", lora_r=4, gradient_checkpointing=True, **{**FAST, "epochs": 1})
+    result = unlearn(model, tok, FORGET, RETAIN, cfg)
+    lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # every adapter trained (starts at zero)
+    assert all(not p.requires_grad for n, p in result.model.named_parameters() if "lora_" not in n)
+
+
+@pytest.mark.parametrize("method", ["ga", "npo", "idk"])
+def test_unlearn_baselines_run(tok, method, reference_backend):
+    model = tiny_model(vocab_size=len(tok))
+    cfg = UnlearnConfig(method=method, teacher="cache", **{**FAST, "epochs": 1})
+    retain = None if method == "ga" else RETAIN
+    result = unlearn(model, tok, FORGET, retain, cfg, idk_answers=["who where when", "what"])
+    assert len(result.history) == 3
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+
+
+def test_interrupted_run_resumes_to_the_same_loss(tok, tmp_path, reference_backend):
+    cfg = UnlearnConfig(teacher="copy", save_steps=3, **{**FAST, "batch_size": 1})  # 5 steps per epoch
+    full = unlearn(tiny_model(vocab_size=len(tok)), tok, FORGET, RETAIN, cfg, output_dir=str(tmp_path / "a"))
+    assert len(full.history) == 10
+
+    out = tmp_path / "b"
+    with pytest.raises(Interrupt):
+        unlearn(
+            tiny_model(vocab_size=len(tok)),
+            tok,
+            FORGET,
+            RETAIN,
+            cfg,
+            output_dir=str(out),
+            callbacks=[StopAt(4)],
+        )
+    assert not (out / "run.json").exists() and not (out / "model.safetensors").exists()
+    assert (out / "checkpoints" / "checkpoint-3").is_dir()  # mid-epoch 1 of 2
+    with pytest.raises(ValueError, match="interrupted run"):
+        unlearn(tiny_model(vocab_size=len(tok)), tok, FORGET, RETAIN, cfg, output_dir=str(out))
+
+    resumed = unlearn(
+        tiny_model(vocab_size=len(tok)), tok, FORGET, RETAIN, cfg, output_dir=str(out), resume=True
+    )
+    assert [h["step"] for h in resumed.history] == list(range(1, 11))
+    assert resumed.history[-1]["loss"] == pytest.approx(full.history[-1]["loss"], abs=1e-5)
+    a = full.model.state_dict()
+    for k, v in resumed.model.state_dict().items():
+        torch.testing.assert_close(v, a[k], atol=1e-5, rtol=0)
+    assert (out / "run.json").exists() and not (out / "checkpoints").exists()
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def files(tok, tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_model(vocab_size=len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return {
+        "model": str(model_dir),
+        "forget": _write_jsonl(tmp_path / "forget.jsonl", FORGET),
+        "retain": _write_jsonl(tmp_path / "retain.jsonl", RETAIN),
+        "tmp": tmp_path,
+    }
+
+
+def _argv(files, out, *extra):
+    return [
+        "unlearn",
+        "--model", files["model"],
+        "--forget", files["forget"],
+        "--retain", files["retain"],
+        "--out", str(out),
+        "--epochs", "1",
+        "--batch-size", "2",
+        "--grad-accum", "1",
+        "--max-length", "64",
+        "--lr", "1e-3",
+        "--no-progress",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_cli_end_to_end(files, capsys, reference_backend):
+    out = files["tmp"] / "out"
+    assert main(_argv(files, out, "--teacher", "cache", "--layers", "1")) == 0
+    names = set(os.listdir(out))
+    assert {"model.safetensors", "config.json", "run.json", "tokenizer.json"} <= names
+    assert "checkpoints" not in names and not any(n.startswith(".") for n in names)
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["layers"] == "1" and run["config"]["method"] == "asu"
+    assert run["effective_batch_size"] == 2 and run["seed"] == 0 and run["wall_time_s"] > 0
+    assert len(run["losses"]) == 3 and "torch" in run["versions"]
+    assert "done, 3 steps" in capsys.readouterr().out
+    # A finished run is never overwritten.
+    assert main(_argv(files, out)) == 2
+
+
+def test_cli_lora_writes_adapter(files, reference_backend):
+    out = files["tmp"] / "lora"
+    assert main(_argv(files, out, "--teacher", "base", "--lora-r", "2", "--no-pack")) == 0
+    assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
+
+
+BAD = {
+    "missing forget file": (["--forget", "{tmp}/nope.jsonl"], "no such file"),
+    "empty forget file": (["--forget", "{tmp}/empty.jsonl"], "empty"),
+    "malformed JSON line": (["--forget", "{tmp}/bad.jsonl"], "line 2: malformed JSON"),
+    "row without answer": (["--forget", "{tmp}/noanswer.jsonl"], "line 1: row has no 'answer'"),
+    "tau <= 0": (["--temperature", "0"], "temperature must be > 0"),
+    "lambda < 0": (["--lam", "-0.1"], "lam must be >= 0"),
+    "unknown method": (["--method", "forgetall"], "unknown method"),
+    "model path missing": (["--model", "{tmp}/no-model"], "does not exist"),
+    "base teacher without PEFT": (["--teacher", "base"], "needs a LoRA student"),
+    "resume with nothing": (["--resume"], "nothing to resume"),
+    "idk without file": (["--method", "idk"], "--idk-file"),
+    "bad layers": (["--layers", "5-9"], "out of range"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_cli_bad_input(files, capsys, case):
+    tmp = files["tmp"]
+    (tmp / "empty.jsonl").write_text("\n")
+    (tmp / "bad.jsonl").write_text(json.dumps(FORGET[0]) + "\n{question: oops\n")
+    (tmp / "noanswer.jsonl").write_text(json.dumps({"question": "who?"}) + "\n")
+    flags, message = BAD[case]
+    out = tmp / "out"
+    argv = _argv(files, out) + [f.format(tmp=tmp) for f in flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("asu unlearn: error:") and message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()  # nothing that could be mistaken for a result
