@@ -46,6 +46,35 @@ def _config(family: str, num_layers: int = 2) -> transformers.PretrainedConfig:
     raise AssertionError(family)
 
 
+# Under TRITON_INTERPRET=1 every kernel call costs about a second, so each test runs the Triton kernel for the
+# families named here (together: window and no window, dense and varlen, decoding, temperature, backward) and
+# the PyTorch reference for the others. Without the interpreter every case runs the reference.
+KERNEL_CASES: dict[str, set[str]] = {
+    "test_unpadded_logits_equal_eager_and_sdpa": {"mistral"},
+    "test_padded_logits_equal_eager_and_sdpa": {"mistral"},
+    "test_packed_rows_equal_separate_documents": {"llama"},
+    "test_packed_with_flash_kwargs_from_flattening_collator": set(),
+    "test_greedy_generation_with_kv_cache_equals_eager": {"mistral"},
+    "test_smoothed_asu_equals_eager_with_divided_scaling": {"qwen2"},
+    "test_smoothed_layer_equals_hand_computation": {"llama"},
+    "test_training_gradients_equal_eager": {"llama"},
+    "test_set_attn_implementation_and_from_pretrained": set(),
+    "test_dropout_in_training_raises": set(),
+    "test_output_attentions_raises": set(),
+}
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_budget(request, monkeypatch):
+    kernel_families = KERNEL_CASES.get(request.node.originalname)
+    if kernel_families is None:
+        return
+    callspec = getattr(request.node, "callspec", None)
+    family = callspec.params.get("family", "llama") if callspec else "llama"
+    if family not in kernel_families:
+        monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
+
+
 _MODELS: dict[str, torch.nn.Module] = {}
 
 
@@ -184,10 +213,11 @@ def test_greedy_generation_with_kv_cache_equals_eager(family):
     ids = _ids(batch=2, n=8, seed=5)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding, as for generation
-    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    # 8 + 4 tokens: more than Mistral's window of 4, so its sliding cache drops keys while decoding.
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     expect = eager.generate(ids, **kwargs)
     got = ours.generate(ids, **kwargs)
-    assert got.shape == (2, 14)
+    assert got.shape == (2, 12)
     torch.testing.assert_close(got, expect, atol=0, rtol=0)
     # Decode steps really ran with one query against the cache: compare the logits of a cached step too.
     with torch.no_grad():

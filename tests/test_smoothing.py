@@ -21,6 +21,13 @@ from asu.smoothing import (
 NUM_LAYERS = 4
 
 
+@pytest.fixture(autouse=True)
+def _reference_kernels(monkeypatch):
+    # Smoothing logic does not depend on the kernel backend, and tests/test_hf_attention.py runs the Triton
+    # kernel at temperature; the reference keeps this file fast under TRITON_INTERPRET=1.
+    monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
+
+
 def _model(impl: str = "eager", num_layers: int = NUM_LAYERS) -> torch.nn.Module:
     torch.manual_seed(99)
     cfg = transformers.LlamaConfig(
