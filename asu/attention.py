@@ -82,7 +82,7 @@ def asu_attention_mask(
 
 # The documents of a packed batch are the same in every layer of one forward: remember the last derivation
 # (keyed on the position_ids tensor object and its version) so that only the first layer pays the host sync.
-_packed_cache: dict[str, object] = {"ref": None, "version": -1, "value": None}
+_packed_cache: dict[str, object] = {"ref": None, "version": -1, "batch": -1, "value": None}
 
 
 def _documents_from_position_ids(
@@ -94,7 +94,12 @@ def _documents_from_position_ids(
     (the same rule as transformers' ``find_packed_sequence_indices``).
     """
     ref = _packed_cache["ref"]
-    if ref is not None and ref() is position_ids and _packed_cache["version"] == position_ids._version:
+    if (
+        ref is not None
+        and ref() is position_ids
+        and _packed_cache["version"] == position_ids._version
+        and _packed_cache["batch"] == batch_size
+    ):
         return _packed_cache["value"]  # type: ignore[return-value]
     pos = position_ids
     if pos.dim() == 1:
@@ -111,7 +116,9 @@ def _documents_from_position_ids(
         total = torch.tensor([batch_size * n], device=pos.device)
         cu = torch.cat([flat_starts, total]).to(torch.int32)
         value = (cu, int((cu[1:] - cu[:-1]).max()))
-    _packed_cache.update(ref=weakref.ref(position_ids), version=position_ids._version, value=value)
+    _packed_cache.update(
+        ref=weakref.ref(position_ids), version=position_ids._version, batch=batch_size, value=value
+    )
     return value
 
 
@@ -181,7 +188,7 @@ def asu_attention_forward(
     documents = _flash_kwargs_documents(kwargs)
     if documents is None and attention_mask is None and n_q == n_k and n_q > 1:
         position_ids = kwargs.get("position_ids")
-        if isinstance(position_ids, torch.Tensor):
+        if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == n_q:
             documents = _documents_from_position_ids(position_ids, batch)
 
     if documents is not None:
