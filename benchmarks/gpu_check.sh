@@ -10,7 +10,7 @@
 #   4. python -m benchmarks.report               (markdown + PNGs; the README is not touched here)
 #   5. python -m benchmarks.compile_report       (when the script exists)
 #   6. end-to-end epoch and longest-context search, each only if the remaining budget allows
-#   7. the report again, then copy to $OUT: gpu_check.log, the CSV, the markdown, plots.tar.gz
+#   7. the report again, then copy to $OUT: gpu_check.log, the CSV, the markdown reports, plots.tar.gz
 # Every benchmark stage appends to one CSV that is rewritten after each measurement, so a stage stopped by
 # its timeout keeps what it measured. The exit status is 1 when a test or benchmark stage failed.
 #
@@ -92,15 +92,16 @@ EOF
 CSV="$RES/bench-gpu-check-$STAMP.csv"
 
 rc=0
-stage "pytest -m gpu" 150 260 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider || rc=$?
+stage "pytest -m gpu" 130 300 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider || rc=$?
 if ((rc != 0 && rc != 5)); then FAILED+=("pytest($rc)"); fi # 5 = no test collected
 
-stage "quick suite" 200 60 "$PY" -m benchmarks.run --suite quick "${SIZE[@]}" --csv "$CSV" || FAILED+=("quick")
-stage "report" 45 15 "$PY" -m benchmarks.report --results "$RES" --no-readme || FAILED+=("report")
+stage "quick suite" 230 70 "$PY" -m benchmarks.run --suite quick "${SIZE[@]}" --csv "$CSV" || FAILED+=("quick")
+stage "report" 40 10 "$PY" -m benchmarks.report --results "$RES" --no-readme || FAILED+=("report")
 if [[ "$DEVICE" == cpu ]]; then
   echo "=== compile report: skipped in the CPU dry run (make compile-report runs it)"
 elif [[ -f benchmarks/compile_report.py ]]; then
-  stage "compile report" 60 40 "$PY" -m benchmarks.compile_report || FAILED+=("compile_report")
+  stage "compile report" 60 20 "$PY" -m benchmarks.compile_report --jobs "$(nproc)" --out "$RES/compile_report.md" ||
+    FAILED+=("compile_report")
 else
   echo "=== compile report: benchmarks/compile_report.py not present, skipped"
 fi
@@ -115,7 +116,7 @@ stage "report (final)" 30 0 "$PY" -m benchmarks.report --results "$RES" --no-rea
 
 if [[ -n "${OUT:-}" ]]; then
   # At most a handful of files come back from $OUT: the log, the CSV, the markdown and one tarball of plots.
-  cp "$RES"/*.csv "$RES"/*.md "$OUT"/ 2>/dev/null || true
+  cp "$RES"/*.csv "$RES"/*.md "$OUT"/ 2>/dev/null || true # results markdown + compile_report.md
   if compgen -G "$RES/*.png" >/dev/null; then
     tar -czf "$OUT/plots.tar.gz" -C "$RES" $(cd "$RES" && ls *.png)
   fi
