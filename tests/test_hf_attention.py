@@ -61,6 +61,9 @@ KERNEL_CASES: dict[str, set[str]] = {
     "test_set_attn_implementation_and_from_pretrained": set(),
     "test_dropout_in_training_raises": set(),
     "test_output_attentions_raises": set(),
+    "test_static_cache_generation_equals_eager": set(),
+    "test_qwen3_padded_equals_eager": set(),
+    "test_packed_training_with_gradient_checkpointing_equals_eager": set(),
 }
 
 
@@ -384,3 +387,105 @@ def test_padded_packed_on_each_backend(backend, monkeypatch):
     position_ids = torch.cat([torch.arange(5), torch.arange(7)])[None]
     packed = _logits(ours, ids[:1], position_ids=position_ids)
     torch.testing.assert_close(packed[0, 5:], _logits(eager, ids[:1, 5:])[0], atol=ATOL, rtol=RTOL)
+
+
+def test_static_cache_generation_equals_eager():
+    """A static cache hands in keys for every slot (most still empty): only the written ones may be used."""
+    eager, ours = _models("llama", "eager", "asu")
+    ids = _ids(batch=2, n=6, seed=23)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    expect = eager.generate(ids, cache_implementation="static", **kwargs)
+    got = ours.generate(ids, cache_implementation="static", **kwargs)
+    torch.testing.assert_close(got, expect, atol=0, rtol=0)
+
+
+def test_qwen3_padded_equals_eager():
+    """Any model on the attention interface is served: Qwen3 (q/k norms, explicit head_dim)."""
+    torch.manual_seed(29)
+    cfg = transformers.Qwen3Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=128,
+    )
+    eager = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    ours = copy.deepcopy(eager)
+    ours.set_attn_implementation("asu")
+    ids = _ids(seed=31)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    real = mask.bool()
+    with smoothing(ours, 2.3), smoothing(eager, 2.3):
+        torch.testing.assert_close(
+            _logits(ours, ids, attention_mask=mask)[real],
+            _logits(eager, ids, attention_mask=mask)[real],
+            atol=ATOL,
+            rtol=RTOL,
+        )
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
+def test_packed_training_with_gradient_checkpointing_equals_eager():
+    """Training on a packed row with gradient checkpointing: same loss and gradients as eager (which masks
+    documents from position_ids when no cache is used)."""
+    eager, ours = _models("llama", "eager", "asu")
+    ids = _ids(batch=1, seed=37)
+    position_ids = torch.cat([torch.arange(4), torch.arange(8)])[None]
+    labels = ids.clone()
+    labels[0, 4] = -100  # the first token of document 2 is not predicted from document 1
+    losses = []
+    for model in (eager, ours):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        loss = model(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False).loss
+        loss.backward()
+        losses.append(loss)
+        model.eval()
+    torch.testing.assert_close(losses[1], losses[0], atol=ATOL, rtol=RTOL)
+    for (name, pe), po in zip(eager.named_parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(po.grad, pe.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+class _FakeAttention(torch.nn.Module):
+    is_causal = True
+
+
+def _qkv(b: int = 1, n: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(41)
+    return tuple(torch.randn(b, h, n, 16, generator=g) for h in (4, 2, 2))
+
+
+def test_attention_function_rejects_inconsistent_inputs():
+    module = _FakeAttention()
+    q, k, v = _qkv()
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    padding = torch.tensor([[False, True, True, True, True, True]])
+    with pytest.raises(ValueError, match="must not also carry padding"):
+        asu_attention.asu_attention_forward(module, q, k, v, padding, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    with pytest.raises(ValueError, match="cu_seq_lens_q == cu_seq_lens_k"):
+        asu_attention.asu_attention_forward(
+            module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=torch.tensor([0, 3, 6], dtype=torch.int32)
+        )
+    with pytest.raises(ValueError, match="bool key-padding mask"):
+        asu_attention.asu_attention_forward(module, q, k, v, torch.zeros(1, 1, 6, 6))
+    with pytest.raises(ValueError, match="softcap"):
+        asu_attention.asu_attention_forward(module, q, k, v, None, softcap=30.0)
+    with pytest.raises(ValueError, match="sinks"):
+        asu_attention.asu_attention_forward(module, q, k, v, None, s_aux=torch.zeros(4))
+
+
+def test_attention_function_decode_and_non_causal():
+    """One query against six cached keys sees them all; is_causal=False lifts the causal mask."""
+    module = _FakeAttention()
+    q, k, v = _qkv()
+    out, weights = asu_attention.asu_attention_forward(module, q[:, :, -1:], k, v, None, scaling=0.25)
+    assert weights is None and out.shape == (1, 1, 4, 16)
+    full = asu_kernels.reference.attention(q, k, v, causal=False, scale=0.25)[0]
+    torch.testing.assert_close(out[:, 0], full[:, :, -1], atol=ATOL, rtol=RTOL)
+    out, _ = asu_attention.asu_attention_forward(module, q, k, v, None, scaling=0.25, is_causal=False)
+    torch.testing.assert_close(out, full.transpose(1, 2), atol=ATOL, rtol=RTOL)
