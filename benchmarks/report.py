@@ -312,6 +312,12 @@ def e2e_summary(e2e: list[Row]) -> str:
     return ("Ours vs the authors' pipeline shape: " + ", ".join(parts) + ".") if parts else ""
 
 
+def _e2e_model(rows: list[Row]) -> str:
+    params = next((r["params"] for r in rows if r["benchmark"] == "e2e" and r["params"]), "")
+    fields = dict(kv.split("=", 1) for kv in params.split(";") if "=" in kv)
+    return fields.get("model", "model not recorded")
+
+
 def context_section(rows: list[Row]) -> list[str]:
     ctx = [r for r in rows if r["benchmark"] == "context"]
     if not ctx:
@@ -325,7 +331,7 @@ def context_section(rows: list[Row]) -> list[str]:
         if r is not None:
             longest, note = _cell(r, 6), r["note"]
         elif best is not None:  # the search was stopped (timeout) before it recorded its answer
-            longest, note = best["seqlen"], "search interrupted: longest N measured so far"
+            longest, note = f"{_int(best['seqlen']):,}", "search interrupted: longest N measured so far"
         else:
             longest, note = "—", ""
         body.append([p, longest, _cell(best) if best else "—", _cell(gb) if gb else "—", note])
@@ -421,6 +427,16 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
         else ("e2e peak memory <= 0.5x the authors' shape", "—", "not measured")
     )
     ctx = _num(_lookup(rows, benchmark="context", provider="ours", metric="max_tokens") or {"status": "x"})
+    if ctx is None:  # search stopped before its answer: the longest N that fit is a lower bound
+        fits = [
+            _int(r["seqlen"])
+            for r in rows
+            if r["benchmark"] == "context"
+            and r["provider"] == "ours"
+            and r["metric"] == "s"
+            and r["status"] == "ok"
+        ]
+        ctx = float(max(fits)) if fits else None
     out.append(
         ("longest ASU step (1B shape) >= 128k tokens", f"{ctx:,.0f}", _verdict(ctx >= 131072))
         if ctx
@@ -593,7 +609,7 @@ def readme_summary(device: str, day: str, rows: list[Row], md_path: Path, readme
     lines += vocab_section([r for r in rows if r["benchmark"] == "linear_kl"])
     summary = e2e_summary([r for r in rows if r["benchmark"] == "e2e"])
     if summary:
-        lines += [f"End to end: {summary}", ""]
+        lines += [f"End to end (one ASU epoch, {_e2e_model(rows)}). {summary}", ""]
     ctx = context_section(rows)
     if ctx:
         lines += ctx
