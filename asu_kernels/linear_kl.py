@@ -1,13 +1,582 @@
-"""Fused LM-head + KL(teacher || student) and fused LM-head + cross-entropy: the public entry points.
+"""Fused LM-head + KL(teacher || student) and fused LM-head + cross-entropy, never holding (M x V) logits.
 
-Semantics are defined in :mod:`asu_kernels.reference` (``linear_kl``, ``linear_cross_entropy``).
+Semantics are defined in :mod:`asu_kernels.reference` (``linear_kl``, ``linear_cross_entropy``):
+
+* ``linear_kl = sum_i w_i KL(softmax(hT_i WT^T + bT) || softmax(hS_i WS^T + bS))``, ``w_i = 1/M`` by default;
+* ``linear_cross_entropy = sum_i w_i (-log softmax(h_i W^T + b)[y_i])`` over rows with
+  ``y_i != ignore_index``, ``w_i = 1/#valid`` by default.
+
+How it runs
+-----------
+Rows with weight 0 (and ignored labels) are dropped first, so they cost nothing. The remaining rows are
+processed in chunks of ``C`` rows, sized so one fp32 (C x V) buffer stays small (512 MiB on a GPU; on the
+CPU an eighth of the input bytes, between 256 KiB and 64 MiB). Per chunk:
+
+1. logits ``S = h_c WS^T + bS`` and ``T = hT_c WT^T + bT`` with one cuBLAS matmul each (``torch.addmm``) into
+   reused chunk buffers;
+2. one row kernel (Triton on CUDA or under ``TRITON_INTERPRET=1``, in-place PyTorch otherwise) streams the
+   vocabulary with an online log-sum-exp for both distributions, returns the per-row loss, and, when the
+   student needs gradients, overwrites ``S`` with ``dL/dS = w_i (p_S - p_T)`` (CE: ``w_i (p - onehot(y))``);
+3. ``grad_h[rows] = G WS`` and ``grad_WS += G^T h_c`` (fp32 accumulator), ``grad_bS += G.sum(0)``.
+
+So the gradients are produced in the forward (as in Liger-Kernel); the backward only multiplies them by the
+upstream gradient. The teacher side never receives gradients. Why cuBLAS for the matmuls and Triton only
+for the softmax part: on an H100 at d=4096, V=128k the four GEMMs are ``8 M V d`` FLOPs (~34 TFLOP at
+M=8192, ~55 ms at a realistic 650 TFLOP/s) while the row kernel moves ``5 C V`` bf16 values per chunk
+(~7 GB in all, ~2 ms at 3.3 TB/s); a Triton GEMM fused with the softmax would save only that ~2 ms of
+traffic but would have to match cuBLAS's Hopper GEMMs to come out ahead, so the GEMMs stay in cuBLAS.
+
+Both losses are ``torch.library.custom_op`` s with a fake implementation and ``register_autograd`` (see
+DESIGN.md section 5), so ``torch.compile(fullgraph=True)`` traces them as single opaque nodes.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from asu_kernels import reference
+from asu_kernels import _linear_kl_kernels as kernels
+from asu_kernels._aot import AOTSpec
+from asu_kernels._backend import use_triton
+
+__all__ = ["linear_kl", "linear_cross_entropy", "aot_specs"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Chunk sizing. On the GPU a (C x V) fp32-sized buffer of 512 MiB gives C ~ 1024 rows at V = 128k: enough rows
+# that the grad_W GEMM (which reads and writes the fp32 (V x d) accumulator once per chunk) is compute-bound,
+# while two bf16 chunk buffers stay near 0.5 GB. On the CPU the budget follows the inputs, so the chunked
+# path's extra memory stays a fraction of (hidden states + weights).
+CUDA_CHUNK_BYTES = 512 * 2**20
+CPU_CHUNK_BYTES_MIN = 256 * 2**10
+CPU_CHUNK_BYTES_MAX = 64 * 2**20
+# When grad_W must be accumulated from low-precision gradients without an fp32-output GEMM, it is done in
+# vocabulary blocks so the temporary (block x d) product stays at most this large.
+GRAD_W_BLOCK_BYTES = 64 * 2**20
+
+# Test hooks: force several chunks / vocabulary tiles on small shapes. None = automatic.
+_chunk_rows_override: int | None = None
+_block_v_override: int | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _require_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_head(prefix: str, hidden: object, weight: object, bias: object | None) -> None:
+    """hidden (M, d), weight (V, d), bias (V,) of one supported float dtype."""
+    hidden = _require_tensor(f"{prefix}hidden", hidden)
+    weight = _require_tensor(f"{prefix}weight", weight)
+    for name, t in ((f"{prefix}hidden", hidden), (f"{prefix}weight", weight)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"{prefix}hidden ({hidden.dtype}) and {prefix}weight ({weight.dtype}) must share a dtype"
+        )
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{prefix}hidden has d={hidden.shape[1]} but {prefix}weight is (V, d)={tuple(weight.shape)}"
+        )
+    if weight.shape[0] < 1:
+        raise ValueError(f"{prefix}weight has an empty vocabulary: shape {tuple(weight.shape)}")
+    if bias is not None:
+        bias = _require_tensor(f"{prefix}bias", bias)
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{prefix}bias ({bias.dtype}) must have {prefix}weight's dtype ({weight.dtype})")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(
+                f"{prefix}bias must have shape (V,)=({weight.shape[0]},), got {tuple(bias.shape)}"
+            )
+
+
+def _check_row_weights(weights: object | None, rows: int) -> None:
+    if weights is None:
+        return
+    weights = _require_tensor("weights", weights)
+    if weights.is_complex() or not (weights.is_floating_point() or weights.dtype == torch.bool):
+        raise TypeError(f"weights must be a floating-point (or bool) tensor, got {weights.dtype}")
+    if weights.shape != (rows,):
+        raise ValueError(f"weights must have shape (M,)=({rows},), got {tuple(weights.shape)}")
+
+
+def _check_devices(named: dict[str, torch.Tensor | None]) -> None:
+    present = {k: v.device for k, v in named.items() if v is not None}
+    if len(set(present.values())) > 1:
+        raise ValueError(
+            "all tensors must be on one device, got " + ", ".join(f"{k}: {d}" for k, d in present.items())
+        )
+
+
+def _check_finite(named: dict[str, torch.Tensor | None]) -> None:
+    for name, t in named.items():
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared chunk machinery
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _triton_path(t: torch.Tensor) -> bool:
+    # float64 has no Triton kernel configuration; it takes the (exact) PyTorch chunked path on any device.
+    return t.dtype != torch.float64 and use_triton(t)
+
+
+def _chunk_rows(n_rows: int, vocab: int, device: torch.device, input_bytes: int) -> int:
+    if _chunk_rows_override is not None:
+        return max(1, min(n_rows, int(_chunk_rows_override)))
+    if device.type == "cuda":
+        rows = CUDA_CHUNK_BYTES // (4 * vocab)
+        if rows >= 128:
+            rows = rows // 128 * 128  # whole GEMM tiles
+    else:
+        budget = min(CPU_CHUNK_BYTES_MAX, max(CPU_CHUNK_BYTES_MIN, input_bytes // 8))
+        rows = budget // (4 * vocab)
+    return max(1, min(n_rows, rows))
+
+
+def _nbytes(*ts: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def _logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """out (c, V) <- h (c, d) @ weight (V, d)^T + bias, in the inputs' dtype, then stored in out's dtype."""
+    if out.dtype == h.dtype:
+        if bias is None:
+            torch.mm(h, weight.t(), out=out)
+        else:
+            torch.addmm(bias, h, weight.t(), out=out)
+    else:
+        # PyTorch path with fp16/bf16 inputs: the matmul runs in the input precision (as the reference does),
+        # the softmax part in fp32.
+        logits = h @ weight.t()
+        out.copy_(logits if bias is None else logits + bias)
+
+
+_FP32_OUT_ADDMM: dict[str, bool] = {}
+
+
+def _fp32_out_addmm_works(device: torch.device) -> bool:
+    """Whether ``aten::addmm.dtype_out`` (low-precision operands, fp32 accumulator in place) works here.
+
+    Probed once per device type on a tiny case with the operand layouts used below, and checked against an
+    fp32 computation, so a build without it (or with a wrong result) falls back to the blocked path.
+    """
+    key = device.type
+    if key not in _FP32_OUT_ADDMM:
+        ok = False
+        try:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            g = torch.randn(3, 5, generator=gen).to(device=device, dtype=torch.bfloat16)
+            h = torch.randn(3, 2, generator=gen).to(device=device, dtype=torch.bfloat16)
+            acc = torch.randn(5, 2, generator=gen).to(device)
+            want = acc + g.float().t() @ h.float()
+            torch.ops.aten.addmm.dtype_out(acc, g.t(), h, torch.float32, out=acc)
+            ok = acc.dtype == torch.float32 and bool(torch.allclose(acc, want, rtol=1e-3, atol=1e-3))
+        except (RuntimeError, NotImplementedError, TypeError):
+            ok = False
+        _FP32_OUT_ADDMM[key] = ok
+    return _FP32_OUT_ADDMM[key]
+
+
+def _accumulate_grad_weight(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """acc (V, d) += g (c, V)^T @ h (c, d), with acc in fp32 (fp64) whatever the dtype of g and h."""
+    if g.dtype == acc.dtype:
+        acc.addmm_(g.t(), h if h.dtype == acc.dtype else h.to(acc.dtype))
+        return
+    if h.dtype != g.dtype:
+        h = h.to(g.dtype)
+    if _fp32_out_addmm_works(acc.device):
+        torch.ops.aten.addmm.dtype_out(acc, g.t(), h, torch.float32, out=acc)
+        return
+    # Blocked over the vocabulary so the low-precision temporary stays small; each block's product is
+    # accumulated in fp32 inside the GEMM and rounded once before joining the fp32 accumulator.
+    vocab, d = acc.shape
+    block = max(1, GRAD_W_BLOCK_BYTES // max(1, d * g.element_size()))
+    for v0 in range(0, vocab, block):
+        v1 = min(vocab, v0 + block)
+        acc[v0:v1].add_(torch.mm(g[:, v0:v1].t(), h))
+
+
+class _Rows:
+    """Which rows of the (M, ...) inputs a chunk covers: a slice when every row is active, else indices."""
+
+    def __init__(self, index: torch.Tensor | None, start: int, stop: int):
+        self.index = None if index is None else index[start:stop]
+        self.slice = slice(start, stop)
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        return t[self.slice] if self.index is None else t.index_select(0, self.index)
+
+    def put(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if self.index is None:
+            dst[self.slice].copy_(src)
+        else:
+            dst.index_copy_(0, self.index, src.to(dst.dtype))
+
+
+def _active_rows(active: torch.Tensor | None, rows: int) -> tuple[torch.Tensor | None, int]:
+    """(indices of active rows or None when all are, their count)."""
+    if active is None:
+        return None, rows
+    index = active.nonzero().squeeze(1)
+    count = index.numel()
+    return (None, rows) if count == rows else (index, count)
+
+
+def _backprop_chunk(
+    g: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    rows: _Rows,
+    grad_hidden: torch.Tensor | None,
+    grad_weight_acc: torch.Tensor | None,
+    grad_bias_acc: torch.Tensor | None,
+) -> None:
+    """Turn the chunk's logit gradient g (c, V) into hidden / weight / bias gradients."""
+    if grad_hidden is not None:
+        gh = torch.mm(g if g.dtype == weight.dtype else g.to(weight.dtype), weight)
+        rows.put(grad_hidden, gh)
+    if grad_weight_acc is not None:
+        _accumulate_grad_weight(grad_weight_acc, g, h)
+    if grad_bias_acc is not None:
+        grad_bias_acc += g.sum(0, dtype=grad_bias_acc.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PyTorch row kernels (the CPU path): same math as the Triton kernels, in place on fp32/fp64 chunk buffers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _kl_rows_torch(s: torch.Tensor, t: torch.Tensor, w: torch.Tensor, compute_grad: bool) -> torch.Tensor:
+    """Per-row KL(softmax(t) || softmax(s)) of (c, V) buffers; with compute_grad, s <- w (p_S - p_T)."""
+    s.sub_(torch.logsumexp(s, dim=-1, keepdim=True))  # log p_S
+    t.sub_(torch.logsumexp(t, dim=-1, keepdim=True))  # log p_T
+    p_t = t.exp()
+    t.sub_(s)  # log p_T - log p_S
+    t.masked_fill_(p_t == 0, 0.0)  # 0 * log 0 = 0, also where a logit is -inf
+    kl = torch.bmm(p_t.unsqueeze(1), t.unsqueeze(2)).view(-1)
+    if compute_grad:
+        s.exp_().sub_(p_t).mul_(w[:, None])
+    return kl
+
+
+def _ce_rows_torch(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, compute_grad: bool) -> torch.Tensor:
+    """Per-row logsumexp(x) - x[y] of a (c, V) buffer; with compute_grad, x <- w (softmax(x) - onehot(y))."""
+    lse = torch.logsumexp(x, dim=-1)
+    loss = lse - x.gather(1, y[:, None]).squeeze(1)
+    if compute_grad:
+        x.sub_(lse[:, None]).exp_()
+        x.scatter_add_(1, y[:, None], torch.full_like(lse[:, None], -1.0))
+        x.mul_(w[:, None])
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward passes (loss and gradients); the bodies of the custom ops
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _new_grads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+    acc_dtype: torch.dtype,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    grad_h = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+    grad_b = (
+        torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device)
+        if need_b and bias is not None
+        else None
+    )
+    return grad_h, grad_w, grad_b
+
+
+def _finish_grads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    grad_h: torch.Tensor | None,
+    grad_w: torch.Tensor | None,
+    grad_b: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cast accumulators to the parameter dtypes; absent gradients become empty (0,) tensors.
+
+    Each absent gradient gets its own empty tensor: custom-op outputs may not alias one another.
+    """
+    out_h = hidden.new_empty((0,)) if grad_h is None else grad_h
+    out_w = hidden.new_empty((0,)) if grad_w is None else grad_w.to(weight.dtype)
+    out_b = hidden.new_empty((0,)) if grad_b is None else grad_b.to(bias.dtype)
+    return out_h, out_w, out_b
+
+
+def _linear_kl_forward(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    weights: torch.Tensor | None,
+    student_bias: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+    check: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if check:
+        _check_finite(
+            {
+                "student_hidden": student_hidden,
+                "student_weight": student_weight,
+                "teacher_hidden": teacher_hidden,
+                "teacher_weight": teacher_weight,
+                "weights": weights,
+                "student_bias": student_bias,
+                "teacher_bias": teacher_bias,
+            }
+        )
+    rows, vocab = student_hidden.shape[0], student_weight.shape[0]
+    device = student_hidden.device
+    acc = _acc_dtype(student_hidden.dtype)
+    on_triton = _triton_path(student_hidden)
+    if weights is None:
+        w = torch.full((rows,), 1.0 / max(rows, 1), dtype=acc, device=device)
+        index, n_active = None, rows
+    else:
+        w = weights.to(acc)
+        index, n_active = _active_rows(w != 0, rows)
+    grad_h, grad_w, grad_b = _new_grads(
+        student_hidden, student_weight, student_bias, need_h, need_w, need_b, acc
+    )
+    compute_grad = grad_h is not None or grad_w is not None or grad_b is not None
+    total = torch.zeros((), dtype=acc, device=device)
+    if n_active > 0:
+        inputs = _nbytes(student_hidden, student_weight, teacher_hidden, teacher_weight)
+        chunk = _chunk_rows(n_active, vocab, device, inputs)
+        buf_dtype = student_hidden.dtype if on_triton else acc
+        s_buf = torch.empty((chunk, vocab), dtype=buf_dtype, device=device)
+        t_buf = torch.empty((chunk, vocab), dtype=buf_dtype, device=device)
+        loss_buf = torch.empty(chunk, dtype=torch.float32, device=device)
+        for start in range(0, n_active, chunk):
+            stop = min(n_active, start + chunk)
+            sel = _Rows(index, start, stop)
+            c = stop - start
+            h_s, h_t, w_c = sel.take(student_hidden), sel.take(teacher_hidden), sel.take(w)
+            s, t = s_buf[:c], t_buf[:c]
+            _logits_into(s, h_s, student_weight, student_bias)
+            _logits_into(t, h_t, teacher_weight, teacher_bias)
+            if on_triton:
+                per_row = loss_buf[:c].fill_(math.nan)  # poison: an unwritten row would show as NaN
+                kernels.launch_kl_rows(s, t, w_c.contiguous(), per_row, compute_grad, _block_v_override)
+            else:
+                per_row = _kl_rows_torch(s, t, w_c, compute_grad)
+            total += (w_c * per_row.to(acc)).sum()
+            if compute_grad:
+                _backprop_chunk(s, h_s, student_weight, sel, grad_h, grad_w, grad_b)
+    loss = total.to(student_hidden.dtype)
+    return (loss, *_finish_grads(student_hidden, student_weight, student_bias, grad_h, grad_w, grad_b))
+
+
+def _linear_ce_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    weights: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+    check: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if check:
+        _check_finite({"hidden": hidden, "weight": weight, "weights": weights, "bias": bias})
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    acc = _acc_dtype(hidden.dtype)
+    on_triton = _triton_path(hidden)
+    valid = labels != ignore_index
+    out_of_range = valid & ((labels < 0) | (labels >= vocab))
+    if bool(out_of_range.any()):
+        bad = labels[out_of_range][:5].tolist()
+        raise ValueError(
+            f"labels must be in [0, V={vocab}) or equal ignore_index={ignore_index}; got e.g. {bad}"
+        )
+    if weights is None:
+        w = valid.to(acc) / valid.sum().clamp(min=1).to(acc)
+    else:
+        w = weights.to(acc) * valid.to(acc)
+    index, n_active = _active_rows(w != 0, rows)
+    grad_h, grad_w, grad_b = _new_grads(hidden, weight, bias, need_h, need_w, need_b, acc)
+    compute_grad = grad_h is not None or grad_w is not None or grad_b is not None
+    total = torch.zeros((), dtype=acc, device=device)
+    if n_active > 0:
+        chunk = _chunk_rows(n_active, vocab, device, _nbytes(hidden, weight))
+        buf = torch.empty((chunk, vocab), dtype=hidden.dtype if on_triton else acc, device=device)
+        loss_buf = torch.empty(chunk, dtype=torch.float32, device=device)
+        for start in range(0, n_active, chunk):
+            stop = min(n_active, start + chunk)
+            sel = _Rows(index, start, stop)
+            c = stop - start
+            h, w_c, y = sel.take(hidden), sel.take(w), sel.take(labels).to(torch.int64)
+            x = buf[:c]
+            _logits_into(x, h, weight, bias)
+            if on_triton:
+                per_row = loss_buf[:c].fill_(math.nan)
+                kernels.launch_ce_rows(
+                    x, y.contiguous(), w_c.contiguous(), per_row, compute_grad, _block_v_override
+                )
+            else:
+                per_row = _ce_rows_torch(x, y, w_c, compute_grad)
+            total += (w_c * per_row.to(acc)).sum()
+            if compute_grad:
+                _backprop_chunk(x, h, weight, sel, grad_h, grad_w, grad_b)
+    loss = total.to(hidden.dtype)
+    return (loss, *_finish_grads(hidden, weight, bias, grad_h, grad_w, grad_b))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Custom ops + autograd
+# ----------------------------------------------------------------------------------------------------------
+
+_KL_SCHEMA = (
+    "(Tensor student_hidden, Tensor student_weight, Tensor teacher_hidden, Tensor teacher_weight, "
+    "Tensor? weights, Tensor? student_bias, Tensor? teacher_bias, bool need_grad_hidden, "
+    "bool need_grad_weight, bool need_grad_bias, bool check) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+_CE_SCHEMA = (
+    "(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, Tensor? weights, Tensor? bias, "
+    "bool need_grad_hidden, bool need_grad_weight, bool need_grad_bias, bool check) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+# The op bodies are the forward functions above; they return (loss, grad_hidden, grad_weight, grad_bias) with
+# absent gradients as empty (0,) tensors (a custom op cannot return None).
+_linear_kl_op = torch.library.custom_op(
+    "asu_kernels::linear_kl_fused", _linear_kl_forward, mutates_args=(), schema=_KL_SCHEMA
+)
+_linear_ce_op = torch.library.custom_op(
+    "asu_kernels::linear_cross_entropy_fused", _linear_ce_forward, mutates_args=(), schema=_CE_SCHEMA
+)
+
+
+@_linear_kl_op.register_fake
+def _linear_kl_fake(
+    s_hidden, s_weight, t_hidden, t_weight, weights, s_bias, t_bias, need_h, need_w, need_b, check
+):
+    return _fake_outputs(s_hidden, s_weight, s_bias, need_h, need_w, need_b)
+
+
+@_linear_ce_op.register_fake
+def _linear_ce_fake(hidden, weight, labels, ignore_index, weights, bias, need_h, need_w, need_b, check):
+    return _fake_outputs(hidden, weight, bias, need_h, need_w, need_b)
+
+
+def _fake_outputs(hidden, weight, bias, need_h: bool, need_w: bool, need_b: bool):
+    return (
+        hidden.new_empty(()),
+        hidden.new_empty(hidden.shape) if need_h else hidden.new_empty((0,)),
+        weight.new_empty(weight.shape) if need_w else hidden.new_empty((0,)),
+        bias.new_empty(bias.shape) if need_b and bias is not None else hidden.new_empty((0,)),
+    )
+
+
+def _save_grads(ctx, inputs, output) -> None:
+    _, grad_h, grad_w, grad_b = output
+    ctx.save_for_backward(grad_h, grad_w, grad_b)
+    # Only the loss is differentiable, and autograd must not build zero "incoming gradients" for the
+    # gradient outputs: a (V x d) block of zeros would double the backward's peak memory.
+    ctx.mark_non_differentiable(grad_h, grad_w, grad_b)
+    ctx.set_materialize_grads(False)
+
+
+def _scaled(grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor | None:
+    """The saved gradient times the upstream gradient, in place.
+
+    In place because an out-of-place product would hold a second copy of grad_W (as large as the LM head)
+    at the peak. Autograd's version counter guards the saved tensor: a second backward through the same
+    loss (retain_graph=True) raises instead of reusing scaled gradients. Under torch.compile the product
+    is functionalised (out of place) by AOTAutograd.
+    """
+    # Empty (0,) means "not computed": that input did not require a gradient.
+    if grad.numel() == 0 and grad.dim() == 1:
+        return None
+    return grad.mul_(upstream.to(grad.dtype))
+
+
+def _linear_kl_backward(ctx, grad_loss, *_unused):
+    if grad_loss is None:  # nothing flowed into the loss (grads are not materialised)
+        return (None, None, None, None, None, None, None, None, None, None, None)
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    return (
+        _scaled(grad_h, grad_loss),
+        _scaled(grad_w, grad_loss),
+        None,
+        None,
+        None,
+        _scaled(grad_b, grad_loss),
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+def _linear_ce_backward(ctx, grad_loss, *_unused):
+    if grad_loss is None:  # nothing flowed into the loss (grads are not materialised)
+        return (None, None, None, None, None, None, None, None, None, None)
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    return (
+        _scaled(grad_h, grad_loss),
+        _scaled(grad_w, grad_loss),
+        None,
+        None,
+        None,
+        _scaled(grad_b, grad_loss),
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_linear_kl_op.register_autograd(_linear_kl_backward, setup_context=_save_grads)
+_linear_ce_op.register_autograd(_linear_ce_backward, setup_context=_save_grads)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _wants_grad(t: torch.Tensor | None) -> bool:
+    return t is not None and t.requires_grad and torch.is_grad_enabled()
+
+
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
 
 
 def linear_kl(
@@ -18,17 +587,65 @@ def linear_kl(
     weights: torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
+    check: bool = False,
 ) -> torch.Tensor:
-    """``sum_i w_i KL(softmax(hT_i WT^T + bT) || softmax(hS_i WS^T + bS))``; mean over rows if no weights."""
-    return reference.linear_kl(
+    """``sum_i w_i KL(softmax(hT_i WT^T + bT) || softmax(hS_i WS^T + bS))`` without materialising logits.
+
+    Args:
+        student_hidden: (M, d_S) fp16/bf16/fp32/fp64. student_weight: (V, d_S), same dtype.
+        teacher_hidden: (M, d_T). teacher_weight: (V, d_T) (may be ``student_weight`` itself), same dtype.
+        weights: (M,) row weights carrying mask and normalisation; None = ``1/M`` each. Rows with weight 0
+            cost nothing. No gradient flows to ``weights``.
+        student_bias, teacher_bias: optional (V,).
+        check: also raise ValueError when any input holds NaN or inf (one reduction per input).
+
+    Returns:
+        The scalar loss in the hidden states' dtype. Gradients flow to ``student_hidden``, ``student_weight``
+        and ``student_bias`` only (the teacher side is treated as constant).
+    """
+    _check_head("student_", student_hidden, student_weight, student_bias)
+    _check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias)
+    if student_hidden.dtype != teacher_hidden.dtype:
+        raise TypeError(
+            f"student ({student_hidden.dtype}) and teacher ({teacher_hidden.dtype}) tensors "
+            "must share a dtype"
+        )
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"vocabulary sizes differ: student_weight has V={student_weight.shape[0]}, "
+            f"teacher_weight has V={teacher_weight.shape[0]}"
+        )
+    if student_hidden.shape[0] != teacher_hidden.shape[0]:
+        raise ValueError(
+            f"student_hidden has M={student_hidden.shape[0]} rows "
+            f"but teacher_hidden has {teacher_hidden.shape[0]}"
+        )
+    _check_row_weights(weights, student_hidden.shape[0])
+    _check_devices(
+        {
+            "student_hidden": student_hidden,
+            "student_weight": student_weight,
+            "teacher_hidden": teacher_hidden,
+            "teacher_weight": teacher_weight,
+            "weights": weights,
+            "student_bias": student_bias,
+            "teacher_bias": teacher_bias,
+        }
+    )
+    loss, _, _, _ = _linear_kl_op(
         student_hidden,
         student_weight,
         teacher_hidden.detach(),
         teacher_weight.detach(),
-        weights,
+        _detach(weights),
         student_bias,
-        None if teacher_bias is None else teacher_bias.detach(),
+        _detach(teacher_bias),
+        _wants_grad(student_hidden),
+        _wants_grad(student_weight),
+        _wants_grad(student_bias),
+        bool(check),
     )
+    return loss
 
 
 def linear_cross_entropy(
@@ -38,6 +655,86 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     weights: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    check: bool = False,
 ) -> torch.Tensor:
-    """Cross-entropy of ``softmax(h W^T + b)`` against labels; see :func:`reference.linear_cross_entropy`."""
-    return reference.linear_cross_entropy(hidden, weight, labels, ignore_index, weights, bias)
+    """``sum_i w_i (-log softmax(h_i W^T + b)[y_i])`` over rows with ``y_i != ignore_index``, no logits held.
+
+    Args:
+        hidden: (M, d) fp16/bf16/fp32/fp64. weight: (V, d), same dtype. labels: (M,) integer, each in
+            ``[0, V)`` or equal to ``ignore_index``. weights: (M,) row weights; None = mean over the
+            non-ignored rows (0 when every row is ignored). bias: optional (V,).
+        check: also raise ValueError when any input holds NaN or inf.
+
+    Returns:
+        The scalar loss in the hidden states' dtype; gradients flow to hidden, weight and bias.
+    """
+    _check_head("", hidden, weight, bias)
+    labels = _require_tensor("labels", labels)
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != (hidden.shape[0],):
+        raise ValueError(f"labels must have shape (M,)=({hidden.shape[0]},), got {tuple(labels.shape)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _check_row_weights(weights, hidden.shape[0])
+    _check_devices({"hidden": hidden, "weight": weight, "labels": labels, "weights": weights, "bias": bias})
+    loss, _, _, _ = _linear_ce_op(
+        hidden,
+        weight,
+        labels,
+        ignore_index,
+        _detach(weights),
+        bias,
+        _wants_grad(hidden),
+        _wants_grad(weight),
+        _wants_grad(bias),
+        bool(check),
+    )
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs
+# ----------------------------------------------------------------------------------------------------------
+
+_AOT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def aot_specs() -> list[AOTSpec]:
+    """Every Triton configuration :func:`linear_kl` / :func:`linear_cross_entropy` may launch.
+
+    Both row kernels x logits-buffer dtype (fp32, bf16, fp16) x with/without the gradient pass x the two
+    vocabulary tiles of :func:`asu_kernels._linear_kl_kernels.tile_for`.
+    """
+    specs: list[AOTSpec] = []
+    tiles = (kernels.SMALL_TILE, kernels.LARGE_TILE)
+    for ty in _AOT_DTYPES.values():
+        for grad in (True, False):
+            for block_v, warps in tiles:
+                tag = f"{ty},grad={int(grad)},BLOCK_V={block_v},w{warps}"
+                common = {"w_ptr": "*fp32", "loss_ptr": "*fp32", "V": "i32"}
+                consts = {"COMPUTE_GRAD": grad, "BLOCK_V": block_v}
+                flags = {"COMPUTE_GRAD": "constexpr", "BLOCK_V": "constexpr"}
+                specs.append(
+                    AOTSpec(
+                        name=f"linear_kl_rows[{tag}]",
+                        fn=kernels.kl_rows_kernel,
+                        signature={"s_ptr": f"*{ty}", "t_ptr": f"*{ty}", **common, **flags},
+                        constexprs=consts,
+                        num_warps=warps,
+                        num_stages=kernels.NUM_STAGES,
+                        h100_candidate=block_v == kernels.LARGE_TILE[0],
+                    )
+                )
+                specs.append(
+                    AOTSpec(
+                        name=f"linear_ce_rows[{tag}]",
+                        fn=kernels.ce_rows_kernel,
+                        signature={"x_ptr": f"*{ty}", "y_ptr": "*i64", **common, **flags},
+                        constexprs=consts,
+                        num_warps=warps,
+                        num_stages=kernels.NUM_STAGES,
+                        h100_candidate=block_v == kernels.LARGE_TILE[0],
+                    )
+                )
+    return specs

@@ -1,0 +1,584 @@
+"""Fused LM-head losses (linear_kl, linear_cross_entropy) against the float64 reference.
+
+Both implementations are exercised: the Triton row kernels (under TRITON_INTERPRET=1 on CPU, natively on
+CUDA) and the chunked PyTorch path (ASU_KERNELS_BACKEND=reference). Small chunk and tile overrides make
+the odd shapes span several row chunks and several vocabulary tiles with a ragged last tile.
+
+Tolerance (FlashAttention style): |ours - ref64| <= 2 |ref_lowp - ref64| + atol, where ref_lowp is the
+reference run in the inputs' own precision and atol a couple of ulp of the largest reference value.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from asu_kernels import reference
+
+# ``asu_kernels.linear_kl`` is shadowed by the function of that name in the package namespace.
+LKL = importlib.import_module("asu_kernels.linear_kl")
+ROOT = Path(__file__).resolve().parents[1]
+UPSTREAM = 2.5
+LOW = (torch.float16, torch.bfloat16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request, monkeypatch) -> str:
+    """Run the test once on the Triton kernels and once on the chunked PyTorch path."""
+    if request.param == "triton":
+        if not (_interpreting() or torch.cuda.is_available()):
+            pytest.skip("Triton path needs CUDA or TRITON_INTERPRET=1")
+        monkeypatch.setenv("ASU_KERNELS_BACKEND", "triton")
+    else:
+        monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
+    return request.param
+
+
+@pytest.fixture
+def small_chunks(monkeypatch) -> None:
+    """Several row chunks and vocabulary tiles even at M=37, V=333."""
+    monkeypatch.setattr(LKL, "_chunk_rows_override", 8)
+    monkeypatch.setattr(LKL, "_block_v_override", 128)
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _kl_inputs(m, v, d, dtype, *, shared_head, bias, seed=0, hidden_scale=1.0, device=None):
+    """Student/teacher hidden states, heads and row weights (some zero); logits ~ N(0, 4) by default."""
+    device = device or _device()
+    g = torch.Generator().manual_seed(seed)
+    w_scale = 2.0 / math.sqrt(d)
+    sh = torch.randn(m, d, generator=g) * hidden_scale
+    th = sh + 0.5 * torch.randn(m, d, generator=g) * hidden_scale
+    sw = torch.randn(v, d, generator=g) * w_scale
+    tw = sw if shared_head else sw + 0.5 * w_scale * torch.randn(v, d, generator=g)
+    sb = torch.randn(v, generator=g) if bias else None
+    tb = (sb if shared_head else torch.randn(v, generator=g)) if bias else None
+    weights = torch.rand(m, generator=g) + 0.1
+    weights[::5] = 0.0
+    cast = dict(dtype=dtype, device=device)
+    out = {
+        "student_hidden": sh.to(**cast),
+        "student_weight": sw.to(**cast),
+        "teacher_hidden": th.to(**cast),
+        "teacher_weight": tw.to(**cast) if not shared_head else None,
+        "weights": weights.to(device),
+        "student_bias": None if sb is None else sb.to(**cast),
+        "teacher_bias": None if tb is None or shared_head else tb.to(**cast),
+    }
+    if shared_head:  # literally the same tensors
+        out["teacher_weight"] = out["student_weight"]
+        out["teacher_bias"] = out["student_bias"]
+    return out
+
+
+STUDENT_PARAMS = ("student_hidden", "student_weight", "student_bias")
+
+
+def _run_kl(fn, inputs, dtype, upstream=UPSTREAM):
+    """Loss and student gradients of fn(**inputs) with the inputs cast to dtype (teacher detached)."""
+    args = {}
+    for k, t in inputs.items():
+        args[k] = (
+            None
+            if t is None
+            else t.detach().to(dtype if t.is_floating_point() and k != "weights" else t.dtype)
+        )
+    if inputs["teacher_weight"] is inputs["student_weight"]:
+        args["teacher_weight"] = args["student_weight"]
+    if inputs["teacher_bias"] is not None and inputs["teacher_bias"] is inputs["student_bias"]:
+        args["teacher_bias"] = args["student_bias"]
+    for k in STUDENT_PARAMS:
+        if args[k] is not None:
+            args[k].requires_grad_(True)
+    if fn is reference.linear_kl:
+        for k in ("teacher_hidden", "teacher_weight", "teacher_bias"):
+            if args[k] is not None:
+                args[k] = args[k].detach()
+    loss = fn(**args)
+    loss.backward(torch.tensor(upstream, dtype=loss.dtype, device=loss.device))
+    grads = [None if args[k] is None else args[k].grad for k in STUDENT_PARAMS]
+    return loss.detach(), grads
+
+
+def _tolerance(dtype: torch.dtype, ref: torch.Tensor) -> float:
+    scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+    return (2 * torch.finfo(dtype).eps if dtype in LOW else 2e-5) * scale
+
+
+def _assert_close(ours, ref64, ref_lowp, dtype, what):
+    assert ours is not None and torch.isfinite(ours).all(), f"{what}: NaN/inf or missing"
+    assert ours.dtype == ref_lowp.dtype, f"{what}: dtype {ours.dtype} != {ref_lowp.dtype}"
+    err = float((ours.double() - ref64).abs().max())
+    ref_err = float((ref_lowp.double() - ref64).abs().max())
+    bound = 2 * ref_err + _tolerance(dtype, ref64)
+    assert err <= bound, f"{what}: error {err:.3g} > bound {bound:.3g} (reference in {dtype}: {ref_err:.3g})"
+
+
+def _check_against_reference(fn, ref_fn, inputs, dtype):
+    ours = _run_kl(fn, inputs, dtype)
+    ref64 = _run_kl(ref_fn, inputs, torch.float64)
+    ref_lowp = _run_kl(ref_fn, inputs, dtype)
+    _assert_close(ours[0], ref64[0], ref_lowp[0], dtype, "loss")
+    for name, a, b, c in zip(STUDENT_PARAMS, ours[1], ref64[1], ref_lowp[1], strict=True):
+        if b is None:
+            continue
+        _assert_close(a, b, c, dtype, f"grad {name}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# linear_kl
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shared_head", [True, False], ids=["shared_head", "separate_head"])
+def test_kl_matches_reference(backend, small_chunks, dtype, shared_head):
+    inputs = _kl_inputs(37, 333, 80, dtype, shared_head=shared_head, bias=not shared_head, seed=1)
+    _check_against_reference(LKL.linear_kl, reference.linear_kl, inputs, dtype)
+
+
+def test_kl_default_chunks_and_tiles(backend):
+    """No overrides: one chunk, one (masked) 1024 tile over V=1000; weights=None is the mean over rows."""
+    inputs = _kl_inputs(37, 1000, 64, torch.float32, shared_head=False, bias=False, seed=2)
+    inputs["weights"] = None
+    _check_against_reference(LKL.linear_kl, reference.linear_kl, inputs, torch.float32)
+
+
+def test_kl_float64_is_exact(backend, small_chunks):
+    inputs = _kl_inputs(19, 150, 64, torch.float64, shared_head=False, bias=True, seed=3)
+    ours = _run_kl(LKL.linear_kl, inputs, torch.float64)
+    ref = _run_kl(reference.linear_kl, inputs, torch.float64)
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(ours[1], ref[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kl_extreme_logits_finite(backend, small_chunks, dtype):
+    """|logit| ~ 1e4: online max subtraction keeps everything finite (and fp32 close to the reference)."""
+    inputs = _kl_inputs(37, 333, 64, dtype, shared_head=False, bias=False, seed=4, hidden_scale=5000.0)
+    logits = inputs["student_hidden"].double() @ inputs["student_weight"].double().T
+    assert logits.abs().max() > 5e3
+    loss, grads = _run_kl(LKL.linear_kl, inputs, dtype)
+    assert torch.isfinite(loss)
+    for g in grads:
+        if g is not None:
+            assert torch.isfinite(g).all()
+    if dtype == torch.float32:
+        _check_against_reference(LKL.linear_kl, reference.linear_kl, inputs, dtype)
+
+
+def test_kl_all_zero_weights(backend):
+    inputs = _kl_inputs(37, 333, 64, torch.float32, shared_head=False, bias=True, seed=5)
+    inputs["weights"] = torch.zeros_like(inputs["weights"])
+    loss, grads = _run_kl(LKL.linear_kl, inputs, torch.float32)
+    assert loss.item() == 0.0
+    for g in grads:
+        assert g is not None and torch.count_nonzero(g) == 0
+
+
+def test_kl_zero_weight_rows_get_zero_grad(backend, small_chunks):
+    inputs = _kl_inputs(37, 333, 64, torch.float32, shared_head=False, bias=False, seed=6)
+    _, (grad_h, _, _) = _run_kl(LKL.linear_kl, inputs, torch.float32)
+    zero_rows = inputs["weights"] == 0
+    assert torch.count_nonzero(grad_h[zero_rows]) == 0
+    assert (grad_h[~zero_rows].abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kl_teacher_equals_student(backend, small_chunks, dtype):
+    """Same hidden states and head: exactly 0 loss and 0 gradient."""
+    inputs = _kl_inputs(37, 333, 64, dtype, shared_head=True, bias=True, seed=7)
+    inputs["teacher_hidden"] = inputs["student_hidden"]
+    loss, grads = _run_kl(LKL.linear_kl, inputs, dtype)
+    assert loss.item() == 0.0
+    for g in grads:
+        assert torch.count_nonzero(g) == 0
+
+
+def test_kl_no_grad_and_frozen_head(backend, small_chunks):
+    """Forward-only and hidden-only gradients match the full computation."""
+    inputs = _kl_inputs(23, 333, 64, torch.float32, shared_head=False, bias=True, seed=8)
+    full_loss, (full_h, _, _) = _run_kl(LKL.linear_kl, inputs, torch.float32)
+    with torch.no_grad():
+        loss = LKL.linear_kl(**inputs)
+    torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)
+    h = inputs["student_hidden"].clone().requires_grad_(True)
+    loss = LKL.linear_kl(**{**inputs, "student_hidden": h})
+    loss.backward(torch.tensor(UPSTREAM))
+    torch.testing.assert_close(h.grad, full_h, rtol=1e-6, atol=1e-7)
+
+
+def test_kl_distinct_teacher_width(backend):
+    """The teacher may have its own hidden size (d_T != d_S); only V must agree."""
+    g = torch.Generator().manual_seed(9)
+    dev = _device()
+    sh = torch.randn(11, 64, generator=g).to(dev).requires_grad_(True)
+    sw = (torch.randn(97, 64, generator=g) / 8).to(dev)
+    th, tw = torch.randn(11, 96, generator=g).to(dev), (torch.randn(97, 96, generator=g) / 8).to(dev)
+    ours = LKL.linear_kl(sh, sw, th, tw)
+    ref = reference.linear_kl(sh.double(), sw.double(), th.double(), tw.double())
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# linear_cross_entropy
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _ce_inputs(m, v, d, dtype, *, bias, weights, seed=0, hidden_scale=1.0):
+    dev = _device()
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(m, d, generator=g) * hidden_scale).to(dtype=dtype, device=dev)
+    weight = (torch.randn(v, d, generator=g) * 2 / math.sqrt(d)).to(dtype=dtype, device=dev)
+    labels = torch.randint(0, v, (m,), generator=g)
+    labels[::4] = -100
+    w = None
+    if weights:
+        w = torch.rand(m, generator=g) + 0.1
+        w[1::6] = 0.0
+        w = w.to(dev)
+    b = torch.randn(v, generator=g).to(dtype=dtype, device=dev) if bias else None
+    return {"hidden": hidden, "weight": weight, "labels": labels.to(dev), "weights": w, "bias": b}
+
+
+CE_PARAMS = ("hidden", "weight", "bias")
+
+
+def _run_ce(fn, inputs, dtype, upstream=UPSTREAM):
+    args = dict(inputs)
+    for k in CE_PARAMS:
+        if args[k] is not None:
+            args[k] = args[k].detach().to(dtype).requires_grad_(True)
+    loss = fn(**args)
+    loss.backward(torch.tensor(upstream, dtype=loss.dtype, device=loss.device))
+    return loss.detach(), [None if args[k] is None else args[k].grad for k in CE_PARAMS]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("weights", [False, True], ids=["mean", "weighted"])
+def test_ce_matches_reference(backend, small_chunks, dtype, weights):
+    inputs = _ce_inputs(37, 333, 80, dtype, bias=weights, weights=weights, seed=10)
+    ours = _run_ce(LKL.linear_cross_entropy, inputs, dtype)
+    ref64 = _run_ce(reference.linear_cross_entropy, inputs, torch.float64)
+    ref_lowp = _run_ce(reference.linear_cross_entropy, inputs, dtype)
+    _assert_close(ours[0], ref64[0], ref_lowp[0], dtype, "loss")
+    for name, a, b, c in zip(CE_PARAMS, ours[1], ref64[1], ref_lowp[1], strict=True):
+        if b is not None:
+            _assert_close(a, b, c, dtype, f"grad {name}")
+
+
+def test_ce_extreme_logits_and_custom_ignore_index(backend, small_chunks):
+    inputs = _ce_inputs(37, 333, 64, torch.float32, bias=False, weights=False, seed=11, hidden_scale=5000.0)
+    labels = inputs["labels"].clone()
+    labels[labels == -100] = 7  # a class id as the ignore index
+    inputs["labels"] = labels
+    ours = _run_ce(lambda **kw: LKL.linear_cross_entropy(**kw, ignore_index=7), inputs, torch.float32)
+    ref = _run_ce(lambda **kw: reference.linear_cross_entropy(**kw, ignore_index=7), inputs, torch.float64)
+    ref32 = _run_ce(lambda **kw: reference.linear_cross_entropy(**kw, ignore_index=7), inputs, torch.float32)
+    _assert_close(ours[0], ref[0], ref32[0], torch.float32, "loss")
+    _assert_close(ours[1][0], ref[1][0], ref32[1][0], torch.float32, "grad hidden")
+    _assert_close(ours[1][1], ref[1][1], ref32[1][1], torch.float32, "grad weight")
+
+
+@pytest.mark.parametrize("weights", [False, True], ids=["mean", "weighted"])
+def test_ce_every_row_ignored(backend, weights):
+    inputs = _ce_inputs(13, 333, 64, torch.float32, bias=True, weights=weights, seed=12)
+    inputs["labels"] = torch.full_like(inputs["labels"], -100)
+    loss, grads = _run_ce(LKL.linear_cross_entropy, inputs, torch.float32)
+    assert loss.item() == 0.0
+    for g in grads:
+        assert g is not None and torch.count_nonzero(g) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad inputs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _good_kl():
+    g = torch.Generator().manual_seed(13)
+    return {
+        "student_hidden": torch.randn(5, 16, generator=g),
+        "student_weight": torch.randn(9, 16, generator=g),
+        "teacher_hidden": torch.randn(5, 16, generator=g),
+        "teacher_weight": torch.randn(9, 16, generator=g),
+    }
+
+
+KL_BAD = [
+    ("student_hidden", torch.randn(5, 12), ValueError, "student_hidden has d=12"),
+    ("teacher_weight", torch.randn(8, 16), ValueError, "vocabulary sizes differ"),
+    ("teacher_hidden", torch.randn(4, 16), ValueError, "M=5 rows but teacher_hidden has 4"),
+    ("weights", torch.ones(4), ValueError, r"weights must have shape \(M,\)=\(5,\)"),
+    ("weights", torch.ones(5, dtype=torch.complex64), TypeError, "weights must be a floating-point"),
+    ("student_weight", torch.randn(9, 16, dtype=torch.float64), TypeError, "must share a dtype"),
+    ("student_hidden", torch.randn(5, 16).to(torch.int32), TypeError, "supported: float16"),
+    ("student_hidden", torch.randn(5, 2, 16), ValueError, "student_hidden must be 2-D"),
+    ("student_bias", torch.randn(8), ValueError, r"student_bias must have shape \(V,\)=\(9,\)"),
+    ("teacher_hidden", [[0.0] * 16] * 5, TypeError, "teacher_hidden must be a torch.Tensor"),
+    ("weights", torch.ones(5, device="meta"), ValueError, "all tensors must be on one device"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "error", "match"), KL_BAD, ids=[c[3][:30] for c in KL_BAD])
+def test_kl_bad_inputs(name, value, error, match):
+    args = _good_kl()
+    args[name] = value
+    with pytest.raises(error, match=match):
+        LKL.linear_kl(**args)
+
+
+def _good_ce():
+    g = torch.Generator().manual_seed(14)
+    return {
+        "hidden": torch.randn(5, 16, generator=g),
+        "weight": torch.randn(9, 16, generator=g),
+        "labels": torch.tensor([0, 3, -100, 8, 2]),
+    }
+
+
+CE_BAD = [
+    ("labels", torch.tensor([0, 3, 1, 8]), ValueError, r"labels must have shape \(M,\)=\(5,\)"),
+    ("labels", torch.tensor([0.0, 3, 1, 8, 2]), TypeError, "labels must be an integer tensor"),
+    ("labels", torch.tensor([0, 3, 9, 8, 2]), ValueError, r"labels must be in \[0, V=9\)"),
+    ("labels", torch.tensor([0, -1, 2, 8, 2]), ValueError, r"labels must be in \[0, V=9\)"),
+    ("weight", torch.randn(9, 15), ValueError, "hidden has d=16"),
+    ("weights", torch.ones(6), ValueError, r"weights must have shape \(M,\)=\(5,\)"),
+    ("ignore_index", 1.5, TypeError, "ignore_index must be an int"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "error", "match"), CE_BAD, ids=[c[3][:30] for c in CE_BAD])
+def test_ce_bad_inputs(backend, name, value, error, match):
+    args = _good_ce()
+    args[name] = value
+    with pytest.raises(error, match=match):
+        LKL.linear_cross_entropy(**args)
+
+
+@pytest.mark.parametrize("name", ["teacher_hidden", "student_weight"])
+def test_kl_check_flag_detects_nan(backend, name):
+    args = _good_kl()
+    args[name] = args[name].clone()
+    args[name][1, 2] = float("nan")
+    with pytest.raises(ValueError, match=f"{name} contains NaN or inf"):
+        LKL.linear_kl(**args, check=True)
+    assert torch.isnan(LKL.linear_kl(**args))  # without the flag: no scan, NaN propagates
+
+
+def test_ce_check_flag_detects_inf(backend):
+    args = _good_ce()
+    args["hidden"] = args["hidden"].clone()
+    args["hidden"][0, 0] = float("inf")
+    with pytest.raises(ValueError, match="hidden contains NaN or inf"):
+        LKL.linear_cross_entropy(**args, check=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.compile
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_torch_compile_fullgraph(backend, small_chunks):
+    """Both custom ops trace under fullgraph=True (fake impls); the compiled graph gives the eager grads."""
+    inputs = _kl_inputs(17, 333, 64, torch.float32, shared_head=False, bias=True, seed=15)
+    labels = torch.randint(0, 333, (17,), generator=torch.Generator().manual_seed(0)).to(_device())
+
+    def step(sh, sw, sb, th, tw, tb, w):
+        kl = LKL.linear_kl(sh, sw, th, tw, w, sb, tb)
+        ce = LKL.linear_cross_entropy(sh, sw, labels, bias=sb)
+        return 0.1 * kl + ce
+
+    def run(fn):
+        sh, sw, sb = (inputs[k].clone().requires_grad_(True) for k in STUDENT_PARAMS)
+        loss = fn(
+            sh,
+            sw,
+            sb,
+            inputs["teacher_hidden"],
+            inputs["teacher_weight"],
+            inputs["teacher_bias"],
+            inputs["weights"],
+        )
+        loss.backward()
+        return loss.detach(), sh.grad, sw.grad, sb.grad
+
+    torch._dynamo.reset()
+    compiled = run(torch.compile(step, fullgraph=True, backend="aot_eager"))
+    eager = run(step)
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory of the chunked CPU path
+# ----------------------------------------------------------------------------------------------------------
+
+_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import importlib, json, sys
+    import torch
+
+    torch.set_num_threads(1)
+    L = importlib.import_module("asu_kernels.linear_kl")
+
+    def kib(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise RuntimeError(field)
+
+    op = sys.argv[1]
+    m, v, d = 4096, 32000, 64
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(m, d, generator=g).requires_grad_(True)
+    w = (torch.randn(v, d, generator=g) / 8).requires_grad_(True)
+    inputs = [h, w]
+    if op == "kl":
+        th, tw = torch.randn(m, d, generator=g), torch.randn(v, d, generator=g) / 8
+        inputs += [th, tw]
+        run = lambda: L.linear_kl(h, w, th, tw)
+    else:
+        labels = torch.randint(0, v, (m,), generator=g)
+        run = lambda: L.linear_cross_entropy(h, w, labels)
+    # Warm up on a tiny problem so lazy imports and allocator arenas are not counted.
+    L.linear_cross_entropy(h[:4], w[:8], torch.zeros(4, dtype=torch.long)).backward()
+    h.grad = w.grad = None
+    base = kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark VmHWM to the current RSS
+        f.write("5")
+    loss = run()
+    loss.backward()
+    assert torch.isfinite(loss) and h.grad is not None and w.grad is not None
+    extra = (kib("VmHWM") - base) * 1024
+    print(json.dumps({"extra": extra, "inputs": sum(t.numel() * t.element_size() for t in inputs)}))
+    """
+)
+
+
+@pytest.mark.parametrize("op", ["ce", "kl"])
+def test_cpu_chunked_path_memory(op):
+    """M=4096, V=32000, d=64 fp32: peak extra RSS (gradients included) < 2x (hidden states + weights).
+
+    Full fp32 logits alone would take 4096 * 32000 * 4 = 524 MB (twice that for KL's two models).
+    """
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs /proc/self/clear_refs to reset the peak-RSS mark")
+    env = {k: val for k, val in os.environ.items() if k not in ("TRITON_INTERPRET", "ASU_KERNELS_BACKEND")}
+    env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # big blocks go straight back to the OS: RSS tracks live memory
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, op],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    full_logits = 4096 * 32000 * 4
+    assert result["extra"] < 2 * result["inputs"], result
+    assert result["extra"] < full_logits / 10, result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ahead-of-time specs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_aot_specs_cover_launch_configs():
+    specs = LKL.aot_specs()
+    names = [s.name for s in specs]
+    assert len(names) == len(set(names))
+    from asu_kernels import _linear_kl_kernels as kernels
+
+    launched = {(kernels.tile_for(v), dt) for v in (333, 32000, 128256) for dt in ("fp32", "bf16", "fp16")}
+    for (block_v, warps), dt in launched:
+        for fn in (kernels.kl_rows_kernel, kernels.ce_rows_kernel):
+            for grad in (True, False):
+                match = [
+                    s
+                    for s in specs
+                    if s.fn is fn
+                    and s.constexprs == {"COMPUTE_GRAD": grad, "BLOCK_V": block_v}
+                    and s.num_warps == warps
+                    and next(iter(s.signature.values())) == f"*{dt}"
+                ]
+                assert len(match) == 1, (fn, dt, block_v, grad)
+    for s in specs:
+        assert list(s.signature) == list(s.fn.arg_names), s.name
+
+
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import importlib
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    L = importlib.import_module("asu_kernels.linear_kl")
+    for spec in L.aot_specs():
+        for cc in (80, 90):
+            triton.compile(
+                ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs),
+                target=GPUTarget("cuda", cc, 32),
+                options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+            )
+    print("compiled", len(L.aot_specs()))
+    """
+)
+
+
+def test_aot_specs_compile_for_sm80_sm90(tmp_path):
+    """Every spec compiles for the GPU without one (a process without TRITON_INTERPRET)."""
+    env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compiled 24" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU (run by benchmarks/gpu_check.sh)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gpu_real_vocab(dtype):
+    """A real vocabulary tile mix (V=32003: 8 tiles of 4096, ragged) and d=1024 on CUDA."""
+    inputs = _kl_inputs(300, 32003, 1024, dtype, shared_head=False, bias=False, seed=16, device="cuda")
+    _check_against_reference(LKL.linear_kl, reference.linear_kl, inputs, dtype)
+    ce = _ce_inputs(300, 32003, 1024, dtype, bias=False, weights=True, seed=17)
+    ours = _run_ce(LKL.linear_cross_entropy, ce, dtype)
+    ref64 = _run_ce(reference.linear_cross_entropy, ce, torch.float64)
+    ref_lowp = _run_ce(reference.linear_cross_entropy, ce, dtype)
+    _assert_close(ours[0], ref64[0], ref_lowp[0], dtype, "loss")
+    for a, b, c in zip(ours[1], ref64[1], ref_lowp[1], strict=True):
+        if b is not None:
+            _assert_close(a, b, c, dtype, "grad")
