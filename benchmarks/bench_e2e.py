@@ -23,6 +23,10 @@ NLL a token mean over the step's retain answers.
   ``asu.smoothing.smoothing`` when the package has it, else divides the attention modules' ``scaling`` by
   tau (the same logits).
 
+* ``asu-unlearn``: the package's entry point ``asu.unlearn.unlearn`` (a transformers Trainer) with
+  ``teacher="cache"`` and packing, on the same examples spelled as text for a word-level tokenizer; its data
+  order, pairing and schedule are the Trainer's, so only its time and memory are recorded.
+
 Rows: epoch wall time (``s``, the cache pass included for ours), ``tokens/s`` (real, unpadded tokens of the
 epoch), peak memory (``GB``), the first-step and last-step losses (metrics ``loss_first`` / ``loss_last``; the
 two pipelines compute the same objective, so their first-step losses agree to float error).
@@ -45,6 +49,7 @@ from benchmarks.common import Recorder, Unavailable, peak_memory_gb
 
 IGNORE = -100
 BOS, EOS, PAD = 1, 2, 0
+FIRST_WORD = 6  # ids 3..5 are the words of the plain QA prompt in word_tokenizer()
 
 
 @dataclass
@@ -132,13 +137,13 @@ class Example:
 
 
 def make_data(cfg: E2EConfig) -> tuple[list[Example], list[Example]]:
-    """TOFU-shaped forget and retain sets of random tokens (ids 3..V-1; 0/1/2 are pad/bos/eos)."""
+    """TOFU-shaped forget and retain sets of random tokens (ids FIRST_WORD..V-1; 0/1/2 are pad/bos/eos)."""
     rng = random.Random(cfg.seed)
     vocab = cfg.model["vocab_size"]
 
     def one() -> Example:
-        q = [rng.randrange(3, vocab) for _ in range(rng.randint(*cfg.question_len))]
-        a = [rng.randrange(3, vocab) for _ in range(rng.randint(*cfg.answer_len))]
+        q = [rng.randrange(FIRST_WORD, vocab) for _ in range(rng.randint(*cfg.question_len))]
+        a = [rng.randrange(FIRST_WORD, vocab) for _ in range(rng.randint(*cfg.answer_len))]
         return Example([BOS, *q, *a, EOS], 1 + len(q))
 
     return [one() for _ in range(cfg.examples)], [one() for _ in range(cfg.examples)]
@@ -339,6 +344,70 @@ def ours_epoch(model: torch.nn.Module, cfg: E2EConfig, forget, retain, device: s
     return losses
 
 
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer whose token ``t<i>`` is id ``i``, so text rows carry the benchmark's token ids.
+
+    Ids 0/1/2 are pad/bos/eos; 3..5 are the words of the plain QA prompt (``Question``, ``Answer``, ``:``).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS, "Question": 3, "Answer": 4, ":": 5}
+    vocab.update({f"t{i}": i for i in range(FIRST_WORD, vocab_size)})
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def text_rows(examples: list[Example]) -> list[dict[str, str]]:
+    """TOFU-format rows (``question``/``answer``) spelling each example's token ids as words ``t<i>``."""
+
+    def words(ids: list[int]) -> str:
+        return " ".join(f"t{i}" for i in ids)
+
+    return [
+        {"question": words(ex.ids[1 : ex.prompt]), "answer": words(ex.ids[ex.prompt : -1])} for ex in examples
+    ]
+
+
+def unlearn_epoch(model: torch.nn.Module, cfg: E2EConfig, forget, retain, device: str) -> list[float]:
+    """One epoch of the package's own entry point, ``asu.unlearn.unlearn`` (a transformers Trainer) with the
+    ``cache`` teacher and packing, on the same examples; returns the logged loss of every optimiser step.
+
+    Its data order, forget/retain pairing and learning-rate schedule are the Trainer's, so its losses are not
+    step-for-step comparable with the two pipelines above; its time and memory are.
+    """
+    try:
+        from asu.unlearn import UnlearnConfig, unlearn
+    except ImportError as e:
+        raise Unavailable(f"asu.unlearn is not importable yet: {e}") from None
+    micro = min(8, cfg.batch)
+    ucfg = UnlearnConfig(
+        method="asu",
+        temperature=cfg.temperature,
+        lam=cfg.lam,
+        retain_loss="gd",
+        teacher="cache",
+        lr=cfg.lr,
+        epochs=1,
+        batch_size=micro,
+        grad_accum=max(1, cfg.batch // micro),
+        max_length=cfg.pad_to,
+        pack=True,
+        pack_tokens=cfg.pack_tokens,
+        seed=cfg.seed,
+        progress=False,
+    )
+    result = unlearn(
+        model, word_tokenizer(cfg.model["vocab_size"]), text_rows(forget), text_rows(retain), ucfg
+    )
+    return [float(h["loss"]) for h in result.history if "loss" in h]
+
+
 def _require_asu_layer() -> None:
     try:
         import asu.attention  # noqa: F401  (registers attn_implementation "asu")
@@ -369,14 +438,19 @@ def run(rec: Recorder, suite: str, *, tiny: bool = False, examples: int | None =
         "vocab": cfg.model["vocab_size"],
         "params": cfg.params(),
     }
-    for provider in ("authors", "ours"):
+    epochs = {"authors": authors_epoch, "ours": ours_epoch, "asu-unlearn": unlearn_epoch}
+    notes = {
+        "authors": "teacher forward every step",
+        "ours": "cache pass included",
+        "asu-unlearn": "asu.unlearn() Trainer, teacher=cache, packing; cache pass included",
+    }
+    for provider, epoch in epochs.items():
         row = {"benchmark": "e2e", "provider": provider, "mode": "epoch", **columns}
 
-        def body(provider=provider, row=row) -> None:
-            if provider == "ours":
+        def body(provider=provider, row=row, epoch=epoch) -> None:
+            if provider != "authors":
                 _require_asu_layer()
             model = build_model(cfg, device, "eager" if provider == "authors" else "asu")
-            epoch = authors_epoch if provider == "authors" else ours_epoch
             result: dict[str, Any] = {}
 
             def timed() -> None:
@@ -387,10 +461,11 @@ def run(rec: Recorder, suite: str, *, tiny: bool = False, examples: int | None =
                 result["s"] = time.perf_counter() - t0
 
             mem, what = peak_memory_gb(timed, device)
-            note = "cache pass included" if provider == "ours" else "teacher forward every step"
-            rec.add(row, "s", result["s"], note=note)
-            rec.add(row, "tokens/s", real_tokens / result["s"], note="real (unpadded) tokens")
+            rec.add(row, "s", result["s"], note=notes[provider])
+            rec.add(row, "tokens/s", real_tokens / result["s"], note="real (unpadded) tokens of the epoch")
             rec.add(row, "GB", mem, note=what)
+            if provider == "asu-unlearn":
+                return  # its step losses follow the Trainer's data order and schedule: not comparable
             rec.add(row, "loss_first", result["losses"][0], note="loss of the first optimiser step")
             rec.add(row, "loss_last", result["losses"][-1], note="loss of the last optimiser step")
 

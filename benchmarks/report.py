@@ -101,7 +101,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 def _cell(r: Row | None, digits: int = 3) -> str:
     if r is None:
-        return ""
+        return "—"
     if r["status"] == "ok":
         return _fmt(_num(r), digits)
     return {"oom": "OOM", "skip": "n/a", "error": "error"}.get(r["status"], r["status"])
@@ -276,7 +276,7 @@ def e2e_section(rows: list[Row]) -> list[str]:
     e2e = [r for r in rows if r["benchmark"] == "e2e"]
     if not e2e:
         return []
-    providers = _providers(e2e, ("authors", "ours"))
+    providers = _providers(e2e, ("authors", "ours", "asu-unlearn"))
     metrics = ("s", "tokens/s", "GB", "loss_first", "loss_last")
     body = []
     for p in providers:
@@ -309,7 +309,12 @@ def e2e_summary(e2e: list[Row]) -> str:
         parts.append(f"peak memory {m_o / m_a:.2f}x of the authors' shape")
     if l_a is not None and l_o is not None:
         parts.append(f"first-step loss difference {abs(l_a - l_o):.2e}")
-    return ("Ours vs the authors' pipeline shape: " + ", ".join(parts) + ".") if parts else ""
+    text = ("Ours vs the authors' pipeline shape: " + ", ".join(parts) + ".") if parts else ""
+    s_u, m_u = get("asu-unlearn", "s"), get("asu-unlearn", "GB")
+    if s_a and s_u:
+        text += f" Through `asu.unlearn()` (Trainer): speed-up {s_a / s_u:.2f}x"
+        text += f", peak memory {m_u / m_a:.2f}x." if m_a and m_u else "."
+    return text.strip()
 
 
 def _e2e_model(rows: list[Row]) -> str:
@@ -525,9 +530,12 @@ def _plots(rows: list[Row], stem: Path) -> tuple[list[Path], str]:
     get = lambda p, m: _num(_lookup(e2e, provider=p, metric=m) or {"status": "x"})  # noqa: E731
     if get("authors", "s") and get("ours", "s"):
         fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+        names = [p for p in ("authors", "ours", "asu-unlearn") if get(p, "s")]
+        labels = {"authors": "authors' shape", "ours": "ours", "asu-unlearn": "asu.unlearn()"}
+        colors = {"authors": "#999999", "ours": "#2a7ab9", "asu-unlearn": "#7ab92a"}
         for ax, metric, label in ((axes[0], "s", "epoch seconds"), (axes[1], "GB", "peak GB")):
-            vals = [get("authors", metric) or 0.0, get("ours", metric) or 0.0]
-            ax.bar(["authors' shape", "ours"], vals, color=["#999999", "#2a7ab9"])
+            vals = [get(p, metric) or 0.0 for p in names]
+            ax.bar([labels[p] for p in names], vals, color=[colors[p] for p in names])
             ax.set_ylabel(label)
         speed = get("authors", "s") / get("ours", "s")
         fig.suptitle(f"One ASU epoch: {speed:.2f}x speed-up", fontsize=10)

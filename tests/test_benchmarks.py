@@ -92,6 +92,10 @@ def test_e2e_pipelines_agree_on_the_loss(cpu_run):
     assert abs(ours["loss_first"] - authors["loss_first"]) < 1e-3
     assert abs(ours["loss_last"] - authors["loss_last"]) < 1e-3
     assert ours["tokens/s"] > 0 and authors["tokens/s"] > 0
+    trainer = {r["metric"]: r for r in rows if r["benchmark"] == "e2e" and r["provider"] == "asu-unlearn"}
+    assert trainer and all(r["status"] in ("ok", "skip") for r in trainer.values())
+    if trainer.get("s", {}).get("status") == "ok":
+        assert {"s", "tokens/s", "GB"} <= set(trainer) and float(trainer["s"]["median"]) > 0
 
 
 def test_report_writes_markdown_and_plots(cpu_run, tmp_path):
