@@ -516,7 +516,7 @@ def evaluate_smoothed(
     forget_rows: Sequence[dict[str, Any]],
     temperatures: Sequence[float],
     retain_rows: Sequence[dict[str, Any]] | None = None,
-    layers: Sequence[int] | None = None,
+    layers: str | Sequence[int] | None = None,
     batch_size: int = 32,
     max_new_tokens: int = 48,
     well_formed: Callable[[str], bool] | None = None,
@@ -627,9 +627,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated attention temperatures for the τ preview, e.g. 2,2.3,3,5 "
         "(the smoothed model, no training)",
     )
-    parser.add_argument(
-        "--layers", help="comma-separated layer indices to smooth in the τ preview (default all)"
-    )
+    parser.add_argument("--layers", help="layers to smooth in the τ preview, e.g. 6-8 or 0,2,5 (default all)")
     parser.add_argument("--world", help="world.json of an asu world, for the well-formed-sentence check")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true")
@@ -659,7 +657,6 @@ def run(args: argparse.Namespace) -> int:
         if reference is not None:
             validate_stats(reference, args.reference, n_items=len(forget))
         temps = _parse_floats(args.temperature, "--temperature") if args.temperature else []
-        layers = [int(x) for x in _parse_floats(args.layers, "--layers")] if args.layers else None
         world_path = Path(args.world) if args.world else Path(args.data).parent / "world.json"
         checker = _world_checker(world_path) if world_path.is_file() else None
         model_dir = Path(args.model)
@@ -697,7 +694,7 @@ def run(args: argparse.Namespace) -> int:
             forget,
             temps,
             retain_rows=retain,
-            layers=layers,
+            layers=args.layers,
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
             well_formed=checker,

@@ -49,7 +49,7 @@ class TinyModelConfig:
     n_heads: int = 8
     n_kv_heads: int = 2
     head_dim: int = 32
-    intermediate_size: int = 384
+    intermediate_size: int = 256
     max_position_embeddings: int = 256
     tie_word_embeddings: bool = False
 
@@ -67,7 +67,7 @@ class TrainConfig:
 
     lr: float = 3e-3
     weight_decay: float = 0.0
-    batch_size: int = 16
+    batch_size: int = 8
     max_epochs: int = 200
     warmup_steps: int = 50
     target_rouge: float = 0.95
@@ -293,7 +293,7 @@ def load_or_train(
             info = json.loads((path / "train_info.json").read_text())
             model.eval()
             return model, tokenizer, dict(info, path=str(path), cached=True)
-        except (OSError, ValueError, json.JSONDecodeError):
+        except Exception:  # noqa: BLE001 - any unreadable entry (truncated safetensors, bad JSON) is rebuilt
             shutil.rmtree(path, ignore_errors=True)
 
     # The tokenizer is trained on the whole world for both kinds, so the oracle shares the full model's
@@ -323,9 +323,12 @@ def load_or_train(
         tokenizer.save_pretrained(tmp)
         (tmp / "train_info.json").write_text(json.dumps(info, indent=1) + "\n")
         (tmp / MARKER).write_text(digest + "\n")  # written last: its presence means the entry is whole
-        if path.exists():
+        if _is_complete(path, digest):
+            # Another process finished the same entry meanwhile: keep it, drop ours (same config, same model).
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
             shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+            os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,441 @@
+"""``asu demo``: forget authors of the embedded world with ASU, against gradient ascent + GD, and report.
+
+Stages: build the world (:mod:`asu.world`) and write its splits; train or load the tiny model and the oracle
+(:mod:`asu.tiny`, cached); evaluate the original model with the oracle's forget statistics as the
+forget-quality reference; the τ preview (the smoothed original model, no training); unlearn the forget split
+with ASU and with GA+GD (GradDiff: gradient ascent on forget, NLL on retain) at a few learning rates; evaluate
+every model; print a before/after table and forget-prompt generations side by side; write ``results.json``,
+``results.md`` and ``results.png`` under ``--out``.
+
+The claims the demo is meant to show are checked on its own numbers and stored under ``claims`` in
+``results.json``:
+
+* ``asu_halves_forget``: ASU's forget ROUGE-L is at most half the original's;
+* ``asu_keeps_retain``: ASU's retain ROUGE-L is at least 0.95 of the original's;
+* ``asu_beats_matched_ga``: at matched forgetting (a GA+GD run whose forget ROUGE-L is within 0.05 of ASU's)
+  ASU keeps more retain ROUGE-L, by at least 0.05;
+* ``ga_collapses_asu_does_not``: the GA+GD run that forgets most has fewer forget answers free of a
+  repeated 3-gram in their first 10 tokens than ASU, by at least 0.3;
+* ``preview_predicts_asu``: the τ preview's forget ROUGE-L is within 0.05 of ASU's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from asu.evaluate import atomic_write_json, atomic_write_text, evaluate_model, evaluate_smoothed
+from asu.tiny import TinyModelConfig, TrainConfig, load_or_train
+from asu.world import WorldConfig, generate_world, write_splits
+
+# Columns of the before/after table: summary key -> header.
+COLUMNS = {
+    "forget_rouge": "forget ROUGE-L",
+    "forget_prob": "forget prob",
+    "forget_truth_ratio": "forget TR",
+    "forget_quality": "forget quality",
+    "retain_rouge": "retain ROUGE-L",
+    "model_utility": "model utility",
+    "forget_token_entropy": "token entropy",
+    "forget_no_repeat": "no 3-gram repeat",
+    "forget_well_formed": "well-formed",
+}
+MATCH_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything the demo's numbers depend on."""
+
+    world: WorldConfig
+    model: TinyModelConfig
+    train: TrainConfig
+    temperature: float = 3.0
+    lam: float = 1.0
+    asu_lr: float = 3e-4
+    ga_lrs: tuple[float, ...] = (3e-5, 1e-4, 3e-4)
+    preview_temperatures: tuple[float, ...] = (2.3, 3.0, 5.0)
+    epochs: int = 5
+    batch_size: int = 8
+    max_new_tokens: int = 40
+    n_examples: int = 4
+
+
+def default_settings(seed: int = 0, quick: bool = False) -> DemoSettings:
+    """The demo's world, model and hyper-parameters (``quick``: a tiny world and model, for tests)."""
+    if quick:
+        return DemoSettings(
+            world=WorldConfig(n_authors=8, n_cities=6, n_countries=5, n_perturbed=3, seed=seed),
+            model=TinyModelConfig(
+                vocab_size=512,
+                hidden_size=64,
+                n_layers=2,
+                n_heads=4,
+                n_kv_heads=2,
+                head_dim=16,
+                intermediate_size=128,
+            ),
+            train=TrainConfig(lr=5e-3, batch_size=8, max_epochs=12, eval_every=6, warmup_steps=10, seed=seed),
+            ga_lrs=(3e-4,),
+            preview_temperatures=(3.0,),
+            epochs=2,
+            max_new_tokens=24,
+            n_examples=2,
+        )
+    return DemoSettings(
+        world=WorldConfig(n_authors=20, seed=seed),
+        model=TinyModelConfig(),
+        train=TrainConfig(seed=seed),
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", help="model cache (default $ASU_CACHE or ~/.cache/asu)")
+    parser.add_argument("--out", default="asu-demo", help="output directory (default ./asu-demo)")
+    parser.add_argument(
+        "--method", default="asu", help="unlearning method to show against GA+GD (default asu)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a tiny world and model (a smoke run)")
+    parser.add_argument("--temperature", type=float, help="ASU attention temperature τ")
+    parser.add_argument("--lam", type=float, help="weight λ of the ASU forget loss")
+    parser.add_argument("--lr", type=float, help="ASU learning rate")
+    parser.add_argument("--ga-lrs", help="comma-separated GA+GD learning rates")
+    parser.add_argument("--epochs", type=int, help="unlearning epochs")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _settings_from_args(args: argparse.Namespace) -> DemoSettings:
+    s = default_settings(args.seed, args.quick)
+    changes: dict[str, Any] = {}
+    if args.temperature is not None:
+        changes["temperature"] = args.temperature
+    if args.lam is not None:
+        changes["lam"] = args.lam
+    if args.lr is not None:
+        changes["asu_lr"] = args.lr
+    if args.epochs is not None:
+        changes["epochs"] = args.epochs
+    if args.ga_lrs:
+        try:
+            changes["ga_lrs"] = tuple(float(x) for x in args.ga_lrs.split(",") if x.strip())
+        except ValueError:
+            raise ValueError(f"--ga-lrs: expected comma-separated numbers, got {args.ga_lrs!r}") from None
+    s = replace(s, **changes)
+    if s.temperature <= 0 or s.asu_lr <= 0 or s.epochs < 1 or any(lr <= 0 for lr in s.ga_lrs):
+        raise ValueError("temperature and learning rates must be > 0 and epochs >= 1")
+    if s.temperature not in s.preview_temperatures:
+        s = replace(s, preview_temperatures=tuple(sorted({*s.preview_temperatures, s.temperature})))
+    return s
+
+
+def _unlearn(
+    model: Any,
+    tokenizer: Any,
+    forget: list,
+    retain: list,
+    method: str,
+    lr: float,
+    s: DemoSettings,
+    progress: bool,
+):
+    from asu.unlearn import UnlearnConfig, unlearn
+
+    cfg = UnlearnConfig(
+        method=method,
+        temperature=s.temperature,
+        lam=s.lam if method == "asu" else 1.0,
+        retain_loss="gd",
+        teacher="copy",
+        layers=None,
+        lr=lr,
+        epochs=s.epochs,
+        batch_size=s.batch_size,
+        grad_accum=1,
+        max_length=128,
+        # Unpacked batches of 8 rows: with ~30-token rows, packing would leave one step per epoch.
+        pack=False,
+        seed=s.world.seed,
+        progress=progress,
+    )
+    t0 = time.perf_counter()
+    result = unlearn(copy.deepcopy(model), tokenizer, forget, retain, cfg, output_dir=None)
+    return result.model.eval(), time.perf_counter() - t0, list(result.history)
+
+
+def check_claims(
+    models: dict[str, dict[str, float]], asu_name: str, ga_names: list[str], preview: dict
+) -> dict:
+    """The demo's claims, each with the numbers it was decided on (see the module docstring)."""
+    orig, asu = models["original"], models[asu_name]
+    claims: dict[str, Any] = {
+        "asu_halves_forget": {
+            "holds": asu["forget_rouge"] <= 0.5 * orig["forget_rouge"],
+            "asu_forget_rouge": asu["forget_rouge"],
+            "original_forget_rouge": orig["forget_rouge"],
+        },
+        "asu_keeps_retain": {
+            "holds": asu["retain_rouge"] >= 0.95 * orig["retain_rouge"],
+            "asu_retain_rouge": asu["retain_rouge"],
+            "original_retain_rouge": orig["retain_rouge"],
+        },
+    }
+    matched = [n for n in ga_names if abs(models[n]["forget_rouge"] - asu["forget_rouge"]) <= MATCH_TOLERANCE]
+    if matched:
+        best = max(matched, key=lambda n: models[n]["retain_rouge"])
+        claims["asu_beats_matched_ga"] = {
+            "holds": asu["retain_rouge"] - models[best]["retain_rouge"] >= 0.05,
+            "ga_run": best,
+            "ga_forget_rouge": models[best]["forget_rouge"],
+            "ga_retain_rouge": models[best]["retain_rouge"],
+            "asu_retain_rouge": asu["retain_rouge"],
+        }
+    else:
+        claims["asu_beats_matched_ga"] = {
+            "holds": None,
+            "reason": f"no GA+GD run within {MATCH_TOLERANCE} of ASU's forget ROUGE-L",
+            "ga_forget_rouge": {n: models[n]["forget_rouge"] for n in ga_names},
+        }
+    if ga_names:
+        strong = min(ga_names, key=lambda n: models[n]["forget_rouge"])
+        claims["ga_collapses_asu_does_not"] = {
+            "holds": asu["forget_no_repeat"] - models[strong]["forget_no_repeat"] >= 0.3,
+            "ga_run": strong,
+            "ga_forget_rouge": models[strong]["forget_rouge"],
+            "ga_no_repeat": models[strong]["forget_no_repeat"],
+            "asu_no_repeat": asu["forget_no_repeat"],
+        }
+    claims["preview_predicts_asu"] = {
+        "holds": abs(preview["forget_rouge"] - asu["forget_rouge"]) <= MATCH_TOLERANCE,
+        "preview_forget_rouge": preview["forget_rouge"],
+        "asu_forget_rouge": asu["forget_rouge"],
+    }
+    return claims
+
+
+def _table(models: dict[str, dict[str, float]]) -> str:
+    head = "| model | " + " | ".join(COLUMNS.values()) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
+    lines = []
+    for name, summary in models.items():
+        cells = []
+        for key in COLUMNS:
+            v = summary.get(key)
+            cells.append("–" if v is None else (f"{v:.2e}" if key == "forget_quality" else f"{v:.3f}"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _examples(rows: list[dict], generations: dict[str, list[str]], n: int) -> list[dict[str, str]]:
+    out = []
+    for i, r in enumerate(rows[:n]):
+        out.append(
+            {"question": r["question"], "answer": r["answer"]} | {k: g[i] for k, g in generations.items()}
+        )
+    return out
+
+
+def _examples_md(examples: list[dict[str, str]]) -> str:
+    text = ""
+    for e in examples:
+        text += f"**Q:** {e['question']}\n\n"
+        for k, v in e.items():
+            if k != "question":
+                text += f"* {k}: {v!r}\n"
+        text += "\n"
+    return text
+
+
+def _chart(models: dict[str, dict[str, float]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart", file=sys.stderr)
+        return False
+    names = list(models)
+    keys = [
+        ("forget_rouge", "forget ROUGE-L"),
+        ("retain_rouge", "retain ROUGE-L"),
+        ("forget_no_repeat", "no repeat"),
+    ]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names)), 4.0))
+    width = 0.8 / len(keys)
+    for j, (k, label) in enumerate(keys):
+        xs = [i + (j - 1) * width for i in range(len(names))]
+        ax.bar(xs, [models[n].get(k, 0.0) for n in names], width, label=label)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("asu demo: forgetting vs what is kept")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return True
+
+
+def run_demo(
+    settings: DemoSettings,
+    out_dir: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] | None = None,
+    method: str = "asu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every stage of the demo and write its outputs; returns what ``results.json`` holds."""
+    out = Path(out_dir)
+    s = settings
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    world = generate_world(s.world)
+    write_splits(world, out / "data")
+    forget, retain, general = world.split("forget"), world.split("retain"), world.split("general")
+    print(
+        f"world: {len(world.authors)} authors ({len(world.forget_authors)} to forget: "
+        f"{', '.join(world.forget_authors)}), {len(forget)} forget / {len(retain)} retain / "
+        f"{len(general)} general rows"
+    )
+
+    t0 = time.perf_counter()
+    model, tokenizer, info_full = load_or_train(world, "full", cache_dir, s.model, s.train, progress)
+    oracle, _, info_oracle = load_or_train(world, "oracle", cache_dir, s.model, s.train, progress)
+    timings["models"] = time.perf_counter() - t0
+    for info in (info_full, info_oracle):
+        rouge = ", ".join(f"{k} {v:.3f}" for k, v in info["rouge"].items())
+        state = "loaded from cache" if info["cached"] else f"trained in {info['seconds']:.0f} s"
+        print(
+            f"{info['kind']} model: {info['n_parameters'] / 1e6:.2f}M parameters, {state} "
+            f"({info['epochs']} epochs, ROUGE-L {rouge})"
+        )
+        if not info["reached"]:
+            print(f"warning: the {info['kind']} model did not reach the memorisation target", file=sys.stderr)
+
+    ev = dict(
+        batch_size=32, max_new_tokens=s.max_new_tokens, well_formed=world.is_well_formed, progress=progress
+    )
+    t0 = time.perf_counter()
+    oracle_res = evaluate_model(oracle, tokenizer, forget, retain, general, **ev)
+    reference = oracle_res["stats"]
+    orig_res = evaluate_model(model, tokenizer, forget, retain, general, reference_stats=reference, **ev)
+    oracle_res = evaluate_model(oracle, tokenizer, forget, retain, general, reference_stats=reference, **ev)
+    timings["evaluate_original"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    preview = evaluate_smoothed(
+        model,
+        tokenizer,
+        forget,
+        s.preview_temperatures,
+        retain_rows=retain,
+        batch_size=32,
+        max_new_tokens=s.max_new_tokens,
+        well_formed=world.is_well_formed,
+        progress=progress,
+    )
+    timings["tau_preview"] = time.perf_counter() - t0
+
+    models: dict[str, dict[str, float]] = {
+        "original": orig_res["summary"],
+        "oracle (retain only)": oracle_res["summary"],
+    }
+    for p in preview:
+        models[f"smoothed τ={p['temperature']:g} (no training)"] = p["summary"]
+    generations = {"original": orig_res["generations"]["forget"]}
+    histories: dict[str, list] = {}
+
+    asu_name = f"{method.upper()} τ={s.temperature:g} λ={s.lam:g} lr={s.asu_lr:g}"
+    unlearned, secs, hist = _unlearn(model, tokenizer, forget, retain, method, s.asu_lr, s, progress)
+    timings[asu_name] = secs
+    res = evaluate_model(unlearned, tokenizer, forget, retain, general, reference_stats=reference, **ev)
+    models[asu_name] = res["summary"]
+    generations[method.upper()] = res["generations"]["forget"]
+    histories[asu_name] = hist
+    del unlearned
+
+    ga_names = []
+    for lr in s.ga_lrs:
+        name = f"GA+GD lr={lr:g}"
+        unlearned, secs, hist = _unlearn(model, tokenizer, forget, retain, "gd", lr, s, progress)
+        timings[name] = secs
+        res = evaluate_model(unlearned, tokenizer, forget, retain, general, reference_stats=reference, **ev)
+        models[name] = res["summary"]
+        generations[name] = res["generations"]["forget"]
+        histories[name] = hist
+        ga_names.append(name)
+        del unlearned
+    timings["total"] = time.perf_counter() - t_start
+
+    tau_key = next(k for k in models if k.startswith(f"smoothed τ={s.temperature:g} "))
+    claims = check_claims(models, asu_name, ga_names, models[tau_key])
+    examples = _examples(forget, generations, s.n_examples)
+    table = _table(models)
+    print("\n" + table)
+    print("forget-prompt generations:\n")
+    print(_examples_md(examples))
+    for name, c in claims.items():
+        print(
+            f"claim {name}: {'holds' if c['holds'] else ('n/a' if c['holds'] is None else 'does NOT hold')}"
+        )
+    print(f"\ntotal {timings['total']:.0f} s; results in {out}")
+
+    results = {
+        "settings": {
+            "world": asdict(s.world),
+            "model": asdict(s.model),
+            "train": asdict(s.train),
+        }
+        | {k: v for k, v in asdict(s).items() if k not in ("world", "model", "train")},
+        "method": method,
+        "training": {"full": info_full, "oracle": info_oracle},
+        "models": models,
+        "claims": claims,
+        "examples": examples,
+        "tau_preview": [{"temperature": p["temperature"], "summary": p["summary"]} for p in preview],
+        "histories": histories,
+        "timings_s": timings,
+        "torch_threads": torch.get_num_threads(),
+    }
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(
+        out / "results.md",
+        "# asu demo\n\n" + table + "\n## Forget-prompt generations\n\n" + _examples_md(examples),
+    )
+    _chart(models, out / "results.png")
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings_from_args(args)
+    except ValueError as e:
+        print(f"asu demo: error: {e}", file=sys.stderr)
+        return 1
+    try:
+        import asu.unlearn  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != "asu.unlearn":
+            raise
+        print(
+            "asu demo: error: unlearning is not available in this build (asu.unlearn missing)",
+            file=sys.stderr,
+        )
+        return 2
+    run_demo(settings, args.out, args.cache_dir, args.method, progress=not args.no_progress)
+    return 0

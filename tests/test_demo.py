@@ -1,0 +1,93 @@
+"""The tiny model's cache and training, and ``asu demo`` end to end (quick) and on its claims (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from asu.tiny import MARKER, TinyModelConfig, TrainConfig, load_or_train
+from asu.world import WorldConfig, generate_world
+
+MICRO_WORLD = WorldConfig(n_authors=4, n_cities=5, n_countries=4, n_perturbed=3, seed=0)
+MICRO_MODEL = TinyModelConfig(
+    vocab_size=300, hidden_size=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, intermediate_size=64
+)
+MICRO_TRAIN = TrainConfig(lr=5e-3, batch_size=16, max_epochs=2, eval_every=2, warmup_steps=2)
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_cache_is_deterministic_reused_and_rebuilt_when_corrupt(tmp_path):
+    world = generate_world(MICRO_WORLD)
+    m1, _, info1 = load_or_train(world, "full", tmp_path / "a", MICRO_MODEL, MICRO_TRAIN, progress=False)
+    assert not info1["cached"] and info1["epochs"] == 2
+    w1 = _weights(m1)
+    # Same configuration in another cache: bit-identical weights (seeded init and data order).
+    m2, _, _ = load_or_train(world, "full", tmp_path / "b", MICRO_MODEL, MICRO_TRAIN, progress=False)
+    assert all(torch.equal(w1[k], v) for k, v in _weights(m2).items())
+    # Second call: loaded, same weights.
+    m3, tok3, info3 = load_or_train(world, "full", tmp_path / "a", MICRO_MODEL, MICRO_TRAIN, progress=False)
+    assert info3["cached"] and all(torch.equal(w1[k], v) for k, v in _weights(m3).items())
+    assert tok3.eos_token == "</s>" and tok3.pad_token == "<pad>"
+
+    entry = tmp_path / "a" / info1["path"].split("/")[-1]
+    # Killed mid-save: no completion marker -> rebuilt, never loaded.
+    (entry / MARKER).unlink()
+    (entry / "model.safetensors").write_bytes(b"garbage")
+    _, _, info4 = load_or_train(world, "full", tmp_path / "a", MICRO_MODEL, MICRO_TRAIN, progress=False)
+    assert not info4["cached"] and (entry / MARKER).is_file()
+    # Marker present but weights truncated -> rebuilt too.
+    data = (entry / "model.safetensors").read_bytes()
+    (entry / "model.safetensors").write_bytes(data[: len(data) // 2])
+    m5, _, info5 = load_or_train(world, "full", tmp_path / "a", MICRO_MODEL, MICRO_TRAIN, progress=False)
+    assert not info5["cached"] and all(torch.equal(w1[k], v) for k, v in _weights(m5).items())
+    # Another configuration is another entry; the oracle never sees forget rows.
+    _, _, info6 = load_or_train(world, "oracle", tmp_path / "a", MICRO_MODEL, MICRO_TRAIN, progress=False)
+    assert info6["path"] != info1["path"] and set(info6["rouge"]) == {"retain"}
+    assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path):
+    pytest.importorskip("asu.unlearn")
+    from asu.cli import main
+
+    argv = ["demo", "--quick", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--no-progress"]) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {"original", "oracle (retain only)"} <= set(res["models"])
+    assert any(k.startswith("ASU") for k in res["models"]) and any(
+        k.startswith("GA+GD") for k in res["models"]
+    )
+    for key in ("asu_halves_forget", "asu_keeps_retain", "preview_predicts_asu", "ga_collapses_asu_does_not"):
+        assert key in res["claims"]
+    assert (tmp_path / "out" / "results.md").is_file() and (
+        tmp_path / "out" / "results.png"
+    ).stat().st_size > 0
+    for split in ("forget", "retain", "general"):
+        assert (tmp_path / "out" / "data" / f"{split}.jsonl").is_file()
+    assert not res["training"]["full"]["cached"]
+    # Second run: both models come from the cache.
+    assert main([*argv, "--no-progress"]) == 0
+    res2 = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res2["training"]["full"]["cached"] and res2["training"]["oracle"]["cached"]
+    assert res2["models"]["original"] == res["models"]["original"]
+
+
+@pytest.mark.slow
+def test_demo_claims(tmp_path):
+    """What the demo must show (issue 5), on its own numbers with the default settings."""
+    pytest.importorskip("asu.unlearn")
+    from asu.demo import default_settings, run_demo
+
+    res = run_demo(default_settings(), tmp_path / "out", cache_dir=None, progress=False)
+    train = res["training"]
+    assert train["full"]["rouge"]["forget"] >= 0.9 and train["full"]["rouge"]["retain"] >= 0.9
+    assert train["oracle"]["rouge"]["retain"] >= 0.9
+    claims = res["claims"]
+    failed = {k: v for k, v in claims.items() if v["holds"] is not True}
+    assert not failed, json.dumps(failed, indent=1)
