@@ -23,6 +23,7 @@ results are converted back to natural units on the way out.
 
 import contextlib
 import math
+from typing import Any
 
 import torch
 import triton
@@ -45,7 +46,7 @@ _FWD_GPU_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4
 # register spills on sm_80 and sm_90 at head dim 128 (see aot_specs / the compile report).
 _DQ_GPU_CONFIGS = [(64, 32, 8, 2), (32, 32, 4, 1), (64, 32, 8, 1)]
 # (BLOCK_N, BLOCK_M, ...) for the dk kernel: keys are the outer (resident) block.
-_DK_GPU_CONFIGS = [(64, 32, 8, 1), (32, 32, 8, 1), (64, 16, 4, 1), (32, 16, 4, 1)]
+_DK_GPU_CONFIGS = [(64, 32, 8, 1), (32, 32, 8, 1), (32, 16, 4, 1)]
 # The interpreter runs one small configuration: autotuning there would only multiply the CPU time.
 _INTERPRET_CONFIG = (16, 16, 4, 1)
 
@@ -56,6 +57,30 @@ def _configs(gpu: list[tuple[int, int, int, int]], outer: str, inner: str) -> li
 
 
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_KPM", "IS_VARLEN"]
+# fp32 operands (full-precision products) and head dims above 128 double the registers a tile needs; the
+# large tiles then spill heavily (checked with ptxas for sm_80/sm_90), so only these tile areas remain.
+_HEAVY_MAX_TILE = 64 * 32
+
+
+def _heavy(block_d: int, dot_precision: str) -> bool:
+    return dot_precision == "ieee" or block_d > 128
+
+
+def _fits(configs: list, block_d: int, dot_precision: str) -> list:
+    """The configurations worth trying for this head dim / precision (never empty)."""
+    if not _heavy(block_d, dot_precision):
+        return list(configs)
+
+    def area(c: Any) -> int:
+        return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] if isinstance(c, triton.Config) else c[0] * c[1]
+
+    small = [c for c in configs if area(c) <= _HEAVY_MAX_TILE]
+    return small or [min(configs, key=area)]
+
+
+def _prune(configs: list, named_args: dict, **kwargs) -> list:
+    meta = {**named_args, **kwargs}
+    return _fits(configs, meta["BLOCK_D"], meta["DOT_PRECISION"])
 
 
 @triton.jit
@@ -68,7 +93,11 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
-@triton.autotune(configs=_configs(_FWD_GPU_CONFIGS, "BLOCK_M", "BLOCK_N"), key=_TUNE_KEY + ["WANT_ENTROPY"])
+@triton.autotune(
+    configs=_configs(_FWD_GPU_CONFIGS, "BLOCK_M", "BLOCK_N"),
+    key=_TUNE_KEY + ["WANT_ENTROPY"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _attention_kl_fwd(
     QS, KS, QT, KT, KPM, CU,
@@ -189,7 +218,11 @@ def _attention_kl_fwd(
         tl.store(ENT_T + o_off, ent_t, mask=row_ok)
 
 
-@triton.autotune(configs=_configs(_DQ_GPU_CONFIGS, "BLOCK_M", "BLOCK_N"), key=_TUNE_KEY + ["ENT_GRAD"])
+@triton.autotune(
+    configs=_configs(_DQ_GPU_CONFIGS, "BLOCK_M", "BLOCK_N"),
+    key=_TUNE_KEY + ["ENT_GRAD"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _attention_kl_bwd_dq(
     QS, KS, QT, KT, KPM, CU,
@@ -289,7 +322,11 @@ def _attention_kl_bwd_dq(
     )
 
 
-@triton.autotune(configs=_configs(_DK_GPU_CONFIGS, "BLOCK_N", "BLOCK_M"), key=_TUNE_KEY + ["ENT_GRAD"])
+@triton.autotune(
+    configs=_configs(_DK_GPU_CONFIGS, "BLOCK_N", "BLOCK_M"),
+    key=_TUNE_KEY + ["ENT_GRAD"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _attention_kl_bwd_dk(
     QS, KS, QT, KT, KPM, CU,
@@ -904,13 +941,16 @@ def aot_specs() -> list[AOTSpec]:
     specs = []
     for kernel, (fn, configs) in kernels.items():
         for dtype, d, causal, window, kpm, varlen, extra, all_configs in variants:
-            for _i, (a, c, w, s) in enumerate(configs if all_configs else configs[:1]):
+            block_d = triton.next_power_of_2(d)
+            precision = "ieee" if dtype == torch.float32 else "tf32"
+            chosen = _fits(configs, block_d, precision)
+            for a, c, w, s in chosen if all_configs else chosen[:1]:
                 outer, inner = ("BLOCK_N", "BLOCK_M") if kernel == "dk" else ("BLOCK_M", "BLOCK_N")
                 constexprs = {
-                    "HEAD_DIM": d, "BLOCK_D": triton.next_power_of_2(d), "CAUSAL": causal,
+                    "HEAD_DIM": d, "BLOCK_D": block_d, "CAUSAL": causal,
                     "HAS_WINDOW": window, "HAS_KPM": kpm, "IS_VARLEN": varlen,
                     ("WANT_ENTROPY" if kernel == "fwd" else "ENT_GRAD"): extra,
-                    "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", "UPCAST_DOT": False,
+                    "DOT_PRECISION": precision, "UPCAST_DOT": False,
                     outer: a, inner: c,
                 }  # fmt: skip
                 name = (f"attention_kl_{kernel}[D={d},{_TL_DTYPE[dtype]},{'causal' if causal else 'full'}"
