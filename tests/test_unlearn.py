@@ -81,9 +81,10 @@ def test_unlearn_baselines_run(tok, method, reference_backend):
 
 
 def test_interrupted_run_resumes_to_the_same_loss(tok, tmp_path, reference_backend):
-    cfg = UnlearnConfig(teacher="copy", save_steps=3, **{**FAST, "batch_size": 1})  # 5 steps per epoch
+    # One epoch of 5 steps (batch 1), checkpoints every 2 steps, killed after step 3: mid-epoch.
+    cfg = UnlearnConfig(teacher="copy", save_steps=2, **{**FAST, "batch_size": 1, "epochs": 1})
     full = unlearn(tiny_model(vocab_size=len(tok)), tok, FORGET, RETAIN, cfg, output_dir=str(tmp_path / "a"))
-    assert len(full.history) == 10
+    assert len(full.history) == 5
 
     out = tmp_path / "b"
     with pytest.raises(Interrupt):
@@ -94,17 +95,17 @@ def test_interrupted_run_resumes_to_the_same_loss(tok, tmp_path, reference_backe
             RETAIN,
             cfg,
             output_dir=str(out),
-            callbacks=[StopAt(4)],
+            callbacks=[StopAt(3)],
         )
     assert not (out / "run.json").exists() and not (out / "model.safetensors").exists()
-    assert (out / "checkpoints" / "checkpoint-3").is_dir()  # mid-epoch 1 of 2
+    assert (out / "checkpoints" / "checkpoint-2").is_dir()
     with pytest.raises(ValueError, match="interrupted run"):
         unlearn(tiny_model(vocab_size=len(tok)), tok, FORGET, RETAIN, cfg, output_dir=str(out))
 
     resumed = unlearn(
         tiny_model(vocab_size=len(tok)), tok, FORGET, RETAIN, cfg, output_dir=str(out), resume=True
     )
-    assert [h["step"] for h in resumed.history] == list(range(1, 11))
+    assert [h["step"] for h in resumed.history] == list(range(1, 6))
     assert resumed.history[-1]["loss"] == pytest.approx(full.history[-1]["loss"], abs=1e-5)
     a = full.model.state_dict()
     for k, v in resumed.model.state_dict().items():
