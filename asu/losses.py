@@ -111,6 +111,8 @@ class UnlearnObjective(nn.Module):
             raise ValueError(f"method={method!r} with retain_loss={retain_loss!r} needs a teacher")
         check_plain_head(student)
         self.student = student
+        # FSDP's transformer-layer auto-wrap reads the root's _no_split_modules: the student's decoder layers.
+        self._no_split_modules = list(getattr(student, "_no_split_modules", None) or [])
         self.teacher = teacher
         self.method = method
         self.retain_kind = retain_loss

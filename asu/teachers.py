@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from asu.data import PaddingCollator, iter_batches, label_positions
+from asu.distributed import barrier, check_full_weight, gather_rows, is_local_main_process, shard_indices
 from asu.smoothing import LayerSpec, set_smoothing, smoothing
 
 __all__ = [
@@ -67,6 +68,8 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     head = model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
         raise TypeError(f"{type(model).__name__} has no output embedding (LM head) with a weight")
+    # Under FSDP/ZeRO-3 the weight is whole only inside the wrapped forward; a shard must not reach the loss.
+    check_full_weight(head.weight, getattr(getattr(model, "config", None), "vocab_size", None))
     return head.weight, getattr(head, "bias", None)
 
 
@@ -199,6 +202,7 @@ class BaseTeacher(Teacher):
         head = self._student[0].get_output_embeddings()
         base = getattr(head, "base_layer", head)
         bias = getattr(base, "bias", None)
+        check_full_weight(base.weight, getattr(self._student[0].config, "vocab_size", None))
         return base.weight.detach(), None if bias is None else bias.detach()
 
 
@@ -217,14 +221,18 @@ class _Store:
 
             os.makedirs(directory, exist_ok=True)
             self.path = os.path.join(directory, f"{name}.safetensors")
-            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-            os.close(fd)
-            try:
-                save_file({"hidden": flat.contiguous(), "offsets": self.offsets}, tmp)
-                os.replace(tmp, self.path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            # Every rank holds the same rows (see CacheTeacher); one process per node writes the file, the
+            # others wait for it (all ranks build the same stores in the same order, so barriers match).
+            if is_local_main_process():
+                fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+                os.close(fd)
+                try:
+                    save_file({"hidden": flat.contiguous(), "offsets": self.offsets}, tmp)
+                    os.replace(tmp, self.path)
+                finally:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+            barrier()
             self._flat = None
 
     def gather(self, example_ids: Sequence[int]) -> torch.Tensor:
@@ -285,8 +293,11 @@ class CacheTeacher(Teacher):
                 ctx = (
                     smoothing(model, self.temperature, layers) if smoothed else smoothing(model, 1.0, layers)
                 )
+                # Under data parallelism each rank runs the teacher on every W-th example only, then the
+                # rows are all-gathered: every rank needs every example (the sampler reshuffles each epoch).
+                mine = shard_indices(len(examples))
                 with ctx:
-                    for chunk in iter_batches(range(len(examples)), batch_size):
+                    for chunk in iter_batches(mine, batch_size):
                         batch = collate.collate([{**examples[i], "example_id": i} for i in chunk])
                         batch = {k: v.to(device) for k, v in batch.items()}
                         hidden = decoder_hidden(model, batch)
@@ -295,6 +306,7 @@ class CacheTeacher(Teacher):
                         flat = hidden[mask].to("cpu", dtype)
                         counts = torch.bincount(seq, minlength=len(chunk)).tolist()
                         rows.extend(torch.split(flat, counts))
+                rows = gather_rows(rows, mine, len(examples))
                 name = f"{part}_{'smoothed' if smoothed else 'reference'}"
                 self.stores[(part, smoothed)] = _Store(rows, directory, name)
         self.stats.update(

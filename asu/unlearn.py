@@ -46,6 +46,7 @@ from asu.data import (
     load_rows,
     validate_rows,
 )
+from asu.distributed import barrier, check_launch, complete_checkpoints, engine, is_main_process
 from asu.losses import DEFAULTS, METHODS, RETAIN_LOSSES, UnlearnObjective, teacher_needs
 from asu.smoothing import attention_modules, parse_layers
 from asu.teachers import TEACHER_SOURCES, build_teacher, is_peft_model
@@ -235,8 +236,8 @@ def check_output_dir(output_dir: str, resume: bool) -> None:
         raise ValueError(f"--out {output_dir} exists and is not a directory")
     ckpt_dir = os.path.join(output_dir, CHECKPOINTS)
     if resume:
-        if not _checkpoints(ckpt_dir):
-            raise ValueError(f"nothing to resume: {ckpt_dir} holds no checkpoint")
+        if not complete_checkpoints(ckpt_dir):
+            raise ValueError(f"nothing to resume: {ckpt_dir} holds no complete checkpoint")
         return
     if os.path.exists(os.path.join(output_dir, RUN_FILE)):
         raise ValueError(
@@ -309,6 +310,8 @@ def unlearn(
     )
     idk = _idk_examples(tokenizer, forget_rows, idk_answers, cfg) if cfg.method == "idk" else None
     dataset = UnlearnDataset(forget, retain, seed=cfg.seed, idk=idk)
+    # Launch problems (batch vs world size, DeepSpeed config vs the run) fail here, before any training.
+    check_launch(cfg, len(dataset), model_config=getattr(model, "config", None))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     if cfg.pack:
         collator = PackingCollator(max_tokens=cfg.pack_tokens or cfg.max_length, pad_token_id=pad_id)
@@ -317,7 +320,7 @@ def unlearn(
 
     created_out = False
     if output_dir is not None and not os.path.isdir(output_dir):
-        os.makedirs(output_dir)
+        os.makedirs(output_dir, exist_ok=True)  # every rank gets here; exist_ok tolerates the race
         created_out = True
     scratch = None
     try:
@@ -416,7 +419,7 @@ def unlearn(
                 changed = sorted(k for k in now if k not in ("progress",) and before.get(k) != now[k])
                 if changed:
                     raise ValueError(f"cannot resume with different settings: {', '.join(changed)} changed")
-            else:
+            elif is_main_process():
                 _write_json_atomic(saved_cfg, cfg.to_dict())
         trainer = UnlearnTrainer(
             model=objective,
@@ -430,7 +433,11 @@ def unlearn(
             from transformers.trainer_callback import PrinterCallback
 
             trainer.remove_callback(PrinterCallback)  # quiet means quiet: no per-step dicts on stdout
-        trainer.train(resume_from_checkpoint=True if resume else None)
+        resume_from = None
+        if resume:
+            # The newest checkpoint every rank finished writing (a killed rank may leave a partial one).
+            resume_from = os.path.join(trainer_dir, complete_checkpoints(trainer_dir)[-1])
+        trainer.train(resume_from_checkpoint=resume_from)
         wall = time.perf_counter() - start
 
         keys = ("step", "epoch", "loss", "forget_loss", "retain_loss", "learning_rate", "grad_norm")
@@ -459,9 +466,18 @@ def unlearn(
                 )
 
         if output_dir is not None:
-            _write_result(output_dir, student, tokenizer, cfg, history, stats)
-            if not cfg.keep_checkpoints:
-                shutil.rmtree(trainer_dir, ignore_errors=True)
+            state_dict = None
+            if engine() in ("fsdp", "deepspeed"):
+                # Sharded weights: every rank takes part in gathering the full state dict (main gets it).
+                full = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+                state_dict = {
+                    k[len("student.") :]: v for k, v in (full or {}).items() if k.startswith("student.")
+                }
+            if is_main_process():
+                _write_result(output_dir, student, tokenizer, cfg, history, stats, state_dict=state_dict)
+                if not cfg.keep_checkpoints:
+                    shutil.rmtree(trainer_dir, ignore_errors=True)
+            barrier()  # no rank returns before the result is in place
         return UnlearnResult(model=student, history=history, stats=stats, output_dir=output_dir)
     except BaseException:
         if output_dir is not None and created_out and not _checkpoints(os.path.join(output_dir, CHECKPOINTS)):
@@ -479,11 +495,15 @@ def _write_result(
     cfg: UnlearnConfig,
     history: list[dict[str, Any]],
     stats: dict[str, Any],
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Model + tokenizer saved to a scratch directory, moved into place, then ``run.json`` last."""
+    """Model + tokenizer saved to a scratch directory, moved into place, then ``run.json`` last.
+
+    ``state_dict``: the student's gathered weights when they are sharded (FSDP, ZeRO-3); main process only.
+    """
     tmp = tempfile.mkdtemp(dir=output_dir, prefix=".result-")
     try:
-        student.save_pretrained(tmp, safe_serialization=True)
+        student.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
