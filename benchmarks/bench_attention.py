@@ -32,9 +32,11 @@ from benchmarks.common import (
     Recorder,
     Rotating,
     Unavailable,
+    classify,
     is_oom,
     ours_backend_note,
     peak_memory_gb,
+    release_memory,
     time_call,
 )
 
@@ -366,14 +368,15 @@ def bench_shape(
     raw_sets = _input_sets(shape, device, _n_sets(shape, device), seed)
     for name in providers:
         base = {"benchmark": "attention", "provider": name, **shape.columns()}
-        holder: dict[str, Provider] = {}
-
-        def build(name=name, base=base, holder=holder) -> None:
-            holder["p"] = make_provider(name, shape, device)
-
-        if not rec.guarded({**base, "mode": ",".join(modes)}, build):
+        try:
+            prov = make_provider(name, shape, device)
+        except Exception as e:  # noqa: BLE001 - recorded per mode (skip / oom / error), the suite goes on
+            status, why = classify(e)
+            del e
+            release_memory(device)
+            for mode in modes:
+                rec.status_row({**base, "mode": mode}, status, why)
             continue
-        prov = holder["p"]
         note = prov.note or (ours_backend_note(raw_sets[0][0]) if name == "ours" else "")
         if name == "flex":
             # Compile time apart, before any timing: the first forward (inference) and forward+backward.

@@ -22,7 +22,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import Recorder, Rotating, Unavailable, ours_backend_note, peak_memory_gb, time_call
+from benchmarks.common import (
+    Recorder,
+    Rotating,
+    Unavailable,
+    classify,
+    ours_backend_note,
+    peak_memory_gb,
+    release_memory,
+    time_call,
+)
 
 PROVIDERS = ("eager", "liger", "ours")
 
@@ -138,16 +147,17 @@ def bench_shape(
     """Time and peak memory of forward+backward for each provider at one shape."""
     device = rec.device
     bench = "linear_kl" if shape.loss == "kl" else "linear_ce"
-    holder: dict[str, Any] = {}
-
-    def make_inputs() -> None:
-        holder["inputs"] = _inputs(shape, device, 2 if shape.tokens * shape.hidden * 2 > 5e8 else 3, seed)
-
-    if not rec.guarded(
-        {"benchmark": bench, "provider": "inputs", "mode": "fwd+bwd", **shape.columns()}, make_inputs
-    ):
+    try:
+        sets, weights = _inputs(shape, device, 2 if shape.tokens * shape.hidden * 2 > 5e8 else 3, seed)
+    except Exception as e:  # noqa: BLE001 - e.g. the weights alone do not fit: one row per provider says so
+        status, why = classify(e)
+        del e
+        release_memory(device)
+        for name in providers:
+            rec.status_row(
+                {"benchmark": bench, "provider": name, "mode": "fwd+bwd", **shape.columns()}, status, why
+            )
         return
-    sets, weights = holder.pop("inputs")
     for name in providers:
         row = {"benchmark": bench, "provider": name, "mode": "fwd+bwd", **shape.columns()}
 

@@ -295,6 +295,17 @@ def is_oom(exc: BaseException) -> bool:
 # ------------------------------------------------------------------------------------------------- recorder
 
 
+def classify(exc: BaseException) -> tuple[str, str]:
+    """(status, note) of a failed measurement: ``skip`` for Unavailable, ``oom``, else ``error`` (traceback
+    printed, since an error is a bug to look at)."""
+    if isinstance(exc, Unavailable):
+        return "skip", str(exc)
+    if is_oom(exc):
+        return "oom", short_error(exc, 120)
+    traceback.print_exception(exc)
+    return "error", short_error(exc)
+
+
 def write_csv_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Write ``rows`` (dicts over :data:`COLUMNS`) to ``path`` via a temp file in the same directory."""
     path = Path(path)
@@ -416,14 +427,8 @@ class Recorder:
         outcome: tuple[str, str] | None = None
         try:
             body()
-        except Unavailable as e:
-            outcome = ("skip", str(e))
         except Exception as e:  # noqa: BLE001 - one failing provider must not stop the suite
-            if is_oom(e):
-                outcome = ("oom", short_error(e, 120))
-            else:
-                traceback.print_exc()
-                outcome = ("error", short_error(e))
+            outcome = classify(e)
         if outcome is not None:
             release_memory(self.device)
             self.status_row(base, outcome[0], outcome[1], metric=metric)
