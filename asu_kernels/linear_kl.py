@@ -10,14 +10,16 @@ How it runs
 -----------
 Rows with weight 0 (and ignored labels) are dropped first, so they cost nothing. The remaining rows are
 processed in chunks of ``C`` rows, sized so one fp32 (C x V) buffer stays small (512 MiB on a GPU; on the
-CPU an eighth of the input bytes, between 256 KiB and 64 MiB). Per chunk:
+CPU an eighth of the student's hidden-state + weight bytes, between 256 KiB and 64 MiB). Per chunk:
 
 1. logits ``S = h_c WS^T + bS`` and ``T = hT_c WT^T + bT`` with one cuBLAS matmul each (``torch.addmm``) into
    reused chunk buffers;
 2. one row kernel (Triton on CUDA or under ``TRITON_INTERPRET=1``, in-place PyTorch otherwise) streams the
    vocabulary with an online log-sum-exp for both distributions, returns the per-row loss, and, when the
-   student needs gradients, overwrites ``S`` with ``dL/dS = w_i (p_S - p_T)`` (CE: ``w_i (p - onehot(y))``);
-3. ``grad_h[rows] = G WS`` and ``grad_WS += G^T h_c`` (fp32 accumulator), ``grad_bS += G.sum(0)``.
+   student needs gradients, overwrites ``S`` with ``G = dL/dS / k = (w_i / k) (p_S - p_T)`` (CE:
+   ``(w_i / k) (p - onehot(y))``), where ``k = max |w|`` keeps fp16 gradients clear of underflow;
+3. ``grad_h[rows] = k G WS`` and ``grad_WS += G^T h_c`` (fp32 accumulator), ``grad_bS += G.sum(0)``; the
+   accumulators are multiplied by ``k`` once at the end.
 
 So the gradients are produced in the forward (as in Liger-Kernel); the backward only multiplies them by the
 upstream gradient. The teacher side never receives gradients. Why cuBLAS for the matmuls and Triton only
@@ -240,6 +242,19 @@ def _active_rows(active: torch.Tensor | None, rows: int) -> tuple[torch.Tensor |
     return (None, rows) if count == rows else (index, count)
 
 
+def _grad_scale(w: torch.Tensor) -> torch.Tensor:
+    """max |w_i| (1 when all are 0), a 0-dim tensor: the kernels write ``(w_i / scale) dL_i/dlogits``.
+
+    Row weights are often ~1/M (1e-4 .. 1e-5); folded into fp16 logit gradients of size ~1/V they would
+    underflow. Dividing by the largest weight keeps the stored gradients O(p), and the scale is applied to
+    the small (c x d) / accumulated results instead. Stays on the device (no host sync).
+    """
+    if w.numel() == 0:
+        return torch.ones((), dtype=w.dtype, device=w.device)
+    scale = w.abs().max()
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
 def _backprop_chunk(
     g: torch.Tensor,
     h: torch.Tensor,
@@ -248,11 +263,16 @@ def _backprop_chunk(
     grad_hidden: torch.Tensor | None,
     grad_weight_acc: torch.Tensor | None,
     grad_bias_acc: torch.Tensor | None,
+    grad_scale: torch.Tensor,
 ) -> None:
-    """Turn the chunk's logit gradient g (c, V) into hidden / weight / bias gradients."""
+    """Turn the chunk's logit gradient ``grad_scale * g`` (g: (c, V)) into hidden / weight / bias gradients.
+
+    grad_hidden rows are final here; the weight and bias accumulators collect ``g``-products and are
+    multiplied by ``grad_scale`` once at the end (:func:`_finish_grads`).
+    """
     if grad_hidden is not None:
         gh = torch.mm(g if g.dtype == weight.dtype else g.to(weight.dtype), weight)
-        rows.put(grad_hidden, gh)
+        rows.put(grad_hidden, gh.to(grad_scale.dtype).mul_(grad_scale))
     if grad_weight_acc is not None:
         _accumulate_grad_weight(grad_weight_acc, g, h)
     if grad_bias_acc is not None:
@@ -319,14 +339,15 @@ def _finish_grads(
     grad_h: torch.Tensor | None,
     grad_w: torch.Tensor | None,
     grad_b: torch.Tensor | None,
+    grad_scale: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cast accumulators to the parameter dtypes; absent gradients become empty (0,) tensors.
 
     Each absent gradient gets its own empty tensor: custom-op outputs may not alias one another.
     """
     out_h = hidden.new_empty((0,)) if grad_h is None else grad_h
-    out_w = hidden.new_empty((0,)) if grad_w is None else grad_w.to(weight.dtype)
-    out_b = hidden.new_empty((0,)) if grad_b is None else grad_b.to(bias.dtype)
+    out_w = hidden.new_empty((0,)) if grad_w is None else grad_w.mul_(grad_scale).to(weight.dtype)
+    out_b = hidden.new_empty((0,)) if grad_b is None else grad_b.mul_(grad_scale).to(bias.dtype)
     return out_h, out_w, out_b
 
 
@@ -369,10 +390,10 @@ def _linear_kl_forward(
         student_hidden, student_weight, student_bias, need_h, need_w, need_b, acc
     )
     compute_grad = grad_h is not None or grad_w is not None or grad_b is not None
+    grad_scale = _grad_scale(w)
     total = torch.zeros((), dtype=acc, device=device)
     if n_active > 0:
-        inputs = _nbytes(student_hidden, student_weight, teacher_hidden, teacher_weight)
-        chunk = _chunk_rows(n_active, vocab, device, inputs)
+        chunk = _chunk_rows(n_active, vocab, device, _nbytes(student_hidden, student_weight))
         buf_dtype = student_hidden.dtype if on_triton else acc
         s_buf = torch.empty((chunk, vocab), dtype=buf_dtype, device=device)
         t_buf = torch.empty((chunk, vocab), dtype=buf_dtype, device=device)
@@ -387,14 +408,17 @@ def _linear_kl_forward(
             _logits_into(t, h_t, teacher_weight, teacher_bias)
             if on_triton:
                 per_row = loss_buf[:c].fill_(math.nan)  # poison: an unwritten row would show as NaN
-                kernels.launch_kl_rows(s, t, w_c.contiguous(), per_row, compute_grad, _block_v_override)
+                kernels.launch_kl_rows(s, t, w_c / grad_scale, per_row, compute_grad, _block_v_override)
             else:
-                per_row = _kl_rows_torch(s, t, w_c, compute_grad)
+                per_row = _kl_rows_torch(s, t, w_c / grad_scale, compute_grad)
             total += (w_c * per_row.to(acc)).sum()
             if compute_grad:
-                _backprop_chunk(s, h_s, student_weight, sel, grad_h, grad_w, grad_b)
+                _backprop_chunk(s, h_s, student_weight, sel, grad_h, grad_w, grad_b, grad_scale)
     loss = total.to(student_hidden.dtype)
-    return (loss, *_finish_grads(student_hidden, student_weight, student_bias, grad_h, grad_w, grad_b))
+    return (
+        loss,
+        *_finish_grads(student_hidden, student_weight, student_bias, grad_h, grad_w, grad_b, grad_scale),
+    )
 
 
 def _linear_ce_forward(
@@ -429,6 +453,7 @@ def _linear_ce_forward(
     index, n_active = _active_rows(w != 0, rows)
     grad_h, grad_w, grad_b = _new_grads(hidden, weight, bias, need_h, need_w, need_b, acc)
     compute_grad = grad_h is not None or grad_w is not None or grad_b is not None
+    grad_scale = _grad_scale(w)
     total = torch.zeros((), dtype=acc, device=device)
     if n_active > 0:
         chunk = _chunk_rows(n_active, vocab, device, _nbytes(hidden, weight))
@@ -444,15 +469,15 @@ def _linear_ce_forward(
             if on_triton:
                 per_row = loss_buf[:c].fill_(math.nan)
                 kernels.launch_ce_rows(
-                    x, y.contiguous(), w_c.contiguous(), per_row, compute_grad, _block_v_override
+                    x, y.contiguous(), w_c / grad_scale, per_row, compute_grad, _block_v_override
                 )
             else:
-                per_row = _ce_rows_torch(x, y, w_c, compute_grad)
+                per_row = _ce_rows_torch(x, y, w_c / grad_scale, compute_grad)
             total += (w_c * per_row.to(acc)).sum()
             if compute_grad:
-                _backprop_chunk(x, h, weight, sel, grad_h, grad_w, grad_b)
+                _backprop_chunk(x, h, weight, sel, grad_h, grad_w, grad_b, grad_scale)
     loss = total.to(hidden.dtype)
-    return (loss, *_finish_grads(hidden, weight, bias, grad_h, grad_w, grad_b))
+    return (loss, *_finish_grads(hidden, weight, bias, grad_h, grad_w, grad_b, grad_scale))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -450,10 +450,8 @@ _MEMORY_SCRIPT = textwrap.dedent(
     g = torch.Generator().manual_seed(0)
     h = torch.randn(m, d, generator=g).requires_grad_(True)
     w = (torch.randn(v, d, generator=g) / 8).requires_grad_(True)
-    inputs = [h, w]
     if op == "kl":
         th, tw = torch.randn(m, d, generator=g), torch.randn(v, d, generator=g) / 8
-        inputs += [th, tw]
         run = lambda: L.linear_kl(h, w, th, tw)
     else:
         labels = torch.randint(0, v, (m,), generator=g)
@@ -468,15 +466,17 @@ _MEMORY_SCRIPT = textwrap.dedent(
     loss.backward()
     assert torch.isfinite(loss) and h.grad is not None and w.grad is not None
     extra = (kib("VmHWM") - base) * 1024
-    print(json.dumps({"extra": extra, "inputs": sum(t.numel() * t.element_size() for t in inputs)}))
+    print(json.dumps({"extra": extra, "inputs": sum(t.numel() * t.element_size() for t in (h, w))}))
     """
 )
 
 
 @pytest.mark.parametrize("op", ["ce", "kl"])
 def test_cpu_chunked_path_memory(op):
-    """M=4096, V=32000, d=64 fp32: peak extra RSS (gradients included) < 2x (hidden states + weights).
+    """M=4096, V=32000, d=64 fp32: peak extra RSS (gradients included) < 2x the student's (hidden + weight).
 
+    Measured as the growth of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) over a
+    forward + backward; the teacher's inputs for KL are allocated beforehand and not counted as extra.
     Full fp32 logits alone would take 4096 * 32000 * 4 = 524 MB (twice that for KL's two models).
     """
     if not os.access("/proc/self/clear_refs", os.W_OK):
@@ -529,30 +529,30 @@ def test_aot_specs_cover_launch_configs():
 
 _COMPILE_SCRIPT = textwrap.dedent(
     """
-    import importlib
+    import importlib, sys
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     L = importlib.import_module("asu_kernels.linear_kl")
-    for spec in L.aot_specs():
+    specs = [s for s in L.aot_specs() if sys.argv[1] == "all" or s.h100_candidate and "bf16" in s.name]
+    for spec in specs:
         for cc in (80, 90):
             triton.compile(
                 ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs),
                 target=GPUTarget("cuda", cc, 32),
                 options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
             )
-    print("compiled", len(L.aot_specs()))
+    print("compiled", len(specs))
     """
 )
 
 
-def test_aot_specs_compile_for_sm80_sm90(tmp_path):
-    """Every spec compiles for the GPU without one (a process without TRITON_INTERPRET)."""
+def _compile_specs(which: str, tmp_path: Path) -> str:
     env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT],
+        [sys.executable, "-c", _COMPILE_SCRIPT, which],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -560,7 +560,17 @@ def test_aot_specs_compile_for_sm80_sm90(tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled 24" in proc.stdout
+    return proc.stdout
+
+
+def test_aot_h100_specs_compile_for_sm80_sm90(tmp_path):
+    """The bf16 large-tile configs (what an H100 runs at real vocab sizes) compile without a GPU."""
+    assert "compiled 4" in _compile_specs("h100", tmp_path)
+
+
+@pytest.mark.slow
+def test_aot_all_specs_compile_for_sm80_sm90(tmp_path):
+    assert "compiled 24" in _compile_specs("all", tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------
