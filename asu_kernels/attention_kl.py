@@ -41,7 +41,7 @@ _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). The forward holds two query tiles and two score tiles;
 # the backward kernels hold one fp32 gradient tile on top of that.
-_FWD_GPU_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 2)]
+_FWD_GPU_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
 # Backward tiles hold an fp32 gradient accumulator on top: smaller blocks, chosen to compile without
 # register spills on sm_80 and sm_90 at head dim 128 (see aot_specs / the compile report).
 _DQ_GPU_CONFIGS = [(64, 32, 8, 2), (32, 32, 4, 1), (64, 32, 8, 1)]
@@ -59,7 +59,7 @@ def _configs(gpu: list[tuple[int, int, int, int]], outer: str, inner: str) -> li
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_KPM", "IS_VARLEN"]
 # fp32 operands (full-precision products) and head dims above 128 double the registers a tile needs; the
 # large tiles then spill heavily (checked with ptxas for sm_80/sm_90), so only these tile areas remain.
-_HEAVY_MAX_TILE = 64 * 32
+_HEAVY_MAX_TILE = 32 * 32
 
 
 def _heavy(block_d: int, dot_precision: str) -> bool:

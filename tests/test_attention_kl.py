@@ -97,9 +97,10 @@ def test_gqa_ratios(hq, hks, hkt):
     _check(*_inputs(1, hq, hks, hkt, 18, 16, torch.float32, seed=3), torch.float32, temperature_t=2.0)
 
 
-@pytest.mark.parametrize("n", [1, 16, 33])
-def test_odd_lengths_and_window(n):
-    _check(*_inputs(1, 2, 1, 1, n, 16, torch.float32, seed=n), torch.float32, temperature_t=2.7, window=5)
+@pytest.mark.parametrize("n,causal", [(1, True), (16, False), (33, True)])
+def test_odd_lengths_and_window(n, causal):
+    q_s, k_s, q_t, k_t = _inputs(1, 2, 1, 1, n, 16, torch.float32, seed=n)
+    _check(q_s, k_s, q_t, k_t, torch.float32, temperature_t=2.7, window=5, causal=causal)
 
 
 @pytest.mark.parametrize("d", [64, 80, 96, 128])
@@ -302,3 +303,23 @@ def test_aot_specs_are_well_formed():
         assert list(s.signature) == names, s.name
         assert {n for n, t in s.signature.items() if t == "constexpr"} == set(s.constexprs), s.name
     assert any(s.h100_candidate for s in specs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_realistic_shape_and_linear_memory(dtype):
+    # Head dim 128, GQA 8 -> 2 (student) and 8 -> 1 (teacher), a length that is not a multiple of any block;
+    # runs every autotuned configuration on the GPU.
+    _check(*_inputs(1, 8, 2, 1, 1531, 128, dtype, seed=21), dtype, temperature_t=2.3)
+    # Memory: at N = 16k the extra memory of forward + backward is O(N) (per-row stats and the gradients),
+    # far below a single (N x N) fp32 score matrix of one head (1 GiB).
+    q_s, k_s, q_t, k_t = _inputs(1, 8, 2, 2, 16384, 128, dtype, seed=22)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    kl = attention_kl(q_s, k_s, q_t, k_t, temperature_t=2.3)
+    kl.sum().backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 64 * 2**20, f"attention_kl used {extra / 2**20:.0f} MiB beyond its inputs at N=16k"
+    assert torch.isfinite(kl).all() and torch.isfinite(q_s.grad).all() and torch.isfinite(k_s.grad).all()
