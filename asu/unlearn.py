@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -118,7 +118,6 @@ class UnlearnConfig:
     max_steps: int = -1
     keep_checkpoints: bool = False
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise ValueError/TypeError naming the first bad field."""
@@ -648,4 +647,12 @@ def run(args: argparse.Namespace) -> int:
         f"asu unlearn: {cfg.method} done, {result.stats['optimizer_steps']} steps, "
         f"final loss {final.get('loss', float('nan')):.6g}, wrote {args.out}"
     )
+    teacher = result.stats.get("teacher", {})
+    if teacher.get("source") == "cache":
+        print(
+            f"asu unlearn: teacher cache: {teacher['teacher_forward_passes']} teacher forward passes "
+            f"({teacher['teacher_forward_passes_saved']} saved), {teacher['cache_bytes'] / 2**20:.1f} MiB "
+            f"cached on {teacher['cache_location']}, {teacher['teacher_bytes_freed'] / 2**20:.1f} MiB of "
+            "teacher weights never held"
+        )
     return 0
