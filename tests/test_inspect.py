@@ -144,3 +144,26 @@ def test_bad_layer_and_rows_selection(tiny):
         inspect_model(model, {"forget": forget}, temperatures=[2.0], layers="5")
     with pytest.raises(ValueError, match="rows must be one of"):
         inspect_model(model, {"forget": forget}, temperatures=[2.0], rows="prompt")
+
+
+def test_capture_qk_matches_eager_and_carries_gradient(tiny):
+    from asu.inspect import capture_qk
+
+    model, tokenizer, _ = tiny
+    ids = torch.tensor([encode_rows(tokenizer, FORGET[:1], 64)[0]["input_ids"]])
+    with capture_qk(model, layers=[1]) as qk:
+        out = model(input_ids=ids, output_attentions=True)
+    assert list(qk) == [1]
+    q, k = qk[1]
+    assert q.shape[1] == 4 and k.shape[1] == 2
+    # softmax(q k^T * scale) over the causal mask is exactly the eager attention map of that layer.
+    kk = k.repeat_interleave(2, dim=1)
+    s = (q @ kk.transpose(-1, -2)) * model.model.layers[1].self_attn.scaling
+    n = ids.shape[1]
+    s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    torch.testing.assert_close(torch.softmax(s, -1), out.attentions[1], atol=1e-5, rtol=1e-4)
+    # The captured q carries the graph back to the layer's projection weights; hooks are gone on exit.
+    q.sum().backward()
+    assert model.model.layers[1].self_attn.q_proj.weight.grad is not None
+    model.zero_grad(set_to_none=True)
+    assert not model.model.layers[1].self_attn._forward_pre_hooks
