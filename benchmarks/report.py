@@ -567,7 +567,12 @@ def render_group(device: str, day: str, rows: list[Row], out_dir: Path) -> Path:
     if is_gpu(device):
         lines += ["## Targets", ""] + _table(["target", "measured", "verdict"], targets(rows)) + [""]
     else:
-        lines += ["CPU run: these numbers exercise the code paths; they are not performance results.", ""]
+        lines += [
+            "CPU run: kernel timings here exercise the code paths (PyTorch reference path, or the Triton",
+            "interpreter) and say nothing about GPU performance; the end-to-end epoch compares whole",
+            "pipelines on the same CPU and is meaningful as a ratio.",
+            "",
+        ]
     sections = (
         ("## Attention throughput", attention_section(rows, "TFLOP/s") + compile_section(rows)),
         ("## Attention time", attention_section(rows, "ms")),
