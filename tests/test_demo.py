@@ -14,7 +14,16 @@ MICRO_WORLD = WorldConfig(n_authors=4, n_cities=5, n_countries=4, n_perturbed=3,
 MICRO_MODEL = TinyModelConfig(
     vocab_size=300, hidden_size=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, intermediate_size=64
 )
-MICRO_TRAIN = TrainConfig(lr=5e-3, batch_size=16, max_epochs=2, eval_every=2, warmup_steps=2)
+MICRO_TRAIN = TrainConfig(lr=5e-3, batch_size=16, max_epochs=1, eval_every=1, warmup_steps=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared, busy 2-core runner two threads per process thrash (~10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
@@ -24,11 +33,8 @@ def _weights(model) -> dict[str, torch.Tensor]:
 def test_cache_is_deterministic_reused_and_rebuilt_when_corrupt(tmp_path):
     world = generate_world(MICRO_WORLD)
     m1, _, info1 = load_or_train(world, "full", tmp_path / "a", MICRO_MODEL, MICRO_TRAIN, progress=False)
-    assert not info1["cached"] and info1["epochs"] == 2
+    assert not info1["cached"] and info1["epochs"] == 1
     w1 = _weights(m1)
-    # Same configuration in another cache: bit-identical weights (seeded init and data order).
-    m2, _, _ = load_or_train(world, "full", tmp_path / "b", MICRO_MODEL, MICRO_TRAIN, progress=False)
-    assert all(torch.equal(w1[k], v) for k, v in _weights(m2).items())
     # Second call: loaded, same weights.
     m3, tok3, info3 = load_or_train(world, "full", tmp_path / "a", MICRO_MODEL, MICRO_TRAIN, progress=False)
     assert info3["cached"] and all(torch.equal(w1[k], v) for k, v in _weights(m3).items())
@@ -40,7 +46,7 @@ def test_cache_is_deterministic_reused_and_rebuilt_when_corrupt(tmp_path):
     (entry / "model.safetensors").write_bytes(b"garbage")
     _, _, info4 = load_or_train(world, "full", tmp_path / "a", MICRO_MODEL, MICRO_TRAIN, progress=False)
     assert not info4["cached"] and (entry / MARKER).is_file()
-    # Marker present but weights truncated -> rebuilt too.
+    # Marker present but weights truncated -> rebuilt too, bit-identical (seeded init and data order).
     data = (entry / "model.safetensors").read_bytes()
     (entry / "model.safetensors").write_bytes(data[: len(data) // 2])
     m5, _, info5 = load_or_train(world, "full", tmp_path / "a", MICRO_MODEL, MICRO_TRAIN, progress=False)
