@@ -56,6 +56,10 @@ CPU_CHUNK_BYTES_MAX = 64 * 2**20
 # When grad_W must be accumulated from low-precision gradients without an fp32-output GEMM, it is done in
 # vocabulary blocks so the temporary (block x d) product stays at most this large.
 GRAD_W_BLOCK_BYTES = 64 * 2**20
+# A low-precision head's fp32 gradient accumulator is kept in this many vocabulary slices, so the final cast
+# to the head's dtype frees fp32 slice by slice: peak fp32 + 1/GRAD_W_SLICES of the bf16 copy, then the
+# concatenation, instead of the full fp32 and bf16 copies at once.
+GRAD_W_SLICES = 8
 
 # Test hooks: force several chunks / vocabulary tiles on small shapes. None = automatic.
 _chunk_rows_override: int | None = None
@@ -185,7 +189,9 @@ def _fp32_out_addmm_works(device: torch.device) -> bool:
         ok = False
         try:
             gen = torch.Generator(device="cpu").manual_seed(0)
-            g = torch.randn(3, 5, generator=gen).to(device=device, dtype=torch.bfloat16)
+            g = torch.randn(3, 9, generator=gen).to(device=device, dtype=torch.bfloat16)[
+                :, 2:7
+            ]  # a column slice
             h = torch.randn(3, 2, generator=gen).to(device=device, dtype=torch.bfloat16)
             acc = torch.randn(5, 2, generator=gen).to(device)
             want = acc + g.float().t() @ h.float()
@@ -214,6 +220,37 @@ def _accumulate_grad_weight(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor)
     for v0 in range(0, vocab, block):
         v1 = min(vocab, v0 + block)
         acc[v0:v1].add_(torch.mm(g[:, v0:v1].t(), h))
+
+
+class _GradWeight:
+    """fp32 (fp64) accumulator of ``sum_chunks g^T h`` for a (V, d) head, held in vocabulary slices."""
+
+    def __init__(self, weight: torch.Tensor, acc_dtype: torch.dtype):
+        vocab, d = weight.shape
+        # Same dtype as the head: one slice (the result is the accumulator itself, no cast, no copy).
+        n = 1 if weight.dtype == acc_dtype else max(1, min(GRAD_W_SLICES, vocab))
+        bounds = [round(i * vocab / n) for i in range(n + 1)]
+        self.slices = [
+            (v0, v1, torch.zeros(v1 - v0, d, dtype=acc_dtype, device=weight.device))
+            for v0, v1 in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+
+    def add(self, g: torch.Tensor, h: torch.Tensor) -> None:
+        """acc += g (c, V)^T @ h (c, d)."""
+        for v0, v1, acc in self.slices:
+            _accumulate_grad_weight(acc, g[:, v0:v1], h)
+
+    def finish(self, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``scale * acc`` in ``dtype`` as one (V, d) tensor; the accumulator is consumed."""
+        if len(self.slices) == 1:
+            acc = self.slices.pop()[2]
+            return acc.mul_(scale).to(dtype)
+        parts = []
+        while self.slices:
+            acc = self.slices.pop(0)[2]
+            parts.append(acc.mul_(scale).to(dtype))
+            del acc  # free this fp32 slice before casting the next
+        return torch.cat(parts)
 
 
 class _Rows:
@@ -261,7 +298,7 @@ def _backprop_chunk(
     weight: torch.Tensor,
     rows: _Rows,
     grad_hidden: torch.Tensor | None,
-    grad_weight_acc: torch.Tensor | None,
+    grad_weight_acc: _GradWeight | None,
     grad_bias_acc: torch.Tensor | None,
     grad_scale: torch.Tensor,
 ) -> None:
@@ -274,7 +311,7 @@ def _backprop_chunk(
         gh = torch.mm(g if g.dtype == weight.dtype else g.to(weight.dtype), weight)
         rows.put(grad_hidden, gh.to(grad_scale.dtype).mul_(grad_scale))
     if grad_weight_acc is not None:
-        _accumulate_grad_weight(grad_weight_acc, g, h)
+        grad_weight_acc.add(g, h)
     if grad_bias_acc is not None:
         grad_bias_acc += g.sum(0, dtype=grad_bias_acc.dtype)
 
@@ -321,9 +358,9 @@ def _new_grads(
     need_w: bool,
     need_b: bool,
     acc_dtype: torch.dtype,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor | None, _GradWeight | None, torch.Tensor | None]:
     grad_h = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+    grad_w = _GradWeight(weight, acc_dtype) if need_w else None
     grad_b = (
         torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device)
         if need_b and bias is not None
@@ -337,7 +374,7 @@ def _finish_grads(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     grad_h: torch.Tensor | None,
-    grad_w: torch.Tensor | None,
+    grad_w: _GradWeight | None,
     grad_b: torch.Tensor | None,
     grad_scale: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -346,7 +383,7 @@ def _finish_grads(
     Each absent gradient gets its own empty tensor: custom-op outputs may not alias one another.
     """
     out_h = hidden.new_empty((0,)) if grad_h is None else grad_h
-    out_w = hidden.new_empty((0,)) if grad_w is None else grad_w.mul_(grad_scale).to(weight.dtype)
+    out_w = hidden.new_empty((0,)) if grad_w is None else grad_w.finish(grad_scale, weight.dtype)
     out_b = hidden.new_empty((0,)) if grad_b is None else grad_b.mul_(grad_scale).to(bias.dtype)
     return out_h, out_w, out_b
 
@@ -414,6 +451,7 @@ def _linear_kl_forward(
             total += (w_c * per_row.to(acc)).sum()
             if compute_grad:
                 _backprop_chunk(s, h_s, student_weight, sel, grad_h, grad_w, grad_b, grad_scale)
+        del s_buf, t_buf, s, t  # free the chunk buffers before the gradients are cast
     loss = total.to(student_hidden.dtype)
     return (
         loss,
@@ -476,6 +514,7 @@ def _linear_ce_forward(
             total += (w_c * per_row.to(acc)).sum()
             if compute_grad:
                 _backprop_chunk(x, h, weight, sel, grad_h, grad_w, grad_b, grad_scale)
+        del buf, x  # free the chunk buffer before the gradients are cast
     loss = total.to(hidden.dtype)
     return (loss, *_finish_grads(hidden, weight, bias, grad_h, grad_w, grad_b, grad_scale))
 

@@ -592,3 +592,24 @@ def test_gpu_real_vocab(dtype):
     for a, b, c in zip(ours[1], ref64[1], ref_lowp[1], strict=True):
         if b is not None:
             _assert_close(a, b, c, dtype, "grad")
+
+
+@pytest.mark.gpu
+def test_gpu_peak_memory_is_chunk_sized():
+    """M=32768, V=65536, d=512 bf16: the extra CUDA memory of forward + backward is a fraction of one bf16
+    (M x V) logits tensor (4.3 GB): chunk buffers (2 x 2048 x V) + fp32 grad_W + gradients, ~0.75 GB."""
+    m, v, d = 32768, 65536, 512
+    g = torch.Generator(device="cuda").manual_seed(18)
+    sh = torch.randn(m, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
+    th = torch.randn(m, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    sw = (torch.randn(v, d, device="cuda", generator=g) / 16).to(torch.bfloat16).requires_grad_(True)
+    tw = (torch.randn(v, d, device="cuda", generator=g) / 16).to(torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = LKL.linear_kl(sh, sw, th, tw)
+    loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert torch.isfinite(loss) and torch.isfinite(sw.grad).all()
+    assert extra < m * v * 2 / 4, f"peak extra {extra / 2**30:.2f} GiB"
