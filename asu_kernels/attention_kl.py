@@ -817,6 +817,53 @@ def _check_inputs(
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
 
 
+# The CPU path materialises (rows x keys) score matrices; causal dense calls are cut into query chunks of
+# at most this many rows, so that a long prompt needs O(chunk * N) memory per head instead of O(N^2).
+_CPU_CHUNK_ROWS = 1024
+
+
+def _reference_chunked(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    *,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    **kw: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`reference.attention_kl`, in query chunks for long causal dense inputs.
+
+    Rows ``[a, b)`` of ``Nq`` see keys ``j <= i + Nk - Nq`` only, so they need the first ``b + Nk - Nq``
+    keys; with that many keys the reference's bottom-right alignment puts local row ``i - a`` exactly
+    where global row ``i`` is. Gradients flow through each chunk as through the whole.
+    """
+    n_q = q_s.shape[-2] if cu_seqlens is None else 0
+    if cu_seqlens is not None or not causal or n_q <= _CPU_CHUNK_ROWS:
+        return reference.attention_kl(
+            q_s, k_s, q_t, k_t, causal=causal, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, **kw
+        )
+    shift = k_s.shape[-2] - n_q
+    parts = []
+    for a in range(0, n_q, _CPU_CHUNK_ROWS):
+        b = min(n_q, a + _CPU_CHUNK_ROWS)
+        keys = b + shift
+        kpm = None if key_padding_mask is None else key_padding_mask[:, :keys]
+        parts.append(
+            reference.attention_kl(
+                q_s[..., a:b, :],
+                k_s[..., :keys, :],
+                q_t[..., a:b, :],
+                k_t[..., :keys, :],
+                causal=True,
+                key_padding_mask=kpm,
+                **kw,
+            )  # fmt: skip
+        )
+    return tuple(torch.cat([p[i] for p in parts], dim=-1) for i in range(3))  # type: ignore[return-value]
+
+
 def attention_kl(
     q_s: torch.Tensor,
     k_s: torch.Tensor,
@@ -873,7 +920,7 @@ def attention_kl(
     if q_s.dtype == torch.float64 or not use_triton(q_s):
         # The reference path: float64 as is, lower precisions computed in fp32 (results are fp32 either way).
         work = torch.float64 if q_s.dtype == torch.float64 else torch.float32
-        kl, ent_s, ent_t = reference.attention_kl(
+        kl, ent_s, ent_t = _reference_chunked(
             *(t.to(work) for t in (q_s, k_s, q_t, k_t)),
             temperature_t=float(temperature_t), temperature_s=float(temperature_s), causal=causal,
             window=window, scale=scale, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
