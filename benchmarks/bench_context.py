@@ -91,11 +91,11 @@ def longest(
     model: torch.nn.Module,
     *,
     max_tokens: int,
-    budget_s: float,
+    deadline: float,
 ) -> tuple[int, int | None]:
-    """Doubling then bisecting search; returns (longest N that fit, first N that did not or None)."""
+    """Doubling then bisecting search, no new trial after ``deadline`` (a ``time.perf_counter`` value);
+    returns (longest N that fit, first N that did not or None)."""
     device = rec.device
-    start = time.perf_counter()
     fit, fail = 0, None
     n = RESOLUTION
     while n <= max_tokens:
@@ -106,10 +106,10 @@ def longest(
         fit = n
         rec.add({**base, "seqlen": n}, "s", out[0], note="one step")
         rec.add({**base, "seqlen": n}, "GB", out[1], note="peak allocated during the step")
-        if time.perf_counter() - start > budget_s:
+        if time.perf_counter() > deadline:
             break
         n *= 2
-    while fail is not None and fail - fit > RESOLUTION and time.perf_counter() - start < budget_s:
+    while fail is not None and fail - fit > RESOLUTION and time.perf_counter() < deadline:
         mid = (fit + fail) // 2 // RESOLUTION * RESOLUTION
         out = _trial(step, model, mid, device)
         if out is None:
@@ -121,8 +121,19 @@ def longest(
     return fit, fail
 
 
-def run(rec: Recorder, suite: str, *, tiny: bool = False, max_tokens: int | None = None) -> None:
-    """Search the longest ASU step for both pipelines; quick caps N at 128k, full at 512k."""
+def run(
+    rec: Recorder,
+    suite: str,
+    *,
+    tiny: bool = False,
+    max_tokens: int | None = None,
+    budget_s: float | None = None,
+) -> None:
+    """Search the longest ASU step for both pipelines; quick caps N at 128k, full at 512k.
+
+    ``budget_s`` (default 150 s quick, 900 s full) bounds the whole search: no trial starts after it, and
+    the longest fit so far is recorded.
+    """
     device = rec.device
     columns = {
         "dtype": torch.bfloat16,
@@ -137,7 +148,9 @@ def run(rec: Recorder, suite: str, *, tiny: bool = False, max_tokens: int | None
         "params": "model=llama-1b-shape;gradient_checkpointing=true",
     }
     cap = max_tokens or (131072 if suite == "quick" else 524288)
-    budget_s = 150.0 if suite == "quick" else 900.0
+    if budget_s is None:
+        budget_s = 150.0 if suite == "quick" else 900.0
+    deadline = time.perf_counter() + budget_s
     for provider in ("authors", "ours"):
         base = {"benchmark": "context", "provider": provider, "mode": "step", **columns}
         if not device.startswith("cuda"):
@@ -156,7 +169,7 @@ def run(rec: Recorder, suite: str, *, tiny: bool = False, max_tokens: int | None
                 for m in _attention_modules(teacher):
                     m.scaling = m.scaling / TEMPERATURE
                 step = lambda ids: authors_step(model, teacher, ids)  # noqa: E731
-            fit, fail = longest(rec, base, step, model, max_tokens=cap, budget_s=budget_s)
+            fit, fail = longest(rec, base, step, model, max_tokens=cap, deadline=deadline)
             if fail is None:
                 note = (
                     f"fits up to the search cap {cap}" if fit >= cap else "search stopped by its time budget"

@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--context-max", type=int, default=None, help="upper bound of the longest-context search")
     p.add_argument(
+        "--context-budget", type=float, default=None, help="seconds for the longest-context search"
+    )
+    p.add_argument(
         "--e2e-examples", type=int, default=None, help="forget (= retain) examples in the e2e epoch"
     )
     p.add_argument(
@@ -103,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         elif bench == "context":
             from benchmarks import bench_context
 
-            bench_context.run(rec, args.suite, tiny=args.tiny, max_tokens=args.context_max)
+            bench_context.run(
+                rec, args.suite, tiny=args.tiny, max_tokens=args.context_max, budget_s=args.context_budget
+            )
         print(f"# {bench}: {time.perf_counter() - t0:.1f} s", flush=True)
     counts = rec.summary()
     print(f"# wrote {rec.path} ({len(rec.rows)} rows: {counts})", flush=True)
