@@ -313,7 +313,12 @@ def unlearn(
     check_launch(cfg, len(dataset), model_config=getattr(model, "config", None))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     if cfg.pack:
-        collator = PackingCollator(max_tokens=cfg.pack_tokens or cfg.max_length, pad_token_id=pad_id)
+        budget = cfg.pack_tokens or cfg.max_length
+        longest = max(len(ex["input_ids"]) for part in (forget, retain or [], idk or []) for ex in part)
+        if longest > budget:
+            # Fail now rather than at the first batch that holds the long example.
+            raise ValueError(f"pack_tokens={budget} is shorter than the longest example ({longest} tokens)")
+        collator = PackingCollator(max_tokens=budget, pad_token_id=pad_id)
     else:
         collator = PaddingCollator(pad_token_id=pad_id)
 

@@ -61,6 +61,22 @@ def test_unlearn_in_memory_writes_nothing(tok, tmp_path, monkeypatch, reference_
     assert teacher["teacher_bytes_freed"] > 0
 
 
+def test_unlearn_rejects_bad_arguments_before_training(tok, tmp_path):
+    model = tiny_model(vocab_size=len(tok))
+    cases = [
+        (UnlearnConfig(**{**FAST, "pack_tokens": 8}), FORGET, RETAIN, "pack_tokens=8"),
+        (UnlearnConfig(method="gd", **FAST), FORGET, None, "needs retain rows"),
+        (UnlearnConfig(method="idk", **FAST), FORGET, RETAIN, "idk_answers"),
+        (UnlearnConfig(layers=[0, 2], **FAST), FORGET, RETAIN, "out of range"),
+        (UnlearnConfig(temperature=-1.0, **FAST), FORGET, RETAIN, "temperature"),
+        (UnlearnConfig(**FAST), [{"question": "q"}], RETAIN, "forget: row 0: row has no 'answer'"),
+    ]
+    for cfg, forget, retain, message in cases:
+        with pytest.raises(ValueError, match=message):
+            unlearn(model, tok, forget, retain, cfg, output_dir=str(tmp_path / "out"))
+        assert not (tmp_path / "out").exists()
+
+
 def test_unlearn_lora_base_teacher_with_checkpointing(tok, reference_backend):
     model = tiny_model(vocab_size=len(tok))
     cfg = UnlearnConfig(teacher="base", lora_r=4, gradient_checkpointing=True, **{**FAST, "epochs": 1})
