@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from types import SimpleNamespace
@@ -213,3 +214,25 @@ def test_missing_fields_skip_metric_with_warning(random_model, tokenizer, tiny_w
     with pytest.warns(UserWarning, match="perturbed_answer"):
         res = evaluate_model(random_model, tokenizer, rows, max_new_tokens=4)
     assert "forget_truth_ratio" not in res["summary"] and "forget_rouge" in res["summary"]
+
+
+def test_tau_preview(random_model, tokenizer, tiny_world):
+    """τ = 1 reproduces the plain evaluation; a higher τ changes the model's answer probabilities."""
+    pytest.importorskip("asu.smoothing")
+    from asu.evaluate import evaluate_model, evaluate_smoothed
+
+    rows = tiny_world.split("forget")[:3]
+    model = copy.deepcopy(random_model)
+    with torch.no_grad():  # sharpen the random model's attention so that smoothing has a visible effect
+        for name, p in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(30.0)
+    plain = evaluate_model(model, tokenizer, rows, max_new_tokens=4)["summary"]
+    preview = evaluate_smoothed(model, tokenizer, rows, [1.0, 5.0], max_new_tokens=4)
+    assert [p["temperature"] for p in preview] == [1.0, 5.0]
+    assert preview[0]["summary"]["forget_prob"] == pytest.approx(plain["forget_prob"], rel=1e-5)
+    assert preview[1]["summary"]["forget_prob"] != pytest.approx(plain["forget_prob"], rel=1e-3)
+    # Smoothing is undone on exit.
+    assert evaluate_model(model, tokenizer, rows, max_new_tokens=4)["summary"] == plain
+    with pytest.raises(ValueError, match="temperature"):
+        evaluate_smoothed(model, tokenizer, rows, [0.0])
