@@ -658,8 +658,10 @@ def _bwd_op(
     window: int,
     ent_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dq = torch.empty_like(q_s)
-    dk = torch.empty_like(k_s)
+    # Fresh contiguous gradients: empty_like would copy an input layout whose last dim may not be unit-stride,
+    # which the kernels' stores assume.
+    dq = q_s.new_empty(q_s.shape)
+    dk = k_s.new_empty(k_s.shape)
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
     _launch_bwd(
         g_kl, g_ent if ent_grad else None, q_s, k_s, q_t, k_t, cu_seqlens, kpm, lse_s, lse_t,
@@ -671,7 +673,7 @@ def _bwd_op(
 @_bwd_op.register_fake
 def _bwd_fake(g_kl, g_ent, q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, lse_s, lse_t, ent_s, max_seqlen,
               scale_s, scale_t, causal, window, ent_grad):  # fmt: skip
-    return torch.empty_like(q_s), torch.empty_like(k_s)
+    return q_s.new_empty(q_s.shape), k_s.new_empty(k_s.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:

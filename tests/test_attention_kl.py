@@ -156,6 +156,11 @@ def test_non_contiguous_inputs():
     k_t = _rand(1, 16, 11, 2, seed=4).permute(0, 3, 2, 1)
     assert not q_s.is_contiguous() and k_t.stride(-1) != 1
     _check(q_s, k_s, q_t, k_t, torch.float32, temperature_t=2.0)
+    # Student inputs whose last dim is not unit-stride: their gradients must still be complete and right.
+    q_s = _rand(1, 16, 11, 4, seed=5).permute(0, 3, 2, 1).detach().requires_grad_()
+    k_s = _rand(1, 16, 11, 2, seed=6).permute(0, 3, 2, 1).detach().requires_grad_()
+    assert q_s.stride(-1) != 1
+    _check(q_s, k_s, q_t, k_t, torch.float32, temperature_t=2.0)
 
 
 def test_identical_maps_give_zero_and_self_smoothing():
