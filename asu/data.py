@@ -78,29 +78,38 @@ def _read_text(path: str | os.PathLike) -> str:
 def load_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a ``.json`` or ``.jsonl`` file, validated by :func:`validate_rows`.
 
-    JSON Lines is tried first unless the file starts with ``[``; blank lines are skipped. Raises
+    A file that parses as one JSON document is a list of rows, ``{"data": [...]}`` or one row; anything else
+    is read as JSON Lines (blank lines skipped), whatever the extension. Raises
     :class:`DataError` naming the file (and line) for a missing or empty file, malformed JSON, a row that is
     not an object, or a row without ``answer``/``text``.
     """
     text = _read_text(path)
     path = os.fspath(path)
-    stripped = text.lstrip()
-    rows: list[dict[str, Any]] = []
+    rows: list[Any] = []
     lines: list[int] = []
-    if stripped.startswith("[") or (stripped.startswith("{") and path.endswith(".json")):
+    whole: Any = None
+    if text.lstrip().startswith("["):
         try:
-            data = json.loads(text)
+            whole = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: line {e.lineno}: malformed JSON ({e.msg})") from None
-        if isinstance(data, dict):
-            if isinstance(data.get("data"), list):
-                data = data["data"]
-            else:
-                data = [data]
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a list of rows, got {type(data).__name__}")
-        rows = data
-        lines = [0] * len(rows)  # a JSON array has no per-row line; rows are named by index
+    else:
+        # One JSON document ({"data": [...]} or a single row), else JSON Lines -- whatever the extension:
+        # TOFU's own ".json" files are JSON Lines.
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+    if whole is not None:
+        if isinstance(whole, dict):
+            whole = whole["data"] if isinstance(whole.get("data"), list) else [whole]
+        if not isinstance(whole, list):
+            raise DataError(f"{path}: expected a list of rows, got {type(whole).__name__}")
+        rows = whole
+        lines = [0] * len(rows)  # a JSON document has no per-row line; rows are named by index
+        numbered = [i for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        if len(rows) == 1 and len(numbered) == 1:
+            lines = numbered  # a one-line JSON Lines file
     else:
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():

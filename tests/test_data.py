@@ -37,7 +37,9 @@ def test_load_json_jsonl_and_data_key(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     (tmp_path / "b.json").write_text(json.dumps(rows, indent=1))
     (tmp_path / "c.json").write_text(json.dumps({"data": rows}))
-    for name in ("a.jsonl", "b.json", "c.json"):
+    # TOFU's published ".json" files are JSON Lines.
+    (tmp_path / "d.json").write_text("\n".join(json.dumps(r) for r in rows))
+    for name in ("a.jsonl", "b.json", "c.json", "d.json"):
         assert load_rows(tmp_path / name) == rows
     (tmp_path / "t.jsonl").write_text('{"text": "the author"}\n{"text": "a city"}\n')
     assert load_rows(tmp_path / "t.jsonl")[1]["text"] == "a city"
