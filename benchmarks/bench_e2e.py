@@ -70,6 +70,7 @@ class E2EConfig:
     dtype: torch.dtype = torch.bfloat16
     seed: int = 0
     name: str = "llama-1b"
+    lora_r: int = 0  # 0 = full fine-tuning; else LoRA (PEFT) of this rank on every projection
     extra: dict[str, Any] = field(default_factory=dict)
 
     def params(self) -> str:
@@ -78,7 +79,7 @@ class E2EConfig:
             f"model={self.name};layers={m['num_hidden_layers']};hidden={m['hidden_size']};"
             f"heads={m['num_attention_heads']}/{m['num_key_value_heads']};vocab={m['vocab_size']};"
             f"examples={self.examples};batch={self.batch};micro_batch={self.micro_batch};pad_to={self.pad_to};"
-            f"pack_tokens={self.pack_tokens};lam={self.lam}"
+            f"pack_tokens={self.pack_tokens};lam={self.lam};lora_r={self.lora_r}"
         )
 
 
@@ -89,6 +90,18 @@ LLAMA_1B = dict(
     num_attention_heads=32,
     num_key_value_heads=8,
     head_dim=64,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+)
+LLAMA_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
     vocab_size=128256,
     max_position_embeddings=131072,
     rope_theta=500000.0,
@@ -108,16 +121,29 @@ TINY = dict(
 )
 
 
-def make_config(device: str, *, tiny: bool = False, examples: int | None = None) -> E2EConfig:
-    """1B Llama shape in bf16 on CUDA; a tiny Llama in fp32 on CPU (``tiny``: 8 examples, batch 4)."""
-    if device.startswith("cuda"):
+MODELS = ("llama-1b", "llama-8b-lora", "tiny", "tiny-lora")
+
+
+def make_config(
+    device: str, *, tiny: bool = False, examples: int | None = None, model: str | None = None
+) -> E2EConfig:
+    """The epoch's settings. ``model``: ``llama-1b`` (Llama-3.2-1B shape, full fine-tuning; the CUDA
+    default), ``llama-8b-lora`` (Llama-3-8B shape, LoRA r=16), ``tiny`` / ``tiny-lora`` (a tiny Llama in
+    fp32; the CPU default). ``tiny`` sizes: 8 examples, batch 4."""
+    model = model or ("llama-1b" if device.startswith("cuda") else "tiny")
+    if model not in MODELS:
+        raise ValueError(f"unknown e2e model {model!r}; choose from {', '.join(MODELS)}")
+    if model == "llama-1b":
         cfg = E2EConfig(model=dict(LLAMA_1B), name="llama-1b-shape")
+    elif model == "llama-8b-lora":
+        cfg = E2EConfig(model=dict(LLAMA_8B), name="llama-8b-shape-lora", lora_r=16, micro_batch=2, lr=1e-4)
     else:
         cfg = E2EConfig(
-            model=dict(TINY), name="tiny-llama", dtype=torch.float32, micro_batch=8, pack_tokens=2048
+            model=dict(TINY), name=f"{model}-llama", dtype=torch.float32, micro_batch=8, pack_tokens=2048
         )
-        if tiny:
-            cfg.examples, cfg.batch, cfg.micro_batch = 8, 4, 2
+        cfg.lora_r = 4 if model == "tiny-lora" else 0
+    if tiny:
+        cfg.examples, cfg.batch, cfg.micro_batch = 8, 4, 2
     if examples is not None:
         cfg.examples = examples
     return cfg
@@ -162,6 +188,34 @@ def build_model(cfg: E2EConfig, device: str, attn: str) -> torch.nn.Module:
     with torch.device(device):
         model = LlamaForCausalLM(config).to(cfg.dtype)
     return model
+
+
+def with_lora(model: torch.nn.Module, cfg: E2EConfig) -> torch.nn.Module:
+    """The student: ``model`` itself, or wrapped with LoRA adapters (PEFT) when ``cfg.lora_r > 0``."""
+    if cfg.lora_r <= 0:
+        return model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise Unavailable(f"LoRA needs peft, which is not installed ({e})") from None
+    lora = LoraConfig(
+        r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, lora)
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack (embeddings, layers, final norm) of a plain or PEFT-wrapped causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model
+
+
+def _head(model: torch.nn.Module) -> torch.Tensor:
+    return model.get_output_embeddings().weight
+
+
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -211,7 +265,8 @@ def authors_epoch(model: torch.nn.Module, cfg: E2EConfig, forget, retain, device
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     for m in _attention_modules(teacher):
         m.scaling = m.scaling / cfg.temperature
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    model = with_lora(model, cfg)
+    opt = torch.optim.AdamW(_trainable(model), lr=cfg.lr, weight_decay=0.01)
     losses = []
     for f_batch, r_batch in steps(cfg, forget, retain):
         opt.zero_grad(set_to_none=True)
@@ -280,7 +335,7 @@ def _row_tensors(examples: list[Example], members: list[int], device: str):
 
 def _hidden(model: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Last hidden states (T, d) of a packed row; documents are separated by the position_ids restarts."""
-    return model.model(input_ids=ids, position_ids=pos).last_hidden_state[0]
+    return _decoder(model)(input_ids=ids, position_ids=pos).last_hidden_state[0]
 
 
 def teacher_cache(
@@ -301,9 +356,10 @@ def ours_epoch(model: torch.nn.Module, cfg: E2EConfig, forget, retain, device: s
     """One epoch with packing, the cached teacher and the fused losses; returns the loss of every step."""
     import asu_kernels
 
-    frozen_head = model.lm_head.weight.detach().clone()
-    cache = teacher_cache(model, cfg, forget, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    frozen_head = _head(model).detach().clone()
+    cache = teacher_cache(model, cfg, forget, device)  # the original model, before any adapter exists
+    model = with_lora(model, cfg)
+    opt = torch.optim.AdamW(_trainable(model), lr=cfg.lr, weight_decay=0.01)
     losses = []
     base = 0
     for f_batch, r_batch in steps(cfg, forget, retain):
@@ -325,7 +381,7 @@ def ours_epoch(model: torch.nn.Module, cfg: E2EConfig, forget, retain, device: s
                     r_rows.append(h[a:b])
                     r_labels.append(ids[0, a + 1 : b + 1])
             loss = h.new_zeros((), dtype=torch.float32)
-            weight = model.lm_head.weight
+            weight = _head(model)
             if f_rows:
                 kl = asu_kernels.linear_kl(
                     torch.cat(f_rows), weight, torch.cat(t_rows), frozen_head, weights=torch.cat(w)
@@ -394,6 +450,7 @@ def unlearn_epoch(model: torch.nn.Module, cfg: E2EConfig, forget, retain, device
         teacher="cache",
         lr=cfg.lr,
         epochs=1,
+        lora_r=cfg.lora_r,
         batch_size=micro,
         grad_accum=max(1, cfg.batch // micro),
         max_length=cfg.pad_to,
@@ -419,10 +476,20 @@ def _require_asu_layer() -> None:
         raise Unavailable("asu.attention imported but attn_implementation 'asu' is not registered")
 
 
-def run(rec: Recorder, suite: str, *, tiny: bool = False, examples: int | None = None) -> None:
-    """Run both pipelines for one epoch and record wall time, tokens/s, peak memory and losses."""
+def run(
+    rec: Recorder, suite: str, *, tiny: bool = False, examples: int | None = None, model: str | None = None
+) -> None:
+    """Run the pipelines for one epoch and record wall time, tokens/s, peak memory and losses.
+
+    ``model`` picks the shape (:func:`make_config`); the full suite on CUDA runs ``llama-1b`` and then
+    ``llama-8b-lora``.
+    """
+    if model is None and suite == "full" and rec.device.startswith("cuda"):
+        for name in ("llama-1b", "llama-8b-lora"):
+            run(rec, suite, tiny=tiny, examples=examples, model=name)
+        return
     device = rec.device
-    cfg = make_config(device, tiny=tiny, examples=examples)
+    cfg = make_config(device, tiny=tiny, examples=examples, model=model)
     forget, retain = make_data(cfg)
     real_tokens = sum(len(ex.ids) for ex in forget + retain)
     columns = {

@@ -272,29 +272,39 @@ def vocab_section(rows: list[Row]) -> list[str]:
     return out
 
 
+def _e2e_groups(rows: list[Row]) -> dict[str, list[Row]]:
+    """End-to-end rows by model (``model=`` in ``params``), in the order they were measured."""
+    groups: dict[str, list[Row]] = {}
+    for r in rows:
+        if r["benchmark"] == "e2e":
+            fields = dict(kv.split("=", 1) for kv in r["params"].split(";") if "=" in kv)
+            groups.setdefault(fields.get("model", "model not recorded"), []).append(r)
+    return groups
+
+
 def e2e_section(rows: list[Row]) -> list[str]:
-    e2e = [r for r in rows if r["benchmark"] == "e2e"]
-    if not e2e:
-        return []
-    providers = _providers(e2e, ("authors", "ours", "asu-unlearn"))
-    metrics = ("s", "tokens/s", "GB", "loss_first", "loss_last")
-    body = []
-    for p in providers:
-        cells = [
-            _cell(_lookup(e2e, provider=p, metric=m) or _status_row(e2e, p), 5 if "loss" in m else 3)
-            for m in metrics
-        ]
-        body.append([p, *cells])
-    out = ["**End to end: one ASU epoch**", ""]
-    params = next((r["params"] for r in e2e if r["params"]), "")
-    if params:
-        out += [f"Settings: `{params}`", ""]
-    out += _table(
-        ["pipeline", "epoch s", "tokens/s", "peak GB", "first-step loss", "last-step loss"], body
-    ) + [""]
-    summary = e2e_summary(e2e)
-    if summary:
-        out += [summary, ""]
+    out: list[str] = []
+    for model, e2e in _e2e_groups(rows).items():
+        providers = _providers(e2e, ("authors", "ours", "asu-unlearn"))
+        metrics = ("s", "tokens/s", "GB", "loss_first", "loss_last")
+        body = []
+        for p in providers:
+            cells = [
+                _cell(_lookup(e2e, provider=p, metric=m) or _status_row(e2e, p), 5 if "loss" in m else 3)
+                for m in metrics
+            ]
+            body.append([p, *cells])
+        out += [f"**End to end: one ASU epoch, {model}**", ""]
+        params = next((r["params"] for r in e2e if r["params"]), "")
+        if params:
+            out += [f"Settings: `{params}`", ""]
+        out += _table(
+            ["pipeline", "epoch s", "tokens/s", "peak GB", "first-step loss", "last-step loss"], body
+        )
+        out.append("")
+        summary = e2e_summary(e2e)
+        if summary:
+            out += [summary, ""]
     return out
 
 
@@ -315,12 +325,6 @@ def e2e_summary(e2e: list[Row]) -> str:
         text += f" Through `asu.unlearn()` (Trainer): speed-up {s_a / s_u:.2f}x"
         text += f", peak memory {m_u / m_a:.2f}x." if m_a and m_u else "."
     return text.strip()
-
-
-def _e2e_model(rows: list[Row]) -> str:
-    params = next((r["params"] for r in rows if r["benchmark"] == "e2e" and r["params"]), "")
-    fields = dict(kv.split("=", 1) for kv in params.split(";") if "=" in kv)
-    return fields.get("model", "model not recorded")
 
 
 def context_section(rows: list[Row]) -> list[str]:
@@ -418,7 +422,7 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
             )
         else:
             out.append((name, "—", "not measured"))
-    e2e = [r for r in rows if r["benchmark"] == "e2e"]
+    e2e = next(iter(_e2e_groups(rows).values()), [])  # the first model measured (llama-1b in the suites)
     s_a, s_o = (_num(_lookup(e2e, provider=p, metric="s") or {"status": "x"}) for p in ("authors", "ours"))
     g_a, g_o = (_num(_lookup(e2e, provider=p, metric="GB") or {"status": "x"}) for p in ("authors", "ours"))
     out.append(
@@ -526,9 +530,10 @@ def _plots(rows: list[Row], stem: Path) -> tuple[list[Path], str]:
             ax.legend(fontsize=7)
         save(fig, "vocab-memory")
 
-    e2e = [r for r in rows if r["benchmark"] == "e2e"]
-    get = lambda p, m: _num(_lookup(e2e, provider=p, metric=m) or {"status": "x"})  # noqa: E731
-    if get("authors", "s") and get("ours", "s"):
+    for model, e2e in _e2e_groups(rows).items():
+        get = lambda p, m, e2e=e2e: _num(_lookup(e2e, provider=p, metric=m) or {"status": "x"})  # noqa: E731
+        if not (get("authors", "s") and get("ours", "s")):
+            continue
         fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
         names = [p for p in ("authors", "ours", "asu-unlearn") if get(p, "s")]
         labels = {"authors": "authors' shape", "ours": "ours", "asu-unlearn": "asu.unlearn()"}
@@ -538,8 +543,8 @@ def _plots(rows: list[Row], stem: Path) -> tuple[list[Path], str]:
             ax.bar([labels[p] for p in names], vals, color=[colors[p] for p in names])
             ax.set_ylabel(label)
         speed = get("authors", "s") / get("ours", "s")
-        fig.suptitle(f"One ASU epoch: {speed:.2f}x speed-up", fontsize=10)
-        save(fig, "e2e")
+        fig.suptitle(f"One ASU epoch, {model}: {speed:.2f}x speed-up", fontsize=10)
+        save(fig, f"e2e-{slug(model)}")
     return written, ""
 
 
@@ -620,9 +625,10 @@ def readme_summary(device: str, day: str, rows: list[Row], md_path: Path, readme
         head = [r for r in rows if r["benchmark"] == "attention" and r["mode"] in ("fwd", "fwd+bwd")]
     lines += attention_section(head, "TFLOP/s")
     lines += vocab_section([r for r in rows if r["benchmark"] == "linear_kl"])
-    summary = e2e_summary([r for r in rows if r["benchmark"] == "e2e"])
-    if summary:
-        lines += [f"End to end (one ASU epoch, {_e2e_model(rows)}). {summary}", ""]
+    for model, e2e in _e2e_groups(rows).items():
+        summary = e2e_summary(e2e)
+        if summary:
+            lines += [f"End to end (one ASU epoch, {model}): {summary}", ""]
     ctx = context_section(rows)
     if ctx:
         lines += ctx

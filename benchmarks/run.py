@@ -51,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
     )
+    p.add_argument(
+        "--e2e-model",
+        default=None,
+        help="llama-1b | llama-8b-lora | tiny | tiny-lora (default: llama-1b on CUDA, both 1b and 8b-lora in "
+        "the full suite; tiny on CPU)",
+    )
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 when any measurement errored")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         elif bench == "e2e":
             from benchmarks import bench_e2e
 
-            bench_e2e.run(rec, args.suite, tiny=args.tiny, examples=args.e2e_examples)
+            bench_e2e.run(rec, args.suite, tiny=args.tiny, examples=args.e2e_examples, model=args.e2e_model)
         elif bench == "context":
             from benchmarks import bench_context
 
