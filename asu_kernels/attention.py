@@ -85,6 +85,10 @@ def _check_inputs(
             raise ValueError(f"cu_seqlens must have shape (B+1,) with B >= 1, got {tuple(cu_seqlens.shape)}")
         if cu_seqlens.device != q.device:
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+        if key_padding_mask is not None:
+            raise ValueError(
+                "key_padding_mask is for the dense layout; packed batches carry cu_seqlens instead"
+            )
         if torch.compiler.is_compiling():
             return  # the value checks below read the tensor (a graph break); eager calls run them
         offsets = cu_seqlens.detach().cpu()
@@ -99,10 +103,6 @@ def _check_inputs(
         if max_seqlen is not None and int(lengths.max()) > max_seqlen:
             raise ValueError(
                 f"max_seqlen={max_seqlen} is smaller than the longest document ({int(lengths.max())})"
-            )
-        if key_padding_mask is not None:
-            raise ValueError(
-                "key_padding_mask is for the dense layout; packed batches carry cu_seqlens instead"
             )
     else:
         if q.shape[0] != k.shape[0]:
@@ -215,20 +215,21 @@ FWD_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
     (64, 64, 4, 3),
     (64, 32, 4, 4),
 )
+# dK/dV holds k, v and two fp32 accumulators of BLOCK_N x D per program: at D >= 128 only the
+# 16 x 128 tile on 8 warps (one 64-row warpgroup slice each) stays spill-free on sm_90 (ptxas -v).
 DKDV_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
-    (32, 64, 8, 3),
-    (64, 64, 8, 2),
-    (64, 64, 8, 3),
+    (16, 128, 8, 2),
     (32, 128, 8, 2),
-    (16, 64, 8, 4),
     (32, 64, 4, 3),
+    (64, 64, 4, 2),
+    (16, 64, 4, 3),
 )
+# BLOCK_M >= 64 so that the dQ dots map onto 64-row wgmma tiles on sm_90
 DQ_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
     (128, 32, 8, 3),
     (128, 64, 8, 2),
     (64, 32, 4, 3),
     (64, 64, 4, 2),
-    (32, 64, 4, 4),
 )
 INTERPRETER_CONFIG = (16, 16, 1, 1)
 PREPROCESS_BLOCK_M = 64
@@ -268,17 +269,22 @@ def config_allowed(
     block_d: int,
     elsize: int,
     smem_limit: int,
-    n_ctx: int,
+    n_ctx: int | None = None,
 ) -> bool:
-    """Whether the autotuner may try a config: tiles no longer than the sequence, within shared memory and
-    within the registers (the fp32 accumulators of dK and dV spill beyond 64 x 128 per program)."""
-    cap = max(16, n_ctx)
-    if block_m > cap or block_n > cap:
+    """Whether the autotuner may try a config (kernel "fwd", "dkdv" or "dq").
+
+    Drops tiles longer than the sequence (``n_ctx``, None = no cap), above shared memory, or known from
+    ``ptxas -v`` on sm_90 to spill registers at large head dims.
+    """
+    if n_ctx is not None and max(block_m, block_n) > max(16, n_ctx):
         return False  # a tile longer than the whole sequence only wastes work
     if _smem_bytes(kernel, block_m, block_n, block_d, num_stages, elsize) > smem_limit:
         return False
-    if block_d >= 256 and num_warps < 8 and max(block_m, block_n) >= 128:
-        return False  # a 128 x 256 fp32 accumulator does not fit the registers of 4 warps
+    if block_d >= 128:
+        if kernel == "fwd" and num_warps == 4 and block_m * block_n >= 128 * 64:
+            return False  # a 128 x D fp32 accumulator plus a 128 x 64 score tile on 4 warps spills
+        if kernel == "dkdv" and ((block_m, block_n, num_warps) != (16, 128, 8) or num_stages > 2):
+            return False  # see DKDV_CONFIGS
     return True
 
 
@@ -288,14 +294,15 @@ def _pruner(kernel: str):
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         args = {**named_args, **kwargs}
         q = args["Q"]
-        shape = (int(args["BLOCK_D"]), q.element_size(), _shared_memory_limit(q), int(args["n_ctx_key"]))
-        kept = [
-            c
-            for c in configs
-            if config_allowed(
-                kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, *shape
-            )
-        ]
+        shape = (int(args["BLOCK_D"]), q.element_size(), _shared_memory_limit(q))
+
+        def allowed(c: triton.Config, n_ctx: int | None) -> bool:
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            return config_allowed(kernel, bm, bn, c.num_warps, c.num_stages, *shape, n_ctx)
+
+        kept = [c for c in configs if allowed(c, int(args["n_ctx_key"]))]
+        if not kept:  # short sequence: a longer tile is still better than a spilling one
+            kept = [c for c in configs if allowed(c, None)]
         if not kept:  # keep the smallest tile so the launch still has a config
             kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
         return kept
@@ -592,7 +599,7 @@ def aot_specs() -> list[AOTSpec]:
             ptr.update({"LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "CU_SEQLENS": "*i32"})
             units = unit + tuple(n for n in fn.arg_names if n.startswith("stride_") and n.endswith("d"))
             for bm, bn, warps, stages in table:
-                if not config_allowed(kind, bm, bn, warps, stages, block_d, dtype.itemsize, 232448, 1 << 20):
+                if not config_allowed(kind, bm, bn, warps, stages, block_d, dtype.itemsize, 227 * 1024):
                     continue  # the pruner drops it on every GPU at every length
                 meta = {
                     "HEAD_DIM": d, "BLOCK_D": block_d, "CAUSAL": causal, "HAS_WINDOW": window,

@@ -8,27 +8,24 @@ For each ``asu_kernels.<module>.aot_specs()`` (modules without one are skipped),
 the sm_90 PTX is searched for ``wgmma``. One table row per (spec, cc): shared memory, registers, spill bytes,
 wgmma, status.
 
-Exit status 1 when a spec fails to compile, needs more shared memory than the device has (sm_80: 163 KiB,
-sm_90: 227 KiB), or spills on sm_90 in a config flagged ``h100_candidate`` (spills elsewhere are reported).
+Run it as its own process: it clears ``TRITON_INTERPRET`` before importing the kernels. Exit status 1
+when a spec fails to compile, needs more shared memory than the device has (sm_80: 163 KiB, sm_90:
+227 KiB), or spills on sm_90 in a config flagged ``h100_candidate`` (spills elsewhere are reported).
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
-
-# Kernels defined while TRITON_INTERPRET is set are interpreter objects that cannot be compiled.
-os.environ.pop("TRITON_INTERPRET", None)
-
-import argparse  # noqa: E402
-import importlib  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 DEFAULT_MODULES = ("attention", "linear_kl")
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -187,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
+    if "asu_kernels" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        # kernels defined while interpreting are interpreter objects that cannot be compiled
+        parser.error("run the report in a fresh process without TRITON_INTERPRET")
+    os.environ.pop("TRITON_INTERPRET", None)  # the worker processes and the kernel imports below compile
     ccs = [int(c) for c in args.cc.split(",") if c]
     bad_cc = [c for c in ccs if c not in SMEM_LIMIT]
     if bad_cc:
