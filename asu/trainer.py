@@ -62,7 +62,14 @@ def load_student_weights(student: nn.Module, directory: str) -> None:
             state.update(load_file(os.path.join(directory, name)))
     else:
         raise ValueError(f"{directory}: no model.safetensors to resume from")
-    missing, unexpected = student.load_state_dict(state, strict=False)
+    if any(type(p).__name__ == "DTensor" for p in student.parameters()):
+        # FSDP2-sharded student (resume under FSDP): every rank reads the full tensors and keeps its shard.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        missing, unexpected = set_model_state_dict(student, state, options=options)
+    else:
+        missing, unexpected = student.load_state_dict(state, strict=False)
     # save_pretrained drops tied weights (lm_head tied to the embeddings); anything else missing is an error.
     tied = set()
     for group in getattr(student, "all_tied_weights_keys", {}) or {}:
