@@ -558,6 +558,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--save-steps", type=int, help="checkpoint every N optimizer steps (default: each epoch)"
     )
     parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype to load the weights in (auto = bfloat16 on a GPU that supports it, as the paper's runs; "
+        "float32 otherwise)",
+    )
+    parser.add_argument(
         "--attn-implementation",
         default="auto",
         help="attention to load the model with (auto = asu on a GPU, sdpa on CPU)",
@@ -590,6 +597,13 @@ def _config_from_args(args: argparse.Namespace) -> UnlearnConfig:
         save_steps=args.save_steps,
         progress=not args.no_progress,
     )
+
+
+def _load_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return getattr(torch, name)
 
 
 def _error(message: str) -> int:
@@ -633,7 +647,7 @@ def run(args: argparse.Namespace) -> int:
             import asu.attention  # noqa: F401  (registers the "asu" attention)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForCausalLM.from_pretrained(
-            args.model, dtype=torch.float32, attn_implementation=attn
+            args.model, dtype=_load_dtype(args.dtype), attn_implementation=attn
         )
         result = unlearn(
             model,
