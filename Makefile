@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-all lint format demo compile-report clean
+.PHONY: venv test test-all lint format demo compile-report bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,11 @@ test-all: $(STAMP)
 
 compile-report: $(STAMP)
 	$(BIN)/python -m benchmarks.compile_report
+
+# The quick benchmark suite on whatever device is present (CUDA if available); results under benchmarks/results/.
+bench: $(STAMP)
+	PYTHONPATH=. $(BIN)/python -m benchmarks.run --suite quick
+	PYTHONPATH=. $(BIN)/python -m benchmarks.report
 
 demo: $(STAMP)
 	$(BIN)/asu demo
