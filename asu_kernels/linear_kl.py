@@ -25,8 +25,8 @@ So the gradients are produced in the forward (as in Liger-Kernel); the backward 
 upstream gradient. The teacher side never receives gradients. Why cuBLAS for the matmuls and Triton only
 for the softmax part: on an H100 at d=4096, V=128k the four GEMMs are ``8 M V d`` FLOPs (~34 TFLOP at
 M=8192, ~55 ms at a realistic 650 TFLOP/s) while the row kernel moves ``5 C V`` bf16 values per chunk
-(~7 GB in all, ~2 ms at 3.3 TB/s); a Triton GEMM fused with the softmax would save only that ~2 ms of
-traffic but would have to match cuBLAS's Hopper GEMMs to come out ahead, so the GEMMs stay in cuBLAS.
+(~10 GB in all, ~3 ms at 3.3 TB/s); a Triton GEMM fused with the softmax would save only that traffic but
+would have to match cuBLAS's Hopper GEMMs to come out ahead, so the GEMMs stay in cuBLAS.
 
 Both losses are ``torch.library.custom_op`` s with a fake implementation and ``register_autograd`` (see
 DESIGN.md section 5), so ``torch.compile(fullgraph=True)`` traces them as single opaque nodes.
