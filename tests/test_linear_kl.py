@@ -391,6 +391,30 @@ def test_ce_check_flag_detects_inf(backend):
         LKL.linear_cross_entropy(**args, check=True)
 
 
+@pytest.mark.parametrize("fp32_out_gemm", [False, True], ids=["blocked", "fp32_out_gemm"])
+def test_grad_weight_accumulation_from_bf16(monkeypatch, fp32_out_gemm):
+    """grad_W += g^T h from bf16 chunks into the fp32 accumulator: the blocked fallback (several blocks and
+    vocabulary slices) and, where the device has it, the fp32-output GEMM agree with an fp32 computation."""
+    dev = _device()
+    if fp32_out_gemm and not LKL._fp32_out_addmm_works(torch.device(dev)):
+        pytest.skip(f"aten::addmm.dtype_out is not available on {dev}")
+    monkeypatch.setitem(LKL._FP32_OUT_ADDMM, torch.device(dev).type, fp32_out_gemm)
+    monkeypatch.setattr(LKL, "GRAD_W_BLOCK_BYTES", 40 * 16 * 2)  # 40-row blocks
+    gen = torch.Generator().manual_seed(19)
+    weight = torch.empty(333, 16, dtype=torch.bfloat16, device=dev)
+    acc = LKL._GradWeight(weight, torch.float32)
+    assert len(acc.slices) == LKL.GRAD_W_SLICES
+    want = torch.zeros(333, 16, dtype=torch.float64)
+    for _ in range(3):
+        g = torch.randn(7, 333, generator=gen).to(torch.bfloat16)
+        h = torch.randn(7, 16, generator=gen).to(torch.bfloat16)
+        acc.add(g.to(dev), h.to(dev))
+        want += g.double().t() @ h.double()
+    got = acc.finish(torch.tensor(0.5, device=dev), torch.float32)
+    assert not acc.slices
+    torch.testing.assert_close(got.double().cpu(), 0.5 * want, rtol=2e-2, atol=2e-2)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # torch.compile
 # ----------------------------------------------------------------------------------------------------------
