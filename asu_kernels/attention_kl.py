@@ -93,6 +93,67 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
+@triton.jit
+def _fwd_step(
+    q_s, q_t, ks_base, kt_base, kpm_base, s_ks_n, s_kt_n, start, n0, offs_m, offs_d, d_ok,
+    n_k, off, window, qk_scale_s, qk_scale_t,
+    m_s, m_t, l_s, l_t, acc_kl, acc_hs, acc_ht,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One key block of the forward stream: update both maps' running max / sum and the accumulators.
+
+    ``MASKED=False`` is for interior blocks that every row sees whole (only padding, if any, is masked).
+    """
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    cols = (start + offs_n).to(tl.int64)
+    if MASKED:
+        col_ok = offs_n < n_k
+        k_mask = col_ok[:, None] & d_ok[None, :]
+    else:
+        k_mask = d_ok[None, :]
+    k_s = tl.load(ks_base + cols[:, None] * s_ks_n + offs_d[None, :], mask=k_mask, other=0.0)
+    k_t = tl.load(kt_base + cols[:, None] * s_kt_n + offs_d[None, :], mask=k_mask, other=0.0)
+    # Raw (unmasked) base-2 logits are finite everywhere, so products with exp2(masked) are 0, not NaN.
+    t_s = _dot(q_s, tl.trans(k_s), DOT_PRECISION, UPCAST_DOT) * qk_scale_s
+    t_t = _dot(q_t, tl.trans(k_t), DOT_PRECISION, UPCAST_DOT) * qk_scale_t
+    if MASKED:
+        vis = (offs_m[:, None] >= 0) & col_ok[None, :]
+        if CAUSAL:
+            vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
+        if HAS_WINDOW:
+            vis = vis & ((offs_m[:, None] + off - offs_n[None, :]) < window)
+        if HAS_KPM:
+            kp = tl.load(kpm_base + offs_n, mask=col_ok, other=0)
+            vis = vis & (kp != 0)[None, :]
+        tt_m = tl.where(vis, t_t, float("-inf"))
+        ts_m = tl.where(vis, t_s, float("-inf"))
+    elif HAS_KPM:
+        kp = tl.load(kpm_base + offs_n) != 0
+        tt_m = tl.where(kp[None, :], t_t, float("-inf"))
+        ts_m = tl.where(kp[None, :], t_s, float("-inf"))
+    else:
+        tt_m = t_t
+        ts_m = t_s
+
+    mt_new = tl.maximum(m_t, tl.max(tt_m, 1))
+    alpha_t = tl.math.exp2(m_t - mt_new)
+    e_t = tl.math.exp2(tt_m - mt_new[:, None])
+    acc_kl = acc_kl * alpha_t + tl.sum(e_t * (t_t - t_s), 1)
+    if WANT_ENTROPY:
+        # sum exp(t - m)(t - m) re-based from m_old to m_new: (t - m_new) = (t - m_old) + (m_old - m_new).
+        acc_ht = alpha_t * (acc_ht + (m_t - mt_new) * l_t) + tl.sum(e_t * (t_t - mt_new[:, None]), 1)
+    l_t = l_t * alpha_t + tl.sum(e_t, 1)
+
+    ms_new = tl.maximum(m_s, tl.max(ts_m, 1))
+    alpha_s = tl.math.exp2(m_s - ms_new)
+    e_s = tl.math.exp2(ts_m - ms_new[:, None])
+    if WANT_ENTROPY:
+        acc_hs = alpha_s * (acc_hs + (m_s - ms_new) * l_s) + tl.sum(e_s * (t_s - ms_new[:, None]), 1)
+    l_s = l_s * alpha_s + tl.sum(e_s, 1)
+    return ms_new, mt_new, l_s, l_t, acc_kl, acc_hs, acc_ht
+
+
 @triton.autotune(
     configs=_configs(_FWD_GPU_CONFIGS, "BLOCK_M", "BLOCK_N"),
     key=_TUNE_KEY + ["WANT_ENTROPY"],
@@ -162,42 +223,37 @@ def _attention_kl_fwd(
     lo = 0
     if HAS_WINDOW:
         lo = (tl.maximum(0, m0 + off - window + 1) // BLOCK_N) * BLOCK_N
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < n_k
-        cols = (start + offs_n).to(tl.int64)
-        k_mask = col_ok[:, None] & d_ok[None, :]
-        k_s = tl.load(ks_base + cols[:, None] * s_ks_n + offs_d[None, :], mask=k_mask, other=0.0)
-        k_t = tl.load(kt_base + cols[:, None] * s_kt_n + offs_d[None, :], mask=k_mask, other=0.0)
-        # Raw (unmasked) base-2 logits are finite everywhere, so products with exp2(masked) are 0, not NaN.
-        t_s = _dot(q_s, tl.trans(k_s), DOT_PRECISION, UPCAST_DOT) * qk_scale_s
-        t_t = _dot(q_t, tl.trans(k_t), DOT_PRECISION, UPCAST_DOT) * qk_scale_t
-        vis = row_ok[:, None] & col_ok[None, :]
-        if CAUSAL:
-            vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
-        if HAS_WINDOW:
-            vis = vis & ((offs_m[:, None] + off - offs_n[None, :]) < window)
-        if HAS_KPM:
-            kp = tl.load(KPM + b64 * s_kpm_b + offs_n, mask=col_ok, other=0)
-            vis = vis & (kp != 0)[None, :]
-
-        mt_new = tl.maximum(m_t, tl.max(tl.where(vis, t_t, float("-inf")), 1))
-        alpha_t = tl.math.exp2(m_t - mt_new)
-        e_t = tl.math.exp2(tl.where(vis, t_t, float("-inf")) - mt_new[:, None])
-        acc_kl = acc_kl * alpha_t + tl.sum(e_t * (t_t - t_s), 1)
-        if WANT_ENTROPY:
-            # sum exp(t - m)(t - m) re-based from m_old to m_new: (t - m_new) = (t - m_old) + (m_old - m_new).
-            acc_ht = alpha_t * (acc_ht + (m_t - mt_new) * l_t) + tl.sum(e_t * (t_t - mt_new[:, None]), 1)
-        l_t = l_t * alpha_t + tl.sum(e_t, 1)
-        m_t = mt_new
-
-        ms_new = tl.maximum(m_s, tl.max(tl.where(vis, t_s, float("-inf")), 1))
-        alpha_s = tl.math.exp2(m_s - ms_new)
-        e_s = tl.math.exp2(tl.where(vis, t_s, float("-inf")) - ms_new[:, None])
-        if WANT_ENTROPY:
-            acc_hs = alpha_s * (acc_hs + (m_s - ms_new) * l_s) + tl.sum(e_s * (t_s - ms_new[:, None]), 1)
-        l_s = l_s * alpha_s + tl.sum(e_s, 1)
-        m_s = ms_new
+    # Interior key blocks [a, b_end) are visible to every row of the block (inside the causal diagonal and
+    # the window, no key past n_k): they skip the mask arithmetic, which only the boundary blocks [lo, a)
+    # and [b_end, hi) pay. Rows past n_q need no mask: their values are never stored.
+    full_lo = lo
+    if HAS_WINDOW:
+        full_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M + off - window, 0), BLOCK_N) * BLOCK_N
+    full_hi = (n_k // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        full_hi = tl.minimum(full_hi, ((m0 + off + 1) // BLOCK_N) * BLOCK_N)
+    a = tl.minimum(tl.maximum(full_lo, lo), hi)
+    kpm_base = KPM + b64 * s_kpm_b
+    b_end = tl.maximum(full_hi, a)
+    if HAS_WINDOW:  # without a window the interior starts at key 0: no leading boundary blocks
+        for n0 in range(lo, a, BLOCK_N):
+            m_s, m_t, l_s, l_t, acc_kl, acc_hs, acc_ht = _fwd_step(
+                q_s, q_t, ks_base, kt_base, kpm_base, s_ks_n, s_kt_n, start, n0, offs_m, offs_d, d_ok,
+                n_k, off, window, qk_scale_s, qk_scale_t, m_s, m_t, l_s, l_t, acc_kl, acc_hs, acc_ht,
+                True, CAUSAL, HAS_WINDOW, HAS_KPM, WANT_ENTROPY, DOT_PRECISION, UPCAST_DOT, BLOCK_N,
+            )  # fmt: skip
+    for n0 in range(a, b_end, BLOCK_N):
+        m_s, m_t, l_s, l_t, acc_kl, acc_hs, acc_ht = _fwd_step(
+            q_s, q_t, ks_base, kt_base, kpm_base, s_ks_n, s_kt_n, start, n0, offs_m, offs_d, d_ok,
+            n_k, off, window, qk_scale_s, qk_scale_t, m_s, m_t, l_s, l_t, acc_kl, acc_hs, acc_ht,
+            False, CAUSAL, HAS_WINDOW, HAS_KPM, WANT_ENTROPY, DOT_PRECISION, UPCAST_DOT, BLOCK_N,
+        )  # fmt: skip
+    for n0 in range(b_end, hi, BLOCK_N):
+        m_s, m_t, l_s, l_t, acc_kl, acc_hs, acc_ht = _fwd_step(
+            q_s, q_t, ks_base, kt_base, kpm_base, s_ks_n, s_kt_n, start, n0, offs_m, offs_d, d_ok,
+            n_k, off, window, qk_scale_s, qk_scale_t, m_s, m_t, l_s, l_t, acc_kl, acc_hs, acc_ht,
+            True, CAUSAL, HAS_WINDOW, HAS_KPM, WANT_ENTROPY, DOT_PRECISION, UPCAST_DOT, BLOCK_N,
+        )  # fmt: skip
 
     # Both maps share one mask, so a row is empty for both or for neither.
     empty = l_t == 0.0

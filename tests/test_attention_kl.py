@@ -118,6 +118,25 @@ def test_student_temperature_scale_and_fewer_queries_than_keys():
     )
 
 
+@pytest.mark.parametrize("causal,window", [(True, 20), (False, None)])
+def test_interior_blocks_with_window_and_padding(causal, window):
+    # Long enough (N=50 against 16-wide interpreter blocks) for mask-free interior key blocks between
+    # the window's lower edge and the causal diagonal, with padding applied inside them too.
+    q_s, k_s, q_t, k_t = _inputs(1, 2, 1, 1, 50, 16, torch.float32, seed=40)
+    kpm = torch.rand(1, 50, generator=torch.Generator().manual_seed(1)).to(DEVICE) > 0.3
+    _check(
+        q_s,
+        k_s,
+        q_t,
+        k_t,
+        torch.float32,
+        temperature_t=2.0,
+        causal=causal,
+        window=window,
+        key_padding_mask=kpm,
+    )
+
+
 def test_key_padding_and_empty_rows():
     q_s, k_s, q_t, k_t = _inputs(2, 2, 1, 2, 13, 16, torch.float32, seed=5)
     kpm = torch.ones(2, 13, dtype=torch.bool, device=DEVICE)
