@@ -178,6 +178,11 @@ def asu_attention_forward(
         raise ValueError("the asu attention does not support attention logit soft-capping (softcap)")
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
         raise ValueError("the asu attention does not support attention sinks")
+    # Under autocast, RoPE promotes q and k to fp32 while v comes out of an autocast matmul in the low
+    # precision: run the kernel in the autocast dtype, as sdpa does.
+    if torch.is_autocast_enabled(query.device.type):
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     temperature = float(getattr(module, TEMPERATURE_ATTR, 1.0))
     is_causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)

@@ -64,6 +64,7 @@ KERNEL_CASES: dict[str, set[str]] = {
     "test_static_cache_generation_equals_eager": set(),
     "test_qwen3_padded_equals_eager": set(),
     "test_packed_training_with_gradient_checkpointing_equals_eager": set(),
+    "test_fp32_model_under_bf16_autocast_equals_sdpa": set(),
 }
 
 
@@ -489,3 +490,14 @@ def test_attention_function_decode_and_non_causal():
     torch.testing.assert_close(out[:, 0], full[:, :, -1], atol=ATOL, rtol=RTOL)
     out, _ = asu_attention.asu_attention_forward(module, q, k, v, None, scaling=0.25, is_causal=False)
     torch.testing.assert_close(out, full.transpose(1, 2), atol=ATOL, rtol=RTOL)
+
+
+def test_fp32_model_under_bf16_autocast_equals_sdpa():
+    # RoPE leaves q/k in fp32 while v comes out of the autocast projection in bf16: the attention must
+    # run in the autocast dtype instead of rejecting the mixed inputs.
+    sdpa, ours = _models("llama", "sdpa", "asu")
+    ids = _ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = _logits(ours, ids), _logits(sdpa, ids)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=0.05)
