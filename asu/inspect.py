@@ -335,7 +335,7 @@ def summarize(report: dict[str, Any], top: int = 3) -> str:
             d_ent = (torch.tensor(s["entropy"][tau]) - torch.tensor(s["entropy_tau1"])).mean(-1)
             order = torch.argsort(kl, descending=True)[:top].tolist()
             ranked = ", ".join(
-                f"layer {layers[i]} (KL {kl[i]:.4g}, entropy +{d_ent[i]:.3g} nats)" for i in order
+                f"layer {layers[i]} (KL {kl[i]:.4g}, entropy {d_ent[i]:+.3g} nats)" for i in order
             )
             lines.append(f"  {name}: mean KL(smoothed || original) {kl.mean():.4g}; most changed: {ranked}")
         if "forget" in sets and "retain" in sets:
