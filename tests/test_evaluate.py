@@ -188,8 +188,12 @@ def test_asu_eval_end_to_end(tmp_path, random_model, tokenizer, tiny_world, caps
 
     # The model against its own statistics: identical truth ratios, forget quality 1.
     out2 = tmp_path / "eval2"
-    assert main(["eval", *common, "--reference", str(out / "stats.json"), "--out", str(out2)]) == 0
+    ref = ["--reference", str(out / "stats.json")]
+    assert main(["eval", *common, *ref, "--temperature", "1,5", "--layers", "0-1", "--out", str(out2)]) == 0
     assert json.loads((out2 / "forget_quality.json").read_text())["agg_value"] == pytest.approx(1.0)
+    preview = json.loads((out2 / "tau_preview.json").read_text())
+    assert [p["temperature"] for p in preview] == [1.0, 5.0]
+    assert preview[0]["summary"]["forget_prob"] == pytest.approx(summary["forget_prob"], rel=1e-5)
 
     # Bad input: one-line errors and a non-zero exit.
     assert (
