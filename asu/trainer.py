@@ -107,8 +107,14 @@ class UnlearnTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            for key, total in self._term_sums.items():
-                logs[key] = total / max(self._term_counts[key], 1)
+            keys = sorted(self._term_sums)
+            means = [self._term_sums[k] / max(self._term_counts[k], 1) for k in keys]
+            if keys and self.args.world_size > 1:
+                # Each rank saw only its own micro-batches; like Trainer's ``loss``, log the mean over ranks
+                # (every rank logs the same step, so this collective is reached by all of them).
+                local = torch.tensor(means, dtype=torch.float64, device=self.args.device)
+                means = self.accelerator.reduce(local, reduction="mean").tolist()
+            logs.update(zip(keys, means, strict=True))
             self._term_sums.clear()
             self._term_counts.clear()
         super().log(logs, start_time)
