@@ -465,8 +465,6 @@ def _attention_bwd_op(
     dv = torch.empty_like(v)
     if q.numel() == 0 or lay.batch == 0 or lay.max_q == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    if not lay.varlen and lay.n_k > 0 and lay.n_q == 0:
-        return dq, dk.zero_(), dv.zero_()
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
     block_d = _head_dim_block(d)
     cu = _cu32(cu_seqlens, q)
