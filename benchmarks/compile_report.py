@@ -27,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_MODULES = ("attention", "linear_kl")
+DEFAULT_MODULES = ("attention", "linear_kl", "attention_kl")
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 PTXAS_ARCH = {80: "sm_80", 90: "sm_90a"}
 
