@@ -147,7 +147,6 @@ def test_fsdp2_matches_one_process_and_sees_the_gathered_head(reference, tmp_pat
         torch.testing.assert_close(weights[k], v, atol=1e-5, rtol=0)
 
 
-@pytest.mark.slow
 def test_killed_ranks_resume_to_the_same_loss(reference, tmp_path):
     out = tmp_path / "out"
     killed = _launch("ddp", tmp_path / "killed.json", PARALLEL, "--out", str(out), "--kill-at-step", "3")
