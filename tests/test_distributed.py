@@ -45,7 +45,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(kind: str, result: Path, config: dict, *extra: str) -> subprocess.CompletedProcess:
+def _launch(
+    kind: str, result: Path, config: dict, *extra: str, accelerate_config: Path | None = None
+) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "ASU_KERNELS_BACKEND": "reference",  # the fused ops' plain path: the Trainer runs many steps
@@ -61,10 +63,11 @@ def _launch(kind: str, result: Path, config: dict, *extra: str) -> subprocess.Co
         cmd = [sys.executable, *args]
     elif kind == "ddp":
         cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", *args]
-    elif kind == "fsdp":
+    elif kind in ("fsdp", "deepspeed"):
+        default = ROOT / "examples" / "accelerate" / "fsdp2.yaml"
         cmd = [
             str(BIN / "accelerate"), "launch",
-            "--config_file", str(ROOT / "examples" / "accelerate" / "fsdp2.yaml"),
+            "--config_file", str(accelerate_config or default),
             "--num_processes", "2",
             "--mixed_precision", "no",
             "--main_process_port", str(_free_port()),
@@ -75,9 +78,9 @@ def _launch(kind: str, result: Path, config: dict, *extra: str) -> subprocess.Co
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
 
 
-def _run(kind: str, tmp: Path, config: dict, *extra: str) -> dict:
+def _run(kind: str, tmp: Path, config: dict, *extra: str, **kwargs) -> dict:
     result = tmp / f"{kind}.json"
-    proc = _launch(kind, result, config, *extra)
+    proc = _launch(kind, result, config, *extra, **kwargs)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(result.read_text())
 
@@ -143,6 +146,35 @@ def test_fsdp2_matches_one_process_and_sees_the_gathered_head(reference, tmp_pat
     assert run["guard_outside_forward"].startswith("raised: the LM-head weight is a sharded DTensor")
     _assert_written_once(tmp_path / "out")
     weights = load_file(str(tmp_path / "out" / "model.safetensors"))  # gathered from the shards
+    for k, v in reference["weights"].items():
+        torch.testing.assert_close(weights[k], v, atol=1e-5, rtol=0)
+
+
+def test_zero3_matches_one_process_and_sees_the_gathered_head(reference, tmp_path):
+    # DeepSpeed is optional (not installed by the Makefile); it runs on CPU with gloo where it is installed.
+    pytest.importorskip("deepspeed")
+    ds = json.loads((ROOT / "examples" / "accelerate" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even the tiny tensors
+    (tmp_path / "zero3.json").write_text(json.dumps(ds))
+    yaml = (ROOT / "examples" / "accelerate" / "zero3.yaml").read_text()
+    (tmp_path / "zero3.yaml").write_text(
+        yaml.replace("examples/accelerate/zero3.json", str(tmp_path / "zero3.json"))
+    )
+    run = _run(
+        "deepspeed",
+        tmp_path,
+        PARALLEL,
+        "--out",
+        str(tmp_path / "out"),
+        accelerate_config=tmp_path / "zero3.yaml",
+    )
+    assert run["world"] == 2 and run["engine"] == "deepspeed"
+    _assert_same_run(run, reference)
+    _assert_whole_heads(run)
+    # Outside the engine's forward the head is a (0,) partition, which the guard refuses.
+    assert run["guard_outside_forward"].startswith("raised: the LM-head weight has local shape (0,)")
+    _assert_written_once(tmp_path / "out")
+    weights = load_file(str(tmp_path / "out" / "model.safetensors"))  # consolidated from the partitions
     for k, v in reference["weights"].items():
         torch.testing.assert_close(weights[k], v, atol=1e-5, rtol=0)
 
