@@ -20,6 +20,13 @@ Sources
       or on disk, with a frozen copy of the original LM head. Afterwards no teacher model exists at all. The
       original model is the student before its first step, so the pass runs on the student itself (no copy
       is ever made) and the memory "freed" is the whole teacher copy ``copy`` would have kept.
+    * ``self`` (:class:`SelfTeacher`, EXPERIMENTAL ``asu-attn`` only): no teacher model at all; the
+      attention-map objective compares the student's attention rows with its own detached ones at ``tau``.
+
+Attention-map teachers (``asu-attn``): :meth:`Teacher.attention_qk` returns the original model's post-RoPE
+``(q, k)`` of the selected layers, computed at ``tau = 1`` (the temperature enters the KL as
+``temperature_t``, so the teacher's own smoothing must be off); ``copy`` and ``base`` provide it, ``self``
+returns ``None`` (use the student's own q, k), ``cache`` stores no q, k and refuses.
 
 Cache layout: per (set, smoothed) store, one flat (sum_s T_s, d) tensor with the rows of example ``s`` at
 ``offsets[s]:offsets[s + 1]``, in the order :func:`asu.data.label_positions` yields them. A batch's teacher
@@ -49,13 +56,14 @@ __all__ = [
     "CopyTeacher",
     "BaseTeacher",
     "CacheTeacher",
+    "SelfTeacher",
     "is_peft_model",
     "decoder_hidden",
     "output_head",
     "build_teacher",
 ]
 
-TEACHER_SOURCES = ("copy", "base", "cache")
+TEACHER_SOURCES = ("copy", "base", "cache", "self")
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -138,6 +146,15 @@ class Teacher(nn.Module):
         """The original LM-head weight (V, d) and bias (V,) or None."""
         raise NotImplementedError
 
+    def attention_qk(self, batch: dict[str, torch.Tensor], layers: Sequence[int]) -> dict[int, tuple] | None:
+        """The original model's post-RoPE ``(q, k)`` per layer index, (B, Hq, N, D) / (B, Hkv, N, D), no
+        gradient, computed with smoothing off (``tau = 1``); ``None`` means self-smoothing (the student's own
+        detached q, k). Used by the experimental ``asu-attn`` objective."""
+        raise ValueError(
+            f"the {self.kind!r} teacher provides no attention q, k; method='asu-attn' needs teacher "
+            "'copy', 'base' or 'self'"
+        )
+
     def train(self, mode: bool = True) -> Teacher:
         # The teacher is frozen: it stays in evaluation mode whatever its parent is switched to.
         return super().train(False)
@@ -168,6 +185,15 @@ class CopyTeacher(Teacher):
 
     def lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return output_head(self.model)
+
+    @torch.no_grad()
+    def attention_qk(self, batch: dict[str, torch.Tensor], layers: Sequence[int]) -> dict[int, tuple]:
+        from asu.inspect import capture_qk
+
+        # The copy is smoothed persistently; q, k must be the original model's (tau enters the KL instead).
+        with smoothing(self.model, 1.0, self.layers), capture_qk(self.model, list(layers)) as qk:
+            decoder_hidden(self.model, batch)
+        return dict(qk)
 
 
 class BaseTeacher(Teacher):
@@ -204,6 +230,39 @@ class BaseTeacher(Teacher):
         bias = getattr(base, "bias", None)
         check_full_weight(base.weight, getattr(self._student[0].config, "vocab_size", None))
         return base.weight.detach(), None if bias is None else bias.detach()
+
+    @torch.no_grad()
+    def attention_qk(self, batch: dict[str, torch.Tensor], layers: Sequence[int]) -> dict[int, tuple]:
+        from asu.inspect import capture_qk
+
+        student = self._student[0]
+        with _eval_mode(student), student.disable_adapter(), capture_qk(student, list(layers)) as qk:
+            decoder_hidden(student, batch)
+        return dict(qk)
+
+
+class SelfTeacher(Teacher):
+    """Self-smoothing for the experimental ``asu-attn`` objective: no teacher model, no teacher forward.
+
+    The target of each selected layer's attention row is the student's own row at temperature ``tau``
+    (its q, k detached). It has no hidden states, so it cannot serve ASU, NPO or retain ``kl``.
+    """
+
+    kind = "self"
+
+    def hidden_states(
+        self, batch: dict[str, torch.Tensor], mask: torch.Tensor, *, smoothed: bool, part: str
+    ) -> torch.Tensor:
+        raise ValueError(
+            "teacher='self' holds no model (self-smoothing for method='asu-attn'); objectives that read "
+            "teacher hidden states (asu, npo, retain_loss='kl') need teacher 'copy', 'base' or 'cache'"
+        )
+
+    def lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise ValueError("teacher='self' holds no LM head; use teacher 'copy', 'base' or 'cache'")
+
+    def attention_qk(self, batch: dict[str, torch.Tensor], layers: Sequence[int]) -> None:
+        return None
 
 
 class _Store:
@@ -358,10 +417,10 @@ def build_teacher(
     layers: LayerSpec = None,
     **cache_kwargs: Any,
 ) -> Teacher:
-    """The teacher for ``source`` in ``copy|base|cache`` (``cache_kwargs`` go to :class:`CacheTeacher`).
+    """The teacher for ``source`` in ``copy|base|cache|self`` (``cache_kwargs`` go to :class:`CacheTeacher`).
 
     ``model`` is the original model for ``copy`` (before any PEFT wrapping), the PEFT student for ``base``,
-    and either for ``cache``.
+    and either for ``cache``; ``self`` (experimental ``asu-attn`` only) ignores it.
     """
     if source == "copy":
         return CopyTeacher(model, temperature, layers)
@@ -369,4 +428,6 @@ def build_teacher(
         return BaseTeacher(model, temperature, layers)
     if source == "cache":
         return CacheTeacher(model, temperature, layers, **cache_kwargs)
+    if source == "self":
+        return SelfTeacher(temperature, layers)
     raise ValueError(f"unknown teacher source {source!r}; choose one of {', '.join(TEACHER_SOURCES)}")
