@@ -15,6 +15,14 @@ Forget terms (``method``):
     * ``asu`` (default): ``L_ASU = (1/S) sum_s (1/T_s) sum_t KL(p_tau(.|x, y<t) || p_theta(.|x, y<t))``;
       per-sequence mean first, then the mean over sequences (row weights ``1 / (T_s S)``).
       Total ``lam * L_ASU + L_R``.
+    * ``asu-attn`` (EXPERIMENTAL): ASU at the attention maps instead of the output distribution. For each
+      selected layer ``l``, answer-predicting row ``i`` (the same rows and weights ``w_i = 1 / (T_s S)`` as
+      ``asu``) and head ``h``, ``KL_lhi = KL(softmax(q_T k_T^T * scale / tau) || softmax(q_S k_S^T * scale))``
+      over the row's visible keys (causal, per packed document, padding excluded), where ``q_S, k_S`` are the
+      student's post-RoPE queries and keys and ``q_T, k_T`` the original model's at ``tau = 1`` (teacher
+      ``copy`` or ``base``) or the student's own, detached (teacher ``self``: self-smoothing, no teacher
+      forward). ``L_attn = sum_l sum_i w_i mean_h KL_lhi`` (a sum over layers, a mean over heads); total
+      ``lam * L_attn + L_R``. Computed by :func:`asu_kernels.attention_kl`, linear in the sequence length.
     * ``ga`` (gradient ascent): ``-(token-mean NLL)`` on the forget batch; no retain term.
     * ``gd`` (GradDiff): ``-(token-mean NLL on forget) + L_R``.
     * ``npo`` (beta = 0.1):
@@ -48,18 +56,32 @@ from torch import nn
 
 import asu_kernels
 from asu.data import label_positions, sequence_weights
+from asu.smoothing import attention_modules, parse_layers
 from asu.teachers import Teacher, check_plain_head, decoder_hidden, output_head
 
-__all__ = ["METHODS", "RETAIN_LOSSES", "DEFAULTS", "UnlearnObjective", "teacher_needs"]
+__all__ = [
+    "METHODS",
+    "RETAIN_LOSSES",
+    "DEFAULTS",
+    "UnlearnObjective",
+    "teacher_needs",
+    "needs_teacher",
+    "attention_row_kl",
+    "packed_documents",
+]
 
-METHODS = ("asu", "ga", "gd", "npo", "simnpo", "idk")
+METHODS = ("asu", "asu-attn", "ga", "gd", "npo", "simnpo", "idk")
 RETAIN_LOSSES = ("gd", "kl")
 #: Baseline hyper-parameters (open-unlearning's TOFU defaults).
 DEFAULTS = {"npo_beta": 0.1, "simnpo_beta": 4.5, "simnpo_delta": 0.0, "simnpo_gamma": 0.125}
 
 
 def teacher_needs(method: str, retain_loss: str) -> list[tuple[str, bool]]:
-    """The ``(set, smoothed)`` teacher outputs an objective reads (what a cache must hold)."""
+    """The ``(set, smoothed)`` teacher outputs an objective reads (what a cache must hold).
+
+    ``asu-attn`` reads the teacher's attention q, k instead (:meth:`asu.teachers.Teacher.attention_qk`),
+    which no cache holds, so it adds nothing here; see :func:`needs_teacher`.
+    """
     needs = []
     if method == "asu":
         needs.append(("forget", True))
@@ -70,15 +92,80 @@ def teacher_needs(method: str, retain_loss: str) -> list[tuple[str, bool]]:
     return needs
 
 
+def needs_teacher(method: str, retain_loss: str) -> bool:
+    """Whether the objective reads a teacher at all (hidden states, or attention q, k for ``asu-attn``)."""
+    return bool(teacher_needs(method, retain_loss)) or method == "asu-attn"
+
+
+def packed_documents(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(cu_seqlens int32 (docs + 1,), max_seqlen)`` over the flattened (R * L) tokens of a packed batch.
+
+    A document starts at each row's first token and wherever ``position_ids[t] != position_ids[t - 1] + 1``
+    (the rule the attention itself uses, so the KL sees exactly the documents the model attended within).
+    """
+    if position_ids.dim() != 2:
+        raise ValueError(f"position_ids must be (rows, length), got shape {tuple(position_ids.shape)}")
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    flat = starts.reshape(-1).nonzero().view(-1)
+    total = torch.tensor([position_ids.numel()], device=position_ids.device)
+    cu = torch.cat([flat, total]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def attention_row_kl(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor | None,
+    k_t: torch.Tensor | None,
+    batch: dict[str, torch.Tensor],
+    *,
+    temperature: float,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Head-mean attention-map ``KL(teacher at tau || student)`` per token, (R, L), for one layer of a batch.
+
+    ``q_s`` (R, Hq, L, D), ``k_s`` (R, Hkv, L, D) post-RoPE (``q_t, k_t`` the same shapes, or None for
+    self-smoothing). Padded batches (with ``attention_mask``) mask padded keys; packed ones (no mask) run
+    per document, from the ``position_ids`` restarts. Gradient flows to ``q_s`` and ``k_s`` only.
+    """
+    rows, _, length, _ = q_s.shape
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        kpm = mask.to(device=q_s.device, dtype=torch.bool)
+        kpm = None if bool(kpm.all()) else kpm
+        kl = asu_kernels.attention_kl(
+            q_s, k_s, q_t, k_t, temperature_t=temperature, causal=True, scale=scale, key_padding_mask=kpm
+        )
+        return kl.mean(1)
+    position_ids = batch.get("position_ids")
+    if position_ids is None:
+        kl = asu_kernels.attention_kl(q_s, k_s, q_t, k_t, temperature_t=temperature, causal=True, scale=scale)
+        return kl.mean(1)
+    cu, max_len = packed_documents(position_ids.to(q_s.device))
+
+    def flat(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.transpose(1, 2).reshape(rows * length, t.shape[1], t.shape[3])
+
+    kl = asu_kernels.attention_kl(
+        flat(q_s), flat(k_s), flat(q_t), flat(k_t), temperature_t=temperature, causal=True, scale=scale,
+        cu_seqlens=cu, max_seqlen=max_len,
+    )  # fmt: skip
+    return kl.mean(-1).view(rows, length)
+
+
 class UnlearnObjective(nn.Module):
     """The training objective as a module: ``forward(forget=..., retain=..., idk=...)`` -> loss terms.
 
     Args:
         student: the causal LM being unlearned (a transformers model or a PEFT wrapper of one).
-        method: ``asu|ga|gd|npo|simnpo|idk`` (see the module docstring).
+        method: ``asu|asu-attn|ga|gd|npo|simnpo|idk`` (see the module docstring; ``asu-attn`` is
+            experimental).
         retain_loss: ``gd|kl``.
         lam: weight of the ASU term, ``>= 0``.
-        teacher: a :class:`asu.teachers.Teacher`; required for ``asu``, ``npo`` and retain ``kl``.
+        teacher: a :class:`asu.teachers.Teacher`; required for ``asu``, ``npo``, retain ``kl`` and
+            ``asu-attn`` (``copy``, ``base`` or ``self``; its ``temperature`` and ``layers`` define the
+            attention term).
         npo_beta, simnpo_beta, simnpo_delta, simnpo_gamma: baseline hyper-parameters.
 
     ``forward`` returns a dict of scalars: ``loss`` (what is optimised), ``forget_loss`` (the unweighted
@@ -107,8 +194,19 @@ class UnlearnObjective(nn.Module):
         for name, value in (("npo_beta", npo_beta), ("simnpo_beta", simnpo_beta)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
-        if teacher_needs(method, retain_loss) and teacher is None:
+        if needs_teacher(method, retain_loss) and teacher is None:
             raise ValueError(f"method={method!r} with retain_loss={retain_loss!r} needs a teacher")
+        kind = getattr(teacher, "kind", None)
+        if method == "asu-attn" and kind == "cache":
+            raise ValueError(
+                "method='asu-attn' cannot use the cache teacher: the cache stores final hidden states, not "
+                "attention q, k; use teacher 'copy', 'base' or 'self' (self-smoothing)"
+            )
+        if kind == "self" and teacher_needs(method, retain_loss):
+            raise ValueError(
+                f"teacher='self' is self-smoothing for method='asu-attn' only; method={method!r} with "
+                f"retain_loss={retain_loss!r} reads teacher hidden states (use 'copy', 'base' or 'cache')"
+            )
         check_plain_head(student)
         self.student = student
         # FSDP's transformer-layer auto-wrap reads the root's _no_split_modules: the student's decoder layers.
@@ -165,6 +263,32 @@ class UnlearnObjective(nn.Module):
         t_weight, t_bias = self.teacher.lm_head()
         return asu_kernels.linear_kl(hidden, weight, ref, t_weight, student_bias=bias, teacher_bias=t_bias)
 
+    def attention_term(self, forget: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``L_attn`` of ``asu-attn`` on a forget batch (see the module docstring), a scalar.
+
+        The student runs its decoder with hooks keeping each selected layer's post-RoPE q, k (with the
+        autograd graph); the teacher's come from :meth:`asu.teachers.Teacher.attention_qk` (None: self).
+        """
+        from asu.inspect import capture_qk
+
+        modules = dict(attention_modules(self.student))
+        layers = parse_layers(self.teacher.layers, max(modules) + 1)
+        mask, _, seq = label_positions(forget)
+        weights = sequence_weights(seq, int(forget["example_ids"].numel())).to(mask.device)
+        target = self.teacher.attention_qk(forget, layers)
+        with capture_qk(self.student, layers) as captured:
+            decoder_hidden(self.student, forget)
+        total = torch.zeros((), dtype=torch.float32, device=mask.device)
+        for layer in layers:
+            q_s, k_s = captured[layer]
+            q_t, k_t = (None, None) if target is None else target[layer]
+            per_token = attention_row_kl(
+                q_s, k_s, q_t, k_t, forget,
+                temperature=self.teacher.temperature, scale=getattr(modules[layer], "scaling", None),
+            )  # fmt: skip
+            total = total + (per_token[mask].float() * weights).sum()
+        return total
+
     def forget_term(
         self, forget: dict[str, torch.Tensor], idk: dict[str, torch.Tensor] | None
     ) -> torch.Tensor:
@@ -175,6 +299,8 @@ class UnlearnObjective(nn.Module):
                 raise ValueError("method='idk' needs an 'idk' batch (forget questions with refusal answers)")
             hidden, targets, _, _ = self._student_rows(idk)
             return asu_kernels.linear_cross_entropy(hidden, weight, targets, bias=bias)
+        if self.method == "asu-attn":
+            return self.attention_term(forget)
         hidden, targets, seq, mask = self._student_rows(forget)
         num_seq = int(forget["example_ids"].numel())
         if self.method == "asu":
@@ -209,7 +335,7 @@ class UnlearnObjective(nn.Module):
     ) -> dict[str, torch.Tensor]:
         forget_loss = self.forget_term(forget, idk)
         out: dict[str, Any] = {"forget_loss": forget_loss}
-        if self.method == "asu":
+        if self.method in ("asu", "asu-attn"):
             loss = self.lam * forget_loss
         elif self.method == "simnpo":
             loss = self.simnpo_gamma * forget_loss
