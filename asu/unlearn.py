@@ -47,7 +47,7 @@ from asu.data import (
     validate_rows,
 )
 from asu.distributed import barrier, check_launch, complete_checkpoints, engine, is_main_process
-from asu.losses import DEFAULTS, METHODS, RETAIN_LOSSES, UnlearnObjective, teacher_needs
+from asu.losses import DEFAULTS, METHODS, RETAIN_LOSSES, UnlearnObjective, needs_teacher, teacher_needs
 from asu.smoothing import attention_modules, parse_layers
 from asu.teachers import TEACHER_SOURCES, build_teacher, is_peft_model
 
@@ -63,11 +63,14 @@ class UnlearnConfig:
     """Everything that defines an unlearning run (see the module docstring for the defaults' origin).
 
     Attributes:
-        method: ``asu|ga|gd|npo|simnpo|idk``.
+        method: ``asu|asu-attn|ga|gd|npo|simnpo|idk`` (``asu-attn``: EXPERIMENTAL attention-map distillation,
+            see :mod:`asu.losses`).
         temperature: attention temperature ``tau > 0`` of the forget-teacher (ASU).
         lam: weight ``lambda >= 0`` of the ASU term in ``lambda * L_ASU + L_R``.
         retain_loss: ``gd`` (NLL) or ``kl`` (KL to the original model at ``tau = 1``).
-        teacher: ``copy`` (frozen copy), ``base`` (PEFT student with adapters off) or ``cache``.
+        teacher: ``copy`` (frozen copy), ``base`` (PEFT student with adapters off), ``cache``, or ``self``
+            (``asu-attn`` only: self-smoothing, the student's own detached attention at ``tau``; no teacher
+            model). ``asu-attn`` takes ``copy``, ``base`` or ``self``, never ``cache``.
         layers: smoothed layers: ``None``/``"all"``, a list of indices, or a string like ``"6-8"``.
         lr, epochs, batch_size, grad_accum, weight_decay, warmup_epochs: optimisation (AdamW, linear decay
             after ``warmup_epochs`` of linear warm-up).
@@ -156,6 +159,16 @@ class UnlearnConfig:
             raise ValueError(f"pack_tokens must be an int >= 2, got {self.pack_tokens!r}")
         if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 0:
             raise ValueError(f"lora_r must be an int >= 0, got {self.lora_r!r}")
+        if self.method == "asu-attn" and self.teacher == "cache":
+            raise ValueError(
+                "method='asu-attn' cannot use teacher='cache' (the cache holds hidden states, not attention "
+                "q, k); use teacher 'copy', 'base' or 'self'"
+            )
+        if self.teacher == "self" and teacher_needs(self.method, self.retain_loss):
+            raise ValueError(
+                f"teacher='self' (self-smoothing) is for method='asu-attn' only; method={self.method!r} with "
+                f"retain_loss={self.retain_loss!r} needs teacher 'copy', 'base' or 'cache'"
+            )
         if self.teacher == "base" and self.lora_r == 0:
             raise ValueError(
                 "teacher='base' needs a LoRA student (lora_r > 0); use teacher='copy' or 'cache'"
@@ -366,8 +379,11 @@ def unlearn(
 
         # The copy teacher is copied before LoRA is injected (get_peft_model edits the model in place).
         needs = teacher_needs(cfg.method, cfg.retain_loss)
+        wants_teacher = needs_teacher(cfg.method, cfg.retain_loss)
         teacher = None
-        if needs and cfg.teacher == "copy":
+        if wants_teacher and cfg.teacher == "self":
+            teacher = build_teacher("self", model, cfg.temperature, layers)
+        if wants_teacher and cfg.teacher == "copy":
             teacher = build_teacher("copy", model, cfg.temperature, layers)
         student = model
         if cfg.lora_r > 0:
@@ -386,7 +402,7 @@ def unlearn(
             if is_peft_model(student):
                 # Without it, checkpointed blocks whose inputs need no grad leave LoRA weights untrained.
                 student.enable_input_require_grads()
-        if needs and cfg.teacher == "base":
+        if wants_teacher and cfg.teacher == "base":
             teacher = build_teacher("base", student, cfg.temperature, layers)
         if needs and cfg.teacher == "cache":
             sets = {"forget": forget} if retain is None else {"forget": forget, "retain": retain}
@@ -537,12 +553,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--forget", required=True, help="forget set (.json/.jsonl, TOFU format or 'text' rows)"
     )
     parser.add_argument("--retain", help="retain set (required except for --method ga)")
-    parser.add_argument("--method", default=d.method, help=f"{'|'.join(METHODS)} (default {d.method})")
+    parser.add_argument(
+        "--method",
+        default=d.method,
+        help=f"{'|'.join(METHODS)} (default {d.method}); asu-attn is EXPERIMENTAL: distils each selected "
+        "layer's attention rows toward the smoothed teacher's on forget data (teacher copy, base or self)",
+    )
     parser.add_argument("--retain-loss", default=d.retain_loss, help=f"{'|'.join(RETAIN_LOSSES)}")
     parser.add_argument("--temperature", type=float, default=d.temperature, help="attention temperature tau")
     parser.add_argument("--lam", type=float, default=d.lam, help="weight of the ASU term")
     parser.add_argument("--layers", default="all", help="smoothed layers: all, 6-8, or 0,2,5-7")
-    parser.add_argument("--teacher", default=d.teacher, help=f"{'|'.join(TEACHER_SOURCES)}")
+    parser.add_argument(
+        "--teacher",
+        default=d.teacher,
+        help=f"{'|'.join(TEACHER_SOURCES)} (self: self-smoothing, --method asu-attn only, no teacher model)",
+    )
     parser.add_argument("--epochs", type=float, default=d.epochs)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per device step")
