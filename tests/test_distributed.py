@@ -289,3 +289,16 @@ def test_complete_checkpoints(tmp_path):
     assert complete_checkpoints(str(tmp_path), world=2) == ["checkpoint-2"]
     make("checkpoint-1", ["adapter_model.safetensors", "trainer_state.json", "rng_state.pth"])
     assert complete_checkpoints(str(tmp_path), world=1) == ["checkpoint-1"]
+
+
+def test_fsdp2_lora_base_teacher_matches_one_process(tmp_path):
+    # The base teacher is the FSDP-sharded PEFT student with its adapters off: no second model anywhere.
+    lora = {"teacher": "base", "lora_r": 4}
+    (tmp_path / "a").mkdir()
+    one = _run("single", tmp_path / "a", {**SINGLE, **lora})
+    run = _run("fsdp", tmp_path, {**PARALLEL, **lora}, "--out", str(tmp_path / "out"))
+    _assert_same_run(run, one)
+    _assert_whole_heads(run)
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file() and (
+        tmp_path / "out" / "run.json"
+    ).is_file()
