@@ -230,9 +230,10 @@ def check_full_weight(weight: torch.Tensor, rows: int | None, what: str = "LM-he
     the fused vocabulary losses normalise over a slice of the vocabulary without any error.
     """
     if type(weight).__name__ == "DTensor" or hasattr(weight, "_local_tensor"):
+        local = tuple(weight.to_local().shape) if hasattr(weight, "to_local") else "?"
         raise RuntimeError(
-            f"the {what} is a sharded DTensor {tuple(weight.shape)} here: the fused vocabulary losses "
-            "must run inside the wrapped module's forward, where FSDP has gathered it"
+            f"the {what} is a sharded DTensor (local {local} of {tuple(weight.shape)}) here: the fused "
+            "vocabulary losses must run inside the wrapped module's forward, where FSDP has gathered it"
         )
     if weight.dim() != 2 or weight.numel() == 0 or (rows is not None and weight.shape[0] != rows):
         raise RuntimeError(
