@@ -125,6 +125,28 @@ def test_zero_at_tau_one_with_teacher_equal_student(tok, source, monkeypatch):
         assert abs(loss.item()) < 1e-6, (layout, loss.item())
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_base_teacher_equals_copy_teacher(tok, layout, monkeypatch):
+    """A LoRA student's adapters-off base gives the same teacher q, k as a frozen copy of the original."""
+    from peft import LoraConfig, get_peft_model
+
+    monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
+    original = tiny_model("llama", vocab_size=len(tok))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    student = get_peft_model(copy.deepcopy(original), lora)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:  # zero at init: make the student differ from its base
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    batch = COLLATORS[layout].collate(encoded(tok, FORGET))
+    via_base = UnlearnObjective(student, method="asu-attn", teacher=build_teacher("base", student, 2.3))
+    via_copy = UnlearnObjective(student, method="asu-attn", teacher=build_teacher("copy", original, 2.3))
+    got, want = via_base.forget_term(batch, None), via_copy.forget_term(batch, None)
+    assert want.item() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_loss_decreases(tok, monkeypatch):
     monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
     original = tiny_model("llama", vocab_size=len(tok))
