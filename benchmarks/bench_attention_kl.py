@@ -1,0 +1,465 @@
+"""Attention-map KL benchmark: ``KL(teacher attention at tau || student attention)`` per query row.
+
+Each provider computes, for q_s, q_t (B, Hq, N, D) and k_s, k_t (B, Hkv, N, D), causal, the (B, Hq, N) row
+KLs ``KL_i = sum_j p_T,ij (s_T,ij - s_S,ij) - lse_T,i + lse_S,i`` with ``s_T = q_t k_t^T * scale / tau`` and
+``s_S = q_s k_s^T * scale``; the backward gives ``dq_s, dk_s`` (the teacher is frozen). Timed: forward,
+backward and forward+backward (upstream gradient random, not all ones), and the peak memory of each. FLOPs:
+the forward does two ``QK^T`` products per visible block, ``4 * B * Hq * N^2 * D`` halved when causal.
+
+Providers
+    * ``dense``: the eager KL: ``repeat_kv`` copies, both (B, Hq, N, N) logit matrices materialised with the
+      causal mask, ``log_softmax`` of each in fp32, ``sum p_T (log p_T - log p_S)``. Memory quadratic in N.
+    * ``flex``: the two-call FlexAttention composition, compiled: (1) the teacher's attention at ``scale/tau``
+      with values ``V = [K_T | K_S]`` (head dim 2D) and its LSE gives ``o = sum_j p_T,ij [k_T,j | k_S,j]``, so
+      ``sum_j p_T s_T = (scale/tau) q_t . o_T`` and ``sum_j p_T s_S = scale q_s . o_S``; (2) the student's
+      attention with ``return_lse`` gives ``lse_S``. Both calls are differentiable in FlexAttention (the
+      gradient reaches ``k_s`` through the values of call 1 and ``q_s, k_s`` through ``lse_S`` of call 2).
+      CUDA only (its CPU compile takes minutes).
+    * ``ours``: :func:`asu_kernels.attention_kl`, one streaming pass, memory linear in N.
+
+Every provider's forward is compared with the float64 reference on the first input set; the largest absolute
+row-KL error is a row of metric ``max_abs_err``.
+
+Sizes: CUDA, d = 128, causal, GQA 32/8, bf16, tau = 2.3, N = 1k..32k with B*N = 16k (``quick``: 1k and 4k);
+CPU, fp32, B=1, Hq=4, Hkv=2, D=32, N = 64 (``tiny``) or 64 and 128.
+
+Also here: :func:`compare_unlearning`, the embedded-world comparison of ``asu-attn`` against output-level ASU
+(``python -m benchmarks.bench_attention_kl --compare``); it writes
+``results/asu-attn-vs-asu-<device>-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.bench_attention import _timed_callable, repeat_kv
+from benchmarks.common import (
+    Recorder,
+    Unavailable,
+    classify,
+    ours_backend_note,
+    peak_memory_gb,
+    release_memory,
+    time_call,
+    write_text_atomic,
+)
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+#: Run order: ours first, compiled FlexAttention last (its compile is the first a timeout cuts).
+PROVIDERS = ("ours", "dense", "flex")
+TEMPERATURE = 2.3
+
+
+@dataclass(frozen=True)
+class KLShape:
+    """q_s, q_t (B, Hq, N, D); k_s, k_t (B, Hkv, N, D)."""
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seqlen: int
+    head_dim: int
+    causal: bool
+    temperature: float
+    dtype: torch.dtype
+
+    def flops(self, mode: str) -> float:
+        fwd = 4.0 * self.batch * self.heads_q * self.seqlen**2 * self.head_dim
+        if self.causal:
+            fwd /= 2
+        return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+
+    def columns(self) -> dict[str, Any]:
+        return {
+            "dtype": self.dtype,
+            "batch": self.batch,
+            "heads_q": self.heads_q,
+            "heads_kv": self.heads_kv,
+            "seqlen": self.seqlen,
+            "head_dim": self.head_dim,
+            "causal": self.causal,
+            "temperature": self.temperature,
+        }
+
+
+def shapes(suite: str, device: str, tiny: bool = False) -> list[KLShape]:
+    """The grid of a suite (see the module docstring)."""
+    if suite not in ("quick", "full"):
+        raise ValueError(f"suite must be 'quick' or 'full', got {suite!r}")
+    if not device.startswith("cuda"):
+        ns = (64,) if tiny else (64, 128)
+        return [KLShape(1, 4, 2, n, 32, True, TEMPERATURE, torch.float32) for n in ns]
+    ns = (1024, 4096) if suite == "quick" else (1024, 2048, 4096, 8192, 16384, 32768)
+    total = 16 * 1024
+    return [KLShape(max(1, total // n), 32, 8, n, 128, True, TEMPERATURE, torch.bfloat16) for n in ns]
+
+
+# ---- providers -------------------------------------------------------------------------------------------
+
+
+class Provider:
+    """``__call__(q_s, k_s, q_t, k_t)`` -> row KL (B, Hq, N), differentiable in q_s and k_s."""
+
+    name = "provider"
+
+    def __init__(self, shape: KLShape, device: str):
+        self.shape = shape
+        self.device = device
+        self.scale = 1.0 / math.sqrt(shape.head_dim)
+        self.note = ""
+
+    def prepare(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tensors
+
+    def __call__(self, q_s, k_s, q_t, k_t) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Dense(Provider):
+    name = "dense"
+
+    def __call__(self, q_s, k_s, q_t, k_t):
+        groups = self.shape.heads_q // self.shape.heads_kv
+        k_s, k_t = repeat_kv(k_s, groups), repeat_kv(k_t, groups)
+        n = q_s.shape[-2]
+        work = torch.promote_types(q_s.dtype, torch.float32)  # fp32 softmaxes (float64 for the reference)
+        s_s = torch.matmul(q_s, k_s.transpose(2, 3)).to(work) * self.scale
+        with torch.no_grad():
+            s_t = torch.matmul(q_t, k_t.transpose(2, 3)).to(work) * (self.scale / self.shape.temperature)
+        if self.shape.causal:
+            hidden = torch.ones(n, n, dtype=torch.bool, device=q_s.device).triu(1)
+            s_s = s_s.masked_fill(hidden, float("-inf"))
+            s_t = s_t.masked_fill(hidden, float("-inf"))
+        log_s, log_t = F.log_softmax(s_s, -1), F.log_softmax(s_t, -1)
+        # Masked entries: p_T = 0 and both logs -inf; kl_div with log targets gives 0 * (nan) there, so mask.
+        terms = torch.where(log_t > float("-inf"), log_t.exp() * (log_t - log_s), torch.zeros_like(log_s))
+        return terms.sum(-1)
+
+
+class FlexComposition(Provider):
+    name = "flex"
+
+    def __init__(self, shape: KLShape, device: str, compile: bool = True):
+        super().__init__(shape, device)
+        if compile and not device.startswith("cuda"):
+            raise Unavailable(
+                "compiled FlexAttention is benchmarked on CUDA only (its CPU compile takes minutes)"
+            )
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        except ImportError as e:
+            raise Unavailable(f"FlexAttention not in torch {torch.__version__}: {e}") from None
+        if compile:
+            torch._dynamo.reset()  # a fresh state per shape: no recompile limit, first call = compile time
+            self._flex = torch.compile(flex_attention, dynamic=False)
+        else:
+            self._flex = flex_attention
+        self.block_mask = None
+        if shape.causal:
+            self.block_mask = create_block_mask(
+                lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, shape.seqlen, shape.seqlen,
+                device=device,
+            )  # fmt: skip
+        self.gqa = shape.heads_q != shape.heads_kv
+
+    def __call__(self, q_s, k_s, q_t, k_t):
+        d = q_s.shape[-1]
+        scale_t = self.scale / self.shape.temperature
+        values = torch.cat([k_t.detach(), k_s], dim=-1)  # (B, Hkv, N, 2D)
+        out_t, lse_t = self._flex(
+            q_t.detach(), k_t.detach(), values, block_mask=self.block_mask, scale=scale_t,
+            enable_gqa=self.gqa, return_lse=True,
+        )  # fmt: skip
+        _, lse_s = self._flex(
+            q_s, k_s, k_s, block_mask=self.block_mask, scale=self.scale, enable_gqa=self.gqa, return_lse=True
+        )
+        o_t, o_s = out_t[..., :d].float(), out_t[..., d:].float()
+        cross_t = scale_t * (q_t.detach().float() * o_t).sum(-1)  # sum_j p_T s_T
+        cross_s = self.scale * (q_s.float() * o_s).sum(-1)  # sum_j p_T s_S
+        return cross_t - cross_s - lse_t.detach().float() + lse_s.float()
+
+
+class Ours(Provider):
+    name = "ours"
+
+    def __init__(self, shape: KLShape, device: str):
+        super().__init__(shape, device)
+        from asu_kernels import attention_kl
+
+        self._fn = attention_kl
+
+    def __call__(self, q_s, k_s, q_t, k_t):
+        return self._fn(q_s, k_s, q_t, k_t, temperature_t=self.shape.temperature, causal=self.shape.causal)
+
+
+def make_provider(name: str, shape: KLShape, device: str) -> Provider:
+    if name == "dense":
+        return Dense(shape, device)
+    if name == "flex":
+        return FlexComposition(shape, device)
+    if name == "ours":
+        return Ours(shape, device)
+    raise ValueError(f"unknown attention_kl provider {name!r}; known: {', '.join(PROVIDERS)}")
+
+
+def reference_kl(shape: KLShape, q_s, k_s, q_t, k_t) -> torch.Tensor:
+    """The row KLs in float64 (the dense formula), for the accuracy rows."""
+    exact = KLShape(**{**shape.__dict__, "dtype": torch.float64})
+    with torch.no_grad():
+        return Dense(exact, str(q_s.device))(*(t.double() for t in (q_s, k_s, q_t, k_t)))
+
+
+def _input_sets(shape: KLShape, device: str, count: int, seed: int) -> list[tuple[torch.Tensor, ...]]:
+    """``count`` sets of (q_s, k_s, q_t, k_t); the teacher is the student plus a perturbation (as in ASU)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    b, hq, hkv, n, d = shape.batch, shape.heads_q, shape.heads_kv, shape.seqlen, shape.head_dim
+    sets = []
+    for _ in range(count):
+        q_s = torch.randn(b, hq, n, d, generator=gen, device=device)
+        k_s = torch.randn(b, hkv, n, d, generator=gen, device=device)
+        q_t = q_s + 0.3 * torch.randn(b, hq, n, d, generator=gen, device=device)
+        k_t = k_s + 0.3 * torch.randn(b, hkv, n, d, generator=gen, device=device)
+        sets.append(tuple(t.to(shape.dtype) for t in (q_s, k_s, q_t, k_t)))
+    return sets
+
+
+def bench_shape(
+    rec: Recorder,
+    shape: KLShape,
+    providers: tuple[str, ...],
+    modes: tuple[str, ...],
+    *,
+    rep_ms: float,
+    seed: int,
+) -> None:
+    """Measure every provider x mode of one shape: ms, TFLOP/s, GB, plus the forward's max abs error."""
+    device = rec.device
+    raw_sets = _input_sets(shape, device, 2, seed)
+    want = None
+    for name in providers:
+        base = {"benchmark": "attention_kl", "provider": name, **shape.columns()}
+        try:
+            prov = make_provider(name, shape, device)
+        except Exception as e:  # noqa: BLE001 - recorded per mode (skip / oom / error), the suite goes on
+            status, why = classify(e)
+            del e
+            release_memory(device)
+            for mode in modes:
+                rec.status_row({**base, "mode": mode}, status, why)
+            continue
+        note = ours_backend_note(raw_sets[0][0]) if name == "ours" else prov.note
+
+        def accuracy(prov=prov, base=base, note=note, name=name) -> None:
+            nonlocal want
+            if want is None:
+                want = reference_kl(shape, *raw_sets[0])
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                got = prov(*raw_sets[0])
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if name == "flex":
+                rec.add({**base, "mode": "fwd"}, "compile_s", time.perf_counter() - t0, note="first call")
+            err = (got.double() - want).abs().max().item()
+            rec.add({**base, "mode": "fwd"}, "max_abs_err", err, note=f"vs float64 dense; {note}".strip("; "))
+
+        rec.guarded({**base, "mode": "fwd"}, accuracy, metric="max_abs_err")
+        for mode in modes:
+            row = {**base, "mode": mode}
+
+            def run(mode=mode, row=row, prov=prov, note=note) -> None:
+                sets = [
+                    (
+                        q_s.detach().requires_grad_(mode != "fwd"),
+                        k_s.detach().requires_grad_(mode != "fwd"),
+                        q_t,
+                        k_t,
+                    )
+                    for q_s, k_s, q_t, k_t in raw_sets
+                ]
+                fn, grads = _timed_callable(prov, sets, mode)
+                fn()  # first call outside the timing: autotuning, compilation
+                stats = time_call(fn, device, rep_ms=rep_ms, grad_to_none=grads)
+                rec.add(row, "ms", stats, note=note)
+                rec.add(row, "TFLOP/s", stats.inverse(shape.flops(mode) / 1e9), note=note)
+                del fn
+                mem, what = peak_memory_gb(_timed_callable(prov, sets[:1], mode)[0], device)
+                rec.add(row, "GB", mem, note=f"{what}; {note}".strip("; "))
+
+            rec.guarded(row, run)
+
+
+def run(rec: Recorder, suite: str, *, tiny: bool = False, providers: tuple[str, ...] | None = None) -> None:
+    """Run the attention-KL benchmark of ``suite`` on ``rec.device``."""
+    on_cuda = rec.device.startswith("cuda")
+    providers = providers or PROVIDERS
+    rep_ms = 100.0 if on_cuda else (20.0 if tiny else 100.0)
+    for i, shape in enumerate(shapes(suite, rec.device, tiny)):
+        # Dense at N >= 16k needs >= 2 * B*Hq*N^2*4 bytes (64 GB at 32k): it is tried, and its OOM recorded.
+        bench_shape(rec, shape, providers, MODES, rep_ms=rep_ms, seed=i)
+
+
+# ---- asu-attn against output-level ASU on the embedded world ----------------------------------------------
+
+#: Summary metrics copied into the comparison (see :func:`asu.evaluate.evaluate_model`).
+COMPARE_METRICS = (
+    "forget_rouge",
+    "retain_rouge",
+    "forget_prob",
+    "forget_truth_ratio",
+    "model_utility",
+    "retain_prob",
+    "forget_token_entropy",
+    "forget_no_repeat",
+    "forget_well_formed",
+)
+
+
+def compare_unlearning(
+    out_dir: Path,
+    *,
+    quick: bool = True,
+    seed: int = 0,
+    cache_dir: str | None = None,
+    attn_lams: tuple[float, ...] = (1.0, 10.0),
+    epochs: int | None = None,
+    lr: float | None = None,
+    progress: bool = False,
+) -> Path:
+    """Unlearn the embedded world's forget authors with ``asu`` and with ``asu-attn`` (copy and self teachers)
+    from the demo's cached tiny model, evaluate each, and write the numbers as JSON; returns its path.
+
+    Every run uses the demo's settings (:func:`asu.demo.default_settings`: tau, lr, epochs, batch, padded
+    batches, retain ``gd``); ASU keeps the demo's lambda, ``asu-attn`` runs at each of ``attn_lams`` (its
+    loss, a sum over layers of attention-row KLs, has another scale than the vocabulary KL). ``epochs`` and
+    ``lr`` override the demo's for every run (the quick world's 2 epochs barely move any method). Wall time is
+    each run's ``unlearn`` call on this machine.
+    """
+    from asu.demo import default_settings
+    from asu.evaluate import evaluate_model
+    from asu.tiny import load_or_train
+    from asu.unlearn import UnlearnConfig, unlearn
+    from asu.world import generate_world
+    from benchmarks.common import environment
+
+    s = default_settings(seed, quick)
+    epochs = s.epochs if epochs is None else int(epochs)
+    lr = s.asu_lr if lr is None else float(lr)
+    world = generate_world(s.world)
+    forget, retain, general = world.split("forget"), world.split("retain"), world.split("general")
+    model, tokenizer, info = load_or_train(world, "full", cache_dir, s.model, s.train, progress)
+    ev = dict(batch_size=32, max_new_tokens=s.max_new_tokens, well_formed=world.is_well_formed)
+
+    def summary(m: torch.nn.Module) -> dict[str, float]:
+        # No oracle model (it would double the training time here), so no forget-quality p-value.
+        res = evaluate_model(m, tokenizer, forget, retain, general, **ev)
+        return {k: res["summary"][k] for k in COMPARE_METRICS if k in res["summary"]}
+
+    runs: list[dict[str, Any]] = [{"name": "original", "method": None, "metrics": summary(model)}]
+    plans = [("asu", "copy", s.lam)]
+    plans += [("asu-attn", teacher, lam) for teacher in ("copy", "self") for lam in attn_lams]
+    for method, teacher, lam in plans:
+        cfg = UnlearnConfig(
+            method=method, teacher=teacher, temperature=s.temperature, lam=lam, retain_loss="gd", layers=None,
+            lr=lr, epochs=epochs, batch_size=s.batch_size, grad_accum=1, max_length=128, pack=False,
+            seed=seed, progress=progress,
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        result = unlearn(copy.deepcopy(model), tokenizer, forget, retain, cfg, output_dir=None)
+        wall = time.perf_counter() - t0
+        hist = result.history
+        runs.append(
+            {
+                "name": f"{method} teacher={teacher} lam={lam:g}",
+                "method": method,
+                "teacher": teacher,
+                "lam": lam,
+                "wall_s": wall,
+                "optimizer_steps": result.stats["optimizer_steps"],
+                "forget_loss_first": hist[0].get("forget_loss") if hist else None,
+                "forget_loss_last": hist[-1].get("forget_loss") if hist else None,
+                "metrics": summary(result.model.eval()),
+            }
+        )
+        del result
+    env = environment("cpu" if not torch.cuda.is_available() else "cuda")
+    record = {
+        "what": "asu-attn (EXPERIMENTAL attention-map objective) vs output-level ASU on the embedded world",
+        "world": "quick" if quick else "default",
+        "settings": {
+            "temperature": s.temperature,
+            "asu_lam": s.lam,
+            "attn_lams": list(attn_lams),
+            "lr": lr,
+            "epochs": epochs,
+            "warmup_epochs": 1.0,
+            "batch_size": s.batch_size,
+            "retain_loss": "gd",
+            "layers": "all",
+            "seed": seed,
+        },
+        "model": {"n_parameters": info.get("n_parameters"), "rouge": info.get("rouge")},
+        "environment": env,
+        "torch_threads": torch.get_num_threads(),
+        "runs": runs,
+    }
+    day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = Path(out_dir) / f"asu-attn-vs-asu-{device}-{day}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(record, indent=2, default=str) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_attention_kl", description=__doc__.splitlines()[0]
+    )
+    p.add_argument("--compare", action="store_true", help="run the asu-attn vs ASU comparison (required)")
+    p.add_argument("--default-world", action="store_true", help="the demo's default world, not the quick one")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--cache-dir", default=None, help="tiny-model cache (default $ASU_CACHE or ~/.cache/asu)")
+    p.add_argument("--lams", default="1,10", help="comma-separated lambdas of asu-attn (default 1,10)")
+    p.add_argument("--epochs", type=int, default=None, help="unlearning epochs (default: the demo's)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of every run (default: the demo's)")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if not args.compare:
+        p.error("nothing to do: pass --compare (the timing benchmark runs via python -m benchmarks.run)")
+    try:
+        lams = tuple(float(x) for x in args.lams.split(",") if x.strip())
+    except ValueError:
+        p.error(f"--lams: expected comma-separated numbers, got {args.lams!r}")
+    if not lams or any(not (lam > 0) for lam in lams):
+        p.error("--lams: need at least one lambda > 0")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    path = compare_unlearning(
+        args.out, quick=not args.default_world, cache_dir=args.cache_dir, attn_lams=lams, epochs=args.epochs,
+        lr=args.lr,
+    )  # fmt: skip
+    print(f"wrote {path}")
+    for r in json.loads(path.read_text())["runs"]:
+        m = r["metrics"]
+        print(
+            f"{r['name']:<32} forget ROUGE-L {m.get('forget_rouge', float('nan')):.3f} "
+            f"retain ROUGE-L {m.get('retain_rouge', float('nan')):.3f} "
+            f"no-repeat {m.get('forget_no_repeat', float('nan')):.3f} wall {r.get('wall_s', 0.0):.1f} s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
