@@ -1,13 +1,17 @@
 """Run the benchmark suite and write one results CSV.
 
-    python -m benchmarks.run --suite quick|full [--only attention,kl,e2e,context] [--device cuda|cpu]
+    python -m benchmarks.run --suite quick|full [--only attention,kl,e2e,context,attention_kl]
+                             [--device cuda|cpu]
                              [--out DIR] [--tiny] [--threads N]
 
 Suites (sizes per benchmark are documented in each ``bench_*.py``):
 
 * ``quick``: attention (d=128, causal, GQA 32/8, N = 1k/4k/16k, fwd and fwd+bwd, eager / SDPA / ours) and the
   vocabulary KL/CE at the target sizes: a few minutes on an H100.
-* ``full``: the whole attention grid, every KL/CE size, the end-to-end epoch and the longest-context search.
+* ``full``: the whole attention grid, every KL/CE size, the end-to-end epoch, the longest-context search and
+  the attention-map KL (N = 1k..32k against the dense KL and the FlexAttention composition).
+* ``--only attention_kl`` with ``--suite quick``: the attention-map KL at N = 1k and 4k (gpu_check.sh runs it
+  as an optional stage).
 
 On CPU every benchmark runs at small sizes (``--tiny``: the smallest, for the test-suite). The CSV
 (``bench-<device>-<UTC time>.csv`` in ``--out``) is rewritten atomically after every measurement.
@@ -25,7 +29,7 @@ import torch
 
 from benchmarks.common import Recorder, slug
 
-BENCHMARKS = ("attention", "kl", "e2e", "context")
+BENCHMARKS = ("attention", "kl", "e2e", "context", "attention_kl")
 SUITES = {"quick": ("attention", "kl"), "full": BENCHMARKS}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -115,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             bench_context.run(
                 rec, args.suite, tiny=args.tiny, max_tokens=args.context_max, budget_s=args.context_budget
             )
+        elif bench == "attention_kl":
+            from benchmarks import bench_attention_kl
+
+            bench_attention_kl.run(rec, args.suite, tiny=args.tiny)
         print(f"# {bench}: {time.perf_counter() - t0:.1f} s", flush=True)
     counts = rec.summary()
     print(f"# wrote {rec.path} ({len(rec.rows)} rows: {counts})", flush=True)
