@@ -272,6 +272,49 @@ def vocab_section(rows: list[Row]) -> list[str]:
     return out
 
 
+def attention_kl_section(rows: list[Row]) -> list[str]:
+    """Attention-map KL: per mode a table of N down, each provider's ms and GB across, ours/dense ratios."""
+    kl_rows = [r for r in rows if r["benchmark"] == "attention_kl"]
+    if not kl_rows:
+        return []
+    providers = _providers(kl_rows, ("ours", "flex", "dense"))
+    out: list[str] = []
+    errs = [r for r in kl_rows if r["metric"] == "max_abs_err" and r["status"] == "ok"]
+    if errs:
+        worst = {
+            p: max((_num(r) or 0.0 for r in errs if r["provider"] == p), default=None) for p in providers
+        }
+        cells = ", ".join(f"{p} {_fmt(v)}" for p, v in worst.items() if v is not None)
+        out += [f"Largest row-KL error against the float64 dense KL: {cells}.", ""]
+    for mode in ("fwd", "bwd", "fwd+bwd"):
+        sel = [r for r in kl_rows if r["mode"] == mode and r["metric"] in ("ms", "GB")]
+        if not sel:
+            continue
+        configs = sorted(
+            {(_int(r["seqlen"]), _int(r["batch"]), r["dtype"], r["heads_q"], r["heads_kv"]) for r in sel}
+        )
+        header = (
+            ["N", "B", "dtype", "Hq/Hkv"] + [f"{p} ms" for p in providers] + [f"{p} GB" for p in providers]
+        )
+        header += ["dense/ours time", "dense/ours memory"]
+        body = []
+        for n, b, dtype, hq, hkv in configs:
+            here = [r for r in sel if r["seqlen"] == str(n) and r["batch"] == str(b)]
+            ms = {p: _lookup(here, provider=p, metric="ms") for p in providers}
+            gb = {p: _lookup(here, provider=p, metric="GB") or ms[p] for p in providers}
+            line = [str(n), str(b), dtype, f"{hq}/{hkv}"] + [_cell(ms[p]) for p in providers]
+            line += [_cell(gb[p]) for p in providers]
+            for table in (ms, gb):
+                ours = _num(table["ours"]) if table.get("ours") and table["ours"]["status"] == "ok" else None
+                dense = (
+                    _num(table["dense"]) if table.get("dense") and table["dense"]["status"] == "ok" else None
+                )
+                line.append("—" if ours is None or dense is None or not ours else f"{dense / ours:.2f}")
+            body.append(line)
+        out += [f"**KL(teacher attention ‖ student attention)**, {mode}", ""] + _table(header, body) + [""]
+    return out
+
+
 def _e2e_groups(rows: list[Row]) -> dict[str, list[Row]]:
     """End-to-end rows by model (``model=`` in ``params``), in the order they were measured."""
     groups: dict[str, list[Row]] = {}
@@ -583,6 +626,7 @@ def render_group(device: str, day: str, rows: list[Row], out_dir: Path) -> Path:
         ("## Attention time", attention_section(rows, "ms")),
         ("## Attention peak memory", attention_section(rows, "GB")),
         ("## Vocabulary losses", vocab_section(rows)),
+        ("## Attention-map KL", attention_kl_section(rows)),
         ("## End to end", e2e_section(rows)),
         ("## Longest context", context_section(rows)),
     )
