@@ -9,7 +9,8 @@
 #   3. python -m benchmarks.run --suite quick     (attention N=1k/4k/16k + vocabulary KL/CE at the target sizes)
 #   4. python -m benchmarks.report               (markdown + PNGs; the README is not touched here)
 #   5. python -m benchmarks.compile_report       (when the script exists)
-#   6. end-to-end epoch and longest-context search, each only if the remaining budget allows
+#   6. attention-map KL (N = 1k/4k), end-to-end epoch and longest-context search, each only if the remaining
+#      budget allows
 #   7. the report again, then copy to $OUT: gpu_check.log, the CSV, the markdown reports, plots.tar.gz
 # Every benchmark stage appends to one CSV that is rewritten after each measurement, so a stage stopped by
 # its timeout keeps what it measured. The exit status is 1 when a test or benchmark stage failed.
@@ -106,6 +107,10 @@ else
   echo "=== compile report: benchmarks/compile_report.py not present, skipped"
 fi
 # Optional stages: a timeout is not a failure (what was measured is kept), an error is.
+if (($(left) > 170)); then
+  stage "attention KL" 60 110 "$PY" -m benchmarks.run --only attention_kl --suite quick "${SIZE[@]}" --csv "$CSV" ||
+    { rc=$?; ((rc == 124 || rc == 137)) || FAILED+=("attention_kl"); }
+fi
 if (($(left) > 110)); then
   stage "e2e epoch" 90 45 "$PY" -m benchmarks.run --only e2e "${SIZE[@]}" --csv "$CSV" ||
     { rc=$?; ((rc == 124 || rc == 137)) || FAILED+=("e2e"); }
