@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from asu.data import load_rows
 from asu.formatting import encode_answer, encode_prompt
 
 STATS_KEYS = ("truth_ratio", "avg_gt_loss", "rougeL_recall")
@@ -56,41 +57,6 @@ REPEAT_WINDOW = 10
 
 
 # --------------------------------------------------------------------------------------------------- data
-
-
-def load_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Rows of a JSON Lines file (one object per line) or a JSON file holding a list of objects.
-
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for an empty file, a malformed line
-    (with its line number) or a row that is not an object.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"data file not found: {p}")
-    text = p.read_text(encoding="utf-8")
-    if not text.strip():
-        raise ValueError(f"data file is empty: {p}")
-    rows: list[Any]
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON ({e})") from None
-    else:
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{i}: malformed JSON line ({e.msg})") from None
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict):
-            raise ValueError(f"{p}: row {i} is a {type(r).__name__}, expected an object")
-    if not rows:
-        raise ValueError(f"data file has no rows: {p}")
-    return rows
 
 
 def check_rows(rows: Sequence[dict[str, Any]], name: str) -> None:
