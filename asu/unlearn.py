@@ -164,6 +164,9 @@ class UnlearnConfig:
                 "method='asu-attn' cannot use teacher='cache' (the cache holds hidden states, not attention "
                 "q, k); use teacher 'copy', 'base' or 'self'"
             )
+        if self.method == "asu-attn" and self.gradient_checkpointing:
+            # The q/k capture hooks run in the forward only; checkpoint recomputation would see another graph.
+            raise ValueError("method='asu-attn' does not support gradient_checkpointing (yet); turn it off")
         if self.teacher == "self" and teacher_needs(self.method, self.retain_loss):
             raise ValueError(
                 f"teacher='self' (self-smoothing) is for method='asu-attn' only; method={self.method!r} with "
