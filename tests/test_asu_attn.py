@@ -191,6 +191,8 @@ def test_bad_combinations(tok):
         UnlearnConfig(method="asu", teacher="self").validate()
     with pytest.raises(ValueError, match="self"):
         UnlearnConfig(method="asu-attn", teacher="self", retain_loss="kl").validate()
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        UnlearnConfig(method="asu-attn", gradient_checkpointing=True).validate()
 
 
 @pytest.mark.parametrize("teacher", ["self", "copy"])
