@@ -327,6 +327,51 @@ COMPARE_METRICS = (
 )
 
 
+def step_times_ms(model: torch.nn.Module, tokenizer: Any, forget: list, retain: list, *, temperature: float,
+                  batch_size: int, rounds: int = 12) -> dict[str, float]:  # fmt: skip
+    """Median ms of one objective forward+backward (forget + retain batch of ``batch_size`` padded examples)
+    for ASU (copy teacher) and ``asu-attn`` (copy and self teachers), timed round-robin so that a busy,
+    shared CPU slows every method alike; the first round is a warm-up."""
+    import statistics
+
+    from asu.data import PaddingCollator, encode_rows
+    from asu.losses import UnlearnObjective
+    from asu.teachers import build_teacher
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    collate = PaddingCollator(pad_token_id=pad).collate
+
+    def batch(rows: list) -> dict[str, torch.Tensor]:
+        encoded = encode_rows(tokenizer, rows[:batch_size], 128)
+        return collate([{**ex, "example_id": i} for i, ex in enumerate(encoded)])
+
+    fb, rb = batch(forget), batch(retain)
+    plans = {
+        "asu copy": ("asu", "copy"),
+        "asu-attn copy": ("asu-attn", "copy"),
+        "asu-attn self": ("asu-attn", "self"),
+    }
+    objectives = {
+        name: UnlearnObjective(
+            copy.deepcopy(model).train(),
+            method=method,
+            lam=1.0,
+            teacher=build_teacher(source, model, temperature),
+        )  # fmt: skip
+        for name, (method, source) in plans.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in objectives}
+    for r in range(rounds + 1):
+        for name, objective in objectives.items():
+            t0 = time.perf_counter()
+            objective(forget=fb, retain=rb)["loss"].backward()
+            elapsed = time.perf_counter() - t0
+            objective.zero_grad(set_to_none=True)
+            if r > 0:
+                times[name].append(elapsed)
+    return {name: 1e3 * statistics.median(v) for name, v in times.items()}
+
+
 def compare_unlearning(
     out_dir: Path,
     *,
@@ -368,6 +413,10 @@ def compare_unlearning(
         return {k: res["summary"][k] for k in COMPARE_METRICS if k in res["summary"]}
 
     runs: list[dict[str, Any]] = [{"name": "original", "method": None, "metrics": summary(model)}]
+    # One untimed optimizer step first: the first unlearn() call pays one-time start-up (imports, allocator).
+    warm = UnlearnConfig(method="asu", max_steps=1, batch_size=s.batch_size, grad_accum=1, max_length=128,
+                         pack=False, progress=False)  # fmt: skip
+    unlearn(copy.deepcopy(model), tokenizer, forget, retain, warm, output_dir=None)
     plans = [("asu", "copy", s.lam)]
     plans += [("asu-attn", teacher, lam) for teacher in ("copy", "self") for lam in attn_lams]
     for method, teacher, lam in plans:
@@ -414,6 +463,11 @@ def compare_unlearning(
         "environment": env,
         "torch_threads": torch.get_num_threads(),
         "runs": runs,
+        "step_ms_median": step_times_ms(
+            model, tokenizer, forget, retain, temperature=s.temperature, batch_size=s.batch_size
+        ),
+        "note": "wall_s of each run is one unlearn() call on a shared, busy CPU (noisy); step_ms_median "
+        "times one objective forward+backward per method round-robin (comparable between methods)",
     }
     day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -451,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
     )  # fmt: skip
     print(f"wrote {path}")
+    print("step ms (median):", json.loads(path.read_text())["step_ms_median"])
     for r in json.loads(path.read_text())["runs"]:
         m = r["metrics"]
         print(
