@@ -433,14 +433,59 @@ def run_demo(
         "histories": histories,
         "timings_s": timings,
         "torch_threads": torch.get_num_threads(),
+        "environment": _environment(),
     }
     atomic_write_json(out / "results.json", results)
+    env = results["environment"]
+    produced_by = (
+        f"Produced by `asu demo` on {env['machine']} ({env['torch_threads']} torch threads), "
+        f"torch {env['torch']}, transformers {env['transformers']}, triton {env['triton']}, {env['date']}; "
+        f"total {timings.get('total', float('nan')):.0f} s.\n\n"
+    )
     atomic_write_text(
         out / "results.md",
-        "# asu demo\n\n" + table + "\n## Forget-prompt generations\n\n" + _examples_md(examples),
+        "# asu demo\n\n"
+        + produced_by
+        + table
+        + "\n## Forget-prompt generations\n\n"
+        + _examples_md(examples),
     )
     _chart(models, out / "results.png")
     return results
+
+
+def _environment() -> dict[str, object]:
+    """Where the numbers came from: CPU or GPU model, library versions, UTC time."""
+    import datetime
+    import platform
+
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    machine = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            machine = f"{names[0]} ({len(names)} cores)"
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        machine = torch.cuda.get_device_name(0)
+    return {
+        "machine": machine,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
