@@ -37,14 +37,13 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_attention import _timed_callable, repeat_kv
+from benchmarks.bench_attention import AttentionShape, _timed_callable, repeat_kv
 from benchmarks.common import (
     Recorder,
     Unavailable,
@@ -62,36 +61,8 @@ PROVIDERS = ("ours", "dense", "flex")
 TEMPERATURE = 2.3
 
 
-@dataclass(frozen=True)
-class KLShape:
-    """q_s, q_t (B, Hq, N, D); k_s, k_t (B, Hkv, N, D)."""
-
-    batch: int
-    heads_q: int
-    heads_kv: int
-    seqlen: int
-    head_dim: int
-    causal: bool
-    temperature: float
-    dtype: torch.dtype
-
-    def flops(self, mode: str) -> float:
-        fwd = 4.0 * self.batch * self.heads_q * self.seqlen**2 * self.head_dim
-        if self.causal:
-            fwd /= 2
-        return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
-
-    def columns(self) -> dict[str, Any]:
-        return {
-            "dtype": self.dtype,
-            "batch": self.batch,
-            "heads_q": self.heads_q,
-            "heads_kv": self.heads_kv,
-            "seqlen": self.seqlen,
-            "head_dim": self.head_dim,
-            "causal": self.causal,
-            "temperature": self.temperature,
-        }
+class KLShape(AttentionShape):
+    """q_s, q_t (B, Hq, N, D); k_s, k_t (B, Hkv, N, D); FLOPs counted as for attention."""
 
 
 def shapes(suite: str, device: str, tiny: bool = False) -> list[KLShape]:
