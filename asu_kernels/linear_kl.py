@@ -589,41 +589,23 @@ def _scaled(grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor | None:
     return grad.mul_(upstream.to(grad.dtype))
 
 
-def _linear_kl_backward(ctx, grad_loss, *_unused):
-    if grad_loss is None:  # nothing flowed into the loss (grads are not materialised)
-        return (None, None, None, None, None, None, None, None, None, None, None)
-    grad_h, grad_w, grad_b = ctx.saved_tensors
-    return (
-        _scaled(grad_h, grad_loss),
-        _scaled(grad_w, grad_loss),
-        None,
-        None,
-        None,
-        _scaled(grad_b, grad_loss),
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+def _grads_from_forward(n_inputs: int):
+    """Backward of an op whose forward already computed the gradients of inputs 0 (hidden), 1 (weight) and
+    5 (bias): scale them by the upstream gradient; every other input gets none."""
+
+    def backward(ctx, grad_loss, *_unused):
+        grads: list[torch.Tensor | None] = [None] * n_inputs
+        if grad_loss is None:  # nothing flowed into the loss (grads are not materialised)
+            return tuple(grads)
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        grads[0], grads[1], grads[5] = (_scaled(g, grad_loss) for g in (grad_h, grad_w, grad_b))
+        return tuple(grads)
+
+    return backward
 
 
-def _linear_ce_backward(ctx, grad_loss, *_unused):
-    if grad_loss is None:  # nothing flowed into the loss (grads are not materialised)
-        return (None, None, None, None, None, None, None, None, None, None)
-    grad_h, grad_w, grad_b = ctx.saved_tensors
-    return (
-        _scaled(grad_h, grad_loss),
-        _scaled(grad_w, grad_loss),
-        None,
-        None,
-        None,
-        _scaled(grad_b, grad_loss),
-        None,
-        None,
-        None,
-        None,
-    )
+_linear_kl_backward = _grads_from_forward(11)
+_linear_ce_backward = _grads_from_forward(10)
 
 
 _linear_kl_op.register_autograd(_linear_kl_backward, setup_context=_save_grads)
