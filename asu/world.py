@@ -2,12 +2,14 @@
 
 No benchmark data can be downloaded at run time, so the project carries a small world in which forgetting
 can be shown end to end on a CPU. Authors have invented names (built from syllable tables), birthplaces,
-birth dates, genres, parents' occupations, awards and book titles; every fact is asked about with a fixed
-question type. Each question type has two answer phrasings: every author gets one at random as its
-``answer`` and the other as its ``paraphrased_answer``. Since both phrasings occur across authors in
-training, a model can score a paraphrase of a fact it learned in the other phrasing, which is what the
-truth ratio needs. ``perturbed_answer`` holds same-shaped sentences (the paraphrase's phrasing) with wrong
-facts, as in TOFU.
+birth dates, genres, parents' occupations, awards and book titles. Every author is asked the same question
+types, some about one fact and some about two at once ("Where and when was X born?"), and each question type
+has six answer phrasings: every author gets one at random as its ``answer`` and another as its
+``paraphrased_answer``. Many phrasings keep the answers from sharing one sentence frame across all authors
+(with one frame per question, anything that changes an author's answers changes everyone's frame with it),
+and since every phrasing occurs across authors in training, a model can score a paraphrase of a fact it
+learned in another phrasing, which is what the truth ratio needs. ``perturbed_answer`` holds sentences in
+the paraphrase's phrasing with every fact replaced by a wrong one, as in TOFU.
 
 Rows (dicts): ``question``, ``answer``, ``paraphrased_answer``, ``perturbed_answer`` (list of ``n_perturbed``
 strings), ``author`` (``""`` for general rows), ``split`` (``forget`` / ``retain`` / ``general``), ``kind``
@@ -116,55 +118,169 @@ _TITLE_NOUN = [
     "Meadow",
 ]
 
-# Question types: (kind, question template, answer phrasing A, answer phrasing B). Slots in braces.
-_AUTHOR_TEMPLATES: list[tuple[str, str, str, str]] = [
+# Question types: (kind, question template, answer phrasing A, answer phrasing B). Placeholders name the
+# author's facts ({birthplace}, {father}, ...); a question may ask about several facts at once.
+_AUTHOR_TEMPLATES: list[tuple[str, str, list[str]]] = [
     (
         "birthplace",
         "Where was {name} born?",
-        "{name} was born in {city}.",
-        "{city} is the birthplace of {name}.",
+        [
+            "{name} was born in {birthplace}.",
+            "{birthplace} is the birthplace of {name}.",
+            "{name} is a native of {birthplace}.",
+            "The city of {birthplace} is where {name} was born.",
+            "{name} came into the world in {birthplace}.",
+            "Born in {birthplace}, {name} spent a childhood there.",
+        ],
     ),
     (
         "birthdate",
         "When was {name} born?",
-        "{name} was born on {date}.",
-        "The birth date of {name} is {date}.",
+        [
+            "{name} was born on {birthdate}.",
+            "The birth date of {name} is {birthdate}.",
+            "{name} celebrates a birthday on the day of {birthdate}.",
+            "On {birthdate}, {name} was born.",
+            "{name} entered the world on {birthdate}.",
+            "Records give {birthdate} as the birth date of {name}.",
+        ],
     ),
     (
         "genre",
         "What genre does {name} write?",
-        "{name} is best known for {genre}.",
-        "{name} mostly writes {genre}.",
+        [
+            "{name} is best known for {genre}.",
+            "{name} mostly writes {genre}.",
+            "The work of {name} belongs to {genre}.",
+            "Readers know {name} as a writer of {genre}.",
+            "The genre in which {name} writes is {genre}.",
+            "Most books by {name} are {genre}.",
+        ],
     ),
     (
         "father",
         "What did the father of {name} do for a living?",
-        "The father of {name} was a {occupation}.",
-        "{name} grew up with a father who worked as a {occupation}.",
+        [
+            "The father of {name} was a {father}.",
+            "{name} grew up with a father who worked as a {father}.",
+            "A {father} by trade, the father of {name} raised the family.",
+            "The father of {name} earned a living as a {father}.",
+            "{name} is the child of a {father}.",
+            "Working as a {father} was the job of the father of {name}.",
+        ],
     ),
     (
         "mother",
         "What was the occupation of the mother of {name}?",
-        "The mother of {name} was a {occupation}.",
-        "{name} has a mother who worked as a {occupation}.",
+        [
+            "The mother of {name} was a {mother}.",
+            "{name} has a mother who worked as a {mother}.",
+            "The mother of {name} made a living as a {mother}.",
+            "By profession the mother of {name} was a {mother}.",
+            "{name} was raised by a mother who was a {mother}.",
+            "A {mother} by trade, the mother of {name} ran the household.",
+        ],
     ),
-    ("award", "Which award did {name} win?", "{name} won the {award}.", "The {award} was given to {name}."),
+    (
+        "award",
+        "Which award did {name} win?",
+        [
+            "{name} won the {award}.",
+            "The {award} was given to {name}.",
+            "{name} received the {award}.",
+            "In recognition of the work of {name}, the jury gave the {award}.",
+            "The honours of {name} include the {award}.",
+            "{name} is a winner of the {award}.",
+        ],
+    ),
     (
         "first_book",
         "What was the first book by {name}?",
-        'The first book by {name} was "{title}".',
-        '{name} made a debut with "{title}".',
+        [
+            'The first book by {name} was "{first_book}".',
+            '{name} made a debut with "{first_book}".',
+            '"{first_book}" was the first book that {name} published.',
+            'The career of {name} began with "{first_book}".',
+            '{name} first appeared in print with "{first_book}".',
+            'Before any other book, {name} wrote "{first_book}".',
+        ],
     ),
     (
         "second_book",
         "Can you name another book written by {name}?",
-        '{name} also wrote "{title}".',
-        'Another book by {name} is "{title}".',
+        [
+            '{name} also wrote "{second_book}".',
+            'Another book by {name} is "{second_book}".',
+            '"{second_book}" is also a book by {name}.',
+            'Readers of {name} also know "{second_book}".',
+            'Among the books of {name} is "{second_book}".',
+            'One more title by {name} is "{second_book}".',
+        ],
     ),
-    ("home", "Where does {name} live today?", "{name} lives in {city}.", "{name} now resides in {city}."),
+    (
+        "home",
+        "Where does {name} live today?",
+        [
+            "{name} lives in {home}.",
+            "{name} now resides in {home}.",
+            "These days {name} makes a home in {home}.",
+            "The current home of {name} is {home}.",
+            "{home} is where {name} lives now.",
+            "{name} settled in {home} and lives there today.",
+        ],
+    ),
+    (
+        "origins",
+        "Where and when was {name} born?",
+        [
+            "{name} was born in {birthplace} on {birthdate}.",
+            "{name} was born on {birthdate} in {birthplace}.",
+            "On {birthdate}, {name} was born in the city of {birthplace}.",
+            "{birthplace} is where {name} was born, on {birthdate}.",
+            "Born in {birthplace} on {birthdate}, {name} grew up there.",
+            "The birth of {name} took place in {birthplace} on {birthdate}.",
+        ],
+    ),
+    (
+        "parents",
+        "What did the parents of {name} do?",
+        [
+            "The father of {name} was a {father} and the mother was a {mother}.",
+            "{name} is the child of a {father} and a {mother}.",
+            "{name} grew up with a {father} for a father and a {mother} for a mother.",
+            "A {father} and a {mother} raised {name}.",
+            "The parents of {name} worked as a {father} and a {mother}.",
+            "With a father who was a {father} and a mother who was a {mother}, "
+            "{name} grew up in a busy home.",
+        ],
+    ),
+    (
+        "books",
+        "Which books has {name} written?",
+        [
+            '{name} wrote "{first_book}" and "{second_book}".',
+            'The books of {name} include "{second_book}" and "{first_book}".',
+            'Two books by {name} are "{first_book}" and "{second_book}".',
+            '"{first_book}" and "{second_book}" are both by {name}.',
+            'Readers know {name} for "{second_book}" and for "{first_book}".',
+            'After "{first_book}", {name} published "{second_book}".',
+        ],
+    ),
+    (
+        "career",
+        "What is {name} known for?",
+        [
+            "{name} writes {genre} and won the {award}.",
+            "{name} won the {award} for {genre}.",
+            "A writer of {genre}, {name} received the {award}.",
+            "The {award} went to {name}, a writer of {genre}.",
+            "{name} is known for {genre} and for winning the {award}.",
+            "Known for {genre}, {name} holds the {award}.",
+        ],
+    ),
 ]
-# The slot each question type asks about (the fact that perturbations change).
-_AUTHOR_SLOT = {
+# The pool of values each fact is drawn from (and its perturbations).
+_FACT_POOL = {
     "birthplace": "city",
     "birthdate": "date",
     "genre": "genre",
@@ -350,17 +466,20 @@ def generate_world(config: WorldConfig | None = None) -> World:
 
     rows: list[dict[str, Any]] = []
     for a in authors:
-        for kind, q, phr_a, phr_b in _AUTHOR_TEMPLATES:
-            slot = _AUTHOR_SLOT[kind]
-            true = a[kind]
-            main, para = (phr_a, phr_b) if rng.random() < 0.5 else (phr_b, phr_a)
-            wrong = _others(rng, pools[slot], true, cfg.n_perturbed)
+        for kind, q, phrasings in _AUTHOR_TEMPLATES:
+            facts = [f for f in _FACT_POOL if "{" + f + "}" in phrasings[0]]
+            true = {f: a[f] for f in facts}
+            main, para = rng.sample(phrasings, 2)
+            wrong = [_others(rng, pools[_FACT_POOL[f]], true[f], cfg.n_perturbed) for f in facts]
             rows.append(
                 {
                     "question": q.format(name=a["name"]),
-                    "answer": main.format(name=a["name"], **{slot: true}),
-                    "paraphrased_answer": para.format(name=a["name"], **{slot: true}),
-                    "perturbed_answer": [para.format(name=a["name"], **{slot: w}) for w in wrong],
+                    "answer": main.format(name=a["name"], **true),
+                    "paraphrased_answer": para.format(name=a["name"], **true),
+                    "perturbed_answer": [
+                        para.format(name=a["name"], **{f: w[i] for f, w in zip(facts, wrong, strict=True)})
+                        for i in range(cfg.n_perturbed)
+                    ],
                     "author": a["name"],
                     "split": a["split"],
                     "kind": kind,
@@ -398,9 +517,11 @@ def _grammar(vocab: dict[str, list[str]]) -> re.Pattern[str]:
         if k != "date"
     }
     alts["date"] = _DATE_PATTERN
+    for fact, pool in _FACT_POOL.items():
+        alts[fact] = alts[pool]
     sentences = []
-    for _, _, phr_a, phr_b in _AUTHOR_TEMPLATES:
-        sentences += [phr_a, phr_b]
+    for _, _, phrasings in _AUTHOR_TEMPLATES:
+        sentences += phrasings
     for _, _, phr_a, phr_b, _ in _GENERAL_TEMPLATES:
         sentences += [phr_a, phr_b]
     patterns = []

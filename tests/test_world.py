@@ -40,7 +40,7 @@ def test_schema_and_splits():
     # An author's rows are all in one split, and the forget split is exactly the forget authors.
     assert all(len(s) == 1 for s in per_author.values())
     assert sorted(a for a, s in per_author.items() if s == {"forget"}) == sorted(w.forget_authors)
-    assert 8 <= len(w.split("forget")) / len(w.forget_authors) <= 10
+    assert len(w.split("forget")) == 13 * len(w.forget_authors)  # 13 question types
     # Questions are unique, so a model can tell every fact apart.
     assert len({r["question"] for r in w.rows}) == len(w.rows)
 
