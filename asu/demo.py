@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 import tempfile
@@ -81,6 +82,8 @@ class DemoSettings:
     epochs: int = 10
     ga_lrs: tuple[float, ...] = (1e-3, 1.2e-3, 1.5e-3, 5e-3)
     ga_epochs: int = 5
+    # Extra GA+GD runs (learning-rate bisection) to land one within MATCH_TOLERANCE of ASU's forget ROUGE-L.
+    match_steps: int = 4
     preview_temperatures: tuple[float, ...] = (2.3, 3.0, 5.0)
     batch_size: int = 8
     max_new_tokens: int = 40
@@ -103,6 +106,7 @@ def default_settings(seed: int = 0, quick: bool = False) -> DemoSettings:
             ),
             train=TrainConfig(lr=5e-3, batch_size=8, max_epochs=12, eval_every=6, warmup_steps=10, seed=seed),
             ga_lrs=(3e-4,),
+            match_steps=0,
             preview_temperatures=(3.0,),
             epochs=2,
             ga_epochs=2,
@@ -188,6 +192,27 @@ def _unlearn(
     t0 = time.perf_counter()
     result = unlearn(copy.deepcopy(model), tokenizer, forget, retain, cfg, output_dir=None)
     return result.model.eval(), time.perf_counter() - t0, list(result.history)
+
+
+def _next_matching_lr(forget_by_lr: dict[float, float], target: float) -> float | None:
+    """The next GA learning rate to try so its forget ROUGE-L approaches ``target``.
+
+    Forgetting grows with the learning rate, so take the largest lr that forgets too little and the smallest
+    that forgets too much and try their geometric mean; beyond the tried range, step by 2x. ``None`` when
+    the bracket has closed to within 5%.
+    """
+    above = [lr for lr, r in forget_by_lr.items() if r > target]  # forgets too little
+    below = [lr for lr, r in forget_by_lr.items() if r < target]  # forgets too much
+    if above and below:
+        lo, hi = max(above), min(below)
+        if hi <= lo or hi / lo < 1.05:
+            return None
+        return math.sqrt(lo * hi)
+    if above:
+        return 2.0 * max(above)
+    if below:
+        return 0.5 * min(below)
+    return None
 
 
 def check_claims(
@@ -391,9 +416,10 @@ def run_demo(
     histories[asu_name] = hist
     del unlearned
 
-    ga_names = []
-    for lr in s.ga_lrs:
-        name = f"GA+GD lr={lr:g}"
+    ga_names: list[str] = []
+
+    def run_ga(lr: float) -> str:
+        name = f"GA+GD lr={lr:.3g}"
         unlearned, secs, hist = _unlearn(model, tokenizer, forget, retain, "gd", lr, s, progress)
         timings[name] = secs
         res = evaluate_model(unlearned, tokenizer, forget, retain, general, reference_stats=reference, **ev)
@@ -401,7 +427,19 @@ def run_demo(
         generations[name] = res["generations"]["forget"]
         histories[name] = hist
         ga_names.append(name)
-        del unlearned
+        return name
+
+    ga_lr_of = {run_ga(lr): lr for lr in s.ga_lrs}
+    # Matched forgetting: bisect GA's learning rate (geometrically) until one run's forget ROUGE-L lands
+    # within MATCH_TOLERANCE of ASU's, starting from the grid's runs that bracket it.
+    target = models[asu_name]["forget_rouge"]
+    for _ in range(s.match_steps):
+        if any(abs(models[n]["forget_rouge"] - target) <= MATCH_TOLERANCE for n in ga_names):
+            break
+        lr = _next_matching_lr({ga_lr_of[n]: models[n]["forget_rouge"] for n in ga_names}, target)
+        if lr is None:
+            break
+        ga_lr_of[run_ga(lr)] = lr
     timings["total"] = time.perf_counter() - t_start
 
     tau_key = next(k for k in models if k.startswith(f"smoothed τ={s.temperature:g} "))

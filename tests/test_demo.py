@@ -105,3 +105,17 @@ def test_demo_claims(tmp_path):
     claims = res["claims"]
     failed = {k: v for k, v in claims.items() if v["holds"] is not True}
     assert not failed, json.dumps(failed, indent=1)
+
+
+def test_matching_lr_bisects_between_the_runs_that_bracket_the_target():
+    from asu.demo import _next_matching_lr
+
+    # 1e-3 forgets too little (0.8 > 0.5), 4e-3 too much: try their geometric mean.
+    assert _next_matching_lr({1e-3: 0.8, 4e-3: 0.1}, 0.5) == pytest.approx(2e-3)
+    # Every run forgets too little: double the largest lr; too much: halve the smallest.
+    assert _next_matching_lr({1e-3: 0.8, 2e-3: 0.7}, 0.5) == pytest.approx(4e-3)
+    assert _next_matching_lr({1e-3: 0.2, 2e-3: 0.1}, 0.5) == pytest.approx(5e-4)
+    # The bracket has closed (within 5%), or non-monotone results leave no bracket: stop.
+    assert _next_matching_lr({1e-3: 0.8, 1.04e-3: 0.1}, 0.5) is None
+    assert _next_matching_lr({2e-3: 0.8, 1e-3: 0.1}, 0.5) is None
+    assert _next_matching_lr({}, 0.5) is None
