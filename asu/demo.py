@@ -12,8 +12,10 @@ The claims the demo is meant to show are checked on its own numbers and stored u
 
 * ``asu_halves_forget``: ASU's forget ROUGE-L is at most half the original's;
 * ``asu_keeps_retain``: ASU's retain ROUGE-L is at least 0.95 of the original's;
-* ``asu_beats_matched_ga``: at matched forgetting (a GA+GD run whose forget ROUGE-L is within 0.05 of ASU's)
-  ASU keeps more retain ROUGE-L, by at least 0.05;
+* ``asu_beats_matched_ga``: at matched forgetting ASU keeps more retain ROUGE-L than GA+GD, by at least
+  0.05. GA+GD's learning rate is bisected until runs land within 0.05 of ASU's forget ROUGE-L; GA+GD's
+  retain at ASU's forgetting is interpolated between the matched runs either side of it (see
+  :func:`ga_retain_at`);
 * ``ga_collapses_asu_does_not``: the GA+GD run that forgets most has fewer forget answers free of a
   repeated 3-gram in their first 10 tokens than ASU, by at least 0.3;
 * ``preview_predicts_asu``: the τ preview's forget ROUGE-L is within 0.05 of ASU's.
@@ -64,27 +66,31 @@ MATCH_TOLERANCE = 0.05
 class DemoSettings:
     """Everything the demo's numbers depend on.
 
-    The defaults were tuned on the default world (forget / retain ROUGE-L of ASU after unlearning, retain
-    loss ``gd``): τ 3 with λ 1 barely forgets (0.87 / 0.99 at lr 3e-4, 0.80 / 0.91 at lr 1e-3); τ 5 halves
-    forget ROUGE-L, at a retain cost (λ 1, lr 1e-3: 0.42 / 0.78; λ 3, lr 3e-4, 10 epochs: 0.52 / 0.87);
-    smoothing only the first two layers at τ 8 acts like τ 5 everywhere, the last two barely forget.
-    GA+GD (5 epochs) goes from 0.59 / 0.91 at lr 1e-3 to 0.09 / 0.29 with repetitive output at lr 5e-3.
+    The defaults were tuned on the default world, seed 0 (ASU's forget / retain ROUGE-L after unlearning on
+    the whole retain split; the original model is at 0.98 / 0.95; retain loss ``gd``, 10 epochs, λ 3, lr
+    3e-4). Smoothing every layer trades much retain for forgetting (τ 3: 0.57 / 0.90 and τ 4: 0.39 / 0.88
+    on half the retain split). Smoothing only layers 0-1 forgets nearly as much for far less (τ 3.5: 0.57 /
+    0.92; τ 4: 0.46 / 0.91; τ 4.5: 0.47 / 0.90; τ 5: 0.40 / 0.89); the paper reports the same on Llama-2-7B,
+    where smoothing layers 6-8 is nearly as good as all. At τ 4 other data orders (``UnlearnConfig.seed``
+    1 and 2) gave 0.48 / 0.91 and 0.50 / 0.94, so the halving claim has a margin of about 0.03 here, not
+    more. GA+GD (5 epochs) goes from 0.61 / 0.91 at lr 5e-4 through 0.49 / 0.86 at 6.5e-4 and 0.42 / 0.84
+    at 7.1e-4 to 0.04 / 0.29 and repetitive output at 1.5e-3.
     """
 
     world: WorldConfig
     model: TinyModelConfig
     train: TrainConfig
-    # Tuned on the default world (see the module docstring): the tiny model's attention is sharp enough that
-    # τ = 2.3-3 barely changes its answers; τ = 5 is where the smoothed teacher forgets about half.
-    temperature: float = 5.0
+    temperature: float = 4.0
+    # Smoothed layers (None = all), for ASU and the τ preview alike.
+    layers: str | None = "0-1"
     lam: float = 3.0
     asu_lr: float = 3e-4
     epochs: int = 10
-    ga_lrs: tuple[float, ...] = (1e-3, 1.2e-3, 1.5e-3, 5e-3)
+    ga_lrs: tuple[float, ...] = (5e-4, 1e-3, 1.5e-3)
     ga_epochs: int = 5
     # Extra GA+GD runs (learning-rate bisection) to land one within MATCH_TOLERANCE of ASU's forget ROUGE-L.
     match_steps: int = 4
-    preview_temperatures: tuple[float, ...] = (2.3, 3.0, 5.0)
+    preview_temperatures: tuple[float, ...] = (3.0, 4.0, 5.0)
     batch_size: int = 8
     max_new_tokens: int = 40
     n_examples: int = 4
@@ -129,6 +135,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a tiny world and model (a smoke run)")
     parser.add_argument("--temperature", type=float, help="ASU attention temperature τ")
+    parser.add_argument(
+        "--layers", help='layers ASU smooths, e.g. "0-1" or "all" (default: the demo\'s setting)'
+    )
     parser.add_argument("--lam", type=float, help="weight λ of the ASU forget loss")
     parser.add_argument("--lr", type=float, help="ASU learning rate")
     parser.add_argument("--ga-lrs", help="comma-separated GA+GD learning rates")
@@ -143,6 +152,8 @@ def _settings_from_args(args: argparse.Namespace) -> DemoSettings:
         changes["temperature"] = args.temperature
     if args.lam is not None:
         changes["lam"] = args.lam
+    if args.layers is not None:
+        changes["layers"] = None if args.layers.strip().lower() == "all" else args.layers.strip()
     if args.lr is not None:
         changes["asu_lr"] = args.lr
     if args.epochs is not None:
@@ -153,6 +164,10 @@ def _settings_from_args(args: argparse.Namespace) -> DemoSettings:
         except ValueError:
             raise ValueError(f"--ga-lrs: expected comma-separated numbers, got {args.ga_lrs!r}") from None
     s = replace(s, **changes)
+    if s.layers is not None:
+        from asu.smoothing import parse_layers
+
+        parse_layers(s.layers, s.model.n_layers)  # a bad spec fails now, not after the models are trained
     if s.temperature <= 0 or s.asu_lr <= 0 or s.epochs < 1 or any(lr <= 0 for lr in s.ga_lrs):
         raise ValueError("temperature and learning rates must be > 0 and epochs >= 1")
     if s.temperature not in s.preview_temperatures:
@@ -178,7 +193,7 @@ def _unlearn(
         lam=s.lam if method == "asu" else 1.0,
         retain_loss="gd",
         teacher="copy",
-        layers=None,
+        layers=s.layers,
         lr=lr,
         epochs=s.epochs if method != "gd" else s.ga_epochs,
         batch_size=s.batch_size,
@@ -215,6 +230,38 @@ def _next_matching_lr(forget_by_lr: dict[float, float], target: float) -> float 
     return None
 
 
+def ga_retain_at(models: dict[str, dict[str, float]], ga_names: list[str], target: float) -> dict | None:
+    """GA+GD's retain ROUGE-L at forget ROUGE-L ``target``, from the runs within MATCH_TOLERANCE of it.
+
+    With matched runs on both sides of ``target``, the retain value is interpolated linearly between the two
+    closest (GA's forget/retain trade-off at exactly ASU's forgetting); otherwise it is the closest matched
+    run's. ``None`` when no run is matched.
+    """
+    matched = [n for n in ga_names if abs(models[n]["forget_rouge"] - target) <= MATCH_TOLERANCE]
+    if not matched:
+        return None
+    forget = {n: models[n]["forget_rouge"] for n in matched}
+    retain = {n: models[n]["retain_rouge"] for n in matched}
+    more = [n for n in matched if forget[n] >= target]  # forgets less than ASU (or as much)
+    less = [n for n in matched if forget[n] < target]  # forgets more
+    if more and less:
+        a, b = min(more, key=forget.get), max(less, key=forget.get)
+        w = (target - forget[b]) / (forget[a] - forget[b])
+        return {
+            "ga_runs": [a, b],
+            "ga_forget_rouge": [forget[a], forget[b]],
+            "ga_retain_rouge": retain[b] + w * (retain[a] - retain[b]),
+            "how": "interpolated between the matched runs on either side of ASU's forget ROUGE-L",
+        }
+    closest = min(matched, key=lambda n: abs(forget[n] - target))
+    return {
+        "ga_runs": [closest],
+        "ga_forget_rouge": [forget[closest]],
+        "ga_retain_rouge": retain[closest],
+        "how": "the matched run closest to ASU's forget ROUGE-L",
+    }
+
+
 def check_claims(
     models: dict[str, dict[str, float]], asu_name: str, ga_names: list[str], preview: dict
 ) -> dict:
@@ -232,14 +279,12 @@ def check_claims(
             "original_retain_rouge": orig["retain_rouge"],
         },
     }
-    matched = [n for n in ga_names if abs(models[n]["forget_rouge"] - asu["forget_rouge"]) <= MATCH_TOLERANCE]
-    if matched:
-        best = max(matched, key=lambda n: models[n]["retain_rouge"])
+    ga_at_asu = ga_retain_at(models, ga_names, asu["forget_rouge"])
+    if ga_at_asu is not None:
         claims["asu_beats_matched_ga"] = {
-            "holds": asu["retain_rouge"] - models[best]["retain_rouge"] >= 0.05,
-            "ga_run": best,
-            "ga_forget_rouge": models[best]["forget_rouge"],
-            "ga_retain_rouge": models[best]["retain_rouge"],
+            "holds": asu["retain_rouge"] - ga_at_asu["ga_retain_rouge"] >= 0.05,
+            **ga_at_asu,
+            "asu_forget_rouge": asu["forget_rouge"],
             "asu_retain_rouge": asu["retain_rouge"],
         }
     else:
@@ -388,12 +433,13 @@ def run_demo(
         model,
         tokenizer,
         forget,
-        s.preview_temperatures,
+        sorted({*s.preview_temperatures, s.temperature}),  # ASU's own τ is always previewed
         retain_rows=retain,
         general_rows=general,
         batch_size=32,
         max_new_tokens=s.max_new_tokens,
         well_formed=world.is_well_formed,
+        layers=s.layers,
         progress=progress,
     )
     timings["tau_preview"] = time.perf_counter() - t0
@@ -402,12 +448,13 @@ def run_demo(
         "original": orig_res["summary"],
         "oracle (retain only)": oracle_res["summary"],
     }
+    where = f" layers {s.layers}" if s.layers else ""
     for p in preview:
-        models[f"smoothed τ={p['temperature']:g} (no training)"] = p["summary"]
+        models[f"smoothed τ={p['temperature']:g}{where} (no training)"] = p["summary"]
     generations = {"original": orig_res["generations"]["forget"]}
     histories: dict[str, list] = {}
 
-    asu_name = f"{method.upper()} τ={s.temperature:g} λ={s.lam:g} lr={s.asu_lr:g}"
+    asu_name = f"{method.upper()} τ={s.temperature:g}{where} λ={s.lam:g} lr={s.asu_lr:g}"
     unlearned, secs, hist = _unlearn(model, tokenizer, forget, retain, method, s.asu_lr, s, progress)
     timings[asu_name] = secs
     res = evaluate_model(unlearned, tokenizer, forget, retain, general, reference_stats=reference, **ev)
@@ -433,8 +480,12 @@ def run_demo(
     # Matched forgetting: bisect GA's learning rate (geometrically) until one run's forget ROUGE-L lands
     # within MATCH_TOLERANCE of ASU's, starting from the grid's runs that bracket it.
     target = models[asu_name]["forget_rouge"]
+    # Stop once matched runs sit on both sides of ASU's forget ROUGE-L (the comparison interpolates between
+    # them) or one is within 0.01 of it.
     for _ in range(s.match_steps):
-        if any(abs(models[n]["forget_rouge"] - target) <= MATCH_TOLERANCE for n in ga_names):
+        near = [models[n]["forget_rouge"] - target for n in ga_names]
+        near = [d for d in near if abs(d) <= MATCH_TOLERANCE]
+        if any(abs(d) <= 0.01 for d in near) or (any(d > 0 for d in near) and any(d < 0 for d in near)):
             break
         lr = _next_matching_lr({ga_lr_of[n]: models[n]["forget_rouge"] for n in ga_names}, target)
         if lr is None:
@@ -442,7 +493,7 @@ def run_demo(
         ga_lr_of[run_ga(lr)] = lr
     timings["total"] = time.perf_counter() - t_start
 
-    tau_key = next(k for k in models if k.startswith(f"smoothed τ={s.temperature:g} "))
+    tau_key = next(k for k in models if k.startswith(f"smoothed τ={s.temperature:g}{where} ("))
     claims = check_claims(models, asu_name, ga_names, models[tau_key])
     examples = _examples(forget, generations, s.n_examples)
     table = _table(models)

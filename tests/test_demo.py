@@ -85,16 +85,12 @@ def test_quick_demo_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "measured on the default world (tau 5, lambda 3, lr 3e-4, 10 epochs): ASU forget ROUGE-L 0.521 (not "
-        "halved), retain 0.885 of 0.979 (< 0.95x), no GA+GD run within 0.05 of ASU's forgetting; the "
-        "no-collapse and tau-preview claims hold. Remove this marker when the world/settings meet all claims."
-    ),
-)
 def test_demo_claims(tmp_path):
-    """What the demo must show (issue 5), on its own numbers with the default settings."""
+    """What the demo must show, on its own numbers with the default settings (about 5 min on 2 cores).
+
+    Measured margins at seed 0 are thin (``asu.demo.DemoSettings``): forget ROUGE-L 0.459 against the 0.490
+    bound, retain 0.909 against 0.903, 0.056 more retain than GA+GD at matched forgetting against 0.05.
+    """
     pytest.importorskip("asu.unlearn")
     from asu.demo import default_settings, run_demo
 
@@ -119,3 +115,41 @@ def test_matching_lr_bisects_between_the_runs_that_bracket_the_target():
     assert _next_matching_lr({1e-3: 0.8, 1.04e-3: 0.1}, 0.5) is None
     assert _next_matching_lr({2e-3: 0.8, 1e-3: 0.1}, 0.5) is None
     assert _next_matching_lr({}, 0.5) is None
+
+
+def test_demo_flags_reach_the_settings():
+    import argparse
+
+    from asu.demo import _settings_from_args, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    default = _settings_from_args(parser.parse_args([]))
+    assert default.layers == "0-1" and default.temperature in default.preview_temperatures
+    s = _settings_from_args(
+        parser.parse_args(["--layers", "all", "--temperature", "2.5", "--ga-lrs", "1e-3"])
+    )
+    assert s.layers is None and s.ga_lrs == (1e-3,) and 2.5 in s.preview_temperatures
+    assert _settings_from_args(parser.parse_args(["--layers", " 1-2 "])).layers == "1-2"
+    with pytest.raises(ValueError, match="ga-lrs"):
+        _settings_from_args(parser.parse_args(["--ga-lrs", "fast"]))
+    with pytest.raises(ValueError, match="temperature"):
+        _settings_from_args(parser.parse_args(["--temperature", "0"]))
+    with pytest.raises(ValueError):
+        _settings_from_args(parser.parse_args(["--layers", "7-9"]))  # the tiny model has 4 layers
+
+
+def test_ga_retain_at_matched_forgetting():
+    from asu.demo import ga_retain_at
+
+    runs = {
+        "far": {"forget_rouge": 0.80, "retain_rouge": 0.95},
+        "less": {"forget_rouge": 0.48, "retain_rouge": 0.86},  # forgets a little less than the target
+        "more": {"forget_rouge": 0.42, "retain_rouge": 0.84},  # a little more
+    }
+    got = ga_retain_at(runs, list(runs), 0.46)
+    # Interpolated between the matched runs either side: 0.84 + (0.46 - 0.42) / 0.06 * 0.02.
+    assert got["ga_runs"] == ["less", "more"] and got["ga_retain_rouge"] == pytest.approx(0.84 + 0.02 * 2 / 3)
+    one_side = ga_retain_at({k: runs[k] for k in ("far", "more")}, ["far", "more"], 0.46)
+    assert one_side["ga_runs"] == ["more"] and one_side["ga_retain_rouge"] == 0.84
+    assert ga_retain_at({"far": runs["far"]}, ["far"], 0.46) is None
