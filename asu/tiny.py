@@ -69,8 +69,8 @@ class TrainConfig:
 
     Weight decay 0.1 is the Llama pre-training recipe's. Without it the tiny model memorises with very sharp
     attention (large q·k logits), so attention temperatures of 2-3 barely move its answers and only τ ≥ 5,
-    which also breaks every author's sentence frames, makes it forget; with it the τ response is close to
-    that of a model trained on real TOFU data.
+    which also breaks every author's sentence frames, makes it forget; with it the τ response is much closer
+    to that of a model trained on real TOFU data (forget ROUGE-L 0.80 at τ 2.3 and 0.58 at τ 3 here).
     """
 
     lr: float = 3e-3

@@ -118,8 +118,8 @@ _TITLE_NOUN = [
     "Meadow",
 ]
 
-# Question types: (kind, question template, answer phrasing A, answer phrasing B). Placeholders name the
-# author's facts ({birthplace}, {father}, ...); a question may ask about several facts at once.
+# Question types: (kind, question template, answer phrasings). Placeholders name the author's facts
+# ({birthplace}, {father}, ...); a question may ask about several facts at once.
 _AUTHOR_TEMPLATES: list[tuple[str, str, list[str]]] = [
     (
         "birthplace",
