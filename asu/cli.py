@@ -10,7 +10,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "demo": ("asu.demo", "forget authors of the embedded synthetic world with ASU and report the metrics"),
+    "demo": ("asu.demo.run", "forget authors of the embedded synthetic world with ASU and report the metrics"),
     "unlearn": ("asu.unlearn", "unlearn a forget set from a Hugging Face model"),
     "eval": ("asu.evaluate", "TOFU-style evaluation of a model on forget/retain data"),
     "inspect": ("asu.inspect", "per-layer/head attention entropy and KL under smoothing"),

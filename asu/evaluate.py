@@ -602,7 +602,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _world_checker(path: Path) -> Callable[[str], bool]:
-    from asu.world import WorldConfig, generate_world
+    from asu.demo.world import WorldConfig, generate_world
 
     meta = json.loads(path.read_text(encoding="utf-8"))
     return generate_world(WorldConfig(**meta["config"])).is_well_formed

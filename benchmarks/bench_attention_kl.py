@@ -357,17 +357,17 @@ def compare_unlearning(
     """Unlearn the embedded world's forget authors with ``asu`` and with ``asu-attn`` (copy and self teachers)
     from the demo's cached tiny model, evaluate each, and write the numbers as JSON; returns its path.
 
-    Every run uses the demo's settings (:func:`asu.demo.default_settings`: tau, lr, epochs, batch, padded
+    Every run uses the demo's settings (:func:`asu.demo.run.default_settings`: tau, lr, epochs, batch, padded
     batches, retain ``gd``); ASU keeps the demo's lambda, ``asu-attn`` runs at each of ``attn_lams`` (its
     loss, a sum over layers of attention-row KLs, has another scale than the vocabulary KL). ``epochs`` and
     ``lr`` override the demo's for every run (the quick world's 2 epochs barely move any method). Wall time is
     each run's ``unlearn`` call on this machine.
     """
-    from asu.demo import default_settings
+    from asu.demo.run import default_settings
     from asu.evaluate import evaluate_model
-    from asu.tiny import load_or_train
+    from asu.demo.tiny import load_or_train
     from asu.unlearn import UnlearnConfig, unlearn
-    from asu.world import generate_world
+    from asu.demo.world import generate_world
     from benchmarks.common import environment
 
     s = default_settings(seed, quick)

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from asu.tiny import MARKER, TinyModelConfig, TrainConfig, load_or_train
-from asu.world import WorldConfig, generate_world
+from asu.demo.tiny import MARKER, TinyModelConfig, TrainConfig, load_or_train
+from asu.demo.world import WorldConfig, generate_world
 
 MICRO_WORLD = WorldConfig(n_authors=4, n_cities=5, n_countries=4, n_perturbed=3, seed=0)
 MICRO_MODEL = TinyModelConfig(
@@ -89,12 +89,12 @@ def test_demo_claims(tmp_path):
     """What the demo must show, on its own numbers with the default settings (about 5 min on 2 cores).
 
     The settings were tuned on this world (seed 0) and the measured margins are thin
-    (``asu.demo.DemoSettings``): forget ROUGE-L 0.459 against the 0.490 bound, retain 0.909 against 0.903,
+    (``asu.demo.run.DemoSettings``): forget ROUGE-L 0.459 against the 0.490 bound, retain 0.909 against 0.903,
     0.056 more retain than GA+GD at matched forgetting against 0.05. On world seeds 1 and 2 the same settings
     do not meet these claims (``benchmarks/results/demo-cpu-other-seeds.md``).
     """
     pytest.importorskip("asu.unlearn")
-    from asu.demo import default_settings, run_demo
+    from asu.demo.run import default_settings, run_demo
 
     res = run_demo(default_settings(), tmp_path / "out", cache_dir=None, progress=False)
     train = res["training"]
@@ -106,7 +106,7 @@ def test_demo_claims(tmp_path):
 
 
 def test_matching_lr_bisects_between_the_runs_that_bracket_the_target():
-    from asu.demo import _next_matching_lr
+    from asu.demo.run import _next_matching_lr
 
     # 1e-3 forgets too little (0.8 > 0.5), 4e-3 too much: try their geometric mean.
     assert _next_matching_lr({1e-3: 0.8, 4e-3: 0.1}, 0.5) == pytest.approx(2e-3)
@@ -122,7 +122,7 @@ def test_matching_lr_bisects_between_the_runs_that_bracket_the_target():
 def test_demo_flags_reach_the_settings():
     import argparse
 
-    from asu.demo import _settings_from_args, add_arguments
+    from asu.demo.run import _settings_from_args, add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -142,7 +142,7 @@ def test_demo_flags_reach_the_settings():
 
 
 def test_ga_retain_at_matched_forgetting():
-    from asu.demo import ga_retain_at
+    from asu.demo.run import ga_retain_at
 
     runs = {
         "far": {"forget_rouge": 0.80, "retain_rouge": 0.95},

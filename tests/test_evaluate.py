@@ -27,8 +27,8 @@ from asu.evaluate import (
     validate_stats,
 )
 from asu.formatting import encode_answer, encode_prompt, encode_qa
-from asu.tiny import TinyModelConfig, build_model, train_tokenizer
-from asu.world import WorldConfig, generate_world, write_splits
+from asu.demo.tiny import TinyModelConfig, build_model, train_tokenizer
+from asu.demo.world import WorldConfig, generate_world, write_splits
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from asu.data import encode_rows
 from asu.inspect import inspect_model, parse_temperatures, summarize
 from asu.smoothing import smoothing
-from asu.tiny import train_tokenizer
+from asu.demo.tiny import train_tokenizer
 
 FORGET = [
     {"question": "Where was Ilsa Varn born?", "answer": "Ilsa Varn was born in Kettering Vale."},

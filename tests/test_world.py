@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from asu.world import SPLITS, WorldConfig, generate_world, write_splits
+from asu.demo.world import SPLITS, WorldConfig, generate_world, write_splits
 
 
 def test_same_config_same_world_other_seed_other_world():

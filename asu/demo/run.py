@@ -1,7 +1,7 @@
 """``asu demo``: forget authors of the embedded world with ASU, against gradient ascent + GD, and report.
 
-Stages: build the world (:mod:`asu.world`) and write its splits; train or load the tiny model and the oracle
-(:mod:`asu.tiny`, cached); evaluate the original model with the oracle's forget statistics as the
+Stages: build the world (:mod:`asu.demo.world`) and write its splits; train or load the tiny model and the oracle
+(:mod:`asu.demo.tiny`, cached); evaluate the original model with the oracle's forget statistics as the
 forget-quality reference; the τ preview (the smoothed original model, no training); unlearn the forget split
 with ASU and with GA+GD (GradDiff: gradient ascent on forget, NLL on retain) at a few learning rates; evaluate
 every model; print a before/after table and forget-prompt generations side by side; write ``results.json``,
@@ -44,8 +44,8 @@ from asu.evaluate import (
     forget_quality,
     stats_values,
 )
-from asu.tiny import TinyModelConfig, TrainConfig, load_or_train
-from asu.world import WorldConfig, generate_world, write_splits
+from asu.demo.tiny import TinyModelConfig, TrainConfig, load_or_train
+from asu.demo.world import WorldConfig, generate_world, write_splits
 
 # Columns of the before/after table: summary key -> header.
 COLUMNS = {

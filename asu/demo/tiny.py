@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from asu.formatting import IGNORE_INDEX, encode_qa
-from asu.world import World
+from asu.demo.world import World
 
 CACHE_VERSION = 2  # 2: the world with several phrasings per question type
 MARKER = "COMPLETE"
