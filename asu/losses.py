@@ -56,6 +56,7 @@ from torch import nn
 
 import asu_kernels
 from asu.data import label_positions, sequence_weights
+from asu.qk import capture_qk
 from asu.smoothing import attention_modules, parse_layers
 from asu.teachers import Teacher, check_plain_head, decoder_hidden, output_head
 
@@ -269,8 +270,6 @@ class UnlearnObjective(nn.Module):
         The student runs its decoder with hooks keeping each selected layer's post-RoPE q, k (with the
         autograd graph); the teacher's come from :meth:`asu.teachers.Teacher.attention_qk` (None: self).
         """
-        from asu.inspect import capture_qk
-
         modules = dict(attention_modules(self.student))
         layers = parse_layers(self.teacher.layers, max(modules) + 1)
         mask, _, seq = label_positions(forget)

@@ -48,6 +48,7 @@ from torch import nn
 
 from asu.data import PaddingCollator, iter_batches, label_positions
 from asu.distributed import barrier, check_full_weight, gather_rows, is_local_main_process, shard_indices
+from asu.qk import capture_qk
 from asu.smoothing import LayerSpec, set_smoothing, smoothing
 
 __all__ = [
@@ -188,8 +189,6 @@ class CopyTeacher(Teacher):
 
     @torch.no_grad()
     def attention_qk(self, batch: dict[str, torch.Tensor], layers: Sequence[int]) -> dict[int, tuple]:
-        from asu.inspect import capture_qk
-
         # The copy is smoothed persistently; q, k must be the original model's (tau enters the KL instead).
         with smoothing(self.model, 1.0, self.layers), capture_qk(self.model, list(layers)) as qk:
             decoder_hidden(self.model, batch)
@@ -233,8 +232,6 @@ class BaseTeacher(Teacher):
 
     @torch.no_grad()
     def attention_qk(self, batch: dict[str, torch.Tensor], layers: Sequence[int]) -> dict[int, tuple]:
-        from asu.inspect import capture_qk
-
         student = self._student[0]
         with _eval_mode(student), student.disable_adapter(), capture_qk(student, list(layers)) as qk:
             decoder_hidden(student, batch)

@@ -364,10 +364,10 @@ def compare_unlearning(
     each run's ``unlearn`` call on this machine.
     """
     from asu.demo.run import default_settings
-    from asu.evaluate import evaluate_model
     from asu.demo.tiny import load_or_train
-    from asu.unlearn import UnlearnConfig, unlearn
     from asu.demo.world import generate_world
+    from asu.evaluate import evaluate_model
+    from asu.unlearn import UnlearnConfig, unlearn
     from benchmarks.common import environment
 
     s = default_settings(seed, quick)

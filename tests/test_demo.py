@@ -60,7 +60,7 @@ def test_cache_is_deterministic_reused_and_rebuilt_when_corrupt(tmp_path):
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     pytest.importorskip("asu.unlearn")
-    from asu.cli import main
+    from asu.commands import main
 
     argv = ["demo", "--quick", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
     assert main([*argv, "--no-progress"]) == 0
@@ -122,7 +122,7 @@ def test_matching_lr_bisects_between_the_runs_that_bracket_the_target():
 def test_demo_flags_reach_the_settings():
     import argparse
 
-    from asu.demo.run import _settings_from_args, add_arguments
+    from asu.commands.demo import _settings_from_args, add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

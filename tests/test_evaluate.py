@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from asu.data import load_rows
+from asu.demo.tiny import TinyModelConfig, build_model, train_tokenizer
+from asu.demo.world import WorldConfig, generate_world, write_splits
 from asu.evaluate import (
     answer_scores,
     extraction_strength,
@@ -19,7 +22,6 @@ from asu.evaluate import (
     harmonic_mean,
     has_repeat,
     load_reference_stats,
-    load_rows,
     rouge_l_recall,
     stats_values,
     token_entropy,
@@ -27,8 +29,6 @@ from asu.evaluate import (
     validate_stats,
 )
 from asu.formatting import encode_answer, encode_prompt, encode_qa
-from asu.demo.tiny import TinyModelConfig, build_model, train_tokenizer
-from asu.demo.world import WorldConfig, generate_world, write_splits
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_bad_inputs(tmp_path):
 
 
 def test_asu_eval_end_to_end(tmp_path, random_model, tokenizer, tiny_world, capsys):
-    from asu.cli import main
+    from asu.commands import main
 
     model_dir = tmp_path / "model"
     random_model.save_pretrained(model_dir)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from asu.data import encode_rows
-from asu.inspect import inspect_model, parse_temperatures, summarize
-from asu.smoothing import smoothing
 from asu.demo.tiny import train_tokenizer
+from asu.inspection import inspect_model, parse_temperatures, summarize
+from asu.smoothing import smoothing
 
 FORGET = [
     {"question": "Where was Ilsa Varn born?", "answer": "Ilsa Varn was born in Kettering Vale."},
@@ -98,7 +98,7 @@ def test_matches_materialised_eager_attention(tiny):
 
 
 def test_cli_writes_json_heatmaps_and_summary(tiny, tmp_path, capsys):
-    from asu.cli import main
+    from asu.commands import main
 
     _, _, model_dir = tiny
     forget, retain = tmp_path / "forget.jsonl", tmp_path / "retain.json"
@@ -147,7 +147,7 @@ def test_bad_layer_and_rows_selection(tiny):
 
 
 def test_capture_qk_matches_eager_and_carries_gradient(tiny):
-    from asu.inspect import capture_qk
+    from asu.qk import capture_qk
 
     model, tokenizer, _ = tiny
     ids = torch.tensor([encode_rows(tokenizer, FORGET[:1], 64)[0]["input_ids"]])

@@ -10,7 +10,7 @@ import torch
 from test_losses import FORGET, RETAIN, tiny_model, tiny_tokenizer
 from transformers import TrainerCallback
 
-from asu.cli import main
+from asu.commands import main
 from asu.unlearn import UnlearnConfig, unlearn
 
 FAST = dict(epochs=2, batch_size=2, grad_accum=1, lr=1e-3, max_length=64, progress=False)

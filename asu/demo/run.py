@@ -1,7 +1,7 @@
 """``asu demo``: forget authors of the embedded world with ASU, against gradient ascent + GD, and report.
 
-Stages: build the world (:mod:`asu.demo.world`) and write its splits; train or load the tiny model and the oracle
-(:mod:`asu.demo.tiny`, cached); evaluate the original model with the oracle's forget statistics as the
+Stages: build the world (:mod:`asu.demo.world`) and write its splits; train or load the tiny model and the
+oracle (:mod:`asu.demo.tiny`, cached); evaluate the original model with the oracle's forget statistics as the
 forget-quality reference; the τ preview (the smoothed original model, no training); unlearn the forget split
 with ASU and with GA+GD (GradDiff: gradient ascent on forget, NLL on retain) at a few learning rates; evaluate
 every model; print a before/after table and forget-prompt generations side by side; write ``results.json``,
@@ -23,19 +23,20 @@ The claims the demo is meant to show are checked on its own numbers and stored u
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from asu.demo.tiny import TinyModelConfig, TrainConfig, load_or_train
+from asu.demo.world import WorldConfig, generate_world, write_splits
 from asu.evaluate import (
     atomic_write_json,
     atomic_write_text,
@@ -44,8 +45,6 @@ from asu.evaluate import (
     forget_quality,
     stats_values,
 )
-from asu.demo.tiny import TinyModelConfig, TrainConfig, load_or_train
-from asu.demo.world import WorldConfig, generate_world, write_splits
 
 # Columns of the before/after table: summary key -> header.
 COLUMNS = {
@@ -124,55 +123,6 @@ def default_settings(seed: int = 0, quick: bool = False) -> DemoSettings:
         model=TinyModelConfig(),
         train=TrainConfig(seed=seed),
     )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache-dir", help="model cache (default $ASU_CACHE or ~/.cache/asu)")
-    parser.add_argument("--out", default="asu-demo", help="output directory (default ./asu-demo)")
-    parser.add_argument(
-        "--method", default="asu", help="unlearning method to show against GA+GD (default asu)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="a tiny world and model (a smoke run)")
-    parser.add_argument("--temperature", type=float, help="ASU attention temperature τ")
-    parser.add_argument(
-        "--layers", help='layers ASU smooths, e.g. "0-1" or "all" (default: the demo\'s setting)'
-    )
-    parser.add_argument("--lam", type=float, help="weight λ of the ASU forget loss")
-    parser.add_argument("--lr", type=float, help="ASU learning rate")
-    parser.add_argument("--ga-lrs", help="comma-separated GA+GD learning rates")
-    parser.add_argument("--epochs", type=int, help="unlearning epochs")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def _settings_from_args(args: argparse.Namespace) -> DemoSettings:
-    s = default_settings(args.seed, args.quick)
-    changes: dict[str, Any] = {}
-    if args.temperature is not None:
-        changes["temperature"] = args.temperature
-    if args.lam is not None:
-        changes["lam"] = args.lam
-    if args.layers is not None:
-        changes["layers"] = None if args.layers.strip().lower() == "all" else args.layers.strip()
-    if args.lr is not None:
-        changes["asu_lr"] = args.lr
-    if args.epochs is not None:
-        changes["epochs"] = args.epochs
-    if args.ga_lrs:
-        try:
-            changes["ga_lrs"] = tuple(float(x) for x in args.ga_lrs.split(",") if x.strip())
-        except ValueError:
-            raise ValueError(f"--ga-lrs: expected comma-separated numbers, got {args.ga_lrs!r}") from None
-    s = replace(s, **changes)
-    if s.layers is not None:
-        from asu.smoothing import parse_layers
-
-        parse_layers(s.layers, s.model.n_layers)  # a bad spec fails now, not after the models are trained
-    if s.temperature <= 0 or s.asu_lr <= 0 or s.epochs < 1 or any(lr <= 0 for lr in s.ga_lrs):
-        raise ValueError("temperature and learning rates must be > 0 and epochs >= 1")
-    if s.temperature not in s.preview_temperatures:
-        s = replace(s, preview_temperatures=tuple(sorted({*s.preview_temperatures, s.temperature})))
-    return s
 
 
 def _unlearn(
@@ -574,23 +524,3 @@ def _environment() -> dict[str, object]:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        settings = _settings_from_args(args)
-    except ValueError as e:
-        print(f"asu demo: error: {e}", file=sys.stderr)
-        return 1
-    try:
-        import asu.unlearn  # noqa: F401
-    except ModuleNotFoundError as e:
-        if e.name != "asu.unlearn":
-            raise
-        print(
-            "asu demo: error: unlearning is not available in this build (asu.unlearn missing)",
-            file=sys.stderr,
-        )
-        return 2
-    run_demo(settings, args.out, args.cache_dir, args.method, progress=not args.no_progress)
-    return 0

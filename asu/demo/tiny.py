@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from asu.formatting import IGNORE_INDEX, encode_qa
 from asu.demo.world import World
+from asu.formatting import IGNORE_INDEX, encode_qa
 
 CACHE_VERSION = 2  # 2: the world with several phrasings per question type
 MARKER = "COMPLETE"
