@@ -471,7 +471,7 @@ def run_demo(
         "histories": histories,
         "timings_s": timings,
         "torch_threads": torch.get_num_threads(),
-        "environment": _environment(),
+        "environment": environment(),
     }
     atomic_write_json(out / "results.json", results)
     env = results["environment"]
@@ -492,7 +492,7 @@ def run_demo(
     return results
 
 
-def _environment() -> dict[str, object]:
+def environment() -> dict[str, object]:
     """Where the numbers came from: CPU or GPU model, library versions, UTC time."""
     import datetime
     import platform
