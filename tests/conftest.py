@@ -6,7 +6,6 @@ interpreter on CPU tensors. Tests marked `gpu` need CUDA and are skipped without
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -22,16 +21,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
-
-
-@pytest.fixture
-def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @pytest.fixture
