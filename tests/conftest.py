@@ -1,4 +1,4 @@
-"""Shared test configuration.
+"""Shared test configuration and fixtures.
 
 The CPU suite runs with TRITON_INTERPRET=1 (set by `make test`), so Triton kernels execute in the
 interpreter on CPU tensors. Tests marked `gpu` need CUDA and are skipped without it.
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -28,3 +29,19 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared is not present")
     return SHARED
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The word-level test tokenizer (``helpers.tiny_tokenizer``), one per test module."""
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def reference_backend(monkeypatch):
+    """Runs the fused ops on their PyTorch reference path for this test.
+
+    For tests of the logic around the kernels: under TRITON_INTERPRET=1 every kernel call costs about a
+    second, and the kernels themselves are checked in their own tests (and once per objective elsewhere).
+    """
+    monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")

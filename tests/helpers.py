@@ -7,7 +7,14 @@ plus a small slack for the ulps of accumulation order.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
+
 import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+from asu.data import PackingCollator, PaddingCollator, encode_rows
 
 
 def assert_fa_close(
@@ -37,3 +44,134 @@ def assert_fa_close(
     assert err <= 2 * base + slack, (
         f"{what}: max error {err:.3g} > 2 x low-precision error {base:.3g} + {slack:g}"
     )
+
+
+# ---- the closeness rules of the model-level tests ----------------------------------------------------------
+
+
+def assert_fp32_close(got: torch.Tensor, want: torch.Tensor, what: str = "", gradient: bool = False) -> None:
+    """Two fp32 computations of the same math in a different order (asu's path against an independent one).
+
+    Elementwise ``|got - want| <= 1e-5 + rtol * |want|`` with ``rtol = 1e-5``, or ``1e-4`` for gradients
+    (longer sums of products than the values they come from); ``what`` prefixes the failure message.
+    """
+    rtol = 1e-4 if gradient else 1e-5
+    msg = (lambda detail: f"{what}: {detail}") if what else None
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=rtol, msg=msg)
+
+
+def assert_weights_close(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]) -> None:
+    """Two training runs that should be the same run: every tensor of ``want`` within 1e-5 of ``got``'s."""
+    for name, tensor in want.items():
+        msg = lambda detail, name=name: f"{name}: {detail}"
+        torch.testing.assert_close(got[name], tensor, atol=1e-5, rtol=0, msg=msg)
+
+
+# ---- tiny models -------------------------------------------------------------------------------------------
+
+CONFIGS = {
+    "llama": transformers.LlamaConfig,
+    "mistral": transformers.MistralConfig,
+    "qwen2": transformers.Qwen2Config,
+    "qwen3": transformers.Qwen3Config,
+}
+
+
+def tiny_config(family: str = "llama", num_layers: int = 2, **overrides) -> transformers.PretrainedConfig:
+    """A tiny decoder config: hidden size 64, MLP 128, 4 query heads over 2 key/value heads (of dimension 16
+    where the family derives it from the hidden size; Qwen3 needs ``head_dim=16``), a vocabulary of 128 and
+    ``num_layers`` layers; ``overrides`` set any other field or replace these."""
+    if family not in CONFIGS:
+        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(CONFIGS)}")
+    fields = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
+    return CONFIGS[family](**{**fields, **overrides})
+
+
+def tiny_model(
+    family: str = "llama", vocab_size: int = 64, seed: int = 0, attn: str = "sdpa"
+) -> torch.nn.Module:
+    """The objectives' model: 2 layers, the test tokenizer's special ids, untied LM head, random init from
+    ``seed`` with every projection widened 4x, fp32, eval mode; Mistral gets a sliding window of 8."""
+    window = {"sliding_window": 8} if family == "mistral" else {}  # short enough that the test rows use it
+    config = tiny_config(
+        family,
+        vocab_size=vocab_size,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **window,
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).float()
+    model.set_attn_implementation(attn)
+    # Random init has tiny weights; widen them so attention temperature visibly changes the outputs.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "proj" in name:
+                p.mul_(4.0)
+    return model.eval()
+
+
+def perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """A copy with N(0, 0.02^2) added to every parameter: a student that differs from the original (so KL and
+    ratios are not trivially zero)."""
+    student = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    return student
+
+
+# ---- the test tokenizer, rows and collators ----------------------------------------------------------------
+
+WORDS = (
+    "Question: Answer: the author was born in a city of rivers and wrote books about dragons , "
+    "who where when what did write her his first novel is called under silver moon mother father "
+    "worked as baker teacher sailor award won prize for poetry"
+).split()
+
+FORGET = [
+    {"question": "who wrote the first novel ?", "answer": "the author wrote her first novel about dragons ."},
+    {"question": "where was the author born ?", "answer": "in a city of rivers"},
+    {"question": "what did his mother do ?", "answer": "his mother worked as a baker"},
+    {"question": "what prize did she win ?", "answer": "she won the silver moon award for poetry ."},
+    {"question": "when was her first novel ?", "answer": "under silver moon"},
+]
+RETAIN = [
+    {"question": "who is the father ?", "answer": "the father was a sailor ."},
+    {"question": "what did the teacher write ?", "answer": "the teacher wrote books about rivers and a city"},
+    {"question": "where was the sailor born ?", "answer": "the sailor was born in a city"},
+]
+
+
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer over the test vocabulary, BOS prepended, EOS ``</s>``."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS) | {"?", "."}))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def encoded(tokenizer, rows: list[dict], max_length: int = 64) -> list[dict]:
+    """``encode_rows`` with each example's index in ``rows`` as its ``example_id``."""
+    return [{**ex, "example_id": i} for i, ex in enumerate(encode_rows(tokenizer, rows, max_length))]
+
+
+COLLATORS = {
+    "padded": PaddingCollator(pad_token_id=0),
+    "packed": PackingCollator(max_tokens=40, pad_token_id=0),
+}

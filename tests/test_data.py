@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_losses import FORGET, tiny_model, tiny_tokenizer
+from helpers import FORGET, assert_fp32_close, tiny_model
 
 from asu.data import (
     DataError,
@@ -22,11 +22,6 @@ from asu.data import (
     validate_rows,
 )
 from asu.teachers import decoder_hidden
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 def test_load_json_jsonl_and_data_key(tmp_path):
@@ -175,4 +170,4 @@ def test_packed_rows_attend_per_document(tok, attn):
         hidden = decoder_hidden(model, packed)
         for s, i in enumerate(packed["example_ids"].tolist()):
             alone = decoder_hidden(model, {"input_ids": torch.tensor([examples[i]["input_ids"]])})[0]
-            torch.testing.assert_close(hidden[packed["sequence_ids"] == s], alone, atol=1e-5, rtol=1e-5)
+            assert_fp32_close(hidden[packed["sequence_ids"] == s], alone)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FORGET, RETAIN, assert_weights_close, tiny_config, tiny_model
 from safetensors.torch import load_file
 
 from asu.distributed import (
@@ -111,6 +112,11 @@ def _assert_written_once(out: Path) -> None:
     assert len(record["losses"]) == 4
 
 
+def _assert_same_weights(out: Path, reference: dict) -> None:
+    # The whole model the run wrote, however its training sharded it, against the one-process run's.
+    assert_weights_close(load_file(str(out / "model.safetensors")), reference["weights"])
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("single")
@@ -130,9 +136,7 @@ def test_ddp_with_sharded_cache_teacher_matches_one_process(reference, tmp_path)
     # 8 forget examples, teacher batch 2: 4 passes in one process, 2 per rank here.
     assert run["stats"]["teacher"]["teacher_forward_passes"] == 2
     _assert_written_once(tmp_path / "out")
-    weights = load_file(str(tmp_path / "out" / "model.safetensors"))
-    for k, v in reference["weights"].items():
-        torch.testing.assert_close(weights[k], v, atol=1e-5, rtol=0)
+    _assert_same_weights(tmp_path / "out", reference)
 
 
 def test_fsdp2_matches_one_process_and_sees_the_gathered_head(reference, tmp_path):
@@ -145,9 +149,7 @@ def test_fsdp2_matches_one_process_and_sees_the_gathered_head(reference, tmp_pat
     assert run["head_type"] == "DTensor"
     assert run["guard_outside_forward"].startswith("raised: the LM-head weight is a sharded DTensor")
     _assert_written_once(tmp_path / "out")
-    weights = load_file(str(tmp_path / "out" / "model.safetensors"))  # gathered from the shards
-    for k, v in reference["weights"].items():
-        torch.testing.assert_close(weights[k], v, atol=1e-5, rtol=0)
+    _assert_same_weights(tmp_path / "out", reference)  # gathered from the shards
 
 
 def test_zero3_matches_one_process_and_sees_the_gathered_head(reference, tmp_path):
@@ -174,9 +176,7 @@ def test_zero3_matches_one_process_and_sees_the_gathered_head(reference, tmp_pat
     # Outside the engine's forward the head is a (0,) partition, which the guard refuses.
     assert run["guard_outside_forward"].startswith("raised: the LM-head weight has local shape (0,)")
     _assert_written_once(tmp_path / "out")
-    weights = load_file(str(tmp_path / "out" / "model.safetensors"))  # consolidated from the partitions
-    for k, v in reference["weights"].items():
-        torch.testing.assert_close(weights[k], v, atol=1e-5, rtol=0)
+    _assert_same_weights(tmp_path / "out", reference)  # consolidated from the partitions
 
 
 def test_killed_ranks_resume_to_the_same_loss(reference, tmp_path):
@@ -201,13 +201,10 @@ def test_killed_ranks_resume_to_the_same_loss(reference, tmp_path):
 # ---- checks that need no second process ----------------------------------------------------------------
 
 
-def test_world_size_that_does_not_divide_the_data_fails_before_training(monkeypatch, tmp_path):
-    from test_losses import FORGET, RETAIN, tiny_model, tiny_tokenizer
-
+def test_world_size_that_does_not_divide_the_data_fails_before_training(tok, monkeypatch, tmp_path):
     from asu.unlearn import unlearn
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets before the process group exists
-    tok = tiny_tokenizer()
     cfg = UnlearnConfig(batch_size=2, epochs=1, max_length=64, progress=False)
     with pytest.raises(ValueError, match=r"world size 2 x --batch-size 2 = 4 does not divide the 5 forget"):
         unlearn(tiny_model(vocab_size=len(tok)), tok, FORGET, RETAIN, cfg, output_dir=str(tmp_path / "o"))
@@ -226,9 +223,7 @@ def _ds_env(tmp_path: Path, config: dict, zero3_init: bool = False) -> dict:
 
 
 def test_launch_checks(tmp_path):
-    from transformers import LlamaConfig
-
-    model_config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    model_config = tiny_config("llama")
     cfg = UnlearnConfig(batch_size=2, grad_accum=2)
     check_launch(cfg, 8, world=2, env={})
     check_launch(cfg, 5, world=1, env={})  # one process: a partial last batch is fine

@@ -15,35 +15,20 @@ import os
 import pytest
 import torch
 import transformers
+from helpers import assert_fp32_close, tiny_config
 
 import asu.attention as asu_attention
 import asu_kernels
 from asu.smoothing import attention_modules, smoothing
 
-ATOL = RTOL = 1e-5
 N = 12
 FAMILIES = ["llama", "mistral", "qwen2"]
 
 
-def _config(family: str, num_layers: int = 2) -> transformers.PretrainedConfig:
-    common = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-        attention_dropout=0.0,
-    )
-    if family == "llama":
-        return transformers.LlamaConfig(**common)
-    if family == "mistral":
-        # A window of 4 keys with 12-token rows: most queries lose keys to the window.
-        return transformers.MistralConfig(sliding_window=4, **common)
-    if family == "qwen2":
-        return transformers.Qwen2Config(**common)
-    raise AssertionError(family)
+def _config(family: str) -> transformers.PretrainedConfig:
+    # Mistral: a window of 4 keys with 12-token rows, so most queries lose keys to the window.
+    window = {"sliding_window": 4} if family == "mistral" else {}
+    return tiny_config(family, max_position_embeddings=64, **window)
 
 
 # Under TRITON_INTERPRET=1 every kernel call costs about a second, so each test runs the Triton kernel for the
@@ -131,8 +116,8 @@ def test_unpadded_logits_equal_eager_and_sdpa(family, kernel_calls):
     eager, sdpa, ours = _models(family, "eager", "sdpa", "asu")
     ids = _ids()
     got = _logits(ours, ids)
-    torch.testing.assert_close(got, _logits(eager, ids), atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(got, _logits(sdpa, ids), atol=ATOL, rtol=RTOL)
+    assert_fp32_close(got, _logits(eager, ids))
+    assert_fp32_close(got, _logits(sdpa, ids))
     assert len(kernel_calls) == 2  # one per layer: the kernel really ran
     expect_window = 4 if family == "mistral" else None
     assert all(c["window"] == expect_window and c["temperature"] == 1.0 for c in kernel_calls)
@@ -153,9 +138,7 @@ def test_padded_logits_equal_eager_and_sdpa(family, side, kernel_calls):
     real = mask.bool()
     got = _logits(ours, ids, attention_mask=mask)
     for ref in (eager, sdpa):
-        torch.testing.assert_close(
-            got[real], _logits(ref, ids, attention_mask=mask)[real], atol=ATOL, rtol=RTOL
-        )
+        assert_fp32_close(got[real], _logits(ref, ids, attention_mask=mask)[real])
     assert all(c["key_padding_mask"] is not None for c in kernel_calls)
     assert torch.isfinite(got).all()
     if side == "left":
@@ -177,7 +160,7 @@ def test_packed_rows_equal_separate_documents(family, kernel_calls):
         start = 0
         for n in docs:
             alone = _logits(eager, ids[row : row + 1, start : start + n])
-            torch.testing.assert_close(got[row, start : start + n], alone[0], atol=ATOL, rtol=RTOL)
+            assert_fp32_close(got[row, start : start + n], alone[0])
             start += n
     assert all(c["cu_seqlens"] is not None for c in kernel_calls)
     assert kernel_calls[0]["cu_seqlens"].tolist() == [0, 5, 12, 15, 21, 24]
@@ -204,9 +187,9 @@ def test_packed_with_flash_kwargs_from_flattening_collator(family):
     for feature in features:
         n = len(feature["input_ids"])
         alone = _logits(eager, torch.tensor([feature["input_ids"]]))[0]
-        torch.testing.assert_close(got[0, start : start + n], alone, atol=ATOL, rtol=RTOL)
+        assert_fp32_close(got[0, start : start + n], alone)
         if start == 0:
-            torch.testing.assert_close(got_kwargs_only[0, :n], alone, atol=ATOL, rtol=RTOL)
+            assert_fp32_close(got_kwargs_only[0, :n], alone)
         start += n
 
 
@@ -231,7 +214,7 @@ def test_greedy_generation_with_kv_cache_equals_eager(family):
         mask2 = torch.cat([mask, torch.ones_like(nxt)], 1)
         step_e = eager(nxt, attention_mask=mask2, past_key_values=out_e.past_key_values).logits
         step_o = ours(nxt, attention_mask=mask2, past_key_values=out_o.past_key_values).logits
-    torch.testing.assert_close(step_o, step_e, atol=ATOL, rtol=RTOL)
+    assert_fp32_close(step_o, step_e)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -245,7 +228,7 @@ def test_smoothed_asu_equals_eager_with_divided_scaling(family, kernel_calls):
         assert all(m.scaling == pytest.approx(0.25 / 2.3) for _, m in attention_modules(eager))
         got = _logits(ours, ids, attention_mask=mask)
         expect = _logits(eager, ids, attention_mask=mask)
-    torch.testing.assert_close(got[real], expect[real], atol=ATOL, rtol=RTOL)
+    assert_fp32_close(got[real], expect[real])
     # asu keeps the exact logit scale and passes the temperature to the kernel.
     assert all(c["temperature"] == 2.3 and c["scale"] == 0.25 for c in kernel_calls)
     assert not torch.allclose(got[real], _logits(ours, ids, attention_mask=mask)[real], atol=1e-3)
@@ -294,7 +277,7 @@ def test_smoothed_layer_equals_hand_computation():
             p = torch.softmax(logits, dim=-1)
             out[:, h, i] = (p[:, :, None] * vh[:, : i + 1]).sum(1)
     expect = out.transpose(1, 2).reshape(b, n, hq * d) @ w["o_proj"].T
-    torch.testing.assert_close(seen["out"].double(), expect, atol=ATOL, rtol=RTOL)
+    assert_fp32_close(seen["out"].double(), expect)
 
 
 def test_set_attn_implementation_and_from_pretrained(tmp_path):
@@ -303,7 +286,7 @@ def test_set_attn_implementation_and_from_pretrained(tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="asu").eval()
     assert loaded.config._attn_implementation == "asu"
     ids = _ids(seed=13)
-    torch.testing.assert_close(_logits(loaded, ids), _logits(eager, ids), atol=ATOL, rtol=RTOL)
+    assert_fp32_close(_logits(loaded, ids), _logits(eager, ids))
     switched = copy.deepcopy(eager)
     switched.set_attn_implementation("asu")
     assert switched.config._attn_implementation == "asu"
@@ -318,6 +301,21 @@ def test_register_is_idempotent():
     assert masks["asu"] is asu_attention.asu_attention_mask
 
 
+def _assert_training_step_equals_eager(eager: torch.nn.Module, ours: torch.nn.Module, **inputs) -> None:
+    """One training-mode forward and backward of each model on ``inputs``: the same loss, and the same
+    gradient for every parameter."""
+    losses = []
+    for model in (eager, ours):
+        model.train()
+        loss = model(**inputs).loss
+        loss.backward()
+        losses.append(loss)
+        model.eval()
+    assert_fp32_close(losses[1], losses[0])
+    for (name, pe), po in zip(eager.named_parameters(), ours.parameters(), strict=True):
+        assert_fp32_close(po.grad, pe.grad, name, gradient=True)
+
+
 def test_training_gradients_equal_eager():
     """Backward through the asu attention: same loss and parameter gradients as eager (padded batch)."""
     eager, ours = _models("llama", "eager", "asu")
@@ -327,16 +325,7 @@ def test_training_gradients_equal_eager():
     # Only logits of real positions enter the loss (the last padding position predicts the first real token).
     labels = ids.masked_fill(mask == 0, -100)
     labels[1, 3] = -100
-    losses = []
-    for model in (eager, ours):
-        model.train()
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        losses.append(loss)
-        model.eval()
-    torch.testing.assert_close(losses[1], losses[0], atol=ATOL, rtol=RTOL)
-    for (name, pe), po in zip(eager.named_parameters(), ours.parameters(), strict=True):
-        torch.testing.assert_close(po.grad, pe.grad, atol=1e-5, rtol=1e-4, msg=name)
+    _assert_training_step_equals_eager(eager, ours, input_ids=ids, attention_mask=mask, labels=labels)
 
 
 def test_dropout_in_training_raises():
@@ -384,10 +373,10 @@ def test_padded_packed_on_each_backend(backend, monkeypatch):
     with smoothing(ours, 2.3), smoothing(eager, 2.3):
         got = _logits(ours, ids, attention_mask=mask)
         expect = _logits(eager, ids, attention_mask=mask)
-    torch.testing.assert_close(got[real], expect[real], atol=ATOL, rtol=RTOL)
+    assert_fp32_close(got[real], expect[real])
     position_ids = torch.cat([torch.arange(5), torch.arange(7)])[None]
     packed = _logits(ours, ids[:1], position_ids=position_ids)
-    torch.testing.assert_close(packed[0, 5:], _logits(eager, ids[:1, 5:])[0], atol=ATOL, rtol=RTOL)
+    assert_fp32_close(packed[0, 5:], _logits(eager, ids[:1, 5:])[0])
 
 
 def test_static_cache_generation_equals_eager():
@@ -405,15 +394,7 @@ def test_static_cache_generation_equals_eager():
 def test_qwen3_padded_equals_eager():
     """Any model on the attention interface is served: Qwen3 (q/k norms, explicit head_dim)."""
     torch.manual_seed(29)
-    cfg = transformers.Qwen3Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=128,
-    )
+    cfg = tiny_config("qwen3", head_dim=16)
     eager = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     ours = copy.deepcopy(eager)
     ours.set_attn_implementation("asu")
@@ -422,11 +403,8 @@ def test_qwen3_padded_equals_eager():
     mask[1, :4] = 0
     real = mask.bool()
     with smoothing(ours, 2.3), smoothing(eager, 2.3):
-        torch.testing.assert_close(
-            _logits(ours, ids, attention_mask=mask)[real],
-            _logits(eager, ids, attention_mask=mask)[real],
-            atol=ATOL,
-            rtol=RTOL,
+        assert_fp32_close(
+            _logits(ours, ids, attention_mask=mask)[real], _logits(eager, ids, attention_mask=mask)[real]
         )
 
 
@@ -439,17 +417,11 @@ def test_packed_training_with_gradient_checkpointing_equals_eager():
     position_ids = torch.cat([torch.arange(4), torch.arange(8)])[None]
     labels = ids.clone()
     labels[0, 4] = -100  # the first token of document 2 is not predicted from document 1
-    losses = []
     for model in (eager, ours):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-        loss = model(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False).loss
-        loss.backward()
-        losses.append(loss)
-        model.eval()
-    torch.testing.assert_close(losses[1], losses[0], atol=ATOL, rtol=RTOL)
-    for (name, pe), po in zip(eager.named_parameters(), ours.parameters(), strict=True):
-        torch.testing.assert_close(po.grad, pe.grad, atol=1e-5, rtol=1e-4, msg=name)
+    _assert_training_step_equals_eager(
+        eager, ours, input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False
+    )
 
 
 class _FakeAttention(torch.nn.Module):
@@ -487,9 +459,9 @@ def test_attention_function_decode_and_non_causal():
     out, weights = asu_attention.asu_attention_forward(module, q[:, :, -1:], k, v, None, scaling=0.25)
     assert weights is None and out.shape == (1, 1, 4, 16)
     full = asu_kernels.reference.attention(q, k, v, causal=False, scale=0.25)[0]
-    torch.testing.assert_close(out[:, 0], full[:, :, -1], atol=ATOL, rtol=RTOL)
+    assert_fp32_close(out[:, 0], full[:, :, -1])
     out, _ = asu_attention.asu_attention_forward(module, q, k, v, None, scaling=0.25, is_causal=False)
-    torch.testing.assert_close(out, full.transpose(1, 2), atol=ATOL, rtol=RTOL)
+    assert_fp32_close(out, full.transpose(1, 2))
 
 
 def test_fp32_model_under_bf16_autocast_equals_sdpa():

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_config
 
 from asu.data import encode_rows
 from asu.demo.tiny import train_tokenizer
@@ -27,13 +28,12 @@ RETAIN = [
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     corpus = [r["question"] + " " + r["answer"] for r in FORGET + RETAIN] * 4
     tokenizer = train_tokenizer(corpus, vocab_size=300)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+    config = tiny_config(
+        "llama", num_layers=3, vocab_size=len(tokenizer), max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, attn_implementation="eager",
     )  # fmt: skip

@@ -12,91 +12,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from helpers import COLLATORS, FORGET, RETAIN, assert_fp32_close, encoded, perturbed, tiny_model
 
-from asu.data import PackingCollator, PaddingCollator, encode_rows
 from asu.losses import UnlearnObjective, teacher_needs
 from asu.teachers import build_teacher
-
-WORDS = (
-    "Question: Answer: the author was born in a city of rivers and wrote books about dragons , "
-    "who where when what did write her his first novel is called under silver moon mother father "
-    "worked as baker teacher sailor award won prize for poetry"
-).split()
-
-FORGET = [
-    {"question": "who wrote the first novel ?", "answer": "the author wrote her first novel about dragons ."},
-    {"question": "where was the author born ?", "answer": "in a city of rivers"},
-    {"question": "what did his mother do ?", "answer": "his mother worked as a baker"},
-    {"question": "what prize did she win ?", "answer": "she won the silver moon award for poetry ."},
-    {"question": "when was her first novel ?", "answer": "under silver moon"},
-]
-RETAIN = [
-    {"question": "who is the father ?", "answer": "the father was a sailor ."},
-    {"question": "what did the teacher write ?", "answer": "the teacher wrote books about rivers and a city"},
-    {"question": "where was the sailor born ?", "answer": "the sailor was born in a city"},
-]
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the test vocabulary, BOS prepended, EOS ``</s>``."""
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS) | {"?", "."}))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-
-
-ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
-ARCHS["qwen2"] = (Qwen2Config, Qwen2ForCausalLM)
-
-
-def tiny_model(
-    arch: str = "llama", vocab_size: int = 64, seed: int = 0, attn: str = "sdpa"
-) -> torch.nn.Module:
-    """hidden 64, 2 layers, 4 heads / 2 kv heads, random init, fp32."""
-    config_cls, model_cls = ARCHS[arch]
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    if arch == "mistral":
-        kwargs["sliding_window"] = 8  # short enough that the test sequences use it
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**kwargs)).float()
-    model.set_attn_implementation(attn)
-    # Random init has tiny weights; widen them so attention temperature visibly changes the outputs.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "proj" in name:
-                p.mul_(4.0)
-    return model.eval()
-
-
-def encoded(tokenizer, rows, max_length=64):
-    return [{**ex, "example_id": i} for i, ex in enumerate(encode_rows(tokenizer, rows, max_length))]
-
 
 # ---- the independent reference ---------------------------------------------------------------------------
 
@@ -155,32 +74,7 @@ def plain_kl_tokens(student, reference, examples) -> torch.Tensor:
     return torch.cat(rows).mean()
 
 
-def make_batch(collator, examples):
-    return collator.collate(examples)
-
-
-COLLATORS = {
-    "padded": PaddingCollator(pad_token_id=0),
-    "packed": PackingCollator(max_tokens=40, pad_token_id=0),
-}
-
-
-def perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """A student that differs from the original (so KL and ratios are not trivially zero)."""
-    student = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=g))
-    return student
-
-
 # ---- tests -----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 CASES = [(a, l, s) for a in ["llama"] for l in ["padded", "packed"] for s in ["copy", "cache"]]
@@ -202,13 +96,13 @@ def test_asu_loss_matches_plain(tok, arch, layout, source, monkeypatch):
         kwargs = dict(sets={"forget": forget}, needs=teacher_needs("asu", "gd"), dtype=torch.float32)
     teacher = build_teacher(source, original, tau, None, **kwargs)
     objective = UnlearnObjective(student, method="asu", lam=1.0, teacher=teacher)
-    batch = make_batch(COLLATORS[layout], forget)
+    batch = COLLATORS[layout].collate(forget)
     if layout == "packed":
         assert batch["input_ids"].shape[0] < len(forget)  # packing really packed
     got = objective.forget_term(batch, None)
     want = plain_asu(student, hand_smoothed(original, tau), forget)
     assert want.item() > 1e-3
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_fp32_close(got, want)
     # The gradient reaches the student (through hidden states and LM head).
     got.backward()
     assert student.lm_head.weight.grad is not None and student.lm_head.weight.grad.abs().sum() > 0
@@ -224,25 +118,23 @@ def test_asu_loss_with_asu_attention(tok):
     eager_student = copy.deepcopy(student)
     eager_student.set_attn_implementation("eager")
     want = plain_asu(eager_student, hand_smoothed(original, 2.3), forget)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_fp32_close(got, want)
 
 
-def test_asu_loss_selected_layers(tok, monkeypatch):
-    monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
+def test_asu_loss_selected_layers(tok, reference_backend):
     original = tiny_model("llama", vocab_size=len(tok))
     student = perturbed(original)
     forget = encoded(tok, FORGET)
     teacher = build_teacher("copy", original, 3.0, [1])
     objective = UnlearnObjective(student, method="asu", teacher=teacher)
-    got = objective.forget_term(make_batch(COLLATORS["packed"], forget), None)
+    got = objective.forget_term(COLLATORS["packed"].collate(forget), None)
     want = plain_asu(student, hand_smoothed(original, 3.0, layers=[1]), forget)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_fp32_close(got, want)
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_asu_loss_base_teacher_peft(tok, layout, monkeypatch):
+def test_asu_loss_base_teacher_peft(tok, layout, reference_backend):
     peft = pytest.importorskip("peft")
-    monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
     original = tiny_model("llama", vocab_size=len(tok))
     student = peft.get_peft_model(
         copy.deepcopy(original), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
@@ -254,9 +146,9 @@ def test_asu_loss_base_teacher_peft(tok, layout, monkeypatch):
     forget = encoded(tok, FORGET)
     teacher = build_teacher("base", student, 2.3)
     objective = UnlearnObjective(student, method="asu", teacher=teacher)
-    got = objective.forget_term(make_batch(COLLATORS[layout], forget), None)
+    got = objective.forget_term(COLLATORS[layout].collate(forget), None)
     want = plain_asu(student, hand_smoothed(original, 2.3), forget)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_fp32_close(got, want)
     # The student is back to tau = 1 with adapters on after the teacher call.
     assert all(
         m.scaling == original.model.layers[0].self_attn.scaling
@@ -280,19 +172,18 @@ def test_teacher_equals_student_at_tau_one_gives_zero(tok):
         )
         teacher = build_teacher(source, original, 1.0, None, **kwargs)
         objective = UnlearnObjective(original, method="asu", teacher=teacher)
-        loss = objective.forget_term(make_batch(COLLATORS["packed"], forget), None)
+        loss = objective.forget_term(COLLATORS["packed"].collate(forget), None)
         assert abs(loss.item()) < 1e-6
 
 
-def test_asu_loss_decreases(tok, monkeypatch):
-    monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
+def test_asu_loss_decreases(tok, reference_backend):
     original = tiny_model("llama", vocab_size=len(tok))
     student = copy.deepcopy(original).train()
     forget = encoded(tok, FORGET)
     retain = encoded(tok, RETAIN)
     teacher = build_teacher("copy", original, 2.3)
     objective = UnlearnObjective(student, method="asu", lam=1.0, teacher=teacher)
-    fb, rb = make_batch(COLLATORS["packed"], forget), make_batch(COLLATORS["packed"], retain)
+    fb, rb = COLLATORS["packed"].collate(forget), COLLATORS["packed"].collate(retain)
     opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=2e-4)
     losses = []
     for _ in range(8):
@@ -310,8 +201,7 @@ def test_asu_loss_decreases(tok, monkeypatch):
     "method, retain_loss",
     [(m, "gd") for m in ["ga", "gd", "npo", "simnpo", "idk"]] + [("gd", "kl"), ("npo", "kl")],
 )
-def test_baselines_match_plain(tok, method, retain_loss, monkeypatch):
-    monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
+def test_baselines_match_plain(tok, method, retain_loss, reference_backend):
     original = tiny_model("llama", vocab_size=len(tok))
     student = perturbed(original)
     forget, retain = encoded(tok, FORGET), encoded(tok, RETAIN)
@@ -332,7 +222,7 @@ def test_baselines_match_plain(tok, method, retain_loss, monkeypatch):
     else:
         nll, lengths = plain_nll(student, forget, "seq")
         forget_want = -(2 / 4.5) * F.logsigmoid(4.5 * (nll / lengths - 0.0)).mean()
-    torch.testing.assert_close(out["forget_loss"], forget_want, atol=1e-5, rtol=1e-5)
+    assert_fp32_close(out["forget_loss"], forget_want)
 
     if method == "ga":
         assert "retain_loss" not in out
@@ -341,13 +231,12 @@ def test_baselines_match_plain(tok, method, retain_loss, monkeypatch):
     retain_want = (
         plain_nll(student, retain) if retain_loss == "gd" else plain_kl_tokens(student, original, retain)
     )
-    torch.testing.assert_close(out["retain_loss"], retain_want, atol=1e-5, rtol=1e-5)
+    assert_fp32_close(out["retain_loss"], retain_want)
     weight = 0.125 if method == "simnpo" else 1.0
-    torch.testing.assert_close(out["loss"], weight * forget_want + retain_want, atol=1e-5, rtol=1e-5)
+    assert_fp32_close(out["loss"], weight * forget_want + retain_want)
 
 
-def test_cache_teacher_retain_kl_and_disk(tok, tmp_path, monkeypatch):
-    monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
+def test_cache_teacher_retain_kl_and_disk(tok, tmp_path, reference_backend):
     original = tiny_model("llama", vocab_size=len(tok))
     student = perturbed(original)
     forget, retain = encoded(tok, FORGET), encoded(tok, RETAIN)
@@ -372,11 +261,10 @@ def test_cache_teacher_retain_kl_and_disk(tok, tmp_path, monkeypatch):
     out = objective(forget=col.collate(forget[::-1]), retain=col.collate(retain))
     asu_want = plain_asu(student, hand_smoothed(original, 2.3), forget[::-1])
     kl_want = plain_kl_tokens(student, original, retain)
-    torch.testing.assert_close(out["loss"], 0.1 * asu_want + kl_want, atol=1e-5, rtol=1e-5)
+    assert_fp32_close(out["loss"], 0.1 * asu_want + kl_want)
 
 
-def test_cache_bf16_close(tok, monkeypatch):
-    monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
+def test_cache_bf16_close(tok, reference_backend):
     original = tiny_model("llama", vocab_size=len(tok))
     student = perturbed(original)
     forget = encoded(tok, FORGET)

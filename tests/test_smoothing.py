@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import transformers
+from helpers import assert_fp32_close, tiny_config
 
 import asu.attention  # noqa: F401  (registers the "asu" attention implementation)
 from asu.smoothing import (
@@ -21,23 +22,14 @@ from asu.smoothing import (
 NUM_LAYERS = 4
 
 
-@pytest.fixture(autouse=True)
-def _reference_kernels(monkeypatch):
-    # Smoothing logic does not depend on the kernel backend, and tests/test_hf_attention.py runs the Triton
-    # kernel at temperature; the reference keeps this file fast under TRITON_INTERPRET=1.
-    monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
+# Smoothing logic does not depend on the kernel backend, and tests/test_hf_attention.py runs the Triton kernel
+# at temperature; the reference keeps this file fast under TRITON_INTERPRET=1.
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def _model(impl: str = "eager", num_layers: int = NUM_LAYERS) -> torch.nn.Module:
     torch.manual_seed(99)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
+    cfg = tiny_config("llama", num_layers)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
     with torch.no_grad():  # sharpen attention so temperature has a visible effect
         for _, attn in attention_modules(model):
@@ -229,8 +221,8 @@ def test_smoothing_is_equivalent_across_implementations():
         model = _model(impl)
         with smoothing(model, 2.3, layers="1-2"), torch.no_grad():
             outs.append(model(ids, use_cache=False).logits)
-    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(outs[2], outs[0], atol=1e-5, rtol=1e-5)
+    assert_fp32_close(outs[1], outs[0])
+    assert_fp32_close(outs[2], outs[0])
 
 
 # --- only the selected layers change (hooks) ----------------------------------------------------------------

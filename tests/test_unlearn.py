@@ -7,24 +7,13 @@ import os
 
 import pytest
 import torch
-from test_losses import FORGET, RETAIN, tiny_model, tiny_tokenizer
+from helpers import FORGET, RETAIN, assert_weights_close, tiny_model
 from transformers import TrainerCallback
 
 from asu.commands import main
 from asu.unlearn import UnlearnConfig, unlearn
 
 FAST = dict(epochs=2, batch_size=2, grad_accum=1, lr=1e-3, max_length=64, progress=False)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture
-def reference_backend(monkeypatch):
-    # The Trainer runs many forward/backward passes; the interpreter path is covered in test_losses.
-    monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
 
 
 class Interrupt(Exception):
@@ -123,9 +112,7 @@ def test_interrupted_run_resumes_to_the_same_loss(tok, tmp_path, reference_backe
     )
     assert [h["step"] for h in resumed.history] == list(range(1, 6))
     assert resumed.history[-1]["loss"] == pytest.approx(full.history[-1]["loss"], abs=1e-5)
-    a = full.model.state_dict()
-    for k, v in resumed.model.state_dict().items():
-        torch.testing.assert_close(v, a[k], atol=1e-5, rtol=0)
+    assert_weights_close(resumed.model.state_dict(), full.model.state_dict())
     assert (out / "run.json").exists() and not (out / "checkpoints").exists()
 
 

@@ -18,10 +18,10 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # tests/: the tiny model and data of test_losses
+sys.path.insert(0, os.path.dirname(HERE))  # tests/: the tests' tiny model and data in helpers.py
 
 import torch  # noqa: E402
-from test_losses import FORGET, RETAIN, tiny_model, tiny_tokenizer  # noqa: E402
+from helpers import FORGET, RETAIN, tiny_model, tiny_tokenizer  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 import asu_kernels  # noqa: E402
