@@ -42,6 +42,7 @@ from asu.data import (
     validate_rows,
 )
 from asu.distributed import barrier, check_launch, complete_checkpoints, engine, is_main_process
+from asu.files import atomic_write_json
 from asu.losses import DEFAULTS, METHODS, RETAIN_LOSSES, UnlearnObjective, needs_teacher, teacher_needs
 from asu.smoothing import attention_modules, parse_layers
 from asu.teachers import TEACHER_SOURCES, build_teacher, is_peft_model
@@ -212,19 +213,6 @@ def library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             continue
     return out
-
-
-def _write_json_atomic(path: str, data: Any) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _idk_examples(tokenizer: Any, forget_rows: Sequence[dict], answers: Sequence[str], cfg: UnlearnConfig):
@@ -438,7 +426,7 @@ def unlearn(
                 if changed:
                     raise ValueError(f"cannot resume with different settings: {', '.join(changed)} changed")
             elif is_main_process():
-                _write_json_atomic(saved_cfg, cfg.to_dict())
+                atomic_write_json(saved_cfg, cfg.to_dict(), indent=2, default=str)
         trainer = UnlearnTrainer(
             model=objective,
             args=args,
@@ -537,4 +525,4 @@ def _write_result(
         "stats": stats,
         "lora": is_peft_model(student),
     }
-    _write_json_atomic(os.path.join(output_dir, RUN_FILE), record)
+    atomic_write_json(os.path.join(output_dir, RUN_FILE), record, indent=2, default=str)

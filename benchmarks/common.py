@@ -29,7 +29,6 @@ import os
 import platform
 import re
 import statistics
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -38,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from asu.files import atomic_write_text
 
 #: Column order of every results CSV. Shape columns a benchmark does not use stay empty.
 COLUMNS: tuple[str, ...] = (
@@ -307,32 +308,13 @@ def classify(exc: BaseException) -> tuple[str, str]:
 
 
 def write_csv_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Write ``rows`` (dicts over :data:`COLUMNS`) to ``path`` via a temp file in the same directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``rows`` (dicts over :data:`COLUMNS`) to ``path`` atomically (:mod:`asu.files`)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(COLUMNS), extrasaction="raise", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({c: _fmt(row.get(c, "")) for c in COLUMNS})
-    write_text_atomic(path, buf.getvalue())
-
-
-def write_text_atomic(path: Path, text: str | bytes) -> None:
-    """Write ``text`` to ``path`` atomically (temp file in the same directory, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = text.encode("utf-8") if isinstance(text, str) else text
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by everyone
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, buf.getvalue())
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

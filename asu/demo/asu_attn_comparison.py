@@ -24,7 +24,8 @@ from asu.data import PaddingCollator, encode_rows
 from asu.demo.run import default_settings, environment
 from asu.demo.tiny import load_or_train
 from asu.demo.world import generate_world
-from asu.evaluate import atomic_write_text, evaluate_model
+from asu.evaluate import evaluate_model
+from asu.files import atomic_write_json
 from asu.losses import UnlearnObjective
 from asu.teachers import build_teacher
 from asu.unlearn import UnlearnConfig, unlearn
@@ -175,8 +176,7 @@ def compare_unlearning(
     day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path = Path(out_dir) / f"asu-attn-vs-asu-{device}-{day}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
+    atomic_write_json(path, record, indent=2, default=str)
     return path
 
 

@@ -27,7 +27,6 @@ import copy
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,13 +37,12 @@ import torch
 from asu.demo.tiny import TinyModelConfig, TrainConfig, load_or_train
 from asu.demo.world import WorldConfig, generate_world, write_splits
 from asu.evaluate import (
-    atomic_write_json,
-    atomic_write_text,
     evaluate_model,
     evaluate_smoothed,
     forget_quality,
     stats_values,
 )
+from asu.files import atomic_write, atomic_write_json, atomic_write_text
 
 # Columns of the before/after table: summary key -> header.
 COLUMNS = {
@@ -318,15 +316,10 @@ def _chart(models: dict[str, dict[str, float]], path: Path) -> bool:
     ax.set_title("asu demo: forgetting vs what is kept")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return True
 
 

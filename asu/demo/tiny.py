@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from asu.demo.world import World
+from asu.files import atomic_write_json, atomic_write_text
 from asu.formatting import IGNORE_INDEX, encode_qa
 
 CACHE_VERSION = 2  # 2: the world with several phrasings per question type
@@ -346,8 +347,8 @@ def load_or_train(
         with _hf_progress_bars(progress):
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "train_info.json").write_text(json.dumps(info, indent=1) + "\n")
-        (tmp / MARKER).write_text(digest + "\n")  # written last: its presence means the entry is whole
+        atomic_write_json(tmp / "train_info.json", info)
+        atomic_write_text(tmp / MARKER, digest + "\n")  # written last: its presence means the entry is whole
         if _is_complete(path, digest):
             # Another process finished the same entry meanwhile: keep it, drop ours (same config, same model).
             shutil.rmtree(tmp, ignore_errors=True)

@@ -24,10 +24,11 @@ import json
 import os
 import random
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from asu.files import atomic_write_json, atomic_write_text
 
 SPLITS = ("forget", "retain", "general")
 
@@ -531,19 +532,6 @@ def _grammar(vocab: dict[str, list[str]]) -> re.Pattern[str]:
     return re.compile("(?:" + "|".join(patterns) + ")")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_splits(world: World, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Write ``forget.jsonl``, ``retain.jsonl``, ``general.jsonl`` (one TOFU-format row per line) and
     ``world.json`` (the config and the facts) into ``out_dir``, each atomically. Returns split -> path."""
@@ -551,8 +539,8 @@ def write_splits(world: World, out_dir: str | os.PathLike[str]) -> dict[str, Pat
     paths: dict[str, Path] = {}
     for name in SPLITS:
         p = out / f"{name}.jsonl"
-        _atomic_write_text(p, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in world.split(name)))
+        atomic_write_text(p, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in world.split(name)))
         paths[name] = p
     meta = {"config": world.config.to_dict(), "authors": world.authors, "places": world.places}
-    _atomic_write_text(out / "world.json", json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_json(out / "world.json", meta)
     return paths
