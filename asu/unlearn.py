@@ -3,11 +3,11 @@
 .. code-block:: python
 
     from asu.unlearn import UnlearnConfig, unlearn
-    cfg = UnlearnConfig(method="asu", temperature=2.3, lam=0.1, retain_loss="gd", teacher="copy")
+    cfg = UnlearnConfig(method="asu", temperature=2.3, lam=0.1, retain_loss="nll", teacher="copy")
     result = unlearn(model, tokenizer, forget_rows, retain_rows, cfg, output_dir=None)
     result.model, result.history
 
-The defaults are the paper's TOFU settings (Llama-2-7B-chat): ``tau = 2.3``, ``lam = 0.1``, retain ``gd``,
+The defaults are the paper's TOFU settings (Llama-2-7B-chat): ``tau = 2.3``, ``lam = 0.1``, retain ``nll``,
 lr 1e-5 with one warm-up epoch then linear decay, weight decay 0.01, 5 epochs, effective batch 32
 (8 x 4 accumulation), max length 500, bf16 on GPUs that support it.
 
@@ -43,7 +43,15 @@ from asu.data import (
 )
 from asu.distributed import barrier, check_launch, complete_checkpoints, engine, is_main_process
 from asu.files import atomic_write_json
-from asu.losses import DEFAULTS, METHODS, RETAIN_LOSSES, UnlearnObjective, needs_teacher, teacher_needs
+from asu.losses import (
+    DEFAULTS,
+    RETAIN_LOSS_ALIASES,
+    UnlearnObjective,
+    resolve_method,
+    resolve_retain_loss,
+    teacher_outputs_needed,
+    uses_teacher,
+)
 from asu.smoothing import attention_modules, parse_layers
 from asu.teachers import TEACHER_SOURCES, build_teacher, is_peft_model
 
@@ -60,10 +68,11 @@ class UnlearnConfig:
 
     Attributes:
         method: ``asu|asu-attn|ga|gd|npo|simnpo|idk`` (``asu-attn``: EXPERIMENTAL attention-map distillation,
-            see :mod:`asu.losses`).
+            see :mod:`asu.losses`; ``graddiff`` is another name of ``gd``, GradDiff).
         temperature: attention temperature ``tau > 0`` of the forget-teacher (ASU).
         lam: weight ``lambda >= 0`` of the ASU term in ``lambda * L_ASU + L_R``.
-        retain_loss: ``gd`` (NLL) or ``kl`` (KL to the original model at ``tau = 1``).
+        retain_loss: ``nll`` or ``kl`` (KL to the original model at ``tau = 1``); ``gd``, the former name of
+            ``nll``, is accepted with a ``DeprecationWarning``.
         teacher: ``copy`` (frozen copy), ``base`` (PEFT student with adapters off), ``cache``, or ``self``
             (``asu-attn`` only: self-smoothing, the student's own detached attention at ``tau``; no teacher
             model). ``asu-attn`` takes ``copy``, ``base`` or ``self``, never ``cache``.
@@ -88,7 +97,7 @@ class UnlearnConfig:
     method: str = "asu"
     temperature: float = 2.3
     lam: float = 0.1
-    retain_loss: str = "gd"
+    retain_loss: str = "nll"
     teacher: str = "copy"
     layers: str | list[int] | None = None
     lr: float = 1e-5
@@ -119,19 +128,16 @@ class UnlearnConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        """Raise ValueError/TypeError naming the first bad field."""
+        """Raise ValueError/TypeError naming the first bad field; other accepted names (``graddiff``, the
+        deprecated retain loss ``gd``, layers ``"all"``) are replaced by the canonical ones."""
 
         def number(name: str, value: Any) -> float:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise TypeError(f"{name} must be a finite number, got {value!r}")
             return float(value)
 
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.retain_loss not in RETAIN_LOSSES:
-            raise ValueError(
-                f"unknown retain loss {self.retain_loss!r}; choose one of {', '.join(RETAIN_LOSSES)}"
-            )
+        self.method = resolve_method(self.method)
+        self.retain_loss = resolve_retain_loss(self.retain_loss)
         if self.teacher not in TEACHER_SOURCES:
             raise ValueError(f"unknown teacher {self.teacher!r}; choose one of {', '.join(TEACHER_SOURCES)}")
         if number("temperature", self.temperature) <= 0:
@@ -163,7 +169,7 @@ class UnlearnConfig:
         if self.method == "asu-attn" and self.gradient_checkpointing:
             # The q/k capture hooks run in the forward only; checkpoint recomputation would see another graph.
             raise ValueError("method='asu-attn' does not support gradient_checkpointing (yet); turn it off")
-        if self.teacher == "self" and teacher_needs(self.method, self.retain_loss):
+        if self.teacher == "self" and teacher_outputs_needed(self.method, self.retain_loss):
             raise ValueError(
                 f"teacher='self' (self-smoothing) is for method='asu-attn' only; method={self.method!r} with "
                 f"retain_loss={self.retain_loss!r} needs teacher 'copy', 'base' or 'cache'"
@@ -364,8 +370,8 @@ def unlearn(
         model.to(device)
 
         # The copy teacher is copied before LoRA is injected (get_peft_model edits the model in place).
-        needs = teacher_needs(cfg.method, cfg.retain_loss)
-        wants_teacher = needs_teacher(cfg.method, cfg.retain_loss)
+        needs = teacher_outputs_needed(cfg.method, cfg.retain_loss)
+        wants_teacher = uses_teacher(cfg.method, cfg.retain_loss)
         teacher = None
         if wants_teacher and cfg.teacher == "self":
             teacher = build_teacher("self", model, cfg.temperature, layers)
@@ -421,6 +427,9 @@ def unlearn(
             if resume and os.path.exists(saved_cfg):
                 with open(saved_cfg) as f:
                     before = json.load(f)
+                # A run saved under a deprecated retain-loss name resumes under the canonical one.
+                retain = before.get("retain_loss")
+                before["retain_loss"] = RETAIN_LOSS_ALIASES.get(retain, retain)
                 now = json.loads(json.dumps(cfg.to_dict(), default=str))
                 changed = sorted(k for k in now if k not in ("progress",) and before.get(k) != now[k])
                 if changed:

@@ -446,7 +446,7 @@ def unlearn_epoch(model: torch.nn.Module, cfg: E2EConfig, forget, retain, device
         method="asu",
         temperature=cfg.temperature,
         lam=cfg.lam,
-        retain_loss="gd",
+        retain_loss="nll",
         teacher="cache",
         lr=cfg.lr,
         epochs=1,

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from asu.data import PackingCollator, PaddingCollator, encode_rows
-from asu.losses import UnlearnObjective, teacher_needs
+from asu.losses import UnlearnObjective, teacher_outputs_needed
 from asu.teachers import build_teacher
 
 WORDS = (
@@ -199,7 +199,9 @@ def test_asu_loss_matches_plain(tok, arch, layout, source, monkeypatch):
     tau = 2.3
     kwargs = {}
     if source == "cache":
-        kwargs = dict(sets={"forget": forget}, needs=teacher_needs("asu", "gd"), dtype=torch.float32)
+        kwargs = dict(
+            sets={"forget": forget}, needs=teacher_outputs_needed("asu", "nll"), dtype=torch.float32
+        )
     teacher = build_teacher(source, original, tau, None, **kwargs)
     objective = UnlearnObjective(student, method="asu", lam=1.0, teacher=teacher)
     batch = make_batch(COLLATORS[layout], forget)
@@ -308,7 +310,7 @@ def test_asu_loss_decreases(tok, monkeypatch):
 
 @pytest.mark.parametrize(
     "method, retain_loss",
-    [(m, "gd") for m in ["ga", "gd", "npo", "simnpo", "idk"]] + [("gd", "kl"), ("npo", "kl")],
+    [(m, "nll") for m in ["ga", "gd", "npo", "simnpo", "idk"]] + [("gd", "kl"), ("npo", "kl")],
 )
 def test_baselines_match_plain(tok, method, retain_loss, monkeypatch):
     monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
@@ -316,7 +318,7 @@ def test_baselines_match_plain(tok, method, retain_loss, monkeypatch):
     student = perturbed(original)
     forget, retain = encoded(tok, FORGET), encoded(tok, RETAIN)
     idk = encoded(tok, [{"question": r["question"], "answer": "who where when"} for r in FORGET])
-    teacher = build_teacher("copy", original, 2.3) if teacher_needs(method, retain_loss) else None
+    teacher = build_teacher("copy", original, 2.3) if teacher_outputs_needed(method, retain_loss) else None
     objective = UnlearnObjective(student, method=method, retain_loss=retain_loss, teacher=teacher)
     col = COLLATORS["packed"]
     out = objective(forget=col.collate(forget), retain=col.collate(retain), idk=col.collate(idk))
@@ -339,7 +341,7 @@ def test_baselines_match_plain(tok, method, retain_loss, monkeypatch):
         torch.testing.assert_close(out["loss"], forget_want)
         return
     retain_want = (
-        plain_nll(student, retain) if retain_loss == "gd" else plain_kl_tokens(student, original, retain)
+        plain_nll(student, retain) if retain_loss == "nll" else plain_kl_tokens(student, original, retain)
     )
     torch.testing.assert_close(out["retain_loss"], retain_want, atol=1e-5, rtol=1e-5)
     weight = 0.125 if method == "simnpo" else 1.0
@@ -357,7 +359,7 @@ def test_cache_teacher_retain_kl_and_disk(tok, tmp_path, monkeypatch):
         2.3,
         None,
         sets={"forget": forget, "retain": retain},
-        needs=teacher_needs("asu", "kl"),
+        needs=teacher_outputs_needed("asu", "kl"),
         dtype=torch.float32,
         directory=str(tmp_path),
     )
@@ -391,7 +393,7 @@ def test_objective_bad_arguments(tok):
     with pytest.raises(ValueError, match="unknown method"):
         UnlearnObjective(model, method="rmu")
     with pytest.raises(ValueError, match="retain loss"):
-        UnlearnObjective(model, method="gd", retain_loss="nll")
+        UnlearnObjective(model, method="gd", retain_loss="mse")
     with pytest.raises(ValueError, match="lam"):
         UnlearnObjective(model, method="gd", lam=-1.0)
     with pytest.raises(ValueError, match="needs a teacher"):

@@ -98,7 +98,7 @@ def compare_unlearning(
     from the demo's cached tiny model, evaluate each, and write the numbers as JSON; returns its path.
 
     Every run uses the demo's settings (:func:`asu.demo.run.default_settings`: tau, lr, epochs, batch, padded
-    batches, retain ``gd``); ASU keeps the demo's lambda, ``asu-attn`` runs at each of ``attn_lams`` (its
+    batches, retain ``nll``); ASU keeps the demo's lambda, ``asu-attn`` runs at each of ``attn_lams`` (its
     loss, a sum over layers of attention-row KLs, has another scale than the vocabulary KL). ``epochs`` and
     ``lr`` override the demo's for every run (the quick world's 2 epochs barely move any method). Wall time is
     each run's ``unlearn`` call on this machine.
@@ -125,9 +125,9 @@ def compare_unlearning(
     plans += [("asu-attn", teacher, lam) for teacher in ("copy", "self") for lam in attn_lams]
     for method, teacher, lam in plans:
         cfg = UnlearnConfig(
-            method=method, teacher=teacher, temperature=s.temperature, lam=lam, retain_loss="gd", layers=None,
-            lr=lr, epochs=epochs, batch_size=s.batch_size, grad_accum=1, max_length=128, pack=False,
-            seed=seed, progress=progress,
+            method=method, teacher=teacher, temperature=s.temperature, lam=lam, retain_loss="nll",
+            layers=None, lr=lr, epochs=epochs, batch_size=s.batch_size, grad_accum=1, max_length=128,
+            pack=False, seed=seed, progress=progress,
         )  # fmt: skip
         t0 = time.perf_counter()
         result = unlearn(copy.deepcopy(model), tokenizer, forget, retain, cfg, output_dir=None)
@@ -159,7 +159,7 @@ def compare_unlearning(
             "epochs": epochs,
             "warmup_epochs": 1.0,
             "batch_size": s.batch_size,
-            "retain_loss": "gd",
+            "retain_loss": "nll",
             "layers": "all",
             "seed": seed,
         },
