@@ -42,6 +42,7 @@ from asu.data import (
     validate_rows,
 )
 from asu.distributed import barrier, check_launch, complete_checkpoints, engine, is_main_process
+from asu.environment import library_versions
 from asu.files import atomic_write_json
 from asu.losses import (
     DEFAULTS,
@@ -55,7 +56,7 @@ from asu.losses import (
 from asu.smoothing import attention_modules, parse_layers
 from asu.teachers import TEACHER_SOURCES, Teacher, build_teacher, is_peft_model
 
-__all__ = ["UnlearnConfig", "UnlearnResult", "unlearn", "check_output_dir", "library_versions"]
+__all__ = ["UnlearnConfig", "UnlearnResult", "unlearn", "check_output_dir"]
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -207,18 +208,6 @@ class UnlearnResult:
     history: list[dict[str, Any]]
     stats: dict[str, Any]
     output_dir: str | None = None
-
-
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("asu", "torch", "transformers", "triton", "peft", "accelerate", "tokenizers"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            continue
-    return out
 
 
 def _idk_examples(tokenizer: Any, forget_rows: Sequence[dict], answers: Sequence[str], cfg: UnlearnConfig):

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import csv
 import ctypes
-import datetime as _dt
 import gc
 import io
 import itertools
 import os
-import platform
 import re
 import statistics
 import time
@@ -38,6 +36,8 @@ from typing import Any
 
 import torch
 
+from asu.environment import environment as asu_environment
+from asu.environment import machine
 from asu.files import atomic_write_text
 
 #: Column order of every results CSV. Shape columns a benchmark does not use stay empty.
@@ -80,41 +80,20 @@ class Unavailable(Exception):
 # --------------------------------------------------------------------------------------------- environment
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (falls back to ``platform.processor()``)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def device_name(device: str) -> str:
-    """Human name of the card (``NVIDIA H100 80GB HBM3``) or of the CPU (``CPU: AMD EPYC``)."""
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU: {cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-
-
-def _version(module: str) -> str:
-    try:
-        mod = __import__(module)
-    except Exception:  # noqa: BLE001 - a missing or broken optional library is simply reported as absent
-        return "absent"
-    return str(getattr(mod, "__version__", "unknown"))
+    """The card (``NVIDIA H100 80GB HBM3``) or ``CPU: <model> (<n> cores, <t> torch threads)``: the CSV's
+    ``device`` column (the report tells CPU rows by the prefix)."""
+    name = machine(device)
+    return name if device.startswith("cuda") else f"CPU: {name}"
 
 
 def environment(device: str) -> dict[str, str]:
     """The columns every row carries: device name, library versions and the run's UTC timestamp."""
+    env = asu_environment(device)
     return {
         "device": device_name(device),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **{k: str(env[k]) for k in ("torch", "triton", "transformers")},
+        "date": str(env["date"]),
     }
 
 

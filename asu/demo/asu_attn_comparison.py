@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from asu.data import PaddingCollator, encode_rows
-from asu.demo.run import default_settings, environment
+from asu.demo.run import default_settings
 from asu.demo.tiny import load_or_train
 from asu.demo.world import generate_world
+from asu.environment import environment
 from asu.evaluate import evaluate_model
 from asu.files import atomic_write_json
 from asu.losses import UnlearnObjective

@@ -36,6 +36,7 @@ import torch
 
 from asu.demo.tiny import TinyModelConfig, TrainConfig, load_or_train
 from asu.demo.world import World, WorldConfig, generate_world, write_splits
+from asu.environment import environment
 from asu.evaluate import (
     evaluate_model,
     evaluate_smoothed,
@@ -542,7 +543,7 @@ def _write_results(results: dict[str, Any], examples: list[dict[str, str]], out:
     atomic_write_json(out / "results.json", results)
     env = results["environment"]
     produced_by = (
-        f"Produced by `asu demo` on {env['machine']} ({env['torch_threads']} torch threads), "
+        f"Produced by `asu demo` on {env['machine']}, "
         f"torch {env['torch']}, transformers {env['transformers']}, triton {env['triton']}, {env['date']}; "
         f"total {results['timings_s'].get('total', float('nan')):.0f} s.\n\n"
     )
@@ -551,37 +552,3 @@ def _write_results(results: dict[str, Any], examples: list[dict[str, str]], out:
         out / "results.md", markdown + "\n## Forget-prompt generations\n\n" + _examples_md(examples)
     )
     _chart(results["models"], out / "results.png")
-
-
-def environment() -> dict[str, object]:
-    """Where the numbers came from: CPU or GPU model, library versions, UTC time."""
-    import datetime
-    import platform
-
-    import transformers
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "absent"
-    machine = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            machine = f"{names[0]} ({len(names)} cores)"
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        machine = torch.cuda.get_device_name(0)
-    return {
-        "machine": machine,
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
