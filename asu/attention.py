@@ -41,6 +41,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 import asu_kernels
+from asu.data import cu_seqlens, document_starts
 from asu.smoothing import TEMPERATURE_ATTR
 
 __all__ = ["ATTN_IMPLEMENTATION", "asu_attention_forward", "asu_attention_mask", "register"]
@@ -90,8 +91,8 @@ def _documents_from_position_ids(
 ) -> tuple[torch.Tensor, int] | None:
     """``(cu_seqlens int32 (docs+1,), max_seqlen)`` over the flattened B*N tokens; None if nothing is packed.
 
-    A document starts at the first token of each row and wherever ``position_ids[t] != position_ids[t-1] + 1``
-    (the same rule as transformers' ``find_packed_sequence_indices``).
+    Documents are those of :func:`asu.data.packed_documents` (a document starts at each row's first token and
+    wherever ``position_ids[t] != position_ids[t-1] + 1``, as transformers' ``find_packed_sequence_indices``).
     """
     ref = _packed_cache["ref"]
     if (
@@ -106,16 +107,8 @@ def _documents_from_position_ids(
         pos = pos[None]
     if pos.shape[0] != batch_size:
         pos = pos.expand(batch_size, -1)
-    n = pos.shape[1]
-    starts = torch.ones_like(pos, dtype=torch.bool)
-    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    if int(starts.sum()) == batch_size:
-        value = None
-    else:
-        flat_starts = starts.reshape(-1).nonzero().view(-1)
-        total = torch.tensor([batch_size * n], device=pos.device)
-        cu = torch.cat([flat_starts, total]).to(torch.int32)
-        value = (cu, int((cu[1:] - cu[:-1]).max()))
+    starts = document_starts(pos)
+    value = None if int(starts.sum()) == batch_size else cu_seqlens(starts)
     _packed_cache.update(
         ref=weakref.ref(position_ids), version=position_ids._version, batch=batch_size, value=value
     )

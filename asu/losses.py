@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import asu_kernels
-from asu.data import label_positions, sequence_weights
+from asu.data import label_positions, packed_documents, sequence_weights
 from asu.qk import capture_qk
 from asu.smoothing import attention_modules, parse_layers
 from asu.teachers import Teacher, check_plain_head, decoder_hidden, output_head
@@ -74,7 +74,6 @@ __all__ = [
     "teacher_outputs_needed",
     "uses_teacher",
     "attention_row_kl",
-    "packed_documents",
 ]
 
 METHODS = ("asu", "asu-attn", "ga", "gd", "npo", "simnpo", "idk")
@@ -130,22 +129,6 @@ def teacher_outputs_needed(method: str, retain_loss: str) -> list[tuple[str, boo
 def uses_teacher(method: str, retain_loss: str) -> bool:
     """Whether the objective reads a teacher at all (hidden states, or attention q, k for ``asu-attn``)."""
     return bool(teacher_outputs_needed(method, retain_loss)) or method == "asu-attn"
-
-
-def packed_documents(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``(cu_seqlens int32 (docs + 1,), max_seqlen)`` over the flattened (R * L) tokens of a packed batch.
-
-    A document starts at each row's first token and wherever ``position_ids[t] != position_ids[t - 1] + 1``
-    (the rule the attention itself uses, so the KL sees exactly the documents the model attended within).
-    """
-    if position_ids.dim() != 2:
-        raise ValueError(f"position_ids must be (rows, length), got shape {tuple(position_ids.shape)}")
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    flat = starts.reshape(-1).nonzero().view(-1)
-    total = torch.tensor([position_ids.numel()], device=position_ids.device)
-    cu = torch.cat([flat, total]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 def attention_row_kl(

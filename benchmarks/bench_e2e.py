@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from asu.data import first_fit
 from benchmarks.common import Recorder, Unavailable, peak_memory_gb
 
 IGNORE = -100
@@ -302,22 +303,8 @@ def authors_epoch(model: torch.nn.Module, cfg: E2EConfig, forget, retain, device
 
 
 def _pack(examples: list[Example], budget: int) -> list[list[int]]:
-    """First-fit packing of example indices into rows of at most ``budget`` tokens."""
-    rows: list[list[int]] = []
-    used: list[int] = []
-    for i, ex in enumerate(examples):
-        n = len(ex.ids)
-        if n > budget:
-            raise ValueError(f"an example of {n} tokens does not fit the packing budget {budget}")
-        for r, u in enumerate(used):
-            if u + n <= budget:
-                rows[r].append(i)
-                used[r] += n
-                break
-        else:
-            rows.append([i])
-            used.append(n)
-    return rows
+    """First-fit packing (as the package's collator) of example indices into rows of ``budget`` tokens."""
+    return first_fit([len(ex.ids) for ex in examples], budget)
 
 
 def _row_tensors(examples: list[Example], members: list[int], device: str):

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from test_losses import COLLATORS, FORGET, RETAIN, encoded, perturbed, tiny_model, tiny_tokenizer
 
-from asu.losses import UnlearnObjective, packed_documents
+from asu.data import packed_documents
+from asu.losses import UnlearnObjective
 from asu.teachers import build_teacher
 from asu.unlearn import UnlearnConfig, unlearn
 
