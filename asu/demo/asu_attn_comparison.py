@@ -15,6 +15,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 from asu.data import PaddingCollator, encode_rows
 from asu.demo.run import default_settings
 from asu.demo.tiny import load_or_train
-from asu.demo.world import generate_world
+from asu.demo.world import World, generate_world
 from asu.environment import environment
 from asu.evaluate import evaluate_model
 from asu.files import atomic_write_json
@@ -108,15 +109,9 @@ def compare_unlearning(
     epochs = s.epochs if epochs is None else int(epochs)
     lr = s.asu_lr if lr is None else float(lr)
     world = generate_world(s.world)
-    forget, retain, general = world.split("forget"), world.split("retain"), world.split("general")
+    forget, retain = world.split("forget"), world.split("retain")
     model, tokenizer, info = load_or_train(world, "full", cache_dir, s.model, s.train, progress)
-    ev = dict(batch_size=32, max_new_tokens=s.max_new_tokens, well_formed=world.is_well_formed)
-
-    def summary(m: torch.nn.Module) -> dict[str, float]:
-        # No oracle model (it would double the training time here), so no forget-quality p-value.
-        res = evaluate_model(m, tokenizer, forget, retain, general, **ev)
-        return {k: res["summary"][k] for k in COMPARE_METRICS if k in res["summary"]}
-
+    summary = _summarizer(world, tokenizer, s.max_new_tokens)
     runs: list[dict[str, Any]] = [{"name": "original", "method": None, "metrics": summary(model)}]
     # One untimed optimizer step first: the first unlearn() call pays one-time start-up (imports, allocator).
     warm = UnlearnConfig(method="asu", max_steps=1, batch_size=s.batch_size, grad_accum=1, max_length=128,
@@ -130,25 +125,7 @@ def compare_unlearning(
             layers=None, lr=lr, epochs=epochs, batch_size=s.batch_size, grad_accum=1, max_length=128,
             pack=False, seed=seed, progress=progress,
         )  # fmt: skip
-        t0 = time.perf_counter()
-        result = unlearn(copy.deepcopy(model), tokenizer, forget, retain, cfg, output_dir=None)
-        wall = time.perf_counter() - t0
-        hist = result.history
-        runs.append(
-            {
-                "name": f"{method} teacher={teacher} lam={lam:g}",
-                "method": method,
-                "teacher": teacher,
-                "lam": lam,
-                "wall_s": wall,
-                "optimizer_steps": result.stats["optimizer_steps"],
-                "forget_loss_first": hist[0].get("forget_loss") if hist else None,
-                "forget_loss_last": hist[-1].get("forget_loss") if hist else None,
-                "metrics": summary(result.model.eval()),
-            }
-        )
-        del result
-    env = environment()
+        runs.append(_timed_run(model, tokenizer, forget, retain, cfg, summary))
     record = {
         "what": "asu-attn (EXPERIMENTAL attention-map objective) vs output-level ASU on the embedded world",
         "world": "quick" if quick else "default",
@@ -163,9 +140,9 @@ def compare_unlearning(
             "retain_loss": "nll",
             "layers": "all",
             "seed": seed,
-        },
+        },  # fmt: skip
         "model": {"n_parameters": info.get("n_parameters"), "rouge": info.get("rouge")},
-        "environment": env,
+        "environment": environment(),
         "torch_threads": torch.get_num_threads(),
         "runs": runs,
         "step_ms_median": step_times_ms(
@@ -179,6 +156,47 @@ def compare_unlearning(
     path = Path(out_dir) / f"asu-attn-vs-asu-{device}-{day}.json"
     atomic_write_json(path, record, indent=2, default=str)
     return path
+
+
+def _summarizer(world: World, tokenizer: Any, max_new_tokens: int) -> Callable[[torch.nn.Module], dict]:
+    """``model -> {metric: value}`` over :data:`COMPARE_METRICS` on the world's splits."""
+    forget, retain, general = world.split("forget"), world.split("retain"), world.split("general")
+
+    def summary(model: torch.nn.Module) -> dict[str, float]:
+        # No oracle model (it would double the training time here), so no forget-quality p-value.
+        res = evaluate_model(
+            model, tokenizer, forget, retain, general, batch_size=32, max_new_tokens=max_new_tokens,
+            well_formed=world.is_well_formed,
+        )  # fmt: skip
+        return {k: res["summary"][k] for k in COMPARE_METRICS if k in res["summary"]}
+
+    return summary
+
+
+def _timed_run(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    forget: list,
+    retain: list,
+    cfg: UnlearnConfig,
+    summary: Callable[[torch.nn.Module], dict],
+) -> dict[str, Any]:
+    """Unlearn a copy of ``model`` with ``cfg``; the run's wall time, first and last forget loss, metrics."""
+    t0 = time.perf_counter()
+    result = unlearn(copy.deepcopy(model), tokenizer, forget, retain, cfg, output_dir=None)
+    wall = time.perf_counter() - t0
+    hist = result.history
+    return {
+        "name": f"{cfg.method} teacher={cfg.teacher} lam={cfg.lam:g}",
+        "method": cfg.method,
+        "teacher": cfg.teacher,
+        "lam": cfg.lam,
+        "wall_s": wall,
+        "optimizer_steps": result.stats["optimizer_steps"],
+        "forget_loss_first": hist[0].get("forget_loss") if hist else None,
+        "forget_loss_last": hist[-1].get("forget_loss") if hist else None,
+        "metrics": summary(result.model.eval()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
