@@ -298,11 +298,11 @@ def unlearn(
         trainer = _build_trainer(objective, args, data, collator, tokenizer, callbacks, cfg)
         _train(trainer, trainer_dir, resume)
         wall = time.perf_counter() - start
-        history = _history(trainer)
         stats = _stats(trainer, cfg, data, plan, teacher, wall, args.device)
+        result = UnlearnResult(model=student, history=_history(trainer), stats=stats, output_dir=output_dir)
         if output_dir is not None:
-            _write_output(trainer, output_dir, trainer_dir, student, tokenizer, cfg, history, stats)
-        return UnlearnResult(model=student, history=history, stats=stats, output_dir=output_dir)
+            _write_output(trainer, result, trainer_dir, tokenizer, cfg)
+        return result
     except BaseException:
         if output_dir is not None and created_out and not _checkpoints(os.path.join(output_dir, CHECKPOINTS)):
             shutil.rmtree(output_dir, ignore_errors=True)
@@ -604,41 +604,32 @@ def _stats(
 
 
 def _write_output(
-    trainer: Any,
-    output_dir: str,
-    trainer_dir: str,
-    student: nn.Module,
-    tokenizer: Any,
-    cfg: UnlearnConfig,
-    history: list[dict[str, Any]],
-    stats: dict[str, Any],
+    trainer: Any, result: UnlearnResult, trainer_dir: str, tokenizer: Any, cfg: UnlearnConfig
 ) -> None:
-    """The finished run into ``output_dir`` (main process), the checkpoints dropped unless kept."""
+    """The finished run into ``result.output_dir`` (main process), the checkpoints dropped unless kept."""
     state_dict = None
     if engine() in ("fsdp", "deepspeed"):
         # Sharded weights: every rank takes part in gathering the full state dict (main gets it).
         full = trainer.accelerator.get_state_dict(trainer.model_wrapped)
         state_dict = {k[len("student.") :]: v for k, v in (full or {}).items() if k.startswith("student.")}
     if is_main_process():
-        _write_result(output_dir, student, tokenizer, cfg, history, stats, state_dict=state_dict)
+        _write_result(result, tokenizer, cfg, state_dict=state_dict)
         if not cfg.keep_checkpoints:
             shutil.rmtree(trainer_dir, ignore_errors=True)
     barrier()  # no rank returns before the result is in place
 
 
 def _write_result(
-    output_dir: str,
-    student: nn.Module,
+    result: UnlearnResult,
     tokenizer: Any,
     cfg: UnlearnConfig,
-    history: list[dict[str, Any]],
-    stats: dict[str, Any],
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Model + tokenizer saved to a scratch directory, moved into place, then ``run.json`` last.
 
     ``state_dict``: the student's gathered weights when they are sharded (FSDP, ZeRO-3); main process only.
     """
+    output_dir, student, stats = result.output_dir, result.model, result.stats
     tmp = tempfile.mkdtemp(dir=output_dir, prefix=".result-")
     try:
         student.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
@@ -653,7 +644,7 @@ def _write_result(
         "versions": library_versions(),
         "effective_batch_size": stats["effective_batch_size"],
         "wall_time_s": stats["wall_time_s"],
-        "losses": history,
+        "losses": result.history,
         "stats": stats,
         "lora": is_peft_model(student),
     }
