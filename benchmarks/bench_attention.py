@@ -32,11 +32,9 @@ from benchmarks.common import (
     Recorder,
     Rotating,
     Unavailable,
-    classify,
     is_oom,
     ours_backend_note,
     peak_memory_gb,
-    release_memory,
     time_call,
 )
 
@@ -368,14 +366,10 @@ def bench_shape(
     raw_sets = _input_sets(shape, device, _n_sets(shape, device), seed)
     for name in providers:
         base = {"benchmark": "attention", "provider": name, **shape.columns()}
-        try:
-            prov = make_provider(name, shape, device)
-        except Exception as e:  # noqa: BLE001 - recorded per mode (skip / oom / error), the suite goes on
-            status, why = classify(e)
-            del e
-            release_memory(device)
-            for mode in modes:
-                rec.status_row({**base, "mode": mode}, status, why)
+        prov = rec.attempt(
+            lambda name=name: make_provider(name, shape, device), [{**base, "mode": m} for m in modes]
+        )
+        if prov is None:
             continue
         note = prov.note or (ours_backend_note(raw_sets[0][0]) if name == "ours" else "")
         if name == "flex":
@@ -394,16 +388,32 @@ def bench_shape(
                     tuple(t.detach().requires_grad_(mode != "fwd") for t in prov.prepare(*s))
                     for s in raw_sets
                 ]
-                fn, grads = _timed_callable(prov, sets, mode)
-                fn()  # first call outside the timing: autotuning, lazy init
-                stats = time_call(fn, device, rep_ms=rep_ms, grad_to_none=grads)
-                rec.add(row, "ms", stats, note=note)
-                rec.add(row, "TFLOP/s", stats.inverse(shape.flops(mode) / 1e9), note=note)
-                del fn
-                mem, what = peak_memory_gb(_timed_callable(prov, sets[:1], mode)[0], device)
-                rec.add(row, "GB", mem, note=f"{what}; {note}".strip("; "))
+                record_timing(rec, row, prov, sets, mode, flops=shape.flops(mode), rep_ms=rep_ms, note=note)
 
             rec.guarded(row, run)
+
+
+def record_timing(
+    rec: Recorder,
+    row: dict[str, Any],
+    prov: Callable[..., torch.Tensor],
+    sets: list[tuple[torch.Tensor, ...]],
+    mode: str,
+    *,
+    flops: float,
+    rep_ms: float,
+    note: str,
+) -> None:
+    """The ``ms``, ``TFLOP/s`` and ``GB`` rows of ``prov`` in ``mode``, rotating over the input ``sets``
+    (whose leaves needing gradients are already marked)."""
+    fn, grads = _timed_callable(prov, sets, mode)
+    fn()  # first call outside the timing: autotuning, compilation, lazy init
+    stats = time_call(fn, rec.device, rep_ms=rep_ms, grad_to_none=grads)
+    rec.add(row, "ms", stats, note=note)
+    rec.add(row, "TFLOP/s", stats.inverse(flops / 1e9), note=note)
+    del fn
+    mem, what = peak_memory_gb(_timed_callable(prov, sets[:1], mode)[0], rec.device)
+    rec.add(row, "GB", mem, note=f"{what}; {note}".strip("; "))
 
 
 def _record_compile(rec: Recorder, row: dict[str, Any], prov: Provider, raw: tuple, mode: str) -> None:

@@ -35,15 +35,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_attention import AttentionShape, _timed_callable, repeat_kv
+from benchmarks.bench_attention import AttentionShape, record_timing, repeat_kv
 from benchmarks.common import (
     Recorder,
     Unavailable,
-    classify,
     ours_backend_note,
-    peak_memory_gb,
-    release_memory,
-    time_call,
 )
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -212,14 +208,10 @@ def bench_shape(
     want = None
     for name in providers:
         base = {"benchmark": "attention_kl", "provider": name, **shape.columns()}
-        try:
-            prov = make_provider(name, shape, device)
-        except Exception as e:  # noqa: BLE001 - recorded per mode (skip / oom / error), the suite goes on
-            status, why = classify(e)
-            del e
-            release_memory(device)
-            for mode in modes:
-                rec.status_row({**base, "mode": mode}, status, why)
+        prov = rec.attempt(
+            lambda name=name: make_provider(name, shape, device), [{**base, "mode": m} for m in modes]
+        )
+        if prov is None:
             continue
         note = ours_backend_note(raw_sets[0][0]) if name == "ours" else prov.note
 
@@ -251,14 +243,7 @@ def bench_shape(
                     )
                     for q_s, k_s, q_t, k_t in raw_sets
                 ]
-                fn, grads = _timed_callable(prov, sets, mode)
-                fn()  # first call outside the timing: autotuning, compilation
-                stats = time_call(fn, device, rep_ms=rep_ms, grad_to_none=grads)
-                rec.add(row, "ms", stats, note=note)
-                rec.add(row, "TFLOP/s", stats.inverse(shape.flops(mode) / 1e9), note=note)
-                del fn
-                mem, what = peak_memory_gb(_timed_callable(prov, sets[:1], mode)[0], device)
-                rec.add(row, "GB", mem, note=f"{what}; {note}".strip("; "))
+                record_timing(rec, row, prov, sets, mode, flops=shape.flops(mode), rep_ms=rep_ms, note=note)
 
             rec.guarded(row, run)
 

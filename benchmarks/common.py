@@ -396,6 +396,19 @@ class Recorder:
         release_memory(self.device)
         return outcome is None
 
+    def attempt(self, make: Callable[[], Any], rows: Sequence[dict[str, Any]]) -> Any | None:
+        """``make()`` (a provider, the inputs); when it fails, None and one status row (skip / oom / error)
+        for each base row of ``rows``, the rows' measurements being impossible. Memory is released after a
+        failure, the exception dropped first."""
+        try:
+            return make()
+        except Exception as e:  # noqa: BLE001 - recorded for every row it prevents; the suite goes on
+            status, note = classify(e)
+        release_memory(self.device)
+        for base in rows:
+            self.status_row(base, status, note)
+        return None
+
     def summary(self) -> dict[str, int]:
         counts = dict.fromkeys(STATUSES, 0)
         for row in self.rows:
