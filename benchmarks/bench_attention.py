@@ -1,8 +1,13 @@
 """Attention benchmark: forward, backward and forward+backward time, TFLOP/s and peak memory per provider.
 
-FLOPs (DESIGN.md section 6): forward ``4 * B * Hq * N^2 * D``, halved when causal; backward 2.5x the forward;
-forward+backward 3.5x. Logits are ``q.k * scale / temperature`` for every provider (SDPA, FlexAttention and
-flash-attn get ``scale / temperature`` as their scale).
+FLOPs, the convention of FlashAttention's benchmarks (see also the "Benchmarks" section of
+``docs/ARCHITECTURE.md``): the forward's two matmuls ``q k^T`` and ``p v`` cost ``2 * B * Hq * N^2 * D`` each,
+so ``4 * B * Hq * N^2 * D``, halved when causal (half the blocks are masked); the backward's five matmuls
+(``s`` recomputed, ``dv``, ``dp``, ``dq``, ``dk``) make it 2.5x the forward; forward+backward 3.5x. Softmax
+and other elementwise work is not counted.
+
+Logits are ``q.k * scale / temperature`` for every provider (SDPA, FlexAttention and flash-attn get
+``scale / temperature`` as their scale).
 
 Providers
     * ``eager``: what transformers' eager path runs: ``repeat_kv`` copies, ``matmul``, additive float mask,
@@ -302,10 +307,8 @@ class Ours(Provider):
 
     def __init__(self, shape: AttentionShape, device: str):
         super().__init__(shape, device)
-        try:
-            import asu_kernels
-        except ImportError as e:
-            raise Unavailable(f"asu_kernels is not importable: {e}") from None
+        import asu_kernels
+
         self._attention = asu_kernels.attention
 
     def __call__(self, q, k, v):

@@ -24,7 +24,6 @@ import ctypes
 import gc
 import io
 import itertools
-import os
 import re
 import statistics
 import time
@@ -416,16 +415,10 @@ class Recorder:
         return counts
 
 
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "0") not in ("", "0", "false", "False")
-
-
 def ours_backend_note(t: torch.Tensor) -> str:
     """Which implementation ``asu_kernels`` runs for tensors like ``t`` (Triton, interpreter or reference)."""
-    try:
-        from asu_kernels._backend import interpreting, use_triton
-    except ImportError:
-        return ""
+    from asu_kernels._backend import interpreting, use_triton
+
     if not use_triton(t):
         return "PyTorch reference path"
     return "Triton interpreter" if interpreting() and not t.is_cuda else "Triton"
