@@ -367,13 +367,8 @@ def bench_shape(
     """Measure every provider x mode of one shape and record ms, TFLOP/s and GB rows."""
     device = rec.device
     raw_sets = _input_sets(shape, device, _n_sets(shape, device), seed)
-    for name in providers:
-        base = {"benchmark": "attention", "provider": name, **shape.columns()}
-        prov = rec.attempt(
-            lambda name=name: make_provider(name, shape, device), [{**base, "mode": m} for m in modes]
-        )
-        if prov is None:
-            continue
+    make = lambda name: make_provider(name, shape, device)
+    for name, base, prov in rec.providers("attention", shape.columns(), providers, modes, make):
         note = prov.note or (ours_backend_note(raw_sets[0][0]) if name == "ours" else "")
         if name == "flex":
             # Compile time apart, before any timing: the first forward (inference) and forward+backward.
@@ -383,37 +378,52 @@ def bench_shape(
                     row,
                     lambda row=row, mode=mode, prov=prov: _record_compile(rec, row, prov, raw_sets[0], mode),
                 )
-        for mode in modes:
-            row = {**base, "mode": mode}
 
-            def run(mode=mode, row=row, prov=prov, note=note) -> None:
-                sets = [
-                    tuple(t.detach().requires_grad_(mode != "fwd") for t in prov.prepare(*s))
-                    for s in raw_sets
-                ]
-                record_timing(rec, row, prov, sets, mode, flops=shape.flops(mode), rep_ms=rep_ms, note=note)
+        def inputs(mode: str, prov=prov) -> list[tuple[torch.Tensor, ...]]:
+            return [
+                tuple(t.detach().requires_grad_(mode != "fwd") for t in prov.prepare(*s)) for s in raw_sets
+            ]
 
-            rec.guarded(row, run)
+        time_modes(rec, base, prov, inputs, modes, shape, rep_ms=rep_ms, note=note)
 
 
-def record_timing(
+def time_modes(
+    rec: Recorder,
+    base: dict[str, Any],
+    prov: Callable[..., torch.Tensor],
+    inputs: Callable[[str], list[tuple[torch.Tensor, ...]]],
+    modes: tuple[str, ...],
+    shape: AttentionShape,
+    *,
+    rep_ms: float,
+    note: str,
+) -> None:
+    """For each mode, the ``ms``, ``TFLOP/s`` and ``GB`` rows of ``prov``, rotating over ``inputs(mode)``
+    (the input sets, the leaves that need gradients in that mode marked); a failure is a status row."""
+    for mode in modes:
+        row = {**base, "mode": mode}
+        rec.guarded(
+            row,
+            lambda mode=mode, row=row: _time_mode(rec, row, prov, inputs(mode), mode, shape, rep_ms, note),
+        )
+
+
+def _time_mode(
     rec: Recorder,
     row: dict[str, Any],
     prov: Callable[..., torch.Tensor],
     sets: list[tuple[torch.Tensor, ...]],
     mode: str,
-    *,
-    flops: float,
+    shape: AttentionShape,
     rep_ms: float,
     note: str,
 ) -> None:
-    """The ``ms``, ``TFLOP/s`` and ``GB`` rows of ``prov`` in ``mode``, rotating over the input ``sets``
-    (whose leaves needing gradients are already marked)."""
+    """The three rows of one mode (see :func:`time_modes`)."""
     fn, grads = _timed_callable(prov, sets, mode)
     fn()  # first call outside the timing: autotuning, compilation, lazy init
     stats = time_call(fn, rec.device, rep_ms=rep_ms, grad_to_none=grads)
     rec.add(row, "ms", stats, note=note)
-    rec.add(row, "TFLOP/s", stats.inverse(flops / 1e9), note=note)
+    rec.add(row, "TFLOP/s", stats.inverse(shape.flops(mode) / 1e9), note=note)
     del fn
     mem, what = peak_memory_gb(_timed_callable(prov, sets[:1], mode)[0], rec.device)
     rec.add(row, "GB", mem, note=f"{what}; {note}".strip("; "))

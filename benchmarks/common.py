@@ -28,7 +28,7 @@ import re
 import statistics
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -407,6 +407,22 @@ class Recorder:
         for base in rows:
             self.status_row(base, status, note)
         return None
+
+    def providers(
+        self,
+        benchmark: str,
+        columns: dict[str, Any],
+        names: Sequence[str],
+        modes: Sequence[str],
+        make: Callable[[str], Any],
+    ) -> Iterator[tuple[str, dict[str, Any], Any]]:
+        """``(name, base row, provider)`` for each of ``names`` that ``make(name)`` could build; for one that
+        it could not, one status row per mode instead (see :meth:`attempt`)."""
+        for name in names:
+            base = {"benchmark": benchmark, "provider": name, **columns}
+            prov = self.attempt(lambda name=name: make(name), [{**base, "mode": m} for m in modes])
+            if prov is not None:
+                yield name, base, prov
 
     def summary(self) -> dict[str, int]:
         counts = dict.fromkeys(STATUSES, 0)
