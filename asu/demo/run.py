@@ -94,20 +94,18 @@ class DemoSettings:
     n_examples: int = 4
 
 
+#: The model of ``--quick``: every size of the default model halved, but still 2 key/value heads.
+QUICK_MODEL = TinyModelConfig(
+    vocab_size=512, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=128
+)
+
+
 def default_settings(seed: int = 0, quick: bool = False) -> DemoSettings:
     """The demo's world, model and hyper-parameters (``quick``: a tiny world and model, for tests)."""
     if quick:
         return DemoSettings(
             world=WorldConfig(n_authors=8, n_cities=6, n_countries=5, n_perturbed=3, seed=seed),
-            model=TinyModelConfig(
-                vocab_size=512,
-                hidden_size=64,
-                n_layers=2,
-                n_heads=4,
-                n_kv_heads=2,
-                head_dim=16,
-                intermediate_size=128,
-            ),
+            model=QUICK_MODEL,
             train=TrainConfig(lr=5e-3, batch_size=8, max_epochs=12, eval_every=6, warmup_steps=10, seed=seed),
             ga_lrs=(3e-4,),
             match_steps=0,
