@@ -41,6 +41,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 import asu_kernels
+from asu.data import cu_seqlens, document_starts
 from asu.smoothing import TEMPERATURE_ATTR
 
 __all__ = ["ATTN_IMPLEMENTATION", "asu_attention_forward", "asu_attention_mask", "register"]
@@ -90,8 +91,8 @@ def _documents_from_position_ids(
 ) -> tuple[torch.Tensor, int] | None:
     """``(cu_seqlens int32 (docs+1,), max_seqlen)`` over the flattened B*N tokens; None if nothing is packed.
 
-    A document starts at the first token of each row and wherever ``position_ids[t] != position_ids[t-1] + 1``
-    (the same rule as transformers' ``find_packed_sequence_indices``).
+    Documents are those of :func:`asu.data.packed_documents` (a document starts at each row's first token and
+    wherever ``position_ids[t] != position_ids[t-1] + 1``, as transformers' ``find_packed_sequence_indices``).
     """
     ref = _packed_cache["ref"]
     if (
@@ -106,16 +107,8 @@ def _documents_from_position_ids(
         pos = pos[None]
     if pos.shape[0] != batch_size:
         pos = pos.expand(batch_size, -1)
-    n = pos.shape[1]
-    starts = torch.ones_like(pos, dtype=torch.bool)
-    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    if int(starts.sum()) == batch_size:
-        value = None
-    else:
-        flat_starts = starts.reshape(-1).nonzero().view(-1)
-        total = torch.tensor([batch_size * n], device=pos.device)
-        cu = torch.cat([flat_starts, total]).to(torch.int32)
-        value = (cu, int((cu[1:] - cu[:-1]).max()))
+    starts = document_starts(pos)
+    value = None if int(starts.sum()) == batch_size else cu_seqlens(starts)
     _packed_cache.update(
         ref=weakref.ref(position_ids), version=position_ids._version, batch=batch_size, value=value
     )
@@ -164,6 +157,27 @@ def asu_attention_forward(
     Returns:
         ``(out, None)`` with out (B, Nq, Hq, D) in the query's dtype.
     """
+    _check_supported(dropout, kwargs)
+    # Under autocast, RoPE promotes q and k to fp32 while v comes out of an autocast matmul in the low
+    # precision: run the kernel in the autocast dtype, as sdpa does.
+    if torch.is_autocast_enabled(query.device.type):
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    is_causal = kwargs.get("is_causal")
+    options = dict(
+        causal=bool(getattr(module, "is_causal", True) if is_causal is None else is_causal),
+        scale=scaling,
+        temperature=float(getattr(module, TEMPERATURE_ATTR, 1.0)),
+        window=int(sliding_window) if sliding_window is not None else None,
+    )
+    documents = _documents(query, key, attention_mask, kwargs)
+    if documents is not None:
+        return _packed_attention(query, key, value, attention_mask, documents, **options), None
+    return _padded_attention(query, key, value, attention_mask, **options), None
+
+
+def _check_supported(dropout: float, kwargs: dict) -> None:
+    """ValueError for what the kernel does not do: dropout, attention weights, soft-capping, sinks."""
     if dropout:
         raise ValueError(
             f"the asu attention does not implement attention dropout (got dropout={dropout} in training "
@@ -178,52 +192,58 @@ def asu_attention_forward(
         raise ValueError("the asu attention does not support attention logit soft-capping (softcap)")
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
         raise ValueError("the asu attention does not support attention sinks")
-    # Under autocast, RoPE promotes q and k to fp32 while v comes out of an autocast matmul in the low
-    # precision: run the kernel in the autocast dtype, as sdpa does.
-    if torch.is_autocast_enabled(query.device.type):
-        dtype = torch.get_autocast_dtype(query.device.type)
-        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    temperature = float(getattr(module, TEMPERATURE_ATTR, 1.0))
-    is_causal = kwargs.get("is_causal")
-    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-    window = int(sliding_window) if sliding_window is not None else None
-    batch, heads, n_q, head_dim = query.shape
-    n_k = key.shape[2]
 
+
+def _documents(
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict
+) -> tuple[torch.Tensor, int] | None:
+    """The packed documents of the call, from the flash-attention kwargs or, for an unpadded prefill (no
+    mask, no cache), from ``position_ids``; None when the batch is not packed."""
     documents = _flash_kwargs_documents(kwargs)
+    n_q, n_k = query.shape[2], key.shape[2]
     if documents is None and attention_mask is None and n_q == n_k and n_q > 1:
         position_ids = kwargs.get("position_ids")
         if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == n_q:
-            documents = _documents_from_position_ids(position_ids, batch)
+            documents = _documents_from_position_ids(position_ids, query.shape[0])
+    return documents
 
-    if documents is not None:
-        if attention_mask is not None:
-            raise ValueError(
-                "a packed batch (cu_seq_lens_q or restarting position_ids) must not also carry padding "
-                "in attention_mask"
-            )
-        if n_q != n_k:
-            raise ValueError(
-                f"a packed batch cannot be used with a KV cache (query {n_q} != key {n_k} tokens)"
-            )
-        cu_seqlens, max_seqlen = documents
-        # (B, H, N, D) -> (B*N, H, D): the kernel's varlen layout; a transposed view of q_proj's output.
-        q = query.transpose(1, 2).reshape(batch * n_q, heads, head_dim)
-        k = key.transpose(1, 2).reshape(batch * n_k, key.shape[1], head_dim)
-        v = value.transpose(1, 2).reshape(batch * n_k, value.shape[1], head_dim)
-        out = asu_kernels.attention(
-            q,
-            k,
-            v,
-            causal=causal,
-            scale=scaling,
-            temperature=temperature,
-            window=window,
-            cu_seqlens=cu_seqlens.to(query.device),
-            max_seqlen=max_seqlen,
+
+def _packed_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    documents: tuple[torch.Tensor, int],
+    **options: object,
+) -> torch.Tensor:
+    """Per-document attention of a packed batch, (B, Nq, Hq, D)."""
+    batch, heads, n_q, head_dim = query.shape
+    n_k = key.shape[2]
+    if attention_mask is not None:
+        raise ValueError(
+            "a packed batch (cu_seq_lens_q or restarting position_ids) must not also carry padding "
+            "in attention_mask"
         )
-        return out.view(batch, n_q, heads, head_dim), None
+    if n_q != n_k:
+        raise ValueError(f"a packed batch cannot be used with a KV cache (query {n_q} != key {n_k} tokens)")
+    cu, max_seqlen = documents
+    # (B, H, N, D) -> (B*N, H, D): the kernel's varlen layout; a transposed view of q_proj's output.
+    q = query.transpose(1, 2).reshape(batch * n_q, heads, head_dim)
+    k = key.transpose(1, 2).reshape(batch * n_k, key.shape[1], head_dim)
+    v = value.transpose(1, 2).reshape(batch * n_k, value.shape[1], head_dim)
+    out = asu_kernels.attention(q, k, v, cu_seqlens=cu.to(query.device), max_seqlen=max_seqlen, **options)
+    return out.view(batch, n_q, heads, head_dim)
 
+
+def _padded_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **options: object,
+) -> torch.Tensor:
+    """Attention of a padded batch (key-padding mask) or an unpadded one (None), (B, Nq, Hq, D)."""
+    n_k = key.shape[2]
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
             raise ValueError(
@@ -237,17 +257,8 @@ def asu_attention_forward(
             key, value = key[:, :, : attention_mask.shape[1]], value[:, :, : attention_mask.shape[1]]
         elif attention_mask.shape[1] > n_k:
             attention_mask = attention_mask[:, -n_k:]
-    out = asu_kernels.attention(
-        query,
-        key,
-        value,
-        causal=causal,
-        scale=scaling,
-        temperature=temperature,
-        window=window,
-        key_padding_mask=attention_mask,
-    )
-    return out.transpose(1, 2), None
+    out = asu_kernels.attention(query, key, value, key_padding_mask=attention_mask, **options)
+    return out.transpose(1, 2)
 
 
 def register() -> None:

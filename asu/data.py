@@ -25,7 +25,9 @@ Packing and attention
     the order given) with ``position_ids`` restarting at 0 for each example and no ``attention_mask``.
     Transformers (>= 4.54) turns exactly that into per-document attention for every implementation: the
     ``eager``/``sdpa`` mask builders detect the restarts and build a block-diagonal causal mask, and the
-    ``asu`` attention derives ``cu_seqlens`` from them. So no padding fallback is needed for eager/sdpa.
+    ``asu`` attention derives ``cu_seqlens`` from them (:func:`packed_documents`: a document starts at each
+    row's first token and wherever ``position_ids[t] != position_ids[t - 1] + 1``, the rule of transformers'
+    ``find_packed_sequence_indices``). So no padding fallback is needed for eager/sdpa.
     Trailing padding of a row gets its own ``position_ids`` run from 0, so it forms a separate document
     that no real token attends to.
 """
@@ -54,6 +56,10 @@ __all__ = [
     "UnlearnDataset",
     "PaddingCollator",
     "PackingCollator",
+    "first_fit",
+    "document_starts",
+    "cu_seqlens",
+    "packed_documents",
     "label_positions",
 ]
 
@@ -325,24 +331,14 @@ class PackingCollator(_Collator):
 
     def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         _check_examples(examples)
-        longest = max(len(ex["input_ids"]) for ex in examples)
-        if longest > self.max_tokens:
+        lengths = [len(ex["input_ids"]) for ex in examples]
+        if max(lengths) > self.max_tokens:
+            # Name the longest example, not merely the first that does not fit.
             raise ValueError(
-                f"an example of {longest} tokens does not fit the packing budget {self.max_tokens}"
+                f"an example of {max(lengths)} tokens does not fit the packing budget {self.max_tokens}"
             )
-        rows: list[list[int]] = []  # indices into examples
-        used: list[int] = []
-        for i, ex in enumerate(examples):
-            n = len(ex["input_ids"])
-            for r in range(len(rows)):
-                if used[r] + n <= self.max_tokens:
-                    rows[r].append(i)
-                    used[r] += n
-                    break
-            else:
-                rows.append([i])
-                used.append(n)
-        width = max(used)
+        rows = first_fit(lengths, self.max_tokens)
+        width = max(sum(lengths[i] for i in members) for members in rows)
         ids, labels, pos, seq, order = [], [], [], [], []
         for members in rows:
             r_ids, r_labels, r_pos, r_seq = [], [], [], []
@@ -366,6 +362,52 @@ class PackingCollator(_Collator):
             "sequence_ids": torch.tensor(seq, dtype=torch.long),
             "example_ids": torch.tensor(order, dtype=torch.long),
         }
+
+
+def first_fit(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """First-fit packing: the indices of ``lengths`` grouped into rows of at most ``budget`` tokens, each
+    item going into the first row (in creation order) with room for it; items keep their order in a row.
+
+    Raises ValueError for an item longer than ``budget``.
+    """
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i, n in enumerate(lengths):
+        if n > budget:
+            raise ValueError(f"an example of {n} tokens does not fit the packing budget {budget}")
+        for r in range(len(rows)):
+            if used[r] + n <= budget:
+                rows[r].append(i)
+                used[r] += n
+                break
+        else:
+            rows.append([i])
+            used.append(n)
+    return rows
+
+
+def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """(R, L) bool, True where a document of a packed batch starts: at each row's first token and wherever
+    ``position_ids[t] != position_ids[t - 1] + 1`` (:class:`PackingCollator` restarts them at 0)."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts
+
+
+def cu_seqlens(starts: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(cu_seqlens int32 (docs + 1,), max_seqlen)`` over the flattened (R * L) tokens, from
+    :func:`document_starts`: the varlen layout of the attention kernels."""
+    flat = starts.reshape(-1).nonzero().view(-1)
+    total = torch.tensor([starts.numel()], device=starts.device)
+    cu = torch.cat([flat, total]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def packed_documents(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(cu_seqlens, max_seqlen)`` of the documents of a packed batch with ``position_ids`` (R, L)."""
+    if position_ids.dim() != 2:
+        raise ValueError(f"position_ids must be (rows, length), got shape {tuple(position_ids.shape)}")
+    return cu_seqlens(document_starts(position_ids))
 
 
 def label_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

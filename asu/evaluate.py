@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from asu.files import atomic_write_json, atomic_write_text
 from asu.formatting import encode_answer, encode_prompt
 
 STATS_KEYS = ("truth_ratio", "avg_gt_loss", "rougeL_recall")
@@ -347,19 +347,9 @@ def _split_metrics(
     metrics[f"{split}_extraction_strength"] = _metric(es, np.mean(es))
 
     has_para = _has_field(rows, "paraphrased_answer")
-    has_pert = _has_field(rows, "perturbed_answer")
     pert_losses: list[list[float]] | None = None
-    if has_pert:
-        flat_q, flat_a, owner = [], [], []
-        for i, r in enumerate(rows):
-            for p in r["perturbed_answer"]:
-                flat_q.append(r["question"])
-                flat_a.append(p)
-                owner.append(i)
-        scores = answer_scores(model, tokenizer, flat_q, flat_a, batch_size)
-        pert_losses = [[] for _ in rows]
-        for i, s in zip(owner, scores, strict=True):
-            pert_losses[i].append(s["avg_loss"])
+    if _has_field(rows, "perturbed_answer"):
+        pert_losses = _perturbed_losses(model, tokenizer, rows, batch_size)
     else:
         warnings.warn(f"{split}: rows lack 'perturbed_answer'; truth ratio skipped", stacklevel=2)
 
@@ -383,14 +373,41 @@ def _split_metrics(
         metrics[f"{split}_truth_ratio"] = _metric(tr, agg)
 
     if fluency:
-        te = [token_entropy(g["ids"]) for g in gens]
-        metrics[f"{split}_token_entropy"] = _metric(te, np.mean(te))
-        no_rep = [0.0 if has_repeat(g["ids"]) else 1.0 for g in gens]
-        metrics[f"{split}_no_repeat"] = _metric(no_rep, np.mean(no_rep))
-        if well_formed is not None:
-            wf = [1.0 if well_formed(g["text"]) else 0.0 for g in gens]
-            metrics[f"{split}_well_formed"] = _metric(wf, np.mean(wf))
+        metrics.update(_fluency_metrics(split, gens, well_formed))
     return metrics, raw
+
+
+def _perturbed_losses(
+    model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict[str, Any]], batch_size: int
+) -> list[list[float]]:
+    """Per row, the per-token mean NLL of each of its perturbed answers (all rows' answers batched)."""
+    flat_q, flat_a, owner = [], [], []
+    for i, r in enumerate(rows):
+        for p in r["perturbed_answer"]:
+            flat_q.append(r["question"])
+            flat_a.append(p)
+            owner.append(i)
+    scores = answer_scores(model, tokenizer, flat_q, flat_a, batch_size)
+    losses: list[list[float]] = [[] for _ in rows]
+    for i, s in zip(owner, scores, strict=True):
+        losses[i].append(s["avg_loss"])
+    return losses
+
+
+def _fluency_metrics(
+    split: str, gens: list[dict[str, Any]], well_formed: Callable[[str], bool] | None
+) -> dict[str, dict[str, Any]]:
+    """Token entropy, no-repeat fraction and (with a checker) well-formed fraction of the generations."""
+    te = [token_entropy(g["ids"]) for g in gens]
+    no_rep = [0.0 if has_repeat(g["ids"]) else 1.0 for g in gens]
+    metrics = {
+        f"{split}_token_entropy": _metric(te, np.mean(te)),
+        f"{split}_no_repeat": _metric(no_rep, np.mean(no_rep)),
+    }
+    if well_formed is not None:
+        wf = [1.0 if well_formed(g["text"]) else 0.0 for g in gens]
+        metrics[f"{split}_well_formed"] = _metric(wf, np.mean(wf))
+    return metrics
 
 
 def evaluate_model(
@@ -514,36 +531,6 @@ def evaluate_smoothed(
 
 
 # ------------------------------------------------------------------------------------------- writing
-
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as JSON via a temp file in the same directory and ``os.replace``."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def markdown_table(columns: dict[str, dict[str, float]], metric_names: Sequence[str] | None = None) -> str:

@@ -24,7 +24,7 @@ Forget terms (``method``):
       forward). ``L_attn = sum_l sum_i w_i mean_h KL_lhi`` (a sum over layers, a mean over heads); total
       ``lam * L_attn + L_R``. Computed by :func:`asu_kernels.attention_kl`, linear in the sequence length.
     * ``ga`` (gradient ascent): ``-(token-mean NLL)`` on the forget batch; no retain term.
-    * ``gd`` (GradDiff): ``-(token-mean NLL on forget) + L_R``.
+    * ``gd`` (GradDiff; ``graddiff`` is accepted as another name): ``-(token-mean NLL on forget) + L_R``.
     * ``npo`` (beta = 0.1):
       ``-(2/beta) mean_s log sigmoid(-beta (log p_theta(y_s|x_s) - log p_ref(y_s|x_s)))`` with summed
       sequence log-likelihoods, ``+ L_R`` (Zhang et al. 2024; open-unlearning's weights 1 and 1).
@@ -35,7 +35,8 @@ Forget terms (``method``):
       ``+ L_R``.
 
 Retain term ``L_R`` (``retain_loss``):
-    * ``gd``: token-mean NLL of the student on the retain batch (question masked).
+    * ``nll``: token-mean NLL of the student on the retain batch (question masked). Its former name ``gd``
+      (GradDiff's retain term) is still accepted, with a ``DeprecationWarning``.
     * ``kl``: token mean over retain label positions of ``KL(p_ref || p_theta)``.
 
 ``lam`` weights only the ASU term; the baselines use their published unit weights (and SimNPO's gamma).
@@ -48,6 +49,7 @@ tensor.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -55,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import asu_kernels
-from asu.data import label_positions, sequence_weights
+from asu.data import label_positions, packed_documents, sequence_weights
 from asu.qk import capture_qk
 from asu.smoothing import attention_modules, parse_layers
 from asu.teachers import Teacher, check_plain_head, decoder_hidden, output_head
@@ -65,23 +67,54 @@ __all__ = [
     "RETAIN_LOSSES",
     "DEFAULTS",
     "UnlearnObjective",
-    "teacher_needs",
-    "needs_teacher",
+    "METHOD_ALIASES",
+    "RETAIN_LOSS_ALIASES",
+    "resolve_method",
+    "resolve_retain_loss",
+    "teacher_outputs_needed",
+    "uses_teacher",
     "attention_row_kl",
-    "packed_documents",
 ]
 
 METHODS = ("asu", "asu-attn", "ga", "gd", "npo", "simnpo", "idk")
-RETAIN_LOSSES = ("gd", "kl")
+RETAIN_LOSSES = ("nll", "kl")
+#: Other accepted names of a method.
+METHOD_ALIASES = {"graddiff": "gd"}
+#: Deprecated names of a retain loss: ``gd`` was plain NLL, the retain term of GradDiff.
+RETAIN_LOSS_ALIASES = {"gd": "nll"}
 #: Baseline hyper-parameters (open-unlearning's TOFU defaults).
 DEFAULTS = {"npo_beta": 0.1, "simnpo_beta": 4.5, "simnpo_delta": 0.0, "simnpo_gamma": 0.125}
 
 
-def teacher_needs(method: str, retain_loss: str) -> list[tuple[str, bool]]:
-    """The ``(set, smoothed)`` teacher outputs an objective reads (what a cache must hold).
+def resolve_method(method: str) -> str:
+    """The method's canonical name (``graddiff`` -> ``gd``); ValueError naming the choices if unknown."""
+    name = METHOD_ALIASES.get(method, method) if isinstance(method, str) else method
+    if name not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return name
+
+
+def resolve_retain_loss(retain_loss: str) -> str:
+    """The retain loss's canonical name; a deprecated name (``gd``) maps to its loss with a
+    ``DeprecationWarning``; ValueError naming the choices if unknown."""
+    if isinstance(retain_loss, str) and retain_loss in RETAIN_LOSS_ALIASES:
+        name = RETAIN_LOSS_ALIASES[retain_loss]
+        warnings.warn(
+            f"retain_loss={retain_loss!r} is deprecated; use {name!r} (the same loss)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return name
+    if retain_loss not in RETAIN_LOSSES:
+        raise ValueError(f"unknown retain loss {retain_loss!r}; choose one of {', '.join(RETAIN_LOSSES)}")
+    return retain_loss
+
+
+def teacher_outputs_needed(method: str, retain_loss: str) -> list[tuple[str, bool]]:
+    """The ``(set, smoothed)`` teacher hidden-state outputs an objective reads (what a cache must hold).
 
     ``asu-attn`` reads the teacher's attention q, k instead (:meth:`asu.teachers.Teacher.attention_qk`),
-    which no cache holds, so it adds nothing here; see :func:`needs_teacher`.
+    which no cache holds, so it adds nothing here; see :func:`uses_teacher`.
     """
     needs = []
     if method == "asu":
@@ -93,25 +126,9 @@ def teacher_needs(method: str, retain_loss: str) -> list[tuple[str, bool]]:
     return needs
 
 
-def needs_teacher(method: str, retain_loss: str) -> bool:
+def uses_teacher(method: str, retain_loss: str) -> bool:
     """Whether the objective reads a teacher at all (hidden states, or attention q, k for ``asu-attn``)."""
-    return bool(teacher_needs(method, retain_loss)) or method == "asu-attn"
-
-
-def packed_documents(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``(cu_seqlens int32 (docs + 1,), max_seqlen)`` over the flattened (R * L) tokens of a packed batch.
-
-    A document starts at each row's first token and wherever ``position_ids[t] != position_ids[t - 1] + 1``
-    (the rule the attention itself uses, so the KL sees exactly the documents the model attended within).
-    """
-    if position_ids.dim() != 2:
-        raise ValueError(f"position_ids must be (rows, length), got shape {tuple(position_ids.shape)}")
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    flat = starts.reshape(-1).nonzero().view(-1)
-    total = torch.tensor([position_ids.numel()], device=position_ids.device)
-    cu = torch.cat([flat, total]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
+    return bool(teacher_outputs_needed(method, retain_loss)) or method == "asu-attn"
 
 
 def attention_row_kl(
@@ -161,8 +178,8 @@ class UnlearnObjective(nn.Module):
     Args:
         student: the causal LM being unlearned (a transformers model or a PEFT wrapper of one).
         method: ``asu|asu-attn|ga|gd|npo|simnpo|idk`` (see the module docstring; ``asu-attn`` is
-            experimental).
-        retain_loss: ``gd|kl``.
+            experimental; ``graddiff`` = ``gd``).
+        retain_loss: ``nll|kl`` (``gd``: deprecated name of ``nll``).
         lam: weight of the ASU term, ``>= 0``.
         teacher: a :class:`asu.teachers.Teacher`; required for ``asu``, ``npo``, retain ``kl`` and
             ``asu-attn`` (``copy``, ``base`` or ``self``; its ``temperature`` and ``layers`` define the
@@ -177,7 +194,7 @@ class UnlearnObjective(nn.Module):
         self,
         student: nn.Module,
         method: str = "asu",
-        retain_loss: str = "gd",
+        retain_loss: str = "nll",
         lam: float = 0.1,
         teacher: Teacher | None = None,
         npo_beta: float = DEFAULTS["npo_beta"],
@@ -186,16 +203,14 @@ class UnlearnObjective(nn.Module):
         simnpo_gamma: float = DEFAULTS["simnpo_gamma"],
     ) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        if retain_loss not in RETAIN_LOSSES:
-            raise ValueError(f"unknown retain loss {retain_loss!r}; choose one of {', '.join(RETAIN_LOSSES)}")
+        method = resolve_method(method)
+        retain_loss = resolve_retain_loss(retain_loss)
         if not (isinstance(lam, (int, float)) and lam >= 0):
             raise ValueError(f"lam must be a number >= 0, got {lam!r}")
         for name, value in (("npo_beta", npo_beta), ("simnpo_beta", simnpo_beta)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
-        if needs_teacher(method, retain_loss) and teacher is None:
+        if uses_teacher(method, retain_loss) and teacher is None:
             raise ValueError(f"method={method!r} with retain_loss={retain_loss!r} needs a teacher")
         kind = getattr(teacher, "kind", None)
         if method == "asu-attn" and kind == "cache":
@@ -203,7 +218,7 @@ class UnlearnObjective(nn.Module):
                 "method='asu-attn' cannot use the cache teacher: the cache stores final hidden states, not "
                 "attention q, k; use teacher 'copy', 'base' or 'self' (self-smoothing)"
             )
-        if kind == "self" and teacher_needs(method, retain_loss):
+        if kind == "self" and teacher_outputs_needed(method, retain_loss):
             raise ValueError(
                 f"teacher='self' is self-smoothing for method='asu-attn' only; method={method!r} with "
                 f"retain_loss={retain_loss!r} reads teacher hidden states (use 'copy', 'base' or 'cache')"
@@ -255,10 +270,10 @@ class UnlearnObjective(nn.Module):
         return torch.stack(nll).float(), torch.tensor(lengths, dtype=torch.float32, device=hidden.device)
 
     def retain_term(self, retain: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``L_R`` on a retain batch (``gd``: token-mean NLL; ``kl``: token-mean KL(p_ref || p_theta))."""
+        """``L_R`` on a retain batch (``nll``: token-mean NLL; ``kl``: token-mean KL(p_ref || p_theta))."""
         hidden, targets, _, mask = self._student_rows(retain)
         weight, bias = output_head(self.student)
-        if self.retain_kind == "gd":
+        if self.retain_kind == "nll":
             return asu_kernels.linear_cross_entropy(hidden, weight, targets, bias=bias)
         ref = self.teacher.hidden_states(retain, mask, smoothed=False, part="retain")
         t_weight, t_bias = self.teacher.lm_head()

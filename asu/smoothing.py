@@ -235,6 +235,26 @@ def _apply(module: torch.nn.Module, model: torch.nn.Module, temperature: float) 
     module.scaling = base / temperature
 
 
+def _smooth(model: torch.nn.Module, temperature: float, layers: LayerSpec) -> list[_Snapshot]:
+    """Set ``temperature`` on the selected layers, all or nothing; returns what to restore them with."""
+    tau = _check_temperature(temperature)
+    modules = _select(model, layers)
+    snapshots = [_Snapshot.take(m) for m in modules]
+    try:
+        for module in modules:
+            _apply(module, model, tau)
+    except BaseException:
+        # A failure on one module leaves none of them changed.
+        _restore(snapshots)
+        raise
+    return snapshots
+
+
+def _restore(snapshots: list[_Snapshot]) -> None:
+    for snap in reversed(snapshots):
+        snap.restore()
+
+
 def set_smoothing(model: torch.nn.Module, temperature: float, layers: LayerSpec = None) -> None:
     """Persistently run the selected layers' attention at ``temperature``, until :func:`clear_smoothing`.
 
@@ -246,17 +266,7 @@ def set_smoothing(model: torch.nn.Module, temperature: float, layers: LayerSpec 
         temperature: ``tau > 0``, finite; logits become ``q k^T * scale / tau``.
         layers: ``None``/``"all"``, an index, a list of indices, or a string like ``"6-8"`` / ``"0,2,5-7"``.
     """
-    tau = _check_temperature(temperature)
-    modules = _select(model, layers)
-    snapshots = [_Snapshot.take(m) for m in modules]
-    try:
-        for module in modules:
-            _apply(module, model, tau)
-    except BaseException:
-        # All or nothing: a failure on one module leaves none of them changed.
-        for snap in snapshots:
-            snap.restore()
-        raise
+    _smooth(model, temperature, layers)
 
 
 def clear_smoothing(model: torch.nn.Module) -> None:
@@ -280,13 +290,8 @@ def smoothing(
     each touched module gets back exactly the attribute values it had on entry, so nesting works and
     smoothing set persistently before the block survives it. Yields the model.
     """
-    tau = _check_temperature(temperature)
-    modules = _select(model, layers)
-    snapshots = [_Snapshot.take(m) for m in modules]
+    snapshots = _smooth(model, temperature, layers)
     try:
-        for module in modules:
-            _apply(module, model, tau)
         yield model
     finally:
-        for snap in reversed(snapshots):
-            snap.restore()
+        _restore(snapshots)

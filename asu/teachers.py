@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import copy as copy_module
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -48,6 +47,7 @@ from torch import nn
 
 from asu.data import PaddingCollator, iter_batches, label_positions
 from asu.distributed import barrier, check_full_weight, gather_rows, is_local_main_process, shard_indices
+from asu.files import atomic_write
 from asu.qk import capture_qk
 from asu.smoothing import LayerSpec, set_smoothing, smoothing
 
@@ -280,14 +280,8 @@ class _Store:
             # Every rank holds the same rows (see CacheTeacher); one process per node writes the file, the
             # others wait for it (all ranks build the same stores in the same order, so barriers match).
             if is_local_main_process():
-                fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-                os.close(fd)
-                try:
-                    save_file({"hidden": flat.contiguous(), "offsets": self.offsets}, tmp)
-                    os.replace(tmp, self.path)
-                finally:
-                    if os.path.exists(tmp):
-                        os.remove(tmp)
+                tensors = {"hidden": flat.contiguous(), "offsets": self.offsets}
+                atomic_write(self.path, lambda tmp: save_file(tensors, tmp))
             barrier()
             self._flat = None
 

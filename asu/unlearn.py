@@ -3,11 +3,11 @@
 .. code-block:: python
 
     from asu.unlearn import UnlearnConfig, unlearn
-    cfg = UnlearnConfig(method="asu", temperature=2.3, lam=0.1, retain_loss="gd", teacher="copy")
+    cfg = UnlearnConfig(method="asu", temperature=2.3, lam=0.1, retain_loss="nll", teacher="copy")
     result = unlearn(model, tokenizer, forget_rows, retain_rows, cfg, output_dir=None)
     result.model, result.history
 
-The defaults are the paper's TOFU settings (Llama-2-7B-chat): ``tau = 2.3``, ``lam = 0.1``, retain ``gd``,
+The defaults are the paper's TOFU settings (Llama-2-7B-chat): ``tau = 2.3``, ``lam = 0.1``, retain ``nll``,
 lr 1e-5 with one warm-up epoch then linear decay, weight decay 0.01, 5 epochs, effective batch 32
 (8 x 4 accumulation), max length 500, bf16 on GPUs that support it.
 
@@ -42,11 +42,21 @@ from asu.data import (
     validate_rows,
 )
 from asu.distributed import barrier, check_launch, complete_checkpoints, engine, is_main_process
-from asu.losses import DEFAULTS, METHODS, RETAIN_LOSSES, UnlearnObjective, needs_teacher, teacher_needs
+from asu.environment import library_versions
+from asu.files import atomic_write_json
+from asu.losses import (
+    DEFAULTS,
+    RETAIN_LOSS_ALIASES,
+    UnlearnObjective,
+    resolve_method,
+    resolve_retain_loss,
+    teacher_outputs_needed,
+    uses_teacher,
+)
 from asu.smoothing import attention_modules, parse_layers
-from asu.teachers import TEACHER_SOURCES, build_teacher, is_peft_model
+from asu.teachers import TEACHER_SOURCES, Teacher, build_teacher, is_peft_model
 
-__all__ = ["UnlearnConfig", "UnlearnResult", "unlearn", "check_output_dir", "library_versions"]
+__all__ = ["UnlearnConfig", "UnlearnResult", "unlearn", "check_output_dir"]
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -59,10 +69,11 @@ class UnlearnConfig:
 
     Attributes:
         method: ``asu|asu-attn|ga|gd|npo|simnpo|idk`` (``asu-attn``: EXPERIMENTAL attention-map distillation,
-            see :mod:`asu.losses`).
+            see :mod:`asu.losses`; ``graddiff`` is another name of ``gd``, GradDiff).
         temperature: attention temperature ``tau > 0`` of the forget-teacher (ASU).
         lam: weight ``lambda >= 0`` of the ASU term in ``lambda * L_ASU + L_R``.
-        retain_loss: ``gd`` (NLL) or ``kl`` (KL to the original model at ``tau = 1``).
+        retain_loss: ``nll`` or ``kl`` (KL to the original model at ``tau = 1``); ``gd``, the former name of
+            ``nll``, is accepted with a ``DeprecationWarning``.
         teacher: ``copy`` (frozen copy), ``base`` (PEFT student with adapters off), ``cache``, or ``self``
             (``asu-attn`` only: self-smoothing, the student's own detached attention at ``tau``; no teacher
             model). ``asu-attn`` takes ``copy``, ``base`` or ``self``, never ``cache``.
@@ -87,7 +98,7 @@ class UnlearnConfig:
     method: str = "asu"
     temperature: float = 2.3
     lam: float = 0.1
-    retain_loss: str = "gd"
+    retain_loss: str = "nll"
     teacher: str = "copy"
     layers: str | list[int] | None = None
     lr: float = 1e-5
@@ -118,19 +129,16 @@ class UnlearnConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        """Raise ValueError/TypeError naming the first bad field."""
+        """Raise ValueError/TypeError naming the first bad field; other accepted names (``graddiff``, the
+        deprecated retain loss ``gd``, layers ``"all"``) are replaced by the canonical ones."""
 
         def number(name: str, value: Any) -> float:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise TypeError(f"{name} must be a finite number, got {value!r}")
             return float(value)
 
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.retain_loss not in RETAIN_LOSSES:
-            raise ValueError(
-                f"unknown retain loss {self.retain_loss!r}; choose one of {', '.join(RETAIN_LOSSES)}"
-            )
+        self.method = resolve_method(self.method)
+        self.retain_loss = resolve_retain_loss(self.retain_loss)
         if self.teacher not in TEACHER_SOURCES:
             raise ValueError(f"unknown teacher {self.teacher!r}; choose one of {', '.join(TEACHER_SOURCES)}")
         if number("temperature", self.temperature) <= 0:
@@ -162,7 +170,7 @@ class UnlearnConfig:
         if self.method == "asu-attn" and self.gradient_checkpointing:
             # The q/k capture hooks run in the forward only; checkpoint recomputation would see another graph.
             raise ValueError("method='asu-attn' does not support gradient_checkpointing (yet); turn it off")
-        if self.teacher == "self" and teacher_needs(self.method, self.retain_loss):
+        if self.teacher == "self" and teacher_outputs_needed(self.method, self.retain_loss):
             raise ValueError(
                 f"teacher='self' (self-smoothing) is for method='asu-attn' only; method={self.method!r} with "
                 f"retain_loss={self.retain_loss!r} needs teacher 'copy', 'base' or 'cache'"
@@ -200,31 +208,6 @@ class UnlearnResult:
     history: list[dict[str, Any]]
     stats: dict[str, Any]
     output_dir: str | None = None
-
-
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("asu", "torch", "transformers", "triton", "peft", "accelerate", "tokenizers"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            continue
-    return out
-
-
-def _write_json_atomic(path: str, data: Any) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _idk_examples(tokenizer: Any, forget_rows: Sequence[dict], answers: Sequence[str], cfg: UnlearnConfig):
@@ -287,14 +270,69 @@ def unlearn(
     Returns:
         :class:`UnlearnResult`.
     """
-    from transformers import TrainingArguments
+    cfg = _checked_config(cfg)
+    layers = _check_inputs(model, forget_rows, retain_rows, cfg, output_dir, idk_answers, resume)
+    start = time.perf_counter()
+    data = _encode_data(tokenizer, forget_rows, retain_rows, idk_answers, cfg)
+    # Launch problems (batch vs world size, DeepSpeed config vs the run) fail here, before any training.
+    check_launch(cfg, len(data.dataset), model_config=getattr(model, "config", None))
+    collator = _build_collator(data, cfg)
+    created_out = False
+    if output_dir is not None and not os.path.isdir(output_dir):
+        os.makedirs(output_dir, exist_ok=True)  # every rank gets here; exist_ok tolerates the race
+        created_out = True
+    scratch = None
+    try:
+        if output_dir is None:
+            scratch = tempfile.mkdtemp(prefix="asu-unlearn-")
+            trainer_dir = scratch
+        else:
+            trainer_dir = os.path.join(output_dir, CHECKPOINTS)
+        plan = _plan(cfg, len(data.dataset))
+        args = _training_arguments(cfg, plan, trainer_dir, checkpoints=output_dir is not None)
+        model.to(args.device)
+        student, teacher = _student_and_teacher(model, cfg, layers, data)
+        objective = _build_objective(student, teacher, cfg)
+        if output_dir is not None:
+            _save_or_compare_config(trainer_dir, cfg, resume)
+        trainer = _build_trainer(objective, args, data, collator, tokenizer, callbacks, cfg)
+        _train(trainer, trainer_dir, resume)
+        wall = time.perf_counter() - start
+        stats = _stats(trainer, cfg, data, plan, teacher, wall, args.device)
+        result = UnlearnResult(model=student, history=_history(trainer), stats=stats, output_dir=output_dir)
+        if output_dir is not None:
+            _write_output(trainer, result, trainer_dir, tokenizer, cfg)
+        return result
+    except BaseException:
+        if output_dir is not None and created_out and not _checkpoints(os.path.join(output_dir, CHECKPOINTS)):
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
-    from asu.trainer import UnlearnTrainer
 
+# -- the steps of unlearn(), in order ---------------------------------------------------------------------
+
+
+def _checked_config(cfg: UnlearnConfig | None) -> UnlearnConfig:
     cfg = UnlearnConfig() if cfg is None else cfg
     if not isinstance(cfg, UnlearnConfig):
         raise TypeError(f"cfg must be an UnlearnConfig, got {type(cfg).__name__}")
     cfg.validate()
+    return cfg
+
+
+def _check_inputs(
+    model: nn.Module,
+    forget_rows: Sequence[dict[str, Any]],
+    retain_rows: Sequence[dict[str, Any]] | None,
+    cfg: UnlearnConfig,
+    output_dir: str | None,
+    idk_answers: Sequence[str] | None,
+    resume: bool,
+) -> list[int] | None:
+    """Everything that can be checked before any work; returns the smoothed layers (None = all)."""
     if not isinstance(model, nn.Module) or not hasattr(model, "get_decoder"):
         raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
     if is_peft_model(model):
@@ -312,213 +350,286 @@ def unlearn(
         check_output_dir(output_dir, resume)
     elif resume:
         raise ValueError("resume=True needs an output_dir")
+    return layers
 
-    start = time.perf_counter()
+
+@dataclass
+class _Data:
+    """The encoded examples of a run (``retain`` None for ``ga``, ``idk`` only for ``idk``)."""
+
+    forget: list[dict[str, Any]]
+    retain: list[dict[str, Any]] | None
+    idk: list[dict[str, Any]] | None
+    dataset: UnlearnDataset
+    pad_id: int
+
+
+def _encode_data(
+    tokenizer: Any,
+    forget_rows: Sequence[dict[str, Any]],
+    retain_rows: Sequence[dict[str, Any]] | None,
+    idk_answers: Sequence[str] | None,
+    cfg: UnlearnConfig,
+) -> _Data:
     forget = encode_rows(tokenizer, forget_rows, cfg.max_length, source="forget")
     retain = (
         encode_rows(tokenizer, retain_rows, cfg.max_length, source="retain") if cfg.method != "ga" else None
     )
     idk = _idk_examples(tokenizer, forget_rows, idk_answers, cfg) if cfg.method == "idk" else None
     dataset = UnlearnDataset(forget, retain, seed=cfg.seed, idk=idk)
-    # Launch problems (batch vs world size, DeepSpeed config vs the run) fail here, before any training.
-    check_launch(cfg, len(dataset), model_config=getattr(model, "config", None))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    if cfg.pack:
-        budget = cfg.pack_tokens or cfg.max_length
-        longest = max(len(ex["input_ids"]) for part in (forget, retain or [], idk or []) for ex in part)
-        if longest > budget:
-            # Fail now rather than at the first batch that holds the long example.
-            raise ValueError(f"pack_tokens={budget} is shorter than the longest example ({longest} tokens)")
-        collator = PackingCollator(max_tokens=budget, pad_token_id=pad_id)
-    else:
-        collator = PaddingCollator(pad_token_id=pad_id)
+    return _Data(forget, retain, idk, dataset, pad_id)
 
-    created_out = False
-    if output_dir is not None and not os.path.isdir(output_dir):
-        os.makedirs(output_dir, exist_ok=True)  # every rank gets here; exist_ok tolerates the race
-        created_out = True
-    scratch = None
-    try:
-        if output_dir is None:
-            scratch = tempfile.mkdtemp(prefix="asu-unlearn-")
-            trainer_dir = scratch
-        else:
-            trainer_dir = os.path.join(output_dir, CHECKPOINTS)
-        cuda = torch.cuda.is_available()
-        bf16 = cfg.bf16 if cfg.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        micro_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * world))
-        steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum))
-        args = TrainingArguments(
-            output_dir=trainer_dir,
-            per_device_train_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.grad_accum,
-            learning_rate=cfg.lr,
-            num_train_epochs=cfg.epochs,
-            max_steps=cfg.max_steps,
-            weight_decay=cfg.weight_decay,
-            warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)),
-            lr_scheduler_type="linear",
-            bf16=bf16,
-            logging_steps=1,
-            save_strategy="no" if output_dir is None else ("epoch" if cfg.save_steps is None else "steps"),
-            save_steps=cfg.save_steps or 500,
-            save_total_limit=1,
-            report_to=[],
-            seed=cfg.seed,
-            data_seed=cfg.seed,
-            remove_unused_columns=False,
-            dataloader_num_workers=0,
-            disable_tqdm=not cfg.progress,
-            use_cpu=not cuda,
-        )
-        device = args.device
-        model.to(device)
 
-        # The copy teacher is copied before LoRA is injected (get_peft_model edits the model in place).
-        needs = teacher_needs(cfg.method, cfg.retain_loss)
-        wants_teacher = needs_teacher(cfg.method, cfg.retain_loss)
-        teacher = None
-        if wants_teacher and cfg.teacher == "self":
-            teacher = build_teacher("self", model, cfg.temperature, layers)
-        if wants_teacher and cfg.teacher == "copy":
-            teacher = build_teacher("copy", model, cfg.temperature, layers)
-        student = model
-        if cfg.lora_r > 0:
-            from peft import LoraConfig, get_peft_model
+def _build_collator(data: _Data, cfg: UnlearnConfig) -> PackingCollator | PaddingCollator:
+    if not cfg.pack:
+        return PaddingCollator(pad_token_id=data.pad_id)
+    budget = cfg.pack_tokens or cfg.max_length
+    parts = (data.forget, data.retain or [], data.idk or [])
+    longest = max(len(ex["input_ids"]) for part in parts for ex in part)
+    if longest > budget:
+        # Fail now rather than at the first batch that holds the long example.
+        raise ValueError(f"pack_tokens={budget} is shorter than the longest example ({longest} tokens)")
+    return PackingCollator(max_tokens=budget, pad_token_id=data.pad_id)
 
-            lora = LoraConfig(
-                r=cfg.lora_r,
-                lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
-                lora_dropout=cfg.lora_dropout,
-                target_modules=cfg.lora_target,
-                task_type="CAUSAL_LM",
-            )
-            student = get_peft_model(model, lora)
-        if cfg.gradient_checkpointing:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if is_peft_model(student):
-                # Without it, checkpointed blocks whose inputs need no grad leave LoRA weights untrained.
-                student.enable_input_require_grads()
-        if wants_teacher and cfg.teacher == "base":
-            teacher = build_teacher("base", student, cfg.temperature, layers)
-        if needs and cfg.teacher == "cache":
-            sets = {"forget": forget} if retain is None else {"forget": forget, "retain": retain}
-            teacher = build_teacher(
-                "cache",
-                student,
-                cfg.temperature,
-                layers,
-                sets=sets,
-                needs=needs,
-                dtype=getattr(torch, cfg.cache_dtype),
-                directory=cfg.cache_dir,
-                batch_size=cfg.batch_size,
-                pad_token_id=pad_id,
-            )
-        objective = UnlearnObjective(
+
+@dataclass
+class _Plan:
+    """Steps per epoch under the launch's world size, and the precision."""
+
+    world: int
+    micro_per_epoch: int
+    steps_per_epoch: int
+    cuda: bool
+    bf16: bool
+
+
+def _plan(cfg: UnlearnConfig, num_examples: int) -> _Plan:
+    cuda = torch.cuda.is_available()
+    bf16 = cfg.bf16 if cfg.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    micro_per_epoch = math.ceil(num_examples / (cfg.batch_size * world))
+    steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum))
+    return _Plan(world, micro_per_epoch, steps_per_epoch, cuda, bf16)
+
+
+def _training_arguments(cfg: UnlearnConfig, plan: _Plan, trainer_dir: str, *, checkpoints: bool) -> Any:
+    """``transformers.TrainingArguments``: AdamW, linear warm-up then decay, one log per optimizer step."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=trainer_dir,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=int(round(cfg.warmup_epochs * plan.steps_per_epoch)),
+        lr_scheduler_type="linear",
+        bf16=plan.bf16,
+        logging_steps=1,
+        save_strategy="no" if not checkpoints else ("epoch" if cfg.save_steps is None else "steps"),
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=1,
+        report_to=[],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=not cfg.progress,
+        use_cpu=not plan.cuda,
+    )
+
+
+def _student_and_teacher(
+    model: nn.Module, cfg: UnlearnConfig, layers: list[int] | None, data: _Data
+) -> tuple[nn.Module, Teacher | None]:
+    """The student (``model``, wrapped with LoRA when ``cfg.lora_r > 0``) and the teacher the objective
+    reads (None when it reads none).
+
+    The copy teacher is copied before LoRA is injected (``get_peft_model`` edits the model in place); the
+    base teacher is the PEFT student itself; the cache teacher runs the student once with adapters off.
+    """
+    wants_teacher = uses_teacher(cfg.method, cfg.retain_loss)
+    teacher = None
+    if wants_teacher and cfg.teacher in ("self", "copy"):
+        teacher = build_teacher(cfg.teacher, model, cfg.temperature, layers)
+    student = _wrap_student(model, cfg)
+    if wants_teacher and cfg.teacher == "base":
+        teacher = build_teacher("base", student, cfg.temperature, layers)
+    needs = teacher_outputs_needed(cfg.method, cfg.retain_loss)
+    if needs and cfg.teacher == "cache":
+        sets = {"forget": data.forget}
+        if data.retain is not None:
+            sets["retain"] = data.retain
+        teacher = build_teacher(
+            "cache",
             student,
-            method=cfg.method,
-            retain_loss=cfg.retain_loss,
-            lam=cfg.lam,
-            teacher=teacher,
-            npo_beta=cfg.npo_beta,
-            simnpo_beta=cfg.simnpo_beta,
-            simnpo_delta=cfg.simnpo_delta,
-            simnpo_gamma=cfg.simnpo_gamma,
+            cfg.temperature,
+            layers,
+            sets=sets,
+            needs=needs,
+            dtype=getattr(torch, cfg.cache_dtype),
+            directory=cfg.cache_dir,
+            batch_size=cfg.batch_size,
+            pad_token_id=data.pad_id,
         )
-        if output_dir is not None:
-            os.makedirs(trainer_dir, exist_ok=True)
-            saved_cfg = os.path.join(trainer_dir, CONFIG_FILE)
-            if resume and os.path.exists(saved_cfg):
-                with open(saved_cfg) as f:
-                    before = json.load(f)
-                now = json.loads(json.dumps(cfg.to_dict(), default=str))
-                changed = sorted(k for k in now if k not in ("progress",) and before.get(k) != now[k])
-                if changed:
-                    raise ValueError(f"cannot resume with different settings: {', '.join(changed)} changed")
-            elif is_main_process():
-                _write_json_atomic(saved_cfg, cfg.to_dict())
-        trainer = UnlearnTrainer(
-            model=objective,
-            args=args,
-            train_dataset=dataset,
-            data_collator=collator,
-            processing_class=tokenizer,
-            callbacks=list(callbacks or []),
+    return student, teacher
+
+
+def _wrap_student(model: nn.Module, cfg: UnlearnConfig) -> nn.Module:
+    """LoRA adapters (when ``cfg.lora_r > 0``) and gradient checkpointing (when asked)."""
+    student = model
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target,
+            task_type="CAUSAL_LM",
         )
-        if not cfg.progress:
-            from transformers.trainer_callback import PrinterCallback
+        student = get_peft_model(model, lora)
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if is_peft_model(student):
+            # Without it, checkpointed blocks whose inputs need no grad leave LoRA weights untrained.
+            student.enable_input_require_grads()
+    return student
 
-            trainer.remove_callback(PrinterCallback)  # quiet means quiet: no per-step dicts on stdout
-        resume_from = None
-        if resume:
-            # The newest checkpoint every rank finished writing (a killed rank may leave a partial one).
-            resume_from = os.path.join(trainer_dir, complete_checkpoints(trainer_dir)[-1])
-        trainer.train(resume_from_checkpoint=resume_from)
-        wall = time.perf_counter() - start
 
-        keys = ("step", "epoch", "loss", "forget_loss", "retain_loss", "learning_rate", "grad_norm")
-        history = [
-            {k: entry[k] for k in keys if k in entry}
-            for entry in trainer.state.log_history
-            if "loss" in entry
-        ]
-        stats: dict[str, Any] = {
-            "optimizer_steps": trainer.state.global_step,
-            "micro_batches_per_epoch": micro_per_epoch,
-            "effective_batch_size": cfg.batch_size * cfg.grad_accum * world,
-            "wall_time_s": wall,
-            "num_forget": len(forget),
-            "num_retain": 0 if retain is None else len(retain),
-            "bf16": bf16,
-            "device": str(device),
-        }
-        if teacher is not None:
-            stats["teacher"] = dict(teacher.stats)
-            if cfg.teacher == "cache":
-                # A copy/base teacher runs one forward per needed output per micro-batch, every epoch.
-                would_run = micro_per_epoch * math.ceil(cfg.epochs) * len(needs)
-                stats["teacher"]["teacher_forward_passes_saved"] = (
-                    would_run - teacher.stats["teacher_forward_passes"]
-                )
+def _build_objective(student: nn.Module, teacher: Teacher | None, cfg: UnlearnConfig) -> UnlearnObjective:
+    return UnlearnObjective(
+        student,
+        method=cfg.method,
+        retain_loss=cfg.retain_loss,
+        lam=cfg.lam,
+        teacher=teacher,
+        npo_beta=cfg.npo_beta,
+        simnpo_beta=cfg.simnpo_beta,
+        simnpo_delta=cfg.simnpo_delta,
+        simnpo_gamma=cfg.simnpo_gamma,
+    )
 
-        if output_dir is not None:
-            state_dict = None
-            if engine() in ("fsdp", "deepspeed"):
-                # Sharded weights: every rank takes part in gathering the full state dict (main gets it).
-                full = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-                state_dict = {
-                    k[len("student.") :]: v for k, v in (full or {}).items() if k.startswith("student.")
-                }
-            if is_main_process():
-                _write_result(output_dir, student, tokenizer, cfg, history, stats, state_dict=state_dict)
-                if not cfg.keep_checkpoints:
-                    shutil.rmtree(trainer_dir, ignore_errors=True)
-            barrier()  # no rank returns before the result is in place
-        return UnlearnResult(model=student, history=history, stats=stats, output_dir=output_dir)
-    except BaseException:
-        if output_dir is not None and created_out and not _checkpoints(os.path.join(output_dir, CHECKPOINTS)):
-            shutil.rmtree(output_dir, ignore_errors=True)
-        raise
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+
+def _save_or_compare_config(trainer_dir: str, cfg: UnlearnConfig, resume: bool) -> None:
+    """A new run saves its settings beside its checkpoints; a resumed one must have the same settings."""
+    os.makedirs(trainer_dir, exist_ok=True)
+    saved_cfg = os.path.join(trainer_dir, CONFIG_FILE)
+    if resume and os.path.exists(saved_cfg):
+        with open(saved_cfg) as f:
+            before = json.load(f)
+        # A run saved under a deprecated retain-loss name resumes under the canonical one.
+        retain = before.get("retain_loss")
+        before["retain_loss"] = RETAIN_LOSS_ALIASES.get(retain, retain)
+        now = json.loads(json.dumps(cfg.to_dict(), default=str))
+        changed = sorted(k for k in now if k not in ("progress",) and before.get(k) != now[k])
+        if changed:
+            raise ValueError(f"cannot resume with different settings: {', '.join(changed)} changed")
+    elif is_main_process():
+        atomic_write_json(saved_cfg, cfg.to_dict(), indent=2, default=str)
+
+
+def _build_trainer(
+    objective: UnlearnObjective,
+    args: Any,
+    data: _Data,
+    collator: PackingCollator | PaddingCollator,
+    tokenizer: Any,
+    callbacks: Sequence[Any] | None,
+    cfg: UnlearnConfig,
+) -> Any:
+    from asu.trainer import UnlearnTrainer
+
+    trainer = UnlearnTrainer(
+        model=objective,
+        args=args,
+        train_dataset=data.dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=list(callbacks or []),
+    )
+    if not cfg.progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # quiet means quiet: no per-step dicts on stdout
+    return trainer
+
+
+def _train(trainer: Any, trainer_dir: str, resume: bool) -> None:
+    resume_from = None
+    if resume:
+        # The newest checkpoint every rank finished writing (a killed rank may leave a partial one).
+        resume_from = os.path.join(trainer_dir, complete_checkpoints(trainer_dir)[-1])
+    trainer.train(resume_from_checkpoint=resume_from)
+
+
+def _history(trainer: Any) -> list[dict[str, Any]]:
+    """One entry per logged optimizer step (see :class:`UnlearnResult`)."""
+    keys = ("step", "epoch", "loss", "forget_loss", "retain_loss", "learning_rate", "grad_norm")
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return [{k: entry[k] for k in keys if k in entry} for entry in logged]
+
+
+def _stats(
+    trainer: Any,
+    cfg: UnlearnConfig,
+    data: _Data,
+    plan: _Plan,
+    teacher: Teacher | None,
+    wall: float,
+    device: Any,
+) -> dict[str, Any]:
+    stats: dict[str, Any] = {
+        "optimizer_steps": trainer.state.global_step,
+        "micro_batches_per_epoch": plan.micro_per_epoch,
+        "effective_batch_size": cfg.batch_size * cfg.grad_accum * plan.world,
+        "wall_time_s": wall,
+        "num_forget": len(data.forget),
+        "num_retain": 0 if data.retain is None else len(data.retain),
+        "bf16": plan.bf16,
+        "device": str(device),
+    }
+    if teacher is not None:
+        stats["teacher"] = dict(teacher.stats)
+        if cfg.teacher == "cache":
+            # A copy/base teacher runs one forward per needed output per micro-batch, every epoch.
+            needs = teacher_outputs_needed(cfg.method, cfg.retain_loss)
+            would_run = plan.micro_per_epoch * math.ceil(cfg.epochs) * len(needs)
+            saved = would_run - teacher.stats["teacher_forward_passes"]
+            stats["teacher"]["teacher_forward_passes_saved"] = saved
+    return stats
+
+
+def _write_output(
+    trainer: Any, result: UnlearnResult, trainer_dir: str, tokenizer: Any, cfg: UnlearnConfig
+) -> None:
+    """The finished run into ``result.output_dir`` (main process), the checkpoints dropped unless kept."""
+    state_dict = None
+    if engine() in ("fsdp", "deepspeed"):
+        # Sharded weights: every rank takes part in gathering the full state dict (main gets it).
+        full = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        state_dict = {k[len("student.") :]: v for k, v in (full or {}).items() if k.startswith("student.")}
+    if is_main_process():
+        _write_result(result, tokenizer, cfg, state_dict=state_dict)
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(trainer_dir, ignore_errors=True)
+    barrier()  # no rank returns before the result is in place
 
 
 def _write_result(
-    output_dir: str,
-    student: nn.Module,
+    result: UnlearnResult,
     tokenizer: Any,
     cfg: UnlearnConfig,
-    history: list[dict[str, Any]],
-    stats: dict[str, Any],
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Model + tokenizer saved to a scratch directory, moved into place, then ``run.json`` last.
 
     ``state_dict``: the student's gathered weights when they are sharded (FSDP, ZeRO-3); main process only.
     """
+    output_dir, student, stats = result.output_dir, result.model, result.stats
     tmp = tempfile.mkdtemp(dir=output_dir, prefix=".result-")
     try:
         student.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
@@ -533,8 +644,8 @@ def _write_result(
         "versions": library_versions(),
         "effective_batch_size": stats["effective_batch_size"],
         "wall_time_s": stats["wall_time_s"],
-        "losses": history,
+        "losses": result.history,
         "stats": stats,
         "lora": is_peft_model(student),
     }
-    _write_json_atomic(os.path.join(output_dir, RUN_FILE), record)
+    atomic_write_json(os.path.join(output_dir, RUN_FILE), record, indent=2, default=str)

@@ -1,8 +1,13 @@
 """Attention benchmark: forward, backward and forward+backward time, TFLOP/s and peak memory per provider.
 
-FLOPs (DESIGN.md section 6): forward ``4 * B * Hq * N^2 * D``, halved when causal; backward 2.5x the forward;
-forward+backward 3.5x. Logits are ``q.k * scale / temperature`` for every provider (SDPA, FlexAttention and
-flash-attn get ``scale / temperature`` as their scale).
+FLOPs, the convention of FlashAttention's benchmarks (see also the "Benchmarks" section of
+``docs/ARCHITECTURE.md``): the forward's two matmuls ``q k^T`` and ``p v`` cost ``2 * B * Hq * N^2 * D`` each,
+so ``4 * B * Hq * N^2 * D``, halved when causal (half the blocks are masked); the backward's five matmuls
+(``s`` recomputed, ``dv``, ``dp``, ``dq``, ``dk``) make it 2.5x the forward; forward+backward 3.5x. Softmax
+and other elementwise work is not counted.
+
+Logits are ``q.k * scale / temperature`` for every provider (SDPA, FlexAttention and flash-attn get
+``scale / temperature`` as their scale).
 
 Providers
     * ``eager``: what transformers' eager path runs: ``repeat_kv`` copies, ``matmul``, additive float mask,
@@ -32,11 +37,9 @@ from benchmarks.common import (
     Recorder,
     Rotating,
     Unavailable,
-    classify,
     is_oom,
     ours_backend_note,
     peak_memory_gb,
-    release_memory,
     time_call,
 )
 
@@ -304,10 +307,8 @@ class Ours(Provider):
 
     def __init__(self, shape: AttentionShape, device: str):
         super().__init__(shape, device)
-        try:
-            import asu_kernels
-        except ImportError as e:
-            raise Unavailable(f"asu_kernels is not importable: {e}") from None
+        import asu_kernels
+
         self._attention = asu_kernels.attention
 
     def __call__(self, q, k, v):
@@ -366,17 +367,8 @@ def bench_shape(
     """Measure every provider x mode of one shape and record ms, TFLOP/s and GB rows."""
     device = rec.device
     raw_sets = _input_sets(shape, device, _n_sets(shape, device), seed)
-    for name in providers:
-        base = {"benchmark": "attention", "provider": name, **shape.columns()}
-        try:
-            prov = make_provider(name, shape, device)
-        except Exception as e:  # noqa: BLE001 - recorded per mode (skip / oom / error), the suite goes on
-            status, why = classify(e)
-            del e
-            release_memory(device)
-            for mode in modes:
-                rec.status_row({**base, "mode": mode}, status, why)
-            continue
+    make = lambda name: make_provider(name, shape, device)
+    for name, base, prov in rec.providers("attention", shape.columns(), providers, modes, make):
         note = prov.note or (ours_backend_note(raw_sets[0][0]) if name == "ours" else "")
         if name == "flex":
             # Compile time apart, before any timing: the first forward (inference) and forward+backward.
@@ -386,24 +378,55 @@ def bench_shape(
                     row,
                     lambda row=row, mode=mode, prov=prov: _record_compile(rec, row, prov, raw_sets[0], mode),
                 )
-        for mode in modes:
-            row = {**base, "mode": mode}
 
-            def run(mode=mode, row=row, prov=prov, note=note) -> None:
-                sets = [
-                    tuple(t.detach().requires_grad_(mode != "fwd") for t in prov.prepare(*s))
-                    for s in raw_sets
-                ]
-                fn, grads = _timed_callable(prov, sets, mode)
-                fn()  # first call outside the timing: autotuning, lazy init
-                stats = time_call(fn, device, rep_ms=rep_ms, grad_to_none=grads)
-                rec.add(row, "ms", stats, note=note)
-                rec.add(row, "TFLOP/s", stats.inverse(shape.flops(mode) / 1e9), note=note)
-                del fn
-                mem, what = peak_memory_gb(_timed_callable(prov, sets[:1], mode)[0], device)
-                rec.add(row, "GB", mem, note=f"{what}; {note}".strip("; "))
+        def inputs(mode: str, prov=prov) -> list[tuple[torch.Tensor, ...]]:
+            return [
+                tuple(t.detach().requires_grad_(mode != "fwd") for t in prov.prepare(*s)) for s in raw_sets
+            ]
 
-            rec.guarded(row, run)
+        time_modes(rec, base, prov, inputs, modes, shape, rep_ms=rep_ms, note=note)
+
+
+def time_modes(
+    rec: Recorder,
+    base: dict[str, Any],
+    prov: Callable[..., torch.Tensor],
+    inputs: Callable[[str], list[tuple[torch.Tensor, ...]]],
+    modes: tuple[str, ...],
+    shape: AttentionShape,
+    *,
+    rep_ms: float,
+    note: str,
+) -> None:
+    """For each mode, the ``ms``, ``TFLOP/s`` and ``GB`` rows of ``prov``, rotating over ``inputs(mode)``
+    (the input sets, the leaves that need gradients in that mode marked); a failure is a status row."""
+    for mode in modes:
+        row = {**base, "mode": mode}
+        rec.guarded(
+            row,
+            lambda mode=mode, row=row: _time_mode(rec, row, prov, inputs(mode), mode, shape, rep_ms, note),
+        )
+
+
+def _time_mode(
+    rec: Recorder,
+    row: dict[str, Any],
+    prov: Callable[..., torch.Tensor],
+    sets: list[tuple[torch.Tensor, ...]],
+    mode: str,
+    shape: AttentionShape,
+    rep_ms: float,
+    note: str,
+) -> None:
+    """The three rows of one mode (see :func:`time_modes`)."""
+    fn, grads = _timed_callable(prov, sets, mode)
+    fn()  # first call outside the timing: autotuning, compilation, lazy init
+    stats = time_call(fn, rec.device, rep_ms=rep_ms, grad_to_none=grads)
+    rec.add(row, "ms", stats, note=note)
+    rec.add(row, "TFLOP/s", stats.inverse(shape.flops(mode) / 1e9), note=note)
+    del fn
+    mem, what = peak_memory_gb(_timed_callable(prov, sets[:1], mode)[0], rec.device)
+    rec.add(row, "GB", mem, note=f"{what}; {note}".strip("; "))
 
 
 def _record_compile(rec: Recorder, row: dict[str, Any], prov: Provider, raw: tuple, mode: str) -> None:

@@ -29,21 +29,18 @@ experiment, not a kernel benchmark: it lives in :mod:`asu.demo.asu_attn_comparis
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_attention import AttentionShape, _timed_callable, repeat_kv
+from benchmarks.bench_attention import AttentionShape, repeat_kv, time_modes
 from benchmarks.common import (
     Recorder,
     Unavailable,
-    classify,
     ours_backend_note,
-    peak_memory_gb,
-    release_memory,
-    time_call,
 )
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -210,17 +207,8 @@ def bench_shape(
     device = rec.device
     raw_sets = _input_sets(shape, device, 2, seed)
     want = None
-    for name in providers:
-        base = {"benchmark": "attention_kl", "provider": name, **shape.columns()}
-        try:
-            prov = make_provider(name, shape, device)
-        except Exception as e:  # noqa: BLE001 - recorded per mode (skip / oom / error), the suite goes on
-            status, why = classify(e)
-            del e
-            release_memory(device)
-            for mode in modes:
-                rec.status_row({**base, "mode": mode}, status, why)
-            continue
+    make = lambda name: make_provider(name, shape, device)
+    for name, base, prov in rec.providers("attention_kl", shape.columns(), providers, modes, make):
         note = ours_backend_note(raw_sets[0][0]) if name == "ours" else prov.note
 
         def accuracy(prov=prov, base=base, note=note, name=name) -> None:
@@ -238,29 +226,18 @@ def bench_shape(
             rec.add({**base, "mode": "fwd"}, "max_abs_err", err, note=f"vs float64 dense; {note}".strip("; "))
 
         rec.guarded({**base, "mode": "fwd"}, accuracy, metric="max_abs_err")
-        for mode in modes:
-            row = {**base, "mode": mode}
+        inputs = functools.partial(_student_leaves, raw_sets)
+        time_modes(rec, base, prov, inputs, modes, shape, rep_ms=rep_ms, note=note)
 
-            def run(mode=mode, row=row, prov=prov, note=note) -> None:
-                sets = [
-                    (
-                        q_s.detach().requires_grad_(mode != "fwd"),
-                        k_s.detach().requires_grad_(mode != "fwd"),
-                        q_t,
-                        k_t,
-                    )
-                    for q_s, k_s, q_t, k_t in raw_sets
-                ]
-                fn, grads = _timed_callable(prov, sets, mode)
-                fn()  # first call outside the timing: autotuning, compilation
-                stats = time_call(fn, device, rep_ms=rep_ms, grad_to_none=grads)
-                rec.add(row, "ms", stats, note=note)
-                rec.add(row, "TFLOP/s", stats.inverse(shape.flops(mode) / 1e9), note=note)
-                del fn
-                mem, what = peak_memory_gb(_timed_callable(prov, sets[:1], mode)[0], device)
-                rec.add(row, "GB", mem, note=f"{what}; {note}".strip("; "))
 
-            rec.guarded(row, run)
+def _student_leaves(raw_sets: list[tuple[torch.Tensor, ...]], mode: str) -> list[tuple[torch.Tensor, ...]]:
+    """The input sets with the student's q, k as fresh leaves that need gradients (not in ``fwd``); the
+    teacher's q, k are frozen."""
+    grad = mode != "fwd"
+    return [
+        (q_s.detach().requires_grad_(grad), k_s.detach().requires_grad_(grad), q_t, k_t)
+        for q_s, k_s, q_t, k_t in raw_sets
+    ]
 
 
 def run(rec: Recorder, suite: str, *, tiny: bool = False, providers: tuple[str, ...] | None = None) -> None:

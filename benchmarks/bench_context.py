@@ -24,7 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_e2e import LLAMA_1B, _attention_modules, _require_asu_layer, smoothed
+from asu.demo.tiny import seeded_llama
+from asu.smoothing import set_smoothing, smoothing
+from benchmarks.bench_e2e import LLAMA_1B
 from benchmarks.common import Recorder, is_oom, peak_memory_gb, release_memory
 
 TEMPERATURE = 2.3
@@ -32,13 +34,10 @@ RESOLUTION = 1024
 
 
 def _model(device: str, attn: str) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(**LLAMA_1B, attn_implementation=attn, use_cache=False)
-    config.max_position_embeddings = max(config.max_position_embeddings, 1 << 20)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    shape = dict(LLAMA_1B, max_position_embeddings=max(LLAMA_1B["max_position_embeddings"], 1 << 20))
+    model = seeded_llama(
+        0, device=device, dtype=torch.bfloat16, **shape, attn_implementation=attn, use_cache=False
+    )
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
@@ -54,7 +53,7 @@ def authors_step(model: torch.nn.Module, teacher: torch.nn.Module, ids: torch.Te
 def ours_step(model: torch.nn.Module, frozen_head: torch.Tensor, ids: torch.Tensor) -> None:
     import asu_kernels
 
-    with torch.no_grad(), smoothed(model, TEMPERATURE):
+    with torch.no_grad(), smoothing(model, TEMPERATURE):
         h_t = model.model(input_ids=ids).last_hidden_state[0]
     h_s = model.model(input_ids=ids).last_hidden_state[0]
     asu_kernels.linear_kl(h_s, model.lm_head.weight, h_t, frozen_head).backward()
@@ -159,15 +158,13 @@ def run(
 
         def body(provider=provider, base=base) -> None:
             if provider == "ours":
-                _require_asu_layer()
                 model = _model(device, "asu")
                 frozen_head = model.lm_head.weight.detach().clone()
                 step = lambda ids: ours_step(model, frozen_head, ids)  # noqa: E731
             else:
                 model = _model(device, "eager")
                 teacher = copy.deepcopy(model).eval().requires_grad_(False)
-                for m in _attention_modules(teacher):
-                    m.scaling = m.scaling / TEMPERATURE
+                set_smoothing(teacher, TEMPERATURE)  # eager attention: every module's scaling divided by tau
                 step = lambda ids: authors_step(model, teacher, ids)  # noqa: E731
             fit, fail = longest(rec, base, step, model, max_tokens=cap, deadline=deadline)
             if fail is None:

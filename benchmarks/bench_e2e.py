@@ -19,9 +19,8 @@ NLL a token mean over the step's retain answers.
   examples packed into rows with per-document attention (``position_ids`` restarting at 0), the teacher's last
   hidden states at answer positions cached once before the epoch (one smoothed pass of the original model;
   no teacher copy) together with a frozen copy of the LM head, and the fused ``asu_kernels.linear_kl`` /
-  ``linear_cross_entropy`` on hidden states, so no logits tensor exists. Smoothing uses
-  ``asu.smoothing.smoothing`` when the package has it, else divides the attention modules' ``scaling`` by
-  tau (the same logits).
+  ``linear_cross_entropy`` on hidden states, so no logits tensor exists. Smoothing is
+  ``asu.smoothing.smoothing``.
 
 * ``asu-unlearn``: the package's entry point ``asu.unlearn.unlearn`` (a transformers Trainer) with
   ``teacher="cache"`` and packing, on the same examples spelled as text for a word-level tokenizer; its data
@@ -34,17 +33,21 @@ two pipelines compute the same objective, so their first-step losses agree to fl
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+import asu.attention  # noqa: F401  (registers attn_implementation "asu")
+from asu.data import first_fit
+from asu.demo.tiny import seeded_llama
+from asu.smoothing import set_smoothing, smoothing
+from asu.unlearn import UnlearnConfig, unlearn
 from benchmarks.common import Recorder, Unavailable, peak_memory_gb
 
 IGNORE = -100
@@ -71,7 +74,6 @@ class E2EConfig:
     seed: int = 0
     name: str = "llama-1b"
     lora_r: int = 0  # 0 = full fine-tuning; else LoRA (PEFT) of this rank on every projection
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def params(self) -> str:
         m = self.model
@@ -83,42 +85,33 @@ class E2EConfig:
         )
 
 
-LLAMA_1B = dict(
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    vocab_size=128256,
-    max_position_embeddings=131072,
-    rope_theta=500000.0,
-    tie_word_embeddings=False,
-)
-LLAMA_8B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    vocab_size=128256,
-    max_position_embeddings=131072,
-    rope_theta=500000.0,
-    tie_word_embeddings=False,
-)
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=172,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=512,
-    max_position_embeddings=1024,
-    rope_theta=10000.0,
-    tie_word_embeddings=False,
-)
+def llama_shape(
+    *,
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    vocab: int,
+    positions: int,
+    rope_theta: float,
+) -> dict[str, Any]:
+    """The ``LlamaConfig`` keyword arguments of a model shape (untied input and output embeddings)."""
+    return dict(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=vocab,
+        max_position_embeddings=positions, rope_theta=rope_theta, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+# Llama-3.2-1B, Llama-3-8B, and a tiny Llama for the CPU.
+LLAMA_1B = llama_shape(layers=16, hidden=2048, intermediate=8192, heads=32, kv_heads=8, head_dim=64,
+                       vocab=128256, positions=131072, rope_theta=500000.0)  # fmt: skip
+LLAMA_8B = llama_shape(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128,
+                       vocab=128256, positions=131072, rope_theta=500000.0)  # fmt: skip
+TINY = llama_shape(layers=2, hidden=64, intermediate=172, heads=4, kv_heads=2, head_dim=16,
+                   vocab=512, positions=1024, rope_theta=10000.0)  # fmt: skip
 
 
 MODELS = ("llama-1b", "llama-8b-lora", "tiny", "tiny-lora")
@@ -181,13 +174,11 @@ def steps(cfg: E2EConfig, forget: list[Example], retain: list[Example]) -> Itera
 
 
 def build_model(cfg: E2EConfig, device: str, attn: str) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(cfg.seed)
-    config = LlamaConfig(**cfg.model, attn_implementation=attn, bos_token_id=BOS, eos_token_id=EOS)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(cfg.dtype)
-    return model
+    """The random-init model of ``cfg`` on ``device``, running attention implementation ``attn``."""
+    return seeded_llama(
+        cfg.seed, device=device, dtype=cfg.dtype, **cfg.model, attn_implementation=attn, bos_token_id=BOS,
+        eos_token_id=EOS,
+    )  # fmt: skip
 
 
 def with_lora(model: torch.nn.Module, cfg: E2EConfig) -> torch.nn.Module:
@@ -218,33 +209,6 @@ def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    # Attention modules carry `scaling`; the rotary module's `attention_scaling` is something else.
-    return [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "scaling")]
-
-
-@contextlib.contextmanager
-def smoothed(model: torch.nn.Module, temperature: float) -> Iterator[None]:
-    """Every attention softmax of ``model`` at ``temperature`` inside the block (restored on exit)."""
-    try:
-        from asu.smoothing import smoothing as ctx
-    except ImportError:
-        ctx = None
-    if ctx is not None:
-        with ctx(model, temperature=temperature):
-            yield
-        return
-    mods = _attention_modules(model)
-    saved = [m.scaling for m in mods]
-    try:
-        for m in mods:
-            m.scaling = m.scaling / temperature
-        yield
-    finally:
-        for m, s in zip(mods, saved, strict=True):
-            m.scaling = s
-
-
 # ------------------------------------------------------------------------------------------ authors' shape
 
 
@@ -263,8 +227,7 @@ def _pad(batch: list[Example], width: int, device: str) -> tuple[torch.Tensor, t
 def authors_epoch(model: torch.nn.Module, cfg: E2EConfig, forget, retain, device: str) -> list[float]:
     """One epoch in the authors' pipeline shape; returns the loss of every optimiser step."""
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    for m in _attention_modules(teacher):
-        m.scaling = m.scaling / cfg.temperature
+    set_smoothing(teacher, cfg.temperature)  # eager attention: every module's scaling divided by tau
     model = with_lora(model, cfg)
     opt = torch.optim.AdamW(_trainable(model), lr=cfg.lr, weight_decay=0.01)
     losses = []
@@ -302,22 +265,8 @@ def authors_epoch(model: torch.nn.Module, cfg: E2EConfig, forget, retain, device
 
 
 def _pack(examples: list[Example], budget: int) -> list[list[int]]:
-    """First-fit packing of example indices into rows of at most ``budget`` tokens."""
-    rows: list[list[int]] = []
-    used: list[int] = []
-    for i, ex in enumerate(examples):
-        n = len(ex.ids)
-        if n > budget:
-            raise ValueError(f"an example of {n} tokens does not fit the packing budget {budget}")
-        for r, u in enumerate(used):
-            if u + n <= budget:
-                rows[r].append(i)
-                used[r] += n
-                break
-        else:
-            rows.append([i])
-            used.append(n)
-    return rows
+    """First-fit packing (as the package's collator) of example indices into rows of ``budget`` tokens."""
+    return first_fit([len(ex.ids) for ex in examples], budget)
 
 
 def _row_tensors(examples: list[Example], members: list[int], device: str):
@@ -343,7 +292,7 @@ def teacher_cache(
 ) -> list[torch.Tensor]:
     """One smoothed pass of the original model: hidden states at each example's answer positions."""
     cache: list[torch.Tensor | None] = [None] * len(forget)
-    with torch.no_grad(), smoothed(model, cfg.temperature):
+    with torch.no_grad(), smoothing(model, cfg.temperature):
         for members in _pack(forget, cfg.pack_tokens):
             ids, pos, spans = _row_tensors(forget, members, device)
             h = _hidden(model, ids, pos)
@@ -437,16 +386,12 @@ def unlearn_epoch(model: torch.nn.Module, cfg: E2EConfig, forget, retain, device
     Its data order, forget/retain pairing and learning-rate schedule are the Trainer's, so its losses are not
     step-for-step comparable with the two pipelines above; its time and memory are.
     """
-    try:
-        from asu.unlearn import UnlearnConfig, unlearn
-    except ImportError as e:
-        raise Unavailable(f"asu.unlearn is not importable yet: {e}") from None
     micro = min(8, cfg.batch)
     ucfg = UnlearnConfig(
         method="asu",
         temperature=cfg.temperature,
         lam=cfg.lam,
-        retain_loss="gd",
+        retain_loss="nll",
         teacher="cache",
         lr=cfg.lr,
         epochs=1,
@@ -463,17 +408,6 @@ def unlearn_epoch(model: torch.nn.Module, cfg: E2EConfig, forget, retain, device
         model, word_tokenizer(cfg.model["vocab_size"]), text_rows(forget), text_rows(retain), ucfg
     )
     return [float(h["loss"]) for h in result.history if "loss" in h]
-
-
-def _require_asu_layer() -> None:
-    try:
-        import asu.attention  # noqa: F401  (registers attn_implementation "asu")
-    except ImportError as e:
-        raise Unavailable(f"the asu layer is not importable yet (import asu.attention: {e})") from None
-    from transformers import AttentionInterface
-
-    if "asu" not in AttentionInterface._global_mapping:
-        raise Unavailable("asu.attention imported but attn_implementation 'asu' is not registered")
 
 
 def run(
@@ -515,8 +449,6 @@ def run(
         row = {"benchmark": "e2e", "provider": provider, "mode": "epoch", **columns}
 
         def body(provider=provider, row=row, epoch=epoch) -> None:
-            if provider != "authors":
-                _require_asu_layer()
             model = build_model(cfg, device, "eager" if provider == "authors" else "asu")
             result: dict[str, Any] = {}
 

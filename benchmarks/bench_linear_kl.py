@@ -26,10 +26,8 @@ from benchmarks.common import (
     Recorder,
     Rotating,
     Unavailable,
-    classify,
     ours_backend_note,
     peak_memory_gb,
-    release_memory,
     time_call,
 )
 
@@ -147,17 +145,15 @@ def bench_shape(
     """Time and peak memory of forward+backward for each provider at one shape."""
     device = rec.device
     bench = "linear_kl" if shape.loss == "kl" else "linear_ce"
-    try:
-        sets, weights = _inputs(shape, device, 2 if shape.tokens * shape.hidden * 2 > 5e8 else 3, seed)
-    except Exception as e:  # noqa: BLE001 - e.g. the weights alone do not fit: one row per provider says so
-        status, why = classify(e)
-        del e
-        release_memory(device)
-        for name in providers:
-            rec.status_row(
-                {"benchmark": bench, "provider": name, "mode": "fwd+bwd", **shape.columns()}, status, why
-            )
+    n_sets = 2 if shape.tokens * shape.hidden * 2 > 5e8 else 3
+    # E.g. the weights alone do not fit: one row per provider says so.
+    inputs = rec.attempt(
+        lambda: _inputs(shape, device, n_sets, seed),
+        [{"benchmark": bench, "provider": name, "mode": "fwd+bwd", **shape.columns()} for name in providers],
+    )
+    if inputs is None:
         return
+    sets, weights = inputs
     for name in providers:
         row = {"benchmark": bench, "provider": name, "mode": "fwd+bwd", **shape.columns()}
 

@@ -21,23 +21,23 @@ from __future__ import annotations
 
 import csv
 import ctypes
-import datetime as _dt
 import gc
 import io
 import itertools
-import os
-import platform
 import re
 import statistics
-import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from asu.environment import environment as asu_environment
+from asu.environment import machine
+from asu.files import atomic_write_text
 
 #: Column order of every results CSV. Shape columns a benchmark does not use stay empty.
 COLUMNS: tuple[str, ...] = (
@@ -79,41 +79,20 @@ class Unavailable(Exception):
 # --------------------------------------------------------------------------------------------- environment
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (falls back to ``platform.processor()``)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def device_name(device: str) -> str:
-    """Human name of the card (``NVIDIA H100 80GB HBM3``) or of the CPU (``CPU: AMD EPYC``)."""
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU: {cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-
-
-def _version(module: str) -> str:
-    try:
-        mod = __import__(module)
-    except Exception:  # noqa: BLE001 - a missing or broken optional library is simply reported as absent
-        return "absent"
-    return str(getattr(mod, "__version__", "unknown"))
+    """The card (``NVIDIA H100 80GB HBM3``) or ``CPU: <model> (<n> cores, <t> torch threads)``: the CSV's
+    ``device`` column (the report tells CPU rows by the prefix)."""
+    name = machine(device)
+    return name if device.startswith("cuda") else f"CPU: {name}"
 
 
 def environment(device: str) -> dict[str, str]:
     """The columns every row carries: device name, library versions and the run's UTC timestamp."""
+    env = asu_environment(device)
     return {
         "device": device_name(device),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **{k: str(env[k]) for k in ("torch", "triton", "transformers")},
+        "date": str(env["date"]),
     }
 
 
@@ -307,32 +286,13 @@ def classify(exc: BaseException) -> tuple[str, str]:
 
 
 def write_csv_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Write ``rows`` (dicts over :data:`COLUMNS`) to ``path`` via a temp file in the same directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``rows`` (dicts over :data:`COLUMNS`) to ``path`` atomically (:mod:`asu.files`)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(COLUMNS), extrasaction="raise", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({c: _fmt(row.get(c, "")) for c in COLUMNS})
-    write_text_atomic(path, buf.getvalue())
-
-
-def write_text_atomic(path: Path, text: str | bytes) -> None:
-    """Write ``text`` to ``path`` atomically (temp file in the same directory, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = text.encode("utf-8") if isinstance(text, str) else text
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by everyone
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, buf.getvalue())
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -435,6 +395,35 @@ class Recorder:
         release_memory(self.device)
         return outcome is None
 
+    def attempt(self, make: Callable[[], Any], rows: Sequence[dict[str, Any]]) -> Any | None:
+        """``make()`` (a provider, the inputs); when it fails, None and one status row (skip / oom / error)
+        for each base row of ``rows``, the rows' measurements being impossible. Memory is released after a
+        failure, the exception dropped first."""
+        try:
+            return make()
+        except Exception as e:  # noqa: BLE001 - recorded for every row it prevents; the suite goes on
+            status, note = classify(e)
+        release_memory(self.device)
+        for base in rows:
+            self.status_row(base, status, note)
+        return None
+
+    def providers(
+        self,
+        benchmark: str,
+        columns: dict[str, Any],
+        names: Sequence[str],
+        modes: Sequence[str],
+        make: Callable[[str], Any],
+    ) -> Iterator[tuple[str, dict[str, Any], Any]]:
+        """``(name, base row, provider)`` for each of ``names`` that ``make(name)`` could build; for one that
+        it could not, one status row per mode instead (see :meth:`attempt`)."""
+        for name in names:
+            base = {"benchmark": benchmark, "provider": name, **columns}
+            prov = self.attempt(lambda name=name: make(name), [{**base, "mode": m} for m in modes])
+            if prov is not None:
+                yield name, base, prov
+
     def summary(self) -> dict[str, int]:
         counts = dict.fromkeys(STATUSES, 0)
         for row in self.rows:
@@ -442,16 +431,10 @@ class Recorder:
         return counts
 
 
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "0") not in ("", "0", "false", "False")
-
-
 def ours_backend_note(t: torch.Tensor) -> str:
     """Which implementation ``asu_kernels`` runs for tensors like ``t`` (Triton, interpreter or reference)."""
-    try:
-        from asu_kernels._backend import interpreting, use_triton
-    except ImportError:
-        return ""
+    from asu_kernels._backend import interpreting, use_triton
+
     if not use_triton(t):
         return "PyTorch reference path"
     return "Triton interpreter" if interpreting() and not t.is_cuda else "Triton"

@@ -24,7 +24,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from benchmarks.common import COLUMNS, read_csv, slug, write_text_atomic
+from asu.files import atomic_write, atomic_write_text
+from benchmarks.common import COLUMNS, read_csv, slug
 
 RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -517,10 +518,10 @@ def _plots(rows: list[Row], stem: Path) -> tuple[list[Path], str]:
 
     def save(fig, suffix: str) -> None:
         path = stem.with_name(f"{stem.name}-{suffix}.png")
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-        plt.close(fig)
+        try:
+            atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
+        finally:
+            plt.close(fig)
         written.append(path)
 
     for metric, suffix, ylabel in (
@@ -638,7 +639,7 @@ def render_group(device: str, day: str, rows: list[Row], out_dir: Path) -> Path:
         lines += [f"![{p.stem}]({p.name})" for p in pngs] + ([plot_note] if plot_note else []) + [""]
     lines += problems_section(rows)
     path = stem.with_suffix(".md")
-    write_text_atomic(path, "\n".join(lines).rstrip() + "\n")
+    atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
 
 
@@ -692,7 +693,7 @@ def refresh_readme(readme: Path, section: str) -> bool:
         return False
     new = text[: start + len(START)] + "\n" + section.strip("\n") + "\n\n" + text[end:]
     if new != text:
-        write_text_atomic(readme, new)
+        atomic_write_text(readme, new)
     return True
 
 

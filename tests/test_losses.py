@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from helpers import COLLATORS, FORGET, RETAIN, assert_fp32_close, encoded, perturbed, tiny_model
 
-from asu.losses import UnlearnObjective, teacher_needs
+from asu.losses import UnlearnObjective, teacher_outputs_needed
 from asu.teachers import build_teacher
 
 # ---- the independent reference ---------------------------------------------------------------------------
@@ -93,7 +93,9 @@ def test_asu_loss_matches_plain(tok, arch, layout, source, monkeypatch):
     tau = 2.3
     kwargs = {}
     if source == "cache":
-        kwargs = dict(sets={"forget": forget}, needs=teacher_needs("asu", "gd"), dtype=torch.float32)
+        kwargs = dict(
+            sets={"forget": forget}, needs=teacher_outputs_needed("asu", "nll"), dtype=torch.float32
+        )
     teacher = build_teacher(source, original, tau, None, **kwargs)
     objective = UnlearnObjective(student, method="asu", lam=1.0, teacher=teacher)
     batch = COLLATORS[layout].collate(forget)
@@ -199,14 +201,14 @@ def test_asu_loss_decreases(tok, reference_backend):
 
 @pytest.mark.parametrize(
     "method, retain_loss",
-    [(m, "gd") for m in ["ga", "gd", "npo", "simnpo", "idk"]] + [("gd", "kl"), ("npo", "kl")],
+    [(m, "nll") for m in ["ga", "gd", "npo", "simnpo", "idk"]] + [("gd", "kl"), ("npo", "kl")],
 )
 def test_baselines_match_plain(tok, method, retain_loss, reference_backend):
     original = tiny_model("llama", vocab_size=len(tok))
     student = perturbed(original)
     forget, retain = encoded(tok, FORGET), encoded(tok, RETAIN)
     idk = encoded(tok, [{"question": r["question"], "answer": "who where when"} for r in FORGET])
-    teacher = build_teacher("copy", original, 2.3) if teacher_needs(method, retain_loss) else None
+    teacher = build_teacher("copy", original, 2.3) if teacher_outputs_needed(method, retain_loss) else None
     objective = UnlearnObjective(student, method=method, retain_loss=retain_loss, teacher=teacher)
     col = COLLATORS["packed"]
     out = objective(forget=col.collate(forget), retain=col.collate(retain), idk=col.collate(idk))
@@ -229,7 +231,7 @@ def test_baselines_match_plain(tok, method, retain_loss, reference_backend):
         torch.testing.assert_close(out["loss"], forget_want)
         return
     retain_want = (
-        plain_nll(student, retain) if retain_loss == "gd" else plain_kl_tokens(student, original, retain)
+        plain_nll(student, retain) if retain_loss == "nll" else plain_kl_tokens(student, original, retain)
     )
     assert_fp32_close(out["retain_loss"], retain_want)
     weight = 0.125 if method == "simnpo" else 1.0
@@ -246,7 +248,7 @@ def test_cache_teacher_retain_kl_and_disk(tok, tmp_path, reference_backend):
         2.3,
         None,
         sets={"forget": forget, "retain": retain},
-        needs=teacher_needs("asu", "kl"),
+        needs=teacher_outputs_needed("asu", "kl"),
         dtype=torch.float32,
         directory=str(tmp_path),
     )
@@ -279,7 +281,7 @@ def test_objective_bad_arguments(tok):
     with pytest.raises(ValueError, match="unknown method"):
         UnlearnObjective(model, method="rmu")
     with pytest.raises(ValueError, match="retain loss"):
-        UnlearnObjective(model, method="gd", retain_loss="nll")
+        UnlearnObjective(model, method="gd", retain_loss="mse")
     with pytest.raises(ValueError, match="lam"):
         UnlearnObjective(model, method="gd", lam=-1.0)
     with pytest.raises(ValueError, match="needs a teacher"):

@@ -1,15 +1,16 @@
-"""The ``asu`` command: one module per subcommand, imported only when the command line names it.
+"""The ``asu`` command: one module per subcommand.
 
-A subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int`` (the exit status). Argument
-parsing and exit codes live here and in those modules only; the work itself is the library's
-(:mod:`asu.unlearn`, :mod:`asu.evaluate`, :mod:`asu.inspection`) or the demo's (:mod:`asu.demo`).
+``asu <subcommand> ...`` (the console script, :func:`main`) or ``python -m asu.commands <subcommand> ...``
+(for launchers that run a module, e.g. ``accelerate launch -m``). A subcommand module exposes
+``add_arguments(parser)`` and ``run(args) -> int`` (the exit status). Argument parsing and exit codes live
+here and in those modules only; the work itself is the library's (:mod:`asu.unlearn`, :mod:`asu.evaluate`,
+:mod:`asu.inspection`) or the demo's (:mod:`asu.demo`).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 SUBCOMMANDS = {
     "demo": ("asu.commands.demo", "forget authors of the embedded synthetic world with ASU and report"),
@@ -33,7 +34,3 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return int(args._run(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -66,15 +66,5 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"asu demo: error: {e}", file=sys.stderr)
         return 1
-    try:
-        import asu.unlearn  # noqa: F401
-    except ModuleNotFoundError as e:
-        if e.name != "asu.unlearn":
-            raise
-        print(
-            "asu demo: error: unlearning is not available in this build (asu.unlearn missing)",
-            file=sys.stderr,
-        )
-        return 2
     run_demo(settings, args.out, args.cache_dir, args.method, progress=not args.no_progress)
     return 0

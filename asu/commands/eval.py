@@ -14,8 +14,6 @@ import torch
 
 from asu.data import load_rows
 from asu.evaluate import (
-    atomic_write_json,
-    atomic_write_text,
     check_rows,
     evaluate_model,
     evaluate_smoothed,
@@ -24,6 +22,7 @@ from asu.evaluate import (
     validate_stats,
     write_results,
 )
+from asu.files import atomic_write_json, atomic_write_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from asu.files import atomic_write, atomic_write_text
 from asu.inspection import ROW_CHOICES, inspect_model, parse_temperatures, summarize
 
 
@@ -46,19 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _heatmap(path: Path, values: list[list[float]], layers: list[int], title: str, label: str) -> None:
     from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
 
@@ -75,7 +62,7 @@ def _heatmap(path: Path, values: list[list[float]], layers: list[int], title: st
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label=label)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def write_outputs(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
@@ -84,12 +71,10 @@ def write_outputs(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Pa
     out.mkdir(parents=True, exist_ok=True)
     written = []
     path = out / "inspect.json"
-    text = json.dumps(report, indent=1)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(path, json.dumps(report, indent=1))
     written.append(path)
     path = out / "summary.txt"
-    summary = summarize(report)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(summary))
+    atomic_write_text(path, summarize(report))
     written.append(path)
     layers = report["layers"]
     for name, s in report["sets"].items():

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from asu.data import DataError, load_idk_answers, load_rows
-from asu.losses import METHODS, RETAIN_LOSSES
+from asu.losses import METHOD_ALIASES, METHODS, RETAIN_LOSS_ALIASES, RETAIN_LOSSES
 from asu.smoothing import parse_layers
 from asu.teachers import TEACHER_SOURCES
 from asu.unlearn import UnlearnConfig, check_output_dir, unlearn
@@ -30,10 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method",
         default=d.method,
-        help=f"{'|'.join(METHODS)} (default {d.method}); asu-attn is EXPERIMENTAL: distils each selected "
-        "layer's attention rows toward the smoothed teacher's on forget data (teacher copy, base or self)",
+        help=f"{'|'.join(METHODS)} (default {d.method}; {_aliases(METHOD_ALIASES)}); asu-attn is "
+        "EXPERIMENTAL: distils each selected layer's attention rows toward the smoothed teacher's on forget "
+        "data (teacher copy, base or self)",
     )
-    parser.add_argument("--retain-loss", default=d.retain_loss, help=f"{'|'.join(RETAIN_LOSSES)}")
+    parser.add_argument(
+        "--retain-loss",
+        default=d.retain_loss,
+        help=f"{'|'.join(RETAIN_LOSSES)} (default {d.retain_loss}; "
+        f"deprecated: {_aliases(RETAIN_LOSS_ALIASES)})",
+    )
     parser.add_argument("--temperature", type=float, default=d.temperature, help="attention temperature tau")
     parser.add_argument("--lam", type=float, default=d.lam, help="weight of the ASU term")
     parser.add_argument("--layers", default="all", help="smoothed layers: all, 6-8, or 0,2,5-7")
@@ -74,12 +80,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _aliases(names: dict[str, str]) -> str:
+    return ", ".join(f"{old} = {new}" for old, new in names.items())
+
+
+def _retain_loss(name: str) -> str:
+    """The retain loss named on the command line; a deprecated name gets a one-line note on stderr."""
+    if name in RETAIN_LOSS_ALIASES:
+        new = RETAIN_LOSS_ALIASES[name]
+        note = f"asu unlearn: note: --retain-loss {name} is deprecated; use --retain-loss {new} (same loss)"
+        print(note, file=sys.stderr)
+        return new
+    return name
+
+
 def _config_from_args(args: argparse.Namespace) -> UnlearnConfig:
     return UnlearnConfig(
         method=args.method,
         temperature=args.temperature,
         lam=args.lam,
-        retain_loss=args.retain_loss,
+        retain_loss=_retain_loss(args.retain_loss),
         teacher=args.teacher,
         layers=None if str(args.layers).strip().lower() == "all" else args.layers,
         lr=args.lr,

@@ -15,16 +15,19 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from asu.data import PaddingCollator, encode_rows
-from asu.demo.run import default_settings, environment
+from asu.demo.run import default_settings
 from asu.demo.tiny import load_or_train
-from asu.demo.world import generate_world
-from asu.evaluate import atomic_write_text, evaluate_model
+from asu.demo.world import World, generate_world
+from asu.environment import environment
+from asu.evaluate import evaluate_model
+from asu.files import atomic_write_json
 from asu.losses import UnlearnObjective
 from asu.teachers import build_teacher
 from asu.unlearn import UnlearnConfig, unlearn
@@ -97,7 +100,7 @@ def compare_unlearning(
     from the demo's cached tiny model, evaluate each, and write the numbers as JSON; returns its path.
 
     Every run uses the demo's settings (:func:`asu.demo.run.default_settings`: tau, lr, epochs, batch, padded
-    batches, retain ``gd``); ASU keeps the demo's lambda, ``asu-attn`` runs at each of ``attn_lams`` (its
+    batches, retain ``nll``); ASU keeps the demo's lambda, ``asu-attn`` runs at each of ``attn_lams`` (its
     loss, a sum over layers of attention-row KLs, has another scale than the vocabulary KL). ``epochs`` and
     ``lr`` override the demo's for every run (the quick world's 2 epochs barely move any method). Wall time is
     each run's ``unlearn`` call on this machine.
@@ -106,15 +109,9 @@ def compare_unlearning(
     epochs = s.epochs if epochs is None else int(epochs)
     lr = s.asu_lr if lr is None else float(lr)
     world = generate_world(s.world)
-    forget, retain, general = world.split("forget"), world.split("retain"), world.split("general")
+    forget, retain = world.split("forget"), world.split("retain")
     model, tokenizer, info = load_or_train(world, "full", cache_dir, s.model, s.train, progress)
-    ev = dict(batch_size=32, max_new_tokens=s.max_new_tokens, well_formed=world.is_well_formed)
-
-    def summary(m: torch.nn.Module) -> dict[str, float]:
-        # No oracle model (it would double the training time here), so no forget-quality p-value.
-        res = evaluate_model(m, tokenizer, forget, retain, general, **ev)
-        return {k: res["summary"][k] for k in COMPARE_METRICS if k in res["summary"]}
-
+    summary = _summarizer(world, tokenizer, s.max_new_tokens)
     runs: list[dict[str, Any]] = [{"name": "original", "method": None, "metrics": summary(model)}]
     # One untimed optimizer step first: the first unlearn() call pays one-time start-up (imports, allocator).
     warm = UnlearnConfig(method="asu", max_steps=1, batch_size=s.batch_size, grad_accum=1, max_length=128,
@@ -124,29 +121,11 @@ def compare_unlearning(
     plans += [("asu-attn", teacher, lam) for teacher in ("copy", "self") for lam in attn_lams]
     for method, teacher, lam in plans:
         cfg = UnlearnConfig(
-            method=method, teacher=teacher, temperature=s.temperature, lam=lam, retain_loss="gd", layers=None,
-            lr=lr, epochs=epochs, batch_size=s.batch_size, grad_accum=1, max_length=128, pack=False,
-            seed=seed, progress=progress,
+            method=method, teacher=teacher, temperature=s.temperature, lam=lam, retain_loss="nll",
+            layers=None, lr=lr, epochs=epochs, batch_size=s.batch_size, grad_accum=1, max_length=128,
+            pack=False, seed=seed, progress=progress,
         )  # fmt: skip
-        t0 = time.perf_counter()
-        result = unlearn(copy.deepcopy(model), tokenizer, forget, retain, cfg, output_dir=None)
-        wall = time.perf_counter() - t0
-        hist = result.history
-        runs.append(
-            {
-                "name": f"{method} teacher={teacher} lam={lam:g}",
-                "method": method,
-                "teacher": teacher,
-                "lam": lam,
-                "wall_s": wall,
-                "optimizer_steps": result.stats["optimizer_steps"],
-                "forget_loss_first": hist[0].get("forget_loss") if hist else None,
-                "forget_loss_last": hist[-1].get("forget_loss") if hist else None,
-                "metrics": summary(result.model.eval()),
-            }
-        )
-        del result
-    env = environment()
+        runs.append(_timed_run(model, tokenizer, forget, retain, cfg, summary))
     record = {
         "what": "asu-attn (EXPERIMENTAL attention-map objective) vs output-level ASU on the embedded world",
         "world": "quick" if quick else "default",
@@ -158,12 +137,12 @@ def compare_unlearning(
             "epochs": epochs,
             "warmup_epochs": 1.0,
             "batch_size": s.batch_size,
-            "retain_loss": "gd",
+            "retain_loss": "nll",
             "layers": "all",
             "seed": seed,
-        },
+        },  # fmt: skip
         "model": {"n_parameters": info.get("n_parameters"), "rouge": info.get("rouge")},
-        "environment": env,
+        "environment": environment(),
         "torch_threads": torch.get_num_threads(),
         "runs": runs,
         "step_ms_median": step_times_ms(
@@ -175,9 +154,49 @@ def compare_unlearning(
     day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path = Path(out_dir) / f"asu-attn-vs-asu-{device}-{day}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
+    atomic_write_json(path, record, indent=2, default=str)
     return path
+
+
+def _summarizer(world: World, tokenizer: Any, max_new_tokens: int) -> Callable[[torch.nn.Module], dict]:
+    """``model -> {metric: value}`` over :data:`COMPARE_METRICS` on the world's splits."""
+    forget, retain, general = world.split("forget"), world.split("retain"), world.split("general")
+
+    def summary(model: torch.nn.Module) -> dict[str, float]:
+        # No oracle model (it would double the training time here), so no forget-quality p-value.
+        res = evaluate_model(
+            model, tokenizer, forget, retain, general, batch_size=32, max_new_tokens=max_new_tokens,
+            well_formed=world.is_well_formed,
+        )  # fmt: skip
+        return {k: res["summary"][k] for k in COMPARE_METRICS if k in res["summary"]}
+
+    return summary
+
+
+def _timed_run(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    forget: list,
+    retain: list,
+    cfg: UnlearnConfig,
+    summary: Callable[[torch.nn.Module], dict],
+) -> dict[str, Any]:
+    """Unlearn a copy of ``model`` with ``cfg``; the run's wall time, first and last forget loss, metrics."""
+    t0 = time.perf_counter()
+    result = unlearn(copy.deepcopy(model), tokenizer, forget, retain, cfg, output_dir=None)
+    wall = time.perf_counter() - t0
+    hist = result.history
+    return {
+        "name": f"{cfg.method} teacher={cfg.teacher} lam={cfg.lam:g}",
+        "method": cfg.method,
+        "teacher": cfg.teacher,
+        "lam": cfg.lam,
+        "wall_s": wall,
+        "optimizer_steps": result.stats["optimizer_steps"],
+        "forget_loss_first": hist[0].get("forget_loss") if hist else None,
+        "forget_loss_last": hist[-1].get("forget_loss") if hist else None,
+        "metrics": summary(result.model.eval()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,24 +27,23 @@ import copy
 import math
 import os
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from asu.demo.tiny import TinyModelConfig, TrainConfig, load_or_train
-from asu.demo.world import WorldConfig, generate_world, write_splits
+from asu.demo.world import World, WorldConfig, generate_world, write_splits
+from asu.environment import environment
 from asu.evaluate import (
-    atomic_write_json,
-    atomic_write_text,
     evaluate_model,
     evaluate_smoothed,
     forget_quality,
     stats_values,
 )
+from asu.files import atomic_write, atomic_write_json, atomic_write_text
 
 # Columns of the before/after table: summary key -> header.
 COLUMNS = {
@@ -66,7 +65,7 @@ class DemoSettings:
     """Everything the demo's numbers depend on.
 
     The defaults were tuned on the default world, seed 0 (ASU's forget / retain ROUGE-L after unlearning on
-    the whole retain split; the original model is at 0.98 / 0.95; retain loss ``gd``, 10 epochs, λ 3, lr
+    the whole retain split; the original model is at 0.98 / 0.95; retain loss ``nll``, 10 epochs, λ 3, lr
     3e-4). Smoothing every layer trades much retain for forgetting (τ 3: 0.57 / 0.90 and τ 4: 0.39 / 0.88
     on half the retain split). Smoothing only layers 0-1 forgets nearly as much for far less (τ 3.5: 0.57 /
     0.92; τ 4: 0.46 / 0.91; τ 4.5: 0.47 / 0.90; τ 5: 0.40 / 0.89); the paper reports the same on Llama-2-7B,
@@ -95,20 +94,18 @@ class DemoSettings:
     n_examples: int = 4
 
 
+#: The model of ``--quick``: every size of the default model halved, but still 2 key/value heads.
+QUICK_MODEL = TinyModelConfig(
+    vocab_size=512, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=128
+)
+
+
 def default_settings(seed: int = 0, quick: bool = False) -> DemoSettings:
     """The demo's world, model and hyper-parameters (``quick``: a tiny world and model, for tests)."""
     if quick:
         return DemoSettings(
             world=WorldConfig(n_authors=8, n_cities=6, n_countries=5, n_perturbed=3, seed=seed),
-            model=TinyModelConfig(
-                vocab_size=512,
-                hidden_size=64,
-                n_layers=2,
-                n_heads=4,
-                n_kv_heads=2,
-                head_dim=16,
-                intermediate_size=128,
-            ),
+            model=QUICK_MODEL,
             train=TrainConfig(lr=5e-3, batch_size=8, max_epochs=12, eval_every=6, warmup_steps=10, seed=seed),
             ga_lrs=(3e-4,),
             match_steps=0,
@@ -141,7 +138,7 @@ def _unlearn(
         method=method,
         temperature=s.temperature,
         lam=s.lam if method == "asu" else 1.0,
-        retain_loss="gd",
+        retain_loss="nll",
         teacher="copy",
         layers=s.layers,
         lr=lr,
@@ -318,16 +315,62 @@ def _chart(models: dict[str, dict[str, float]], path: Path) -> bool:
     ax.set_title("asu demo: forgetting vs what is kept")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return True
+
+
+@dataclass
+class _DemoRun:
+    """What the demo's stages share: the settings, the world's splits, the original model and its tokenizer,
+    and every result collected so far (``models`` in table order: name -> summary)."""
+
+    s: DemoSettings
+    world: World
+    progress: bool
+    model: Any = None
+    tokenizer: Any = None
+    reference: dict[str, Any] | None = None  # the oracle's forget statistics: the forget-quality reference
+    models: dict[str, dict[str, float]] = field(default_factory=dict)
+    generations: dict[str, list[str]] = field(default_factory=dict)
+    histories: dict[str, list] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def splits(self) -> tuple[list[dict], list[dict], list[dict]]:
+        return self.world.split("forget"), self.world.split("retain"), self.world.split("general")
+
+    @property
+    def layers_label(self) -> str:
+        return f" layers {self.s.layers}" if self.s.layers else ""
+
+    def evaluation(self) -> dict[str, Any]:
+        """The keyword arguments of every evaluation in the demo."""
+        return dict(
+            batch_size=32,
+            max_new_tokens=self.s.max_new_tokens,
+            well_formed=self.world.is_well_formed,
+            progress=self.progress,
+        )
+
+    def evaluate(self, model: Any, **kwargs: Any) -> dict[str, Any]:
+        forget, retain, general = self.splits
+        return evaluate_model(model, self.tokenizer, forget, retain, general, **kwargs, **self.evaluation())
+
+    def unlearn_and_evaluate(self, name: str, generations_key: str, method: str, lr: float) -> None:
+        """Unlearn a copy of the original model with ``method`` at ``lr``, evaluate it and record it as
+        ``name`` (its forget generations as ``generations_key``)."""
+        forget, retain, _ = self.splits
+        unlearned, secs, hist = _unlearn(
+            self.model, self.tokenizer, forget, retain, method, lr, self.s, self.progress
+        )
+        self.timings[name] = secs
+        res = self.evaluate(unlearned, reference_stats=self.reference)
+        self.models[name] = res["summary"]
+        self.generations[generations_key] = res["generations"]["forget"]
+        self.histories[name] = hist
 
 
 def run_demo(
@@ -339,22 +382,63 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run every stage of the demo and write its outputs; returns what ``results.json`` holds."""
     out = Path(out_dir)
-    s = settings
-    timings: dict[str, float] = {}
     t_start = time.perf_counter()
+    run = _DemoRun(settings, _world(settings, out), progress)
+    oracle, training = _models(run, cache_dir)
+    _evaluate_original(run, oracle)
+    preview = _preview(run)
+    asu_name = _asu(run, method)
+    ga_names = _ga_matched(run, asu_name)
+    run.timings["total"] = time.perf_counter() - t_start
+    tau_key = next(
+        k for k in run.models if k.startswith(f"smoothed τ={settings.temperature:g}{run.layers_label} (")
+    )
+    claims = check_claims(run.models, asu_name, ga_names, run.models[tau_key])
+    examples = _examples(run.splits[0], run.generations, settings.n_examples)
+    _print_outcome(run, claims, examples, out)
+    results = {
+        "settings": _settings_record(settings),
+        "method": method,
+        "training": training,
+        "models": run.models,
+        "claims": claims,
+        "examples": examples,
+        "tau_preview": [{"temperature": p["temperature"], "summary": p["summary"]} for p in preview],
+        "histories": run.histories,
+        "timings_s": run.timings,
+        "torch_threads": torch.get_num_threads(),
+        "environment": environment(),
+    }
+    _write_results(results, examples, out)
+    return results
+
+
+# -- the stages of run_demo(), in order -------------------------------------------------------------------
+
+
+def _world(s: DemoSettings, out: Path) -> World:
+    """Build the world and write its splits under ``out/data``."""
     world = generate_world(s.world)
     write_splits(world, out / "data")
-    forget, retain, general = world.split("forget"), world.split("retain"), world.split("general")
+    n = {split: len(world.split(split)) for split in ("forget", "retain", "general")}
     print(
         f"world: {len(world.authors)} authors ({len(world.forget_authors)} to forget: "
-        f"{', '.join(world.forget_authors)}), {len(forget)} forget / {len(retain)} retain / "
-        f"{len(general)} general rows"
+        f"{', '.join(world.forget_authors)}), {n['forget']} forget / {n['retain']} retain / "
+        f"{n['general']} general rows"
     )
+    return world
 
+
+def _models(run: _DemoRun, cache_dir: str | os.PathLike[str] | None) -> tuple[Any, dict[str, Any]]:
+    """Train or load the full model (into ``run``) and the oracle; returns the oracle and both models'
+    training records."""
+    s = run.s
     t0 = time.perf_counter()
-    model, tokenizer, info_full = load_or_train(world, "full", cache_dir, s.model, s.train, progress)
-    oracle, _, info_oracle = load_or_train(world, "oracle", cache_dir, s.model, s.train, progress)
-    timings["models"] = time.perf_counter() - t0
+    run.model, run.tokenizer, info_full = load_or_train(
+        run.world, "full", cache_dir, s.model, s.train, run.progress
+    )
+    oracle, _, info_oracle = load_or_train(run.world, "oracle", cache_dir, s.model, s.train, run.progress)
+    run.timings["models"] = time.perf_counter() - t0
     for info in (info_full, info_oracle):
         rouge = ", ".join(f"{k} {v:.3f}" for k, v in info["rouge"].items())
         state = "loaded from cache" if info["cached"] else f"trained in {info['seconds']:.0f} s"
@@ -364,163 +448,105 @@ def run_demo(
         )
         if not info["reached"]:
             print(f"warning: the {info['kind']} model did not reach the memorisation target", file=sys.stderr)
+    return oracle, {"full": info_full, "oracle": info_oracle}
 
-    ev = dict(
-        batch_size=32, max_new_tokens=s.max_new_tokens, well_formed=world.is_well_formed, progress=progress
-    )
+
+def _evaluate_original(run: _DemoRun, oracle: Any) -> None:
+    """The oracle (whose forget statistics become the forget-quality reference) and the original model."""
     t0 = time.perf_counter()
-    oracle_res = evaluate_model(oracle, tokenizer, forget, retain, general, **ev)
-    reference = oracle_res["stats"]
+    oracle_res = run.evaluate(oracle)
+    run.reference = oracle_res["stats"]
     # The oracle against its own statistics: identical samples, forget quality 1 by definition.
-    oracle_res["summary"]["forget_quality"] = forget_quality(
-        stats_values(reference), stats_values(reference)
-    )["pvalue"]
-    orig_res = evaluate_model(model, tokenizer, forget, retain, general, reference_stats=reference, **ev)
-    timings["evaluate_original"] = time.perf_counter() - t0
+    reference_values = stats_values(run.reference)
+    oracle_res["summary"]["forget_quality"] = forget_quality(reference_values, reference_values)["pvalue"]
+    orig_res = run.evaluate(run.model, reference_stats=run.reference)
+    run.timings["evaluate_original"] = time.perf_counter() - t0
+    run.models["original"] = orig_res["summary"]
+    run.models["oracle (retain only)"] = oracle_res["summary"]
+    run.generations["original"] = orig_res["generations"]["forget"]
 
+
+def _preview(run: _DemoRun) -> list[dict[str, Any]]:
+    """The τ preview: the smoothed original model, no training (ASU's own τ is always previewed)."""
+    s = run.s
+    forget, retain, general = run.splits
     t0 = time.perf_counter()
+    temperatures = sorted({*s.preview_temperatures, s.temperature})
     preview = evaluate_smoothed(
-        model,
-        tokenizer,
-        forget,
-        sorted({*s.preview_temperatures, s.temperature}),  # ASU's own τ is always previewed
-        retain_rows=retain,
-        general_rows=general,
-        batch_size=32,
-        max_new_tokens=s.max_new_tokens,
-        well_formed=world.is_well_formed,
-        layers=s.layers,
-        progress=progress,
-    )
-    timings["tau_preview"] = time.perf_counter() - t0
-
-    models: dict[str, dict[str, float]] = {
-        "original": orig_res["summary"],
-        "oracle (retain only)": oracle_res["summary"],
-    }
-    where = f" layers {s.layers}" if s.layers else ""
+        run.model, run.tokenizer, forget, temperatures, retain_rows=retain, general_rows=general,
+        layers=s.layers, **run.evaluation(),
+    )  # fmt: skip
+    run.timings["tau_preview"] = time.perf_counter() - t0
     for p in preview:
-        models[f"smoothed τ={p['temperature']:g}{where} (no training)"] = p["summary"]
-    generations = {"original": orig_res["generations"]["forget"]}
-    histories: dict[str, list] = {}
+        run.models[f"smoothed τ={p['temperature']:g}{run.layers_label} (no training)"] = p["summary"]
+    return preview
 
-    asu_name = f"{method.upper()} τ={s.temperature:g}{where} λ={s.lam:g} lr={s.asu_lr:g}"
-    unlearned, secs, hist = _unlearn(model, tokenizer, forget, retain, method, s.asu_lr, s, progress)
-    timings[asu_name] = secs
-    res = evaluate_model(unlearned, tokenizer, forget, retain, general, reference_stats=reference, **ev)
-    models[asu_name] = res["summary"]
-    generations[method.upper()] = res["generations"]["forget"]
-    histories[asu_name] = hist
-    del unlearned
 
-    ga_names: list[str] = []
+def _asu(run: _DemoRun, method: str) -> str:
+    """Unlearn with ``method`` (ASU by default) at the demo's settings; returns the run's name."""
+    s = run.s
+    name = f"{method.upper()} τ={s.temperature:g}{run.layers_label} λ={s.lam:g} lr={s.asu_lr:g}"
+    run.unlearn_and_evaluate(name, method.upper(), method, s.asu_lr)
+    return name
 
-    def run_ga(lr: float) -> str:
+
+def _ga_matched(run: _DemoRun, asu_name: str) -> list[str]:
+    """GA+GD at the grid's learning rates, then bisected toward ASU's forgetting; returns the runs' names.
+
+    Matched forgetting: GA's learning rate is bisected (geometrically, from the runs that bracket ASU's
+    forget ROUGE-L) until runs within MATCH_TOLERANCE sit on both sides of it, so the comparison can
+    interpolate between them, or one run is within 0.01 of it.
+    """
+    lr_of: dict[str, float] = {}
+
+    def run_ga(lr: float) -> None:
         name = f"GA+GD lr={lr:.3g}"
-        unlearned, secs, hist = _unlearn(model, tokenizer, forget, retain, "gd", lr, s, progress)
-        timings[name] = secs
-        res = evaluate_model(unlearned, tokenizer, forget, retain, general, reference_stats=reference, **ev)
-        models[name] = res["summary"]
-        generations[name] = res["generations"]["forget"]
-        histories[name] = hist
-        ga_names.append(name)
-        return name
+        run.unlearn_and_evaluate(name, name, "gd", lr)
+        lr_of[name] = lr
 
-    ga_lr_of = {run_ga(lr): lr for lr in s.ga_lrs}
-    # Matched forgetting: bisect GA's learning rate (geometrically, from the grid's runs that bracket ASU's
-    # forget ROUGE-L) until runs within MATCH_TOLERANCE sit on both sides of it, so the comparison can
-    # interpolate between them, or one run is within 0.01 of it.
-    target = models[asu_name]["forget_rouge"]
-    for _ in range(s.match_steps):
-        near = [models[n]["forget_rouge"] - target for n in ga_names]
+    for lr in run.s.ga_lrs:
+        run_ga(lr)
+    target = run.models[asu_name]["forget_rouge"]
+    for _ in range(run.s.match_steps):
+        near = [run.models[n]["forget_rouge"] - target for n in lr_of]
         near = [d for d in near if abs(d) <= MATCH_TOLERANCE]
         if any(abs(d) <= 0.01 for d in near) or (any(d > 0 for d in near) and any(d < 0 for d in near)):
             break
-        lr = _next_matching_lr({ga_lr_of[n]: models[n]["forget_rouge"] for n in ga_names}, target)
+        lr = _next_matching_lr({lr_of[n]: run.models[n]["forget_rouge"] for n in lr_of}, target)
         if lr is None:
             break
-        ga_lr_of[run_ga(lr)] = lr
-    timings["total"] = time.perf_counter() - t_start
+        run_ga(lr)
+    return list(lr_of)
 
-    tau_key = next(k for k in models if k.startswith(f"smoothed τ={s.temperature:g}{where} ("))
-    claims = check_claims(models, asu_name, ga_names, models[tau_key])
-    examples = _examples(forget, generations, s.n_examples)
-    table = _table(models)
-    print("\n" + table)
+
+def _print_outcome(run: _DemoRun, claims: dict, examples: list[dict[str, str]], out: Path) -> None:
+    print("\n" + _table(run.models))
     print("forget-prompt generations:\n")
     print(_examples_md(examples))
     for name, c in claims.items():
         print(
             f"claim {name}: {'holds' if c['holds'] else ('n/a' if c['holds'] is None else 'does NOT hold')}"
         )
-    print(f"\ntotal {timings['total']:.0f} s; results in {out}")
+    print(f"\ntotal {run.timings['total']:.0f} s; results in {out}")
 
-    results = {
-        "settings": {
-            "world": asdict(s.world),
-            "model": asdict(s.model),
-            "train": asdict(s.train),
-        }
-        | {k: v for k, v in asdict(s).items() if k not in ("world", "model", "train")},
-        "method": method,
-        "training": {"full": info_full, "oracle": info_oracle},
-        "models": models,
-        "claims": claims,
-        "examples": examples,
-        "tau_preview": [{"temperature": p["temperature"], "summary": p["summary"]} for p in preview],
-        "histories": histories,
-        "timings_s": timings,
-        "torch_threads": torch.get_num_threads(),
-        "environment": environment(),
-    }
+
+def _settings_record(s: DemoSettings) -> dict[str, Any]:
+    nested = {"world": asdict(s.world), "model": asdict(s.model), "train": asdict(s.train)}
+    return nested | {k: v for k, v in asdict(s).items() if k not in nested}
+
+
+def _write_results(results: dict[str, Any], examples: list[dict[str, str]], out: Path) -> None:
+    """``results.json``, ``results.md`` (where the numbers came from, the table, the generations) and the
+    chart ``results.png``."""
     atomic_write_json(out / "results.json", results)
     env = results["environment"]
     produced_by = (
-        f"Produced by `asu demo` on {env['machine']} ({env['torch_threads']} torch threads), "
+        f"Produced by `asu demo` on {env['machine']}, "
         f"torch {env['torch']}, transformers {env['transformers']}, triton {env['triton']}, {env['date']}; "
-        f"total {timings.get('total', float('nan')):.0f} s.\n\n"
+        f"total {results['timings_s'].get('total', float('nan')):.0f} s.\n\n"
     )
+    markdown = "# asu demo\n\n" + produced_by + _table(results["models"])
     atomic_write_text(
-        out / "results.md",
-        "# asu demo\n\n"
-        + produced_by
-        + table
-        + "\n## Forget-prompt generations\n\n"
-        + _examples_md(examples),
+        out / "results.md", markdown + "\n## Forget-prompt generations\n\n" + _examples_md(examples)
     )
-    _chart(models, out / "results.png")
-    return results
-
-
-def environment() -> dict[str, object]:
-    """Where the numbers came from: CPU or GPU model, library versions, UTC time."""
-    import datetime
-    import platform
-
-    import transformers
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "absent"
-    machine = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            machine = f"{names[0]} ({len(names)} cores)"
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        machine = torch.cuda.get_device_name(0)
-    return {
-        "machine": machine,
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+    _chart(results["models"], out / "results.png")

@@ -18,6 +18,7 @@ marker (a killed run) is deleted and rebuilt, never loaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -27,7 +28,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from asu.demo.world import World
+from asu.files import atomic_write_json, atomic_write_text
 from asu.formatting import IGNORE_INDEX, encode_qa
 
 CACHE_VERSION = 2  # 2: the world with several phrasings per question type
@@ -125,11 +126,28 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> Any:
     )
 
 
-def build_model(cfg: TinyModelConfig, tokenizer: Any, seed: int = 0) -> Any:
-    """A freshly initialised ``LlamaForCausalLM`` for ``cfg`` sized to ``tokenizer`` (seeded)."""
+def seeded_llama(
+    seed: int = 0,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    **config: Any,
+) -> Any:
+    """A randomly initialised ``LlamaForCausalLM(LlamaConfig(**config))``, the same weights for the same
+    seed and config; built on ``device`` (default: torch's default device), then cast to ``dtype``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
+    llama_config = LlamaConfig(**config)
+    torch.manual_seed(seed)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = LlamaForCausalLM(llama_config)
+    return model if dtype is None else model.to(dtype)
+
+
+def build_model(cfg: TinyModelConfig, tokenizer: Any, seed: int = 0) -> Any:
+    """A freshly initialised ``LlamaForCausalLM`` for ``cfg`` sized to ``tokenizer`` (seeded)."""
+    return seeded_llama(
+        seed,
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -144,8 +162,6 @@ def build_model(cfg: TinyModelConfig, tokenizer: Any, seed: int = 0) -> Any:
         pad_token_id=tokenizer.pad_token_id,
         attn_implementation="sdpa",
     )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
 
 
 def _collate(batch: list[dict[str, list[int]]], pad: int) -> dict[str, torch.Tensor]:
@@ -260,7 +276,7 @@ def config_hash(world: World, model_cfg: TinyModelConfig, train_cfg: TrainConfig
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-@contextmanager
+@contextlib.contextmanager
 def _hf_progress_bars(enabled: bool) -> Iterator[None]:
     """Silence transformers' own load/save progress bars while ``enabled`` is False (``--no-progress``)."""
     from transformers.utils import logging as hf_logging
@@ -346,8 +362,8 @@ def load_or_train(
         with _hf_progress_bars(progress):
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "train_info.json").write_text(json.dumps(info, indent=1) + "\n")
-        (tmp / MARKER).write_text(digest + "\n")  # written last: its presence means the entry is whole
+        atomic_write_json(tmp / "train_info.json", info)
+        atomic_write_text(tmp / MARKER, digest + "\n")  # written last: its presence means the entry is whole
         if _is_complete(path, digest):
             # Another process finished the same entry meanwhile: keep it, drop ours (same config, same model).
             shutil.rmtree(tmp, ignore_errors=True)

@@ -24,10 +24,11 @@ import json
 import os
 import random
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from asu.files import atomic_write_json, atomic_write_text
 
 SPLITS = ("forget", "retain", "general")
 
@@ -413,6 +414,20 @@ def generate_world(config: WorldConfig | None = None) -> World:
     """Build the world for ``config`` (default :class:`WorldConfig`). Deterministic in the config."""
     cfg = config or WorldConfig()
     rng = random.Random(cfg.seed)
+    pools, names = _pools(rng, cfg)
+    authors = _authors(rng, cfg, names, pools)
+    places = [
+        {"city": c, "country": rng.choice(pools["country"]), "river": r}
+        for c, r in zip(pools["city"], pools["river"], strict=True)
+    ]
+    rows = [row for a in authors for row in _author_rows(rng, cfg, a, pools)]
+    rows += [row for p in places for row in _general_rows(rng, cfg, p, pools)]
+    vocab = dict(pools, name=names)
+    return World(config=cfg, authors=authors, places=places, rows=rows, vocab=vocab)
+
+
+def _pools(rng: random.Random, cfg: WorldConfig) -> tuple[dict[str, list[str]], list[str]]:
+    """The values every fact is drawn from (by pool name, see ``_FACT_POOL``) and the authors' names."""
     taken: set[str] = set()
     cities = _unique(rng, lambda r: _word(r, r.choice([2, 3])), cfg.n_cities, taken)
     countries = _unique(
@@ -429,30 +444,6 @@ def generate_world(config: WorldConfig | None = None) -> World:
     )
     rng.shuffle(titles)
     dates = [f"{d} {m} {y}" for d in range(1, 29) for m in _MONTHS for y in range(1931, 1996)]
-
-    n_forget = max(1, round(cfg.forget_fraction * cfg.n_authors))
-    forget_ids = set(rng.sample(range(cfg.n_authors), n_forget))
-    authors: list[dict[str, str]] = []
-    used_titles = iter(titles)
-    for i, name in enumerate(names):
-        authors.append(
-            {
-                "name": name,
-                "split": "forget" if i in forget_ids else "retain",
-                "birthplace": rng.choice(cities),
-                "birthdate": rng.choice(dates),
-                "genre": rng.choice(_GENRES),
-                "father": rng.choice(_OCCUPATIONS),
-                "mother": rng.choice(_OCCUPATIONS),
-                "award": rng.choice(awards),
-                "first_book": next(used_titles),
-                "second_book": next(used_titles),
-                "home": rng.choice(cities),
-            }
-        )
-    places = [
-        {"city": c, "country": rng.choice(countries), "river": r} for c, r in zip(cities, rivers, strict=True)
-    ]
     pools = {
         "city": cities,
         "date": dates,
@@ -463,46 +454,85 @@ def generate_world(config: WorldConfig | None = None) -> World:
         "country": countries,
         "river": rivers,
     }
+    return pools, names
 
-    rows: list[dict[str, Any]] = []
-    for a in authors:
-        for kind, q, phrasings in _AUTHOR_TEMPLATES:
-            facts = [f for f in _FACT_POOL if "{" + f + "}" in phrasings[0]]
-            true = {f: a[f] for f in facts}
-            main, para = rng.sample(phrasings, 2)
-            wrong = [_others(rng, pools[_FACT_POOL[f]], true[f], cfg.n_perturbed) for f in facts]
-            rows.append(
-                {
-                    "question": q.format(name=a["name"]),
-                    "answer": main.format(name=a["name"], **true),
-                    "paraphrased_answer": para.format(name=a["name"], **true),
-                    "perturbed_answer": [
-                        para.format(name=a["name"], **{f: w[i] for f, w in zip(facts, wrong, strict=True)})
-                        for i in range(cfg.n_perturbed)
-                    ],
-                    "author": a["name"],
-                    "split": a["split"],
-                    "kind": kind,
-                }
-            )
-    for p in places:
-        for kind, q, phr_a, phr_b, slot in _GENERAL_TEMPLATES:
-            main, para = (phr_a, phr_b) if rng.random() < 0.5 else (phr_b, phr_a)
-            true = p[slot]
-            wrong = _others(rng, pools[slot], true, cfg.n_perturbed)
-            rows.append(
-                {
-                    "question": q.format(city=p["city"]),
-                    "answer": main.format(city=p["city"], **{slot: true}),
-                    "paraphrased_answer": para.format(city=p["city"], **{slot: true}),
-                    "perturbed_answer": [para.format(city=p["city"], **{slot: w}) for w in wrong],
-                    "author": "",
-                    "split": "general",
-                    "kind": kind,
-                }
-            )
-    vocab = dict(pools, name=names)
-    return World(config=cfg, authors=authors, places=places, rows=rows, vocab=vocab)
+
+def _authors(
+    rng: random.Random, cfg: WorldConfig, names: list[str], pools: dict[str, list[str]]
+) -> list[dict[str, str]]:
+    """Each author's facts and split (``forget_fraction`` of them, at least one, to forget)."""
+    n_forget = max(1, round(cfg.forget_fraction * cfg.n_authors))
+    forget_ids = set(rng.sample(range(cfg.n_authors), n_forget))
+    used_titles = iter(pools["title"])  # every book title belongs to one author only
+    return [
+        {
+            "name": name,
+            "split": "forget" if i in forget_ids else "retain",
+            "birthplace": rng.choice(pools["city"]),
+            "birthdate": rng.choice(pools["date"]),
+            "genre": rng.choice(_GENRES),
+            "father": rng.choice(_OCCUPATIONS),
+            "mother": rng.choice(_OCCUPATIONS),
+            "award": rng.choice(pools["award"]),
+            "first_book": next(used_titles),
+            "second_book": next(used_titles),
+            "home": rng.choice(pools["city"]),
+        }
+        for i, name in enumerate(names)
+    ]
+
+
+def _author_rows(
+    rng: random.Random, cfg: WorldConfig, author: dict[str, str], pools: dict[str, list[str]]
+) -> list[dict[str, Any]]:
+    """One row per question type about ``author``: answer and paraphrase in two different phrasings, the
+    perturbed answers in the paraphrase's phrasing with every fact wrong."""
+    rows = []
+    name = author["name"]
+    for kind, q, phrasings in _AUTHOR_TEMPLATES:
+        facts = [f for f in _FACT_POOL if "{" + f + "}" in phrasings[0]]
+        true = {f: author[f] for f in facts}
+        main, para = rng.sample(phrasings, 2)
+        wrong = [_others(rng, pools[_FACT_POOL[f]], true[f], cfg.n_perturbed) for f in facts]
+        rows.append(
+            {
+                "question": q.format(name=name),
+                "answer": main.format(name=name, **true),
+                "paraphrased_answer": para.format(name=name, **true),
+                "perturbed_answer": [
+                    para.format(name=name, **{f: w[i] for f, w in zip(facts, wrong, strict=True)})
+                    for i in range(cfg.n_perturbed)
+                ],
+                "author": name,
+                "split": author["split"],
+                "kind": kind,
+            }
+        )
+    return rows
+
+
+def _general_rows(
+    rng: random.Random, cfg: WorldConfig, place: dict[str, str], pools: dict[str, list[str]]
+) -> list[dict[str, Any]]:
+    """One row per general question type about ``place`` (its country, its river)."""
+    rows = []
+    city = place["city"]
+    for kind, q, phr_a, phr_b, slot in _GENERAL_TEMPLATES:
+        main, para = (phr_a, phr_b) if rng.random() < 0.5 else (phr_b, phr_a)
+        true = place[slot]
+        wrong = _others(rng, pools[slot], true, cfg.n_perturbed)
+        rows.append(
+            {
+                "question": q.format(city=city),
+                "answer": main.format(city=city, **{slot: true}),
+                "paraphrased_answer": para.format(city=city, **{slot: true}),
+                "perturbed_answer": [para.format(city=city, **{slot: w}) for w in wrong],
+                "author": "",
+                "split": "general",
+                "kind": kind,
+            }
+        )
+    return rows
 
 
 # Dates are a closed pattern rather than a list of ~20k alternatives.
@@ -531,19 +561,6 @@ def _grammar(vocab: dict[str, list[str]]) -> re.Pattern[str]:
     return re.compile("(?:" + "|".join(patterns) + ")")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_splits(world: World, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Write ``forget.jsonl``, ``retain.jsonl``, ``general.jsonl`` (one TOFU-format row per line) and
     ``world.json`` (the config and the facts) into ``out_dir``, each atomically. Returns split -> path."""
@@ -551,8 +568,8 @@ def write_splits(world: World, out_dir: str | os.PathLike[str]) -> dict[str, Pat
     paths: dict[str, Path] = {}
     for name in SPLITS:
         p = out / f"{name}.jsonl"
-        _atomic_write_text(p, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in world.split(name)))
+        atomic_write_text(p, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in world.split(name)))
         paths[name] = p
     meta = {"config": world.config.to_dict(), "authors": world.authors, "places": world.places}
-    _atomic_write_text(out / "world.json", json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_json(out / "world.json", meta)
     return paths

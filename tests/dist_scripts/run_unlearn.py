@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # tests/: the tests' tiny model and data in helpers.py
@@ -26,6 +25,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 import asu_kernels  # noqa: E402
 from asu.distributed import engine, is_main_process, world_size  # noqa: E402
+from asu.files import atomic_write_json  # noqa: E402
 from asu.teachers import output_head  # noqa: E402
 from asu.unlearn import UnlearnConfig, unlearn  # noqa: E402
 
@@ -129,11 +129,7 @@ def main() -> int:
         "hidden": result.model.config.hidden_size,
     }
     if is_main_process():
-        directory = os.path.dirname(os.path.abspath(a.result))
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(out, f, default=str)
-        os.replace(tmp, a.result)
+        atomic_write_json(a.result, out, indent=None, default=str)
     return 0
 
 
