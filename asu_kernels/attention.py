@@ -19,11 +19,11 @@ import torch
 import triton
 
 from asu_kernels import _attention_kernels as _k
-from asu_kernels import reference
+from asu_kernels import _triton_common, reference
 from asu_kernels._aot import AOTSpec
 from asu_kernels._backend import interpreting, use_triton
 
-LOG2E = _k.LOG2E
+LOG2E = _triton_common.LOG2E.value  # host float of the kernels' constexpr
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -377,11 +377,11 @@ def _head_dim_block(d: int) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """The ``DOT_PREC`` of the kernels (see ``_attention_kernels._mma``)."""
+    """The ``DOT_PRECISION`` of the kernels (see ``_triton_common.mma``)."""
     if dtype == torch.float32:
         return "ieee"  # tf32 would be less exact than the PyTorch fp32 reference the kernel matches
     if dtype == torch.bfloat16 and interpreting():
-        return "fp32_operands"  # the Triton 3.6 interpreter's bf16 dot is wrong; see _mma
+        return "fp32_operands"  # the Triton 3.6 interpreter's bf16 dot is wrong; see _triton_common.mma
     return "tf32"
 
 
@@ -430,7 +430,7 @@ def _attention_fwd_op(
         triton.next_power_of_2(max(lay.max_q, lay.max_k)),
         HEAD_DIM=d, BLOCK_D=_head_dim_block(d), CAUSAL=causal, HAS_WINDOW=window > 0,
         IS_VARLEN=lay.varlen, HAS_KPM=key_padding_mask is not None, STORE_LSE=store_lse,
-        DOT_PREC=_dot_precision(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype),
     )  # fmt: skip
     return out, lse
 
@@ -481,7 +481,7 @@ def _attention_bwd_op(
     )  # fmt: skip
     common = dict(
         HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_WINDOW=window > 0, IS_VARLEN=lay.varlen,
-        HAS_KPM=key_padding_mask is not None, DOT_PREC=_dot_precision(q.dtype),
+        HAS_KPM=key_padding_mask is not None, DOT_PRECISION=_dot_precision(q.dtype),
     )  # fmt: skip
     scalars = (lay.n_q, lay.n_k, hq // hkv, max(window, 0), sm_scale, sm_scale * LOG2E)
     n_ctx_key = triton.next_power_of_2(max(lay.max_q, lay.max_k))
@@ -601,7 +601,8 @@ def aot_specs() -> list[AOTSpec]:
                     continue  # the pruner drops it on every GPU at every length
                 meta = {
                     "HEAD_DIM": d, "BLOCK_D": block_d, "CAUSAL": causal, "HAS_WINDOW": window,
-                    "IS_VARLEN": varlen, "HAS_KPM": kpm, "DOT_PREC": "tf32", "BLOCK_M": bm, "BLOCK_N": bn,
+                    "IS_VARLEN": varlen, "HAS_KPM": kpm, "DOT_PRECISION": "tf32",
+                    "BLOCK_M": bm, "BLOCK_N": bn,
                 }  # fmt: skip
                 if kind == "fwd":
                     meta["STORE_LSE"] = True

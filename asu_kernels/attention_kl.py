@@ -138,9 +138,10 @@ def _kernel_flags(q_s: torch.Tensor, causal: bool, window: int, kpm: torch.Tenso
         CAUSAL=bool(causal),
         HAS_WINDOW=window > 0,
         HAS_KPM=kpm is not None,
-        # fp32 inputs get full-precision products (PyTorch's default matmul), not TF32.
-        DOT_PRECISION="ieee" if q_s.dtype == torch.float32 else "tf32",
-        UPCAST_DOT=interpreting() and q_s.dtype == torch.bfloat16,
+        # fp32 inputs get full-precision products (PyTorch's default matmul), not TF32; see mma.
+        DOT_PRECISION="ieee"
+        if q_s.dtype == torch.float32
+        else ("fp32_operands" if interpreting() and q_s.dtype == torch.bfloat16 else "tf32"),
     )
 
 
@@ -622,9 +623,9 @@ def _signature(kernel: str, dtype: torch.dtype) -> dict[str, str]:
         {"GROUP_S": "i32", "GROUP_T": "i32", "window": "i32", "qk_scale_s": "fp32", "qk_scale_t": "fp32"}
     )
     if kernel != "fwd":
-        sig["grad_scale"] = "fp32"
+        sig["sm_scale_s"] = "fp32"
     flags = ["HEAD_DIM", "BLOCK_D", "CAUSAL", "HAS_WINDOW", "HAS_KPM", "IS_VARLEN"]
-    flags += ["WANT_ENTROPY" if kernel == "fwd" else "ENT_GRAD", "DOT_PRECISION", "UPCAST_DOT"]
+    flags += ["WANT_ENTROPY" if kernel == "fwd" else "ENT_GRAD", "DOT_PRECISION"]
     flags += ["BLOCK_N", "BLOCK_M"] if kernel == "dk" else ["BLOCK_M", "BLOCK_N"]
     sig.update({f: "constexpr" for f in flags})
     return sig
@@ -656,7 +657,7 @@ def aot_specs() -> list[AOTSpec]:
                     "HEAD_DIM": d, "BLOCK_D": block_d, "CAUSAL": causal,
                     "HAS_WINDOW": window, "HAS_KPM": kpm, "IS_VARLEN": varlen,
                     ("WANT_ENTROPY" if kernel == "fwd" else "ENT_GRAD"): extra,
-                    "DOT_PRECISION": precision, "UPCAST_DOT": False,
+                    "DOT_PRECISION": precision,
                     outer: a, inner: c,
                 }  # fmt: skip
                 name = (f"attention_kl_{kernel}[D={d},{_TL_DTYPE[dtype]},{'causal' if causal else 'full'}"
