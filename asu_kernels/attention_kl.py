@@ -11,22 +11,23 @@ One streaming pass over the keys per query block: memory is O(N) per head and th
 products per block (4 N^2 D flops, as many as flash attention).
 """
 
+from __future__ import annotations
+
 import contextlib
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
 
 from asu_kernels import _attention_kl_kernels as _k
+from asu_kernels import _inputs as _in
 from asu_kernels import reference
 from asu_kernels._aot import AOTSpec
 from asu_kernels._backend import interpreting, use_triton
 
 __all__ = ["attention_kl", "aot_specs"]
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_LOG2E = 1.4426950408889634
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). The forward holds two query tiles and two score tiles;
@@ -95,158 +96,117 @@ _dk_kernel = triton.autotune(
 # Launchers. Outputs are passed in so that tests can poison them and check that every element is written.
 
 
-def _lastdim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+class _Call(NamedTuple):
+    """One call as the kernels see it: inputs, packed offsets, uint8 key padding and the logit scales."""
+
+    q_s: torch.Tensor
+    k_s: torch.Tensor
+    q_t: torch.Tensor
+    k_t: torch.Tensor
+    cu_seqlens: torch.Tensor | None  # int32
+    kpm: torch.Tensor | None  # contiguous uint8 (B, Nk)
+    max_seqlen: int  # packed batches: the longest document
+    scale_s: float  # scale / temperature_s
+    scale_t: float  # scale / temperature_t
+    causal: bool
+    window: int  # 0: no window
+
+    def unit_stride(self) -> _Call:
+        """The same call with the inputs' last dim made unit-stride (the kernels assume it)."""
+        q_s, k_s, q_t, k_t = (t if t.stride(-1) == 1 else t.contiguous() for t in self[:4])
+        return self._replace(q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t)
+
+    def layout(self) -> _in.Layout:
+        return _in.layout(self.q_s, self.k_s, self.cu_seqlens, self.max_seqlen)
+
+    def pointers(self, dummy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """QS, KS, QT, KT, KPM, CU (``dummy`` stands in for the absent, never-read ones)."""
+        kpm = dummy if self.kpm is None else self.kpm
+        cu = dummy if self.cu_seqlens is None else self.cu_seqlens
+        return (self.q_s, self.k_s, self.q_t, self.k_t, kpm, cu)
+
+    def strides(self, varlen: bool) -> tuple[int, ...]:
+        """(batch, head, row) strides of q_s, k_s, q_t, k_t, then the key padding's batch stride."""
+        inputs = (s for t in self[:4] for s in _in.strides4(t, varlen)[:3])
+        return (*inputs, 0 if self.kpm is None else self.kpm.stride(0))
+
+    def scalars(self, lay: _in.Layout, heads: int) -> tuple[int | float, ...]:
+        """n_q, n_k, the programs' head count, both GQA group sizes, window and both base-2 scales."""
+        hq, hkv_s, hkv_t = self.q_s.shape[1], self.k_s.shape[1], self.k_t.shape[1]
+        qk_scales = (_in.base2_scale(self.scale_s), _in.base2_scale(self.scale_t))
+        return (lay.max_q, lay.max_k, heads, hq // hkv_s, hq // hkv_t, self.window, *qk_scales)
+
+    def flags(self) -> dict[str, Any]:
+        d = self.q_s.shape[-1]
+        return dict(
+            HEAD_DIM=d, BLOCK_D=_in.head_dim_block(d), CAUSAL=bool(self.causal), HAS_WINDOW=self.window > 0,
+            HAS_KPM=self.kpm is not None, IS_VARLEN=self.cu_seqlens is not None,
+            DOT_PRECISION=_in.dot_precision(self.q_s.dtype),
+        )  # fmt: skip
 
 
-def _seq_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
-    """(batch, head, position) strides of a (B, H, N, D) or (total, H, D) tensor (packed: batch stride 0)."""
-    if varlen:
-        return 0, t.stride(1), t.stride(0)
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
-def _row_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
-    """(batch, head, position) strides of a per-row (B, H, N) or (total, H) tensor."""
-    if varlen:
-        return 0, t.stride(1), t.stride(0)
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
-def _common_meta(
-    q_s: torch.Tensor,
-    k_s: torch.Tensor,
-    k_t: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    max_seqlen: int,
-) -> tuple[bool, int, int, int, int, int, int]:
-    varlen = cu_seqlens is not None
-    if varlen:
-        n_batch, hq, n_q, n_k = cu_seqlens.numel() - 1, q_s.shape[1], max_seqlen, max_seqlen
-        hkv_s, hkv_t = k_s.shape[1], k_t.shape[1]
-    else:
-        n_batch, hq, n_q = q_s.shape[0], q_s.shape[1], q_s.shape[2]
-        hkv_s, hkv_t, n_k = k_s.shape[1], k_t.shape[1], k_s.shape[2]
-    return varlen, n_batch, hq, n_q, n_k, hkv_s, hkv_t
-
-
-def _kernel_flags(q_s: torch.Tensor, causal: bool, window: int, kpm: torch.Tensor | None) -> dict:
-    d = q_s.shape[-1]
-    return dict(
-        HEAD_DIM=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
-        CAUSAL=bool(causal),
-        HAS_WINDOW=window > 0,
-        HAS_KPM=kpm is not None,
-        # fp32 inputs get full-precision products (PyTorch's default matmul), not TF32; see mma.
-        DOT_PRECISION="ieee"
-        if q_s.dtype == torch.float32
-        else ("fp32_operands" if interpreting() and q_s.dtype == torch.bfloat16 else "tf32"),
-    )
+def _on_device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _launch_fwd(
-    q_s: torch.Tensor,
-    k_s: torch.Tensor,
-    q_t: torch.Tensor,
-    k_t: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    kpm: torch.Tensor | None,
-    max_seqlen: int,
-    scale_s: float,
-    scale_t: float,
-    causal: bool,
-    window: int,
+    call: _Call,
     kl: torch.Tensor,
     lse_s: torch.Tensor,
     lse_t: torch.Tensor,
     ent_s: torch.Tensor | None,
     ent_t: torch.Tensor | None,
 ) -> None:
-    """Run the forward kernel into preallocated fp32 ``kl``, ``lse_*`` (and ``ent_*`` when given)."""
-    q_s, k_s, q_t, k_t = (_lastdim_contiguous(t) for t in (q_s, k_s, q_t, k_t))
-    varlen, n_batch, hq, n_q, n_k, hkv_s, hkv_t = _common_meta(q_s, k_s, k_t, cu_seqlens, max_seqlen)
-    if n_batch * hq == 0 or n_q == 0:
+    """Run the forward kernel into preallocated fp32 ``kl``, ``lse_*`` (and ``ent_*`` when given), all shaped
+    like ``q_s`` without its last dim."""
+    call = call.unit_stride()
+    lay, hq = call.layout(), call.q_s.shape[1]
+    if lay.batch * hq == 0 or lay.max_q == 0:
         return
-    want_entropy = ent_s is not None
     dummy = kl
-    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), n_batch * hq)  # noqa: E731
-    with torch.cuda.device(q_s.device) if q_s.is_cuda else contextlib.nullcontext():
+    outputs = (kl, lse_s, lse_t, dummy if ent_s is None else ent_s, dummy if ent_t is None else ent_t)
+    grid = lambda meta: (triton.cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * hq)  # noqa: E731
+    with _on_device(call.q_s):
         _fwd_kernel[grid](
-            q_s, k_s, q_t, k_t,
-            dummy if kpm is None else kpm,
-            dummy if cu_seqlens is None else cu_seqlens,
-            kl, lse_s, lse_t,
-            dummy if ent_s is None else ent_s,
-            dummy if ent_t is None else ent_t,
-            *_seq_strides(q_s, varlen), *_seq_strides(k_s, varlen),
-            *_seq_strides(q_t, varlen), *_seq_strides(k_t, varlen),
-            0 if kpm is None else kpm.stride(0),
-            *_row_strides(kl, varlen),
-            n_q, n_k, hq, hq // hkv_s, hq // hkv_t, window,
-            scale_s * _LOG2E, scale_t * _LOG2E,
-            IS_VARLEN=varlen, WANT_ENTROPY=want_entropy,
-            **_kernel_flags(q_s, causal, window, kpm),
+            *call.pointers(dummy), *outputs, *call.strides(lay.varlen), *_in.row_strides(kl, lay.varlen),
+            *call.scalars(lay, hq), WANT_ENTROPY=ent_s is not None, **call.flags(),
         )  # fmt: skip
 
 
 def _launch_bwd(
+    call: _Call,
     g_kl: torch.Tensor,
     g_ent: torch.Tensor | None,
-    q_s: torch.Tensor,
-    k_s: torch.Tensor,
-    q_t: torch.Tensor,
-    k_t: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    kpm: torch.Tensor | None,
     lse_s: torch.Tensor,
     lse_t: torch.Tensor,
     ent_s: torch.Tensor | None,
-    max_seqlen: int,
-    scale_s: float,
-    scale_t: float,
-    causal: bool,
-    window: int,
     dq: torch.Tensor,
     dk: torch.Tensor,
 ) -> None:
-    """Run the two backward kernels into preallocated ``dq`` (like q_s) and ``dk`` (like k_s)."""
-    q_s, k_s, q_t, k_t = (_lastdim_contiguous(t) for t in (q_s, k_s, q_t, k_t))
-    varlen, n_batch, hq, n_q, n_k, hkv_s, hkv_t = _common_meta(q_s, k_s, k_t, cu_seqlens, max_seqlen)
-    if n_batch * hq == 0 or n_q == 0:
+    """Run the two backward kernels into preallocated ``dq`` (like q_s) and ``dk`` (like k_s), from the
+    upstream gradients of the KL (``g_kl``) and of the student entropy (``g_ent``, None: no gradient)."""
+    call = call.unit_stride()
+    lay, hq, hkv_s = call.layout(), call.q_s.shape[1], call.k_s.shape[1]
+    if lay.batch * hq == 0 or lay.max_q == 0:
         return
     ent_grad = g_ent is not None
     dummy = lse_s
     g_kl = g_kl.contiguous()
-    ptrs = (
-        q_s, k_s, q_t, k_t,
-        dummy if kpm is None else kpm,
-        dummy if cu_seqlens is None else cu_seqlens,
-        lse_s, lse_t,
-        ent_s if ent_grad else dummy,
-        g_kl,
-        g_ent.contiguous() if ent_grad else dummy,
-    )  # fmt: skip
-    strides = (
-        *_seq_strides(q_s, varlen), *_seq_strides(k_s, varlen),
-        *_seq_strides(q_t, varlen), *_seq_strides(k_t, varlen),
-        0 if kpm is None else kpm.stride(0),
-        *_row_strides(lse_s, varlen),
-    )  # fmt: skip
-    # The per-row tensors (lse, entropies, upstream grads) must share one layout: the stride set above.
+    rows = (lse_s, lse_t, ent_s if ent_grad else dummy, g_kl, g_ent.contiguous() if ent_grad else dummy)
+    # The per-row tensors (lse, entropies, upstream grads) must share one layout: lse_s's strides.
     assert g_kl.stride() == lse_s.stride(), (g_kl.stride(), lse_s.stride())
-    flags = dict(IS_VARLEN=varlen, ENT_GRAD=ent_grad, **_kernel_flags(q_s, causal, window, kpm))
-    scalars = (window, scale_s * _LOG2E, scale_t * _LOG2E, scale_s)
-    with torch.cuda.device(q_s.device) if q_s.is_cuda else contextlib.nullcontext():
-        grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), n_batch * hq)  # noqa: E731
+    strides = (*call.strides(lay.varlen), *_in.row_strides(lse_s, lay.varlen))
+    flags = dict(ENT_GRAD=ent_grad, **call.flags())
+    with _on_device(call.q_s):
+        grid_q = lambda meta: (triton.cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * hq)  # noqa: E731
         _dq_kernel[grid_q](
-            *ptrs, dq, *strides, *_seq_strides(dq, varlen),
-            n_q, n_k, hq, hq // hkv_s, hq // hkv_t, *scalars, **flags,
+            *call.pointers(dummy), *rows, dq, *strides, *_in.strides4(dq, lay.varlen)[:3],
+            *call.scalars(lay, hq), call.scale_s, **flags,
         )  # fmt: skip
-        grid_k = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), n_batch * hkv_s)  # noqa: E731
+        grid_k = lambda meta: (triton.cdiv(lay.max_k, meta["BLOCK_N"]), lay.batch * hkv_s)  # noqa: E731
         _dk_kernel[grid_k](
-            *ptrs, dk, *strides, *_seq_strides(dk, varlen),
-            n_q, n_k, hkv_s, hq // hkv_s, hq // hkv_t, *scalars, **flags,
+            *call.pointers(dummy), *rows, dk, *strides, *_in.strides4(dk, lay.varlen)[:3],
+            *call.scalars(lay, hkv_s), call.scale_s, **flags,
         )  # fmt: skip
 
 
@@ -254,8 +214,22 @@ def _launch_bwd(
 # Custom ops (compile-traceable: torch.compile sees opaque ops with fake implementations).
 
 
-def _row_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
-    return tuple(q.shape[:-1])
+def _row_outputs(q_s: torch.Tensor, want_entropy: bool) -> tuple[torch.Tensor, ...]:
+    """fp32 ``kl, lse_s, lse_t, ent_s, ent_t`` shaped like q_s without D (entropies empty when not wanted)."""
+    kl = q_s.new_empty(tuple(q_s.shape[:-1]), dtype=torch.float32)
+    ent = (lambda: torch.empty_like(kl)) if want_entropy else (lambda: kl.new_empty(0))
+    return kl, torch.empty_like(kl), torch.empty_like(kl), ent(), ent()
+
+
+def _grad_outputs(q_s: torch.Tensor, k_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Fresh contiguous gradients: empty_like would copy an input layout whose last dim may not be unit-stride,
+    # which the kernels' stores assume.
+    return q_s.new_empty(q_s.shape), k_s.new_empty(k_s.shape)
+
+
+def _as_call(q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, max_seqlen, scale_s, scale_t, causal, window):
+    kpm = None if key_padding_mask is None else _in.key_padding_bytes(key_padding_mask).contiguous()
+    return _Call(q_s, k_s, q_t, k_t, cu_seqlens, kpm, max_seqlen, scale_s, scale_t, causal, window)
 
 
 @torch.library.custom_op("asu_kernels::attention_kl_fwd", mutates_args=())
@@ -273,26 +247,19 @@ def _fwd_op(
     window: int,
     want_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    shape = _row_shape(q_s, cu_seqlens is not None)
-    kl = q_s.new_empty(shape, dtype=torch.float32)
-    lse_s, lse_t = torch.empty_like(kl), torch.empty_like(kl)
-    ent_s = torch.empty_like(kl) if want_entropy else kl.new_empty(0)
-    ent_t = torch.empty_like(kl) if want_entropy else kl.new_empty(0)
-    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
-    _launch_fwd(
-        q_s, k_s, q_t, k_t, cu_seqlens, kpm, max_seqlen, scale_s, scale_t, causal, window,
-        kl, lse_s, lse_t, ent_s if want_entropy else None, ent_t if want_entropy else None,
-    )  # fmt: skip
+    """Triton forward: ``(kl, lse_s, lse_t, ent_s, ent_t)`` (the entropies empty unless ``want_entropy``)."""
+    kl, lse_s, lse_t, ent_s, ent_t = _row_outputs(q_s, want_entropy)
+    call = _as_call(
+        q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, max_seqlen, scale_s, scale_t, causal, window
+    )
+    _launch_fwd(call, kl, lse_s, lse_t, ent_s if want_entropy else None, ent_t if want_entropy else None)
     return kl, lse_s, lse_t, ent_s, ent_t
 
 
 @_fwd_op.register_fake
 def _fwd_fake(q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, max_seqlen, scale_s, scale_t, causal, window,
               want_entropy):  # fmt: skip
-    shape = tuple(q_s.shape[:-1])
-    kl = q_s.new_empty(shape, dtype=torch.float32)
-    ent = (lambda: torch.empty_like(kl)) if want_entropy else (lambda: kl.new_empty(0))
-    return kl, torch.empty_like(kl), torch.empty_like(kl), ent(), ent()
+    return _row_outputs(q_s, want_entropy)
 
 
 @torch.library.custom_op("asu_kernels::attention_kl_bwd", mutates_args=())
@@ -315,22 +282,21 @@ def _bwd_op(
     window: int,
     ent_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # Fresh contiguous gradients: empty_like would copy an input layout whose last dim may not be unit-stride,
-    # which the kernels' stores assume.
-    dq = q_s.new_empty(q_s.shape)
-    dk = k_s.new_empty(k_s.shape)
-    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
-    _launch_bwd(
-        g_kl, g_ent if ent_grad else None, q_s, k_s, q_t, k_t, cu_seqlens, kpm, lse_s, lse_t,
-        ent_s if ent_grad else None, max_seqlen, scale_s, scale_t, causal, window, dq, dk,
-    )  # fmt: skip
+    """Triton backward: ``(dq_s, dk_s)`` from the upstream gradients of the KL and (``ent_grad``) of the
+    student entropy."""
+    dq, dk = _grad_outputs(q_s, k_s)
+    call = _as_call(
+        q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, max_seqlen, scale_s, scale_t, causal, window
+    )
+    ent_s = ent_s if ent_grad else None
+    _launch_bwd(call, g_kl, g_ent if ent_grad else None, lse_s, lse_t, ent_s, dq, dk)
     return dq, dk
 
 
 @_bwd_op.register_fake
 def _bwd_fake(g_kl, g_ent, q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, lse_s, lse_t, ent_s, max_seqlen,
               scale_s, scale_t, causal, window, ent_grad):  # fmt: skip
-    return q_s.new_empty(q_s.shape), k_s.new_empty(k_s.shape)
+    return _grad_outputs(q_s, k_s)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -378,102 +344,61 @@ def _check_inputs(
     key_padding_mask: torch.Tensor | None,
 ) -> None:
     """Raise a TypeError/ValueError naming the problem; never silently fix the caller's input."""
-    names = ("q_s", "k_s", "q_t", "k_t")
-    tensors = (q_s, k_s, q_t, k_t)
-    for name, t in zip(names, tensors, strict=True):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
-    if len({t.dtype for t in tensors}) != 1:
-        raise TypeError(f"q_s, k_s, q_t, k_t must share one dtype, got {[str(t.dtype) for t in tensors]}")
-    if len({t.device for t in tensors}) != 1:
-        raise ValueError(f"q_s, k_s, q_t, k_t must be on one device, got {[str(t.device) for t in tensors]}")
-    varlen = cu_seqlens is not None
-    want = 3 if varlen else 4
-    layout = "(total, H, D) with cu_seqlens" if varlen else "(B, H, N, D)"
-    for name, t in zip(names, tensors, strict=True):
-        if t.dim() != want:
-            raise ValueError(f"{name} must be {want}-D {layout}, got shape {tuple(t.shape)}")
-    if q_s.shape != q_t.shape:
-        raise ValueError(
-            f"q_s and q_t must have the same shape, got {tuple(q_s.shape)} and {tuple(q_t.shape)}"
-        )
-    d = q_s.shape[-1]
-    if k_s.shape[-1] != d or k_t.shape[-1] != d:
-        raise ValueError(f"head dims differ: q {d}, k_s {k_s.shape[-1]}, k_t {k_t.shape[-1]}")
-    if d < 1 or d > 256:
-        raise ValueError(f"head dim {d} is not supported (1 <= D <= 256)")
-    hq = q_s.shape[1]
-    for name, t in (("k_s", k_s), ("k_t", k_t)):
-        if t.shape[1] == 0 or hq % t.shape[1] != 0:
-            raise ValueError(
-                f"the number of query heads ({hq}) must be a multiple of {name}'s heads ({t.shape[1]})"
-            )
-    if varlen:
-        for name, t in (("k_s", k_s), ("k_t", k_t)):
-            if t.shape[0] != q_s.shape[0]:
-                raise ValueError(f"varlen q_s and {name} must have the same total length, got "
-                                 f"{q_s.shape[0]} and {t.shape[0]}")  # fmt: skip
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError("cu_seqlens must be an int32 (or int64) tensor of shape (B+1,)")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens must have shape (B+1,) with B >= 1, got {tuple(cu_seqlens.shape)}")
-        if cu_seqlens.device != q_s.device:
-            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q_s is on {q_s.device}")
-        if key_padding_mask is not None:
-            raise ValueError(
-                "key_padding_mask is for the dense layout; packed batches carry cu_seqlens instead"
-            )
-        if max_seqlen is not None and (int(max_seqlen) != max_seqlen or max_seqlen < 0):
-            raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen}")
-        # Value checks read the offsets on the host; a compiled graph must pass max_seqlen and skip them.
-        if not torch.compiler.is_compiling():
-            offsets = cu_seqlens.detach().cpu()
-            if offsets[0].item() != 0 or offsets[-1].item() != q_s.shape[0]:
-                raise ValueError(f"cu_seqlens must start at 0 and end at total={q_s.shape[0]}, "
-                                 f"got {offsets[0].item()}..{offsets[-1].item()}")  # fmt: skip
-            lengths = offsets[1:] - offsets[:-1]
-            if (lengths < 0).any():
-                raise ValueError("cu_seqlens must be non-decreasing")
-            if max_seqlen is not None and int(lengths.max()) > max_seqlen:
-                raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest document "
-                                 f"({int(lengths.max())})")  # fmt: skip
-        elif max_seqlen is None:
-            raise ValueError("under torch.compile, varlen calls must pass max_seqlen")
+    tensors = {"q_s": q_s, "k_s": k_s, "q_t": q_t, "k_t": k_t}
+    _in.check_tensors(tensors)
+    _in.check_dims(tensors, cu_seqlens is not None)
+    _in.check_same_shape("q_s", q_s, "q_t", q_t)
+    keys = {"k_s": k_s, "k_t": k_t}
+    _in.check_head_dims(q_s.shape[-1], keys)
+    _in.check_head_dim_range(q_s.shape[-1], 1)
+    for name, k in keys.items():
+        _in.check_head_groups(q_s.shape[1], k.shape[1], f"{name}'s heads")
+    if cu_seqlens is not None:
+        _check_packed(q_s, keys, cu_seqlens, max_seqlen, key_padding_mask)
     else:
-        for name, t in (("k_s", k_s), ("k_t", k_t)):
-            if t.shape[0] != q_s.shape[0]:
-                raise ValueError(f"batch sizes differ: q_s {q_s.shape[0]}, {name} {t.shape[0]}")
-        if k_s.shape[2] != k_t.shape[2]:
-            raise ValueError(
-                f"k_s and k_t must have the same number of keys, got {k_s.shape[2]} and {k_t.shape[2]}"
-            )
-        if k_s.shape[2] < q_s.shape[2]:
-            raise ValueError(f"k_s has fewer positions ({k_s.shape[2]}) than q_s ({q_s.shape[2]})")
-        if key_padding_mask is not None:
-            if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-                raise TypeError("key_padding_mask must be a bool tensor (True = real key)")
-            if key_padding_mask.shape != (k_s.shape[0], k_s.shape[2]):
-                raise ValueError(f"key_padding_mask must be (B, Nk) = {(k_s.shape[0], k_s.shape[2])}, "
-                                 f"got {tuple(key_padding_mask.shape)}")  # fmt: skip
-            if key_padding_mask.device != q_s.device:
-                raise ValueError(
-                    f"key_padding_mask is on {key_padding_mask.device} but q_s is on {q_s.device}"
-                )
-        if max_seqlen is not None:
-            raise ValueError("max_seqlen is only meaningful with cu_seqlens (packed batches)")
+        _check_dense(q_s, keys, max_seqlen, key_padding_mask)
     for name, value in (("temperature_t", temperature_t), ("temperature_s", temperature_s)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-        if not math.isfinite(float(value)) or value <= 0:
-            raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    if scale is not None and (not math.isfinite(float(scale)) or float(scale) <= 0):
-        raise ValueError(f"scale must be a finite number > 0, got {scale}")
-    if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
-        raise ValueError(f"window must be a positive int (keys visible including the diagonal), got {window}")
+        _in.check_positive(name, value)
+    _in.check_positive("scale", scale)
+    _in.check_window(window)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+
+
+def _check_packed(
+    q_s: torch.Tensor,
+    keys: dict[str, torch.Tensor],
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int | None,
+    key_padding_mask: torch.Tensor | None,
+) -> None:
+    if max_seqlen is not None and (int(max_seqlen) != max_seqlen or max_seqlen < 0):
+        raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen}")
+    _in.check_packed("q_s", q_s, keys, cu_seqlens, max_seqlen, key_padding_mask)
+    # A compiled graph cannot read the offsets to find the longest document: the caller must pass it.
+    if torch.compiler.is_compiling() and max_seqlen is None:
+        raise ValueError("under torch.compile, varlen calls must pass max_seqlen")
+
+
+def _check_dense(
+    q_s: torch.Tensor,
+    keys: dict[str, torch.Tensor],
+    max_seqlen: int | None,
+    key_padding_mask: torch.Tensor | None,
+) -> None:
+    k_s, k_t = keys["k_s"], keys["k_t"]
+    if k_s.shape[2] != k_t.shape[2]:
+        raise ValueError(
+            f"k_s and k_t must have the same number of keys, got {k_s.shape[2]} and {k_t.shape[2]}"
+        )
+    for name, k in keys.items():
+        _in.check_dense_lengths("q_s", q_s, name, k)
+    if key_padding_mask is not None:
+        _in.check_key_padding_mask(key_padding_mask, k_s, q_s.device, "q_s", integer_ok=False)
+    if max_seqlen is not None:
+        raise ValueError("max_seqlen is only meaningful with cu_seqlens (packed batches)")
 
 
 # The CPU path materialises (rows x keys) score matrices; causal dense calls are cut into query chunks of
@@ -586,10 +511,10 @@ def attention_kl(
         )  # fmt: skip
         return (kl, ent_s, ent_t) if return_entropy else kl
     if cu_seqlens is not None and max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+        max_seqlen = _in.longest_document(cu_seqlens)
     kl, _, _, ent_s, ent_t = _fwd_op(
         q_s, k_s, q_t, k_t,
-        None if cu_seqlens is None else cu_seqlens.to(torch.int32),
+        None if cu_seqlens is None else _in.cu_seqlens_int32(cu_seqlens),
         key_padding_mask,
         0 if max_seqlen is None else int(max_seqlen),
         scale / float(temperature_s), scale / float(temperature_t),

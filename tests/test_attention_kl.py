@@ -13,7 +13,7 @@ import torch
 
 from asu_kernels import reference
 from asu_kernels._backend import interpreting
-from asu_kernels.attention_kl import _launch_bwd, _launch_fwd, aot_specs, attention_kl
+from asu_kernels.attention_kl import _Call, _launch_bwd, _launch_fwd, aot_specs, attention_kl
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernel = pytest.mark.skipif(
@@ -227,15 +227,14 @@ def test_poisoned_outputs_are_fully_written():
             q_s, k_s, q_t, k_t = (t.detach() for t in _inputs(2, 4, 2, 1, 19, 16, torch.float32))
         rows = q_s.shape[:-1]
         outs = [torch.full(rows, nan, device=DEVICE) for _ in range(5)]
-        _launch_fwd(q_s, k_s, q_t, k_t, cu, None, max_seqlen, 0.25, 0.1, True, 0, *outs)
+        call = _Call(q_s, k_s, q_t, k_t, cu, None, max_seqlen, 0.25, 0.1, True, 0)
+        _launch_fwd(call, *outs)
         for o in outs:
             assert torch.isfinite(o).all()  # no empty rows here: every lse is finite too
         kl, lse_s, lse_t, ent_s, _ = outs
         dq, dk = torch.full_like(q_s, nan), torch.full_like(k_s, nan)
         g = _rand(*rows, seed=5)
-        _launch_bwd(
-            g, g, q_s, k_s, q_t, k_t, cu, None, lse_s, lse_t, ent_s, max_seqlen, 0.25, 0.1, True, 0, dq, dk
-        )
+        _launch_bwd(call, g, g, lse_s, lse_t, ent_s, dq, dk)
         assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
 
 
