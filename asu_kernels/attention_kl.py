@@ -419,20 +419,20 @@ def _reference_chunked(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`reference.attention_kl`, in query chunks for long causal dense inputs.
 
-    Rows ``[a, b)`` of ``Nq`` see keys ``j <= i + Nk - Nq`` only, so they need the first ``b + Nk - Nq``
-    keys; with that many keys the reference's bottom-right alignment puts local row ``i - a`` exactly
-    where global row ``i`` is. Gradients flow through each chunk as through the whole.
+    Under the causal mask row ``i`` sees keys ``j <= reference.aligned_key(i)`` only, so rows ``[a, b)``
+    need the first ``aligned_key(b - 1) + 1`` keys; with that many keys the bottom-right alignment puts local
+    row ``i - a`` exactly where global row ``i`` is. Gradients flow through each chunk as through the whole.
     """
     n_q = q_s.shape[-2] if cu_seqlens is None else 0
     if cu_seqlens is not None or not causal or n_q <= _CPU_CHUNK_ROWS:
         return reference.attention_kl(
             q_s, k_s, q_t, k_t, causal=causal, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, **kw
         )
-    shift = k_s.shape[-2] - n_q
+    n_k = k_s.shape[-2]
     parts = []
     for a in range(0, n_q, _CPU_CHUNK_ROWS):
         b = min(n_q, a + _CPU_CHUNK_ROWS)
-        keys = b + shift
+        keys = reference.aligned_key(b - 1, n_q, n_k) + 1  # the last key the chunk's last row may see
         kpm = None if key_padding_mask is None else key_padding_mask[:, :keys]
         parts.append(
             reference.attention_kl(
