@@ -1,8 +1,10 @@
-"""asu_kernels.attention_kl against the float64 reference (DESIGN.md section 5 conventions).
+"""asu_kernels.attention_kl against the float64 reference.
 
-The Triton kernels run on CUDA, or on CPU under TRITON_INTERPRET=1; shapes are tiny so the interpreter stays
-fast. Tolerance in the FlashAttention style: the kernel's error against float64 must be at most twice the
-error of the same computation done by PyTorch in the low precision, plus a small absolute slack.
+Conventions (layouts, masks, GQA on either side) are those of :mod:`asu_kernels.reference`
+(docs/ARCHITECTURE.md, section "Tensor conventions"). The Triton kernels run on CUDA, or on CPU under
+TRITON_INTERPRET=1; shapes are tiny so the interpreter stays fast. Tolerance in the FlashAttention style
+(``helpers.assert_fa_close``; section "Correctness"): the kernel's error against float64 must be at most
+twice the error of the same computation done by PyTorch in the low precision, plus a small absolute slack.
 """
 
 import importlib
@@ -10,6 +12,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_fa_close
 
 from asu_kernels import reference
 from asu_kernels._backend import interpreting
@@ -51,15 +54,6 @@ def _reference(q_s, k_s, q_t, k_t, dtype, **kw):
     return out, qs, ks
 
 
-def _assert_fa_close(out, ref64, ref_lowp, slack, what):
-    assert torch.isfinite(out).all(), f"{what}: non-finite values"
-    err = (out.double() - ref64.double()).abs().max().item() if out.numel() else 0.0
-    base = (ref_lowp.double() - ref64.double()).abs().max().item() if out.numel() else 0.0
-    assert err <= 2 * base + slack, (
-        f"{what}: error {err:.3g} > 2 * torch low-precision error {base:.3g} + {slack}"
-    )
-
-
 def _check(q_s, k_s, q_t, k_t, dtype, *, grads=True, entropy_grad=True, **kw):
     """Forward (KL, both entropies) and backward (dq_s, dk_s) against float64, non-unit upstream grads."""
     kl, h_s, h_t = attention_kl(q_s, k_s, q_t, k_t, return_entropy=True, **kw)
@@ -69,7 +63,7 @@ def _check(q_s, k_s, q_t, k_t, dtype, *, grads=True, entropy_grad=True, **kw):
     (rlp, qslp, kslp) = _reference(q_s, k_s, q_t, k_t, dtype, **kw)
     slack = SLACK[dtype]
     for name, o, a, b in zip(("kl", "entropy_s", "entropy_t"), (kl, h_s, h_t), r64, rlp, strict=True):
-        _assert_fa_close(o, a, b, slack, name)
+        assert_fa_close(name, o, a, b, slack)
     if not grads:
         return
     g_kl = _rand(*kl.shape, seed=11)
@@ -83,7 +77,7 @@ def _check(q_s, k_s, q_t, k_t, dtype, *, grads=True, entropy_grad=True, **kw):
         ("dk_s", k_s.grad, ks64.grad, kslp.grad),
     ):
         assert got.dtype == dtype and got.shape == want.shape
-        _assert_fa_close(got, want, lowp, slack * 2, name)
+        assert_fa_close(name, got, want, lowp, slack * 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
