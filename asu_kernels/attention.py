@@ -69,12 +69,17 @@ def attention(
     return_lse: bool = False,
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Temperature-scaled attention ``softmax(q k^T * scale / temperature) v``.
+    """Temperature-scaled attention ``softmax(q k^T * scale / temperature) v``, fused (no N x N matrix).
+
+    Per query row ``i`` and visible key ``j`` (:func:`asu_kernels.reference.visible`, plus key padding and
+    packed documents): ``s_ij = q_i . k_j * scale / temperature``, ``lse_i = log sum_j exp(s_ij)``,
+    ``out_i = sum_j exp(s_ij - lse_i) v_j``. A row that sees no key gives ``out_i = 0``, ``lse_i = -inf``.
 
     Args:
-        q: (B, Hq, N, D), or (total, Hq, D) with ``cu_seqlens``. Any strides.
-        k, v: (B, Hkv, Nk, D), or (total, Hkv, D). ``Hq % Hkv == 0``.
-        causal: bottom-right aligned causal mask.
+        q: (B, Hq, N, D), or (total, Hq, D) with ``cu_seqlens``. Any strides. fp16/bf16/fp32/fp64.
+        k, v: (B, Hkv, Nk, D) with ``Nk >= N``, or (total, Hkv, D). ``Hq % Hkv == 0`` (GQA: query head ``h``
+            reads key/value head ``h // (Hq // Hkv)``).
+        causal: bottom-right aligned causal mask (``j <= i + Nk - N``).
         scale: logit scale, default ``1/sqrt(D)``.
         temperature: > 0; ASU's forget-teacher uses ``temperature > 1``.
         window: sliding window (keys visible including the diagonal), or None.
@@ -87,48 +92,23 @@ def attention(
         ``out`` shaped like q (and ``lse`` when ``return_lse``).
     """
     _check_inputs(
-        q,
-        k,
-        v,
-        scale=scale,
-        temperature=temperature,
-        window=window,
-        cu_seqlens=cu_seqlens,
-        max_seqlen=max_seqlen,
-        key_padding_mask=key_padding_mask,
-    )
+        q, k, v, scale=scale, temperature=temperature, window=window, cu_seqlens=cu_seqlens,
+        max_seqlen=max_seqlen, key_padding_mask=key_padding_mask,
+    )  # fmt: skip
     if q.dtype != torch.float64 and use_triton(q):
         d = q.shape[-1]
         sm_scale = (1.0 / math.sqrt(d) if scale is None else float(scale)) / float(temperature)
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         out, lse = _attention_fwd_op(
-            q,
-            k,
-            v,
-            bool(causal),
-            sm_scale,
-            0 if window is None else int(window),
-            cu_seqlens,
-            -1 if max_seqlen is None else int(max_seqlen),
-            key_padding_mask,
-            bool(return_lse or needs_grad),
-        )
+            q, k, v, bool(causal), sm_scale, 0 if window is None else int(window), cu_seqlens,
+            -1 if max_seqlen is None else int(max_seqlen), key_padding_mask, bool(return_lse or needs_grad),
+        )  # fmt: skip
         return (out, lse) if return_lse else out
+    options = dict(causal=causal, scale=scale, temperature=temperature, window=window)
     if cu_seqlens is not None:
-        out, lse = reference.attention_varlen(
-            q, k, v, cu_seqlens, causal=causal, scale=scale, temperature=temperature, window=window
-        )
+        out, lse = reference.attention_varlen(q, k, v, cu_seqlens, **options)
     else:
-        out, lse = reference.attention(
-            q,
-            k,
-            v,
-            causal=causal,
-            scale=scale,
-            temperature=temperature,
-            window=window,
-            key_padding_mask=key_padding_mask,
-        )
+        out, lse = reference.attention(q, k, v, key_padding_mask=key_padding_mask, **options)
     return (out, lse) if return_lse else out
 
 
@@ -137,29 +117,17 @@ def attention(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). The GPU lists are the search space of the autotuner; the
 # interpreter runs one tiny tile so the CPU suite stays fast (it ignores warps and stages).
 FWD_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
-    (128, 64, 4, 3),
-    (128, 64, 8, 3),
-    (128, 128, 8, 2),
-    (128, 32, 4, 4),
-    (64, 64, 4, 3),
-    (64, 32, 4, 4),
-)
+    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4),
+)  # fmt: skip
 # dK/dV holds k, v and two fp32 accumulators of BLOCK_N x D per program: at D >= 128 only the
 # 16 x 128 tile on 8 warps (one 64-row warpgroup slice each) stays spill-free on sm_90 (ptxas -v).
 DKDV_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
-    (16, 128, 8, 2),
-    (32, 128, 8, 2),
-    (32, 64, 4, 3),
-    (64, 64, 4, 2),
-    (16, 64, 4, 3),
-)
+    (16, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 3),
+)  # fmt: skip
 # BLOCK_M >= 64 so that the dQ dots map onto 64-row wgmma tiles on sm_90
 DQ_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
-    (128, 32, 8, 3),
-    (128, 64, 8, 2),
-    (64, 32, 4, 3),
-    (64, 64, 4, 2),
-)
+    (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2),
+)  # fmt: skip
 INTERPRETER_CONFIG = (16, 16, 1, 1)
 PREPROCESS_BLOCK_M = 64
 AUTOTUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "HAS_KPM", "n_ctx_key"]
