@@ -423,63 +423,71 @@ def aot_specs() -> list[AOTSpec]:
     """Every attention kernel (forward, backward preprocess, dK/dV, dQ) in every autotune config, for the
     variants of :data:`AOT_VARIANTS`; the configs the H100 autotuner may pick at d = 128 are flagged."""
     specs: list[AOTSpec] = []
-    tables = {
-        "attn_fwd": (_k.attn_fwd_kernel, FWD_CONFIGS, "fwd"),
-        "attn_bwd_dkdv": (_k.attn_bwd_dkdv_kernel, DKDV_CONFIGS, "dkdv"),
-        "attn_bwd_dq": (_k.attn_bwd_dq_kernel, DQ_CONFIGS, "dq"),
-    }
-    for d, dtype, causal, varlen, window, kpm in AOT_VARIANTS:
-        el = _TL_DTYPE[dtype]
-        block_d = _in.head_dim_block(d)
-        tag = f"D={d},{el}" + (",causal" if causal else "") + (",varlen" if varlen else "")
-        tag += (",window" if window else "") + (",kpm" if kpm else "")
-        h100 = d == 128 and dtype == torch.bfloat16 and causal and not varlen and not window and not kpm
-        # dense LSE rows are contiguous; packed LSE (total, H) strides rows by H
-        unit = ("stride_pn",) + (() if varlen else ("stride_lm",))
-        for kname, (fn, table, kind) in tables.items():
-            ptr = {n: f"*{el}" for n in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")}
-            ptr.update({"LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "CU_SEQLENS": "*i32"})
-            units = unit + tuple(n for n in fn.arg_names if n.startswith("stride_") and n.endswith("d"))
-            for bm, bn, warps, stages in table:
-                if not config_allowed(kind, bm, bn, warps, stages, block_d, dtype.itemsize, 227 * 1024):
-                    continue  # the pruner drops it on every GPU at every length
-                meta = {
-                    "HEAD_DIM": d, "BLOCK_D": block_d, "CAUSAL": causal, "HAS_WINDOW": window,
-                    "IS_VARLEN": varlen, "HAS_KPM": kpm, "DOT_PRECISION": "tf32",
-                    "BLOCK_M": bm, "BLOCK_N": bn,
-                }  # fmt: skip
-                if kind == "fwd":
-                    meta["STORE_LSE"] = True
-                sig, consts = _aot_signature(fn, ptr, meta, units)
-                specs.append(
-                    AOTSpec(
-                        name=f"{kname}[{tag},BLOCK_M={bm},BLOCK_N={bn},w{warps},s{stages}]",
-                        fn=fn,
-                        signature=sig,
-                        constexprs=consts,
-                        num_warps=warps,
-                        num_stages=stages,
-                        h100_candidate=h100,
-                    )
-                )
-        fn = _k.attn_bwd_preprocess_kernel
-        ptr = {"O": f"*{el}", "DO": f"*{el}", "DLSE": "*fp32", "DELTA": "*fp32", "CU_SEQLENS": "*i32"}
-        meta = {"HEAD_DIM": d, "BLOCK_D": block_d, "IS_VARLEN": varlen, "HAS_DLSE": False}
-        meta["BLOCK_M"] = PREPROCESS_BLOCK_M
-        units = unit[1:] + ("stride_od", "stride_dd")
-        sig, consts = _aot_signature(fn, ptr, meta, units)
-        specs.append(
-            AOTSpec(
-                name=f"attn_bwd_preprocess[{tag},BLOCK_M={PREPROCESS_BLOCK_M},w4]",
-                fn=fn,
-                signature=sig,
-                constexprs=consts,
-                num_warps=4,
-                num_stages=1,
-                h100_candidate=h100,
-            )
-        )
+    for variant in AOT_VARIANTS:
+        specs += _tiled_specs(*variant)
+        specs.append(_preprocess_spec(*variant))
     return specs
+
+
+# kernel name in the report -> (kernel, autotune table, config_allowed kind)
+_TILED_KERNELS = {
+    "attn_fwd": (_k.attn_fwd_kernel, FWD_CONFIGS, "fwd"),
+    "attn_bwd_dkdv": (_k.attn_bwd_dkdv_kernel, DKDV_CONFIGS, "dkdv"),
+    "attn_bwd_dq": (_k.attn_bwd_dq_kernel, DQ_CONFIGS, "dq"),
+}
+
+
+def _variant_tag(d: int, dtype: torch.dtype, causal: bool, varlen: bool, window: bool, kpm: bool) -> str:
+    tag = f"D={d},{_TL_DTYPE[dtype]}" + (",causal" if causal else "") + (",varlen" if varlen else "")
+    return tag + (",window" if window else "") + (",kpm" if kpm else "")
+
+
+def _is_h100_target(d: int, dtype: torch.dtype, causal: bool, varlen: bool, window: bool, kpm: bool) -> bool:
+    return d == 128 and dtype == torch.bfloat16 and causal and not varlen and not window and not kpm
+
+
+def _tiled_specs(
+    d: int, dtype: torch.dtype, causal: bool, varlen: bool, window: bool, kpm: bool
+) -> list[AOTSpec]:
+    """The forward, dK/dV and dQ kernels of one variant in each config the pruner may keep."""
+    el, block_d = _TL_DTYPE[dtype], _in.head_dim_block(d)
+    tag = _variant_tag(d, dtype, causal, varlen, window, kpm)
+    h100 = _is_h100_target(d, dtype, causal, varlen, window, kpm)
+    # dense LSE rows are contiguous; packed LSE (total, H) strides rows by H
+    unit = ("stride_pn",) + (() if varlen else ("stride_lm",))
+    ptr = {n: f"*{el}" for n in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")}
+    ptr.update({"LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "CU_SEQLENS": "*i32"})
+    specs = []
+    for kname, (fn, table, kind) in _TILED_KERNELS.items():
+        units = unit + tuple(n for n in fn.arg_names if n.startswith("stride_") and n.endswith("d"))
+        for bm, bn, warps, stages in table:
+            if not config_allowed(kind, bm, bn, warps, stages, block_d, dtype.itemsize, 227 * 1024):
+                continue  # the pruner drops it on every GPU at every length
+            meta = {
+                "HEAD_DIM": d, "BLOCK_D": block_d, "CAUSAL": causal, "HAS_WINDOW": window,
+                "IS_VARLEN": varlen, "HAS_KPM": kpm, "DOT_PRECISION": "tf32", "BLOCK_M": bm, "BLOCK_N": bn,
+            }  # fmt: skip
+            if kind == "fwd":
+                meta["STORE_LSE"] = True
+            sig, consts = _aot_signature(fn, ptr, meta, units)
+            name = f"{kname}[{tag},BLOCK_M={bm},BLOCK_N={bn},w{warps},s{stages}]"
+            specs.append(AOTSpec(name, fn, sig, consts, warps, stages, h100))
+    return specs
+
+
+def _preprocess_spec(
+    d: int, dtype: torch.dtype, causal: bool, varlen: bool, window: bool, kpm: bool
+) -> AOTSpec:
+    """The backward preprocess kernel (Delta) of one variant."""
+    el, tag = _TL_DTYPE[dtype], _variant_tag(d, dtype, causal, varlen, window, kpm)
+    fn = _k.attn_bwd_preprocess_kernel
+    ptr = {"O": f"*{el}", "DO": f"*{el}", "DLSE": "*fp32", "DELTA": "*fp32", "CU_SEQLENS": "*i32"}
+    meta = {"HEAD_DIM": d, "BLOCK_D": _in.head_dim_block(d), "IS_VARLEN": varlen, "HAS_DLSE": False}
+    meta["BLOCK_M"] = PREPROCESS_BLOCK_M
+    units = (() if varlen else ("stride_lm",)) + ("stride_od", "stride_dd")
+    sig, consts = _aot_signature(fn, ptr, meta, units)
+    name = f"attn_bwd_preprocess[{tag},BLOCK_M={PREPROCESS_BLOCK_M},w4]"
+    return AOTSpec(name, fn, sig, consts, 4, 1, _is_h100_target(d, dtype, causal, varlen, window, kpm))
 
 
 def aot_attrs(spec: AOTSpec) -> dict:
