@@ -17,6 +17,8 @@ Attention
       ``Nk`` iff ``j <= i + (Nk - Nq)`` (equal lengths: ``j <= i``; decoding one token: every key).
     * ``window`` (an int ``W >= 1``, Hugging Face's ``sliding_window``): query ``i`` sees key ``j`` iff
       ``(i + Nk - Nq) - j < W``, i.e. itself and the ``W - 1`` keys before it. Used together with causal.
+    * Both rules are :func:`visible` (with :func:`aligned_key`); :func:`attention_mask` adds the key
+      padding. The kernels' host code and the Triton kernels apply the same rule.
     * ``key_padding_mask`` (B, Nk) bool, True where the key is a real token (dense layout only).
     * ``lse`` is the natural-log log-sum-exp of the visible logits, fp32, shaped like ``q`` without its
       last dim: (B, Hq, Nq) dense, (total, Hq) varlen. A row with no visible key has ``lse = -inf`` and a
