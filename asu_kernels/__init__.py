@@ -9,7 +9,13 @@ Depends on torch and triton only. Public ops:
 * :func:`attention_kl` — per-row ``KL(teacher attention || student attention)`` and entropies in one streaming
   pass, fwd + bwd to the student's q and k.
 
-:mod:`asu_kernels.reference` holds the plain-PyTorch definitions every kernel is tested against.
+Layout: each op is a public module (entry point, checks, custom ops and autograd, launchers, autotune
+tables, compile specs) with its Triton kernels in a private one: ``attention`` / ``_attention_kernels``,
+``attention_kl`` / ``_attention_kl_kernels``, ``linear_kl`` / ``_linear_kl_kernels``. The two attention
+families share ``_triton_common`` (the Triton helpers: dot precision, visibility, block ranges, documents)
+and ``_inputs`` (host-side checks and launch layouts). ``_backend`` picks Triton or the PyTorch path, ``_aot``
+describes the ahead-of-time compile specs, and :mod:`asu_kernels.reference` holds the plain-PyTorch
+definitions every kernel is tested against (and the CPU path).
 """
 
 from asu_kernels import reference

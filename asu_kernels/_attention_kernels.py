@@ -1,4 +1,5 @@
-"""Triton kernels of the temperature-scaled flash attention (forward, backward preprocess, dK/dV, dQ).
+"""Triton kernels of the temperature-scaled flash attention (forward, backward preprocess, dK/dV, dQ); the
+host side (autotuning, launchers, custom ops) is in :mod:`asu_kernels.attention`.
 
 Math (per query row ``i``, key ``j``; ``c = scale / temperature``)::
 
@@ -12,16 +13,17 @@ Math (per query row ``i``, key ``j``; ``c = scale / temperature``)::
     dq_i   = c sum_j ds_ij k_j,   dk_j = c sum_i ds_ij q_i
 
 The online softmax runs in base 2 with ``log2(e) * c`` folded into one multiplier (``qk_scale``); the
-stored LSE is converted back to natural log. Masks are bottom-right aligned: with ``diag = Nk - Nq``,
-query ``i`` sees key ``j`` iff ``j <= i + diag`` (causal) and ``i + diag - j < window`` (sliding window).
+stored LSE is converted back to natural log. The masks are those of :func:`asu_kernels._triton_common.visible`
+(bottom-right aligned causal mask, sliding window) plus the key padding.
 
 Tensor layout: every tensor is addressed as (batch, head, row, dim) through four strides, so any input
 strides work without copies. Packed (varlen) batches pass batch stride 0 and add ``cu_seqlens[b]`` rows;
 one program handles one (row block, head, document).
 
-Every loop over the other side's blocks is split in three stages: a masked stage for the blocks cut by the
-lower window edge, an unmasked stage for blocks that are fully visible, and a masked stage for the causal
-diagonal and the ragged end. Blocks outside the causal triangle or the window are never visited.
+Every loop over the other side's blocks is split in three stages (:func:`~asu_kernels._triton_common.
+key_block_ranges`, :func:`~asu_kernels._triton_common.query_block_ranges`): a masked stage for the blocks cut
+by the lower window edge, an unmasked stage for blocks that are fully visible, and a masked stage for the
+causal diagonal and the ragged end. Blocks outside the causal triangle or the window are never visited.
 """
 
 from __future__ import annotations
@@ -29,23 +31,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # host-side constant; the kernels spell the literals (globals must be constexpr)
-
-
-@triton.jit
-def _mma(a, b, acc, DOT_PREC: tl.constexpr):
-    """``a @ b (+ acc)`` with fp32 accumulation.
-
-    ``DOT_PREC`` is ``"tf32"`` (fp16/bf16 operands: tensor cores), ``"ieee"`` (fp32 operands kept exact) or
-    ``"fp32_operands"``: the dot of fp32 copies, used for bf16 under the Triton 3.6 interpreter, whose bf16
-    dot multiplies the raw 16-bit patterns. A bf16 x bf16 product is exact in fp32, so the result equals
-    the tensor-core one up to summation order.
-    """
-    if DOT_PREC == "fp32_operands":
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        out = tl.dot(a, b, acc, input_precision=DOT_PREC)
-    return out
+from asu_kernels._triton_common import (
+    LN2,
+    LOG2E,
+    document_bounds,
+    key_block_ranges,
+    key_kept,
+    mma,
+    query_block_ranges,
+    visible,
+)
 
 
 @triton.jit
@@ -67,126 +62,29 @@ def _load_tile(
 
 
 @triton.jit
-def _visible(i, j, seqlen_q, seqlen_k, diag, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Visibility of key ``j`` to query ``i`` (broadcastable index tensors), bounds included."""
-    ok = (i < seqlen_q) & (j < seqlen_k)
-    if CAUSAL:
-        ok = ok & (j <= i + diag)
-    if HAS_WINDOW:
-        ok = ok & (i + diag - j < window)
-    return ok
-
-
-@triton.jit
-def _key_ranges(
-    m0,
-    seqlen_k,
-    diag,
-    window,
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Key-block bounds for query rows [m0, m0 + BLOCK_M): masked [lo, a), unmasked [a, b), masked [b, hi)."""
-    hi = seqlen_k
-    if CAUSAL:
-        hi = tl.minimum(hi, m0 + BLOCK_M + diag)
-    lo = 0
-    full_lo = 0
-    if HAS_WINDOW:
-        lo = tl.maximum(m0 + diag - window + 1, 0) // BLOCK_N * BLOCK_N
-        # first key block that every row of the query block still sees
-        full_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M + diag - window, 0), BLOCK_N) * BLOCK_N
-    full_hi = seqlen_k // BLOCK_N * BLOCK_N
-    if CAUSAL:
-        full_hi = tl.minimum(full_hi, (m0 + diag + 1) // BLOCK_N * BLOCK_N)
-    a = tl.minimum(tl.maximum(full_lo, lo), hi)
-    b = tl.minimum(tl.maximum(full_hi, a), hi)
-    return lo, a, b, hi
-
-
-@triton.jit
-def _query_ranges(
-    n0,
-    seqlen_q,
-    diag,
-    window,
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Query-block bounds for key rows [n0, n0 + BLOCK_N): masked [lo, a), unmasked [a, b), masked [b, hi)."""
-    lo = 0
-    full_lo = 0
-    if CAUSAL:
-        lo = tl.maximum(n0 - diag, 0) // BLOCK_M * BLOCK_M
-        # first query block whose every row sees the last key of the block
-        full_lo = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M
-    hi = seqlen_q
-    full_hi = seqlen_q // BLOCK_M * BLOCK_M
-    if HAS_WINDOW:
-        hi = tl.minimum(hi, tl.maximum(n0 + BLOCK_N - 1 - diag + window, 0))
-        full_hi = tl.minimum(full_hi, tl.maximum(n0 + window - diag, 0) // BLOCK_M * BLOCK_M)
-    a = tl.minimum(tl.maximum(full_lo, lo), hi)
-    b = tl.minimum(tl.maximum(full_hi, a), hi)
-    return lo, a, b, hi
-
-
-@triton.jit
 def _fwd_inner(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    kpm_base,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    stride_pn,
-    offs_m,
-    offs_d,
-    lo,
-    hi,
-    seqlen_q,
-    seqlen_k,
-    diag,
-    window,
-    qk_scale,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
+    acc, l_i, m_i, q,
+    k_base, v_base, kpm_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+    offs_m, offs_d, lo, hi, seqlen_q, seqlen_k, diag, window, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax update of one query block over key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(
             k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-            offs_n,
-            seqlen_k,
-            offs_d,
-            HEAD_DIM,
-            BLOCK_D,
-            MASKED,
-        )
-        s = _mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
+            offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED,
+        )  # fmt: skip
+        s = mma(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
         if MASKED:
-            ok = _visible(
+            ok = visible(
                 offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag, window, CAUSAL, HAS_WINDOW
             )
             s = tl.where(ok, s, float("-inf"))
         if HAS_KPM:
-            kp = tl.load(kpm_base + offs_n * stride_pn, mask=offs_n < seqlen_k, other=0)
-            s = tl.where(kp[None, :] != 0, s, float("-inf"))
+            s = tl.where(key_kept(kpm_base, offs_n, stride_pn, seqlen_k, True)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED or HAS_KPM:
             # a row that has seen no visible key yet keeps m = -inf; exp2(-inf - -inf) would be NaN
@@ -196,66 +94,28 @@ def _fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(
             v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            offs_n,
-            seqlen_k,
-            offs_d,
-            HEAD_DIM,
-            BLOCK_D,
-            MASKED,
-        )
+            offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED,
+        )  # fmt: skip
         acc = acc * alpha[:, None]
-        acc = _mma(p.to(v.dtype), v, acc, DOT_PREC)
+        acc = mma(p.to(v.dtype), v, acc, DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
 def attn_fwd_kernel(
-    Q,
-    K,
-    V,
-    O,
-    LSE,
-    KPM,
-    CU_SEQLENS,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_od,
-    stride_lb,
-    stride_lh,
-    stride_lm,
-    stride_pb,
-    stride_pn,
-    n_q,
-    n_k,
-    group,
-    window,
-    qk_scale,
-    n_ctx_key,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    STORE_LSE: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    Q, K, V, O, LSE, KPM, CU_SEQLENS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    stride_pb, stride_pn,
+    n_q, n_k, group, window, qk_scale, n_ctx_key,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
+    STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """One program: BLOCK_M query rows of one head of one sequence. ``n_ctx_key`` only keys the autotuner."""
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
@@ -266,19 +126,14 @@ def attn_fwd_kernel(
     v_off = off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
     o_off = off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
     l_off = off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh
+    seq_start, seqlen_q, seqlen_k = document_bounds(CU_SEQLENS, off_b, n_q, n_k, IS_VARLEN)
     if IS_VARLEN:
-        seq_start = tl.load(CU_SEQLENS + off_b)
-        seqlen_q = tl.load(CU_SEQLENS + off_b + 1) - seq_start
-        seqlen_k = seqlen_q
         row0 = seq_start.to(tl.int64)
         q_off += row0 * stride_qm
         k_off += row0 * stride_kn
         v_off += row0 * stride_vn
         o_off += row0 * stride_om
         l_off += row0 * stride_lm
-    else:
-        seqlen_q = n_q
-        seqlen_k = n_k
     m0 = start_m * BLOCK_M
     if m0 >= seqlen_q:
         return
@@ -287,42 +142,28 @@ def attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(
         Q + q_off + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        offs_m,
-        seqlen_q,
-        offs_d,
-        HEAD_DIM,
-        BLOCK_D,
-        True,
-    )
+        offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True,
+    )  # fmt: skip
     kpm_base = KPM + off_b.to(tl.int64) * stride_pb
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, a, b, hi = _key_ranges(m0, seqlen_k, diag, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    lo, a, b, hi = key_block_ranges(m0, seqlen_k, diag, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     args = (
-        K + k_off,
-        V + v_off,
-        kpm_base,
-        stride_kn,
-        stride_kd,
-        stride_vn,
-        stride_vd,
-        stride_pn,
-        offs_m,
-        offs_d,
-    )
+        K + k_off, V + v_off, kpm_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
+    )  # fmt: skip
     if HAS_WINDOW:
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, *args, lo, a, seqlen_q, seqlen_k, diag, window, qk_scale,
-            True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+            True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
         )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, *args, a, b, seqlen_q, seqlen_k, diag, window, qk_scale,
-        False, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+        False, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, *args, b, hi, seqlen_q, seqlen_k, diag, window, qk_scale,
-        True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+        True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     # rows with no visible key: l = 0 and acc = 0 -> output 0, lse = -inf
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -332,35 +173,20 @@ def attn_fwd_kernel(
         o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
     )
     if STORE_LSE:
-        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
         tl.store(LSE + l_off + offs_m * stride_lm, lse, mask=offs_m < seqlen_q)
 
 
 @triton.jit
 def attn_bwd_preprocess_kernel(
-    O,
-    DO,
-    DLSE,
-    DELTA,
-    CU_SEQLENS,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_od,
-    stride_db,
-    stride_dh,
-    stride_dm,
-    stride_dd,
-    stride_lb,
-    stride_lh,
-    stride_lm,
+    O, DO, DLSE, DELTA, CU_SEQLENS,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    stride_lb, stride_lh, stride_lm,
     n_q,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    HAS_DLSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
     BLOCK_M: tl.constexpr,
-):
+):  # fmt: skip
     """``Delta = rowsum(dO * O) - dlse`` in fp32, laid out like the LSE (DLSE shares the LSE strides)."""
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
@@ -368,15 +194,12 @@ def attn_bwd_preprocess_kernel(
     o_off = off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
     d_off = off_b.to(tl.int64) * stride_db + off_h.to(tl.int64) * stride_dh
     l_off = off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh
+    seq_start, seqlen_q, _ = document_bounds(CU_SEQLENS, off_b, n_q, n_q, IS_VARLEN)
     if IS_VARLEN:
-        seq_start = tl.load(CU_SEQLENS + off_b)
-        seqlen_q = tl.load(CU_SEQLENS + off_b + 1) - seq_start
         row0 = seq_start.to(tl.int64)
         o_off += row0 * stride_om
         d_off += row0 * stride_dm
         l_off += row0 * stride_lm
-    else:
-        seqlen_q = n_q
     m0 = start_m * BLOCK_M
     if m0 >= seqlen_q:
         return
@@ -399,38 +222,12 @@ def attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk,
-    dv,
-    k,
-    v,
-    key_ok,
-    q_base,
-    do_base,
-    lse_base,
-    delta_base,
-    stride_qm,
-    stride_qd,
-    stride_dm,
-    stride_dd,
-    stride_lm,
-    offs_n,
-    offs_d,
-    lo,
-    hi,
-    seqlen_q,
-    seqlen_k,
-    diag,
-    window,
-    qk_scale,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
+    dk, dv, k, v, key_ok,
+    q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_dm, stride_dd, stride_lm,
+    offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, diag, window, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     """Accumulate dK/dV of one key block over query blocks [lo, hi), in the transposed (N, M) frame."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -446,10 +243,10 @@ def _bwd_dkdv_inner(
             lse = tl.load(lse_base + offs_m * stride_lm)
             delta = tl.load(delta_base + offs_m * stride_lm)
         # an empty row (lse = -inf) must give p = 0: subtract +inf instead of -inf
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        s_t = _mma(k, tl.trans(q), None, DOT_PREC) * qk_scale
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        s_t = mma(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
         if MASKED:
-            ok = _visible(
+            ok = visible(
                 offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, diag, window, CAUSAL, HAS_WINDOW
             )
             s_t = tl.where(ok, s_t, float("-inf"))
@@ -460,71 +257,29 @@ def _bwd_dkdv_inner(
             do_base + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd,
             offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED,
         )  # fmt: skip
-        dv = _mma(p_t.to(do.dtype), do, dv, DOT_PREC)
-        dp_t = _mma(v, tl.trans(do), None, DOT_PREC)
+        dv = mma(p_t.to(do.dtype), do, dv, DOT_PRECISION)
+        dp_t = mma(v, tl.trans(do), None, DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = _mma(ds_t.to(q.dtype), q, dk, DOT_PREC)
+        dk = mma(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    DK,
-    DV,
-    LSE,
-    DELTA,
-    KPM,
-    CU_SEQLENS,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_db,
-    stride_dh,
-    stride_dm,
-    stride_dd,
-    stride_dkb,
-    stride_dkh,
-    stride_dkn,
-    stride_dkd,
-    stride_dvb,
-    stride_dvh,
-    stride_dvn,
-    stride_dvd,
-    stride_lb,
-    stride_lh,
-    stride_lm,
-    stride_pb,
-    stride_pn,
-    n_q,
-    n_k,
-    group,
-    window,
-    sm_scale,
-    qk_scale,
-    n_ctx_key,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    Q, K, V, DO, DK, DV, LSE, DELTA, KPM, CU_SEQLENS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_lb, stride_lh, stride_lm,
+    stride_pb, stride_pn,
+    n_q, n_k, group, window, sm_scale, qk_scale, n_ctx_key,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """One program: BLOCK_N keys of one KV head; loops over the GQA group's query heads (no atomics)."""
     start_n = tl.program_id(0)
     off_hk = tl.program_id(1)
@@ -536,10 +291,8 @@ def attn_bwd_dkdv_kernel(
     q_off = off_b.to(tl.int64) * stride_qb
     do_off = off_b.to(tl.int64) * stride_db
     l_off = off_b.to(tl.int64) * stride_lb
+    seq_start, seqlen_q, seqlen_k = document_bounds(CU_SEQLENS, off_b, n_q, n_k, IS_VARLEN)
     if IS_VARLEN:
-        seq_start = tl.load(CU_SEQLENS + off_b)
-        seqlen_q = tl.load(CU_SEQLENS + off_b + 1) - seq_start
-        seqlen_k = seqlen_q
         row0 = seq_start.to(tl.int64)
         k_off += row0 * stride_kn
         v_off += row0 * stride_vn
@@ -548,9 +301,6 @@ def attn_bwd_dkdv_kernel(
         q_off += row0 * stride_qm
         do_off += row0 * stride_dm
         l_off += row0 * stride_lm
-    else:
-        seqlen_q = n_q
-        seqlen_k = n_k
     n0 = start_n * BLOCK_N
     if n0 >= seqlen_k:
         return
@@ -566,15 +316,12 @@ def attn_bwd_dkdv_kernel(
         offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True,
     )  # fmt: skip
     if HAS_KPM:
-        kp = tl.load(
-            KPM + off_b.to(tl.int64) * stride_pb + offs_n * stride_pn, mask=offs_n < seqlen_k, other=0
-        )
-        key_ok = kp != 0
+        key_ok = key_kept(KPM + off_b.to(tl.int64) * stride_pb, offs_n, stride_pn, seqlen_k, True)
     else:
         key_ok = offs_n < seqlen_k
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo, a, b, hi = _query_ranges(n0, seqlen_q, diag, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    lo, a, b, hi = query_block_ranges(n0, seqlen_q, diag, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     for g in range(0, group):
         off_h = (off_hk * group + g).to(tl.int64)
         q_base = Q + q_off + off_h * stride_qh
@@ -585,15 +332,15 @@ def attn_bwd_dkdv_kernel(
         if CAUSAL:
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, key_ok, *args, offs_n, offs_d, lo, a, seqlen_q, seqlen_k, diag, window,
-                qk_scale, True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
+                qk_scale, True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION,
             )  # fmt: skip
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, key_ok, *args, offs_n, offs_d, a, b, seqlen_q, seqlen_k, diag, window,
-            qk_scale, False, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
+            qk_scale, False, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION,
         )  # fmt: skip
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, key_ok, *args, offs_n, offs_d, b, hi, seqlen_q, seqlen_k, diag, window,
-            qk_scale, True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PREC,
+            qk_scale, True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION,
         )  # fmt: skip
     dk = dk * sm_scale
     mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
@@ -611,37 +358,13 @@ def attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_inner(
-    dq,
-    q,
-    do,
-    lse2,
-    delta,
-    k_base,
-    v_base,
-    kpm_base,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    stride_pn,
-    offs_m,
-    offs_d,
-    lo,
-    hi,
-    seqlen_q,
-    seqlen_k,
-    diag,
-    window,
-    qk_scale,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
+    dq, q, do, lse2, delta,
+    k_base, v_base, kpm_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+    offs_m, offs_d, lo, hi, seqlen_q, seqlen_k, diag, window, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Accumulate dQ of one query block over key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -653,75 +376,36 @@ def _bwd_dq_inner(
             v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
             offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED,
         )  # fmt: skip
-        s = _mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
+        s = mma(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
         if MASKED:
-            ok = _visible(
+            ok = visible(
                 offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag, window, CAUSAL, HAS_WINDOW
             )
             s = tl.where(ok, s, float("-inf"))
         if HAS_KPM:
-            kp = tl.load(kpm_base + offs_n * stride_pn, mask=offs_n < seqlen_k, other=0)
-            s = tl.where(kp[None, :] != 0, s, float("-inf"))
+            s = tl.where(key_kept(kpm_base, offs_n, stride_pn, seqlen_k, True)[None, :], s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
-        dp = _mma(do, tl.trans(v), None, DOT_PREC)
+        dp = mma(do, tl.trans(v), None, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = _mma(ds.to(k.dtype), k, dq, DOT_PREC)
+        dq = mma(ds.to(k.dtype), k, dq, DOT_PRECISION)
     return dq
 
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    DQ,
-    LSE,
-    DELTA,
-    KPM,
-    CU_SEQLENS,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_db,
-    stride_dh,
-    stride_dm,
-    stride_dd,
-    stride_dqb,
-    stride_dqh,
-    stride_dqm,
-    stride_dqd,
-    stride_lb,
-    stride_lh,
-    stride_lm,
-    stride_pb,
-    stride_pn,
-    n_q,
-    n_k,
-    group,
-    window,
-    sm_scale,
-    qk_scale,
-    n_ctx_key,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    Q, K, V, DO, DQ, LSE, DELTA, KPM, CU_SEQLENS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_lb, stride_lh, stride_lm,
+    stride_pb, stride_pn,
+    n_q, n_k, group, window, sm_scale, qk_scale, n_ctx_key,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """One program: dQ of BLOCK_M query rows of one head, looping over the visible key blocks."""
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
@@ -733,10 +417,8 @@ def attn_bwd_dq_kernel(
     l_off = off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh
     k_off = off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
     v_off = off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+    seq_start, seqlen_q, seqlen_k = document_bounds(CU_SEQLENS, off_b, n_q, n_k, IS_VARLEN)
     if IS_VARLEN:
-        seq_start = tl.load(CU_SEQLENS + off_b)
-        seqlen_q = tl.load(CU_SEQLENS + off_b + 1) - seq_start
-        seqlen_k = seqlen_q
         row0 = seq_start.to(tl.int64)
         q_off += row0 * stride_qm
         do_off += row0 * stride_dm
@@ -744,9 +426,6 @@ def attn_bwd_dq_kernel(
         l_off += row0 * stride_lm
         k_off += row0 * stride_kn
         v_off += row0 * stride_vn
-    else:
-        seqlen_q = n_q
-        seqlen_k = n_k
     m0 = start_m * BLOCK_M
     if m0 >= seqlen_q:
         return
@@ -763,34 +442,25 @@ def attn_bwd_dq_kernel(
     )  # fmt: skip
     lse = tl.load(LSE + l_off + offs_m * stride_lm, mask=offs_m < seqlen_q, other=float("-inf"))
     delta = tl.load(DELTA + l_off + offs_m * stride_lm, mask=offs_m < seqlen_q, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     kpm_base = KPM + off_b.to(tl.int64) * stride_pb
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, a, b, hi = _key_ranges(m0, seqlen_k, diag, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    lo, a, b, hi = key_block_ranges(m0, seqlen_k, diag, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     args = (
-        K + k_off,
-        V + v_off,
-        kpm_base,
-        stride_kn,
-        stride_kd,
-        stride_vn,
-        stride_vd,
-        stride_pn,
-        offs_m,
-        offs_d,
-    )
+        K + k_off, V + v_off, kpm_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
+    )  # fmt: skip
     if HAS_WINDOW:
         dq = _bwd_dq_inner(
             dq, q, do, lse2, delta, *args, lo, a, seqlen_q, seqlen_k, diag, window, qk_scale,
-            True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+            True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
         )  # fmt: skip
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, *args, a, b, seqlen_q, seqlen_k, diag, window, qk_scale,
-        False, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+        False, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, *args, b, hi, seqlen_q, seqlen_k, diag, window, qk_scale,
-        True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC,
+        True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     dq = dq * sm_scale
     tl.store(

@@ -22,6 +22,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _lse_step(m, z, x):
+    """Online log-sum-exp over one tile ``x``: running max ``m`` and sum ``z = sum exp(x - m)``, rescaled
+    to the new max (``lse = m + log z`` at the end)."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    z = z * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+    return m_new, z
+
+
+@triton.jit
 def kl_rows_kernel(
     s_ptr,
     t_ptr,
@@ -56,9 +65,7 @@ def kl_rows_kernel(
         s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
 
-        m_s_new = tl.maximum(m_s, tl.max(s, axis=0))
-        z_s = z_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(s - m_s_new), axis=0)
-        m_s = m_s_new
+        m_s, z_s = _lse_step(m_s, z_s, s)
 
         m_t_new = tl.maximum(m_t, tl.max(t, axis=0))
         rescale = tl.exp(m_t - m_t_new)
@@ -115,9 +122,7 @@ def ce_rows_kernel(
         cols = start + offs
         mask = cols < V
         x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        z = z * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        m = m_new
+        m, z = _lse_step(m, z, x)
     lse = m + tl.log(z)
     # Read the label's logit before pass 2 overwrites the row with gradients.
     x_y = tl.load(x_row + y).to(tl.float32)
@@ -148,23 +153,23 @@ def tile_for(vocab: int) -> tuple[int, int]:
     return LARGE_TILE if vocab >= LARGE_VOCAB else SMALL_TILE
 
 
-def launch_kl_rows(s, t, w, loss, compute_grad: bool, block_v: int | None = None) -> None:
-    """Run :func:`kl_rows_kernel` over the ``C`` rows of the contiguous (C, V) buffers ``s`` and ``t``."""
-    rows, vocab = s.shape
+def _launch_rows(kernel, logits, *args, compute_grad: bool, block_v: int | None) -> None:
+    """One program per row of the contiguous (C, V) ``logits``; ``block_v`` overrides the tile of
+    :func:`tile_for` (the warps stay those of the vocabulary size)."""
+    rows, vocab = logits.shape
     tile, warps = tile_for(vocab)
     if block_v is not None:
         tile = block_v
-    kl_rows_kernel[(rows,)](
-        s, t, w, loss, vocab, COMPUTE_GRAD=compute_grad, BLOCK_V=tile, num_warps=warps, num_stages=NUM_STAGES
+    kernel[(rows,)](
+        logits, *args, vocab, COMPUTE_GRAD=compute_grad, BLOCK_V=tile, num_warps=warps, num_stages=NUM_STAGES
     )
+
+
+def launch_kl_rows(s, t, w, loss, compute_grad: bool, block_v: int | None = None) -> None:
+    """Run :func:`kl_rows_kernel` over the ``C`` rows of the contiguous (C, V) buffers ``s`` and ``t``."""
+    _launch_rows(kl_rows_kernel, s, t, w, loss, compute_grad=compute_grad, block_v=block_v)
 
 
 def launch_ce_rows(x, y, w, loss, compute_grad: bool, block_v: int | None = None) -> None:
     """Run :func:`ce_rows_kernel` over the ``C`` rows of the contiguous (C, V) buffer ``x``."""
-    rows, vocab = x.shape
-    tile, warps = tile_for(vocab)
-    if block_v is not None:
-        tile = block_v
-    ce_rows_kernel[(rows,)](
-        x, y, w, loss, vocab, COMPUTE_GRAD=compute_grad, BLOCK_V=tile, num_warps=warps, num_stages=NUM_STAGES
-    )
+    _launch_rows(ce_rows_kernel, x, y, w, loss, compute_grad=compute_grad, block_v=block_v)

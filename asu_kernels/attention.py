@@ -13,19 +13,15 @@ interpreter run the PyTorch reference, differentiated by autograd.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import triton
 
 from asu_kernels import _attention_kernels as _k
+from asu_kernels import _inputs as _in
 from asu_kernels import reference
 from asu_kernels._aot import AOTSpec
 from asu_kernels._backend import interpreting, use_triton
-
-LOG2E = _k.LOG2E
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_inputs(
@@ -41,90 +37,23 @@ def _check_inputs(
     key_padding_mask: torch.Tensor | None,
 ) -> None:
     """Raise a TypeError/ValueError naming the problem; never silently fix the caller's input."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    t = float(temperature)
-    if not math.isfinite(t) or t <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    if scale is not None and (not math.isfinite(float(scale)) or float(scale) <= 0):
-        raise ValueError(f"scale must be a finite number > 0, got {scale}")
-    if window is not None and (int(window) != window or window < 1):
-        raise ValueError(f"window must be a positive int (keys visible including the diagonal), got {window}")
+    _in.check_tensors({"q": q, "k": k, "v": v})
+    _in.check_positive("temperature", temperature)
+    _in.check_positive("scale", scale)
+    _in.check_window(window)
     varlen = cu_seqlens is not None
-    want = 3 if varlen else 4
-    layout = "(total, H, D) with cu_seqlens" if varlen else "(B, H, N, D)"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != want:
-            raise ValueError(f"{name} must be {want}-D {layout}, got shape {tuple(t.shape)}")
+    _in.check_dims({"q": q, "k": k, "v": v}, varlen)
     d = q.shape[-1]
-    if k.shape[-1] != d or v.shape[-1] != d:
-        raise ValueError(f"head dims differ: q {d}, k {k.shape[-1]}, v {v.shape[-1]}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    head_axis = 1 if varlen else 1
-    hq, hkv = q.shape[head_axis], k.shape[head_axis]
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"the number of query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    if d < 16 or d > 256:
-        raise ValueError(f"head dim {d} is not supported (16 <= D <= 256)")
+    _in.check_head_dims(d, {"k": k, "v": v})
+    _in.check_same_shape("k", k, "v", v)
+    _in.check_head_groups(q.shape[1], k.shape[1], "key/value heads")
+    _in.check_head_dim_range(d, 16)
     if varlen:
-        if q.shape[0] != k.shape[0]:
-            raise ValueError(
-                f"varlen q and k must have the same total length, got {q.shape[0]} and {k.shape[0]}"
-            )
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError("cu_seqlens must be an int32 (or int64) tensor of shape (B+1,)")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens must have shape (B+1,) with B >= 1, got {tuple(cu_seqlens.shape)}")
-        if cu_seqlens.device != q.device:
-            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
-        if key_padding_mask is not None:
-            raise ValueError(
-                "key_padding_mask is for the dense layout; packed batches carry cu_seqlens instead"
-            )
-        if torch.compiler.is_compiling():
-            return  # the value checks below read the tensor (a graph break); eager calls run them
-        offsets = cu_seqlens.detach().cpu()
-        if offsets[0].item() != 0 or offsets[-1].item() != q.shape[0]:
-            raise ValueError(
-                f"cu_seqlens must start at 0 and end at total={q.shape[0]}, "
-                f"got {offsets[0].item()}..{offsets[-1].item()}"
-            )
-        lengths = offsets[1:] - offsets[:-1]
-        if (lengths < 0).any():
-            raise ValueError("cu_seqlens must be non-decreasing")
-        if max_seqlen is not None and int(lengths.max()) > max_seqlen:
-            raise ValueError(
-                f"max_seqlen={max_seqlen} is smaller than the longest document ({int(lengths.max())})"
-            )
-    else:
-        if q.shape[0] != k.shape[0]:
-            raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}")
-        if k.shape[2] < q.shape[2]:
-            raise ValueError(f"k has fewer positions ({k.shape[2]}) than q ({q.shape[2]})")
-        if key_padding_mask is not None:
-            if not isinstance(key_padding_mask, torch.Tensor):
-                raise TypeError(
-                    f"key_padding_mask must be a torch.Tensor, got {type(key_padding_mask).__name__}"
-                )
-            if key_padding_mask.dtype.is_floating_point or key_padding_mask.dtype.is_complex:
-                raise TypeError(
-                    f"key_padding_mask must be bool (True = real key), got dtype {key_padding_mask.dtype}"
-                )
-            if key_padding_mask.shape != (k.shape[0], k.shape[2]):
-                raise ValueError(
-                    f"key_padding_mask must be (B, Nk) = {(k.shape[0], k.shape[2])}, "
-                    f"got {tuple(key_padding_mask.shape)}"
-                )
-            if key_padding_mask.device != q.device:
-                raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+        _in.check_packed("q", q, {"k": k}, cu_seqlens, max_seqlen, key_padding_mask)
+        return
+    _in.check_dense_lengths("q", q, "k", k)
+    if key_padding_mask is not None:
+        _in.check_key_padding_mask(key_padding_mask, k, q.device, "q", integer_ok=True)
 
 
 def attention(
@@ -140,12 +69,17 @@ def attention(
     return_lse: bool = False,
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Temperature-scaled attention ``softmax(q k^T * scale / temperature) v``.
+    """Temperature-scaled attention ``softmax(q k^T * scale / temperature) v``, fused (no N x N matrix).
+
+    Per query row ``i`` and visible key ``j`` (:func:`asu_kernels.reference.visible`, plus key padding and
+    packed documents): ``s_ij = q_i . k_j * scale / temperature``, ``lse_i = log sum_j exp(s_ij)``,
+    ``out_i = sum_j exp(s_ij - lse_i) v_j``. A row that sees no key gives ``out_i = 0``, ``lse_i = -inf``.
 
     Args:
-        q: (B, Hq, N, D), or (total, Hq, D) with ``cu_seqlens``. Any strides.
-        k, v: (B, Hkv, Nk, D), or (total, Hkv, D). ``Hq % Hkv == 0``.
-        causal: bottom-right aligned causal mask.
+        q: (B, Hq, N, D), or (total, Hq, D) with ``cu_seqlens``. Any strides. fp16/bf16/fp32/fp64.
+        k, v: (B, Hkv, Nk, D) with ``Nk >= N``, or (total, Hkv, D). ``Hq % Hkv == 0`` (GQA: query head ``h``
+            reads key/value head ``h // (Hq // Hkv)``).
+        causal: bottom-right aligned causal mask (``j <= i + Nk - N``).
         scale: logit scale, default ``1/sqrt(D)``.
         temperature: > 0; ASU's forget-teacher uses ``temperature > 1``.
         window: sliding window (keys visible including the diagonal), or None.
@@ -158,48 +92,23 @@ def attention(
         ``out`` shaped like q (and ``lse`` when ``return_lse``).
     """
     _check_inputs(
-        q,
-        k,
-        v,
-        scale=scale,
-        temperature=temperature,
-        window=window,
-        cu_seqlens=cu_seqlens,
-        max_seqlen=max_seqlen,
-        key_padding_mask=key_padding_mask,
-    )
+        q, k, v, scale=scale, temperature=temperature, window=window, cu_seqlens=cu_seqlens,
+        max_seqlen=max_seqlen, key_padding_mask=key_padding_mask,
+    )  # fmt: skip
     if q.dtype != torch.float64 and use_triton(q):
         d = q.shape[-1]
         sm_scale = (1.0 / math.sqrt(d) if scale is None else float(scale)) / float(temperature)
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         out, lse = _attention_fwd_op(
-            q,
-            k,
-            v,
-            bool(causal),
-            sm_scale,
-            0 if window is None else int(window),
-            cu_seqlens,
-            -1 if max_seqlen is None else int(max_seqlen),
-            key_padding_mask,
-            bool(return_lse or needs_grad),
-        )
+            q, k, v, bool(causal), sm_scale, 0 if window is None else int(window), cu_seqlens,
+            -1 if max_seqlen is None else int(max_seqlen), key_padding_mask, bool(return_lse or needs_grad),
+        )  # fmt: skip
         return (out, lse) if return_lse else out
+    options = dict(causal=causal, scale=scale, temperature=temperature, window=window)
     if cu_seqlens is not None:
-        out, lse = reference.attention_varlen(
-            q, k, v, cu_seqlens, causal=causal, scale=scale, temperature=temperature, window=window
-        )
+        out, lse = reference.attention_varlen(q, k, v, cu_seqlens, **options)
     else:
-        out, lse = reference.attention(
-            q,
-            k,
-            v,
-            causal=causal,
-            scale=scale,
-            temperature=temperature,
-            window=window,
-            key_padding_mask=key_padding_mask,
-        )
+        out, lse = reference.attention(q, k, v, key_padding_mask=key_padding_mask, **options)
     return (out, lse) if return_lse else out
 
 
@@ -208,29 +117,17 @@ def attention(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). The GPU lists are the search space of the autotuner; the
 # interpreter runs one tiny tile so the CPU suite stays fast (it ignores warps and stages).
 FWD_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
-    (128, 64, 4, 3),
-    (128, 64, 8, 3),
-    (128, 128, 8, 2),
-    (128, 32, 4, 4),
-    (64, 64, 4, 3),
-    (64, 32, 4, 4),
-)
+    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4),
+)  # fmt: skip
 # dK/dV holds k, v and two fp32 accumulators of BLOCK_N x D per program: at D >= 128 only the
 # 16 x 128 tile on 8 warps (one 64-row warpgroup slice each) stays spill-free on sm_90 (ptxas -v).
 DKDV_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
-    (16, 128, 8, 2),
-    (32, 128, 8, 2),
-    (32, 64, 4, 3),
-    (64, 64, 4, 2),
-    (16, 64, 4, 3),
-)
+    (16, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 3),
+)  # fmt: skip
 # BLOCK_M >= 64 so that the dQ dots map onto 64-row wgmma tiles on sm_90
 DQ_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
-    (128, 32, 8, 3),
-    (128, 64, 8, 2),
-    (64, 32, 4, 3),
-    (64, 64, 4, 2),
-)
+    (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2),
+)  # fmt: skip
 INTERPRETER_CONFIG = (16, 16, 1, 1)
 PREPROCESS_BLOCK_M = 64
 AUTOTUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "HAS_KPM", "n_ctx_key"]
@@ -327,68 +224,15 @@ _dq_kernel = triton.autotune(
 )(_k.attn_bwd_dq_kernel)
 
 
-class _Layout(NamedTuple):
-    """How the kernels address a call: batch count, lengths and 4-D (b, h, row, d) strides."""
-
-    batch: int
-    n_q: int
-    n_k: int
-    max_q: int
-    max_k: int
-    varlen: bool
-
-
-def _layout(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int) -> _Layout:
-    if cu_seqlens is None:
-        return _Layout(q.shape[0], q.shape[2], k.shape[2], q.shape[2], k.shape[2], False)
-    if max_seqlen < 0:
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        max_seqlen = int(lengths.max().item()) if lengths.numel() else 0
-    return _Layout(cu_seqlens.numel() - 1, 0, 0, max_seqlen, max_seqlen, True)
-
-
-def _strides4(t: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
-    """(batch, head, row, dim) strides; packed tensors (total, H, D) have no batch axis."""
-    if varlen:
-        return (0, t.stride(1), t.stride(0), t.stride(2))
-    return tuple(t.stride())  # type: ignore[return-value]
-
-
-def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
-    """(batch, head, row) strides of an LSE-shaped tensor."""
-    if varlen:
-        return (0, t.stride(1), t.stride(0))
-    return tuple(t.stride())  # type: ignore[return-value]
-
-
-def _lse_shape(q: torch.Tensor) -> tuple[int, ...]:
-    return tuple(q.shape[:-1])
-
-
 def _kpm_args(kpm: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     if kpm is None:
         return q, 0, 0  # never read: HAS_KPM is False
-    kpm = kpm.view(torch.uint8) if kpm.dtype == torch.bool else (kpm != 0).view(torch.uint8)
+    kpm = _in.key_padding_bytes(kpm)
     return kpm, kpm.stride(0), kpm.stride(1)
 
 
-def _head_dim_block(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """The ``DOT_PREC`` of the kernels (see ``_attention_kernels._mma``)."""
-    if dtype == torch.float32:
-        return "ieee"  # tf32 would be less exact than the PyTorch fp32 reference the kernel matches
-    if dtype == torch.bfloat16 and interpreting():
-        return "fp32_operands"  # the Triton 3.6 interpreter's bf16 dot is wrong; see _mma
-    return "tf32"
-
-
 def _cu32(cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
-    if cu_seqlens is None:
-        return q  # never read: IS_VARLEN is False
-    return cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
+    return q if cu_seqlens is None else _in.cu_seqlens_int32(cu_seqlens)  # q: never read (dense)
 
 
 @torch.library.custom_op("asu_kernels::attention_fwd", mutates_args=(), device_types=("cuda", "cpu"))
@@ -408,29 +252,29 @@ def _attention_fwd_op(
 
     Returns ``out`` (like q) and ``lse`` (fp32, q's shape without D; an empty tensor when not stored).
     """
-    lay = _layout(q, k, cu_seqlens, max_seqlen)
+    lay = _in.layout(q, k, cu_seqlens, max_seqlen)
     out = torch.empty_like(q)
-    lse = torch.empty(_lse_shape(q) if store_lse else (0,), dtype=torch.float32, device=q.device)
+    lse = torch.empty(tuple(q.shape[:-1]) if store_lse else (0,), dtype=torch.float32, device=q.device)
     if q.numel() == 0 or lay.batch == 0 or lay.max_q == 0:
         if store_lse:
             lse.fill_(float("-inf"))
         return out, lse
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
     kpm, stride_pb, stride_pn = _kpm_args(key_padding_mask, q)
-    lse_strides = _strides3(lse, lay.varlen) if store_lse else (0, 0, 0)
+    lse_strides = _in.row_strides(lse, lay.varlen) if store_lse else (0, 0, 0)
 
     def grid(meta):
         return (triton.cdiv(lay.max_q, meta["BLOCK_M"]), hq, lay.batch)
 
     _fwd_kernel[grid](
         q, k, v, out, lse, kpm, _cu32(cu_seqlens, q),
-        *_strides4(q, lay.varlen), *_strides4(k, lay.varlen), *_strides4(v, lay.varlen),
-        *_strides4(out, lay.varlen), *lse_strides, stride_pb, stride_pn,
-        lay.n_q, lay.n_k, hq // hkv, max(window, 0), sm_scale * LOG2E,
+        *_in.strides4(q, lay.varlen), *_in.strides4(k, lay.varlen), *_in.strides4(v, lay.varlen),
+        *_in.strides4(out, lay.varlen), *lse_strides, stride_pb, stride_pn,
+        lay.n_q, lay.n_k, hq // hkv, max(window, 0), _in.base2_scale(sm_scale),
         triton.next_power_of_2(max(lay.max_q, lay.max_k)),
-        HEAD_DIM=d, BLOCK_D=_head_dim_block(d), CAUSAL=causal, HAS_WINDOW=window > 0,
+        HEAD_DIM=d, BLOCK_D=_in.head_dim_block(d), CAUSAL=causal, HAS_WINDOW=window > 0,
         IS_VARLEN=lay.varlen, HAS_KPM=key_padding_mask is not None, STORE_LSE=store_lse,
-        DOT_PREC=_dot_precision(q.dtype),
+        DOT_PRECISION=_in.dot_precision(q.dtype),
     )  # fmt: skip
     return out, lse
 
@@ -438,7 +282,7 @@ def _attention_fwd_op(
 @_attention_fwd_op.register_fake
 def _(q, k, v, causal, sm_scale, window, cu_seqlens, max_seqlen, key_padding_mask, store_lse):
     out = torch.empty_like(q)
-    lse = q.new_empty(_lse_shape(q) if store_lse else (0,), dtype=torch.float32)
+    lse = q.new_empty(tuple(q.shape[:-1]) if store_lse else (0,), dtype=torch.float32)
     return out, lse
 
 
@@ -459,31 +303,31 @@ def _attention_bwd_op(
     key_padding_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward: Delta preprocess, then the dK/dV and dQ kernels. Returns (dq, dk, dv)."""
-    lay = _layout(q, k, cu_seqlens, max_seqlen)
+    lay = _in.layout(q, k, cu_seqlens, max_seqlen)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     if q.numel() == 0 or lay.batch == 0 or lay.max_q == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
-    block_d = _head_dim_block(d)
+    block_d = _in.head_dim_block(d)
     cu = _cu32(cu_seqlens, q)
     kpm, stride_pb, stride_pn = _kpm_args(key_padding_mask, q)
     delta = torch.empty_like(lse)
-    lse_strides = _strides3(lse, lay.varlen)
+    lse_strides = _in.row_strides(lse, lay.varlen)
     dlse_t = dlse.contiguous() if dlse is not None else lse  # same layout as lse
     pre_m = 16 if interpreting() else PREPROCESS_BLOCK_M
     _k.attn_bwd_preprocess_kernel[(triton.cdiv(lay.max_q, pre_m), hq, lay.batch)](
         out, do, dlse_t, delta, cu,
-        *_strides4(out, lay.varlen), *_strides4(do, lay.varlen), *lse_strides, lay.n_q,
+        *_in.strides4(out, lay.varlen), *_in.strides4(do, lay.varlen), *lse_strides, lay.n_q,
         HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=lay.varlen, HAS_DLSE=dlse is not None, BLOCK_M=pre_m,
         num_warps=4,
     )  # fmt: skip
     common = dict(
         HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_WINDOW=window > 0, IS_VARLEN=lay.varlen,
-        HAS_KPM=key_padding_mask is not None, DOT_PREC=_dot_precision(q.dtype),
+        HAS_KPM=key_padding_mask is not None, DOT_PRECISION=_in.dot_precision(q.dtype),
     )  # fmt: skip
-    scalars = (lay.n_q, lay.n_k, hq // hkv, max(window, 0), sm_scale, sm_scale * LOG2E)
+    scalars = (lay.n_q, lay.n_k, hq // hkv, max(window, 0), sm_scale, _in.base2_scale(sm_scale))
     n_ctx_key = triton.next_power_of_2(max(lay.max_q, lay.max_k))
 
     def grid_kv(meta):
@@ -491,8 +335,8 @@ def _attention_bwd_op(
 
     _dkdv_kernel[grid_kv](
         q, k, v, do, dk, dv, lse, delta, kpm, cu,
-        *_strides4(q, lay.varlen), *_strides4(k, lay.varlen), *_strides4(v, lay.varlen),
-        *_strides4(do, lay.varlen), *_strides4(dk, lay.varlen), *_strides4(dv, lay.varlen),
+        *_in.strides4(q, lay.varlen), *_in.strides4(k, lay.varlen), *_in.strides4(v, lay.varlen),
+        *_in.strides4(do, lay.varlen), *_in.strides4(dk, lay.varlen), *_in.strides4(dv, lay.varlen),
         *lse_strides, stride_pb, stride_pn, *scalars, n_ctx_key, **common,
     )  # fmt: skip
 
@@ -501,8 +345,8 @@ def _attention_bwd_op(
 
     _dq_kernel[grid_q](
         q, k, v, do, dq, lse, delta, kpm, cu,
-        *_strides4(q, lay.varlen), *_strides4(k, lay.varlen), *_strides4(v, lay.varlen),
-        *_strides4(do, lay.varlen), *_strides4(dq, lay.varlen),
+        *_in.strides4(q, lay.varlen), *_in.strides4(k, lay.varlen), *_in.strides4(v, lay.varlen),
+        *_in.strides4(do, lay.varlen), *_in.strides4(dq, lay.varlen),
         *lse_strides, stride_pb, stride_pn, *scalars, n_ctx_key, **common,
     )  # fmt: skip
     return dq, dk, dv
@@ -579,62 +423,71 @@ def aot_specs() -> list[AOTSpec]:
     """Every attention kernel (forward, backward preprocess, dK/dV, dQ) in every autotune config, for the
     variants of :data:`AOT_VARIANTS`; the configs the H100 autotuner may pick at d = 128 are flagged."""
     specs: list[AOTSpec] = []
-    tables = {
-        "attn_fwd": (_k.attn_fwd_kernel, FWD_CONFIGS, "fwd"),
-        "attn_bwd_dkdv": (_k.attn_bwd_dkdv_kernel, DKDV_CONFIGS, "dkdv"),
-        "attn_bwd_dq": (_k.attn_bwd_dq_kernel, DQ_CONFIGS, "dq"),
-    }
-    for d, dtype, causal, varlen, window, kpm in AOT_VARIANTS:
-        el = _TL_DTYPE[dtype]
-        block_d = _head_dim_block(d)
-        tag = f"D={d},{el}" + (",causal" if causal else "") + (",varlen" if varlen else "")
-        tag += (",window" if window else "") + (",kpm" if kpm else "")
-        h100 = d == 128 and dtype == torch.bfloat16 and causal and not varlen and not window and not kpm
-        # dense LSE rows are contiguous; packed LSE (total, H) strides rows by H
-        unit = ("stride_pn",) + (() if varlen else ("stride_lm",))
-        for kname, (fn, table, kind) in tables.items():
-            ptr = {n: f"*{el}" for n in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")}
-            ptr.update({"LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "CU_SEQLENS": "*i32"})
-            units = unit + tuple(n for n in fn.arg_names if n.startswith("stride_") and n.endswith("d"))
-            for bm, bn, warps, stages in table:
-                if not config_allowed(kind, bm, bn, warps, stages, block_d, dtype.itemsize, 227 * 1024):
-                    continue  # the pruner drops it on every GPU at every length
-                meta = {
-                    "HEAD_DIM": d, "BLOCK_D": block_d, "CAUSAL": causal, "HAS_WINDOW": window,
-                    "IS_VARLEN": varlen, "HAS_KPM": kpm, "DOT_PREC": "tf32", "BLOCK_M": bm, "BLOCK_N": bn,
-                }  # fmt: skip
-                if kind == "fwd":
-                    meta["STORE_LSE"] = True
-                sig, consts = _aot_signature(fn, ptr, meta, units)
-                specs.append(
-                    AOTSpec(
-                        name=f"{kname}[{tag},BLOCK_M={bm},BLOCK_N={bn},w{warps},s{stages}]",
-                        fn=fn,
-                        signature=sig,
-                        constexprs=consts,
-                        num_warps=warps,
-                        num_stages=stages,
-                        h100_candidate=h100,
-                    )
-                )
-        fn = _k.attn_bwd_preprocess_kernel
-        ptr = {"O": f"*{el}", "DO": f"*{el}", "DLSE": "*fp32", "DELTA": "*fp32", "CU_SEQLENS": "*i32"}
-        meta = {"HEAD_DIM": d, "BLOCK_D": block_d, "IS_VARLEN": varlen, "HAS_DLSE": False}
-        meta["BLOCK_M"] = PREPROCESS_BLOCK_M
-        units = unit[1:] + ("stride_od", "stride_dd")
-        sig, consts = _aot_signature(fn, ptr, meta, units)
-        specs.append(
-            AOTSpec(
-                name=f"attn_bwd_preprocess[{tag},BLOCK_M={PREPROCESS_BLOCK_M},w4]",
-                fn=fn,
-                signature=sig,
-                constexprs=consts,
-                num_warps=4,
-                num_stages=1,
-                h100_candidate=h100,
-            )
-        )
+    for variant in AOT_VARIANTS:
+        specs += _tiled_specs(*variant)
+        specs.append(_preprocess_spec(*variant))
     return specs
+
+
+# kernel name in the report -> (kernel, autotune table, config_allowed kind)
+_TILED_KERNELS = {
+    "attn_fwd": (_k.attn_fwd_kernel, FWD_CONFIGS, "fwd"),
+    "attn_bwd_dkdv": (_k.attn_bwd_dkdv_kernel, DKDV_CONFIGS, "dkdv"),
+    "attn_bwd_dq": (_k.attn_bwd_dq_kernel, DQ_CONFIGS, "dq"),
+}
+
+
+def _variant_tag(d: int, dtype: torch.dtype, causal: bool, varlen: bool, window: bool, kpm: bool) -> str:
+    tag = f"D={d},{_TL_DTYPE[dtype]}" + (",causal" if causal else "") + (",varlen" if varlen else "")
+    return tag + (",window" if window else "") + (",kpm" if kpm else "")
+
+
+def _is_h100_target(d: int, dtype: torch.dtype, causal: bool, varlen: bool, window: bool, kpm: bool) -> bool:
+    return d == 128 and dtype == torch.bfloat16 and causal and not varlen and not window and not kpm
+
+
+def _tiled_specs(
+    d: int, dtype: torch.dtype, causal: bool, varlen: bool, window: bool, kpm: bool
+) -> list[AOTSpec]:
+    """The forward, dK/dV and dQ kernels of one variant in each config the pruner may keep."""
+    el, block_d = _TL_DTYPE[dtype], _in.head_dim_block(d)
+    tag = _variant_tag(d, dtype, causal, varlen, window, kpm)
+    h100 = _is_h100_target(d, dtype, causal, varlen, window, kpm)
+    # dense LSE rows are contiguous; packed LSE (total, H) strides rows by H
+    unit = ("stride_pn",) + (() if varlen else ("stride_lm",))
+    ptr = {n: f"*{el}" for n in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")}
+    ptr.update({"LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "CU_SEQLENS": "*i32"})
+    specs = []
+    for kname, (fn, table, kind) in _TILED_KERNELS.items():
+        units = unit + tuple(n for n in fn.arg_names if n.startswith("stride_") and n.endswith("d"))
+        for bm, bn, warps, stages in table:
+            if not config_allowed(kind, bm, bn, warps, stages, block_d, dtype.itemsize, 227 * 1024):
+                continue  # the pruner drops it on every GPU at every length
+            meta = {
+                "HEAD_DIM": d, "BLOCK_D": block_d, "CAUSAL": causal, "HAS_WINDOW": window,
+                "IS_VARLEN": varlen, "HAS_KPM": kpm, "DOT_PRECISION": "tf32", "BLOCK_M": bm, "BLOCK_N": bn,
+            }  # fmt: skip
+            if kind == "fwd":
+                meta["STORE_LSE"] = True
+            sig, consts = _aot_signature(fn, ptr, meta, units)
+            name = f"{kname}[{tag},BLOCK_M={bm},BLOCK_N={bn},w{warps},s{stages}]"
+            specs.append(AOTSpec(name, fn, sig, consts, warps, stages, h100))
+    return specs
+
+
+def _preprocess_spec(
+    d: int, dtype: torch.dtype, causal: bool, varlen: bool, window: bool, kpm: bool
+) -> AOTSpec:
+    """The backward preprocess kernel (Delta) of one variant."""
+    el, tag = _TL_DTYPE[dtype], _variant_tag(d, dtype, causal, varlen, window, kpm)
+    fn = _k.attn_bwd_preprocess_kernel
+    ptr = {"O": f"*{el}", "DO": f"*{el}", "DLSE": "*fp32", "DELTA": "*fp32", "CU_SEQLENS": "*i32"}
+    meta = {"HEAD_DIM": d, "BLOCK_D": _in.head_dim_block(d), "IS_VARLEN": varlen, "HAS_DLSE": False}
+    meta["BLOCK_M"] = PREPROCESS_BLOCK_M
+    units = (() if varlen else ("stride_lm",)) + ("stride_od", "stride_dd")
+    sig, consts = _aot_signature(fn, ptr, meta, units)
+    name = f"attn_bwd_preprocess[{tag},BLOCK_M={PREPROCESS_BLOCK_M},w4]"
+    return AOTSpec(name, fn, sig, consts, 4, 1, _is_h100_target(d, dtype, causal, varlen, window, kpm))
 
 
 def aot_attrs(spec: AOTSpec) -> dict:

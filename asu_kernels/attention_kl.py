@@ -1,42 +1,33 @@
-"""Attention-map KL in one streaming pass: ``KL(teacher attention || student attention)`` per query row.
+"""Attention-map KL, ``KL(teacher attention || student attention)`` per query row: the public op.
 
-For query row ``i`` with teacher logits ``s_T,ij = q_t,i . k_t,j * scale / temperature_t`` and student logits
-``s_S,ij = q_s,i . k_s,j * scale / temperature_s`` over the same visible keys (causal / window / padding /
-varlen mask, conventions of :mod:`asu_kernels.reference`)::
+This module holds :func:`attention_kl`, its custom ops (``asu_kernels::attention_kl_fwd`` /
+``asu_kernels::attention_kl_bwd``, opaque to ``torch.compile``, with fake implementations) and their
+autograd, the autotune tables and launchers, the input checks, the CPU path (the reference, chunked for long
+prompts) and the ahead-of-time compile specs. The Triton kernels and their math are in
+:mod:`asu_kernels._attention_kl_kernels`; the masks, layouts and ``lse`` conventions are those of
+:mod:`asu_kernels.reference`.
 
-    KL_i = sum_j p_T,ij (s_T,ij - s_S,ij) - lse_T,i + lse_S,i
-    H_i  = lse_i - sum_j p_ij s_ij                          (entropy of either side)
-
-The forward kernel streams key blocks once, keeping for each row running maxima ``m`` and sums ``l`` of
-both distributions and rescaled accumulators ``a = sum_j exp(s_T - m_T)(s_T - s_S)`` and
-``b = sum_j exp(s - m)(s - m)`` (entropies), so no (N x N) matrix ever exists: memory is O(N) per head
-and the work is two ``QK^T`` products per block (4 N^2 D flops, as many as flash attention).
-
-The teacher is frozen. With upstream gradients ``g_i`` (KL) and ``e_i`` (student entropy),
-``dL/ds_S,ij = g_i (p_S,ij - p_T,ij) + e_i p_S,ij (lse_S,i - H_S,i - s_S,ij)``, so
-``dq_s = scale_s (dS) k_s`` and ``dk_s = scale_s (dS)^T q_s`` (``scale_s = scale / temperature_s``), both
-recomputed blockwise from the stored LSEs by two kernels (one per key block, one per query block; no atomics).
-
-Inside the kernels logits are kept in base 2 (``t = s * log2(e)``) so that ``exp2`` does the exponentials;
-results are converted back to natural units on the way out.
+One streaming pass over the keys per query block: memory is O(N) per head and the work is two ``QK^T``
+products per block (4 N^2 D flops, as many as flash attention).
 """
+
+from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
-import triton.language as tl
 
+from asu_kernels import _attention_kl_kernels as _k
+from asu_kernels import _inputs as _in
 from asu_kernels import reference
 from asu_kernels._aot import AOTSpec
 from asu_kernels._backend import interpreting, use_triton
 
 __all__ = ["attention_kl", "aot_specs"]
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_LOG2E = 1.4426950408889634
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). The forward holds two query tiles and two score tiles;
@@ -83,569 +74,139 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
     return _fits(configs, meta["BLOCK_D"], meta["DOT_PRECISION"])
 
 
-@triton.jit
-def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """``a @ b`` with fp32 accumulation. The triton 3.6 interpreter multiplies bf16 operands wrongly (errors
-    of 1e10), so under the interpreter bf16 operands are widened first: bf16 products are exact in fp32, so
-    the result is the one a GPU computes, up to the order of the additions."""
-    if UPCAST_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _fwd_step(
-    q_s, q_t, ks_base, kt_base, kpm_base, s_ks_n, s_kt_n, start, n0, offs_m, offs_d, d_ok,
-    n_k, off, window, qk_scale_s, qk_scale_t,
-    m_s, m_t, l_s, l_t, acc_kl, acc_hs, acc_ht,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
-    WANT_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """One key block of the forward stream: update both maps' running max / sum and the accumulators.
-
-    ``MASKED=False`` is for interior blocks that every row sees whole (only padding, if any, is masked).
-    """
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    cols = (start + offs_n).to(tl.int64)
-    if MASKED:
-        col_ok = offs_n < n_k
-        k_mask = col_ok[:, None] & d_ok[None, :]
-    else:
-        k_mask = d_ok[None, :]
-    k_s = tl.load(ks_base + cols[:, None] * s_ks_n + offs_d[None, :], mask=k_mask, other=0.0)
-    k_t = tl.load(kt_base + cols[:, None] * s_kt_n + offs_d[None, :], mask=k_mask, other=0.0)
-    # Raw (unmasked) base-2 logits are finite everywhere, so products with exp2(masked) are 0, not NaN.
-    t_s = _dot(q_s, tl.trans(k_s), DOT_PRECISION, UPCAST_DOT) * qk_scale_s
-    t_t = _dot(q_t, tl.trans(k_t), DOT_PRECISION, UPCAST_DOT) * qk_scale_t
-    if MASKED:
-        vis = (offs_m[:, None] >= 0) & col_ok[None, :]
-        if CAUSAL:
-            vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
-        if HAS_WINDOW:
-            vis = vis & ((offs_m[:, None] + off - offs_n[None, :]) < window)
-        if HAS_KPM:
-            kp = tl.load(kpm_base + offs_n, mask=col_ok, other=0)
-            vis = vis & (kp != 0)[None, :]
-        tt_m = tl.where(vis, t_t, float("-inf"))
-        ts_m = tl.where(vis, t_s, float("-inf"))
-    elif HAS_KPM:
-        kp = tl.load(kpm_base + offs_n) != 0
-        tt_m = tl.where(kp[None, :], t_t, float("-inf"))
-        ts_m = tl.where(kp[None, :], t_s, float("-inf"))
-    else:
-        tt_m = t_t
-        ts_m = t_s
-
-    mt_new = tl.maximum(m_t, tl.max(tt_m, 1))
-    alpha_t = tl.math.exp2(m_t - mt_new)
-    e_t = tl.math.exp2(tt_m - mt_new[:, None])
-    acc_kl = acc_kl * alpha_t + tl.sum(e_t * (t_t - t_s), 1)
-    if WANT_ENTROPY:
-        # sum exp(t - m)(t - m) re-based from m_old to m_new: (t - m_new) = (t - m_old) + (m_old - m_new).
-        acc_ht = alpha_t * (acc_ht + (m_t - mt_new) * l_t) + tl.sum(e_t * (t_t - mt_new[:, None]), 1)
-    l_t = l_t * alpha_t + tl.sum(e_t, 1)
-
-    ms_new = tl.maximum(m_s, tl.max(ts_m, 1))
-    alpha_s = tl.math.exp2(m_s - ms_new)
-    e_s = tl.math.exp2(ts_m - ms_new[:, None])
-    if WANT_ENTROPY:
-        acc_hs = alpha_s * (acc_hs + (m_s - ms_new) * l_s) + tl.sum(e_s * (t_s - ms_new[:, None]), 1)
-    l_s = l_s * alpha_s + tl.sum(e_s, 1)
-    return ms_new, mt_new, l_s, l_t, acc_kl, acc_hs, acc_ht
-
-
-@triton.autotune(
+# The kernels of :mod:`asu_kernels._attention_kl_kernels`, autotuned over the tables above.
+_fwd_kernel = triton.autotune(
     configs=_configs(_FWD_GPU_CONFIGS, "BLOCK_M", "BLOCK_N"),
     key=_TUNE_KEY + ["WANT_ENTROPY"],
     prune_configs_by={"early_config_prune": _prune},
-)
-@triton.jit
-def _attention_kl_fwd(
-    QS, KS, QT, KT, KPM, CU,
-    KL, LSE_S, LSE_T, ENT_S, ENT_T,
-    s_qs_b, s_qs_h, s_qs_n,
-    s_ks_b, s_ks_h, s_ks_n,
-    s_qt_b, s_qt_h, s_qt_n,
-    s_kt_b, s_kt_h, s_kt_n,
-    s_kpm_b,
-    s_o_b, s_o_h, s_o_n,
-    n_q, n_k, H, GROUP_S, GROUP_T, window,
-    qk_scale_s, qk_scale_t,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr,
-    WANT_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """One (query block, batch * head) program: stream the visible key blocks once for both maps."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    if IS_VARLEN:
-        start = tl.load(CU + b)
-        n_q = tl.load(CU + b + 1) - start
-        n_k = n_q
-    else:
-        start = 0
-    m0 = pid_m * BLOCK_M
-    if m0 >= n_q:
-        return
-    off = n_k - n_q  # bottom-right alignment of the causal / window masks
-    b64 = b.to(tl.int64)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < n_q
-    d_ok = offs_d < HEAD_DIM
-    rows = (start + offs_m).to(tl.int64)
-    q_mask = row_ok[:, None] & d_ok[None, :]
-    q_s = tl.load(
-        QS + b64 * s_qs_b + h * s_qs_h + rows[:, None] * s_qs_n + offs_d[None, :], mask=q_mask, other=0.0
-    )
-    q_t = tl.load(
-        QT + b64 * s_qt_b + h * s_qt_h + rows[:, None] * s_qt_n + offs_d[None, :], mask=q_mask, other=0.0
-    )
-    ks_base = KS + b64 * s_ks_b + (h // GROUP_S) * s_ks_h
-    kt_base = KT + b64 * s_kt_b + (h // GROUP_T) * s_kt_h
-
-    # A finite start for the running maxima keeps exp2(m_old - m_new) and (m_old - m_new) * l_old finite
-    # when a row has not met a visible key yet (all-masked blocks happen with padding and windows).
-    m_s = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    m_t = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    l_s = tl.zeros([BLOCK_M], tl.float32)
-    l_t = tl.zeros([BLOCK_M], tl.float32)
-    acc_kl = tl.zeros([BLOCK_M], tl.float32)
-    acc_hs = tl.zeros([BLOCK_M], tl.float32)
-    acc_ht = tl.zeros([BLOCK_M], tl.float32)
-
-    hi = n_k
-    if CAUSAL:
-        hi = tl.minimum(n_k, m0 + BLOCK_M + off)
-    lo = 0
-    if HAS_WINDOW:
-        lo = (tl.maximum(0, m0 + off - window + 1) // BLOCK_N) * BLOCK_N
-    # Interior key blocks [a, b_end) are visible to every row of the block (inside the causal diagonal and
-    # the window, no key past n_k): they skip the mask arithmetic, which only the boundary blocks [lo, a)
-    # and [b_end, hi) pay. Rows past n_q need no mask: their values are never stored.
-    full_lo = lo
-    if HAS_WINDOW:
-        full_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M + off - window, 0), BLOCK_N) * BLOCK_N
-    full_hi = (n_k // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        full_hi = tl.minimum(full_hi, ((m0 + off + 1) // BLOCK_N) * BLOCK_N)
-    a = tl.minimum(tl.maximum(full_lo, lo), hi)
-    kpm_base = KPM + b64 * s_kpm_b
-    b_end = tl.maximum(full_hi, a)
-    if HAS_WINDOW:  # without a window the interior starts at key 0: no leading boundary blocks
-        for n0 in range(lo, a, BLOCK_N):
-            m_s, m_t, l_s, l_t, acc_kl, acc_hs, acc_ht = _fwd_step(
-                q_s, q_t, ks_base, kt_base, kpm_base, s_ks_n, s_kt_n, start, n0, offs_m, offs_d, d_ok,
-                n_k, off, window, qk_scale_s, qk_scale_t, m_s, m_t, l_s, l_t, acc_kl, acc_hs, acc_ht,
-                True, CAUSAL, HAS_WINDOW, HAS_KPM, WANT_ENTROPY, DOT_PRECISION, UPCAST_DOT, BLOCK_N,
-            )  # fmt: skip
-    for n0 in range(a, b_end, BLOCK_N):
-        m_s, m_t, l_s, l_t, acc_kl, acc_hs, acc_ht = _fwd_step(
-            q_s, q_t, ks_base, kt_base, kpm_base, s_ks_n, s_kt_n, start, n0, offs_m, offs_d, d_ok,
-            n_k, off, window, qk_scale_s, qk_scale_t, m_s, m_t, l_s, l_t, acc_kl, acc_hs, acc_ht,
-            False, CAUSAL, HAS_WINDOW, HAS_KPM, WANT_ENTROPY, DOT_PRECISION, UPCAST_DOT, BLOCK_N,
-        )  # fmt: skip
-    for n0 in range(b_end, hi, BLOCK_N):
-        m_s, m_t, l_s, l_t, acc_kl, acc_hs, acc_ht = _fwd_step(
-            q_s, q_t, ks_base, kt_base, kpm_base, s_ks_n, s_kt_n, start, n0, offs_m, offs_d, d_ok,
-            n_k, off, window, qk_scale_s, qk_scale_t, m_s, m_t, l_s, l_t, acc_kl, acc_hs, acc_ht,
-            True, CAUSAL, HAS_WINDOW, HAS_KPM, WANT_ENTROPY, DOT_PRECISION, UPCAST_DOT, BLOCK_N,
-        )  # fmt: skip
-
-    # Both maps share one mask, so a row is empty for both or for neither.
-    empty = l_t == 0.0
-    l_t = tl.where(empty, 1.0, l_t)
-    l_s = tl.where(empty, 1.0, l_s)
-    lse2_t = m_t + tl.math.log2(l_t)
-    lse2_s = m_s + tl.math.log2(l_s)
-    ln2 = 0.6931471805599453
-    kl = tl.where(empty, 0.0, (acc_kl / l_t - lse2_t + lse2_s) * ln2)
-    o_off = b64 * s_o_b + h * s_o_h + rows * s_o_n
-    tl.store(KL + o_off, kl, mask=row_ok)
-    tl.store(LSE_S + o_off, tl.where(empty, float("-inf"), lse2_s * ln2), mask=row_ok)
-    tl.store(LSE_T + o_off, tl.where(empty, float("-inf"), lse2_t * ln2), mask=row_ok)
-    if WANT_ENTROPY:
-        ent_s = tl.where(empty, 0.0, (tl.math.log2(l_s) - acc_hs / l_s) * ln2)
-        ent_t = tl.where(empty, 0.0, (tl.math.log2(l_t) - acc_ht / l_t) * ln2)
-        tl.store(ENT_S + o_off, ent_s, mask=row_ok)
-        tl.store(ENT_T + o_off, ent_t, mask=row_ok)
-
-
-@triton.autotune(
+)(_k.attention_kl_fwd_kernel)
+_dq_kernel = triton.autotune(
     configs=_configs(_DQ_GPU_CONFIGS, "BLOCK_M", "BLOCK_N"),
     key=_TUNE_KEY + ["ENT_GRAD"],
     prune_configs_by={"early_config_prune": _prune},
-)
-@triton.jit
-def _attention_kl_bwd_dq(
-    QS, KS, QT, KT, KPM, CU,
-    LSE_S, LSE_T, ENT_S, G_KL, G_ENT, DQ,
-    s_qs_b, s_qs_h, s_qs_n,
-    s_ks_b, s_ks_h, s_ks_n,
-    s_qt_b, s_qt_h, s_qt_n,
-    s_kt_b, s_kt_h, s_kt_n,
-    s_kpm_b,
-    s_o_b, s_o_h, s_o_n,
-    s_dq_b, s_dq_h, s_dq_n,
-    n_q, n_k, H, GROUP_S, GROUP_T, window,
-    qk_scale_s, qk_scale_t, grad_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr,
-    ENT_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """dq_s for one (query block, batch * head): ``scale_s * dS @ k_s`` over the visible key blocks."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    if IS_VARLEN:
-        start = tl.load(CU + b)
-        n_q = tl.load(CU + b + 1) - start
-        n_k = n_q
-    else:
-        start = 0
-    m0 = pid_m * BLOCK_M
-    if m0 >= n_q:
-        return
-    off = n_k - n_q
-    b64 = b.to(tl.int64)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < n_q
-    d_ok = offs_d < HEAD_DIM
-    rows = (start + offs_m).to(tl.int64)
-    q_mask = row_ok[:, None] & d_ok[None, :]
-    q_s = tl.load(
-        QS + b64 * s_qs_b + h * s_qs_h + rows[:, None] * s_qs_n + offs_d[None, :], mask=q_mask, other=0.0
-    )
-    q_t = tl.load(
-        QT + b64 * s_qt_b + h * s_qt_h + rows[:, None] * s_qt_n + offs_d[None, :], mask=q_mask, other=0.0
-    )
-    ks_base = KS + b64 * s_ks_b + (h // GROUP_S) * s_ks_h
-    kt_base = KT + b64 * s_kt_b + (h // GROUP_T) * s_kt_h
-    o_off = b64 * s_o_b + h * s_o_h + rows * s_o_n
-    log2e = 1.4426950408889634
-    ln2 = 0.6931471805599453
-    # Empty rows store lse = -inf; any finite stand-in works since all their probabilities are 0.
-    lse2_s = tl.load(LSE_S + o_off, mask=row_ok, other=0.0) * log2e
-    lse2_t = tl.load(LSE_T + o_off, mask=row_ok, other=0.0) * log2e
-    lse2_s = tl.where(lse2_s == float("-inf"), 0.0, lse2_s)
-    lse2_t = tl.where(lse2_t == float("-inf"), 0.0, lse2_t)
-    g_kl = tl.load(G_KL + o_off, mask=row_ok, other=0.0)
-    if ENT_GRAD:
-        g_ent = tl.load(G_ENT + o_off, mask=row_ok, other=0.0)
-        ent_s = tl.load(ENT_S + o_off, mask=row_ok, other=0.0)
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = n_k
-    if CAUSAL:
-        hi = tl.minimum(n_k, m0 + BLOCK_M + off)
-    lo = 0
-    if HAS_WINDOW:
-        lo = (tl.maximum(0, m0 + off - window + 1) // BLOCK_N) * BLOCK_N
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < n_k
-        cols = (start + offs_n).to(tl.int64)
-        k_mask = col_ok[:, None] & d_ok[None, :]
-        k_s = tl.load(ks_base + cols[:, None] * s_ks_n + offs_d[None, :], mask=k_mask, other=0.0)
-        k_t = tl.load(kt_base + cols[:, None] * s_kt_n + offs_d[None, :], mask=k_mask, other=0.0)
-        t_s = _dot(q_s, tl.trans(k_s), DOT_PRECISION, UPCAST_DOT) * qk_scale_s
-        t_t = _dot(q_t, tl.trans(k_t), DOT_PRECISION, UPCAST_DOT) * qk_scale_t
-        vis = row_ok[:, None] & col_ok[None, :]
-        if CAUSAL:
-            vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
-        if HAS_WINDOW:
-            vis = vis & ((offs_m[:, None] + off - offs_n[None, :]) < window)
-        if HAS_KPM:
-            kp = tl.load(KPM + b64 * s_kpm_b + offs_n, mask=col_ok, other=0)
-            vis = vis & (kp != 0)[None, :]
-        p_s = tl.math.exp2(tl.where(vis, t_s, float("-inf")) - lse2_s[:, None])
-        p_t = tl.math.exp2(tl.where(vis, t_t, float("-inf")) - lse2_t[:, None])
-        ds = g_kl[:, None] * (p_s - p_t)
-        if ENT_GRAD:
-            ds += g_ent[:, None] * p_s * ((lse2_s[:, None] - t_s) * ln2 - ent_s[:, None])
-        dq += _dot(ds.to(k_s.dtype), k_s, DOT_PRECISION, UPCAST_DOT)
-    dq = dq * grad_scale
-    tl.store(
-        DQ + b64 * s_dq_b + h * s_dq_h + rows[:, None] * s_dq_n + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=q_mask,
-    )
-
-
-@triton.autotune(
+)(_k.attention_kl_bwd_dq_kernel)
+_dk_kernel = triton.autotune(
     configs=_configs(_DK_GPU_CONFIGS, "BLOCK_N", "BLOCK_M"),
     key=_TUNE_KEY + ["ENT_GRAD"],
     prune_configs_by={"early_config_prune": _prune},
-)
-@triton.jit
-def _attention_kl_bwd_dk(
-    QS, KS, QT, KT, KPM, CU,
-    LSE_S, LSE_T, ENT_S, G_KL, G_ENT, DK,
-    s_qs_b, s_qs_h, s_qs_n,
-    s_ks_b, s_ks_h, s_ks_n,
-    s_qt_b, s_qt_h, s_qt_n,
-    s_kt_b, s_kt_h, s_kt_n,
-    s_kpm_b,
-    s_o_b, s_o_h, s_o_n,
-    s_dk_b, s_dk_h, s_dk_n,
-    n_q, n_k, H_KV, GROUP_S, GROUP_T, window,
-    qk_scale_s, qk_scale_t, grad_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr,
-    ENT_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-):  # fmt: skip
-    """dk_s for one (key block, batch * student kv head): ``scale_s * dS^T @ q_s`` over its GQA group."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H_KV
-    hk = pid_bh % H_KV
-    if IS_VARLEN:
-        start = tl.load(CU + b)
-        n_q = tl.load(CU + b + 1) - start
-        n_k = n_q
-    else:
-        start = 0
-    n0 = pid_n * BLOCK_N
-    if n0 >= n_k:
-        return
-    off = n_k - n_q
-    b64 = b.to(tl.int64)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    col_ok = offs_n < n_k
-    d_ok = offs_d < HEAD_DIM
-    cols = (start + offs_n).to(tl.int64)
-    k_mask = col_ok[:, None] & d_ok[None, :]
-    k_s = tl.load(
-        KS + b64 * s_ks_b + hk * s_ks_h + cols[:, None] * s_ks_n + offs_d[None, :], mask=k_mask, other=0.0
-    )
-    col_vis = col_ok
-    if HAS_KPM:
-        kp = tl.load(KPM + b64 * s_kpm_b + offs_n, mask=col_ok, other=0)
-        col_vis = col_vis & (kp != 0)
-    log2e = 1.4426950408889634
-    ln2 = 0.6931471805599453
-
-    # Query rows that can see this key block: causal gives a lower bound, the window an upper one.
-    lo = 0
-    if CAUSAL:
-        lo = (tl.maximum(0, n0 - off) // BLOCK_M) * BLOCK_M
-    hi = n_q
-    if HAS_WINDOW:
-        hi = tl.minimum(n_q, n0 + BLOCK_N - 1 + window - off)
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for g in range(0, GROUP_S):
-        h = hk * GROUP_S + g
-        kt_ptrs = KT + b64 * s_kt_b + (h // GROUP_T) * s_kt_h + cols[:, None] * s_kt_n + offs_d[None, :]
-        k_t = tl.load(kt_ptrs, mask=k_mask, other=0.0)
-        for m0 in range(lo, hi, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < n_q
-            rows = (start + offs_m).to(tl.int64)
-            q_mask = row_ok[:, None] & d_ok[None, :]
-            q_s = tl.load(
-                QS + b64 * s_qs_b + h * s_qs_h + rows[:, None] * s_qs_n + offs_d[None, :],
-                mask=q_mask,
-                other=0.0,
-            )
-            q_t = tl.load(
-                QT + b64 * s_qt_b + h * s_qt_h + rows[:, None] * s_qt_n + offs_d[None, :],
-                mask=q_mask,
-                other=0.0,
-            )
-            o_off = b64 * s_o_b + h * s_o_h + rows * s_o_n
-            lse2_s = tl.load(LSE_S + o_off, mask=row_ok, other=0.0) * log2e
-            lse2_t = tl.load(LSE_T + o_off, mask=row_ok, other=0.0) * log2e
-            lse2_s = tl.where(lse2_s == float("-inf"), 0.0, lse2_s)
-            lse2_t = tl.where(lse2_t == float("-inf"), 0.0, lse2_t)
-            g_kl = tl.load(G_KL + o_off, mask=row_ok, other=0.0)
-            # Transposed tiles (keys x queries) so that dk accumulates with one dot and no transpose of dS.
-            t_s = _dot(k_s, tl.trans(q_s), DOT_PRECISION, UPCAST_DOT) * qk_scale_s
-            t_t = _dot(k_t, tl.trans(q_t), DOT_PRECISION, UPCAST_DOT) * qk_scale_t
-            vis = col_vis[:, None] & row_ok[None, :]
-            if CAUSAL:
-                vis = vis & (offs_n[:, None] <= offs_m[None, :] + off)
-            if HAS_WINDOW:
-                vis = vis & ((offs_m[None, :] + off - offs_n[:, None]) < window)
-            p_s = tl.math.exp2(tl.where(vis, t_s, float("-inf")) - lse2_s[None, :])
-            p_t = tl.math.exp2(tl.where(vis, t_t, float("-inf")) - lse2_t[None, :])
-            ds = g_kl[None, :] * (p_s - p_t)
-            if ENT_GRAD:
-                g_ent = tl.load(G_ENT + o_off, mask=row_ok, other=0.0)
-                ent_s = tl.load(ENT_S + o_off, mask=row_ok, other=0.0)
-                ds += g_ent[None, :] * p_s * ((lse2_s[None, :] - t_s) * ln2 - ent_s[None, :])
-            dk += _dot(ds.to(q_s.dtype), q_s, DOT_PRECISION, UPCAST_DOT)
-    dk = dk * grad_scale
-    tl.store(
-        DK + b64 * s_dk_b + hk * s_dk_h + cols[:, None] * s_dk_n + offs_d[None, :],
-        dk.to(DK.dtype.element_ty),
-        mask=k_mask,
-    )
+)(_k.attention_kl_bwd_dk_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Launchers. Outputs are passed in so that tests can poison them and check that every element is written.
 
 
-def _lastdim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+class _Call(NamedTuple):
+    """One call as the kernels see it: inputs, packed offsets, uint8 key padding and the logit scales."""
+
+    q_s: torch.Tensor
+    k_s: torch.Tensor
+    q_t: torch.Tensor
+    k_t: torch.Tensor
+    cu_seqlens: torch.Tensor | None  # int32
+    kpm: torch.Tensor | None  # contiguous uint8 (B, Nk)
+    max_seqlen: int  # packed batches: the longest document
+    scale_s: float  # scale / temperature_s
+    scale_t: float  # scale / temperature_t
+    causal: bool
+    window: int  # 0: no window
+
+    def unit_stride(self) -> _Call:
+        """The same call with the inputs' last dim made unit-stride (the kernels assume it)."""
+        q_s, k_s, q_t, k_t = (t if t.stride(-1) == 1 else t.contiguous() for t in self[:4])
+        return self._replace(q_s=q_s, k_s=k_s, q_t=q_t, k_t=k_t)
+
+    def layout(self) -> _in.Layout:
+        return _in.layout(self.q_s, self.k_s, self.cu_seqlens, self.max_seqlen)
+
+    def pointers(self, dummy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """QS, KS, QT, KT, KPM, CU (``dummy`` stands in for the absent, never-read ones)."""
+        kpm = dummy if self.kpm is None else self.kpm
+        cu = dummy if self.cu_seqlens is None else self.cu_seqlens
+        return (self.q_s, self.k_s, self.q_t, self.k_t, kpm, cu)
+
+    def strides(self, varlen: bool) -> tuple[int, ...]:
+        """(batch, head, row) strides of q_s, k_s, q_t, k_t, then the key padding's batch stride."""
+        inputs = (s for t in self[:4] for s in _in.strides4(t, varlen)[:3])
+        return (*inputs, 0 if self.kpm is None else self.kpm.stride(0))
+
+    def scalars(self, lay: _in.Layout, heads: int) -> tuple[int | float, ...]:
+        """n_q, n_k, the programs' head count, both GQA group sizes, window and both base-2 scales."""
+        hq, hkv_s, hkv_t = self.q_s.shape[1], self.k_s.shape[1], self.k_t.shape[1]
+        qk_scales = (_in.base2_scale(self.scale_s), _in.base2_scale(self.scale_t))
+        return (lay.max_q, lay.max_k, heads, hq // hkv_s, hq // hkv_t, self.window, *qk_scales)
+
+    def flags(self) -> dict[str, Any]:
+        d = self.q_s.shape[-1]
+        return dict(
+            HEAD_DIM=d, BLOCK_D=_in.head_dim_block(d), CAUSAL=bool(self.causal), HAS_WINDOW=self.window > 0,
+            HAS_KPM=self.kpm is not None, IS_VARLEN=self.cu_seqlens is not None,
+            DOT_PRECISION=_in.dot_precision(self.q_s.dtype),
+        )  # fmt: skip
 
 
-def _seq_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
-    """(batch, head, position) strides of a (B, H, N, D) or (total, H, D) tensor (packed: batch stride 0)."""
-    if varlen:
-        return 0, t.stride(1), t.stride(0)
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
-def _row_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
-    """(batch, head, position) strides of a per-row (B, H, N) or (total, H) tensor."""
-    if varlen:
-        return 0, t.stride(1), t.stride(0)
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
-def _common_meta(
-    q_s: torch.Tensor,
-    k_s: torch.Tensor,
-    k_t: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    max_seqlen: int,
-) -> tuple[bool, int, int, int, int, int, int]:
-    varlen = cu_seqlens is not None
-    if varlen:
-        n_batch, hq, n_q, n_k = cu_seqlens.numel() - 1, q_s.shape[1], max_seqlen, max_seqlen
-        hkv_s, hkv_t = k_s.shape[1], k_t.shape[1]
-    else:
-        n_batch, hq, n_q = q_s.shape[0], q_s.shape[1], q_s.shape[2]
-        hkv_s, hkv_t, n_k = k_s.shape[1], k_t.shape[1], k_s.shape[2]
-    return varlen, n_batch, hq, n_q, n_k, hkv_s, hkv_t
-
-
-def _kernel_flags(q_s: torch.Tensor, causal: bool, window: int, kpm: torch.Tensor | None) -> dict:
-    d = q_s.shape[-1]
-    return dict(
-        HEAD_DIM=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
-        CAUSAL=bool(causal),
-        HAS_WINDOW=window > 0,
-        HAS_KPM=kpm is not None,
-        # fp32 inputs get full-precision products (PyTorch's default matmul), not TF32.
-        DOT_PRECISION="ieee" if q_s.dtype == torch.float32 else "tf32",
-        UPCAST_DOT=interpreting() and q_s.dtype == torch.bfloat16,
-    )
+def _on_device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _launch_fwd(
-    q_s: torch.Tensor,
-    k_s: torch.Tensor,
-    q_t: torch.Tensor,
-    k_t: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    kpm: torch.Tensor | None,
-    max_seqlen: int,
-    scale_s: float,
-    scale_t: float,
-    causal: bool,
-    window: int,
+    call: _Call,
     kl: torch.Tensor,
     lse_s: torch.Tensor,
     lse_t: torch.Tensor,
     ent_s: torch.Tensor | None,
     ent_t: torch.Tensor | None,
 ) -> None:
-    """Run the forward kernel into preallocated fp32 ``kl``, ``lse_*`` (and ``ent_*`` when given)."""
-    q_s, k_s, q_t, k_t = (_lastdim_contiguous(t) for t in (q_s, k_s, q_t, k_t))
-    varlen, n_batch, hq, n_q, n_k, hkv_s, hkv_t = _common_meta(q_s, k_s, k_t, cu_seqlens, max_seqlen)
-    if n_batch * hq == 0 or n_q == 0:
+    """Run the forward kernel into preallocated fp32 ``kl``, ``lse_*`` (and ``ent_*`` when given), all shaped
+    like ``q_s`` without its last dim."""
+    call = call.unit_stride()
+    lay, hq = call.layout(), call.q_s.shape[1]
+    if lay.batch * hq == 0 or lay.max_q == 0:
         return
-    want_entropy = ent_s is not None
     dummy = kl
-    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), n_batch * hq)  # noqa: E731
-    with torch.cuda.device(q_s.device) if q_s.is_cuda else contextlib.nullcontext():
-        _attention_kl_fwd[grid](
-            q_s, k_s, q_t, k_t,
-            dummy if kpm is None else kpm,
-            dummy if cu_seqlens is None else cu_seqlens,
-            kl, lse_s, lse_t,
-            dummy if ent_s is None else ent_s,
-            dummy if ent_t is None else ent_t,
-            *_seq_strides(q_s, varlen), *_seq_strides(k_s, varlen),
-            *_seq_strides(q_t, varlen), *_seq_strides(k_t, varlen),
-            0 if kpm is None else kpm.stride(0),
-            *_row_strides(kl, varlen),
-            n_q, n_k, hq, hq // hkv_s, hq // hkv_t, window,
-            scale_s * _LOG2E, scale_t * _LOG2E,
-            IS_VARLEN=varlen, WANT_ENTROPY=want_entropy,
-            **_kernel_flags(q_s, causal, window, kpm),
+    outputs = (kl, lse_s, lse_t, dummy if ent_s is None else ent_s, dummy if ent_t is None else ent_t)
+    grid = lambda meta: (triton.cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * hq)  # noqa: E731
+    with _on_device(call.q_s):
+        _fwd_kernel[grid](
+            *call.pointers(dummy), *outputs, *call.strides(lay.varlen), *_in.row_strides(kl, lay.varlen),
+            *call.scalars(lay, hq), WANT_ENTROPY=ent_s is not None, **call.flags(),
         )  # fmt: skip
 
 
 def _launch_bwd(
+    call: _Call,
     g_kl: torch.Tensor,
     g_ent: torch.Tensor | None,
-    q_s: torch.Tensor,
-    k_s: torch.Tensor,
-    q_t: torch.Tensor,
-    k_t: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    kpm: torch.Tensor | None,
     lse_s: torch.Tensor,
     lse_t: torch.Tensor,
     ent_s: torch.Tensor | None,
-    max_seqlen: int,
-    scale_s: float,
-    scale_t: float,
-    causal: bool,
-    window: int,
     dq: torch.Tensor,
     dk: torch.Tensor,
 ) -> None:
-    """Run the two backward kernels into preallocated ``dq`` (like q_s) and ``dk`` (like k_s)."""
-    q_s, k_s, q_t, k_t = (_lastdim_contiguous(t) for t in (q_s, k_s, q_t, k_t))
-    varlen, n_batch, hq, n_q, n_k, hkv_s, hkv_t = _common_meta(q_s, k_s, k_t, cu_seqlens, max_seqlen)
-    if n_batch * hq == 0 or n_q == 0:
+    """Run the two backward kernels into preallocated ``dq`` (like q_s) and ``dk`` (like k_s), from the
+    upstream gradients of the KL (``g_kl``) and of the student entropy (``g_ent``, None: no gradient)."""
+    call = call.unit_stride()
+    lay, hq, hkv_s = call.layout(), call.q_s.shape[1], call.k_s.shape[1]
+    if lay.batch * hq == 0 or lay.max_q == 0:
         return
     ent_grad = g_ent is not None
     dummy = lse_s
     g_kl = g_kl.contiguous()
-    ptrs = (
-        q_s, k_s, q_t, k_t,
-        dummy if kpm is None else kpm,
-        dummy if cu_seqlens is None else cu_seqlens,
-        lse_s, lse_t,
-        ent_s if ent_grad else dummy,
-        g_kl,
-        g_ent.contiguous() if ent_grad else dummy,
-    )  # fmt: skip
-    strides = (
-        *_seq_strides(q_s, varlen), *_seq_strides(k_s, varlen),
-        *_seq_strides(q_t, varlen), *_seq_strides(k_t, varlen),
-        0 if kpm is None else kpm.stride(0),
-        *_row_strides(lse_s, varlen),
-    )  # fmt: skip
-    # The per-row tensors (lse, entropies, upstream grads) must share one layout: the stride set above.
+    rows = (lse_s, lse_t, ent_s if ent_grad else dummy, g_kl, g_ent.contiguous() if ent_grad else dummy)
+    # The per-row tensors (lse, entropies, upstream grads) must share one layout: lse_s's strides.
     assert g_kl.stride() == lse_s.stride(), (g_kl.stride(), lse_s.stride())
-    flags = dict(IS_VARLEN=varlen, ENT_GRAD=ent_grad, **_kernel_flags(q_s, causal, window, kpm))
-    scalars = (window, scale_s * _LOG2E, scale_t * _LOG2E, scale_s)
-    with torch.cuda.device(q_s.device) if q_s.is_cuda else contextlib.nullcontext():
-        grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), n_batch * hq)  # noqa: E731
-        _attention_kl_bwd_dq[grid_q](
-            *ptrs, dq, *strides, *_seq_strides(dq, varlen),
-            n_q, n_k, hq, hq // hkv_s, hq // hkv_t, *scalars, **flags,
+    strides = (*call.strides(lay.varlen), *_in.row_strides(lse_s, lay.varlen))
+    flags = dict(ENT_GRAD=ent_grad, **call.flags())
+    with _on_device(call.q_s):
+        grid_q = lambda meta: (triton.cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * hq)  # noqa: E731
+        _dq_kernel[grid_q](
+            *call.pointers(dummy), *rows, dq, *strides, *_in.strides4(dq, lay.varlen)[:3],
+            *call.scalars(lay, hq), call.scale_s, **flags,
         )  # fmt: skip
-        grid_k = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), n_batch * hkv_s)  # noqa: E731
-        _attention_kl_bwd_dk[grid_k](
-            *ptrs, dk, *strides, *_seq_strides(dk, varlen),
-            n_q, n_k, hkv_s, hq // hkv_s, hq // hkv_t, *scalars, **flags,
+        grid_k = lambda meta: (triton.cdiv(lay.max_k, meta["BLOCK_N"]), lay.batch * hkv_s)  # noqa: E731
+        _dk_kernel[grid_k](
+            *call.pointers(dummy), *rows, dk, *strides, *_in.strides4(dk, lay.varlen)[:3],
+            *call.scalars(lay, hkv_s), call.scale_s, **flags,
         )  # fmt: skip
 
 
@@ -653,8 +214,22 @@ def _launch_bwd(
 # Custom ops (compile-traceable: torch.compile sees opaque ops with fake implementations).
 
 
-def _row_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
-    return tuple(q.shape[:-1])
+def _row_outputs(q_s: torch.Tensor, want_entropy: bool) -> tuple[torch.Tensor, ...]:
+    """fp32 ``kl, lse_s, lse_t, ent_s, ent_t`` shaped like q_s without D (entropies empty when not wanted)."""
+    kl = q_s.new_empty(tuple(q_s.shape[:-1]), dtype=torch.float32)
+    ent = (lambda: torch.empty_like(kl)) if want_entropy else (lambda: kl.new_empty(0))
+    return kl, torch.empty_like(kl), torch.empty_like(kl), ent(), ent()
+
+
+def _grad_outputs(q_s: torch.Tensor, k_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Fresh contiguous gradients: empty_like would copy an input layout whose last dim may not be unit-stride,
+    # which the kernels' stores assume.
+    return q_s.new_empty(q_s.shape), k_s.new_empty(k_s.shape)
+
+
+def _as_call(q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, max_seqlen, scale_s, scale_t, causal, window):
+    kpm = None if key_padding_mask is None else _in.key_padding_bytes(key_padding_mask).contiguous()
+    return _Call(q_s, k_s, q_t, k_t, cu_seqlens, kpm, max_seqlen, scale_s, scale_t, causal, window)
 
 
 @torch.library.custom_op("asu_kernels::attention_kl_fwd", mutates_args=())
@@ -672,26 +247,19 @@ def _fwd_op(
     window: int,
     want_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    shape = _row_shape(q_s, cu_seqlens is not None)
-    kl = q_s.new_empty(shape, dtype=torch.float32)
-    lse_s, lse_t = torch.empty_like(kl), torch.empty_like(kl)
-    ent_s = torch.empty_like(kl) if want_entropy else kl.new_empty(0)
-    ent_t = torch.empty_like(kl) if want_entropy else kl.new_empty(0)
-    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
-    _launch_fwd(
-        q_s, k_s, q_t, k_t, cu_seqlens, kpm, max_seqlen, scale_s, scale_t, causal, window,
-        kl, lse_s, lse_t, ent_s if want_entropy else None, ent_t if want_entropy else None,
-    )  # fmt: skip
+    """Triton forward: ``(kl, lse_s, lse_t, ent_s, ent_t)`` (the entropies empty unless ``want_entropy``)."""
+    kl, lse_s, lse_t, ent_s, ent_t = _row_outputs(q_s, want_entropy)
+    call = _as_call(
+        q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, max_seqlen, scale_s, scale_t, causal, window
+    )
+    _launch_fwd(call, kl, lse_s, lse_t, ent_s if want_entropy else None, ent_t if want_entropy else None)
     return kl, lse_s, lse_t, ent_s, ent_t
 
 
 @_fwd_op.register_fake
 def _fwd_fake(q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, max_seqlen, scale_s, scale_t, causal, window,
               want_entropy):  # fmt: skip
-    shape = tuple(q_s.shape[:-1])
-    kl = q_s.new_empty(shape, dtype=torch.float32)
-    ent = (lambda: torch.empty_like(kl)) if want_entropy else (lambda: kl.new_empty(0))
-    return kl, torch.empty_like(kl), torch.empty_like(kl), ent(), ent()
+    return _row_outputs(q_s, want_entropy)
 
 
 @torch.library.custom_op("asu_kernels::attention_kl_bwd", mutates_args=())
@@ -714,22 +282,21 @@ def _bwd_op(
     window: int,
     ent_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # Fresh contiguous gradients: empty_like would copy an input layout whose last dim may not be unit-stride,
-    # which the kernels' stores assume.
-    dq = q_s.new_empty(q_s.shape)
-    dk = k_s.new_empty(k_s.shape)
-    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
-    _launch_bwd(
-        g_kl, g_ent if ent_grad else None, q_s, k_s, q_t, k_t, cu_seqlens, kpm, lse_s, lse_t,
-        ent_s if ent_grad else None, max_seqlen, scale_s, scale_t, causal, window, dq, dk,
-    )  # fmt: skip
+    """Triton backward: ``(dq_s, dk_s)`` from the upstream gradients of the KL and (``ent_grad``) of the
+    student entropy."""
+    dq, dk = _grad_outputs(q_s, k_s)
+    call = _as_call(
+        q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, max_seqlen, scale_s, scale_t, causal, window
+    )
+    ent_s = ent_s if ent_grad else None
+    _launch_bwd(call, g_kl, g_ent if ent_grad else None, lse_s, lse_t, ent_s, dq, dk)
     return dq, dk
 
 
 @_bwd_op.register_fake
 def _bwd_fake(g_kl, g_ent, q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, lse_s, lse_t, ent_s, max_seqlen,
               scale_s, scale_t, causal, window, ent_grad):  # fmt: skip
-    return q_s.new_empty(q_s.shape), k_s.new_empty(k_s.shape)
+    return _grad_outputs(q_s, k_s)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -777,102 +344,61 @@ def _check_inputs(
     key_padding_mask: torch.Tensor | None,
 ) -> None:
     """Raise a TypeError/ValueError naming the problem; never silently fix the caller's input."""
-    names = ("q_s", "k_s", "q_t", "k_t")
-    tensors = (q_s, k_s, q_t, k_t)
-    for name, t in zip(names, tensors, strict=True):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
-    if len({t.dtype for t in tensors}) != 1:
-        raise TypeError(f"q_s, k_s, q_t, k_t must share one dtype, got {[str(t.dtype) for t in tensors]}")
-    if len({t.device for t in tensors}) != 1:
-        raise ValueError(f"q_s, k_s, q_t, k_t must be on one device, got {[str(t.device) for t in tensors]}")
-    varlen = cu_seqlens is not None
-    want = 3 if varlen else 4
-    layout = "(total, H, D) with cu_seqlens" if varlen else "(B, H, N, D)"
-    for name, t in zip(names, tensors, strict=True):
-        if t.dim() != want:
-            raise ValueError(f"{name} must be {want}-D {layout}, got shape {tuple(t.shape)}")
-    if q_s.shape != q_t.shape:
-        raise ValueError(
-            f"q_s and q_t must have the same shape, got {tuple(q_s.shape)} and {tuple(q_t.shape)}"
-        )
-    d = q_s.shape[-1]
-    if k_s.shape[-1] != d or k_t.shape[-1] != d:
-        raise ValueError(f"head dims differ: q {d}, k_s {k_s.shape[-1]}, k_t {k_t.shape[-1]}")
-    if d < 1 or d > 256:
-        raise ValueError(f"head dim {d} is not supported (1 <= D <= 256)")
-    hq = q_s.shape[1]
-    for name, t in (("k_s", k_s), ("k_t", k_t)):
-        if t.shape[1] == 0 or hq % t.shape[1] != 0:
-            raise ValueError(
-                f"the number of query heads ({hq}) must be a multiple of {name}'s heads ({t.shape[1]})"
-            )
-    if varlen:
-        for name, t in (("k_s", k_s), ("k_t", k_t)):
-            if t.shape[0] != q_s.shape[0]:
-                raise ValueError(f"varlen q_s and {name} must have the same total length, got "
-                                 f"{q_s.shape[0]} and {t.shape[0]}")  # fmt: skip
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError("cu_seqlens must be an int32 (or int64) tensor of shape (B+1,)")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens must have shape (B+1,) with B >= 1, got {tuple(cu_seqlens.shape)}")
-        if cu_seqlens.device != q_s.device:
-            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q_s is on {q_s.device}")
-        if key_padding_mask is not None:
-            raise ValueError(
-                "key_padding_mask is for the dense layout; packed batches carry cu_seqlens instead"
-            )
-        if max_seqlen is not None and (int(max_seqlen) != max_seqlen or max_seqlen < 0):
-            raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen}")
-        # Value checks read the offsets on the host; a compiled graph must pass max_seqlen and skip them.
-        if not torch.compiler.is_compiling():
-            offsets = cu_seqlens.detach().cpu()
-            if offsets[0].item() != 0 or offsets[-1].item() != q_s.shape[0]:
-                raise ValueError(f"cu_seqlens must start at 0 and end at total={q_s.shape[0]}, "
-                                 f"got {offsets[0].item()}..{offsets[-1].item()}")  # fmt: skip
-            lengths = offsets[1:] - offsets[:-1]
-            if (lengths < 0).any():
-                raise ValueError("cu_seqlens must be non-decreasing")
-            if max_seqlen is not None and int(lengths.max()) > max_seqlen:
-                raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest document "
-                                 f"({int(lengths.max())})")  # fmt: skip
-        elif max_seqlen is None:
-            raise ValueError("under torch.compile, varlen calls must pass max_seqlen")
+    tensors = {"q_s": q_s, "k_s": k_s, "q_t": q_t, "k_t": k_t}
+    _in.check_tensors(tensors)
+    _in.check_dims(tensors, cu_seqlens is not None)
+    _in.check_same_shape("q_s", q_s, "q_t", q_t)
+    keys = {"k_s": k_s, "k_t": k_t}
+    _in.check_head_dims(q_s.shape[-1], keys)
+    _in.check_head_dim_range(q_s.shape[-1], 1)
+    for name, k in keys.items():
+        _in.check_head_groups(q_s.shape[1], k.shape[1], f"{name}'s heads")
+    if cu_seqlens is not None:
+        _check_packed(q_s, keys, cu_seqlens, max_seqlen, key_padding_mask)
     else:
-        for name, t in (("k_s", k_s), ("k_t", k_t)):
-            if t.shape[0] != q_s.shape[0]:
-                raise ValueError(f"batch sizes differ: q_s {q_s.shape[0]}, {name} {t.shape[0]}")
-        if k_s.shape[2] != k_t.shape[2]:
-            raise ValueError(
-                f"k_s and k_t must have the same number of keys, got {k_s.shape[2]} and {k_t.shape[2]}"
-            )
-        if k_s.shape[2] < q_s.shape[2]:
-            raise ValueError(f"k_s has fewer positions ({k_s.shape[2]}) than q_s ({q_s.shape[2]})")
-        if key_padding_mask is not None:
-            if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-                raise TypeError("key_padding_mask must be a bool tensor (True = real key)")
-            if key_padding_mask.shape != (k_s.shape[0], k_s.shape[2]):
-                raise ValueError(f"key_padding_mask must be (B, Nk) = {(k_s.shape[0], k_s.shape[2])}, "
-                                 f"got {tuple(key_padding_mask.shape)}")  # fmt: skip
-            if key_padding_mask.device != q_s.device:
-                raise ValueError(
-                    f"key_padding_mask is on {key_padding_mask.device} but q_s is on {q_s.device}"
-                )
-        if max_seqlen is not None:
-            raise ValueError("max_seqlen is only meaningful with cu_seqlens (packed batches)")
+        _check_dense(q_s, keys, max_seqlen, key_padding_mask)
     for name, value in (("temperature_t", temperature_t), ("temperature_s", temperature_s)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-        if not math.isfinite(float(value)) or value <= 0:
-            raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    if scale is not None and (not math.isfinite(float(scale)) or float(scale) <= 0):
-        raise ValueError(f"scale must be a finite number > 0, got {scale}")
-    if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
-        raise ValueError(f"window must be a positive int (keys visible including the diagonal), got {window}")
+        _in.check_positive(name, value)
+    _in.check_positive("scale", scale)
+    _in.check_window(window)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+
+
+def _check_packed(
+    q_s: torch.Tensor,
+    keys: dict[str, torch.Tensor],
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int | None,
+    key_padding_mask: torch.Tensor | None,
+) -> None:
+    if max_seqlen is not None and (int(max_seqlen) != max_seqlen or max_seqlen < 0):
+        raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen}")
+    _in.check_packed("q_s", q_s, keys, cu_seqlens, max_seqlen, key_padding_mask)
+    # A compiled graph cannot read the offsets to find the longest document: the caller must pass it.
+    if torch.compiler.is_compiling() and max_seqlen is None:
+        raise ValueError("under torch.compile, varlen calls must pass max_seqlen")
+
+
+def _check_dense(
+    q_s: torch.Tensor,
+    keys: dict[str, torch.Tensor],
+    max_seqlen: int | None,
+    key_padding_mask: torch.Tensor | None,
+) -> None:
+    k_s, k_t = keys["k_s"], keys["k_t"]
+    if k_s.shape[2] != k_t.shape[2]:
+        raise ValueError(
+            f"k_s and k_t must have the same number of keys, got {k_s.shape[2]} and {k_t.shape[2]}"
+        )
+    for name, k in keys.items():
+        _in.check_dense_lengths("q_s", q_s, name, k)
+    if key_padding_mask is not None:
+        _in.check_key_padding_mask(key_padding_mask, k_s, q_s.device, "q_s", integer_ok=False)
+    if max_seqlen is not None:
+        raise ValueError("max_seqlen is only meaningful with cu_seqlens (packed batches)")
 
 
 # The CPU path materialises (rows x keys) score matrices; causal dense calls are cut into query chunks of
@@ -893,20 +419,20 @@ def _reference_chunked(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`reference.attention_kl`, in query chunks for long causal dense inputs.
 
-    Rows ``[a, b)`` of ``Nq`` see keys ``j <= i + Nk - Nq`` only, so they need the first ``b + Nk - Nq``
-    keys; with that many keys the reference's bottom-right alignment puts local row ``i - a`` exactly
-    where global row ``i`` is. Gradients flow through each chunk as through the whole.
+    Under the causal mask row ``i`` sees keys ``j <= reference.aligned_key(i)`` only, so rows ``[a, b)``
+    need the first ``aligned_key(b - 1) + 1`` keys; with that many keys the bottom-right alignment puts local
+    row ``i - a`` exactly where global row ``i`` is. Gradients flow through each chunk as through the whole.
     """
     n_q = q_s.shape[-2] if cu_seqlens is None else 0
     if cu_seqlens is not None or not causal or n_q <= _CPU_CHUNK_ROWS:
         return reference.attention_kl(
             q_s, k_s, q_t, k_t, causal=causal, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, **kw
         )
-    shift = k_s.shape[-2] - n_q
+    n_k = k_s.shape[-2]
     parts = []
     for a in range(0, n_q, _CPU_CHUNK_ROWS):
         b = min(n_q, a + _CPU_CHUNK_ROWS)
-        keys = b + shift
+        keys = reference.aligned_key(b - 1, n_q, n_k) + 1  # the last key the chunk's last row may see
         kpm = None if key_padding_mask is None else key_padding_mask[:, :keys]
         parts.append(
             reference.attention_kl(
@@ -985,10 +511,10 @@ def attention_kl(
         )  # fmt: skip
         return (kl, ent_s, ent_t) if return_entropy else kl
     if cu_seqlens is not None and max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+        max_seqlen = _in.longest_document(cu_seqlens)
     kl, _, _, ent_s, ent_t = _fwd_op(
         q_s, k_s, q_t, k_t,
-        None if cu_seqlens is None else cu_seqlens.to(torch.int32),
+        None if cu_seqlens is None else _in.cu_seqlens_int32(cu_seqlens),
         key_padding_mask,
         0 if max_seqlen is None else int(max_seqlen),
         scale / float(temperature_s), scale / float(temperature_t),
@@ -1022,9 +548,9 @@ def _signature(kernel: str, dtype: torch.dtype) -> dict[str, str]:
         {"GROUP_S": "i32", "GROUP_T": "i32", "window": "i32", "qk_scale_s": "fp32", "qk_scale_t": "fp32"}
     )
     if kernel != "fwd":
-        sig["grad_scale"] = "fp32"
+        sig["sm_scale_s"] = "fp32"
     flags = ["HEAD_DIM", "BLOCK_D", "CAUSAL", "HAS_WINDOW", "HAS_KPM", "IS_VARLEN"]
-    flags += ["WANT_ENTROPY" if kernel == "fwd" else "ENT_GRAD", "DOT_PRECISION", "UPCAST_DOT"]
+    flags += ["WANT_ENTROPY" if kernel == "fwd" else "ENT_GRAD", "DOT_PRECISION"]
     flags += ["BLOCK_N", "BLOCK_M"] if kernel == "dk" else ["BLOCK_M", "BLOCK_N"]
     sig.update({f: "constexpr" for f in flags})
     return sig
@@ -1033,8 +559,9 @@ def _signature(kernel: str, dtype: torch.dtype) -> dict[str, str]:
 def aot_specs() -> list[AOTSpec]:
     """Every configuration the GPU autotuner may launch, at head dim 128 (bf16, causal; the ones an H100
     picks from) plus fp16 / fp32 / head dim 64 / window+padding / varlen variants on the first config."""
-    kernels = {"fwd": (_attention_kl_fwd, _FWD_GPU_CONFIGS), "dq": (_attention_kl_bwd_dq, _DQ_GPU_CONFIGS),
-               "dk": (_attention_kl_bwd_dk, _DK_GPU_CONFIGS)}  # fmt: skip
+    kernels = {"fwd": (_k.attention_kl_fwd_kernel, _FWD_GPU_CONFIGS),
+               "dq": (_k.attention_kl_bwd_dq_kernel, _DQ_GPU_CONFIGS),
+               "dk": (_k.attention_kl_bwd_dk_kernel, _DK_GPU_CONFIGS)}  # fmt: skip
     variants = [
         # (dtype, D, causal, window, kpm, varlen, extra flag, all configs?)
         (torch.bfloat16, 128, True, False, False, False, True, True),
@@ -1055,14 +582,14 @@ def aot_specs() -> list[AOTSpec]:
                     "HEAD_DIM": d, "BLOCK_D": block_d, "CAUSAL": causal,
                     "HAS_WINDOW": window, "HAS_KPM": kpm, "IS_VARLEN": varlen,
                     ("WANT_ENTROPY" if kernel == "fwd" else "ENT_GRAD"): extra,
-                    "DOT_PRECISION": precision, "UPCAST_DOT": False,
+                    "DOT_PRECISION": precision,
                     outer: a, inner: c,
                 }  # fmt: skip
                 name = (f"attention_kl_{kernel}[D={d},{_TL_DTYPE[dtype]},{'causal' if causal else 'full'}"
                         f"{',window,kpm' if window else ''}{',varlen' if varlen else ''}"
                         f"{',entropy' if extra else ''},{outer}={a},{inner}={c},w{w},s{s}]")  # fmt: skip
                 specs.append(AOTSpec(
-                    name=name, fn=fn.fn, signature=_signature(kernel, dtype), constexprs=constexprs,
+                    name=name, fn=fn, signature=_signature(kernel, dtype), constexprs=constexprs,
                     num_warps=w, num_stages=s, h100_candidate=(all_configs and d == 128),
                 ))  # fmt: skip
     return specs

@@ -28,8 +28,8 @@ M=8192, ~55 ms at a realistic 650 TFLOP/s) while the row kernel moves ``5 C V`` 
 (~10 GB in all, ~3 ms at 3.3 TB/s); a Triton GEMM fused with the softmax would save only that traffic but
 would have to match cuBLAS's Hopper GEMMs to come out ahead, so the GEMMs stay in cuBLAS.
 
-Both losses are ``torch.library.custom_op`` s with a fake implementation and ``register_autograd`` (see
-DESIGN.md section 5), so ``torch.compile(fullgraph=True)`` traces them as single opaque nodes.
+Both losses are ``torch.library.custom_op`` s with a fake implementation and ``register_autograd``, so
+``torch.compile(fullgraph=True)`` traces them as single opaque nodes.
 """
 
 from __future__ import annotations
@@ -388,6 +388,52 @@ def _finish_grads(
     return out_h, out_w, out_b
 
 
+def _chunked_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    w: torch.Tensor,
+    active: torch.Tensor | None,
+    need: tuple[bool, bool, bool],
+    n_buffers: int,
+    chunk_loss,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunk loop of both losses: ``(loss, grad_hidden, grad_weight, grad_bias)`` of ``sum_i w_i L_i``.
+
+    ``w`` (M,) are the row weights in the accumulation dtype and ``active`` the rows to compute (None: all).
+    For each chunk of rows, ``chunk_loss(rows, h, buffers, w_scaled, loss_out, on_triton, compute_grad)``
+    fills the ``n_buffers`` (c, V) logit buffers from the chunk's hidden states ``h``, returns the per-row
+    losses and, with ``compute_grad``, leaves the logit gradient ``w_scaled * dL/dlogits`` in
+    ``buffers[0]``; the student head (``hidden``, ``weight``, ``bias``) gets the gradients ``need`` asks for.
+    """
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    acc = _acc_dtype(hidden.dtype)
+    on_triton = _triton_path(hidden)
+    index, n_active = _active_rows(active, rows)
+    grad_h, grad_w, grad_b = _new_grads(hidden, weight, bias, *need, acc)
+    compute_grad = grad_h is not None or grad_w is not None or grad_b is not None
+    grad_scale = _grad_scale(w)
+    total = torch.zeros((), dtype=acc, device=device)
+    if n_active > 0:
+        chunk = _chunk_rows(n_active, vocab, device, _nbytes(hidden, weight))
+        buf_dtype = hidden.dtype if on_triton else acc
+        buffers = [torch.empty((chunk, vocab), dtype=buf_dtype, device=device) for _ in range(n_buffers)]
+        loss_buf = torch.empty(chunk, dtype=torch.float32, device=device)
+        for start in range(0, n_active, chunk):
+            stop = min(n_active, start + chunk)
+            sel = _Rows(index, start, stop)
+            c = stop - start
+            h, w_c, x = sel.take(hidden), sel.take(w), [buf[:c] for buf in buffers]
+            per_row = chunk_loss(sel, h, x, w_c / grad_scale, loss_buf[:c], on_triton, compute_grad)
+            total += (w_c * per_row.to(acc)).sum()
+            if compute_grad:
+                _backprop_chunk(x[0], h, weight, sel, grad_h, grad_w, grad_b, grad_scale)
+        del buffers, x  # free the chunk buffers before the gradients are cast
+    loss = total.to(hidden.dtype)
+    return (loss, *_finish_grads(hidden, weight, bias, grad_h, grad_w, grad_b, grad_scale))
+
+
 def _linear_kl_forward(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -413,50 +459,27 @@ def _linear_kl_forward(
                 "teacher_bias": teacher_bias,
             }
         )
-    rows, vocab = student_hidden.shape[0], student_weight.shape[0]
-    device = student_hidden.device
+    rows = student_hidden.shape[0]
     acc = _acc_dtype(student_hidden.dtype)
-    on_triton = _triton_path(student_hidden)
     if weights is None:
-        w = torch.full((rows,), 1.0 / max(rows, 1), dtype=acc, device=device)
-        index, n_active = None, rows
+        w = torch.full((rows,), 1.0 / max(rows, 1), dtype=acc, device=student_hidden.device)
+        active = None
     else:
         w = weights.to(acc)
-        index, n_active = _active_rows(w != 0, rows)
-    grad_h, grad_w, grad_b = _new_grads(
-        student_hidden, student_weight, student_bias, need_h, need_w, need_b, acc
-    )
-    compute_grad = grad_h is not None or grad_w is not None or grad_b is not None
-    grad_scale = _grad_scale(w)
-    total = torch.zeros((), dtype=acc, device=device)
-    if n_active > 0:
-        chunk = _chunk_rows(n_active, vocab, device, _nbytes(student_hidden, student_weight))
-        buf_dtype = student_hidden.dtype if on_triton else acc
-        s_buf = torch.empty((chunk, vocab), dtype=buf_dtype, device=device)
-        t_buf = torch.empty((chunk, vocab), dtype=buf_dtype, device=device)
-        loss_buf = torch.empty(chunk, dtype=torch.float32, device=device)
-        for start in range(0, n_active, chunk):
-            stop = min(n_active, start + chunk)
-            sel = _Rows(index, start, stop)
-            c = stop - start
-            h_s, h_t, w_c = sel.take(student_hidden), sel.take(teacher_hidden), sel.take(w)
-            s, t = s_buf[:c], t_buf[:c]
-            _logits_into(s, h_s, student_weight, student_bias)
-            _logits_into(t, h_t, teacher_weight, teacher_bias)
-            if on_triton:
-                per_row = loss_buf[:c].fill_(math.nan)  # poison: an unwritten row would show as NaN
-                kernels.launch_kl_rows(s, t, w_c / grad_scale, per_row, compute_grad, _block_v_override)
-            else:
-                per_row = _kl_rows_torch(s, t, w_c / grad_scale, compute_grad)
-            total += (w_c * per_row.to(acc)).sum()
-            if compute_grad:
-                _backprop_chunk(s, h_s, student_weight, sel, grad_h, grad_w, grad_b, grad_scale)
-        del s_buf, t_buf, s, t  # free the chunk buffers before the gradients are cast
-    loss = total.to(student_hidden.dtype)
-    return (
-        loss,
-        *_finish_grads(student_hidden, student_weight, student_bias, grad_h, grad_w, grad_b, grad_scale),
-    )
+        active = w != 0
+
+    def kl_chunk(sel, h_s, buffers, w_scaled, loss_out, on_triton, compute_grad):
+        s, t = buffers
+        _logits_into(s, h_s, student_weight, student_bias)
+        _logits_into(t, sel.take(teacher_hidden), teacher_weight, teacher_bias)
+        if not on_triton:
+            return _kl_rows_torch(s, t, w_scaled, compute_grad)
+        per_row = loss_out.fill_(math.nan)  # poison: an unwritten row would show as NaN
+        kernels.launch_kl_rows(s, t, w_scaled, per_row, compute_grad, _block_v_override)
+        return per_row
+
+    need = (need_h, need_w, need_b)
+    return _chunked_loss(student_hidden, student_weight, student_bias, w, active, need, 2, kl_chunk)
 
 
 def _linear_ce_forward(
@@ -473,10 +496,8 @@ def _linear_ce_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if check:
         _check_finite({"hidden": hidden, "weight": weight, "weights": weights, "bias": bias})
-    rows, vocab = hidden.shape[0], weight.shape[0]
-    device = hidden.device
+    vocab = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
-    on_triton = _triton_path(hidden)
     valid = labels != ignore_index
     out_of_range = valid & ((labels < 0) | (labels >= vocab))
     if bool(out_of_range.any()):
@@ -488,35 +509,18 @@ def _linear_ce_forward(
         w = valid.to(acc) / valid.sum().clamp(min=1).to(acc)
     else:
         w = weights.to(acc) * valid.to(acc)
-    index, n_active = _active_rows(w != 0, rows)
-    grad_h, grad_w, grad_b = _new_grads(hidden, weight, bias, need_h, need_w, need_b, acc)
-    compute_grad = grad_h is not None or grad_w is not None or grad_b is not None
-    grad_scale = _grad_scale(w)
-    total = torch.zeros((), dtype=acc, device=device)
-    if n_active > 0:
-        chunk = _chunk_rows(n_active, vocab, device, _nbytes(hidden, weight))
-        buf = torch.empty((chunk, vocab), dtype=hidden.dtype if on_triton else acc, device=device)
-        loss_buf = torch.empty(chunk, dtype=torch.float32, device=device)
-        for start in range(0, n_active, chunk):
-            stop = min(n_active, start + chunk)
-            sel = _Rows(index, start, stop)
-            c = stop - start
-            h, w_c, y = sel.take(hidden), sel.take(w), sel.take(labels).to(torch.int64)
-            x = buf[:c]
-            _logits_into(x, h, weight, bias)
-            if on_triton:
-                per_row = loss_buf[:c].fill_(math.nan)
-                kernels.launch_ce_rows(
-                    x, y.contiguous(), w_c / grad_scale, per_row, compute_grad, _block_v_override
-                )
-            else:
-                per_row = _ce_rows_torch(x, y, w_c / grad_scale, compute_grad)
-            total += (w_c * per_row.to(acc)).sum()
-            if compute_grad:
-                _backprop_chunk(x, h, weight, sel, grad_h, grad_w, grad_b, grad_scale)
-        del buf, x  # free the chunk buffer before the gradients are cast
-    loss = total.to(hidden.dtype)
-    return (loss, *_finish_grads(hidden, weight, bias, grad_h, grad_w, grad_b, grad_scale))
+
+    def ce_chunk(sel, h, buffers, w_scaled, loss_out, on_triton, compute_grad):
+        (x,) = buffers
+        y = sel.take(labels).to(torch.int64)
+        _logits_into(x, h, weight, bias)
+        if not on_triton:
+            return _ce_rows_torch(x, y, w_scaled, compute_grad)
+        per_row = loss_out.fill_(math.nan)
+        kernels.launch_ce_rows(x, y.contiguous(), w_scaled, per_row, compute_grad, _block_v_override)
+        return per_row
+
+    return _chunked_loss(hidden, weight, bias, w, w != 0, (need_h, need_w, need_b), 1, ce_chunk)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -755,32 +759,26 @@ def aot_specs() -> list[AOTSpec]:
     specs: list[AOTSpec] = []
     tiles = (kernels.SMALL_TILE, kernels.LARGE_TILE)
     for ty in _AOT_DTYPES.values():
+        row_kernels = (
+            ("linear_kl_rows", kernels.kl_rows_kernel, {"s_ptr": f"*{ty}", "t_ptr": f"*{ty}"}),
+            ("linear_ce_rows", kernels.ce_rows_kernel, {"x_ptr": f"*{ty}", "y_ptr": "*i64"}),
+        )
         for grad in (True, False):
             for block_v, warps in tiles:
                 tag = f"{ty},grad={int(grad)},BLOCK_V={block_v},w{warps}"
                 common = {"w_ptr": "*fp32", "loss_ptr": "*fp32", "V": "i32"}
                 consts = {"COMPUTE_GRAD": grad, "BLOCK_V": block_v}
                 flags = {"COMPUTE_GRAD": "constexpr", "BLOCK_V": "constexpr"}
-                specs.append(
+                specs += [
                     AOTSpec(
-                        name=f"linear_kl_rows[{tag}]",
-                        fn=kernels.kl_rows_kernel,
-                        signature={"s_ptr": f"*{ty}", "t_ptr": f"*{ty}", **common, **flags},
+                        name=f"{name}[{tag}]",
+                        fn=fn,
+                        signature={**inputs, **common, **flags},
                         constexprs=consts,
                         num_warps=warps,
                         num_stages=kernels.NUM_STAGES,
                         h100_candidate=block_v == kernels.LARGE_TILE[0],
                     )
-                )
-                specs.append(
-                    AOTSpec(
-                        name=f"linear_ce_rows[{tag}]",
-                        fn=kernels.ce_rows_kernel,
-                        signature={"x_ptr": f"*{ty}", "y_ptr": "*i64", **common, **flags},
-                        constexprs=consts,
-                        num_warps=warps,
-                        num_stages=kernels.NUM_STAGES,
-                        h100_candidate=block_v == kernels.LARGE_TILE[0],
-                    )
-                )
+                    for name, fn, inputs in row_kernels
+                ]
     return specs

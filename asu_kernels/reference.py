@@ -17,6 +17,8 @@ Attention
       ``Nk`` iff ``j <= i + (Nk - Nq)`` (equal lengths: ``j <= i``; decoding one token: every key).
     * ``window`` (an int ``W >= 1``, Hugging Face's ``sliding_window``): query ``i`` sees key ``j`` iff
       ``(i + Nk - Nq) - j < W``, i.e. itself and the ``W - 1`` keys before it. Used together with causal.
+    * Both rules are :func:`visible` (with :func:`aligned_key`); :func:`attention_mask` adds the key
+      padding. The kernels' host code and the Triton kernels apply the same rule.
     * ``key_padding_mask`` (B, Nk) bool, True where the key is a real token (dense layout only).
     * ``lse`` is the natural-log log-sum-exp of the visible logits, fp32, shaped like ``q`` without its
       last dim: (B, Hq, Nq) dense, (total, Hq) varlen. A row with no visible key has ``lse = -inf`` and a
@@ -37,6 +39,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "aligned_key",
+    "visible",
     "attention_mask",
     "attention",
     "attention_varlen",
@@ -46,23 +50,79 @@ __all__ = [
 ]
 
 
+def aligned_key(i, n_q: int, n_k: int):
+    """The key aligned with query ``i`` (int or int tensor) of ``Nq`` against ``Nk`` keys: ``i + Nk - Nq``.
+
+    The masks are aligned bottom-right, as in FlashAttention-2: the last query faces the last key, so a
+    decoding step (one query) sits at the end of its cache.
+    """
+    return i + (n_k - n_q)
+
+
+def visible(i, j, n_q: int, n_k: int, *, causal: bool, window: int | None):
+    """Whether query ``i`` of ``Nq`` sees key ``j`` of ``Nk`` (ints or broadcastable int tensors).
+
+    Within bounds; ``causal``: ``j <= aligned_key(i)``; ``window`` ``W``: ``aligned_key(i) - j < W`` (the
+    aligned key and the ``W - 1`` before it). Key padding and packed documents are applied on top: see
+    :func:`attention_mask` and :func:`attention_varlen`. The Triton kernels apply the same rule
+    (:func:`asu_kernels._triton_common.visible`).
+    """
+    diag = aligned_key(i, n_q, n_k)
+    ok = (i < n_q) & (j < n_k)
+    if causal:
+        ok = ok & (j <= diag)
+    if window is not None:
+        ok = ok & (diag - j < window)
+    return ok
+
+
 def attention_mask(
     n_q: int,
     n_k: int,
     *,
     causal: bool,
     window: int | None,
+    key_padding_mask: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Boolean (Nq, Nk) visibility mask (True = the query may attend to the key), bottom-right aligned."""
-    i = torch.arange(n_q, device=device)[:, None] + (n_k - n_q)
+    """Boolean visibility mask, True = the query may attend to the key (:func:`visible`).
+
+    (Nq, Nk); with ``key_padding_mask`` (B, Nk) (True = real key) the padded keys are hidden too and the
+    mask is (B, 1, Nq, Nk), broadcastable over heads.
+    """
+    i = torch.arange(n_q, device=device)[:, None]
     j = torch.arange(n_k, device=device)[None, :]
-    visible = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
-    if causal:
-        visible &= j <= i
-    if window is not None:
-        visible &= (i - j) < window
-    return visible
+    mask = visible(i, j, n_q, n_k, causal=causal, window=window)
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :].to(torch.bool)
+    return mask
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, scale: float | None, temperature: float) -> torch.Tensor:
+    """(B, Hq, Nq, Nk) logits ``q k^T * scale / temperature``; GQA by index (query head ``h`` reads key
+    head ``h // (Hq // Hkv)``): broadcasting the key head over its group of query heads is the definition."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return torch.matmul(q, k.transpose(-1, -2)) * (scale / temperature)
+
+
+def _per_document(
+    dense_fn, cu_seqlens: torch.Tensor, *packed: torch.Tensor
+) -> tuple[torch.Tensor, ...] | None:
+    """``dense_fn`` on each document of a packed batch, its results concatenated over the documents.
+
+    Document ``b`` is rows ``cu_seqlens[b]:cu_seqlens[b+1]`` of each (total, H, ...) tensor, handed to
+    ``dense_fn`` as (1, H, n, ...); each (1, H, n[, D]) result comes back as (n, H[, D]). None for a batch
+    without documents.
+    """
+    outs = []
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        res = dense_fn(*(t[start:end].transpose(0, 1)[None] for t in packed))
+        outs.append([r[0].transpose(0, 1) for r in res])
+    if not outs:
+        return None
+    return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
 
 
 def attention(
@@ -85,19 +145,14 @@ def attention(
     Returns:
         out (B, Hq, Nq, D) in q's dtype and lse (B, Hq, Nq) in float32 (float64 when q is float64).
     """
-    b, hq, n_q, d = q.shape
-    hkv, n_k = k.shape[1], k.shape[2]
-    group = hq // hkv
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    # GQA by index: broadcasting the key/value head over its group of query heads is the definition.
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale / temperature)
-    visible = attention_mask(n_q, n_k, causal=causal, window=window, device=q.device)
-    visible = visible.expand(b, hq, n_q, n_k)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :].to(torch.bool)
-    scores = scores.masked_fill(~visible, float("-inf"))
+    b, hq, n_q, _ = q.shape
+    n_k = k.shape[2]
+    scores = _scores(q, k, scale, temperature)
+    v = v.repeat_interleave(hq // v.shape[1], dim=1)
+    mask = attention_mask(
+        n_q, n_k, causal=causal, window=window, key_padding_mask=key_padding_mask, device=q.device
+    ).expand(b, hq, n_q, n_k)
+    scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     # Rows with no visible key: exp(-inf - (-inf)) would be NaN; define p = 0 there instead.
     probs = torch.exp(scores - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
@@ -125,25 +180,12 @@ def attention_varlen(
     Returns:
         out (total, Hq, D) and lse (total, Hq).
     """
-    outs, lses = [], []
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        # (n, H, D) -> (1, H, n, D) for the dense definition, and back.
-        o, lse = attention(
-            q[start:end].transpose(0, 1)[None],
-            k[start:end].transpose(0, 1)[None],
-            v[start:end].transpose(0, 1)[None],
-            causal=causal,
-            scale=scale,
-            temperature=temperature,
-            window=window,
-        )
-        outs.append(o[0].transpose(0, 1))
-        lses.append(lse[0].transpose(0, 1))
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if not outs:
+    kw = dict(causal=causal, scale=scale, temperature=temperature, window=window)
+    res = _per_document(lambda *qkv: attention(*qkv, **kw), cu_seqlens, q, k, v)
+    if res is None:
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return q.new_zeros(q.shape), q.new_zeros(q.shape[:-1], dtype=lse_dtype)
-    return torch.cat(outs), torch.cat(lses)
+    return res  # type: ignore[return-value]
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -216,27 +258,23 @@ def _attention_kl_dense(
     scale: float | None,
     key_padding_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    b, hq, n_q, d = q_s.shape
+    b, hq, n_q, _ = q_s.shape
     n_k = k_s.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    k_s = k_s.repeat_interleave(hq // k_s.shape[1], dim=1)
-    k_t = k_t.repeat_interleave(hq // k_t.shape[1], dim=1)
-    s_s = torch.matmul(q_s, k_s.transpose(-1, -2)) * (scale / temperature_s)
-    s_t = torch.matmul(q_t, k_t.transpose(-1, -2)) * (scale / temperature_t)
-    visible = attention_mask(n_q, n_k, causal=causal, window=window, device=q_s.device)
-    visible = visible.expand(b, hq, n_q, n_k)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :].to(torch.bool)
+    s_s = _scores(q_s, k_s, scale, temperature_s)
+    s_t = _scores(q_t, k_t, scale, temperature_t)
+    mask = attention_mask(
+        n_q, n_k, causal=causal, window=window, key_padding_mask=key_padding_mask, device=q_s.device
+    ).expand(b, hq, n_q, n_k)
     # Rows with no visible key get finite dummy logits so that neither logsumexp nor its gradient is NaN;
     # every probability of such a row is zeroed below, making its KL and entropies 0.
-    empty = ~visible.any(-1, keepdim=True)
-    keep = visible | empty
+    empty = ~mask.any(-1, keepdim=True)
+    keep = mask | empty
     log_p_s = torch.log_softmax(s_s.masked_fill(~keep, float("-inf")), dim=-1)
     log_p_t = torch.log_softmax(s_t.masked_fill(~keep, float("-inf")), dim=-1)
-    log_p_s = torch.where(visible, log_p_s, torch.zeros_like(log_p_s))
-    log_p_t = torch.where(visible, log_p_t, torch.zeros_like(log_p_t))
-    p_s = torch.exp(log_p_s) * visible
-    p_t = torch.exp(log_p_t) * visible
+    log_p_s = torch.where(mask, log_p_s, torch.zeros_like(log_p_s))
+    log_p_t = torch.where(mask, log_p_t, torch.zeros_like(log_p_t))
+    p_s = torch.exp(log_p_s) * mask
+    p_t = torch.exp(log_p_t) * mask
     kl = (p_t * (log_p_t - log_p_s)).sum(-1)
     return kl, -(p_s * log_p_s).sum(-1), -(p_t * log_p_t).sum(-1)
 
@@ -275,16 +313,10 @@ def attention_kl(
     )
     if cu_seqlens is None:
         return _attention_kl_dense(q_s, k_s, q_t, k_t, key_padding_mask=key_padding_mask, **kw)
-    outs: list[tuple[torch.Tensor, ...]] = []
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        if end == start:
-            continue
-        # (n, H, D) -> (1, H, n, D) for the dense definition; results back to (n, H).
-        docs = [t[start:end].transpose(0, 1)[None] for t in (q_s, k_s, q_t, k_t)]
-        res = _attention_kl_dense(*docs, key_padding_mask=None, **kw)
-        outs.append(tuple(r[0].transpose(0, 1) for r in res))
-    if not outs:
+    res = _per_document(
+        lambda *qk: _attention_kl_dense(*qk, key_padding_mask=None, **kw), cu_seqlens, q_s, k_s, q_t, k_t
+    )
+    if res is None:
         z = q_s.new_zeros(q_s.shape[:-1])
         return z, z.clone(), z.clone()
-    return tuple(torch.cat([o[i] for o in outs]) for i in range(3))  # type: ignore[return-value]
+    return res  # type: ignore[return-value]

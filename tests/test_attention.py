@@ -1,8 +1,10 @@
-"""The Triton temperature-scaled flash attention against the float64 reference (DESIGN.md section 5).
+"""The Triton temperature-scaled flash attention against the float64 reference.
 
-On CPU the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, one 16 x 16 tile); the same cases
-run on CUDA, with the autotuned tiles, when a GPU is present (``gpu`` marker). Tolerance, FlashAttention
-style: ``|kernel - ref64| <= 2 * |ref_lowp - ref64| + atol`` per tensor (max norm), where ``ref_lowp`` is the
+Conventions (layouts, masks, LSE) are those of :mod:`asu_kernels.reference` (docs/ARCHITECTURE.md, section
+"Tensor conventions"). On CPU the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, one 16 x 16
+tile); the same cases run on CUDA, with the autotuned tiles, when a GPU is present (``gpu`` marker).
+Tolerance, FlashAttention style (``helpers.assert_fa_close``; section "Correctness"):
+``|kernel - ref64| <= 2 * |ref_lowp - ref64| + atol`` per tensor (max norm), where ``ref_lowp`` is the
 reference computed by PyTorch in the input precision. Outputs and gradients are allocated NaN-poisoned, so
 an element the kernels forget to write fails the test.
 """
@@ -16,6 +18,7 @@ import os
 import pytest
 import torch
 import triton
+from helpers import assert_fa_close
 
 import asu_kernels
 from asu_kernels import reference
@@ -63,22 +66,6 @@ def _reference(q, k, v, cu, **kw):
     return reference.attention_varlen(q, k, v, cu, **kw)
 
 
-def _assert_close(name, got, lowp, exact, atol):
-    got, lowp, exact = got.detach(), lowp.detach(), exact.detach()
-    assert got.shape == exact.shape, f"{name}: shape {tuple(got.shape)} != {tuple(exact.shape)}"
-    assert not torch.isnan(got).any(), f"{name}: NaN in the kernel result (unwritten or 0/0)"
-    inf = torch.isinf(exact)
-    assert torch.equal(torch.isinf(got), inf), f"{name}: infinities differ from the reference"
-    if inf.any():
-        assert torch.equal(got[inf].double(), exact[inf]), f"{name}: infinities of the wrong sign"
-        got, lowp, exact = got[~inf], lowp[~inf], exact[~inf]
-    if exact.numel() == 0:
-        return
-    err = (got.double() - exact).abs().max().item()
-    ref_err = (lowp.double() - exact).nan_to_num(0.0, 0.0, 0.0).abs().max().item()
-    assert err <= 2 * ref_err + atol, f"{name}: max error {err:.3g} > 2 x {ref_err:.3g} + {atol:g}"
-
-
 def check_attention(q, k, v, *, cu=None, lse_grad=False, **kw) -> None:
     """Run the kernels (forward + backward) and compare out, lse, dq, dk, dv with the references."""
     gen = torch.Generator().manual_seed(1234)
@@ -108,7 +95,7 @@ def check_attention(q, k, v, *, cu=None, lse_grad=False, **kw) -> None:
     for name, got, lp, ex in zip(
         ("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), lowp, exact, strict=True
     ):
-        _assert_close(name, got, lp, ex, atol)
+        assert_fa_close(name, got, ex, lp, atol)
 
 
 # (id, B, Hq, Hkv, Nq, Nk, D, dtype, causal, temperature, window, transposed)

@@ -1,8 +1,10 @@
-"""asu_kernels.attention_kl against the float64 reference (DESIGN.md section 5 conventions).
+"""asu_kernels.attention_kl against the float64 reference.
 
-The Triton kernels run on CUDA, or on CPU under TRITON_INTERPRET=1; shapes are tiny so the interpreter stays
-fast. Tolerance in the FlashAttention style: the kernel's error against float64 must be at most twice the
-error of the same computation done by PyTorch in the low precision, plus a small absolute slack.
+Conventions (layouts, masks, GQA on either side) are those of :mod:`asu_kernels.reference`
+(docs/ARCHITECTURE.md, section "Tensor conventions"). The Triton kernels run on CUDA, or on CPU under
+TRITON_INTERPRET=1; shapes are tiny so the interpreter stays fast. Tolerance in the FlashAttention style
+(``helpers.assert_fa_close``; section "Correctness"): the kernel's error against float64 must be at most
+twice the error of the same computation done by PyTorch in the low precision, plus a small absolute slack.
 """
 
 import importlib
@@ -10,10 +12,11 @@ import math
 
 import pytest
 import torch
+from helpers import assert_fa_close
 
 from asu_kernels import reference
 from asu_kernels._backend import interpreting
-from asu_kernels.attention_kl import _launch_bwd, _launch_fwd, aot_specs, attention_kl
+from asu_kernels.attention_kl import _Call, _launch_bwd, _launch_fwd, aot_specs, attention_kl
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernel = pytest.mark.skipif(
@@ -51,15 +54,6 @@ def _reference(q_s, k_s, q_t, k_t, dtype, **kw):
     return out, qs, ks
 
 
-def _assert_fa_close(out, ref64, ref_lowp, slack, what):
-    assert torch.isfinite(out).all(), f"{what}: non-finite values"
-    err = (out.double() - ref64.double()).abs().max().item() if out.numel() else 0.0
-    base = (ref_lowp.double() - ref64.double()).abs().max().item() if out.numel() else 0.0
-    assert err <= 2 * base + slack, (
-        f"{what}: error {err:.3g} > 2 * torch low-precision error {base:.3g} + {slack}"
-    )
-
-
 def _check(q_s, k_s, q_t, k_t, dtype, *, grads=True, entropy_grad=True, **kw):
     """Forward (KL, both entropies) and backward (dq_s, dk_s) against float64, non-unit upstream grads."""
     kl, h_s, h_t = attention_kl(q_s, k_s, q_t, k_t, return_entropy=True, **kw)
@@ -69,7 +63,7 @@ def _check(q_s, k_s, q_t, k_t, dtype, *, grads=True, entropy_grad=True, **kw):
     (rlp, qslp, kslp) = _reference(q_s, k_s, q_t, k_t, dtype, **kw)
     slack = SLACK[dtype]
     for name, o, a, b in zip(("kl", "entropy_s", "entropy_t"), (kl, h_s, h_t), r64, rlp, strict=True):
-        _assert_fa_close(o, a, b, slack, name)
+        assert_fa_close(name, o, a, b, slack)
     if not grads:
         return
     g_kl = _rand(*kl.shape, seed=11)
@@ -83,7 +77,7 @@ def _check(q_s, k_s, q_t, k_t, dtype, *, grads=True, entropy_grad=True, **kw):
         ("dk_s", k_s.grad, ks64.grad, kslp.grad),
     ):
         assert got.dtype == dtype and got.shape == want.shape
-        _assert_fa_close(got, want, lowp, slack * 2, name)
+        assert_fa_close(name, got, want, lowp, slack * 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -227,15 +221,14 @@ def test_poisoned_outputs_are_fully_written():
             q_s, k_s, q_t, k_t = (t.detach() for t in _inputs(2, 4, 2, 1, 19, 16, torch.float32))
         rows = q_s.shape[:-1]
         outs = [torch.full(rows, nan, device=DEVICE) for _ in range(5)]
-        _launch_fwd(q_s, k_s, q_t, k_t, cu, None, max_seqlen, 0.25, 0.1, True, 0, *outs)
+        call = _Call(q_s, k_s, q_t, k_t, cu, None, max_seqlen, 0.25, 0.1, True, 0)
+        _launch_fwd(call, *outs)
         for o in outs:
             assert torch.isfinite(o).all()  # no empty rows here: every lse is finite too
         kl, lse_s, lse_t, ent_s, _ = outs
         dq, dk = torch.full_like(q_s, nan), torch.full_like(k_s, nan)
         g = _rand(*rows, seed=5)
-        _launch_bwd(
-            g, g, q_s, k_s, q_t, k_t, cu, None, lse_s, lse_t, ent_s, max_seqlen, 0.25, 0.1, True, 0, dq, dk
-        )
+        _launch_bwd(call, g, g, lse_s, lse_t, ent_s, dq, dk)
         assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
 
 

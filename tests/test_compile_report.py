@@ -1,4 +1,4 @@
-"""The ahead-of-time compile report: kernels compile for sm_80 and sm_90 without a GPU (DESIGN.md section 5).
+"""The ahead-of-time compile report: kernels compile for sm_80 and sm_90 without a GPU.
 
 The report runs in a subprocess without ``TRITON_INTERPRET``: kernels defined while interpreting are
 interpreter objects that cannot be compiled. The test compiles the ``--quick`` subset (one config per
