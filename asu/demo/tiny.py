@@ -47,14 +47,23 @@ class TinyModelConfig:
     """Architecture of the tiny Llama (GQA: ``n_heads`` query heads share ``n_kv_heads`` key/value heads)."""
 
     vocab_size: int = 1024
+    """Byte-level BPE vocabulary trained on the world (tokens)."""
     hidden_size: int = 128
+    """Residual width d."""
     n_layers: int = 4
+    """Decoder layers."""
     n_heads: int = 8
+    """Query heads."""
     n_kv_heads: int = 2
+    """Key/value heads (GQA groups)."""
     head_dim: int = 32
+    """Width of one attention head."""
     intermediate_size: int = 256
+    """MLP width."""
     max_position_embeddings: int = 256
+    """Longest sequence RoPE is set up for."""
     tie_word_embeddings: bool = False
+    """Share the input embedding with the LM head."""
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_kv_heads:
@@ -75,14 +84,23 @@ class TrainConfig:
     """
 
     lr: float = 3e-3
+    """Peak AdamW learning rate."""
     weight_decay: float = 0.1
+    """AdamW weight decay (see the class docstring)."""
     batch_size: int = 8
+    """Rows per optimizer step."""
     max_epochs: int = 200
+    """Upper bound on epochs; training stops earlier once ``target_rouge`` is reached."""
     warmup_steps: int = 50
+    """Linear warm-up steps."""
     target_rouge: float = 0.95
+    """Greedy ROUGE-L recall on the training rows that counts as memorised."""
     eval_every: int = 5
+    """Epochs between memorisation checks."""
     seed: int = 0
+    """Seeds the initialisation and the data order."""
     grad_clip: float = 1.0
+    """Gradient-norm clip."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.batch_size < 1 or self.max_epochs < 1 or self.eval_every < 1:

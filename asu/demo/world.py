@@ -315,11 +315,17 @@ class WorldConfig:
     """Size and seed of a world. ``forget_fraction`` of the authors (at least one) form the forget split."""
 
     n_authors: int = 30
+    """Fictitious authors in the world."""
     n_cities: int = 14
+    """Distinct birth cities to draw from."""
     n_countries: int = 6
+    """Distinct countries to draw from."""
     n_perturbed: int = 4
+    """Wrong answers per question (``perturbed_answer``), 3 to 5 as in TOFU."""
     forget_fraction: float = 0.1
+    """Share of the authors (at least one) whose rows form the forget split."""
     seed: int = 0
+    """Seeds every draw, so one config always gives the same world."""
 
     def __post_init__(self) -> None:
         if self.n_authors < 2:
