@@ -135,16 +135,22 @@ def attention(
     temperature: float = 1.0,
     window: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense temperature-scaled attention, computed in the dtype of the inputs.
+    """Temperature-scaled attention, computed in the dtype of the inputs.
 
     Args:
-        q: (B, Hq, Nq, D). k, v: (B, Hkv, Nk, D).
-        key_padding_mask: optional (B, Nk) bool, True = real key.
+        q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D). With ``cu_seqlens`` (B+1,) integer offsets the layout is
+            packed instead: q (total, Hq, D), k/v (total, Hkv, D), each document attending only within itself.
+        key_padding_mask: optional (B, Nk) bool, True = real key (dense layout only).
 
     Returns:
-        out (B, Hq, Nq, D) in q's dtype and lse (B, Hq, Nq) in float32 (float64 when q is float64).
+        out shaped like q, in q's dtype, and lse shaped like q without its last dim, in float32 (float64
+        when q is float64).
     """
+    if cu_seqlens is not None:
+        return _attention_packed(q, k, v, cu_seqlens, causal=causal, scale=scale, temperature=temperature,
+                                 window=window)  # fmt: skip
     b, hq, n_q, _ = q.shape
     n_k = k.shape[2]
     scores = _scores(q, k, scale, temperature)
@@ -157,35 +163,24 @@ def attention(
     # Rows with no visible key: exp(-inf - (-inf)) would be NaN; define p = 0 there instead.
     probs = torch.exp(scores - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
     out = torch.matmul(probs, v)
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return out.to(q.dtype), lse.to(lse_dtype)
+    return out.to(q.dtype), lse.to(_lse_dtype(q))
 
 
-def attention_varlen(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    *,
-    causal: bool = True,
-    scale: float | None = None,
-    temperature: float = 1.0,
-    window: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed variable-length attention: each document of ``cu_seqlens`` attends only within itself.
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
-    Args:
-        q: (total, Hq, D). k, v: (total, Hkv, D). cu_seqlens: (B+1,) integer offsets.
 
-    Returns:
-        out (total, Hq, D) and lse (total, Hq).
-    """
-    kw = dict(causal=causal, scale=scale, temperature=temperature, window=window)
-    res = _per_document(lambda *qkv: attention(*qkv, **kw), cu_seqlens, q, k, v)
+def _attention_packed(q, k, v, cu_seqlens, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each document of ``cu_seqlens`` through the dense definition; (total, Hq, D) out, (total, Hq) lse."""
+    res = _per_document(lambda *qkv: attention(*qkv, **options), cu_seqlens, q, k, v)
     if res is None:
-        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return q.new_zeros(q.shape), q.new_zeros(q.shape[:-1], dtype=lse_dtype)
+        return q.new_zeros(q.shape), q.new_zeros(q.shape[:-1], dtype=_lse_dtype(q))
     return res  # type: ignore[return-value]
+
+
+def attention_varlen(q, k, v, cu_seqlens, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed attention: the same as ``attention(q, k, v, cu_seqlens=cu_seqlens, ...)``."""
+    return attention(q, k, v, cu_seqlens=cu_seqlens, **options)
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
