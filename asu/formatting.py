@@ -18,9 +18,10 @@ after the generation prompt, and generation and training see the same prefix.
 The boundary is found exactly, never guessed: the generation prompt is tokenised on its own and must be a
 token prefix of the full encoding; where the tokenizer merges across the boundary (a BPE token spanning the
 prompt's last characters and the answer's first) the offsets mapping of the full encoding gives the first
-token reaching past the prompt, and that merged token starts the labels. A tokenizer that offers neither (a
-slow tokenizer with a merging boundary) is an error naming the question, never a silent misalignment. When
-offsets exist, the prefix answer is checked against them too.
+token reaching past the prompt, and that merged token starts the labels. When offsets exist, the prefix answer
+is checked against them (equal ids can hide an unknown-word token spanning the boundary). A tokenizer that
+offers neither (a slow tokenizer with a merging boundary) is an error naming the question, never a silent
+misalignment.
 
 :func:`encode_prompt` returns the generation prompt's tokens: a token prefix of :func:`encode_qa`'s
 ``input_ids`` unless the tokenizer merges across the boundary.
@@ -106,14 +107,14 @@ def answer_span(
     ids = list(enc["input_ids"])
     offsets = [tuple(o) for o in enc["offset_mapping"]] if fast else None
     head = list(tokenizer(prompt, add_special_tokens=tpl.add_special_tokens)["input_ids"])
-    if len(head) < len(ids) and ids[: len(head)] == head:
+    prefix = len(head) < len(ids) and ids[: len(head)] == head
+    if offsets is not None:
+        # The offsets are the authority: equal ids can still hide a token that swallowed answer characters
+        # (an unknown-word token spanning the boundary).
+        exact = prefix and _boundary_agrees(offsets, len(head), at)
+        start = len(head) if exact else _first_token_after(offsets, at)
+    elif prefix:
         start = len(head)
-        if offsets is not None and not _boundary_agrees(offsets, start, at):
-            raise ValueError(
-                f"token prefix and offsets disagree on where the answer starts (question {question[:60]!r})"
-            )
-    elif offsets is not None:
-        start = _first_token_after(offsets, at)
     else:
         raise ValueError(
             "the tokenizer merges the prompt's last characters with the answer's first, and a slow "
