@@ -37,7 +37,7 @@ def is_hub_name(source: str) -> bool:
 def _datasets(source: str, what: str) -> Any:
     try:
         import datasets
-    except ModuleNotFoundError:
+    except ImportError:
         raise DataError(f"{source}: reading {what} needs the 'datasets' package: {_INSTALL}") from None
     return datasets
 
