@@ -565,12 +565,11 @@ def _save_or_compare_config(trainer_dir: str, cfg: UnlearnConfig, resume: bool) 
         # A run saved under a deprecated retain-loss name resumes under the canonical one.
         retain = before.get("retain_loss")
         before["retain_loss"] = RETAIN_LOSS_ALIASES.get(retain, retain)
-        # Settings that did not exist when the run was saved had the behaviour of these values then.
-        legacy = {
-            **json.loads(json.dumps(UnlearnConfig().to_dict(), default=str)),
-            "retain_reduction": "token",
-        }
         now = json.loads(json.dumps(cfg.to_dict(), default=str))
+        # Settings that did not exist when the run was saved behaved then as these values do now (the kl
+        # retain term was a token mean; for nll the reduction changes nothing).
+        legacy = json.loads(json.dumps(UnlearnConfig().to_dict(), default=str))
+        legacy["retain_reduction"] = "token" if before["retain_loss"] == "kl" else now["retain_reduction"]
         changed = sorted(
             k for k in now if k not in ("progress", "preset") and before.get(k, legacy.get(k)) != now[k]
         )

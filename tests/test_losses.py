@@ -270,8 +270,9 @@ def test_cache_teacher_retain_kl_and_disk(tok, tmp_path, reference_backend):
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("reduction", ["sequence", "token"])
 def test_retain_kl_reduction(tok, layout, reduction, reference_backend):
-    """The kl retain term against a per-example loop: the per-sequence mean then the mean over sequences (the
-    ASU term's reduction, the default), or the token mean; retain rows of different lengths tell them apart."""
+    """The kl retain term against a per-example loop: the per-sequence mean then the mean over sequences
+    (the ASU term's reduction, the default), or the token mean; retain rows of different lengths tell them
+    apart."""
     original = tiny_model("llama", vocab_size=len(tok))
     student = perturbed(original)
     retain = encoded(tok, RETAIN)
