@@ -352,6 +352,15 @@ def _nll(model, tok, rows, template) -> float:
     return sum(losses) / len(losses)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared, busy 2-core runner two threads per process thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _memorise_then_unlearn(forget, retain, template, unlearn_epochs):
     """Train a tiny Llama on ``forget + retain`` in ``template`` until it answers every question exactly,
     then unlearn ``forget`` with ASU in the same template; returns the model before, the result and the
@@ -399,13 +408,13 @@ def _check_kept(before, result, tok, forget, retain, template):
     assert _nll(result.model, tok, forget, template) > _nll(before, tok, forget, template)  # forget moved
 
 
-def test_unlearning_in_the_training_format_keeps_retain_answers_fast(reference_backend):
+def test_unlearning_in_the_training_format_keeps_retain_answers_fast(reference_backend, one_thread):
     forget, retain = FORGET[1:3], RETAIN[:2]
     before, result, tok = _memorise_then_unlearn(forget, retain, "tofu-llama2", unlearn_epochs=2)
     _check_kept(before, result, tok, forget, retain, "tofu-llama2")
 
 
 @pytest.mark.slow
-def test_unlearning_in_the_training_format_keeps_retain_answers(reference_backend):
+def test_unlearning_in_the_training_format_keeps_retain_answers(reference_backend, one_thread):
     before, result, tok = _memorise_then_unlearn(FORGET, RETAIN, "tofu-llama2", unlearn_epochs=4)
     _check_kept(before, result, tok, FORGET, RETAIN, "tofu-llama2")
