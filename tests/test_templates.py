@@ -408,13 +408,6 @@ def _check_kept(before, result, tok, forget, retain, template):
     assert _nll(result.model, tok, forget, template) > _nll(before, tok, forget, template)  # forget moved
 
 
-def test_unlearning_in_the_training_format_keeps_retain_answers_fast(reference_backend, one_thread):
-    forget, retain = FORGET[1:3], RETAIN[:2]
-    before, result, tok = _memorise_then_unlearn(forget, retain, "tofu-llama2", unlearn_epochs=2)
-    _check_kept(before, result, tok, forget, retain, "tofu-llama2")
-
-
-@pytest.mark.slow
 def test_unlearning_in_the_training_format_keeps_retain_answers(reference_backend, one_thread):
     before, result, tok = _memorise_then_unlearn(FORGET, RETAIN, "tofu-llama2", unlearn_epochs=4)
     _check_kept(before, result, tok, FORGET, RETAIN, "tofu-llama2")
