@@ -2,12 +2,22 @@
 
 Rows
     * QA rows (TOFU format): ``question``, ``answer`` (strings), optional ``paraphrased_answer`` and
-      ``perturbed_answer`` (kept, unused for training). Tokenized by :func:`asu.formatting.encode_qa`, so the
-      prompt is masked with ``-100`` and the answer (plus EOS) carries the labels.
+      ``perturbed_answer`` (kept, unused for training). Tokenized by :func:`asu.formatting.encode_qa` with a
+      prompt template (:mod:`asu.templates`), so everything before the answer is masked with ``-100`` and the
+      answer (plus the end of the turn) carries the labels.
     * Raw-text rows: ``text``. Every token is a label.
 
-Files are ``.json`` (a list of rows, or ``{"data": [...]}``) or ``.jsonl`` (one row per line). Every error
-names the file and, where it has one, the line.
+Sources (:func:`load_rows`)
+    * a file: ``.json`` (a list of rows, or ``{"data": [...]}``), ``.jsonl`` (one row per line; TOFU's own
+      ``.json`` files are JSON Lines), ``.csv`` (a header row, then one row per line), ``.parquet``;
+    * a folder written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict`` with one split);
+    * a Hugging Face hub dataset ``NAME:CONFIG[:SPLIT]`` (split ``train`` by default), e.g.
+      ``locuslab/TOFU:forget10``.
+
+    Parquet, saved folders and the hub need the optional ``datasets`` package (``pip install 'asu[data]'``);
+    JSON, JSON Lines and CSV need nothing. ``question_key`` / ``answer_key`` name the columns holding the
+    question and the answer when they are called something else. Every error names the source and, where it
+    has one, the line (or the row).
 
 Batches
     The unlearning dataset yields ``{"forget": example, "retain": example}`` (plus ``"idk"`` for the IDK
@@ -44,6 +54,16 @@ from typing import Any
 import torch
 
 from asu.formatting import IGNORE_INDEX, encode_qa
+from asu.sources import (
+    DataError,
+    is_hub_name,
+    read_csv,
+    read_hub,
+    read_parquet,
+    read_saved,
+    rename_columns,
+)
+from asu.templates import Template
 
 __all__ = [
     "DataError",
@@ -64,16 +84,12 @@ __all__ = [
 ]
 
 
-class DataError(ValueError):
-    """A data file or row that cannot be used; the message names the file and line."""
-
-
 def _read_text(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
     if os.path.isdir(path):
-        raise DataError(f"{path}: is a directory, expected a .json or .jsonl file")
+        raise DataError(f"{path}: is a directory, expected a file")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if not text.strip():
@@ -81,16 +97,39 @@ def _read_text(path: str | os.PathLike) -> str:
     return text
 
 
-def load_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a ``.json`` or ``.jsonl`` file, validated by :func:`validate_rows`.
+def load_rows(
+    path: str | os.PathLike, question_key: str | None = None, answer_key: str | None = None
+) -> list[dict[str, Any]]:
+    """Rows of a data source (see the module docstring), validated by :func:`validate_rows`.
 
-    A file that parses as one JSON document is a list of rows, ``{"data": [...]}`` or one row; anything else
-    is read as JSON Lines (blank lines skipped), whatever the extension. Raises
-    :class:`DataError` naming the file (and line) for a missing or empty file, malformed JSON, a row that is
-    not an object, or a row without ``answer``/``text``.
+    ``path``: a ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` file, a ``datasets.save_to_disk`` folder, or
+    a hub dataset ``NAME:CONFIG[:SPLIT]``. A JSON file that parses as one document is a list of rows,
+    ``{"data": [...]}`` or one row; anything else is read as JSON Lines (blank lines skipped), whatever the
+    extension (``.csv`` and ``.parquet`` excepted). ``question_key`` / ``answer_key``: the columns to read as
+    ``question`` / ``answer``. Raises :class:`DataError` naming the source (and line or row) for a missing or
+    empty source, malformed content, a row that is not an object, or a row without ``answer``/``text``.
     """
+    source = os.fspath(path)
+    if os.path.isdir(source):
+        rows, lines = read_saved(source)
+    elif not os.path.exists(source) and is_hub_name(source):
+        rows, lines = read_hub(source)
+    elif source.lower().endswith(".csv") and os.path.isfile(source):
+        rows, lines = read_csv(source)
+    elif source.lower().endswith(".parquet") and os.path.isfile(source):
+        rows, lines = read_parquet(source)
+    else:
+        rows, lines = _read_json_rows(source)
+    if not rows:
+        raise DataError(f"{source}: the source holds no rows")
+    rows = rename_columns(rows, source, lines, question_key, answer_key)
+    validate_rows(rows, source=source, lines=lines)
+    return rows
+
+
+def _read_json_rows(path: str) -> tuple[list[Any], list[int]]:
+    """Rows of a JSON or JSON Lines file and the line of each (0 for the rows of one JSON document)."""
     text = _read_text(path)
-    path = os.fspath(path)
     rows: list[Any] = []
     lines: list[int] = []
     whole: Any = None
@@ -127,8 +166,7 @@ def load_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
             lines.append(lineno)
     if not rows:
         raise DataError(f"{path}: the file holds no rows")
-    validate_rows(rows, source=path, lines=lines)
-    return rows
+    return rows, lines
 
 
 def _where(source: str, lines: Sequence[int] | None, i: int) -> str:
@@ -170,10 +208,13 @@ def validate_rows(rows: Sequence[Any], source: str = "<rows>", lines: Sequence[i
         raise DataError(f"{source}: mixes QA rows and raw-text rows; use one kind per file")
 
 
-def encode_row(tokenizer: Any, row: dict[str, Any], max_length: int) -> dict[str, list[int]]:
-    """``{"input_ids", "labels"}`` of one row: QA via :func:`encode_qa`, raw text with every token a label."""
+def encode_row(
+    tokenizer: Any, row: dict[str, Any], max_length: int, template: Template | str | None = None
+) -> dict[str, list[int]]:
+    """``{"input_ids", "labels"}`` of one row: QA via :func:`encode_qa` in ``template`` (None = ``auto``),
+    raw text with every token a label."""
     if "answer" in row:
-        return encode_qa(tokenizer, row["question"], row["answer"], max_length)
+        return encode_qa(tokenizer, row["question"], row["answer"], max_length, template=template)
     ids = list(tokenizer(row["text"], add_special_tokens=True)["input_ids"])[:max_length]
     if len(ids) < 2:
         raise DataError(f"text row is {len(ids)} token(s) long; at least 2 are needed to predict one")
@@ -181,7 +222,11 @@ def encode_row(tokenizer: Any, row: dict[str, Any], max_length: int) -> dict[str
 
 
 def encode_rows(
-    tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int, source: str = "<rows>"
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    max_length: int,
+    source: str = "<rows>",
+    template: Template | str | None = None,
 ) -> list[dict[str, list[int]]]:
     """Encode every row (see :func:`encode_row`); errors name the source and row index."""
     if max_length < 2:
@@ -189,7 +234,7 @@ def encode_rows(
     out = []
     for i, row in enumerate(rows):
         try:
-            enc = encode_row(tokenizer, row, max_length)
+            enc = encode_row(tokenizer, row, max_length, template)
         except ValueError as e:
             raise DataError(f"{source}: row {i}: {e}") from None
         if not any(label != IGNORE_INDEX for label in enc["labels"][1:]):

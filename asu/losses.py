@@ -37,7 +37,11 @@ Forget terms (``method``):
 Retain term ``L_R`` (``retain_loss``):
     * ``nll``: token-mean NLL of the student on the retain batch (question masked). Its former name ``gd``
       (GradDiff's retain term) is still accepted, with a ``DeprecationWarning``.
-    * ``kl``: token mean over retain label positions of ``KL(p_ref || p_theta)``.
+    * ``kl``: ``KL(p_ref || p_theta)`` over retain label positions, reduced by ``retain_reduction``:
+      ``sequence`` (default) ``(1/S) sum_s (1/T_s) sum_t KL_st``, the per-sequence mean then the mean over
+      sequences (the ASU term's reduction; the authors' ASU trainer in their open-unlearning copy and the
+      first ``kl_loss`` of their TOFU code); ``token`` ``(sum_st KL_st) / (sum_s T_s)``, the token mean over
+      the batch (their MUSE code's ``klr`` term). ``nll`` is always the token mean, as both codes take it.
 
 ``lam`` weights only the ASU term; the baselines use their published unit weights (and SimNPO's gamma).
 
@@ -65,6 +69,7 @@ from asu.teachers import Teacher, check_plain_head, decoder_hidden, output_head
 __all__ = [
     "METHODS",
     "RETAIN_LOSSES",
+    "RETAIN_REDUCTIONS",
     "DEFAULTS",
     "UnlearnObjective",
     "METHOD_ALIASES",
@@ -78,6 +83,8 @@ __all__ = [
 
 METHODS = ("asu", "asu-attn", "ga", "gd", "npo", "simnpo", "idk")
 RETAIN_LOSSES = ("nll", "kl")
+#: How the ``kl`` retain term averages over label positions (see the module docstring).
+RETAIN_REDUCTIONS = ("sequence", "token")
 #: Other accepted names of a method.
 METHOD_ALIASES = {"graddiff": "gd"}
 #: Deprecated names of a retain loss: ``gd`` was plain NLL, the retain term of GradDiff.
@@ -180,6 +187,7 @@ class UnlearnObjective(nn.Module):
         method: ``asu|asu-attn|ga|gd|npo|simnpo|idk`` (see the module docstring; ``asu-attn`` is
             experimental; ``graddiff`` = ``gd``).
         retain_loss: ``nll|kl`` (``gd``: deprecated name of ``nll``).
+        retain_reduction: ``sequence|token``: how the ``kl`` retain term averages (``nll`` is a token mean).
         lam: weight of the ASU term, ``>= 0``.
         teacher: a :class:`asu.teachers.Teacher`; required for ``asu``, ``npo``, retain ``kl`` and
             ``asu-attn`` (``copy``, ``base`` or ``self``; its ``temperature`` and ``layers`` define the
@@ -201,10 +209,15 @@ class UnlearnObjective(nn.Module):
         simnpo_beta: float = DEFAULTS["simnpo_beta"],
         simnpo_delta: float = DEFAULTS["simnpo_delta"],
         simnpo_gamma: float = DEFAULTS["simnpo_gamma"],
+        retain_reduction: str = "sequence",
     ) -> None:
         super().__init__()
         method = resolve_method(method)
         retain_loss = resolve_retain_loss(retain_loss)
+        if retain_reduction not in RETAIN_REDUCTIONS:
+            raise ValueError(
+                f"unknown retain reduction {retain_reduction!r}; choose one of {', '.join(RETAIN_REDUCTIONS)}"
+            )
         if not (isinstance(lam, (int, float)) and lam >= 0):
             raise ValueError(f"lam must be a number >= 0, got {lam!r}")
         for name, value in (("npo_beta", npo_beta), ("simnpo_beta", simnpo_beta)):
@@ -230,6 +243,7 @@ class UnlearnObjective(nn.Module):
         self.teacher = teacher
         self.method = method
         self.retain_kind = retain_loss
+        self.retain_reduction = retain_reduction
         self.lam = float(lam)
         self.npo_beta = float(npo_beta)
         self.simnpo_beta = float(simnpo_beta)
@@ -270,14 +284,20 @@ class UnlearnObjective(nn.Module):
         return torch.stack(nll).float(), torch.tensor(lengths, dtype=torch.float32, device=hidden.device)
 
     def retain_term(self, retain: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``L_R`` on a retain batch (``nll``: token-mean NLL; ``kl``: token-mean KL(p_ref || p_theta))."""
-        hidden, targets, _, mask = self._student_rows(retain)
+        """``L_R`` on a retain batch (``nll``: token-mean NLL; ``kl``: KL(p_ref || p_theta) averaged per
+        sequence then over sequences, or over all tokens with ``retain_reduction="token"``)."""
+        hidden, targets, seq, mask = self._student_rows(retain)
         weight, bias = output_head(self.student)
         if self.retain_kind == "nll":
             return asu_kernels.linear_cross_entropy(hidden, weight, targets, bias=bias)
         ref = self.teacher.hidden_states(retain, mask, smoothed=False, part="retain")
         t_weight, t_bias = self.teacher.lm_head()
-        return asu_kernels.linear_kl(hidden, weight, ref, t_weight, student_bias=bias, teacher_bias=t_bias)
+        w = None  # the fused op's default 1/M per row: the token mean
+        if self.retain_reduction == "sequence":
+            w = sequence_weights(seq, int(retain["example_ids"].numel())).to(hidden.device)
+        return asu_kernels.linear_kl(
+            hidden, weight, ref, t_weight, weights=w, student_bias=bias, teacher_bias=t_bias
+        )
 
     def attention_term(self, forget: dict[str, torch.Tensor]) -> torch.Tensor:
         """``L_attn`` of ``asu-attn`` on a forget batch (see the module docstring), a scalar.

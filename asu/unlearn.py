@@ -47,6 +47,7 @@ from asu.files import atomic_write_json
 from asu.losses import (
     DEFAULTS,
     RETAIN_LOSS_ALIASES,
+    RETAIN_REDUCTIONS,
     UnlearnObjective,
     resolve_method,
     resolve_retain_loss,
@@ -55,12 +56,16 @@ from asu.losses import (
 )
 from asu.smoothing import attention_modules, parse_layers
 from asu.teachers import TEACHER_SOURCES, Teacher, build_teacher, is_peft_model
+from asu.templates import Template, describe_template, get_template
 
-__all__ = ["UnlearnConfig", "UnlearnResult", "unlearn", "check_output_dir"]
+__all__ = ["UnlearnConfig", "UnlearnResult", "unlearn", "check_output_dir", "LR_SCHEDULES"]
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "unlearn_config.json"
+#: ``linear``: warm-up then linear decay to 0 (the paper's TOFU runs); ``constant``: warm-up then constant
+#: (the authors' MUSE runs).
+LR_SCHEDULES = ("linear", "constant")
 
 
 @dataclass
@@ -74,13 +79,22 @@ class UnlearnConfig:
         lam: weight ``lambda >= 0`` of the ASU term in ``lambda * L_ASU + L_R``.
         retain_loss: ``nll`` or ``kl`` (KL to the original model at ``tau = 1``); ``gd``, the former name of
             ``nll``, is accepted with a ``DeprecationWarning``.
+        retain_reduction: ``sequence`` (per-sequence mean, then the mean over sequences, as the ASU term) or
+            ``token`` (token mean over the batch) for the ``kl`` retain term; ``nll`` is always a token mean.
         teacher: ``copy`` (frozen copy), ``base`` (PEFT student with adapters off), ``cache``, or ``self``
             (``asu-attn`` only: self-smoothing, the student's own detached attention at ``tau``; no teacher
             model). ``asu-attn`` takes ``copy``, ``base`` or ``self``, never ``cache``.
         layers: smoothed layers: ``None``/``"all"``, a list of indices, or a string like ``"6-8"``.
-        lr, epochs, batch_size, grad_accum, weight_decay, warmup_epochs: optimisation (AdamW, linear decay
-            after ``warmup_epochs`` of linear warm-up).
+        lr, epochs, batch_size, grad_accum, weight_decay, warmup_epochs: optimisation (AdamW,
+            ``warmup_epochs`` of linear warm-up, then ``lr_schedule``).
+        lr_schedule: ``linear`` (decay to 0) or ``constant`` after the warm-up.
         max_length: tokens per example (answers are truncated to fit).
+        template: the prompt template QA rows are rendered in (:mod:`asu.templates`): ``auto`` (the
+            tokenizer's chat template, else ``plain``), ``plain``, ``phi``, ``tofu-llama2``, ``llama3``, a
+            path to a ``.jinja`` file, or a :class:`asu.templates.Template`. Use the format the model was
+            fine-tuned in.
+        system_prompt: replaces the template's system prompt (None = the template's own).
+        preset: the name of the recipe (:mod:`asu.presets`) the values came from, recorded only.
         pack: pack examples into rows of ``pack_tokens`` (default ``max_length``) tokens instead of padding.
         seed: seeds model-independent randomness, the forget/retain pairing and the data order.
         bf16: bf16 mixed precision; ``None`` = on where a CUDA GPU supports it.
@@ -99,6 +113,7 @@ class UnlearnConfig:
     temperature: float = 2.3
     lam: float = 0.1
     retain_loss: str = "nll"
+    retain_reduction: str = "sequence"
     teacher: str = "copy"
     layers: str | list[int] | None = None
     lr: float = 1e-5
@@ -111,6 +126,10 @@ class UnlearnConfig:
     seed: int = 0
     weight_decay: float = 0.01
     warmup_epochs: float = 1.0
+    lr_schedule: str = "linear"
+    template: str | Template = "auto"
+    system_prompt: str | None = None
+    preset: str | None = None
     bf16: bool | None = None
     gradient_checkpointing: bool = False
     lora_r: int = 0
@@ -139,6 +158,13 @@ class UnlearnConfig:
 
         self.method = resolve_method(self.method)
         self.retain_loss = resolve_retain_loss(self.retain_loss)
+        if self.retain_reduction not in RETAIN_REDUCTIONS:
+            choices = ", ".join(RETAIN_REDUCTIONS)
+            raise ValueError(f"unknown retain_reduction {self.retain_reduction!r}; choose one of {choices}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            choices = ", ".join(LR_SCHEDULES)
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {choices}")
+        self.prompt_template()  # an unknown name or a missing file fails here
         if self.teacher not in TEACHER_SOURCES:
             raise ValueError(f"unknown teacher {self.teacher!r}; choose one of {', '.join(TEACHER_SOURCES)}")
         if number("temperature", self.temperature) <= 0:
@@ -188,6 +214,12 @@ class UnlearnConfig:
         if isinstance(self.layers, str) and self.layers.strip().lower() == "all":
             self.layers = None
 
+    def prompt_template(self) -> Template:
+        """The :class:`asu.templates.Template` QA rows are rendered in (``auto`` not yet resolved)."""
+        if self.system_prompt is None:
+            return get_template(self.template)
+        return get_template(self.template, system_prompt=self.system_prompt)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -213,7 +245,7 @@ class UnlearnResult:
 def _idk_examples(tokenizer: Any, forget_rows: Sequence[dict], answers: Sequence[str], cfg: UnlearnConfig):
     rng = random.Random(cfg.seed)
     rows = [{"question": r["question"], "answer": rng.choice(list(answers))} for r in forget_rows]
-    return encode_rows(tokenizer, rows, cfg.max_length, source="idk")
+    return encode_rows(tokenizer, rows, cfg.max_length, source="idk", template=cfg.prompt_template())
 
 
 def _checkpoints(directory: str) -> list[str]:
@@ -371,10 +403,11 @@ def _encode_data(
     idk_answers: Sequence[str] | None,
     cfg: UnlearnConfig,
 ) -> _Data:
-    forget = encode_rows(tokenizer, forget_rows, cfg.max_length, source="forget")
-    retain = (
-        encode_rows(tokenizer, retain_rows, cfg.max_length, source="retain") if cfg.method != "ga" else None
-    )
+    template = cfg.prompt_template()
+    forget = encode_rows(tokenizer, forget_rows, cfg.max_length, source="forget", template=template)
+    retain = None
+    if cfg.method != "ga":
+        retain = encode_rows(tokenizer, retain_rows, cfg.max_length, source="retain", template=template)
     idk = _idk_examples(tokenizer, forget_rows, idk_answers, cfg) if cfg.method == "idk" else None
     dataset = UnlearnDataset(forget, retain, seed=cfg.seed, idk=idk)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -426,7 +459,7 @@ def _training_arguments(cfg: UnlearnConfig, plan: _Plan, trainer_dir: str, *, ch
         max_steps=cfg.max_steps,
         weight_decay=cfg.weight_decay,
         warmup_steps=int(round(cfg.warmup_epochs * plan.steps_per_epoch)),
-        lr_scheduler_type="linear",
+        lr_scheduler_type=_scheduler(cfg),
         bf16=plan.bf16,
         logging_steps=1,
         save_strategy="no" if not checkpoints else ("epoch" if cfg.save_steps is None else "steps"),
@@ -440,6 +473,13 @@ def _training_arguments(cfg: UnlearnConfig, plan: _Plan, trainer_dir: str, *, ch
         disable_tqdm=not cfg.progress,
         use_cpu=not plan.cuda,
     )
+
+
+def _scheduler(cfg: UnlearnConfig) -> str:
+    """transformers' name of the schedule: linear decay, or constant after an optional warm-up."""
+    if cfg.lr_schedule == "linear":
+        return "linear"
+    return "constant_with_warmup" if cfg.warmup_epochs > 0 else "constant"
 
 
 def _student_and_teacher(
@@ -511,6 +551,7 @@ def _build_objective(student: nn.Module, teacher: Teacher | None, cfg: UnlearnCo
         simnpo_beta=cfg.simnpo_beta,
         simnpo_delta=cfg.simnpo_delta,
         simnpo_gamma=cfg.simnpo_gamma,
+        retain_reduction=cfg.retain_reduction,
     )
 
 
@@ -525,7 +566,13 @@ def _save_or_compare_config(trainer_dir: str, cfg: UnlearnConfig, resume: bool) 
         retain = before.get("retain_loss")
         before["retain_loss"] = RETAIN_LOSS_ALIASES.get(retain, retain)
         now = json.loads(json.dumps(cfg.to_dict(), default=str))
-        changed = sorted(k for k in now if k not in ("progress",) and before.get(k) != now[k])
+        # Settings that did not exist when the run was saved behaved then as these values do now (the kl
+        # retain term was a token mean; for nll the reduction changes nothing).
+        legacy = json.loads(json.dumps(UnlearnConfig().to_dict(), default=str))
+        legacy["retain_reduction"] = "token" if before["retain_loss"] == "kl" else now["retain_reduction"]
+        changed = sorted(
+            k for k in now if k not in ("progress", "preset") and before.get(k, legacy.get(k)) != now[k]
+        )
         if changed:
             raise ValueError(f"cannot resume with different settings: {', '.join(changed)} changed")
     elif is_main_process():
@@ -647,5 +694,6 @@ def _write_result(
         "losses": result.history,
         "stats": stats,
         "lora": is_peft_model(student),
+        "template": describe_template(cfg.prompt_template(), tokenizer),
     }
     atomic_write_json(os.path.join(output_dir, RUN_FILE), record, indent=2, default=str)

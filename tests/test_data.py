@@ -171,3 +171,121 @@ def test_packed_rows_attend_per_document(tok, attn):
         for s, i in enumerate(packed["example_ids"].tolist()):
             alone = decoder_hidden(model, {"input_ids": torch.tensor([examples[i]["input_ids"]])})[0]
             assert_fp32_close(hidden[packed["sequence_ids"] == s], alone)
+
+
+# ---- other sources: CSV, Parquet, datasets folders, the hub ------------------------------------------------
+
+TOFU_ROWS = [
+    {"question": "q1", "answer": "a1", "paraphrased_answer": "p1", "perturbed_answer": ["x", "y"]},
+    {"question": "q2", "answer": "a2", "paraphrased_answer": "p2", "perturbed_answer": ["z", "w"]},
+]
+
+
+def test_load_csv(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text('question,answer\nq1,"a1, with a comma"\n"q2\nover two lines",a2\n')
+    assert load_rows(path) == [
+        {"question": "q1", "answer": "a1, with a comma"},
+        {"question": "q2\nover two lines", "answer": "a2"},
+    ]
+    path.write_text("question,answer\nq1,a1\nq2,\n")
+    with pytest.raises(DataError, match=r"rows.csv: line 3: 'answer' is empty"):
+        load_rows(path)
+    path.write_text("question,answer\nq1,a1,extra\n")
+    with pytest.raises(DataError, match=r"rows.csv: line 2: more fields than the header names"):
+        load_rows(path)
+    path.write_text("")
+    with pytest.raises(DataError, match=r"rows.csv: the file is empty"):
+        load_rows(path)
+
+
+def test_load_parquet_and_saved_folders(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    data = datasets.Dataset.from_list(TOFU_ROWS)
+    data.to_parquet(str(tmp_path / "rows.parquet"))
+    assert load_rows(tmp_path / "rows.parquet") == TOFU_ROWS
+    data.save_to_disk(str(tmp_path / "saved"))
+    assert load_rows(tmp_path / "saved") == TOFU_ROWS
+    datasets.DatasetDict({"train": data}).save_to_disk(str(tmp_path / "one_split"))
+    assert load_rows(tmp_path / "one_split") == TOFU_ROWS
+    datasets.DatasetDict({"train": data, "test": data}).save_to_disk(str(tmp_path / "two_splits"))
+    with pytest.raises(DataError, match=r"two_splits: holds the splits train, test"):
+        load_rows(tmp_path / "two_splits")
+    assert load_rows(tmp_path / "two_splits" / "test") == TOFU_ROWS
+    # Errors name the source and the row.
+    bad = datasets.Dataset.from_list([TOFU_ROWS[0], {**TOFU_ROWS[1], "answer": None}])
+    bad.to_parquet(str(tmp_path / "bad.parquet"))
+    with pytest.raises(DataError, match=r"bad.parquet: row 1: 'answer' must be a string"):
+        load_rows(tmp_path / "bad.parquet")
+    (tmp_path / "broken.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match=r"broken.parquet: not a readable Parquet file"):
+        load_rows(tmp_path / "broken.parquet")
+    (tmp_path / "plain_dir").mkdir()
+    with pytest.raises(DataError, match=r"plain_dir: is a directory but not one written by datasets"):
+        load_rows(tmp_path / "plain_dir")
+
+
+def test_column_overrides(tmp_path):
+    rows = [{"prompt": "q1", "golden_answer": "a1"}, {"prompt": "q2", "golden_answer": "a2"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    got = load_rows(path, question_key="prompt", answer_key="golden_answer")
+    assert [(r["question"], r["answer"]) for r in got] == [("q1", "a1"), ("q2", "a2")]
+    with pytest.raises(
+        DataError, match=r"rows.jsonl: line 1: no column 'query' \(columns: prompt, golden_answer\)"
+    ):
+        load_rows(path, question_key="query")
+
+
+def test_hub_names(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load_dataset(name, config, split):
+        calls.append((name, config, split))
+        if config == "offline":
+            raise ConnectionError("Couldn't reach 'locuslab/TOFU' on the Hub (LocalEntryNotFoundError)")
+        return datasets.Dataset.from_list(TOFU_ROWS)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert load_rows("locuslab/TOFU:forget10") == TOFU_ROWS
+    assert load_rows("locuslab/TOFU:forget10_perturbed:train") == TOFU_ROWS
+    assert calls == [("locuslab/TOFU", "forget10", "train"), ("locuslab/TOFU", "forget10_perturbed", "train")]
+    with pytest.raises(DataError) as e:
+        load_rows("locuslab/TOFU:offline")
+    message = str(e.value)
+    assert message.startswith(
+        "locuslab/TOFU:offline: cannot load locuslab/TOFU (config offline, split train)"
+    )
+    assert "Couldn't reach" in message and len(message.splitlines()) == 1
+    # A path-like name that does not exist is a missing file, not a hub dataset.
+    with pytest.raises(DataError, match="no such file"):
+        load_rows("data/forget10.jsonl")
+
+
+def test_without_datasets_installed(tmp_path):
+    """asu and every command import without ``datasets``; JSON and CSV load, the rest says what to install."""
+    (tmp_path / "rows.jsonl").write_text(json.dumps(TOFU_ROWS[0]) + "\n")
+    (tmp_path / "rows.parquet").write_bytes(b"PAR1")
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "state.json").write_text("{}")
+    code = f"""
+import sys
+sys.modules["datasets"] = None
+sys.modules["pyarrow"] = None
+import asu, asu.data, asu.unlearn, asu.presets, asu.commands
+from asu.commands import demo, eval, inspect, unlearn
+from asu.data import DataError, load_rows
+assert load_rows({str(tmp_path / "rows.jsonl")!r})[0]["answer"] == "a1"
+for source in ({str(tmp_path / "rows.parquet")!r}, "locuslab/TOFU:forget10", {str(tmp_path / "saved")!r}):
+    try:
+        load_rows(source)
+    except DataError as e:
+        print(e)
+"""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    lines = out.strip().splitlines()
+    assert len(lines) == 3 and all("needs the 'datasets' package: pip install datasets" in x for x in lines)

@@ -62,7 +62,8 @@ def plain_nll(model, examples, reduce="token") -> torch.Tensor:
     return sums, torch.tensor(counts, dtype=torch.float32)
 
 
-def plain_kl_tokens(student, reference, examples) -> torch.Tensor:
+def plain_kl(student, reference, examples, reduce="sequence") -> torch.Tensor:
+    """KL(p_ref || p_S) at label-predicting positions: per-sequence mean then mean, or the token mean."""
     rows = []
     for ex in examples:
         labels = torch.tensor(ex["labels"])
@@ -71,7 +72,9 @@ def plain_kl_tokens(student, reference, examples) -> torch.Tensor:
         with torch.no_grad():
             log_r = F.log_softmax(full_logits(reference, ex["input_ids"])[pos], -1)
         rows.append(F.kl_div(log_s, log_r, reduction="none", log_target=True).sum(-1))
-    return torch.cat(rows).mean()
+    if reduce == "token":
+        return torch.cat(rows).mean()
+    return torch.stack([r.mean() for r in rows]).mean()
 
 
 # ---- tests -----------------------------------------------------------------------------------------------
@@ -230,9 +233,7 @@ def test_baselines_match_plain(tok, method, retain_loss, reference_backend):
         assert "retain_loss" not in out
         torch.testing.assert_close(out["loss"], forget_want)
         return
-    retain_want = (
-        plain_nll(student, retain) if retain_loss == "nll" else plain_kl_tokens(student, original, retain)
-    )
+    retain_want = plain_nll(student, retain) if retain_loss == "nll" else plain_kl(student, original, retain)
     assert_fp32_close(out["retain_loss"], retain_want)
     weight = 0.125 if method == "simnpo" else 1.0
     assert_fp32_close(out["loss"], weight * forget_want + retain_want)
@@ -262,8 +263,33 @@ def test_cache_teacher_retain_kl_and_disk(tok, tmp_path, reference_backend):
     col = COLLATORS["padded"]
     out = objective(forget=col.collate(forget[::-1]), retain=col.collate(retain))
     asu_want = plain_asu(student, hand_smoothed(original, 2.3), forget[::-1])
-    kl_want = plain_kl_tokens(student, original, retain)
+    kl_want = plain_kl(student, original, retain)
     assert_fp32_close(out["loss"], 0.1 * asu_want + kl_want)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("reduction", ["sequence", "token"])
+def test_retain_kl_reduction(tok, layout, reduction, reference_backend):
+    """The kl retain term against a per-example loop: the per-sequence mean then the mean over sequences
+    (the ASU term's reduction, the default), or the token mean; retain rows of different lengths tell them
+    apart."""
+    original = tiny_model("llama", vocab_size=len(tok))
+    student = perturbed(original)
+    retain = encoded(tok, RETAIN)
+    assert len({sum(x != -100 for x in ex["labels"]) for ex in retain}) > 1
+    teacher = build_teacher("copy", original, 2.3)
+    objective = UnlearnObjective(
+        student, method="gd", retain_loss="kl", teacher=teacher, retain_reduction=reduction
+    )
+    got = objective.retain_term(COLLATORS[layout].collate(retain))
+    want = plain_kl(student, original, retain, reduce=reduction)
+    other = plain_kl(student, original, retain, reduce="token" if reduction == "sequence" else "sequence")
+    assert_fp32_close(got, want)
+    assert abs(want.item() - other.item()) > 1e-3 * want.item()  # the two reductions really differ here
+    got.backward()
+    assert student.lm_head.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="retain reduction"):
+        UnlearnObjective(student, method="gd", retain_loss="kl", teacher=teacher, retain_reduction="batch")
 
 
 def test_cache_bf16_close(tok, reference_backend):

@@ -169,6 +169,78 @@ def test_cli_end_to_end(files, capsys, reference_backend):
     assert main(_argv(files, out)) == 2
 
 
+def test_cli_preset_template_and_data_sources(files, reference_backend):
+    """--preset values under explicit flags, a Jinja template file, a CSV retain set with other column names;
+    run.json records the template (with its source) and the settings."""
+    tmp = files["tmp"]
+    template = tmp / "qa.jinja"
+    template.write_text(
+        "{% for m in messages %}{% if m.role == 'user' %}{{ bos_token }} Question: {{ m.content }}\n"
+        "{% else %}Answer: {{ m.content }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}Answer:{% endif %}"
+    )
+    retain_csv = tmp / "retain.csv"
+    retain_csv.write_text("prompt,reply\n" + "".join(f"{r['question']},{r['answer']}\n" for r in RETAIN))
+    out = tmp / "out"
+    argv = _argv(files, out, "--preset", "tofu", "--template", str(template), "--retain", str(retain_csv))
+    argv += ["--question-key", "prompt", "--answer-key", "reply", "--retain-loss", "kl"]
+    assert main(argv) == 2  # the forget file has no 'prompt' column: named, nothing written
+    assert not out.exists()
+    forget_csv = tmp / "forget.csv"
+    forget_csv.write_text("prompt,reply\n" + "".join(f"{r['question']},{r['answer']}\n" for r in FORGET))
+    assert main(argv + ["--forget", str(forget_csv)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    config = run["config"]
+    assert config["preset"] == "tofu" and config["temperature"] == 2.3 and config["weight_decay"] == 0.01
+    assert config["epochs"] == 1 and config["lr"] == 1e-3  # explicit flags over the preset
+    assert config["retain_loss"] == "kl" and config["retain_reduction"] == "sequence"
+    assert config["template"] == str(template) and config["system_prompt"] is None
+    assert run["template"]["name"] == "file" and run["template"]["source"] == template.read_text()
+    assert len(run["template"]["sha256"]) == 64
+
+
+def test_config_checks_template_and_new_fields():
+    for fields, message in [
+        ({"template": "llama9"}, "unknown template"),
+        ({"template": "missing/file.jinja"}, "does not exist"),
+        ({"retain_reduction": "batch"}, "unknown retain_reduction"),
+        ({"lr_schedule": "cosine"}, "unknown lr_schedule"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            UnlearnConfig(**fields).validate()
+    cfg = UnlearnConfig(template="llama3", system_prompt="be brief")
+    cfg.validate()
+    assert cfg.prompt_template().system_prompt == "be brief"
+    assert UnlearnConfig(template="llama3").prompt_template().system_prompt == "You are a helpful assistant."
+
+
+def test_unlearn_constant_schedule_and_template_record(tok, tmp_path, reference_backend):
+    cfg = UnlearnConfig(lr_schedule="constant", warmup_epochs=0, template="plain", **FAST)
+    result = unlearn(
+        tiny_model(vocab_size=len(tok)), tok, FORGET, RETAIN, cfg, output_dir=str(tmp_path / "o")
+    )
+    assert {h["learning_rate"] for h in result.history} == {1e-3}
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert run["template"] == {"name": "plain", "system_prompt": None, "variables": {}}
+
+
+def test_resume_of_a_run_saved_before_the_new_settings(tok, tmp_path, reference_backend):
+    """A config saved without retain_reduction/template/... resumes as the defaults, except a kl run, whose
+    retain term was the token mean then."""
+    from asu.unlearn import _save_or_compare_config
+
+    old = {
+        k: v for k, v in UnlearnConfig(**FAST).to_dict().items() if k not in ("retain_reduction", "template")
+    }
+    (tmp_path / "unlearn_config.json").write_text(json.dumps(old))
+    _save_or_compare_config(str(tmp_path), UnlearnConfig(**FAST), resume=True)
+    (tmp_path / "unlearn_config.json").write_text(json.dumps({**old, "retain_loss": "kl"}))
+    with pytest.raises(ValueError, match="retain_reduction changed"):
+        _save_or_compare_config(str(tmp_path), UnlearnConfig(retain_loss="kl", **FAST), resume=True)
+    kept = UnlearnConfig(retain_loss="kl", retain_reduction="token", **FAST)
+    _save_or_compare_config(str(tmp_path), kept, resume=True)
+
+
 def test_cli_lora_writes_adapter(files, reference_backend):
     out = files["tmp"] / "lora"
     assert main(_argv(files, out, "--teacher", "base", "--lora-r", "2", "--no-pack")) == 0
@@ -188,6 +260,9 @@ BAD = {
     "resume with nothing": (["--resume"], "nothing to resume"),
     "idk without file": (["--method", "idk"], "--idk-file"),
     "bad layers": (["--layers", "5-9"], "out of range"),
+    "unknown template": (["--template", "llama9"], "unknown template 'llama9'"),
+    "template file missing": (["--template", "{tmp}/nope.jinja"], "nope.jinja does not exist"),
+    "question column missing": (["--question-key", "q"], "forget.jsonl: line 1: no column 'q'"),
 }
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from asu.commands.unlearn import add_data_arguments
 from asu.files import atomic_write, atomic_write_text
 from asu.inspection import ROW_CHOICES, inspect_model, parse_temperatures, summarize
 
@@ -24,9 +25,13 @@ from asu.inspection import ROW_CHOICES, inspect_model, parse_temperatures, summa
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hugging Face model directory or hub id")
     parser.add_argument(
-        "--data", required=True, help="forget set: TOFU-style JSON/JSONL (question/answer or text)"
+        "--data",
+        required=True,
+        help="forget set: a .json/.jsonl/.csv/.parquet file, a datasets save_to_disk folder or a hub dataset "
+        "NAME:CONFIG[:SPLIT]; QA rows (question/answer) or 'text' rows",
     )
     parser.add_argument("--retain", default=None, help="optional retain set to compare against")
+    add_data_arguments(parser)
     parser.add_argument(
         "--temperature", default="2,2.3,3", help="comma-separated temperatures > 0 (default 2,2.3,3)"
     )
@@ -91,15 +96,16 @@ def write_outputs(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Pa
     return written
 
 
-def _load_set(
-    tokenizer: Any, path: str, max_length: int, max_examples: int | None
-) -> list[dict[str, list[int]]]:
+def _load_set(tokenizer: Any, path: str, args: argparse.Namespace) -> list[dict[str, list[int]]]:
     from asu.data import encode_rows, load_rows
+    from asu.templates import get_template
 
-    rows = load_rows(path)
-    if max_examples is not None:
-        rows = rows[:max_examples]
-    return encode_rows(tokenizer, rows, max_length, source=path)
+    rows = load_rows(path, question_key=args.question_key, answer_key=args.answer_key)
+    if args.max_examples is not None:
+        rows = rows[: args.max_examples]
+    kept = {} if args.system_prompt is None else {"system_prompt": args.system_prompt}
+    template = get_template(args.template, **kept)
+    return encode_rows(tokenizer, rows, args.max_length, source=path, template=template)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,13 +130,17 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
-    examples = {"forget": _load_set(tokenizer, args.data, args.max_length, args.max_examples)}
+    examples = {"forget": _load_set(tokenizer, args.data, args)}
     if args.retain:
-        examples["retain"] = _load_set(tokenizer, args.retain, args.max_length, args.max_examples)
+        examples["retain"] = _load_set(tokenizer, args.retain, args)
     report = inspect_model(model, examples, temperatures=temperatures, layers=args.layers, rows=args.rows)
     report["model"] = str(args.model)
     report["data"] = {"forget": str(args.data), "retain": None if args.retain is None else str(args.retain)}
     report["max_length"] = args.max_length
+    from asu.templates import describe_template, get_template
+
+    kept = {} if args.system_prompt is None else {"system_prompt": args.system_prompt}
+    report["template"] = describe_template(get_template(args.template, **kept), tokenizer)
     report["seconds"] = round(time.perf_counter() - start, 3)
     paths = write_outputs(report, args.out)
     print(summarize(report), end="")

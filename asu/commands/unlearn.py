@@ -1,7 +1,9 @@
 """``asu unlearn``: unlearn a forget set from a Hugging Face causal LM directory and write the result.
 
 Arguments map one to one onto :class:`asu.unlearn.UnlearnConfig` (whose defaults are the paper's TOFU
-settings); the work is :func:`asu.unlearn.unlearn`. Everything is validated before any file is written.
+settings); ``--preset`` starts from one of the paper's recipes (:mod:`asu.presets`) and flags given
+explicitly override it. The work is :func:`asu.unlearn.unlearn`. Everything is validated before any file is
+written.
 """
 
 from __future__ import annotations
@@ -13,20 +15,49 @@ import sys
 import torch
 
 from asu.data import DataError, load_idk_answers, load_rows
-from asu.losses import METHOD_ALIASES, METHODS, RETAIN_LOSS_ALIASES, RETAIN_LOSSES
+from asu.losses import METHOD_ALIASES, METHODS, RETAIN_LOSS_ALIASES, RETAIN_LOSSES, RETAIN_REDUCTIONS
+from asu.presets import PRESETS, preset_values
 from asu.smoothing import parse_layers
 from asu.teachers import TEACHER_SOURCES
-from asu.unlearn import UnlearnConfig, check_output_dir, unlearn
+from asu.templates import TEMPLATE_NAMES
+from asu.unlearn import LR_SCHEDULES, UnlearnConfig, check_output_dir, unlearn
+
+#: UnlearnConfig fields a preset may set, each a flag of the same name. Their argparse default is None, so a
+#: flag given on the command line can be told from one left out.
+PRESET_FIELDS = (
+    "temperature",
+    "lam",
+    "retain_loss",
+    "retain_reduction",
+    "epochs",
+    "lr",
+    "batch_size",
+    "grad_accum",
+    "max_length",
+    "weight_decay",
+    "warmup_epochs",
+    "lr_schedule",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``asu unlearn``; defaults are :class:`UnlearnConfig`'s (the paper's TOFU settings)."""
     d = UnlearnConfig()
     parser.add_argument("--model", required=True, help="path of a Hugging Face causal LM directory")
+    add_data_arguments(parser)
     parser.add_argument(
-        "--forget", required=True, help="forget set (.json/.jsonl, TOFU format or 'text' rows)"
+        "--forget",
+        required=True,
+        help="forget set: a .json/.jsonl/.csv/.parquet file, a datasets save_to_disk folder or a hub dataset "
+        "NAME:CONFIG[:SPLIT] (e.g. locuslab/TOFU:forget10); QA rows (question/answer) or 'text' rows",
     )
-    parser.add_argument("--retain", help="retain set (required except for --method ga)")
+    parser.add_argument("--retain", help="retain set, same kinds (required except for --method ga)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="start from the paper's recipe (tau, lambda, lr, epochs, schedule, batch, max length, weight "
+        "decay, retain loss); flags given explicitly override it",
+    )
     parser.add_argument(
         "--method",
         default=d.method,
@@ -36,23 +67,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--retain-loss",
-        default=d.retain_loss,
         help=f"{'|'.join(RETAIN_LOSSES)} (default {d.retain_loss}; "
         f"deprecated: {_aliases(RETAIN_LOSS_ALIASES)})",
     )
-    parser.add_argument("--temperature", type=float, default=d.temperature, help="attention temperature tau")
-    parser.add_argument("--lam", type=float, default=d.lam, help="weight of the ASU term")
+    parser.add_argument(
+        "--retain-reduction",
+        choices=RETAIN_REDUCTIONS,
+        help=f"how the kl retain term averages: per sequence then over sequences, or over all tokens "
+        f"(default {d.retain_reduction})",
+    )
+    parser.add_argument(
+        "--temperature", type=float, help=f"attention temperature tau (default {d.temperature})"
+    )
+    parser.add_argument("--lam", type=float, help=f"weight of the ASU term (default {d.lam})")
     parser.add_argument("--layers", default="all", help="smoothed layers: all, 6-8, or 0,2,5-7")
     parser.add_argument(
         "--teacher",
         default=d.teacher,
         help=f"{'|'.join(TEACHER_SOURCES)} (self: self-smoothing, --method asu-attn only, no teacher model)",
     )
-    parser.add_argument("--epochs", type=float, default=d.epochs)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per device step")
-    parser.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    parser.add_argument("--max-length", type=int, default=d.max_length)
+    parser.add_argument("--epochs", type=float, help=f"default {d.epochs}")
+    parser.add_argument("--lr", type=float, help=f"default {d.lr}")
+    parser.add_argument("--batch-size", type=int, help=f"examples per device step (default {d.batch_size})")
+    parser.add_argument("--grad-accum", type=int, help=f"default {d.grad_accum}")
+    parser.add_argument("--max-length", type=int, help=f"tokens per example (default {d.max_length})")
+    parser.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {d.weight_decay})")
+    parser.add_argument(
+        "--warmup-epochs", type=float, help=f"epochs of linear warm-up (default {d.warmup_epochs})"
+    )
+    parser.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        help=f"after the warm-up: linear decay to 0 or constant (default {d.lr_schedule})",
+    )
     parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=d.pack)
     parser.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (0 = full fine-tuning)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
@@ -80,6 +127,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every command reading QA data shares: the prompt template and the column names."""
+    parser.add_argument(
+        "--template",
+        default="auto",
+        help=f"prompt format of QA rows: {'|'.join(TEMPLATE_NAMES)} or a .jinja file (default auto: the "
+        "tokenizer's chat template, else 'Question: q\nAnswer: a'); use the format the model was fine-tuned "
+        "in (tofu-llama2 for TOFU's Llama-2 models)",
+    )
+    parser.add_argument(
+        "--system-prompt", help="system prompt of the template (default: the template's own, if any)"
+    )
+    parser.add_argument("--question-key", help="column holding the question (default question)")
+    parser.add_argument("--answer-key", help="column holding the answer (default answer)")
+
+
 def _aliases(names: dict[str, str]) -> str:
     return ", ".join(f"{old} = {new}" for old, new in names.items())
 
@@ -95,18 +158,19 @@ def _retain_loss(name: str) -> str:
 
 
 def _config_from_args(args: argparse.Namespace) -> UnlearnConfig:
+    """Defaults, then the preset's values, then every flag given explicitly."""
+    values = preset_values(args.preset) if args.preset else {}
+    values.update({name: getattr(args, name) for name in PRESET_FIELDS if getattr(args, name) is not None})
+    if "retain_loss" in values:
+        values["retain_loss"] = _retain_loss(values["retain_loss"])
     return UnlearnConfig(
+        **values,
+        preset=args.preset,
         method=args.method,
-        temperature=args.temperature,
-        lam=args.lam,
-        retain_loss=_retain_loss(args.retain_loss),
         teacher=args.teacher,
         layers=None if str(args.layers).strip().lower() == "all" else args.layers,
-        lr=args.lr,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        max_length=args.max_length,
+        template=args.template,
+        system_prompt=args.system_prompt,
         pack=args.pack,
         seed=args.seed,
         bf16=args.bf16,
@@ -138,10 +202,11 @@ def run(args: argparse.Namespace) -> int:
         cfg.validate()
         if not os.path.isdir(args.model):
             raise ValueError(f"model path {args.model} does not exist (or is not a directory)")
-        forget_rows = load_rows(args.forget)
+        keys = {"question_key": args.question_key, "answer_key": args.answer_key}
+        forget_rows = load_rows(args.forget, **keys)
         if cfg.method != "ga" and not args.retain:
             raise ValueError(f"--method {cfg.method} needs --retain")
-        retain_rows = load_rows(args.retain) if args.retain else None
+        retain_rows = load_rows(args.retain, **keys) if args.retain else None
         idk_answers = None
         if cfg.method == "idk":
             if not args.idk_file:

@@ -1,0 +1,154 @@
+"""Where rows come from besides JSON: CSV and Parquet files, ``datasets`` folders and the Hugging Face hub.
+
+:func:`asu.data.load_rows` reads JSON / JSON Lines itself and hands every other kind of source here. Each
+reader returns ``(rows, lines)``: the rows as dicts and, per row, the line it came from in the file (0 where a
+row has no line: Parquet, ``datasets`` folders, the hub; errors then name the row index).
+
+The ``datasets`` package is optional: it is imported only by the readers that need it (Parquet, saved
+folders, the hub), and its absence is one clear error naming the source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["DataError", "is_hub_name", "read_csv", "read_parquet", "read_saved", "read_hub", "rename_columns"]
+
+#: ``NAME:CONFIG[:SPLIT]`` with NAME like ``locuslab/TOFU``.
+_HUB = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?:[\w.-]+(:[\w.\[\]%+-]+)?$")
+_INSTALL = "pip install datasets (or pip install 'asu[data]')"
+
+
+class DataError(ValueError):
+    """A data source or row that cannot be used; the message names the source and line (or row)."""
+
+
+def is_hub_name(source: str) -> bool:
+    """Whether ``source`` reads as a hub dataset ``NAME:CONFIG[:SPLIT]`` (checked after local paths)."""
+    return bool(_HUB.match(source))
+
+
+def _datasets(source: str, what: str) -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{source}: reading {what} needs the 'datasets' package: {_INSTALL}") from None
+    return datasets
+
+
+def read_csv(path: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """Rows of a CSV file with a header row; every value is a string, lines count from 1 (the header)."""
+    rows, lines = [], []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            raise DataError(f"{path}: the file is empty")
+        try:
+            for row in reader:
+                if None in row:  # more fields than the header names
+                    raise DataError(f"{path}: line {reader.line_num}: more fields than the header names")
+                rows.append(dict(row))
+                lines.append(reader.line_num)
+        except csv.Error as e:
+            raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
+    return rows, lines
+
+
+def read_parquet(path: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """Rows of a Parquet file (read with pyarrow, which ``datasets`` installs)."""
+    _datasets(path, "Parquet")
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises its own error types for corrupt files
+        raise DataError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+    return rows, [0] * len(rows)
+
+
+def read_saved(path: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """Rows of a folder written by ``datasets``' ``save_to_disk`` (a Dataset, or a one-split DatasetDict)."""
+    marks = ("dataset_info.json", "state.json", "dataset_dict.json")
+    if not any(os.path.isfile(os.path.join(path, m)) for m in marks):
+        raise DataError(
+            f"{path}: is a directory but not one written by datasets' save_to_disk (no {' / '.join(marks)})"
+        )
+    datasets = _datasets(path, "a saved dataset folder")
+    try:
+        data = datasets.load_from_disk(path)
+    except Exception as e:
+        raise DataError(f"{path}: cannot load the saved dataset ({_first_line(e)})") from None
+    if isinstance(data, datasets.DatasetDict):
+        if len(data) != 1:
+            raise DataError(
+                f"{path}: holds the splits {', '.join(data)}; name one: {os.path.join(path, '<split>')}"
+            )
+        data = next(iter(data.values()))
+    rows = data.to_list()
+    return rows, [0] * len(rows)
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """Silence the hub client's per-retry warnings: a failed load ends in one error line of ours."""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def read_hub(source: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """Rows of hub dataset ``NAME:CONFIG[:SPLIT]`` (split ``train`` by default), via ``datasets``."""
+    datasets = _datasets(source, "a hub dataset")
+    name, config, *rest = source.split(":", 2)
+    split = rest[0] if rest else "train"
+    try:
+        with _quiet_hub():
+            data = datasets.load_dataset(name, config, split=split)
+    except Exception as e:
+        raise DataError(
+            f"{source}: cannot load {name} (config {config}, split {split}) from the Hugging Face hub: "
+            f"{_first_line(e)} (offline? a dataset already in the local cache loads with HF_HUB_OFFLINE=1)"
+        ) from None
+    rows = data.to_list()
+    return rows, [0] * len(rows)
+
+
+def rename_columns(
+    rows: list[Any],
+    source: str,
+    lines: list[int],
+    question_key: str | None = None,
+    answer_key: str | None = None,
+) -> list[Any]:
+    """Copy column ``question_key`` to ``question`` and ``answer_key`` to ``answer`` in every row."""
+    keys = [(k, to) for k, to in ((question_key, "question"), (answer_key, "answer")) if k and k != to]
+    if not keys:
+        return rows
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            out.append(row)  # validation names it
+            continue
+        for key, _ in keys:
+            if key not in row:
+                where = f"{source}: line {lines[i]}" if lines and lines[i] else f"{source}: row {i}"
+                raise DataError(f"{where}: no column {key!r} (columns: {', '.join(map(str, row))})")
+        out.append({**row, **{to: row[key] for key, to in keys}})
+    return out
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
