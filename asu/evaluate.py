@@ -120,6 +120,7 @@ __all__ = [
 
 TOFU_MAX_NEW_TOKENS = 200  # open-unlearning's configs/generation/default.yaml (and TOFU's)
 DEFAULT_GENERAL = "wf"  # a general set given without a name: world facts
+MIA_METRICS = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus")
 #: Metrics the summary files list, as open-unlearning's evaluators (with every MIA attack enabled).
 TOFU_HEADLINE = (
     "forget_truth_ratio",
@@ -130,10 +131,7 @@ TOFU_HEADLINE = (
     "privleak",
     "extraction_strength",
     "exact_memorization",
-    "mia_loss",
-    "mia_zlib",
-    "mia_min_k",
-    "mia_min_k_plus_plus",
+    *MIA_METRICS,
 )
 MUSE_HEADLINE = (
     "forget_knowmem_ROUGE",
@@ -142,10 +140,7 @@ MUSE_HEADLINE = (
     "privleak",
     "extraction_strength",
     "exact_memorization",
-    "mia_loss",
-    "mia_zlib",
-    "mia_min_k",
-    "mia_min_k_plus_plus",
+    *MIA_METRICS,
 )
 TOFU_UTILITY_PARTS = tuple(
     f"{s}_{m}"

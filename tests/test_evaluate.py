@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import FORGET, RETAIN, tiny_model
+from helpers import FORGET, RETAIN, BigramModel, tiny_model
 
 from asu.evaluate import TOFU_HEADLINE, evaluate_model, load_reference_stats, reference_from, write_results
 
@@ -316,29 +316,6 @@ def test_batched_left_padded_generation_matches_one_by_one(model, tok, sets):
 # ---- constructed cases -----------------------------------------------------------------------------------
 
 
-class _Bigram(torch.nn.Module):
-    """Next-token logits from the current token only (``table[input_ids]``), greedy generation that ends a
-    row at its first EOS and pads it, as transformers' generate does."""
-
-    def __init__(self, table: torch.Tensor):
-        super().__init__()
-        self.table = torch.nn.Parameter(table)
-        self.generation_config = None
-
-    def forward(self, input_ids, attention_mask=None):
-        return SimpleNamespace(logits=self.table[input_ids])
-
-    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, eos_token_id, pad_token_id):
-        ids, done = input_ids, torch.zeros(len(input_ids), dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            nxt = torch.where(done, pad_token_id, self.table[ids[:, -1]].argmax(-1))
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            done |= torch.isin(nxt, torch.tensor(eos_token_id))
-            if done.all():
-                break
-        return ids
-
-
 def _chain(tok, table, text, end=True):
     """Make ``text``'s words follow each other (then EOS) under the bigram table."""
     ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -360,7 +337,7 @@ def test_truth_ratio_guard_and_eos_on_a_constructed_model(tok):
     _chain(tok, table, "Answer: the father was a sailor .")
     baker = tok.convert_tokens_to_ids("baker")
     table[:, baker] = -1e4
-    res = evaluate_model(_Bigram(table), tok, [row], max_new_tokens=20, batch_size=1)
+    res = evaluate_model(BigramModel(table), tok, [row], max_new_tokens=20, batch_size=1)
     logs = res["logs"]
     assert res["generations"]["forget"] == ["the father was a sailor."]
     assert logs["forget_Q_A_ROUGE"]["agg_value"] == 1.0

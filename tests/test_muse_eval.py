@@ -4,10 +4,10 @@ bigram table that has memorised some documents and one KnowMem answer, and has n
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import BigramModel
 
 from asu.evaluate import evaluate_muse, write_results
 from asu.metrics.scoring import encode_document, encode_knowmem, split_document
@@ -17,28 +17,6 @@ FORGET_DOCS = [
     {"text": "her mother worked as baker"},
 ]
 HOLDOUT_DOCS = [{"text": "his father did write poetry"}, {"text": "what prize won silver moon award"}]
-
-
-class _Bigram(torch.nn.Module):
-    """Next-token logits from the current token only; greedy generation ending each row at EOS."""
-
-    def __init__(self, table: torch.Tensor):
-        super().__init__()
-        self.table = torch.nn.Parameter(table)
-        self.generation_config = None
-
-    def forward(self, input_ids, attention_mask=None):
-        return SimpleNamespace(logits=self.table[input_ids])
-
-    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, eos_token_id, pad_token_id):
-        ids, done = input_ids, torch.zeros(len(input_ids), dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            nxt = torch.where(done, pad_token_id, self.table[ids[:, -1]].argmax(-1))
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            done |= torch.isin(nxt, torch.tensor(eos_token_id))
-            if done.all():
-                break
-        return ids
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +33,7 @@ def memorised(tok):
         ids = tok(d["text"])["input_ids"]
         for a, b in zip(ids, ids[1:], strict=False):
             table[a, b] = -10.0
-    return _Bigram(table)
+    return BigramModel(table)
 
 
 def test_split_and_encode_documents(tok):
