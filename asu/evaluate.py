@@ -252,9 +252,21 @@ def _check_facts(rows: Sequence[dict], name: str) -> None:
 # ------------------------------------------------------------------------------------------ the model
 
 
+def _cleans_up(tokenizer: Any) -> bool:
+    """Whether ``decode(..., clean_up_tokenization_spaces=True)`` cleans up with this tokenizer and
+    transformers: recent versions skip it for BPE models (with a warning), older ones do not."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "BPE":
+        return True
+    return getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", True)
+
+
 def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
-    """open-unlearning's decoding: special tokens dropped, tokenization spaces cleaned up."""
-    return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    """open-unlearning's decoding (special tokens dropped, ``clean_up_tokenization_spaces=True``), with the
+    same text as its call gives under the installed transformers, without the warning it logs for BPE."""
+    return tokenizer.decode(
+        list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=_cleans_up(tokenizer)
+    )
 
 
 @dataclass
