@@ -1,413 +1,389 @@
-"""TOFU-style evaluation of a causal LM on forget / retain / general QA rows (``asu eval``).
+"""``asu eval``'s library: TOFU's evaluation exactly as open-unlearning computes it, membership inference and
+``privleak``, MUSE's raw-text evaluation, asu's own additions, and the files they are written to.
 
-Every row is encoded with :mod:`asu.formatting` (the format the model was trained and unlearned in). For an
-answer ``a`` of ``n`` tokens (EOS included) after prompt ``x``, teacher-forced:
+TOFU (:func:`evaluate_model`)
+    Sets: ``forget`` and ``retain`` rows (``question``, ``answer``, ``paraphrased_answer``,
+    ``perturbed_answer``), general sets by name (TOFU's ``ra``, real authors, and ``wf``, world facts:
+    ``question``, ``answer``, ``perturbed_answer``), and a ``holdout`` set (``question``, ``answer``) for
+    membership inference. Each metric is named and computed as in open-unlearning's ``configs/eval/tofu*``
+    (formulas in :mod:`asu.metrics.tofu` and :mod:`asu.metrics.privacy`):
 
-* ``avg_loss(a) = -(1/n) Σ_t log p(a_t | x, a_<t)`` (natural log), the per-token mean NLL.
-* **Probability** (TOFU, open-unlearning ``probability``): ``P(a) = exp(-avg_loss(a))``, the length-normalised
-  answer probability; the aggregate is the mean over rows. On ``general`` rows (TOFU's world facts) TOFU
-  normalises over the answer options instead: ``P(a) / (P(a) + Σ_k P(p_k))``, ``p_k`` the perturbed answers.
-* **Truth ratio** (TOFU / open-unlearning, stored per row as false over true):
-  ``TR = exp(-mean_k avg_loss(p_k)) / exp(-avg_loss(a_para))`` with ``a_para`` the paraphrased answer and
-  ``p_k`` the perturbed ones, i.e. the geometric mean of the normalised perturbed probabilities over the
-  normalised paraphrase probability. Aggregates: forget ``mean(min(TR, 1/TR))`` (closer to 1 is better: the
-  model cannot tell true from false); retain and general ``mean(max(0, 1 - TR))`` (higher is better).
-* **ROUGE-L recall** of the greedy generation against the answer (``rouge_score``, stemmer on, as TOFU).
-* **Exact memorisation** (open-unlearning): the fraction of answer tokens whose teacher-forced argmax equals
-  the label. **Extraction strength**: ``1 - k/n`` with ``k`` the smallest prefix length such that the
-  teacher-forced argmax reproduces every answer token from position ``k`` on (``k = n`` when even the last
-  token is wrong, giving 0).
-* **Fluency** on forget prompts: token entropy of each generation,
-  ``TE = -(1/log m) Σ_w (c_w/m) log(c_w/m)`` over the ``m`` generated tokens (EOS excluded, ``TE = 0`` when
-  ``m < 2``); the fraction of generations that are well-formed sentences of the world's grammar (when a
-  checker is given); and the fraction without a repeated token 3-gram in the first 10 generated tokens
-  (degenerate "Jad Jad Jad" answers fail it).
-* **Forget quality**: the p-value of the two-sample KS test (``scipy.stats.ks_2samp``, default method) between
-  the forget truth ratios and a reference model's (the oracle trained without the forget set).
-* **Model utility**: the harmonic mean of retain probability, retain ROUGE-L, retain truth ratio and, when
-  general rows are given, the same three on general rows (TOFU uses retain, real authors and world facts).
+    * per set ``S``: ``S_Q_A_Prob`` (the answer), ``S_Q_A_PARA_Prob`` / ``S_Q_A_PERT_Prob`` (paraphrase /
+      perturbed answers), ``S_Q_A_ROUGE`` (ROUGE-L recall of the greedy answer: at most 200 new tokens,
+      batches left-padded), the truth ratio ``forget_truth_ratio`` / ``retain_Truth_Ratio`` /
+      ``ra_Truth_Ratio`` / ``wf_Truth_Ratio``, and for general sets ``S_Q_A_Prob_normalised``;
+    * on the forget set: ``extraction_strength``, ``exact_memorization``, ``forget_quality`` (against the
+      reference model's ``forget_truth_ratio``), and with a holdout set ``mia_loss``, ``mia_zlib``,
+      ``mia_min_k``, ``mia_min_k_plus_plus`` and ``privleak`` (against the reference's ``mia_min_k``);
+    * ``model_utility``: the harmonic mean of every retain and general set's probability (normalised for
+      general sets), ROUGE and truth ratio: TOFU's nine parts with ``retain``, ``ra`` and ``wf``.
 
-Each metric is written as ``{"agg_value": float, "value_by_index": {"0": {"score": ...}, ...}}`` (the
-open-unlearning layout); the forget statistics file has the legacy layout ``{"truth_ratio": {i: v},
-"avg_gt_loss": {i: v}, "rougeL_recall": {i: v}}`` and serves as ``--reference`` for a later run.
+    A set that lacks a field a metric needs is an error naming the field and the metric, unless that metric
+    is named in ``skip``.
+
+MUSE (:func:`evaluate_muse`)
+    ``forget_verbmem_ROUGE`` (ROUGE-L F1 of 128-token continuations of forget-document prefixes),
+    ``forget_knowmem_ROUGE`` / ``retain_knowmem_ROUGE`` (ROUGE-L F1 of few-shot answers), the MIA metrics and
+    ``privleak`` on forget vs holdout documents, ``extraction_strength`` / ``exact_memorization`` on the
+    VerbMem samples (settings in :mod:`asu.metrics.muse`).
+
+asu's additions (kept out of the open-unlearning files)
+    ``extraction_strength_paper`` (:func:`asu.metrics.tofu.extraction_strength_paper`), the fluency of the
+    forget generations (``forget_token_entropy``, ``forget_no_repeat``, ``forget_well_formed`` with a grammar
+    checker) and, on rows that carry ``facts``, ``S_fact_leakage_any`` / ``S_fact_leakage_all``
+    (:func:`asu.metrics.text.fact_leakage`).
+
+Files (:func:`write_results`)
+    ``TOFU_EVAL.json`` + ``TOFU_SUMMARY.json`` (or ``MUSE_*``) in open-unlearning's layout and naming (every
+    metric ``{"agg_value", "value_by_index": {"0": {...}}}``, per-row keys ``prob`` / ``avg_loss`` /
+    ``rougeL_recall`` / ``score``; the summary holds the headline metrics), ``ASU_EVAL.json`` (asu's
+    additions, same layout), ``summary.json`` (every aggregate), ``summary.md`` (the table for people),
+    ``generations.json``. ``TOFU_EVAL.json`` of a retain-only model, asu's or open-unlearning's, is the
+    ``--reference`` of a later run.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
-import os
-import warnings
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from asu.files import atomic_write_json, atomic_write_text
-from asu.formatting import encode_answer, encode_prompt
+from asu.metrics import privacy, tofu
+from asu.metrics.layout import (
+    Reference,
+    fluency_entries,
+    leakage_entries,
+    load_reference_stats,
+    memorisation_entries,
+    mia_entries,
+    normalised_entry,
+    options_entry,
+    prob_entry,
+    reference_from,
+    rouge_entry,
+    stats_values,
+    truth_ratio_entry,
+    validate_stats,
+)
+from asu.metrics.muse import (
+    DOCUMENT_MAX_TOKENS,
+    KNOWMEM_MAX_NEW_TOKENS,
+    KNOWMEM_STOPWORDS,
+    VERBMEM_MAX_NEW_TOKENS,
+    VERBMEM_PREFIX_TOKENS,
+    cut_at_stopwords,
+)
+from asu.metrics.report import LEGACY_SUMMARY_KEYS, markdown_table, summary_table, write_results
+from asu.metrics.scoring import (
+    TokenScores,
+    encode_document,
+    encode_knowmem,
+    encode_pair,
+    encode_question,
+    greedy_generate,
+    pad_id,
+    split_document,
+    teacher_forced,
+)
+from asu.metrics.text import has_repeat, rouge_l_recall, rouge_scores, token_entropy
+from asu.metrics.tofu import extraction_strength, forget_quality, harmonic_mean, truth_ratio
 
-STATS_KEYS = ("truth_ratio", "avg_gt_loss", "rougeL_recall")
-REPEAT_N = 3
-REPEAT_WINDOW = 10
+__all__ = [
+    "LEGACY_SUMMARY_KEYS",
+    "TOFU_HEADLINE",
+    "TOFU_MAX_NEW_TOKENS",
+    "Reference",
+    "check_rows",
+    "evaluate_model",
+    "evaluate_muse",
+    "evaluate_smoothed",
+    "extraction_strength",
+    "forget_quality",
+    "generate_answers",
+    "harmonic_mean",
+    "has_repeat",
+    "load_reference_stats",
+    "markdown_table",
+    "reference_from",
+    "rouge_l_recall",
+    "stats_values",
+    "summary_table",
+    "token_entropy",
+    "truth_ratio",
+    "validate_stats",
+    "write_results",
+]
+
+TOFU_MAX_NEW_TOKENS = 200  # open-unlearning's configs/generation/default.yaml (and TOFU's)
+DEFAULT_GENERAL = "wf"  # a general set given without a name: world facts
+MIA_METRICS = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus")
+#: Metrics the summary files list, as open-unlearning's evaluators (with every MIA attack enabled).
+TOFU_HEADLINE = (
+    "forget_truth_ratio",
+    "forget_quality",
+    "forget_Q_A_Prob",
+    "forget_Q_A_ROUGE",
+    "model_utility",
+    "privleak",
+    "extraction_strength",
+    "exact_memorization",
+    *MIA_METRICS,
+)
+MUSE_HEADLINE = (
+    "forget_knowmem_ROUGE",
+    "retain_knowmem_ROUGE",
+    "forget_verbmem_ROUGE",
+    "privleak",
+    "extraction_strength",
+    "exact_memorization",
+    *MIA_METRICS,
+)
+TOFU_UTILITY_PARTS = tuple(
+    f"{s}_{m}"
+    for s, ms in (
+        ("retain", ("Q_A_Prob", "Q_A_ROUGE", "Truth_Ratio")),
+        ("ra", ("Q_A_Prob_normalised", "Q_A_ROUGE", "Truth_Ratio")),
+        ("wf", ("Q_A_Prob_normalised", "Q_A_ROUGE", "Truth_Ratio")),
+    )
+    for m in ms
+)
 
 
-# --------------------------------------------------------------------------------------------------- data
+# --------------------------------------------------------------------------------------------------- rows
 
 
-def check_rows(rows: Sequence[dict[str, Any]], name: str) -> None:
-    """Every row must carry string ``question`` and ``answer`` fields."""
+def _usable(value: Any, key: str) -> bool:
+    if key == "perturbed_answer":
+        if isinstance(value, str):
+            return bool(value)
+        return isinstance(value, list) and bool(value) and all(isinstance(x, str) and x for x in value)
+    if key == "facts":
+        return isinstance(value, list) and bool(value) and all(isinstance(x, str) and x for x in value)
+    return isinstance(value, str) and bool(value)
+
+
+def check_rows(
+    rows: Sequence[dict[str, Any]],
+    name: str,
+    fields: Sequence[str] = ("question", "answer"),
+    needed_by: str | None = None,
+) -> None:
+    """Every row must carry every field of ``fields`` (strings; ``perturbed_answer`` a string or a list of
+    strings; ``facts`` a list of strings). The error names the set, the row, the field and what needs it."""
     if not rows:
         raise ValueError(f"{name}: no rows")
-    for i, r in enumerate(rows):
-        for key in ("question", "answer"):
-            if not isinstance(r.get(key), str) or not r[key]:
-                raise ValueError(f"{name}: row {i} has no string field {key!r}")
+    for key in fields:
+        for i, r in enumerate(rows):
+            if not _usable(r.get(key), key):
+                why = f" (needed by {needed_by}; add it to every row or skip the metric)" if needed_by else ""
+                raise ValueError(f"{name}: row {i} has no usable {key!r}{why}")
 
 
-def _has_field(rows: Sequence[dict[str, Any]], key: str) -> bool:
-    if key == "perturbed_answer":
-        return all(
-            isinstance(r.get(key), list) and r[key] and all(isinstance(x, str) for x in r[key]) for r in rows
+def _options(row: dict[str, Any]) -> list[str]:
+    p = row["perturbed_answer"]
+    return [p] if isinstance(p, str) else list(p)
+
+
+def _general_sets(general_rows: Any) -> dict[str, Sequence[dict[str, Any]]]:
+    """``general_rows`` as ``{name: rows}``: a mapping as given, a bare list of rows as world facts."""
+    if general_rows is None:
+        return {}
+    if isinstance(general_rows, Mapping):
+        for name in general_rows:
+            if not (isinstance(name, str) and name.isidentifier()):
+                raise ValueError(
+                    f"general set name {name!r} must be a word (letters, digits, _), e.g. ra or wf"
+                )
+            if name in ("forget", "retain", "holdout"):
+                raise ValueError(f"general set name {name!r} is taken by another set")
+        return dict(general_rows)
+    return {DEFAULT_GENERAL: general_rows}
+
+
+def _truth_ratio_name(split: str) -> str:
+    return "forget_truth_ratio" if split == "forget" else f"{split}_Truth_Ratio"
+
+
+def _skippable(generals: Collection[str]) -> set[str]:
+    names = {"forget_truth_ratio", "retain_Truth_Ratio"}
+    for g in generals:
+        names |= {f"{g}_Truth_Ratio", f"{g}_Q_A_Prob_normalised"}
+    return names
+
+
+def _check_tofu_inputs(
+    forget: Sequence[dict],
+    retain: Sequence[dict] | None,
+    generals: Mapping[str, Sequence[dict]],
+    holdout: Sequence[dict] | None,
+    skip: set[str],
+) -> None:
+    """Every field every requested metric needs, before any model work."""
+    unknown = skip - _skippable(generals)
+    if unknown:
+        raise ValueError(f"cannot skip {sorted(unknown)}; skippable here: {sorted(_skippable(generals))}")
+    sets: list[tuple[str, Sequence[dict] | None, bool]] = [("forget", forget, True), ("retain", retain, True)]
+    sets += [(g, rows, False) for g, rows in generals.items()]
+    for name, rows, paraphrase in sets:
+        if rows is None:
+            continue
+        check_rows(rows, f"{name} rows")
+        tr = _truth_ratio_name(name)
+        needs_options = tr not in skip or (not paraphrase and f"{name}_Q_A_Prob_normalised" not in skip)
+        if paraphrase and tr not in skip:
+            check_rows(rows, f"{name} rows", ("paraphrased_answer",), needed_by=tr)
+        if needs_options:
+            check_rows(rows, f"{name} rows", ("perturbed_answer",), needed_by=tr if tr not in skip else name)
+        _check_facts(rows, f"{name} rows")
+    if holdout is not None:
+        check_rows(holdout, "holdout rows")
+
+
+def _check_facts(rows: Sequence[dict], name: str) -> None:
+    """``facts`` on every row or on none (fact leakage is computed when the rows carry them)."""
+    if any("facts" in r for r in rows):
+        check_rows(rows, name, ("facts",), needed_by="fact leakage")
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+def _cleans_up(tokenizer: Any) -> bool:
+    """Whether ``decode(..., clean_up_tokenization_spaces=True)`` cleans up with this tokenizer and
+    transformers: recent versions skip it for BPE models (with a warning), older ones do not."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "BPE":
+        return True
+    return getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", True)
+
+
+def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    """open-unlearning's decoding (special tokens dropped, ``clean_up_tokenization_spaces=True``), with the
+    same text as its call gives under the installed transformers, without the warning it logs for BPE."""
+    return tokenizer.decode(
+        list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=_cleans_up(tokenizer)
+    )
+
+
+@dataclass
+class _Runner:
+    """The model, its tokenizer and the settings every pass of one evaluation shares."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    template: str | None
+    batch_size: int
+    max_new_tokens: int
+    progress: bool
+
+    def score(self, examples: Sequence[dict[str, list[int]]], desc: str) -> list[TokenScores]:
+        pad = pad_id(self.tokenizer)
+        return teacher_forced(self.model, examples, self.batch_size, pad, self.progress, desc)
+
+    def pairs(self, rows: Sequence[dict], key: str, desc: str) -> list[TokenScores]:
+        """Scores of ``row[key]`` as the answer to ``row["question"]``, for every row."""
+        return self.score(
+            [encode_pair(self.tokenizer, r["question"], r[key], self.template) for r in rows], desc
         )
-    return all(isinstance(r.get(key), str) and r[key] for r in rows)
 
+    def options(self, rows: Sequence[dict], desc: str) -> list[list[TokenScores]]:
+        """Scores of every perturbed answer of every row (all rows' answers batched together)."""
+        flat = [(i, r["question"], p) for i, r in enumerate(rows) for p in _options(r)]
+        scores = self.score([encode_pair(self.tokenizer, q, p, self.template) for _, q, p in flat], desc)
+        out: list[list[TokenScores]] = [[] for _ in rows]
+        for (i, _, _), s in zip(flat, scores, strict=True):
+            out[i].append(s)
+        return out
 
-# ------------------------------------------------------------------------------------- model primitives
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id
-    return int(pad if pad is not None else tokenizer.eos_token_id)
-
-
-@torch.no_grad()
-def answer_scores(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    questions: Sequence[str],
-    answers: Sequence[str],
-    batch_size: int = 32,
-) -> list[dict[str, Any]]:
-    """Teacher-forced scores of ``answers[i]`` after the prompt of ``questions[i]``.
-
-    Returns per pair ``{"avg_loss": float, "n_tokens": int, "correct": list[bool]}``: the per-token mean NLL
-    over the answer tokens (EOS included) and, per answer token, whether the argmax prediction equals it.
-    Sequences are right-padded; padded positions are masked out of attention and of the loss.
-    """
-    if len(questions) != len(answers):
-        raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
-    device = _device(model)
-    pad = _pad_id(tokenizer)
-    out: list[dict[str, Any]] = []
-    for s in range(0, len(questions), batch_size):
-        encs = []
-        for q, a in zip(questions[s : s + batch_size], answers[s : s + batch_size], strict=True):
-            prompt, target = encode_prompt(tokenizer, q), encode_answer(tokenizer, a)
-            encs.append((prompt + target, len(prompt)))
-        width = max(len(ids) for ids, _ in encs)
-        ids = torch.full((len(encs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(encs), width), dtype=torch.long)
-        for i, (seq, _) in enumerate(encs):
-            ids[i, : len(seq)] = torch.tensor(seq)
-            mask[i, : len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        tgt = ids[:, 1:].to(device)
-        nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).cpu()
-        hit = (logits[:, :-1].argmax(-1) == tgt).cpu()
-        for i, (seq, n_prompt) in enumerate(encs):
-            # Position t predicts token t+1: answer tokens n_prompt..len-1 are predicted at n_prompt-1..len-2.
-            sl = slice(n_prompt - 1, len(seq) - 1)
+    def generate(
+        self,
+        prompts: Sequence[list[int]],
+        references: Sequence[list[int]],
+        desc: str,
+        rouge_key: str = "rougeL_recall",
+        max_new_tokens: int | None = None,
+        stopwords: Sequence[str] = (),
+    ) -> list[dict[str, Any]]:
+        """Greedy answers to ``prompts`` scored against ``references`` (token ids whose text, minus the
+        prompt's, is the ground truth), per row as open-unlearning's ``rouge`` stores it, plus ``ids``."""
+        gens = greedy_generate(
+            self.model, self.tokenizer, prompts, self.batch_size, max_new_tokens or self.max_new_tokens,
+            self.progress, desc,
+        )  # fmt: skip
+        out = []
+        for prompt, ref, ids in zip(prompts, references, gens, strict=True):
+            text_in = _decode(self.tokenizer, prompt)
+            truth = _decode(self.tokenizer, ref).replace(text_in, "").strip()
+            text = cut_at_stopwords(_decode(self.tokenizer, ids), stopwords)
             out.append(
                 {
-                    "avg_loss": float(nll[i, sl].mean()),
-                    "n_tokens": len(seq) - n_prompt,
-                    "correct": hit[i, sl].tolist(),
+                    **rouge_scores(truth, text),
+                    "input": text_in,
+                    "ground_truth": truth,
+                    "generation": text,
+                    "ids": ids,
                 }
             )
-    return out
+        return out
+
+    def answer(self, rows: Sequence[dict], desc: str) -> list[dict[str, Any]]:
+        """The greedy answers to the rows' questions, scored (ROUGE-L recall) against their answers."""
+        prompts = [encode_question(self.tokenizer, r["question"], self.template) for r in rows]
+        full = [
+            encode_pair(self.tokenizer, r["question"], r["answer"], self.template)["input_ids"] for r in rows
+        ]
+        return self.generate(prompts, full, desc)
 
 
-@torch.no_grad()
-def generate_answers(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    questions: Sequence[str],
-    batch_size: int = 32,
-    max_new_tokens: int = 48,
-    progress: bool = False,
-    desc: str = "generating",
-) -> list[dict[str, Any]]:
-    """Greedy generations for each question's prompt, batched with left padding.
-
-    Returns per question ``{"text": str, "ids": list[int]}``: the generated token ids up to (excluding) the
-    first EOS and their decoded text, stripped.
-    """
-    from tqdm.auto import tqdm
-
-    device = _device(model)
-    pad = _pad_id(tokenizer)
-    eos = tokenizer.eos_token_id
-    out: list[dict[str, Any]] = []
-    starts = range(0, len(questions), batch_size)
-    for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
-        prompts = [encode_prompt(tokenizer, q) for q in questions[s : s + batch_size]]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=pad,
-        )[:, width:].cpu()
-        for row in gen.tolist():
-            if eos in row:
-                row = row[: row.index(eos)]
-            out.append({"text": tokenizer.decode(row, skip_special_tokens=True).strip(), "ids": row})
-    return out
-
-
-# ---------------------------------------------------------------------------------------- pure metrics
-
-_SCORER = None
-
-
-def rouge_l_recall(reference: str, prediction: str) -> float:
-    """ROUGE-L recall of ``prediction`` against ``reference`` (LCS / reference length, stemmed words)."""
-    global _SCORER
-    if _SCORER is None:
-        from rouge_score import rouge_scorer
-
-        _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return float(_SCORER.score(reference, prediction)["rougeL"].recall)
-
-
-def truth_ratio(paraphrased_loss: float, perturbed_losses: Sequence[float]) -> float:
-    """``exp(-mean_k L_k) / exp(-L_para) = exp(L_para - mean_k L_k)`` from per-token mean NLLs.
-
-    ``L_para`` is the paraphrased answer's loss, ``L_k`` the perturbed answers'; the ratio is false over true.
-    """
-    if len(perturbed_losses) == 0:
-        raise ValueError("truth_ratio needs at least one perturbed answer")
-    return float(math.exp(paraphrased_loss - float(np.mean(perturbed_losses))))
-
-
-def extraction_strength(correct: Sequence[bool]) -> float:
-    """``1 - k/n``, ``k`` the smallest index from which every teacher-forced prediction is correct."""
-    n = len(correct)
-    if n == 0:
-        raise ValueError("extraction_strength of an empty answer")
-    k = n
-    while k > 0 and correct[k - 1]:
-        k -= 1
-    return 1.0 - k / n
-
-
-def token_entropy(ids: Sequence[int]) -> float:
-    """Normalised entropy of the token frequencies of one generation (1 when all tokens differ)."""
-    m = len(ids)
-    if m < 2:
-        return 0.0
-    _, counts = np.unique(np.asarray(ids), return_counts=True)
-    f = counts / m
-    return float(-(f * np.log(f)).sum() / math.log(m))
-
-
-def has_repeat(ids: Sequence[int], n: int = REPEAT_N, window: int = REPEAT_WINDOW) -> bool:
-    """Whether some token n-gram occurs twice (overlaps allowed) among the first ``window`` tokens."""
-    head = list(ids[:window])
-    grams = [tuple(head[i : i + n]) for i in range(len(head) - n + 1)]
-    return len(set(grams)) < len(grams)
-
-
-def forget_quality(
-    truth_ratios: Sequence[float], reference_truth_ratios: Sequence[float]
-) -> dict[str, float]:
-    """Two-sample KS test of truth ratios against the reference model's: ``{"pvalue", "statistic"}``."""
-    from scipy.stats import ks_2samp
-
-    a, b = np.asarray(truth_ratios, dtype=float), np.asarray(reference_truth_ratios, dtype=float)
-    if a.size == 0 or b.size == 0:
-        raise ValueError("forget_quality needs non-empty truth-ratio samples")
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ValueError("forget_quality: truth ratios must be finite")
-    res = ks_2samp(a, b)
-    return {"pvalue": float(res.pvalue), "statistic": float(res.statistic)}
-
-
-def harmonic_mean(values: Sequence[float]) -> float:
-    """Harmonic mean; 0 when any value is 0 (a model that fails one side has no utility)."""
-    v = np.asarray(values, dtype=float)
-    if v.size == 0:
-        raise ValueError("harmonic_mean of nothing")
-    if (v < 0).any():
-        raise ValueError(f"harmonic_mean of negative values: {v.tolist()}")
-    if (v == 0).any():
-        return 0.0
-    return float(v.size / (1.0 / v).sum())
-
-
-def load_reference_stats(path: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
-    """Read a statistics file (``{"truth_ratio": {index: value}, ...}``) and check its shape."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"reference statistics not found: {p}")
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
     try:
-        stats = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: not valid JSON ({e})") from None
-    validate_stats(stats, str(p))
-    return stats
+        yield
+    finally:
+        model.train(was_training)
 
 
-def validate_stats(stats: Any, name: str = "reference statistics", n_items: int | None = None) -> None:
-    """A statistics dict needs ``truth_ratio`` mapping item index -> finite float (``n_items`` of them)."""
-    if not isinstance(stats, dict) or not isinstance(stats.get("truth_ratio"), dict):
-        raise ValueError(f"{name}: expected an object with a 'truth_ratio' mapping of item index -> value")
-    tr = stats["truth_ratio"]
-    for k, v in tr.items():
-        if not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{name}: truth_ratio[{k!r}] = {v!r} is not a finite number")
-    if n_items is not None and len(tr) != n_items:
-        raise ValueError(
-            f"{name}: {len(tr)} reference truth ratios but {n_items} forget rows; the reference must "
-            "come from the same forget set"
-        )
+@dataclass
+class _SetResult:
+    logs: dict[str, Any]
+    answers: list[TokenScores]
+    generations: list[dict[str, Any]]
 
 
-def stats_values(stats: dict[str, dict[str, float]], key: str = "truth_ratio") -> list[float]:
-    """The per-item values of one statistic, ordered by integer index."""
-    return [float(v) for _, v in sorted(stats[key].items(), key=lambda kv: int(kv[0]))]
+def _qa_set(run: _Runner, name: str, rows: Sequence[dict], paraphrase: bool, skip: set[str]) -> _SetResult:
+    """Probabilities, truth ratio and ROUGE of one QA set, named as open-unlearning names them.
+
+    ``paraphrase``: the truth ratio's true answer is the paraphrased answer (forget, retain); otherwise the
+    answer itself, and the normalised probability is added (real authors, world facts)."""
+    logs: dict[str, Any] = {}
+    answers = run.pairs(rows, "answer", f"{name}: answers")
+    logs[f"{name}_Q_A_Prob"] = prob_entry(answers)
+    tr, normalised = _truth_ratio_name(name), None if paraphrase else f"{name}_Q_A_Prob_normalised"
+    wrong = None
+    if tr not in skip or (normalised and normalised not in skip):
+        wrong = run.options(rows, f"{name}: perturbed answers")
+        logs[f"{name}_Q_A_PERT_Prob"] = options_entry(wrong)
+    if tr not in skip:
+        correct = answers
+        if paraphrase:
+            correct = run.pairs(rows, "paraphrased_answer", f"{name}: paraphrases")
+            logs[f"{name}_Q_A_PARA_Prob"] = prob_entry(correct)
+        aggregate = tofu.closer_to_1_better if name == "forget" else tofu.true_better
+        logs[tr] = truth_ratio_entry(correct, wrong, aggregate)
+    if normalised and normalised not in skip:
+        logs[normalised] = normalised_entry(answers, wrong)
+    generations = run.answer(rows, f"{name}: generation")
+    logs[f"{name}_Q_A_ROUGE"] = rouge_entry(generations, "rougeL_recall")
+    return _SetResult(logs, answers, generations)
 
 
-# ----------------------------------------------------------------------------------------- evaluation
-
-
-def _metric(
-    values: Sequence[Any], agg: float, extra: Sequence[dict[str, Any]] | None = None
-) -> dict[str, Any]:
-    by_index = {}
-    for i, v in enumerate(values):
-        entry = {"score": v}
-        if extra is not None:
-            entry.update(extra[i])
-        by_index[str(i)] = entry
-    return {"agg_value": float(agg), "value_by_index": by_index}
-
-
-def _split_metrics(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    rows: Sequence[dict[str, Any]],
-    split: str,
-    batch_size: int,
-    max_new_tokens: int,
-    well_formed: Callable[[str], bool] | None,
-    progress: bool,
-    fluency: bool,
-) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    questions = [r["question"] for r in rows]
-    answers = [r["answer"] for r in rows]
-    metrics: dict[str, dict[str, Any]] = {}
-    raw: dict[str, Any] = {}
-
-    gt = answer_scores(model, tokenizer, questions, answers, batch_size)
-    losses = [g["avg_loss"] for g in gt]
-    probs = [math.exp(-x) for x in losses]
-    raw["avg_gt_loss"] = losses
-    gens = generate_answers(
-        model, tokenizer, questions, batch_size, max_new_tokens, progress=progress, desc=f"{split} generation"
-    )
-    rouge = [rouge_l_recall(a, g["text"]) for a, g in zip(answers, gens, strict=True)]
-    raw["rougeL_recall"] = rouge
-    raw["generations"] = [g["text"] for g in gens]
-    metrics[f"{split}_rouge"] = _metric(
-        rouge,
-        np.mean(rouge),
-        [
-            {"input": q, "ground_truth": a, "generation": g["text"]}
-            for q, a, g in zip(questions, answers, gens, strict=True)
-        ],
-    )
-    em = [float(np.mean(g["correct"])) for g in gt]
-    es = [extraction_strength(g["correct"]) for g in gt]
-    metrics[f"{split}_exact_memorization"] = _metric(em, np.mean(em))
-    metrics[f"{split}_extraction_strength"] = _metric(es, np.mean(es))
-
-    has_para = _has_field(rows, "paraphrased_answer")
-    pert_losses: list[list[float]] | None = None
-    if _has_field(rows, "perturbed_answer"):
-        pert_losses = _perturbed_losses(model, tokenizer, rows, batch_size)
-    else:
-        warnings.warn(f"{split}: rows lack 'perturbed_answer'; truth ratio skipped", stacklevel=2)
-
-    if split == "general" and pert_losses is not None:
-        # TOFU's world-facts probability: normalised over the answer options.
-        probs = [p / (p + sum(math.exp(-x) for x in pl)) for p, pl in zip(probs, pert_losses, strict=True)]
-    metrics[f"{split}_prob"] = _metric(probs, np.mean(probs))
-    raw["prob"] = probs
-
-    if pert_losses is not None and not has_para:
-        warnings.warn(f"{split}: rows lack 'paraphrased_answer'; truth ratio skipped", stacklevel=2)
-    if pert_losses is not None and has_para:
-        para = answer_scores(model, tokenizer, questions, [r["paraphrased_answer"] for r in rows], batch_size)
-        tr = [truth_ratio(p["avg_loss"], pl) for p, pl in zip(para, pert_losses, strict=True)]
-        raw["truth_ratio"] = tr
-        arr = np.asarray(tr)
-        if split == "forget":
-            agg = float(np.mean(np.minimum(arr, 1.0 / np.maximum(arr, 1e-10))))
-        else:
-            agg = float(np.mean(np.maximum(0.0, 1.0 - arr)))
-        metrics[f"{split}_truth_ratio"] = _metric(tr, agg)
-
-    if fluency:
-        metrics.update(_fluency_metrics(split, gens, well_formed))
-    return metrics, raw
-
-
-def _perturbed_losses(
-    model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict[str, Any]], batch_size: int
-) -> list[list[float]]:
-    """Per row, the per-token mean NLL of each of its perturbed answers (all rows' answers batched)."""
-    flat_q, flat_a, owner = [], [], []
-    for i, r in enumerate(rows):
-        for p in r["perturbed_answer"]:
-            flat_q.append(r["question"])
-            flat_a.append(p)
-            owner.append(i)
-    scores = answer_scores(model, tokenizer, flat_q, flat_a, batch_size)
-    losses: list[list[float]] = [[] for _ in rows]
-    for i, s in zip(owner, scores, strict=True):
-        losses[i].append(s["avg_loss"])
-    return losses
-
-
-def _fluency_metrics(
-    split: str, gens: list[dict[str, Any]], well_formed: Callable[[str], bool] | None
-) -> dict[str, dict[str, Any]]:
-    """Token entropy, no-repeat fraction and (with a checker) well-formed fraction of the generations."""
-    te = [token_entropy(g["ids"]) for g in gens]
-    no_rep = [0.0 if has_repeat(g["ids"]) else 1.0 for g in gens]
-    metrics = {
-        f"{split}_token_entropy": _metric(te, np.mean(te)),
-        f"{split}_no_repeat": _metric(no_rep, np.mean(no_rep)),
-    }
-    if well_formed is not None:
-        wf = [1.0 if well_formed(g["text"]) else 0.0 for g in gens]
-        metrics[f"{split}_well_formed"] = _metric(wf, np.mean(wf))
-    return metrics
+# ------------------------------------------------------------------------------------------------ TOFU
 
 
 def evaluate_model(
@@ -415,79 +391,144 @@ def evaluate_model(
     tokenizer: Any,
     forget_rows: Sequence[dict[str, Any]],
     retain_rows: Sequence[dict[str, Any]] | None = None,
-    general_rows: Sequence[dict[str, Any]] | None = None,
-    reference_stats: dict[str, dict[str, float]] | None = None,
+    general_rows: Sequence[dict[str, Any]] | Mapping[str, Sequence[dict[str, Any]]] | None = None,
+    reference_stats: dict[str, Any] | None = None,
     batch_size: int = 32,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = TOFU_MAX_NEW_TOKENS,
     well_formed: Callable[[str], bool] | None = None,
     progress: bool = False,
+    *,
+    holdout_rows: Sequence[dict[str, Any]] | None = None,
+    template: str | None = None,
+    skip: Collection[str] = (),
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on the forget rows (and retain / general rows when given).
+    """TOFU's evaluation of ``model`` as open-unlearning computes it, plus asu's additions.
 
-    Returns ``{"metrics": {name: {"agg_value", "value_by_index"}}, "summary": {name: agg_value},
-    "stats": {"truth_ratio": {i: v}, "avg_gt_loss": {...}, "rougeL_recall": {...}}, "generations": {split:
-    [text]}}``. ``stats`` describes the forget rows and is what a later run takes as ``reference_stats``;
-    with ``reference_stats`` the ``forget_quality`` metric is added, with retain rows ``model_utility``.
+    ``general_rows``: ``{name: rows}`` (TOFU: ``{"ra": ..., "wf": ...}``) or one list of rows (world facts,
+    ``wf``). ``reference_stats``: the reference model's evaluation (:func:`load_reference_stats`: open-
+    unlearning's layout or a legacy statistics dict) for ``forget_quality`` and ``privleak``. ``template``:
+    passed to :mod:`asu.formatting` (None: its default). ``skip``: metrics to leave out (truth ratios,
+    normalised probabilities) when a set lacks their fields.
+
+    Returns ``{"benchmark": "TOFU", "logs"`` (open-unlearning's ``TOFU_EVAL.json``), ``"headline"`` (its
+    ``TOFU_SUMMARY.json``), ``"extras"`` (asu's additions), ``"metrics"`` (both), ``"summary"`` (every
+    aggregate, plus :data:`LEGACY_SUMMARY_KEYS`), ``"stats"`` (legacy forget statistics, a valid
+    ``reference_stats``), ``"generations"`` ({set: [text]}), ``"notes"`` (what was left out, and why)``}``.
     The model is put in eval mode for the run and its previous mode restored.
     """
-    check_rows(forget_rows, "forget rows")
-    if retain_rows is not None:
-        check_rows(retain_rows, "retain rows")
-    if general_rows is not None:
-        check_rows(general_rows, "general rows")
-    if reference_stats is not None:
-        validate_stats(reference_stats, n_items=len(forget_rows))
+    generals = _general_sets(general_rows)
+    skip = set(skip)
+    _check_tofu_inputs(forget_rows, retain_rows, generals, holdout_rows, skip)
+    reference = reference_from(reference_stats, "reference", n_forget=len(forget_rows))
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size ({batch_size}) and max_new_tokens ({max_new_tokens}) must be >= 1")
-
-    was_training = model.training
-    model.eval()
-    try:
-        metrics: dict[str, dict[str, Any]] = {}
-        generations: dict[str, list[str]] = {}
-        raws: dict[str, dict[str, Any]] = {}
-        for split, rows in (("forget", forget_rows), ("retain", retain_rows), ("general", general_rows)):
+    run = _Runner(model, tokenizer, template, batch_size, max_new_tokens, progress)
+    logs: dict[str, Any] = {}
+    extras: dict[str, Any] = {}
+    generations: dict[str, list[str]] = {}
+    with _eval_mode(model):
+        sets = [("forget", forget_rows, True), ("retain", retain_rows, True)]
+        sets += [(g, rows, False) for g, rows in generals.items()]
+        results: dict[str, _SetResult] = {}
+        for name, rows, paraphrase in sets:
             if rows is None:
                 continue
-            m, raw = _split_metrics(
-                model,
-                tokenizer,
-                rows,
-                split,
-                batch_size,
-                max_new_tokens,
-                well_formed,
-                progress,
-                fluency=split == "forget",
-            )
-            metrics.update(m)
-            generations[split] = raw["generations"]
-            raws[split] = raw
-    finally:
-        model.train(was_training)
+            results[name] = res = _qa_set(run, name, rows, paraphrase, skip)
+            logs.update(res.logs)
+            extras.update(leakage_entries(name, rows, res.generations))
+            generations[name] = [g["generation"] for g in res.generations]
+        forget = results["forget"]
+        memorisation, paper = memorisation_entries(forget.answers)
+        logs.update(memorisation)
+        extras.update(paper)
+        extras.update(fluency_entries("forget", forget.generations, well_formed))
+        if holdout_rows is not None:
+            holdout = run.pairs(holdout_rows, "answer", "holdout: answers")
+            logs.update(mia_entries(tokenizer, forget.answers, holdout))
+    notes = _aggregate_tofu(logs, reference, retain_rows is not None, list(generals))
+    stats = {
+        "truth_ratio": {
+            k: v["score"] for k, v in logs.get("forget_truth_ratio", {}).get("value_by_index", {}).items()
+        },
+        "avg_gt_loss": {str(i): s.avg_loss for i, s in enumerate(forget.answers)},
+        "rougeL_recall": {str(i): g["rougeL_recall"] for i, g in enumerate(forget.generations)},
+    }
+    if not stats["truth_ratio"]:
+        del stats["truth_ratio"]
+    return _result("TOFU", TOFU_HEADLINE, logs, extras, generations, notes, stats)
 
-    fr = raws["forget"]
-    stats = {k: {str(i): float(v) for i, v in enumerate(fr[k])} for k in STATS_KEYS if k in fr}
-    if reference_stats is not None:
-        if "truth_ratio" not in fr:
-            warnings.warn("forget quality skipped: forget rows have no truth ratio", stacklevel=2)
+
+def _aggregate_tofu(
+    logs: dict[str, Any], reference: Reference, has_retain: bool, generals: list[str]
+) -> list[str]:
+    """``forget_quality``, ``model_utility`` and ``privleak`` from the per-set entries; returns the notes."""
+    notes = []
+    if "forget_truth_ratio" in logs:
+        fq = None
+        if reference.truth_ratios is not None:
+            ratios = [v["score"] for v in logs["forget_truth_ratio"]["value_by_index"].values()]
+            fq = tofu.forget_quality(ratios, reference.truth_ratios)["pvalue"]
         else:
-            fq = forget_quality(fr["truth_ratio"], stats_values(reference_stats))
-            metrics["forget_quality"] = {
-                "agg_value": fq["pvalue"],
-                "value_by_index": {},
-                "statistic": fq["statistic"],
-            }
-    if retain_rows is not None:
-        parts = [f"{s}_{m}" for s in ("retain", "general") for m in ("prob", "rouge", "truth_ratio")]
-        parts = [p for p in parts if p in metrics]
-        metrics["model_utility"] = {
-            "agg_value": harmonic_mean([metrics[p]["agg_value"] for p in parts]),
-            "value_by_index": {},
-            "components": parts,
-        }
-    summary = {k: v["agg_value"] for k, v in metrics.items()}
-    return {"metrics": metrics, "summary": summary, "stats": stats, "generations": generations}
+            notes.append(
+                "forget_quality: no reference truth ratios (--reference), left empty as open-unlearning does"
+            )
+        logs["forget_quality"] = {"agg_value": fq}
+    else:
+        notes.append("forget_quality: not computed (forget_truth_ratio skipped)")
+    if has_retain:
+        parts = ["retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio"]
+        parts += [f"{g}_{m}" for g in generals for m in ("Q_A_Prob_normalised", "Q_A_ROUGE", "Truth_Ratio")]
+        present = [p for p in parts if p in logs]
+        logs["model_utility"] = {"agg_value": tofu.harmonic_mean([logs[p]["agg_value"] for p in present])}
+        if set(present) != set(TOFU_UTILITY_PARTS):
+            notes.append(
+                f"model_utility: harmonic mean of {len(present)} parts ({', '.join(present)}); TOFU's has "
+                "the 9 of retain, ra (real authors) and wf (world facts)"
+            )
+    else:
+        notes.append("model_utility: not computed (no retain set)")
+    if "mia_min_k" in logs:
+        ref = reference.mia_min_k_auc
+        if ref is None:
+            ref = privacy.DEFAULT_REFERENCE_AUC
+            notes.append(
+                f"privleak: no reference mia_min_k AUC (--reference), compared with {ref} as "
+                "open-unlearning does"
+            )
+        logs["privleak"] = {"agg_value": privacy.privleak(logs["mia_min_k"]["agg_value"], ref)}
+    else:
+        notes.append("privleak / mia_*: not computed (no holdout set)")
+    return notes
+
+
+def _result(
+    benchmark: str,
+    headline_names: Sequence[str],
+    logs: dict[str, Any],
+    extras: dict[str, Any],
+    generations: dict[str, list[str]],
+    notes: list[str],
+    stats: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    headline = {
+        k: logs[k]["agg_value"] for k in headline_names if k in logs and logs[k]["agg_value"] is not None
+    }
+    metrics = {**logs, **extras}
+    summary = {k: v["agg_value"] for k, v in metrics.items() if v.get("agg_value") is not None}
+    summary |= {alias: summary[k] for alias, k in LEGACY_SUMMARY_KEYS.items() if k in summary}
+    out = {
+        "benchmark": benchmark,
+        "logs": logs,
+        "headline": headline,
+        "extras": extras,
+        "metrics": metrics,
+        "summary": summary,
+        "generations": generations,
+        "notes": notes,
+    }
+    if stats is not None:
+        out["stats"] = stats
+    return out
 
 
 def evaluate_smoothed(
@@ -496,17 +537,19 @@ def evaluate_smoothed(
     forget_rows: Sequence[dict[str, Any]],
     temperatures: Sequence[float],
     retain_rows: Sequence[dict[str, Any]] | None = None,
-    general_rows: Sequence[dict[str, Any]] | None = None,
+    general_rows: Sequence[dict[str, Any]] | Mapping[str, Sequence[dict[str, Any]]] | None = None,
     layers: str | Sequence[int] | None = None,
     batch_size: int = 32,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = TOFU_MAX_NEW_TOKENS,
     well_formed: Callable[[str], bool] | None = None,
     progress: bool = False,
+    **kwargs: Any,
 ) -> list[dict[str, Any]]:
     """The τ preview: evaluate the model with every attention softmax at temperature τ (no training).
 
     ASU's student converges to this smoothed teacher on forget prompts, so its forget ROUGE / probability /
-    fluency predict what unlearning at τ reaches. Returns one ``{"temperature": τ, "summary": {...}}`` per τ.
+    fluency predict what unlearning at τ reaches. ``kwargs`` go to :func:`evaluate_model` (``template``,
+    ``skip``, ...). Returns one ``{"temperature": τ, "summary": {...}, "generations": {...}}`` per τ.
     """
     from asu.smoothing import smoothing
 
@@ -516,47 +559,163 @@ def evaluate_smoothed(
             raise ValueError(f"temperature must be a positive number, got {tau!r}")
         with smoothing(model, temperature=float(tau), layers=layers):
             res = evaluate_model(
-                model,
-                tokenizer,
-                forget_rows,
-                retain_rows,
-                general_rows,
-                batch_size=batch_size,
-                max_new_tokens=max_new_tokens,
-                well_formed=well_formed,
-                progress=progress,
-            )
+                model, tokenizer, forget_rows, retain_rows, general_rows, batch_size=batch_size,
+                max_new_tokens=max_new_tokens, well_formed=well_formed, progress=progress, **kwargs,
+            )  # fmt: skip
         out.append({"temperature": float(tau), "summary": res["summary"], "generations": res["generations"]})
     return out
 
 
-# ------------------------------------------------------------------------------------------- writing
+# ------------------------------------------------------------------------------------------------ MUSE
 
 
-def markdown_table(columns: dict[str, dict[str, float]], metric_names: Sequence[str] | None = None) -> str:
-    """A markdown table with one row per metric and one column per named summary."""
-    names = list(metric_names) if metric_names is not None else []
-    if not names:
-        for summary in columns.values():
-            names += [k for k in summary if k not in names]
-    head = "| metric | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
-    body = ""
-    for n in names:
-        cells = []
-        for summary in columns.values():
-            v = summary.get(n)
-            cells.append("" if v is None else (f"{v:.3g}" if abs(v) < 1e-3 and v != 0 else f"{v:.3f}"))
-        body += f"| {n} | " + " | ".join(cells) + " |\n"
-    return head + body
+def _verbmem_example(tokenizer: Any, row: dict[str, Any], prefix_tokens: int, max_new_tokens: int) -> dict:
+    """MUSE's own excerpts (``prompt`` + ``gt``) as open-unlearning encodes them, or a raw document cut at
+    ``prefix_tokens`` tokens with the next ``max_new_tokens`` as the true continuation."""
+    if isinstance(row.get("prompt"), str) and isinstance(row.get("gt"), str):
+        return encode_document(tokenizer, row["prompt"], row["gt"], DOCUMENT_MAX_TOKENS, insert_space=True)
+    if not (isinstance(row.get("text"), str) and row["text"].strip()):
+        raise ValueError("a VerbMem row needs 'text' (a document) or 'prompt' and 'gt'")
+    return split_document(tokenizer, row["text"], prefix_tokens, max_new_tokens)
 
 
-def write_results(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> None:
-    """One JSON per metric, ``stats.json`` (forget statistics, usable as a reference), ``summary.json``,
-    ``summary.md`` and ``generations.json`` under ``out_dir``, each written atomically."""
-    out = Path(out_dir)
-    for name, m in result["metrics"].items():
-        atomic_write_json(out / f"{name}.json", m)
-    atomic_write_json(out / "stats.json", result["stats"])
-    atomic_write_json(out / "summary.json", result["summary"])
-    atomic_write_json(out / "generations.json", result["generations"])
-    atomic_write_text(out / "summary.md", markdown_table({"value": result["summary"]}))
+def _continuation(example: dict[str, list[int]]) -> list[int]:
+    return [t for t in example["labels"] if t != -100]
+
+
+def _verbmem(
+    run: _Runner, rows: Sequence[dict], prefix_tokens: int, max_new_tokens: int
+) -> tuple[dict, dict, list]:
+    examples = []
+    for i, r in enumerate(rows):
+        try:
+            examples.append(_verbmem_example(run.tokenizer, r, prefix_tokens, max_new_tokens))
+        except ValueError as e:
+            raise ValueError(f"verbmem rows: row {i}: {e}") from None
+    gens = run.generate(
+        [e["prompt_ids"] for e in examples], [_continuation(e) for e in examples], "verbmem: generation",
+        rouge_key="rougeL_f1", max_new_tokens=max_new_tokens,
+    )  # fmt: skip
+    logs = {"forget_verbmem_ROUGE": rouge_entry(gens, "rougeL_f1")}
+    memorisation, paper = memorisation_entries(run.score(examples, "verbmem: scoring"))
+    return logs | memorisation, paper, gens
+
+
+def _knowmem(
+    run: _Runner, split: str, rows: Sequence[dict], examples: Sequence[dict]
+) -> tuple[dict, dict, list]:
+    shots = [(e["question"], e["answer"]) for e in examples]
+    encoded = [encode_knowmem(run.tokenizer, r["question"], r["answer"], shots) for r in rows]
+    gens = run.generate(
+        [e["prompt_ids"] for e in encoded], [e["input_ids"] for e in encoded], f"{split} knowmem: generation",
+        rouge_key="rougeL_f1", max_new_tokens=KNOWMEM_MAX_NEW_TOKENS, stopwords=KNOWMEM_STOPWORDS,
+    )  # fmt: skip
+    return (
+        {f"{split}_knowmem_ROUGE": rouge_entry(gens, "rougeL_f1")},
+        leakage_entries(f"{split}_knowmem", rows, gens),
+        gens,
+    )
+
+
+def _documents(run: _Runner, rows: Sequence[dict], name: str) -> list[TokenScores]:
+    """Every token but the first of each document scored (open-unlearning's MUSE MIA sets)."""
+    check_rows(rows, f"{name} documents", ("text",))
+    examples = [encode_document(run.tokenizer, "", r["text"], DOCUMENT_MAX_TOKENS) for r in rows]
+    for i, e in enumerate(examples):
+        if len(_continuation(e)) < 2:
+            raise ValueError(f"{name} documents: row {i} is shorter than 3 tokens")
+    return run.score(examples, f"{name}: documents")
+
+
+def evaluate_muse(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    forget_documents: Sequence[dict[str, Any]] | None = None,
+    *,
+    verbmem_rows: Sequence[dict[str, Any]] | None = None,
+    knowmem_forget_rows: Sequence[dict[str, Any]] | None = None,
+    knowmem_retain_rows: Sequence[dict[str, Any]] | None = None,
+    knowmem_forget_examples: Sequence[dict[str, Any]] = (),
+    knowmem_retain_examples: Sequence[dict[str, Any]] = (),
+    holdout_documents: Sequence[dict[str, Any]] | None = None,
+    reference_stats: dict[str, Any] | None = None,
+    batch_size: int = 8,
+    verbmem_prefix_tokens: int = VERBMEM_PREFIX_TOKENS,
+    verbmem_max_new_tokens: int = VERBMEM_MAX_NEW_TOKENS,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """MUSE's evaluation as open-unlearning computes it (see :mod:`asu.metrics.muse`).
+
+    ``forget_documents`` (``text`` rows) are VerbMem's source (unless ``verbmem_rows`` is given: documents or
+    MUSE's ``prompt`` / ``gt`` excerpts) and, with ``holdout_documents``, the MIA sets of ``privleak``.
+    KnowMem rows are QA rows; ``knowmem_*_examples`` the few-shot examples (MUSE's ``*_qa_icl``).
+    Returns the same structure as :func:`evaluate_model` (``benchmark`` ``"MUSE"``, no ``stats``).
+    """
+    if verbmem_prefix_tokens < 1 or verbmem_max_new_tokens < 1 or batch_size < 1:
+        raise ValueError("verbmem_prefix_tokens, verbmem_max_new_tokens and batch_size must be >= 1")
+    verbmem_rows = forget_documents if verbmem_rows is None else verbmem_rows
+    for name, rows in (("knowmem forget", knowmem_forget_rows), ("knowmem retain", knowmem_retain_rows)):
+        if rows is not None:
+            check_rows(rows, f"{name} rows")
+            _check_facts(rows, f"{name} rows")
+    for name, rows in (
+        ("knowmem forget", knowmem_forget_examples),
+        ("knowmem retain", knowmem_retain_examples),
+    ):
+        if rows:
+            check_rows(rows, f"{name} few-shot examples")
+    if holdout_documents is not None and forget_documents is None:
+        raise ValueError("holdout documents need forget documents (the MIA compares the two)")
+    if verbmem_rows is None and knowmem_forget_rows is None and knowmem_retain_rows is None:
+        raise ValueError("nothing to evaluate: give forget documents, VerbMem rows or KnowMem rows")
+    reference = reference_from(reference_stats, "reference")
+    run = _Runner(model, tokenizer, None, batch_size, verbmem_max_new_tokens, progress)
+    logs: dict[str, Any] = {}
+    extras: dict[str, Any] = {}
+    generations: dict[str, list[str]] = {}
+    notes: list[str] = []
+    with _eval_mode(model):
+        if verbmem_rows is not None:
+            m, x, gens = _verbmem(run, verbmem_rows, verbmem_prefix_tokens, verbmem_max_new_tokens)
+            logs |= m
+            extras |= x
+            generations["verbmem"] = [g["generation"] for g in gens]
+        for split, rows, shots in (
+            ("forget", knowmem_forget_rows, knowmem_forget_examples),
+            ("retain", knowmem_retain_rows, knowmem_retain_examples),
+        ):
+            if rows is not None:
+                m, x, gens = _knowmem(run, split, rows, shots)
+                logs |= m
+                extras |= x
+                generations[f"{split}_knowmem"] = [g["generation"] for g in gens]
+        if holdout_documents is not None:
+            forget = _documents(run, forget_documents, "forget")
+            logs |= mia_entries(tokenizer, forget, _documents(run, holdout_documents, "holdout"))
+            ref = reference.mia_min_k_auc
+            if ref is None:
+                ref = privacy.DEFAULT_REFERENCE_AUC
+                notes.append(f"privleak: no reference mia_min_k AUC (--reference), compared with {ref}")
+            logs["privleak"] = {"agg_value": privacy.privleak(logs["mia_min_k"]["agg_value"], ref)}
+        else:
+            notes.append("privleak / mia_*: not computed (no holdout documents)")
+    return _result("MUSE", MUSE_HEADLINE, logs, extras, generations, notes)
+
+
+# ------------------------------------------------------------------------------------ older interface
+
+
+def generate_answers(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    questions: Sequence[str],
+    batch_size: int = 32,
+    max_new_tokens: int = 48,
+    progress: bool = False,
+    desc: str = "generating",
+) -> list[dict[str, Any]]:
+    """Greedy answers to ``questions``: per question ``{"text", "ids"}``, the ids up to the first EOS and
+    their text (special tokens dropped, stripped)."""
+    prompts = [encode_question(tokenizer, q) for q in questions]
+    gens = greedy_generate(model, tokenizer, prompts, batch_size, max_new_tokens, progress, desc)
+    return [{"text": tokenizer.decode(ids, skip_special_tokens=True).strip(), "ids": ids} for ids in gens]

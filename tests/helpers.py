@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from types import SimpleNamespace
 
 import torch
 import transformers
@@ -175,3 +176,30 @@ COLLATORS = {
     "padded": PaddingCollator(pad_token_id=0),
     "packed": PackingCollator(max_tokens=40, pad_token_id=0),
 }
+
+
+# ---- a model with known answers ----------------------------------------------------------------------------
+
+
+class BigramModel(torch.nn.Module):
+    """Next-token logits from the current token only (``logits = table[input_ids]``), and greedy generation
+    that ends a row at its first EOS and pads it after, as transformers' ``generate`` does: a model whose
+    every probability and generation a test can write down."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Parameter(table)
+        self.generation_config = None
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, eos_token_id, pad_token_id):
+        ids, done = input_ids, torch.zeros(len(input_ids), dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            nxt = torch.where(done, pad_token_id, self.table[ids[:, -1]].argmax(-1))
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            done |= torch.isin(nxt, torch.tensor(eos_token_id))
+            if done.all():
+                break
+        return ids

@@ -1,85 +1,497 @@
-"""TOFU-style metrics: hand-built cases with known values, the stored TOFU statistics, and `asu eval`."""
+"""`asu eval` (TOFU) against a hand-written copy of open-unlearning's evaluation pipeline on a tiny model, the
+result files in its layout, references in its layout and asu's, field checks, the template, the CLI.
+
+The test tokenizer is word-level, so a prompt and its answer tokenise the same apart and together: the numbers
+below depend on the metrics alone, not on how a template joins prompt and answer.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
 import math
+import zlib
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from helpers import FORGET, RETAIN, BigramModel, tiny_model
 
-from asu.data import load_rows
-from asu.demo.tiny import TinyModelConfig, build_model, train_tokenizer
-from asu.demo.world import WorldConfig, generate_world, write_splits
-from asu.evaluate import (
-    answer_scores,
-    extraction_strength,
-    forget_quality,
-    generate_answers,
-    harmonic_mean,
-    has_repeat,
-    load_reference_stats,
-    rouge_l_recall,
-    stats_values,
-    token_entropy,
-    truth_ratio,
-    validate_stats,
-)
-from asu.formatting import encode_answer, encode_prompt, encode_qa
+from asu.evaluate import TOFU_HEADLINE, evaluate_model, load_reference_stats, reference_from, write_results
+
+IGNORE = -100
+MAX_NEW = 8
+BATCH = 2
 
 
-@pytest.fixture(scope="module")
-def tiny_world():
-    return generate_world(WorldConfig(n_authors=10, n_cities=6, n_countries=5, n_perturbed=3, seed=0))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_world):
-    return train_tokenizer(tiny_world.texts(), vocab_size=400)
+def _qa(rows, shift=0):
+    """TOFU-shaped rows from the test rows: a paraphrase and three perturbed answers of test words."""
+    words = "the father was a sailor teacher baker city of rivers dragons".split()
+    out = []
+    for i, r in enumerate(rows):
+        w = words[(i + shift) % len(words) :] + words
+        out.append(
+            {
+                **r,
+                "paraphrased_answer": r["answer"] + " .",
+                "perturbed_answer": [" ".join(w[:3]), " ".join(w[2:6]), " ".join(w[4:6])],
+            }
+        )
+    return out
 
 
 @pytest.fixture(scope="module")
-def random_model(tokenizer):
-    cfg = TinyModelConfig(
-        hidden_size=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=64
+def sets():
+    return {
+        "forget": _qa(FORGET),
+        "retain": _qa(RETAIN, 1),
+        "ra": _qa(RETAIN[:2], 2),
+        "wf": _qa(FORGET[1:4], 3),
+        "holdout": _qa(RETAIN + FORGET[:2], 4),
+    }
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model(vocab_size=len(tok))
+
+
+# ---- open-unlearning's pipeline, written out (src/data/utils.py, collators.py, evals/metrics/*.py) -------
+
+
+def ou_encode(tok, question, answer, generate=False):
+    """preprocess_chat_instance with a plain template (Question: ... Answer: ...), no chat template."""
+    prompt = f"Question: {question}\nAnswer: "
+    chat_ids = tok(prompt + answer, add_special_tokens=True)["input_ids"]
+    prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
+    if chat_ids[-1] != tok.eos_token_id:
+        chat_ids += [tok.eos_token_id]
+    if generate:
+        return {"input_ids": prompt_ids, "labels": chat_ids}
+    return {"input_ids": chat_ids, "labels": [IGNORE] * len(prompt_ids) + chat_ids[len(prompt_ids) :]}
+
+
+def ou_collate(tok, items, side="right"):
+    def pad(seqs, value):
+        seqs = [torch.tensor(s) for s in seqs]
+        if side == "right":
+            return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=value)
+        flipped = [torch.flip(s, dims=[0]) for s in seqs]
+        return torch.nn.utils.rnn.pad_sequence(flipped, batch_first=True, padding_value=value).flip(dims=[1])
+
+    ids = pad([i["input_ids"] for i in items], tok.pad_token_id)
+    return {
+        "input_ids": ids,
+        "attention_mask": ids.ne(tok.pad_token_id),
+        "labels": pad([i["labels"] for i in items], IGNORE),
+    }
+
+
+def ou_batches(tok, pairs, side="right", generate=False):
+    items = [ou_encode(tok, q, a, generate) for q, a in pairs]
+    return [ou_collate(tok, items[s : s + BATCH], side) for s in range(0, len(items), BATCH)]
+
+
+@torch.no_grad()
+def ou_probability(model, tok, pairs):
+    """evaluate_probability: [(prob, avg_loss)] per pair."""
+    out = []
+    for batch in ou_batches(tok, pairs):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"]
+        losses = torch.nn.CrossEntropyLoss(ignore_index=IGNORE, reduction="none")(
+            logits[..., :-1, :].transpose(-1, -2), labels[..., 1:]
+        ).sum(-1)
+        avg = losses / (labels != IGNORE).sum(-1)
+        out += [(math.exp(-a), a) for a in avg.tolist()]
+    return out
+
+
+@torch.no_grad()
+def ou_tokenwise(model, tok, pairs):
+    """tokenwise_vocab_logprobs / tokenwise_logprobs: per pair (vocab log-probs (N, V), labels (N,)), the
+    last labelled position (EOS) dropped."""
+    out = []
+    for batch in ou_batches(tok, pairs):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        log_probs = torch.log_softmax(logits, dim=-1)[:, :-1, :]
+        for i in range(len(batch["input_ids"])):
+            labels = batch["labels"][i]
+            idx = (labels != IGNORE).nonzero(as_tuple=True)[0][:-1]
+            out.append((log_probs[i, idx[0] - 1 : idx[-1]], labels[idx]))
+    return out
+
+
+def ou_em_es(model, tok, pairs):
+    em, es = [], []
+    for lp, labels in ou_tokenwise(model, tok, pairs):
+        preds = lp.argmax(-1)
+        em.append(((preds == labels).sum() / len(labels)).item())
+        for k in range(len(labels)):
+            if torch.equal(preds[k:], labels[k:]):
+                break
+        es.append(1 - k / len(labels))
+    return em, es
+
+
+def ou_mia_scores(model, tok, pairs):
+    """LOSS, zlib, min-k (k 0.4) and min-k++ (k 0.4) scores per pair."""
+    loss = [a for _, a in ou_probability(model, tok, pairs)]
+    zl = []
+    for (_, a), (q, ans) in zip(ou_probability(model, tok, pairs), pairs, strict=True):
+        enc = ou_encode(tok, q, ans)
+        text = tok.decode([t for t in enc["labels"] if t != IGNORE], skip_special_tokens=True)
+        zl.append(a / len(zlib.compress(text.encode("utf-8"))))
+    mink, minkpp = [], []
+    for lp, labels in ou_tokenwise(model, tok, pairs):
+        target = lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1).numpy()
+        num_k = max(1, int(len(target) * 0.4))
+        mink.append(-np.mean(np.sort(target)[:num_k]))
+        mu = (torch.exp(lp) * lp).sum(-1)
+        sigma = torch.clamp((torch.exp(lp) * torch.square(lp)).sum(-1) - torch.square(mu), min=1e-6)
+        z = (target - mu.numpy()) / torch.sqrt(sigma).numpy()
+        minkpp.append(-np.mean(sorted(z)[:num_k]))
+    return {"mia_loss": loss, "mia_zlib": zl, "mia_min_k": mink, "mia_min_k_plus_plus": minkpp}
+
+
+@torch.no_grad()
+def ou_rouge(model, tok, pairs):
+    """eval_text_similarity: left-padded greedy generation, ground truth = labels text minus input text."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    out = []
+    for batch in ou_batches(tok, pairs, side="left", generate=True):
+        dec = lambda x: tok.batch_decode(x, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        inputs = dec(batch["input_ids"])
+        truths = [
+            f.replace(i, "").strip()
+            for f, i in zip(dec([l[l != IGNORE] for l in batch["labels"]]), inputs, strict=True)
+        ]
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        gen = model.generate(
+            ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=tok.eos_token_id
+        )
+        texts = dec(gen[:, batch["input_ids"].shape[-1] :])
+        for t, g in zip(truths, texts, strict=True):
+            g = g.split(tok.decode([tok.eos_token_id]))[0].strip()
+            s = scorer.score(t, g)
+            out.append({"rougeL_recall": s["rougeL"].recall, "rougeL_f1": s["rougeL"].fmeasure,
+                        "rouge1_recall": s["rouge1"].recall, "ground_truth": t, "generation": g})  # fmt: skip
+    return out
+
+
+def ou_truth_ratio(correct_losses, wrong_losses, forget):
+    correct = np.exp(-np.asarray(correct_losses))
+    wrong = np.exp(-np.asarray([np.mean(w) for w in wrong_losses]))
+    tr = wrong / (correct + 1e-10)
+    agg = np.mean(np.minimum(tr, 1 / (tr + 1e-10))) if forget else np.mean(np.maximum(0, 1 - tr))
+    return agg, tr
+
+
+def _pairs(rows, key="answer"):
+    return [(r["question"], r[key]) for r in rows]
+
+
+def _pert_losses(model, tok, rows):
+    out = []
+    for r in rows:
+        out.append(
+            [a for _, a in ou_probability(model, tok, [(r["question"], p) for p in r["perturbed_answer"]])]
+        )
+    return out
+
+
+def _vals(entry, key):
+    return [entry["value_by_index"][str(i)][key] for i in range(len(entry["value_by_index"]))]
+
+
+# ---- parity --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def result(model, tok, sets):
+    return evaluate_model(
+        model, tok, sets["forget"], sets["retain"], {"ra": sets["ra"], "wf": sets["wf"]},
+        batch_size=BATCH, max_new_tokens=MAX_NEW, holdout_rows=sets["holdout"],
+    )  # fmt: skip
+
+
+def test_same_tokens_as_open_unlearning(tok, sets):
+    from asu.metrics.scoring import encode_pair, encode_question
+
+    for r in sets["forget"] + sets["retain"]:
+        for a in [r["answer"], r["paraphrased_answer"], *r["perturbed_answer"]]:
+            assert encode_pair(tok, r["question"], a) == ou_encode(tok, r["question"], a)
+        assert (
+            encode_question(tok, r["question"])
+            == ou_encode(tok, r["question"], "x", generate=True)["input_ids"]
+        )
+
+
+def test_probabilities_truth_ratios_and_memorisation_match_open_unlearning(result, model, tok, sets):
+    logs = result["logs"]
+    for split in ("forget", "retain", "ra", "wf"):
+        rows = sets[split]
+        ref = ou_probability(model, tok, _pairs(rows))
+        np.testing.assert_allclose(_vals(logs[f"{split}_Q_A_Prob"], "prob"), [p for p, _ in ref], rtol=1e-5)
+        np.testing.assert_allclose(
+            _vals(logs[f"{split}_Q_A_Prob"], "avg_loss"), [a for _, a in ref], rtol=1e-5
+        )
+        wrong = _pert_losses(model, tok, rows)
+        np.testing.assert_allclose(_vals(logs[f"{split}_Q_A_PERT_Prob"], "avg_loss"), wrong, rtol=1e-5)
+        assert logs[f"{split}_Q_A_PERT_Prob"]["agg_value"] == pytest.approx(
+            np.mean([np.mean(np.exp(-np.asarray(w))) for w in wrong]), rel=1e-5
+        )
+        if split in ("forget", "retain"):
+            correct = [a for _, a in ou_probability(model, tok, _pairs(rows, "paraphrased_answer"))]
+            np.testing.assert_allclose(_vals(logs[f"{split}_Q_A_PARA_Prob"], "avg_loss"), correct, rtol=1e-5)
+        else:
+            correct = [a for _, a in ref]  # real authors / world facts: the answer is the true side
+            probs = np.exp(-np.asarray(correct))
+            norm = probs / (probs + np.asarray([np.exp(-np.asarray(w)).sum() for w in wrong]) + 1e-10)
+            np.testing.assert_allclose(_vals(logs[f"{split}_Q_A_Prob_normalised"], "prob"), norm, rtol=1e-5)
+        agg, tr = ou_truth_ratio(correct, wrong, forget=split == "forget")
+        name = "forget_truth_ratio" if split == "forget" else f"{split}_Truth_Ratio"
+        np.testing.assert_allclose(_vals(logs[name], "score"), tr, rtol=1e-5)
+        assert logs[name]["agg_value"] == pytest.approx(agg, rel=1e-5)
+    em, es = ou_em_es(model, tok, _pairs(sets["forget"]))
+    np.testing.assert_allclose(_vals(logs["exact_memorization"], "score"), em, rtol=1e-6)
+    np.testing.assert_allclose(_vals(logs["extraction_strength"], "score"), es, rtol=1e-6)
+    # A random model gets the last answer token wrong: open-unlearning's 1/n, not 0.
+    assert any(0 < v < 1 for v in es)
+
+
+def test_generations_and_rouge_match_open_unlearning(result, model, tok, sets):
+    for split in ("forget", "retain", "ra", "wf"):
+        ref = ou_rouge(model, tok, _pairs(sets[split]))
+        got = result["logs"][f"{split}_Q_A_ROUGE"]
+        for i, want in enumerate(ref):
+            row = got["value_by_index"][str(i)]
+            assert row["generation"] == want["generation"] and row["ground_truth"] == want["ground_truth"]
+            for key in ("rougeL_recall", "rougeL_f1", "rouge1_recall"):
+                assert row[key] == pytest.approx(want[key])
+        assert got["agg_value"] == pytest.approx(np.mean([r["rougeL_recall"] for r in ref]))
+    row0 = result["logs"]["forget_Q_A_ROUGE"]["value_by_index"]["0"]
+    assert set(row0) == {"rouge1_recall", "rougeL_f1", "rougeL_recall", "input", "ground_truth", "generation"}
+    assert row0["ground_truth"] == "the author wrote her first novel about dragons."
+
+
+def test_mia_privleak_and_model_utility_match_open_unlearning(result, model, tok, sets):
+    from scipy.stats import hmean
+
+    logs = result["logs"]
+    forget = ou_mia_scores(model, tok, _pairs(sets["forget"]))
+    holdout = ou_mia_scores(model, tok, _pairs(sets["holdout"]))
+    for name in forget:
+        np.testing.assert_allclose(_vals(logs[name]["forget"], "score"), forget[name], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(_vals(logs[name]["holdout"], "score"), holdout[name], rtol=1e-4, atol=1e-6)
+        f, h = forget[name], holdout[name]
+        auc = sum((b > a) + 0.5 * (b == a) for a in f for b in h) / (len(f) * len(h))
+        assert logs[name]["auc"] == logs[name]["agg_value"] == pytest.approx(auc)
+    ref = 0.5  # no reference: open-unlearning's ref_value
+    assert logs["privleak"]["agg_value"] == pytest.approx(
+        ((1 - logs["mia_min_k"]["auc"]) - ref) / (ref + 1e-10) * 100
     )
-    return build_model(cfg, tokenizer, seed=0).eval()
+    parts = [logs[p]["agg_value"] for p in (
+        "retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio", "ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE",
+        "ra_Truth_Ratio", "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio")]  # fmt: skip
+    expected = 0.0 if min(parts) == 0 else hmean(parts)
+    assert logs["model_utility"]["agg_value"] == pytest.approx(expected)
+    assert logs["forget_quality"] == {"agg_value": None}  # no reference: open-unlearning leaves it empty
+    assert not any("model_utility" in n for n in result["notes"])  # all 9 parts
 
 
-def test_rouge():
-    assert (
-        rouge_l_recall("The Silent Harbor was written in 1961.", "The Silent Harbor was written in 1961.")
-        == 1
-    )
-    assert rouge_l_recall("alpha beta gamma delta", "zeta eta") == 0
-    # LCS "alpha gamma" of a 4-word reference: recall 1/2, whatever the prediction's length.
-    assert rouge_l_recall("alpha beta gamma delta", "alpha x y gamma z z z z") == pytest.approx(0.5)
+def test_batched_left_padded_generation_matches_one_by_one(model, tok, sets):
+    from asu.metrics.scoring import encode_question, greedy_generate
+
+    prompts = [encode_question(tok, r["question"]) for r in sets["holdout"]]
+    assert len({len(p) for p in prompts}) > 1  # the batch really is padded
+    batched = greedy_generate(model, tok, prompts, batch_size=len(prompts), max_new_tokens=MAX_NEW)
+    single = [greedy_generate(model, tok, [p], batch_size=1, max_new_tokens=MAX_NEW)[0] for p in prompts]
+    assert batched == single and all(len(g) <= MAX_NEW for g in batched)
 
 
-def test_pure_metrics():
-    assert truth_ratio(1.0, [1.0, 1.0]) == pytest.approx(1.0)
-    assert truth_ratio(0.5, [2.0, 3.0]) == pytest.approx(math.exp(0.5 - 2.5))
-    assert extraction_strength([True, True, True, True]) == 1.0
-    assert extraction_strength([False, True, True, True]) == pytest.approx(0.75)
-    assert extraction_strength([True, False, True, True]) == pytest.approx(0.5)
-    assert extraction_strength([True, True, True, False]) == 0.0
-    assert token_entropy([1, 2, 3, 4]) == pytest.approx(1.0)
-    assert token_entropy([7, 7, 7, 7]) == 0.0
-    assert token_entropy([1, 1, 2, 2]) == pytest.approx(math.log(2) / math.log(4))
-    assert has_repeat([5, 5, 5, 5]) and not has_repeat(list(range(12)))
-    assert has_repeat([1, 2, 3, 9, 1, 2, 3]) and not has_repeat([1, 2, 3] + list(range(10, 17)) + [1, 2, 3])
-    assert harmonic_mean([0.5, 1.0]) == pytest.approx(2 / 3) and harmonic_mean([0.0, 1.0]) == 0.0
-    assert forget_quality([0.1, 0.5, 0.9], [0.1, 0.5, 0.9])["pvalue"] == pytest.approx(1.0)
-    assert forget_quality(np.linspace(0, 1, 50), np.linspace(2, 3, 50))["pvalue"] < 1e-10
-    with pytest.raises(ValueError, match="finite"):
-        forget_quality([float("nan")], [1.0])
+# ---- constructed cases -----------------------------------------------------------------------------------
+
+
+def _chain(tok, table, text, end=True):
+    """Make ``text``'s words follow each other (then EOS) under the bigram table."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    for a, b in zip(ids, ids[1:] + ([tok.eos_token_id] if end else []), strict=False):
+        table[a, b] = 10.0
+
+
+def test_truth_ratio_guard_and_eos_on_a_constructed_model(tok):
+    """The paraphrase is impossible (probability exp(-1e4) = 0): TR = wrong / 1e-10, finite; the answer is
+    reproduced exactly, so extraction strength is 1 and the generation stops at EOS."""
+    v = len(tok)
+    table = torch.zeros(v, v)
+    row = {
+        "question": "who is the father ?",
+        "answer": "the father was a sailor .",
+        "paraphrased_answer": "baker",
+        "perturbed_answer": ["teacher", "city"],
+    }
+    _chain(tok, table, "Answer: the father was a sailor .")
+    baker = tok.convert_tokens_to_ids("baker")
+    table[:, baker] = -1e4
+    res = evaluate_model(BigramModel(table), tok, [row], max_new_tokens=20, batch_size=1)
+    logs = res["logs"]
+    assert res["generations"]["forget"] == ["the father was a sailor."]
+    assert logs["forget_Q_A_ROUGE"]["agg_value"] == 1.0
+    assert logs["extraction_strength"]["agg_value"] == 1.0 and logs["exact_memorization"]["agg_value"] == 1.0
+    wrong = np.mean(_vals(logs["forget_Q_A_PERT_Prob"], "avg_loss")[0])
+    tr = logs["forget_truth_ratio"]["value_by_index"]["0"]["score"]
+    assert math.isfinite(tr) and tr == pytest.approx(math.exp(-wrong) / 1e-10, rel=1e-5)
+    assert logs["forget_truth_ratio"]["agg_value"] == pytest.approx(1 / (tr + 1e-10))
+    assert logs["forget_Q_A_Prob"]["agg_value"] > 0.99  # EOS included: the chain ends in EOS
+    assert res["extras"]["forget_no_repeat"]["agg_value"] == 1.0
+
+
+def test_missing_fields_are_errors_naming_field_and_metric(model, tok, sets):
+    bare = [{"question": r["question"], "answer": r["answer"]} for r in sets["forget"]]
+    with pytest.raises(
+        ValueError,
+        match=r"forget rows: row 0 has no usable 'paraphrased_answer' \(needed by forget_truth_ratio",
+    ):
+        evaluate_model(model, tok, bare, max_new_tokens=2)
+    no_pert = [{k: v for k, v in r.items() if k != "perturbed_answer"} for r in sets["ra"]]
+    with pytest.raises(
+        ValueError, match=r"ra rows: row 0 has no usable 'perturbed_answer' \(needed by ra_Truth_Ratio"
+    ):
+        evaluate_model(model, tok, sets["forget"], sets["retain"], {"ra": no_pert}, max_new_tokens=2)
+    with pytest.raises(ValueError, match="cannot skip"):
+        evaluate_model(model, tok, sets["forget"], skip=["forget_Q_A_ROUGE"], max_new_tokens=2)
+    with pytest.raises(ValueError, match="'answer'"):
+        evaluate_model(model, tok, [{"question": "who ?"}], max_new_tokens=2)
+    res = evaluate_model(model, tok, bare, sets["retain"], skip=["forget_truth_ratio"], max_new_tokens=2)
+    assert "forget_truth_ratio" not in res["logs"] and "forget_quality" not in res["logs"]
+    assert "forget_Q_A_ROUGE" in res["summary"] and "model_utility" in res["summary"]
+    assert any("model_utility: harmonic mean of 3 parts" in n for n in res["notes"])
+
+
+def test_template_is_passed_to_the_encoding(model, tok, sets, monkeypatch):
+    import asu.metrics.scoring as scoring
+
+    seen = []
+    real_qa, real_prompt = scoring.encode_qa, scoring.encode_prompt
+
+    def fake_qa(tokenizer, question, answer, max_length=None, **kw):
+        seen.append(kw.get("template", "<unset>"))
+        return real_qa(tokenizer, question, answer, max_length)
+
+    def fake_prompt(tokenizer, question, **kw):
+        seen.append(kw.get("template", "<unset>"))
+        return real_prompt(tokenizer, question)
+
+    monkeypatch.setattr(scoring, "encode_qa", fake_qa)
+    monkeypatch.setattr(scoring, "encode_prompt", fake_prompt)
+    evaluate_model(model, tok, sets["forget"][:2], template="tofu-llama2", max_new_tokens=2)
+    assert seen and set(seen) == {"tofu-llama2"}
+    seen.clear()
+    evaluate_model(model, tok, sets["forget"][:2], max_new_tokens=2)
+    assert set(seen) == {"<unset>"}  # no template given: the keyword is not passed at all
+
+
+# ---- files and references --------------------------------------------------------------------------------
+
+
+def test_files_in_open_unlearning_layout(result, tmp_path):
+    write_results(result, tmp_path)
+    logs = json.loads((tmp_path / "TOFU_EVAL.json").read_text())
+    expected = {
+        f"{s}_{m}"
+        for s in ("forget", "retain")
+        for m in ("Q_A_Prob", "Q_A_PARA_Prob", "Q_A_PERT_Prob", "Q_A_ROUGE")
+    }
+    expected |= {
+        f"{s}_{m}"
+        for s in ("ra", "wf")
+        for m in ("Q_A_Prob", "Q_A_PERT_Prob", "Q_A_Prob_normalised", "Q_A_ROUGE", "Truth_Ratio")
+    }
+    headline = set(TOFU_HEADLINE) - {"forget_Q_A_Prob", "forget_Q_A_ROUGE"}
+    expected |= headline | {"retain_Truth_Ratio"}
+    assert set(logs) == expected and list(logs) == sorted(logs)
+    assert set(logs["forget_Q_A_Prob"]["value_by_index"]["0"]) == {"prob", "avg_loss"}
+    assert isinstance(logs["forget_Q_A_PERT_Prob"]["value_by_index"]["0"]["prob"], list)
+    assert set(logs["forget_truth_ratio"]["value_by_index"]["0"]) == {"score"}
+    assert set(logs["wf_Q_A_Prob_normalised"]["value_by_index"]["0"]) == {"prob"}
+    assert set(logs["mia_min_k"]) == {"forget", "holdout", "auc", "agg_value"}
+    assert set(logs["model_utility"]) == {"agg_value"} and set(logs["privleak"]) == {"agg_value"}
+    summary = json.loads((tmp_path / "TOFU_SUMMARY.json").read_text())
+    assert set(summary) == set(TOFU_HEADLINE) - {"forget_quality"}  # None: left out, as open-unlearning does
+    assert (tmp_path / "TOFU_EVAL.json").read_text().startswith('{\n    "exact_memorization"')  # indent 4
+    extras = json.loads((tmp_path / "ASU_EVAL.json").read_text())
+    assert {"extraction_strength_paper", "forget_token_entropy", "forget_no_repeat"} <= set(extras)
+    flat = json.loads((tmp_path / "summary.json").read_text())
+    assert "forget_rouge" not in flat and flat["forget_Q_A_ROUGE"] == result["summary"]["forget_rouge"]
+    assert "| forget_Q_A_ROUGE |" in (tmp_path / "summary.md").read_text()
+
+
+def test_reference_in_open_unlearning_layout(model, tok, sets, tmp_path):
+    """A retain model's TOFU_EVAL.json as open-unlearning writes it: forget quality is the KS test against its
+    forget_truth_ratio scores, privleak compares with its mia_min_k AUC."""
+    from scipy.stats import ks_2samp
+
+    n = len(sets["forget"])
+    ref_tr = [0.2, 0.9, 1.5, 0.6, 0.7][:n]
+    probs = {str(i): {"prob": 0.1, "avg_loss": 2.3} for i in range(n)}
+    scores = {str(i): {"score": v} for i, v in enumerate(ref_tr)}
+    retain_logs = {
+        "forget_Q_A_Prob": {"agg_value": 0.1, "value_by_index": probs},
+        "forget_truth_ratio": {"agg_value": 0.6, "value_by_index": scores},
+        "mia_min_k": {"agg_value": 0.42, "auc": 0.42, "forget": {"agg_value": 3.0, "value_by_index": {}},
+                      "holdout": {"agg_value": 3.1, "value_by_index": {}}},
+        "forget_quality": {"agg_value": None},
+    }  # fmt: skip
+    path = tmp_path / "TOFU_EVAL.json"
+    path.write_text(json.dumps(retain_logs, indent=4))
+    for source in (path, tmp_path):  # the file, or its directory
+        ref = load_reference_stats(source)
+        res = evaluate_model(
+            model, tok, sets["forget"], reference_stats=ref, holdout_rows=sets["holdout"], max_new_tokens=2
+        )
+        ours = _vals(res["logs"]["forget_truth_ratio"], "score")
+        assert res["logs"]["forget_quality"]["agg_value"] == pytest.approx(ks_2samp(ours, ref_tr).pvalue)
+        auc = res["logs"]["mia_min_k"]["auc"]
+        assert res["logs"]["privleak"]["agg_value"] == pytest.approx(
+            ((1 - auc) - 0.58) / (0.58 + 1e-10) * 100
+        )
+    with pytest.raises(ValueError, match="3 reference truth ratios but 5 forget rows"):
+        reference_from(
+            {
+                "forget_truth_ratio": {
+                    "value_by_index": {"0": {"score": 1}, "1": {"score": 1}, "2": {"score": 1}}
+                }
+            },
+            n_forget=5,
+        )
+    with pytest.raises(ValueError, match="not a finite number"):
+        reference_from({"forget_truth_ratio": {"value_by_index": {"0": {"score": None}}}})
+    with pytest.raises(ValueError, match="open-unlearning's layout"):
+        reference_from({"something": 1})
+
+
+def test_own_results_as_reference_and_legacy_stats(result, model, tok, sets, tmp_path):
+    write_results(result, tmp_path)
+    ref = load_reference_stats(tmp_path / "TOFU_EVAL.json")
+    again = evaluate_model(
+        model, tok, sets["forget"], sets["retain"], {"ra": sets["ra"], "wf": sets["wf"]}, reference_stats=ref,
+        batch_size=BATCH, max_new_tokens=MAX_NEW, holdout_rows=sets["holdout"],
+    )  # fmt: skip
+    assert again["logs"]["forget_quality"]["agg_value"] == pytest.approx(1.0)
+    assert again["logs"]["privleak"]["agg_value"] == pytest.approx(0.0, abs=1e-6)
+    legacy = evaluate_model(model, tok, sets["forget"], reference_stats=result["stats"], max_new_tokens=2)
+    assert legacy["logs"]["forget_quality"]["agg_value"] == pytest.approx(1.0)
+    assert set(result["stats"]) == {"truth_ratio", "avg_gt_loss", "rougeL_recall"}
 
 
 def test_forget_quality_of_stored_tofu_statistics(shared_dir):
-    """Llama-2-7B fine-tuned on all of TOFU vs the retain90 oracle: the legacy forget quality."""
+    """Llama-2-7B fine-tuned on all of TOFU vs the retain90 oracle: TOFU's published forget quality."""
+    from asu.evaluate import forget_quality, stats_values
+
     full = load_reference_stats(shared_dir / "data/tofu/llama2-7b_full_forget10_stats.json")
     oracle = load_reference_stats(shared_dir / "data/tofu/llama2-7b_retain90_forget10_stats.json")
     fq = forget_quality(stats_values(full), stats_values(oracle))
@@ -87,156 +499,185 @@ def test_forget_quality_of_stored_tofu_statistics(shared_dir):
     assert len(stats_values(full)) == 300
 
 
-class _Bigram(torch.nn.Module):
-    """A model whose next-token logits depend only on the current token: ``logits = table[input_ids]``."""
-
-    def __init__(self, table: torch.Tensor):
-        super().__init__()
-        self.table = torch.nn.Parameter(table)
-
-    def forward(self, input_ids, attention_mask=None):
-        return SimpleNamespace(logits=self.table[input_ids])
+# ---- the command and the τ preview ------------------------------------------------------------------------
 
 
-def _bigram_loss(table: torch.Tensor, ids: list[int], n_prompt: int) -> float:
-    logp = torch.log_softmax(table.double(), -1)
-    return float(-np.mean([logp[ids[t - 1], ids[t]].item() for t in range(n_prompt, len(ids))]))
+@pytest.fixture(scope="module")
+def world_model(tmp_path_factory):
+    from asu.demo.tiny import TinyModelConfig, build_model, train_tokenizer
+    from asu.demo.world import WorldConfig, generate_world, write_splits
 
-
-def test_answer_scores_known_values_and_truth_ratio(tokenizer, tiny_world):
-    """Hand-built bigram model that prefers the paraphrase: losses match the table, truth ratio < 1."""
-    row = tiny_world.split("retain")[0]
-    v = len(tokenizer)
-    g = torch.Generator().manual_seed(0)
-    table = torch.randn(v, v, generator=g) * 0.1
-    prompt = encode_prompt(tokenizer, row["question"])
-    para = prompt + encode_answer(tokenizer, row["paraphrased_answer"])
-    for a, b in zip(para[len(prompt) - 1 : -1], para[len(prompt) :], strict=True):
-        table[a, b] += 6.0  # every paraphrase transition is likely
-    model = _Bigram(table)
-    answers = [row["paraphrased_answer"], *row["perturbed_answer"]]
-    scores = answer_scores(model, tokenizer, [row["question"]] * len(answers), answers, batch_size=2)
-    for s, a in zip(scores, answers, strict=True):
-        ids = prompt + encode_answer(tokenizer, a)
-        assert s["n_tokens"] == len(ids) - len(prompt)
-        assert s["avg_loss"] == pytest.approx(_bigram_loss(table, ids, len(prompt)), rel=1e-5)
-    tr = truth_ratio(scores[0]["avg_loss"], [s["avg_loss"] for s in scores[1:]])
-    assert tr < 0.5
-
-
-def test_answer_scores_match_hf_loss(random_model, tokenizer, tiny_world):
-    rows = tiny_world.split("forget")[:5]
-    scores = answer_scores(
-        random_model, tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows], 3
+    world = generate_world(WorldConfig(n_authors=10, n_cities=6, n_countries=5, n_perturbed=3, seed=0))
+    tokenizer = train_tokenizer(world.texts(), vocab_size=400)
+    cfg = TinyModelConfig(
+        hidden_size=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=64
     )
-    for r, s in zip(rows, scores, strict=True):
-        enc = encode_qa(tokenizer, r["question"], r["answer"])
-        with torch.no_grad():
-            ref = random_model(
-                input_ids=torch.tensor([enc["input_ids"]]), labels=torch.tensor([enc["labels"]])
-            ).loss.item()
-        assert s["avg_loss"] == pytest.approx(ref, rel=1e-4)
+    model = build_model(cfg, tokenizer, seed=0).eval()
+    root = tmp_path_factory.mktemp("world")
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return SimpleNamespace(
+        world=world,
+        model=model,
+        tokenizer=tokenizer,
+        dir=root / "model",
+        data=write_splits(world, root / "data"),
+    )
 
 
-def test_batched_left_padded_generation_matches_one_by_one(random_model, tokenizer, tiny_world):
-    qs = [r["question"] for r in tiny_world.rows[:: len(tiny_world.rows) // 5]]
-    batched = generate_answers(random_model, tokenizer, qs, batch_size=len(qs), max_new_tokens=8)
-    single = [generate_answers(random_model, tokenizer, [q], batch_size=1, max_new_tokens=8)[0] for q in qs]
-    assert [b["ids"] for b in batched] == [s["ids"] for s in single]
-    assert len({len(encode_prompt(tokenizer, q)) for q in qs}) > 1  # the batch really was padded
-
-
-def test_bad_inputs(tmp_path):
-    with pytest.raises(ValueError, match="no such file"):
-        load_rows(tmp_path / "missing.jsonl")
-    (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(ValueError, match="empty"):
-        load_rows(tmp_path / "empty.jsonl")
-    (tmp_path / "bad.jsonl").write_text('{"question": "q", "answer": "a"}\n{"question": \n')
-    with pytest.raises(ValueError, match="line 2: malformed"):
-        load_rows(tmp_path / "bad.jsonl")
-    with pytest.raises(ValueError, match="truth_ratio"):
-        validate_stats({"avg_gt_loss": {"0": 1.0}})
-    with pytest.raises(ValueError, match="not a finite number"):
-        validate_stats({"truth_ratio": {"0": "x"}})
-    with pytest.raises(ValueError, match="2 reference truth ratios but 3"):
-        validate_stats({"truth_ratio": {"0": 1.0, "1": 2.0}}, n_items=3)
-
-
-def test_asu_eval_end_to_end(tmp_path, random_model, tokenizer, tiny_world, capsys):
+def test_asu_eval_end_to_end(tmp_path, world_model, capsys):
     from asu.commands import main
 
-    model_dir = tmp_path / "model"
-    random_model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    data = write_splits(tiny_world, tmp_path / "data")
+    d = world_model.data
+    common = ["--model", str(world_model.dir), "--data", str(d["forget"]), "--retain", str(d["retain"])]
+    common += ["--general", f"wf={d['general']}", "--real-authors", str(d["general"])]
+    common += ["--holdout", str(d["general"]), "--max-new-tokens", "6", "--no-progress"]
     out = tmp_path / "eval"
-    common = ["--model", str(model_dir), "--data", str(data["forget"]), "--retain", str(data["retain"])]
-    common += ["--general", str(data["general"]), "--max-new-tokens", "6", "--no-progress"]
     assert main(["eval", *common, "--out", str(out)]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    for key in ("forget_rouge", "forget_prob", "forget_truth_ratio", "forget_extraction_strength",
-                "forget_exact_memorization", "forget_token_entropy", "forget_well_formed", "forget_no_repeat",
-                "retain_rouge", "general_prob", "model_utility"):  # fmt: skip
-        assert key in summary and math.isfinite(summary[key]), key
-    stats = json.loads((out / "stats.json").read_text())
-    n_forget = len(tiny_world.split("forget"))
-    assert set(stats) == {"truth_ratio", "avg_gt_loss", "rougeL_recall"}
-    assert all(len(v) == n_forget for v in stats.values())
-    rouge = json.loads((out / "forget_rouge.json").read_text())
-    assert len(rouge["value_by_index"]) == n_forget and "generation" in rouge["value_by_index"]["0"]
+    printed = capsys.readouterr().out
+    assert "| forget_Q_A_ROUGE |" in printed and "forget_fact_leakage_any" in printed
+    summary = json.loads((out / "TOFU_SUMMARY.json").read_text())
+    assert {
+        "forget_truth_ratio",
+        "forget_Q_A_ROUGE",
+        "model_utility",
+        "privleak",
+        "extraction_strength",
+    } <= set(summary)
+    extras = json.loads((out / "ASU_EVAL.json").read_text())
+    n_forget = len(world_model.world.split("forget"))
+    assert len(extras["forget_fact_leakage_all"]["value_by_index"]) == n_forget
+    assert {"forget_well_formed", "retain_fact_leakage_any", "ra_fact_leakage_any"} <= set(extras)
+    for name in (
+        "TOFU_EVAL.json",
+        "summary.json",
+        "summary.md",
+        "generations.json",
+        "eval_config.json",
+        "summary.png",
+    ):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "eval_config.json").read_text())["template"] == "default"
 
-    # The model against its own statistics: identical truth ratios, forget quality 1.
+    # The model against its own evaluation: identical truth ratios and MIA AUC.
     out2 = tmp_path / "eval2"
-    ref = ["--reference", str(out / "stats.json")]
+    ref = ["--reference", str(out)]
     assert main(["eval", *common, *ref, "--temperature", "1,5", "--layers", "0-1", "--out", str(out2)]) == 0
-    assert json.loads((out2 / "forget_quality.json").read_text())["agg_value"] == pytest.approx(1.0)
+    summary2 = json.loads((out2 / "TOFU_SUMMARY.json").read_text())
+    assert summary2["forget_quality"] == pytest.approx(1.0) and summary2["privleak"] == pytest.approx(
+        0.0, abs=1e-6
+    )
     preview = json.loads((out2 / "tau_preview.json").read_text())
     assert [p["temperature"] for p in preview] == [1.0, 5.0]
-    assert preview[0]["summary"]["forget_prob"] == pytest.approx(summary["forget_prob"], rel=1e-5)
+    assert preview[0]["summary"]["forget_Q_A_Prob"] == pytest.approx(summary["forget_Q_A_Prob"], rel=1e-5)
 
-    # Bad input: one-line errors and a non-zero exit.
-    assert (
-        main(["eval", "--model", str(tmp_path / "nope"), "--data", str(data["forget"]), "--out", str(out)])
-        == 1
-    )
-    assert "model directory not found" in capsys.readouterr().err
+
+def test_asu_eval_bad_input(tmp_path, world_model, capsys):
+    from asu.commands import main
+
+    d, model_dir = world_model.data, str(world_model.dir)
+    out = str(tmp_path / "out")
+
+    def fails(argv, message):
+        assert main(["eval", *argv, "--out", out, "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert not (tmp_path / "out").exists()  # nothing written
+
+    fails(["--model", str(tmp_path / "nope"), "--data", str(d["forget"])], "model directory not found")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "Who?"}\n')
-    assert main(["eval", "--model", str(model_dir), "--data", str(bad), "--out", str(out)]) == 1
-    assert "'answer'" in capsys.readouterr().err
+    fails(["--model", model_dir, "--data", str(bad)], "'answer'")
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text('{"question": "Who?", "answer": "Me."}\n')
+    fails(["--model", model_dir, "--data", str(bare)], "'paraphrased_answer' (needed by forget_truth_ratio")
     wrong = tmp_path / "wrong_stats.json"
     wrong.write_text(json.dumps({"truth_ratio": {"0": 1.0}}))
-    assert main(["eval", *common, "--reference", str(wrong), "--out", str(out)]) == 1
-    assert "reference truth ratios" in capsys.readouterr().err
+    fails(
+        ["--model", model_dir, "--data", str(d["forget"]), "--reference", str(wrong)],
+        "reference truth ratios",
+    )
+    fails(["--model", model_dir, "--data", str(d["forget"]), "--temperature", "0"], "--temperature")
+    fails(["--model", model_dir, "--data", str(d["forget"]), "--general", f"wf={d['general']}",
+           "--world-facts", str(d["general"])], "given twice")  # fmt: skip
+    fails(["--model", model_dir, "--split", "forget11x"], "TOFU's forget splits")
+    fails(
+        [
+            "--model",
+            model_dir,
+            "--benchmark",
+            "muse",
+            "--data",
+            str(d["forget"]),
+            "--retain",
+            str(d["retain"]),
+        ],
+        "TOFU sets",
+    )
 
 
-def test_missing_fields_skip_metric_with_warning(random_model, tokenizer, tiny_world):
-    from asu.evaluate import evaluate_model
+def test_template_recorded_in_run_json_is_the_default(tmp_path):
+    from asu.commands.eval import _template
 
-    rows = [{"question": r["question"], "answer": r["answer"]} for r in tiny_world.split("forget")[:3]]
-    with pytest.warns(UserWarning, match="perturbed_answer"):
-        res = evaluate_model(random_model, tokenizer, rows, max_new_tokens=4)
-    assert "forget_truth_ratio" not in res["summary"] and "forget_rouge" in res["summary"]
+    args = SimpleNamespace(template=None)
+    assert _template(args, tmp_path) is None
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"template": "tofu-llama2"}}))
+    assert _template(args, tmp_path) == "tofu-llama2"
+    assert _template(SimpleNamespace(template="plain"), tmp_path) == "plain"
 
 
-def test_tau_preview(random_model, tokenizer, tiny_world):
-    """τ = 1 reproduces the plain evaluation; a higher τ changes the model's answer probabilities."""
-    pytest.importorskip("asu.smoothing")
-    from asu.evaluate import evaluate_model, evaluate_smoothed
+def test_split_names_the_hub_datasets():
+    from asu.commands.eval import _muse_sources, _tofu_sources
 
-    rows = tiny_world.split("forget")[:3]
-    model = copy.deepcopy(random_model)
-    with torch.no_grad():  # sharpen the random model's attention so that smoothing has a visible effect
-        for name, p in model.named_parameters():
+    flags = dict(general=[], real_authors=None, world_facts=None, data=None, retain=None, holdout=None)
+    src = _tofu_sources(SimpleNamespace(**flags, split="forget05"))
+    assert src["forget"] == "locuslab/TOFU:forget05_perturbed" and src["holdout"] == "locuslab/TOFU:holdout05"
+    assert src["general"] == {
+        "ra": "locuslab/TOFU:real_authors_perturbed",
+        "wf": "locuslab/TOFU:world_facts_perturbed",
+    }
+    mine = _tofu_sources(
+        SimpleNamespace(**{**flags, "data": "f.jsonl", "general": ["ra=ra.jsonl"]}, split="forget10")
+    )
+    assert mine["forget"] == "f.jsonl" and mine["general"]["ra"] == "ra.jsonl"
+    muse = dict(
+        verbmem=None,
+        knowmem_forget=None,
+        knowmem_retain=None,
+        knowmem_forget_icl=None,
+        knowmem_retain_icl=None,
+    )
+    m = _muse_sources(SimpleNamespace(**flags, **muse, split="News"))
+    assert m["verbmem"] == "muse-bench/MUSE-News:verbmem:forget" and m["knowmem_retain_icl"].endswith(
+        "retain_qa_icl"
+    )
+
+
+def test_tau_preview(model, tok, sets):
+    """τ = 1 reproduces the plain evaluation; a higher τ changes the probabilities; smoothing is undone."""
+    from asu.evaluate import evaluate_smoothed
+
+    rows = sets["forget"][:3]
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():  # sharpen the attention so that smoothing has a visible effect
+        for name, p in sharp.named_parameters():
             if "q_proj" in name or "k_proj" in name:
-                p.mul_(30.0)
-    plain = evaluate_model(model, tokenizer, rows, max_new_tokens=4)["summary"]
-    preview = evaluate_smoothed(model, tokenizer, rows, [1.0, 5.0], max_new_tokens=4)
+                p.mul_(10.0)
+    plain = evaluate_model(sharp, tok, rows, max_new_tokens=4)["summary"]
+    preview = evaluate_smoothed(sharp, tok, rows, [1.0, 5.0], max_new_tokens=4)
     assert [p["temperature"] for p in preview] == [1.0, 5.0]
     assert preview[0]["summary"]["forget_prob"] == pytest.approx(plain["forget_prob"], rel=1e-5)
     assert preview[1]["summary"]["forget_prob"] != pytest.approx(plain["forget_prob"], rel=1e-3)
-    # Smoothing is undone on exit.
-    assert evaluate_model(model, tokenizer, rows, max_new_tokens=4)["summary"] == plain
+    assert evaluate_model(sharp, tok, rows, max_new_tokens=4)["summary"] == plain
     with pytest.raises(ValueError, match="temperature"):
-        evaluate_smoothed(model, tokenizer, rows, [0.0])
+        evaluate_smoothed(sharp, tok, rows, [0.0])
+
+
+def test_import_needs_neither_datasets_nor_rouge_score():
+    import subprocess
+    import sys
+
+    code = "import sys, asu.evaluate, asu.commands.eval; "
+    code += "print('rouge_score' in sys.modules, 'datasets' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

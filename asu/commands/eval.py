@@ -1,43 +1,127 @@
-"""``asu eval``: TOFU-style evaluation of a model directory on forget / retain / general rows, and the τ
-preview (the smoothed model, no training). The metrics are :mod:`asu.evaluate`'s.
+"""``asu eval``: a model directory evaluated as open-unlearning evaluates it (TOFU, the default, or MUSE's
+raw-text evaluation with ``--benchmark muse``), plus asu's additions, and the τ preview (the smoothed model,
+no training). The metrics are :mod:`asu.evaluate`'s; every input is validated before the model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from asu.data import load_rows
+from asu.environment import environment
 from asu.evaluate import (
-    check_rows,
+    TOFU_MAX_NEW_TOKENS,
     evaluate_model,
+    evaluate_muse,
     evaluate_smoothed,
     load_reference_stats,
     markdown_table,
-    validate_stats,
+    reference_from,
+    summary_table,
     write_results,
 )
-from asu.files import atomic_write_json, atomic_write_text
+from asu.files import atomic_write, atomic_write_json, atomic_write_text
+from asu.metrics.muse import VERBMEM_PREFIX_TOKENS
+
+TOFU_HUB = "locuslab/TOFU"
+MUSE_HUB = "muse-bench/MUSE-{corpus}"
+MUSE_CORPORA = ("News", "Books")
+#: Summary keys of the τ preview table.
+PREVIEW_KEYS = (
+    "forget_Q_A_ROUGE",
+    "forget_Q_A_Prob",
+    "forget_fact_leakage_any",
+    "forget_no_repeat",
+    "forget_well_formed",
+    "forget_token_entropy",
+    "retain_Q_A_ROUGE",
+)
+#: Bars of the chart (metrics in [0, 1]): what unlearning should lower, then what it should keep.
+CHART_FORGET = (
+    "forget_Q_A_ROUGE",
+    "forget_Q_A_Prob",
+    "forget_fact_leakage_any",
+    "extraction_strength",
+    "forget_verbmem_ROUGE",
+    "forget_knowmem_ROUGE",
+)
+CHART_KEEP = ("retain_Q_A_ROUGE", "retain_knowmem_ROUGE", "model_utility", "forget_no_repeat")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hugging Face model directory (with its tokenizer)")
-    parser.add_argument("--data", required=True, help="forget rows, JSON Lines or JSON (TOFU format)")
-    parser.add_argument("--retain", help="retain rows (for retain metrics and model utility)")
-    parser.add_argument("--general", help="general-knowledge rows (world facts), counted in model utility")
-    parser.add_argument("--reference", help="stats.json of a reference (oracle) model, for forget quality")
+    parser.add_argument("--benchmark", choices=("tofu", "muse"), default="tofu")
+    parser.add_argument(
+        "--split",
+        help="fill every set not given from the benchmark's hub dataset: TOFU's forget split (forget01, "
+        "forget05, forget10) or MUSE's corpus (News, Books)",
+    )
+    parser.add_argument("--data", help="forget rows (TOFU: QA rows; MUSE: documents, 'text' rows)")
+    parser.add_argument("--retain", help="retain rows (TOFU), for retain metrics and model utility")
+    parser.add_argument(
+        "--general",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a general-knowledge set counted in model utility, named as open-unlearning names it (ra: real "
+        "authors, wf: world facts); repeatable; a bare PATH is wf",
+    )
+    parser.add_argument("--real-authors", help="the same as --general ra=PATH")
+    parser.add_argument("--world-facts", help="the same as --general wf=PATH")
+    parser.add_argument(
+        "--holdout",
+        help="rows the model never saw (TOFU: QA rows such as holdout10; MUSE: documents), for membership "
+        "inference (mia_*) and privleak",
+    )
+    parser.add_argument(
+        "--reference",
+        help="the reference (retain-only) model's evaluation, for forget_quality and privleak: its "
+        "TOFU_EVAL.json / MUSE_EVAL.json (asu's or open-unlearning's) or the directory holding it",
+    )
+    parser.add_argument(
+        "--verbmem", help="MUSE VerbMem rows: documents or MUSE's prompt/gt excerpts (default --data)"
+    )
+    parser.add_argument(
+        "--knowmem-forget", help="MUSE KnowMem questions about the forget documents (QA rows)"
+    )
+    parser.add_argument(
+        "--knowmem-retain", help="MUSE KnowMem questions about the retain documents (QA rows)"
+    )
+    parser.add_argument("--knowmem-forget-icl", help="few-shot examples for --knowmem-forget (QA rows)")
+    parser.add_argument("--knowmem-retain-icl", help="few-shot examples for --knowmem-retain (QA rows)")
+    parser.add_argument(
+        "--template",
+        help="prompt template of the QA rows (default: the one the model's run.json records, else the "
+        "tokenizer's default)",
+    )
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="METRIC",
+        help="leave out a metric whose fields a set lacks (forget_truth_ratio, retain_Truth_Ratio, "
+        "ra_Truth_Ratio, wf_Q_A_Prob_normalised, ...); repeatable",
+    )
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, help="default 32 (TOFU) / 8 (MUSE), open-unlearning's")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help=f"TOFU's answer length (default {TOFU_MAX_NEW_TOKENS}, open-unlearning's); MUSE uses its own",
+    )
+    parser.add_argument("--verbmem-prefix-tokens", type=int, default=VERBMEM_PREFIX_TOKENS)
     parser.add_argument(
         "--temperature",
         help="comma-separated attention temperatures for the τ preview, e.g. 2,2.3,3,5 "
-        "(the smoothed model, no training)",
+        "(the smoothed model, no training; TOFU only)",
     )
     parser.add_argument("--layers", help="layers to smooth in the τ preview, e.g. 6-8 or 0,2,5 (default all)")
     parser.add_argument("--world", help="world.json of an asu world, for the well-formed-sentence check")
@@ -45,90 +129,287 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _world_checker(path: Path) -> Callable[[str], bool]:
-    from asu.demo.world import WorldConfig, generate_world
-
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    return generate_world(WorldConfig(**meta["config"])).is_well_formed
+# ------------------------------------------------------------------------------------------------ inputs
 
 
 def _parse_floats(text: str, what: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not (v > 0 and v != float("inf")) for v in values):
+        raise ValueError(f"{what}: expected positive numbers, got {text!r}")
+    return values
+
+
+def _general_sources(args: argparse.Namespace) -> dict[str, str]:
+    """``--general NAME=PATH`` (bare PATH: wf), ``--real-authors``, ``--world-facts``: name -> source."""
+    out: dict[str, str] = {}
+    pairs = [g.split("=", 1) if re.match(r"^\w+=", g) else ["wf", g] for g in args.general]
+    pairs += [["ra", args.real_authors]] if args.real_authors else []
+    pairs += [["wf", args.world_facts]] if args.world_facts else []
+    for name, source in pairs:
+        if name in out:
+            raise ValueError(f"general set {name!r} given twice ({out[name]}, {source})")
+        if not source:
+            raise ValueError(f"--general {name}=: no path")
+        out[name] = source
+    return out
+
+
+def _tofu_sources(args: argparse.Namespace) -> dict[str, Any]:
+    """Where each TOFU set comes from: the flags, else (with ``--split forgetNN``) the hub dataset."""
+    generals = _general_sources(args)
+    src = {"forget": args.data, "retain": args.retain, "holdout": args.holdout}
+    if args.split:
+        m = re.fullmatch(r"forget(\d\d)", args.split)
+        if not m:
+            raise ValueError(f"--split {args.split!r}: TOFU's forget splits are forget01, forget05, forget10")
+        hub = {
+            "forget": f"{TOFU_HUB}:{args.split}_perturbed",
+            "retain": f"{TOFU_HUB}:retain_perturbed",
+            "holdout": f"{TOFU_HUB}:holdout{m.group(1)}",
+        }
+        src = {k: v or hub[k] for k, v in src.items()}
+        generals = {
+            "ra": f"{TOFU_HUB}:real_authors_perturbed",
+            "wf": f"{TOFU_HUB}:world_facts_perturbed",
+        } | generals
+    if not src["forget"]:
+        raise ValueError("give the forget rows (--data) or a TOFU split (--split forget10)")
+    return src | {"general": generals}
+
+
+def _muse_sources(args: argparse.Namespace) -> dict[str, Any]:
+    """Where each MUSE set comes from: the flags, else (with ``--split News|Books``) the hub dataset."""
+    if args.retain or args.general or args.real_authors or args.world_facts:
+        raise ValueError("--retain / --general are TOFU sets; MUSE's retain side is --knowmem-retain")
+    src = {
+        "forget": args.data,
+        "holdout": args.holdout,
+        "verbmem": args.verbmem,
+        "knowmem_forget": args.knowmem_forget,
+        "knowmem_retain": args.knowmem_retain,
+        "knowmem_forget_icl": args.knowmem_forget_icl,
+        "knowmem_retain_icl": args.knowmem_retain_icl,
+    }
+    if args.split:
+        if args.split not in MUSE_CORPORA:
+            raise ValueError(f"--split {args.split!r}: MUSE's corpora are {', '.join(MUSE_CORPORA)}")
+        hub = MUSE_HUB.format(corpus=args.split)
+        defaults = {
+            "forget": f"{hub}:privleak:forget",
+            "holdout": f"{hub}:privleak:holdout",
+            "verbmem": f"{hub}:verbmem:forget",
+            "knowmem_forget": f"{hub}:knowmem:forget_qa",
+            "knowmem_retain": f"{hub}:knowmem:retain_qa",
+            "knowmem_forget_icl": f"{hub}:knowmem:forget_qa_icl",
+            "knowmem_retain_icl": f"{hub}:knowmem:retain_qa_icl",
+        }
+        src = {k: v or defaults[k] for k, v in src.items()}
+    if not (src["forget"] or src["verbmem"] or src["knowmem_forget"] or src["knowmem_retain"]):
+        raise ValueError(
+            "give forget documents (--data), VerbMem or KnowMem rows, or a MUSE corpus (--split)"
+        )
+    return src
+
+
+def _load(sources: dict[str, Any]) -> dict[str, Any]:
+    """Every source's rows (``load_rows``), the general sets as a name -> rows mapping."""
+    rows: dict[str, Any] = {k: (load_rows(v) if v else None) for k, v in sources.items() if k != "general"}
+    if "general" in sources:
+        rows["general"] = {name: load_rows(path) for name, path in sources["general"].items()} or None
+    return rows
+
+
+def _template(args: argparse.Namespace, model_dir: Path) -> str | None:
+    """``--template``, else the template recorded in the model's ``run.json``, else None (the default)."""
+    if args.template:
+        return args.template
+    run_file = model_dir / "run.json"
+    if run_file.is_file():
+        try:
+            config = json.loads(run_file.read_text(encoding="utf-8")).get("config") or {}
+        except (json.JSONDecodeError, AttributeError):
+            raise ValueError(f"{run_file}: not a valid run record") from None
+        if isinstance(config.get("template"), str):
+            return config["template"]
+    return None
+
+
+def _world_checker(args: argparse.Namespace) -> Callable[[str], bool] | None:
+    from asu.demo.world import WorldConfig, generate_world
+
+    path = Path(args.world) if args.world else (Path(args.data).parent / "world.json" if args.data else None)
+    if path is None or not path.is_file():
+        return None
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    return generate_world(WorldConfig(**meta["config"])).is_well_formed
+
+
+def _load_model(model_dir: Path, device: str) -> tuple[Any, Any]:
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory not found: {model_dir}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a model from {model_dir}: {str(e).splitlines()[0]}") from None
+    return model, tokenizer
+
+
+def _check_settings(args: argparse.Namespace) -> None:
+    for flag in ("batch_size", "max_new_tokens", "verbmem_prefix_tokens"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+    if args.benchmark == "muse" and (args.max_new_tokens or args.temperature or args.skip):
+        raise ValueError(
+            "--max-new-tokens, --temperature and --skip apply to TOFU; MUSE uses its own lengths"
+        )
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file")
+
+
+# ------------------------------------------------------------------------------------------------- runs
+
+
+def _run_tofu(args: argparse.Namespace, rows: dict[str, Any], model: Any, tokenizer: Any, ctx: dict) -> dict:
+    kwargs = dict(
+        batch_size=args.batch_size or 32,
+        max_new_tokens=args.max_new_tokens or TOFU_MAX_NEW_TOKENS,
+        well_formed=ctx["checker"],
+        progress=not args.no_progress,
+        holdout_rows=rows["holdout"],
+        template=ctx["template"],
+        skip=args.skip,
+    )
+    result = evaluate_model(
+        model, tokenizer, rows["forget"], rows["retain"], rows["general"], ctx["reference"], **kwargs
+    )
+    if ctx["temperatures"]:
+        kwargs.pop("holdout_rows")
+        preview = evaluate_smoothed(
+            model, tokenizer, rows["forget"], ctx["temperatures"], rows["retain"], rows["general"],
+            layers=args.layers, **kwargs,
+        )  # fmt: skip
+        result["tau_preview"] = preview
+    return result
+
+
+def _run_muse(args: argparse.Namespace, rows: dict[str, Any], model: Any, tokenizer: Any, ctx: dict) -> dict:
+    return evaluate_muse(
+        model,
+        tokenizer,
+        rows["forget"],
+        verbmem_rows=rows["verbmem"],
+        knowmem_forget_rows=rows["knowmem_forget"],
+        knowmem_retain_rows=rows["knowmem_retain"],
+        knowmem_forget_examples=rows["knowmem_forget_icl"] or (),
+        knowmem_retain_examples=rows["knowmem_retain_icl"] or (),
+        holdout_documents=rows["holdout"],
+        reference_stats=ctx["reference"],
+        batch_size=args.batch_size or 8,
+        verbmem_prefix_tokens=args.verbmem_prefix_tokens,
+        progress=not args.no_progress,
+    )
+
+
+def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Sources, rows and the run context (template, reference, temperatures, checker), all validated."""
+    _check_settings(args)
+    sources = _tofu_sources(args) if args.benchmark == "tofu" else _muse_sources(args)
+    rows = _load(sources)
+    reference = load_reference_stats(args.reference) if args.reference else None
+    if reference is not None and args.benchmark == "tofu":
+        reference_from(reference, args.reference, n_forget=len(rows["forget"]))
+    ctx = {
+        "template": _template(args, Path(args.model)),
+        "reference": reference,
+        "temperatures": _parse_floats(args.temperature, "--temperature") if args.temperature else [],
+        "checker": _world_checker(args) if args.benchmark == "tofu" else None,
+    }
+    return sources, rows, ctx
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        forget = load_rows(args.data)
-        check_rows(forget, args.data)
-        retain = load_rows(args.retain) if args.retain else None
-        general = load_rows(args.general) if args.general else None
-        reference = load_reference_stats(args.reference) if args.reference else None
-        if reference is not None:
-            validate_stats(reference, args.reference, n_items=len(forget))
-        temps = _parse_floats(args.temperature, "--temperature") if args.temperature else []
-        world_path = Path(args.world) if args.world else Path(args.data).parent / "world.json"
-        checker = _world_checker(world_path) if world_path.is_file() else None
-        model_dir = Path(args.model)
-        if not model_dir.is_dir():
-            raise FileNotFoundError(f"model directory not found: {model_dir}")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            model = AutoModelForCausalLM.from_pretrained(model_dir).to(args.device)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot load a model from {model_dir}: {str(e).splitlines()[0]}") from None
-    except (FileNotFoundError, ValueError) as e:
+        sources, rows, ctx = _prepare(args)
+        model, tokenizer = _load_model(Path(args.model), args.device)
+        runner = _run_tofu if args.benchmark == "tofu" else _run_muse
+        result = runner(args, rows, model, tokenizer, ctx)
+        _write(args, result, sources, ctx)
+    except (FileNotFoundError, ValueError, OSError) as e:
         print(f"asu eval: error: {e}", file=sys.stderr)
         return 1
-
-    result = evaluate_model(
-        model,
-        tokenizer,
-        forget,
-        retain,
-        general,
-        reference_stats=reference,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        well_formed=checker,
-        progress=not args.no_progress,
-    )
-    write_results(result, args.out)
-    print(markdown_table({"value": result["summary"]}))
-    if temps:
-        preview = evaluate_smoothed(
-            model,
-            tokenizer,
-            forget,
-            temps,
-            retain_rows=retain,
-            general_rows=general,
-            layers=args.layers,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            well_formed=checker,
-            progress=not args.no_progress,
-        )
-        atomic_write_json(Path(args.out) / "tau_preview.json", preview)
-        cols = {"τ=1": result["summary"]} | {f"τ={p['temperature']:g}": p["summary"] for p in preview}
-        keys = [
-            k
-            for k in (
-                "forget_rouge",
-                "forget_prob",
-                "forget_no_repeat",
-                "forget_well_formed",
-                "forget_token_entropy",
-                "retain_rouge",
-            )
-            if k in result["summary"]
-        ]
-        table = markdown_table(cols, keys)
-        atomic_write_text(Path(args.out) / "tau_preview.md", table)
-        print("\nτ preview (smoothed model, no training):\n" + table)
+    print(summary_table(result, _title(args, ctx)))
+    if "tau_preview" in result:
+        print("τ preview (smoothed model, no training):\n" + _preview_table(result))
     print(f"results written to {args.out}")
     return 0
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def _title(args: argparse.Namespace, ctx: dict) -> str:
+    return f"{args.benchmark.upper()} evaluation of {args.model} (template {ctx['template'] or 'default'})"
+
+
+def _preview_table(result: dict[str, Any]) -> str:
+    cols = {"τ=1": result["summary"]} | {
+        f"τ={p['temperature']:g}": p["summary"] for p in result["tau_preview"]
+    }
+    return markdown_table(cols, [k for k in PREVIEW_KEYS if k in result["summary"]])
+
+
+def _write(args: argparse.Namespace, result: dict[str, Any], sources: dict[str, Any], ctx: dict) -> None:
+    out = Path(args.out)
+    write_results(result, out, _title(args, ctx))
+    settings = {
+        "benchmark": args.benchmark,
+        "model": args.model,
+        "template": ctx["template"] or "default",
+        "sources": sources,
+        "reference": args.reference,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "skip": args.skip,
+        "notes": result["notes"],
+        "environment": environment(args.device),
+    }
+    atomic_write_json(out / "eval_config.json", settings, indent=2, default=str)
+    if "tau_preview" in result:
+        atomic_write_json(out / "tau_preview.json", result["tau_preview"])
+        atomic_write_text(out / "tau_preview.md", _preview_table(result))
+    _chart(result["summary"], out / "summary.png", _title(args, ctx))
+
+
+def _chart(summary: dict[str, float], path: Path, title: str) -> bool:
+    """``summary.png``: red bars for what unlearning should lower, blue for what it should keep."""
+    keys = [k for k in CHART_FORGET + CHART_KEEP if k in summary]
+    if not keys:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart", file=sys.stderr)
+        return False
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(keys) + 1.5), 3.6))
+    colors = ["tab:red" if k in CHART_FORGET else "tab:blue" for k in keys]
+    ax.bar(range(len(keys)), [summary[k] for k in keys], color=colors)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels(keys, rotation=35, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    finally:
+        plt.close(fig)
+    return True

@@ -50,6 +50,7 @@ COLUMNS = {
     "forget_rouge": "forget ROUGE-L",
     "forget_prob": "forget prob",
     "forget_truth_ratio": "forget TR",
+    "forget_fact_leakage_any": "forget fact leak",
     "forget_quality": "forget quality",
     "retain_rouge": "retain ROUGE-L",
     "model_utility": "model utility",

@@ -12,8 +12,10 @@ learned in another phrasing, which is what the truth ratio needs. ``perturbed_an
 the paraphrase's phrasing with every fact replaced by a wrong one, as in TOFU.
 
 Rows (dicts): ``question``, ``answer``, ``paraphrased_answer``, ``perturbed_answer`` (list of ``n_perturbed``
-strings), ``author`` (``""`` for general rows), ``split`` (``forget`` / ``retain`` / ``general``), ``kind``
-(the question type). General rows are facts about the world's places (country, river), not about authors.
+strings), ``facts`` (the true values the answer states, e.g. ``["Shorheimsound", "2 January 1979"]`` for
+"Where and when was X born?"; what fact leakage looks for in a generation), ``author`` (``""`` for general
+rows), ``split`` (``forget`` / ``retain`` / ``general``), ``kind`` (the question type). General rows are facts
+about the world's places (country, river), not about authors.
 
 Everything is a pure function of :class:`WorldConfig`, so the same config always gives the same world.
 """
@@ -509,6 +511,7 @@ def _author_rows(
                     para.format(name=name, **{f: w[i] for f, w in zip(facts, wrong, strict=True)})
                     for i in range(cfg.n_perturbed)
                 ],
+                "facts": [true[f] for f in facts],
                 "author": name,
                 "split": author["split"],
                 "kind": kind,
@@ -533,6 +536,7 @@ def _general_rows(
                 "answer": main.format(city=city, **{slot: true}),
                 "paraphrased_answer": para.format(city=city, **{slot: true}),
                 "perturbed_answer": [para.format(city=city, **{slot: w}) for w in wrong],
+                "facts": [true],
                 "author": "",
                 "split": "general",
                 "kind": kind,
