@@ -176,7 +176,9 @@ def _where(source: str, lines: Sequence[int] | None, i: int) -> str:
 
 
 def validate_rows(rows: Sequence[Any], source: str = "<rows>", lines: Sequence[int] | None = None) -> None:
-    """Check that every row is a QA row (``question`` + ``answer`` strings) or a raw-text row (``text``).
+    """Check that every row is a QA row (``question`` + ``answer`` strings), a raw-text row (``text``) or an
+    excerpt row (``prompt`` + ``gt``: MUSE's VerbMem excerpts, a document's beginning and its continuation;
+    evaluation only).
 
     All rows of one set must be of the same kind. Raises :class:`DataError` naming the source and row.
     """
@@ -194,8 +196,17 @@ def validate_rows(rows: Sequence[Any], source: str = "<rows>", lines: Sequence[i
                 raise DataError(f"{where}: 'text' must be a non-empty string")
             kinds.add("text")
             continue
+        if "prompt" in row and "gt" in row and "answer" not in row:
+            for key in ("prompt", "gt"):
+                if not isinstance(row[key], str) or not row[key].strip():
+                    raise DataError(f"{where}: '{key}' must be a non-empty string")
+            kinds.add("excerpt")
+            continue
         if "answer" not in row:
-            raise DataError(f"{where}: row has no 'answer' (QA rows need 'question' and 'answer')")
+            raise DataError(
+                f"{where}: row has no 'answer' (QA rows need 'question' and 'answer', raw-text rows 'text', "
+                "excerpt rows 'prompt' and 'gt')"
+            )
         if "question" not in row:
             raise DataError(f"{where}: row has no 'question'")
         for key in ("question", "answer"):
@@ -205,7 +216,7 @@ def validate_rows(rows: Sequence[Any], source: str = "<rows>", lines: Sequence[i
             raise DataError(f"{where}: 'answer' is empty")
         kinds.add("qa")
     if len(kinds) > 1:
-        raise DataError(f"{source}: mixes QA rows and raw-text rows; use one kind per file")
+        raise DataError(f"{source}: mixes {' and '.join(sorted(kinds))} rows; use one kind per file")
 
 
 def encode_row(
@@ -215,6 +226,10 @@ def encode_row(
     raw text with every token a label."""
     if "answer" in row:
         return encode_qa(tokenizer, row["question"], row["answer"], max_length, template=template)
+    if "text" not in row:
+        raise DataError(
+            "excerpt rows ('prompt' / 'gt') are for evaluation (MUSE VerbMem); train on 'text' or QA rows"
+        )
     ids = list(tokenizer(row["text"], add_special_tokens=True)["input_ids"])[:max_length]
     if len(ids) < 2:
         raise DataError(f"text row is {len(ids)} token(s) long; at least 2 are needed to predict one")

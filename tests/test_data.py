@@ -54,7 +54,8 @@ def test_load_json_jsonl_and_data_key(tmp_path):
         ("[1, 2]", "row 0: expected a JSON object"),
         ('[{"question": "q", "answer": "a"},\n {"question": "q"}]', "row 1: row has no 'answer'"),
         ('[{"question": "q", "answer": "a"},\n oops]', "line 2: malformed JSON"),
-        ('{"question": "q", "answer": "a"}\n{"text": "t"}\n', "mixes QA rows and raw-text rows"),
+        ('{"question": "q", "answer": "a"}\n{"text": "t"}\n', "mixes qa and text rows"),
+        ('{"prompt": "Once", "gt": " "}\n', "line 1: 'gt' must be a non-empty string"),
     ],
 )
 def test_load_errors_name_file_and_line(tmp_path, content, message):
@@ -64,6 +65,15 @@ def test_load_errors_name_file_and_line(tmp_path, content, message):
     with pytest.raises(DataError) as e:
         load_rows(path)
     assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_excerpt_rows_load_for_evaluation_but_do_not_train(tmp_path, tok):
+    path = tmp_path / "verbmem.jsonl"
+    path.write_text('{"prompt": "the author was born", "gt": "in a city of rivers"}\n')
+    rows = load_rows(path)
+    assert rows == [{"prompt": "the author was born", "gt": "in a city of rivers"}]
+    with pytest.raises(DataError, match="excerpt rows .* are for evaluation"):
+        encode_rows(tok, rows, 64, source=str(path))
 
 
 def test_validate_rows_in_memory():
