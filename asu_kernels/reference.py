@@ -12,7 +12,10 @@ Attention
     * Varlen (packed) layout: ``q`` (total, Hq, D), ``k``/``v`` (total, Hkv, D) and ``cu_seqlens`` (B+1,)
       int32, non-decreasing from 0 to total; document ``b`` owns rows ``cu_seqlens[b]:cu_seqlens[b+1]``
       and attends only within itself.
-    * Logit ``s_ij = (q_i . k_j) * scale / temperature``, ``scale`` defaulting to ``1/sqrt(D)``.
+    * Logit ``s_ij = (q_i . k_j) * scale / temperature``, ``scale`` defaulting to ``1/sqrt(D)``. With a
+      ``softcap`` ``c`` the logit is soft-capped after the scale and the temperature:
+      ``s_ij = c * tanh((q_i . k_j) * scale / (temperature * c))`` (Gemma-2's ``attn_logit_softcapping``;
+      transformers' eager attention caps after its scaling, which smoothing divides by the temperature).
     * ``causal``: bottom-right aligned, as in FlashAttention-2 — query ``i`` of ``Nq`` sees key ``j`` of
       ``Nk`` iff ``j <= i + (Nk - Nq)`` (equal lengths: ``j <= i``; decoding one token: every key).
     * ``window`` (an int ``W >= 1``, Hugging Face's ``sliding_window``): query ``i`` sees key ``j`` iff
@@ -98,12 +101,16 @@ def attention_mask(
     return mask
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, scale: float | None, temperature: float) -> torch.Tensor:
-    """(B, Hq, Nq, Nk) logits ``q k^T * scale / temperature``; GQA by index (query head ``h`` reads key
-    head ``h // (Hq // Hkv)``): broadcasting the key head over its group of query heads is the definition."""
+def _scores(
+    q: torch.Tensor, k: torch.Tensor, scale: float | None, temperature: float, softcap: float | None = None
+) -> torch.Tensor:
+    """(B, Hq, Nq, Nk) logits ``q k^T * scale / temperature``, then ``softcap * tanh(. / softcap)`` when a
+    cap is given; GQA by index (query head ``h`` reads key head ``h // (Hq // Hkv)``): broadcasting the key
+    head over its group of query heads is the definition."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    return torch.matmul(q, k.transpose(-1, -2)) * (scale / temperature)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale / temperature)
+    return scores if softcap is None else softcap * torch.tanh(scores / softcap)
 
 
 def _per_document(
@@ -136,6 +143,7 @@ def attention(
     window: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Temperature-scaled attention, computed in the dtype of the inputs.
 
@@ -143,6 +151,7 @@ def attention(
         q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D). With ``cu_seqlens`` (B+1,) integer offsets the layout is
             packed instead: q (total, Hq, D), k/v (total, Hkv, D), each document attending only within itself.
         key_padding_mask: optional (B, Nk) bool, True = real key (dense layout only).
+        softcap: optional logit soft-cap ``c > 0`` (see the module docstring).
 
     Returns:
         out shaped like q, in q's dtype, and lse shaped like q without its last dim, in float32 (float64
@@ -150,10 +159,10 @@ def attention(
     """
     if cu_seqlens is not None:
         return _attention_packed(q, k, v, cu_seqlens, causal=causal, scale=scale, temperature=temperature,
-                                 window=window)  # fmt: skip
+                                 window=window, softcap=softcap)  # fmt: skip
     b, hq, n_q, _ = q.shape
     n_k = k.shape[2]
-    scores = _scores(q, k, scale, temperature)
+    scores = _scores(q, k, scale, temperature, softcap)
     v = v.repeat_interleave(hq // v.shape[1], dim=1)
     mask = attention_mask(
         n_q, n_k, causal=causal, window=window, key_padding_mask=key_padding_mask, device=q.device
