@@ -90,7 +90,7 @@ def _fwd_inner(
         )  # fmt: skip
         s = mma(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
         if SOFTCAP > 0:
-            s, _ = soft_cap(s, SOFTCAP)
+            s, _ = soft_cap(s, SOFTCAP * LOG2E)
         if MASKED:
             ok = visible(
                 offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag, window, CAUSAL, HAS_WINDOW
@@ -261,7 +261,7 @@ def _bwd_dkdv_inner(
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
         s_t = mma(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
         if SOFTCAP > 0:
-            s_t, tanh_t = soft_cap(s_t, SOFTCAP)
+            s_t, tanh_t = soft_cap(s_t, SOFTCAP * LOG2E)
         if MASKED:
             ok = visible(
                 offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, diag, window, CAUSAL, HAS_WINDOW
@@ -399,7 +399,7 @@ def _bwd_dq_inner(
         )  # fmt: skip
         s = mma(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
         if SOFTCAP > 0:
-            s, tanh_s = soft_cap(s, SOFTCAP)
+            s, tanh_s = soft_cap(s, SOFTCAP * LOG2E)
         if MASKED:
             ok = visible(
                 offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag, window, CAUSAL, HAS_WINDOW

@@ -1,6 +1,6 @@
-"""Triton helpers shared by the attention kernels and the attention-map KL kernels.
+"""Triton helpers shared by the kernel families (attention, attention-map KL, vocabulary losses).
 
-Each helper is one rule that both kernel families apply; ``@triton.jit`` helpers are inlined into the
+Each helper is one rule that the kernel families share; ``@triton.jit`` helpers are inlined into the
 kernels that call them, so sharing them costs nothing at run time.
 
 * :func:`mma`: a dot product at the precision the host chose (``DOT_PRECISION``).
@@ -10,7 +10,8 @@ kernels that call them, so sharing them costs nothing at run time.
   :func:`asu_kernels.reference.attention_mask`.
 * :func:`key_block_ranges` / :func:`query_block_ranges`: which blocks of the other side a block of queries
   (keys) visits, split into the masked and the mask-free stages of the three-stage loops.
-* :func:`soft_cap`: logit soft-capping ``c * tanh(s / c)`` of base-2 logits, and the tanh its gradient needs.
+* :func:`soft_cap`: logit soft-capping ``c * tanh(s / c)`` (natural or base-2 logits), and the tanh its
+  gradient needs.
 """
 
 from __future__ import annotations
@@ -40,16 +41,17 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def soft_cap(x, SOFTCAP: tl.constexpr):
-    """Soft-cap base-2 logits ``x = log2(e) s`` at ``c = SOFTCAP``: ``(log2(e) c tanh(s / c), tanh(s / c))``.
+def soft_cap(x, CAP: tl.constexpr):
+    """Soft-capped logits ``(CAP * tanh(x / CAP), tanh(x / CAP))``, ``x`` and ``CAP`` in the same units.
 
-    ``tanh(u) = 2 / (1 + exp(-2u)) - 1`` with ``exp(-2u) = exp2(-2x / c)``: one exp2, saturating to +-1 for
-    large ``|u|`` (exp2 overflows to inf or underflows to 0) and never NaN for finite ``x``. The absolute
-    error of the tanh stays at fp32 rounding (~1e-7). The derivative of the capped logit with respect to the
-    uncapped one is ``1 - tanh^2``, which the backward kernels take from the second value.
+    The attention kernels keep base-2 logits ``log2(e) s`` and pass ``CAP = log2(e) c``; the vocabulary
+    kernels pass natural logits and ``c``. ``tanh(u) = 2 / (1 + exp(-2u)) - 1`` with one exp2, saturating to
+    +-1 for large ``|u|`` (exp2 overflows to inf or underflows to 0), never NaN for finite ``x`` (an ``x`` of
+    -inf gives ``-CAP``: mask after capping). The absolute error of the tanh stays at fp32 rounding (~1e-7).
+    The derivative of the capped logit with respect to ``x`` is ``1 - tanh^2``, the second value.
     """
-    t = 2.0 / (1.0 + tl.math.exp2(x * (-2.0 / SOFTCAP))) - 1.0
-    return t * (SOFTCAP * LOG2E), t
+    t = 2.0 / (1.0 + tl.math.exp2(x * (-2.0 * LOG2E / CAP))) - 1.0
+    return t * CAP, t
 
 
 @triton.jit

@@ -32,6 +32,8 @@ Vocabulary losses (rows are tokens, ``M`` of them; ``V`` is the vocabulary)
       ``weights=None`` means the plain mean over rows (``w_i = 1/M``).
     * ``linear_cross_entropy``: ``sum_i w_i * (-log softmax(h_i W^T + b)[y_i])`` over rows whose label is not
       ``ignore_index``; ``weights=None`` means the mean over those rows (0 when there are none).
+    * ``softcap=c`` (both losses): every logit ``x = h W^T + b`` becomes ``c * tanh(x / c)`` before the
+      softmax (Gemma-2's ``final_logit_softcapping``), on the student and the teacher side alike.
 """
 
 from __future__ import annotations
@@ -192,9 +194,12 @@ def attention_varlen(q, k, v, cu_seqlens, **options) -> tuple[torch.Tensor, torc
     return attention(q, k, v, cu_seqlens=cu_seqlens, **options)
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None = None
+) -> torch.Tensor:
     logits = hidden @ weight.T
-    return logits if bias is None else logits + bias
+    logits = logits if bias is None else logits + bias
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
 def linear_kl(
@@ -205,8 +210,11 @@ def linear_kl(
     weights: torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
+    *,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """``sum_i w_i * KL(p_T,i || p_S,i)`` with ``p = softmax(h W^T + b)``, materialising the logits.
+    """``sum_i w_i * KL(p_T,i || p_S,i)`` with ``p = softmax(h W^T + b)`` (soft-capped logits with
+    ``softcap``), materialising the logits.
 
     Args:
         student_hidden, teacher_hidden: (M, d). student_weight, teacher_weight: (V, d). weights: (M,).
@@ -215,8 +223,8 @@ def linear_kl(
         A scalar in the hidden states' dtype. Gradients flow to the student side only when the caller
         detaches the teacher (the fused kernel never produces teacher gradients).
     """
-    log_p_s = torch.log_softmax(_logits(student_hidden, student_weight, student_bias), dim=-1)
-    log_p_t = torch.log_softmax(_logits(teacher_hidden, teacher_weight, teacher_bias), dim=-1)
+    log_p_s = torch.log_softmax(_logits(student_hidden, student_weight, student_bias, softcap), dim=-1)
+    log_p_t = torch.log_softmax(_logits(teacher_hidden, teacher_weight, teacher_bias, softcap), dim=-1)
     per_row = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1)
     if weights is None:
         return per_row.mean() if per_row.numel() else per_row.sum()
@@ -230,8 +238,11 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     weights: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    *,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of ``softmax(h W^T + b)`` against ``labels``, materialising the logits.
+    """Cross-entropy of ``softmax(h W^T + b)`` (soft-capped logits with ``softcap``) against ``labels``,
+    materialising the logits.
 
     Args:
         hidden: (M, d). weight: (V, d). labels: (M,) int64. weights: (M,).
@@ -240,7 +251,7 @@ def linear_cross_entropy(
         ``sum_i w_i * CE_i`` over rows whose label is not ``ignore_index``; with ``weights=None`` the mean
         over those rows (0 when every row is ignored).
     """
-    logits = _logits(hidden, weight, bias)
+    logits = _logits(hidden, weight, bias, softcap)
     per_row = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
     valid = labels != ignore_index
     if weights is None:
