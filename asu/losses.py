@@ -64,7 +64,7 @@ from torch import nn
 import asu_kernels
 from asu.data import label_positions, packed_documents, sequence_weights
 from asu.qk import capture_qk
-from asu.smoothing import attention_modules, parse_layers
+from asu.smoothing import attention_modules, parse_layers, scale_attribute
 from asu.teachers import Teacher, decoder_hidden, logit_head, output_head
 
 __all__ = [
@@ -175,6 +175,12 @@ def attention_row_kl(
         cu_seqlens=cu, max_seqlen=max_len,
     )  # fmt: skip
     return kl.mean(-1).view(rows, length)
+
+
+def _softmax_scale(module: nn.Module) -> float | None:
+    """The attention module's own softmax scale (``scaling``, or ``scale`` where the family names it so)."""
+    name = scale_attribute(module)
+    return None if name is None else float(getattr(module, name))
 
 
 class UnlearnObjective(nn.Module):
@@ -317,7 +323,7 @@ class UnlearnObjective(nn.Module):
             q_t, k_t = (None, None) if target is None else target[layer]
             per_token = attention_row_kl(
                 q_s, k_s, q_t, k_t, forget,
-                temperature=self.teacher.temperature, scale=getattr(modules[layer], "scaling", None),
+                temperature=self.teacher.temperature, scale=_softmax_scale(modules[layer]),
             )  # fmt: skip
             total = total + (per_token[mask].float() * weights).sum()
         return total
