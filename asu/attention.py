@@ -11,14 +11,18 @@ Importing this module registers, under the name ``"asu"``,
 
 so that ``AutoModelForCausalLM.from_pretrained(path, attn_implementation="asu")`` or
 ``model.set_attn_implementation("asu")`` runs the kernel with no patched model classes. Any model whose
-attention calls the interface (Llama, Mistral, Qwen2, Qwen3, ...) is served.
+attention calls the interface (Llama, Mistral, Mixtral, Qwen2/2-MoE/3, Gemma 1/2/3, Phi, Phi-3, GPT-NeoX,
+OLMo 1/2, StableLM, Granite, Cohere, GPT-2, ...; README "Supported model families") is served.
 
 Per attention module the computation is
 
     out = softmax(q k^T * scaling / tau + mask) v
 
 with ``scaling`` the module's (passed by the model) and ``tau = module.asu_temperature`` (default 1.0), the
-attribute :func:`asu.smoothing.smoothing` sets. Masks come in three forms, chosen per call:
+attribute :func:`asu.smoothing.smoothing` sets. A family that soft-caps its attention logits (Gemma-2's
+``attn_logit_softcapping``, passed as ``softcap``) gets ``cap * tanh(q k^T * scaling / (tau * cap))``: the
+cap after the scale and the temperature, as its eager attention caps after the (smoothed) scaling it is
+given. Masks come in three forms, chosen per call:
 
 * padded batch: ``attention_mask`` is a (B, Nk) bool key-padding mask (True = real token) from
   :func:`asu_attention_mask`, combined in the kernel with the causal (bottom-right aligned) and sliding-window
@@ -152,7 +156,8 @@ def asu_attention_forward(
         dropout: must be 0: attention dropout is not implemented (raises ValueError otherwise).
         sliding_window: keys visible including the diagonal (transformers' convention), or None.
         kwargs: ``position_ids`` (B or 1, Nq), ``cu_seq_lens_q``/``max_length_q`` for packed batches,
-            ``is_causal``; ``output_attentions=True``, ``softcap`` and attention sinks raise ValueError.
+            ``is_causal``, ``softcap`` (attention logit soft-cap, None = none); ``output_attentions=True``
+            and attention sinks raise ValueError.
 
     Returns:
         ``(out, None)`` with out (B, Nq, Hq, D) in the query's dtype.
@@ -169,6 +174,7 @@ def asu_attention_forward(
         scale=scaling,
         temperature=float(getattr(module, TEMPERATURE_ATTR, 1.0)),
         window=int(sliding_window) if sliding_window is not None else None,
+        softcap=None if kwargs.get("softcap") is None else float(kwargs["softcap"]),
     )
     documents = _documents(query, key, attention_mask, kwargs)
     if documents is not None:
@@ -177,7 +183,7 @@ def asu_attention_forward(
 
 
 def _check_supported(dropout: float, kwargs: dict) -> None:
-    """ValueError for what the kernel does not do: dropout, attention weights, soft-capping, sinks."""
+    """ValueError for what the kernel does not do: dropout, attention weights, sinks."""
     if dropout:
         raise ValueError(
             f"the asu attention does not implement attention dropout (got dropout={dropout} in training "
@@ -188,8 +194,6 @@ def _check_supported(dropout: float, kwargs: dict) -> None:
             "the asu attention never materialises attention weights, so output_attentions=True is not "
             "supported; use attn_implementation='eager' to get them"
         )
-    if kwargs.get("softcap") is not None:
-        raise ValueError("the asu attention does not support attention logit soft-capping (softcap)")
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
         raise ValueError("the asu attention does not support attention sinks")
 

@@ -49,6 +49,11 @@ Per-sequence log-likelihoods (NPO, SimNPO) come from the fused cross-entropy too
 contiguous in the masked (M, d) hidden states, so one ``linear_cross_entropy`` call per sequence with unit
 row weights returns its summed NLL. That is S small fused calls per batch instead of one (M, V) logits
 tensor.
+
+Every vocabulary distribution is the model's own: for models whose logits are not ``lm_head(h)`` the
+objective folds the logit scale into the hidden states and bias and passes the final-logit soft-cap to the
+fused ops (:func:`asu.teachers.logit_head`: Gemma-2/3's ``final_logit_softcapping``, Cohere's
+``logit_scale``, Granite's ``logits_scaling``), on the student and the teacher side alike.
 """
 
 from __future__ import annotations
@@ -63,8 +68,8 @@ from torch import nn
 import asu_kernels
 from asu.data import label_positions, packed_documents, sequence_weights
 from asu.qk import capture_qk
-from asu.smoothing import attention_modules, parse_layers
-from asu.teachers import Teacher, check_plain_head, decoder_hidden, output_head
+from asu.smoothing import attention_modules, parse_layers, scale_attribute
+from asu.teachers import Teacher, decoder_hidden, logit_head, output_head
 
 __all__ = [
     "METHODS",
@@ -179,6 +184,12 @@ def attention_row_kl(
     return kl.mean(-1).view(rows, length)
 
 
+def _softmax_scale(module: nn.Module) -> float | None:
+    """The attention module's own softmax scale (``scaling``, or ``scale`` where the family names it so)."""
+    name = scale_attribute(module)
+    return None if name is None else float(getattr(module, name))
+
+
 class UnlearnObjective(nn.Module):
     """The training objective as a module: ``forward(forget=..., retain=..., idk=...)`` -> loss terms.
 
@@ -236,7 +247,8 @@ class UnlearnObjective(nn.Module):
                 f"teacher='self' is self-smoothing for method='asu-attn' only; method={method!r} with "
                 f"retain_loss={retain_loss!r} reads teacher hidden states (use 'copy', 'base' or 'cache')"
             )
-        check_plain_head(student)
+        # The model's own logits: the scale folded into hidden states and bias, the final-logit cap passed on.
+        self.logit_head = logit_head(student)
         self.student = student
         # FSDP's transformer-layer auto-wrap reads the root's _no_split_modules: the student's decoder layers.
         self._no_split_modules = list(getattr(student, "_no_split_modules", None) or [])
@@ -251,6 +263,21 @@ class UnlearnObjective(nn.Module):
         self.simnpo_gamma = float(simnpo_gamma)
 
     # -- pieces -------------------------------------------------------------------------------------------
+
+    def _cross_entropy(self, hidden, weight, targets, bias=None, **kwargs) -> torch.Tensor:
+        """``linear_cross_entropy`` of the model's own logits (:class:`asu.teachers.LogitHead`)."""
+        head = self.logit_head
+        return asu_kernels.linear_cross_entropy(
+            head.hidden(hidden), weight, targets, bias=head.bias(bias), softcap=head.softcap, **kwargs
+        )
+
+    def _kl(self, hidden, weight, t_hidden, t_weight, *, bias=None, t_bias=None, **kwargs) -> torch.Tensor:
+        """``linear_kl`` (teacher || student) of the model's own logits on both sides."""
+        head = self.logit_head
+        return asu_kernels.linear_kl(
+            head.hidden(hidden), weight, head.hidden(t_hidden), t_weight, student_bias=head.bias(bias),
+            teacher_bias=head.bias(t_bias), softcap=head.softcap, **kwargs,
+        )  # fmt: skip
 
     def _student_rows(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Student hidden rows at label positions (M, d), their targets (M,), owners (M,) and the mask."""
@@ -276,9 +303,7 @@ class UnlearnObjective(nn.Module):
                 continue
             sl = slice(start, start + n)
             ones = torch.ones(n, dtype=torch.float32, device=hidden.device)
-            nll.append(
-                asu_kernels.linear_cross_entropy(hidden[sl], weight, targets[sl], weights=ones, bias=bias)
-            )
+            nll.append(self._cross_entropy(hidden[sl], weight, targets[sl], bias, weights=ones))
             lengths.append(n)
             start += n
         return torch.stack(nll).float(), torch.tensor(lengths, dtype=torch.float32, device=hidden.device)
@@ -289,15 +314,13 @@ class UnlearnObjective(nn.Module):
         hidden, targets, seq, mask = self._student_rows(retain)
         weight, bias = output_head(self.student)
         if self.retain_kind == "nll":
-            return asu_kernels.linear_cross_entropy(hidden, weight, targets, bias=bias)
+            return self._cross_entropy(hidden, weight, targets, bias)
         ref = self.teacher.hidden_states(retain, mask, smoothed=False, part="retain")
         t_weight, t_bias = self.teacher.lm_head()
         w = None  # the fused op's default 1/M per row: the token mean
         if self.retain_reduction == "sequence":
             w = sequence_weights(seq, int(retain["example_ids"].numel())).to(hidden.device)
-        return asu_kernels.linear_kl(
-            hidden, weight, ref, t_weight, weights=w, student_bias=bias, teacher_bias=t_bias
-        )
+        return self._kl(hidden, weight, ref, t_weight, bias=bias, t_bias=t_bias, weights=w)
 
     def attention_term(self, forget: dict[str, torch.Tensor]) -> torch.Tensor:
         """``L_attn`` of ``asu-attn`` on a forget batch (see the module docstring), a scalar.
@@ -318,7 +341,7 @@ class UnlearnObjective(nn.Module):
             q_t, k_t = (None, None) if target is None else target[layer]
             per_token = attention_row_kl(
                 q_s, k_s, q_t, k_t, forget,
-                temperature=self.teacher.temperature, scale=getattr(modules[layer], "scaling", None),
+                temperature=self.teacher.temperature, scale=_softmax_scale(modules[layer]),
             )  # fmt: skip
             total = total + (per_token[mask].float() * weights).sum()
         return total
@@ -332,7 +355,7 @@ class UnlearnObjective(nn.Module):
             if idk is None:
                 raise ValueError("method='idk' needs an 'idk' batch (forget questions with refusal answers)")
             hidden, targets, _, _ = self._student_rows(idk)
-            return asu_kernels.linear_cross_entropy(hidden, weight, targets, bias=bias)
+            return self._cross_entropy(hidden, weight, targets, bias)
         if self.method == "asu-attn":
             return self.attention_term(forget)
         hidden, targets, seq, mask = self._student_rows(forget)
@@ -341,11 +364,9 @@ class UnlearnObjective(nn.Module):
             teacher_hidden = self.teacher.hidden_states(forget, mask, smoothed=True, part="forget")
             t_weight, t_bias = self.teacher.lm_head()
             w = sequence_weights(seq, num_seq).to(hidden.device)
-            return asu_kernels.linear_kl(
-                hidden, weight, teacher_hidden, t_weight, weights=w, student_bias=bias, teacher_bias=t_bias
-            )
+            return self._kl(hidden, weight, teacher_hidden, t_weight, bias=bias, t_bias=t_bias, weights=w)
         if self.method in ("ga", "gd"):
-            return -asu_kernels.linear_cross_entropy(hidden, weight, targets, bias=bias)
+            return -self._cross_entropy(hidden, weight, targets, bias)
         nll, lengths = self._sequence_nll(hidden, weight, bias, targets, seq, num_seq)
         if self.method == "npo":
             ref_hidden = self.teacher.hidden_states(forget, mask, smoothed=False, part="forget")

@@ -4,14 +4,24 @@ ASU's forget-teacher is the original model with every selected self-attention so
 
     softmax(q k^T * scale / tau + mask),    scale = module.scaling (1/sqrt(head_dim) for Llama-like models)
 
-and everything else (projections, RoPE, MLP, norms, the output softmax) unchanged. This module sets ``tau``
-on the selected layers, whatever attention implementation the model runs:
+and everything else (projections, RoPE, MLP, norms, the output softmax) unchanged. Where the family
+soft-caps its attention logits (Gemma-2) the cap applies to ``q k^T * scale / tau``, as the family's eager
+attention applies it to whatever scaling it is given. This module sets ``tau`` on the selected layers,
+whatever attention implementation the model runs:
 
 * ``attn_implementation="asu"``: the module attribute :data:`TEMPERATURE_ATTR` is set; the ``asu``
   attention function (:mod:`asu.attention`) reads it and passes it to the kernel as ``temperature`` (the
   logit scale stays exact).
-* any other implementation (eager, sdpa, flex, flash, ...): ``module.scaling`` is divided by ``tau``. Every
-  transformers attention function receives ``scaling=self.scaling``, so this is the same softmax.
+* any other implementation (eager, sdpa, flex, flash, ...): the module's softmax scale (``scaling``, or
+  ``scale`` in families that name it so) is divided by ``tau``. Transformers attention functions receive
+  ``scaling=self.scaling`` from the module, so this is the same softmax.
+
+Attention modules are found by what they are (:func:`attention_modules`): modules whose forward calls
+transformers' attention interface and which carry a numeric softmax scale. Projection names do not matter
+(separate ``q_proj``/``k_proj``, Phi-3's fused ``qkv_proj``, GPT-NeoX's ``query_key_value``, GPT-2's
+``c_attn`` are all found); the rotary embedding's ``attention_scaling`` is not an attention scale (its
+module calls no attention). A model with no such module (Falcon computes attention itself) gets one error
+naming its attention class and why.
 
 The original values are restored exactly on exit (also after an exception), and nested use replaces the
 temperature of a layer for the inner block (temperatures do not compound) and then restores the outer one.
@@ -23,6 +33,8 @@ The implementation is read from each module's config when smoothing starts; swit
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -35,13 +47,14 @@ __all__ = [
     "attention_modules",
     "clear_smoothing",
     "parse_layers",
+    "scale_attribute",
     "set_smoothing",
     "smoothing",
 ]
 
 #: Module attribute holding the temperature the ``asu`` attention function uses (absent = 1.0).
 TEMPERATURE_ATTR = "asu_temperature"
-# Where the unsmoothed ``scaling`` is kept while a non-asu module is smoothed, so that nested or repeated
+# Where the unsmoothed scale is kept while a non-asu module is smoothed, so that nested or repeated
 # smoothing divides the original value, never an already divided one.
 _BASE_SCALING_ATTR = "_asu_base_scaling"
 
@@ -125,35 +138,97 @@ def _layer_index(name: str, module: torch.nn.Module) -> int:
     return numbers[-1]
 
 
+# The global through which transformers modules reach the attention implementation of their config.
+_INTERFACE_NAME = "ALL_ATTENTION_FUNCTIONS"
+# Attribute names of the softmax scale a module hands the interface as ``scaling=``, in order of preference:
+# nearly every family stores it as ``scaling`` (Granite: its attention multiplier), a few as ``scale``.
+_SCALE_ATTRS = ("scaling", "scale")
+
+
+@functools.cache
+def _interface_scale_names(cls: type) -> tuple[str, ...] | None:
+    """For a module class whose forward (its own or an inherited one) calls transformers' attention
+    interface: the candidate scale attributes that forward reads (possibly none); None for other classes."""
+    for klass in cls.__mro__:
+        forward = klass.__dict__.get("forward")
+        if forward is None:
+            continue
+        code = getattr(inspect.unwrap(forward), "__code__", None)
+        if code is not None and _INTERFACE_NAME in code.co_names:
+            return tuple(a for a in _SCALE_ATTRS if a in code.co_names)
+    return None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def scale_attribute(module: torch.nn.Module) -> str | None:
+    """The name of the attribute holding ``module``'s softmax scale (``"scaling"`` or ``"scale"``) when the
+    module is an attention module (:func:`attention_modules`), else None."""
+    names = _interface_scale_names(type(module))
+    if names is None:
+        return None
+    return next((n for n in names if _is_number(getattr(module, n, None))), None)
+
+
+def _unsmoothable_reason(module: torch.nn.Module) -> str | None:
+    """Why a module that looks like attention is not smoothable, or None if it does not look like one."""
+    names = _interface_scale_names(type(module))
+    if names is not None:
+        return (
+            "calls transformers' attention interface but carries no numeric softmax scale "
+            f"({' / '.join(_SCALE_ATTRS)}) to divide by the temperature"
+        )
+    if "attention" in type(module).__name__.lower():
+        return (
+            "computes its attention itself instead of calling transformers' attention interface (where the "
+            "asu attention and the temperature act)"
+        )
+    return None
+
+
 def attention_modules(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     """The model's attention modules, as ``(layer_index, module)`` pairs ordered by layer index.
 
-    An attention module is one with a ``q_proj`` submodule (Llama, Mistral, Qwen2/3, Gemma, ... name their
-    query projection so). This excludes the rotary embedding, whose ``attention_scaling`` is not the
-    attention ``scaling``. PEFT wrappers (``PeftModel``, LoRA layers replacing ``q_proj``), DDP
-    (``.module``), FSDP1 (``_fsdp_wrapped_module``) and FSDP2 (modules sharded in place) keep the attention
-    modules in the module tree, so they are found through them. The index is ``module.layer_idx`` when
-    present, else the last number in the module's qualified name.
+    An attention module is one whose forward calls transformers' attention interface
+    (``ALL_ATTENTION_FUNCTIONS``, where ``attn_implementation`` is dispatched) and which carries the softmax
+    scale it hands that interface as a number (``scaling``, or ``scale``; see :func:`scale_attribute`).
+    What its projections are called does not matter. The rotary embedding, whose ``attention_scaling`` is
+    no attention scale, calls no attention and is never selected. PEFT wrappers (``PeftModel``, LoRA layers
+    replacing projections), DDP (``.module``), FSDP1 (``_fsdp_wrapped_module``) and FSDP2 (modules sharded
+    in place, as subclasses) keep the attention modules in the module tree, so they are found through them.
+    The index is ``module.layer_idx`` when present, else the last number in the module's qualified name.
 
     Raises:
         TypeError: ``model`` is not a torch module.
-        ValueError: no attention module was found.
+        ValueError: no attention module was found; the message names the model's attention class (a class
+            whose name says attention) and why it is not smoothable.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     found: list[tuple[int, int, torch.nn.Module]] = []
     seen: set[int] = set()
+    rejected: dict[str, str] = {}
     for order, (name, module) in enumerate(model.named_modules()):
         if id(module) in seen:
             continue
-        q_proj = getattr(module, "q_proj", None)
-        if isinstance(q_proj, torch.nn.Module):
-            seen.add(id(module))
+        seen.add(id(module))
+        if scale_attribute(module) is not None:
             found.append((_layer_index(name, module), order, module))
+        elif (reason := _unsmoothable_reason(module)) is not None:
+            rejected.setdefault(type(module).__name__, reason)
     if not found:
+        if rejected:
+            cls, reason = next(iter(rejected.items()))
+            raise ValueError(
+                f"{type(model).__name__} has no smoothable attention module: {cls} {reason}; smoothing "
+                "supports models whose attention layers call transformers' attention interface with a "
+                "softmax scale (Llama, Mistral, Qwen, Gemma, Phi, GPT-NeoX, GPT-2, ...)"
+            )
         raise ValueError(
-            f"no attention module (one with a q_proj submodule) found in {type(model).__name__}; "
-            "smoothing supports models whose attention layers name their query projection q_proj"
+            f"no attention module found in {type(model).__name__}: no submodule calls transformers' "
+            "attention interface with a softmax scale (scaling)"
         )
     found.sort(key=lambda t: (t[0], t[1]))
     return [(idx, module) for idx, _, module in found]
@@ -193,23 +268,26 @@ class _Snapshot:
 
     module: torch.nn.Module
     temperature: object
-    scaling: object
-    base_scaling: object
+    scale_attr: str
+    scale: object
+    base_scale: object
 
     @classmethod
     def take(cls, module: torch.nn.Module) -> _Snapshot:
+        scale_attr = scale_attribute(module) or "scaling"
         return cls(
             module,
             module.__dict__.get(TEMPERATURE_ATTR, _MISSING),
-            getattr(module, "scaling", _MISSING),
+            scale_attr,
+            getattr(module, scale_attr, _MISSING),
             module.__dict__.get(_BASE_SCALING_ATTR, _MISSING),
         )
 
     def restore(self) -> None:
         for attr, value in (
             (TEMPERATURE_ATTR, self.temperature),
-            ("scaling", self.scaling),
-            (_BASE_SCALING_ATTR, self.base_scaling),
+            (self.scale_attr, self.scale),
+            (_BASE_SCALING_ATTR, self.base_scale),
         ):
             if value is _MISSING:
                 if attr in self.module.__dict__:
@@ -222,17 +300,16 @@ def _apply(module: torch.nn.Module, model: torch.nn.Module, temperature: float) 
     if _implementation(module, model) == "asu":
         setattr(module, TEMPERATURE_ATTR, temperature)
         return
-    scaling = getattr(module, "scaling", None)
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+    attr = scale_attribute(module)
+    if attr is None:
         raise TypeError(
-            f"{type(module).__name__} has no numeric 'scaling' attribute, so its softmax temperature "
+            f"{type(module).__name__} has no numeric softmax scale ('scaling'), so its softmax temperature "
             f"cannot be set under attn_implementation={_implementation(module, model)!r}; load the model "
-            "with "
-            "attn_implementation='asu'"
+            "with attn_implementation='asu'"
         )
-    base = module.__dict__.get(_BASE_SCALING_ATTR, scaling)
+    base = module.__dict__.get(_BASE_SCALING_ATTR, getattr(module, attr))
     setattr(module, _BASE_SCALING_ATTR, base)
-    module.scaling = base / temperature
+    setattr(module, attr, base / temperature)
 
 
 def _smooth(model: torch.nn.Module, temperature: float, layers: LayerSpec) -> list[_Snapshot]:
@@ -270,11 +347,11 @@ def set_smoothing(model: torch.nn.Module, temperature: float, layers: LayerSpec 
 
 
 def clear_smoothing(model: torch.nn.Module) -> None:
-    """Return every attention module of ``model`` to temperature 1 with its original ``scaling``."""
+    """Return every attention module of ``model`` to temperature 1 with its original softmax scale."""
     for _, module in attention_modules(model):
         base = module.__dict__.get(_BASE_SCALING_ATTR, _MISSING)
         if base is not _MISSING:
-            module.scaling = base
+            setattr(module, scale_attribute(module) or "scaling", base)
             delattr(module, _BASE_SCALING_ATTR)
         if TEMPERATURE_ATTR in module.__dict__:
             delattr(module, TEMPERATURE_ATTR)

@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import contextlib
 import copy as copy_module
+import math
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,6 +63,8 @@ __all__ = [
     "is_peft_model",
     "decoder_hidden",
     "output_head",
+    "LogitHead",
+    "logit_head",
     "build_teacher",
 ]
 
@@ -82,16 +86,59 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, getattr(head, "bias", None)
 
 
-def check_plain_head(model: nn.Module) -> None:
-    """Refuse models whose logits are not ``lm_head(hidden)`` (soft-capping, logit scaling)."""
+@dataclass(frozen=True)
+class LogitHead:
+    """How a model turns its final hidden states ``h`` into logits: ``softcap(scale * (h W^T + b))``, with
+    ``softcap(x) = c tanh(x / c)`` when ``softcap`` is set. The fused losses get the scale folded into the
+    hidden states and bias (:meth:`hidden`, :meth:`bias`) and the cap as their ``softcap`` keyword."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """``scale * h`` (``h`` itself at scale 1): ``(scale h) W^T = scale (h W^T)``."""
+        return h if self.scale == 1.0 else h * self.scale
+
+    def bias(self, b: torch.Tensor | None) -> torch.Tensor | None:
+        return b if b is None or self.scale == 1.0 else b * self.scale
+
+
+# Config fields of the families whose logits are not lm_head(h) (the fused losses must reproduce them):
+# field -> how it enters the logits.
+_LOGIT_FIELDS = {
+    "final_logit_softcapping": "softcap",  # Gemma-2/3: logits = c tanh(lm_head(h) / c)
+    "logit_scale": "multiply",  # Cohere: logits = lm_head(h) * logit_scale
+    "logits_scaling": "divide",  # Granite: logits = lm_head(h) / logits_scaling
+}
+
+
+def logit_head(model: nn.Module) -> LogitHead:
+    """The model's own logit transform (:class:`LogitHead`), read from its (text) config.
+
+    Gemma-2/3's ``final_logit_softcapping``, Cohere's ``logit_scale`` and Granite's ``logits_scaling`` are
+    honoured, so the fused vocabulary losses compute the model's own distribution; any other model gets
+    ``logits = lm_head(h)``. ValueError for a setting that is not a finite positive number.
+    """
     config = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        value = getattr(config, attr, None)
-        if value not in (None, 1.0):
-            raise ValueError(
-                f"the model config sets {attr}={value}; "
-                "the fused vocabulary losses assume logits = lm_head(h)"
-            )
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text):
+        config = get_text()
+    scale, softcap = 1.0, None
+    for field, role in _LOGIT_FIELDS.items():
+        value = getattr(config, field, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"the model config sets {field}={value!r}; expected a finite number or None")
+        if value <= 0:
+            raise ValueError(f"the model config sets {field}={value}; expected a number > 0 (or None)")
+        if role == "softcap":
+            softcap = float(value)
+        elif role == "multiply":
+            scale *= float(value)
+        else:
+            scale /= float(value)
+    return LogitHead(scale, softcap)
 
 
 def decoder_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

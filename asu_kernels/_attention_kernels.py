@@ -1,20 +1,29 @@
 """Triton kernels of the temperature-scaled flash attention (forward, backward preprocess, dK/dV, dQ); the
 host side (autotuning, launchers, custom ops) is in :mod:`asu_kernels.attention`.
 
-Math (per query row ``i``, key ``j``; ``c = scale / temperature``)::
+Math (per query row ``i``, key ``j``; ``c = scale / temperature``; ``cap`` the optional soft-cap)::
 
-    s_ij   = c * q_i . k_j                          (-inf where the mask hides j from i)
+    u_ij   = c * q_i . k_j
+    s_ij   = u_ij,  or  cap * tanh(u_ij / cap)      (-inf where the mask hides j from i)
     lse_i  = log sum_j exp(s_ij)                    (natural log, fp32; -inf for a row with no visible key)
     p_ij   = exp(s_ij - lse_i)
     o_i    = sum_j p_ij v_j
     Delta_i = rowsum(dO_i * o_i) - dlse_i
     dv_j   = sum_i p_ij dO_i                        (summed over the query heads of the GQA group)
-    ds_ij  = p_ij (dO_i . v_j - Delta_i)
+    ds_ij  = p_ij (dO_i . v_j - Delta_i)            (times 1 - tanh^2(u_ij / cap) with a soft-cap)
     dq_i   = c sum_j ds_ij k_j,   dk_j = c sum_i ds_ij q_i
 
 The online softmax runs in base 2 with ``log2(e) * c`` folded into one multiplier (``qk_scale``); the
-stored LSE is converted back to natural log. The masks are those of :func:`asu_kernels._triton_common.visible`
-(bottom-right aligned causal mask, sliding window) plus the key padding.
+stored LSE is converted back to natural log.
+
+Soft-capping (Gemma-2's ``attn_logit_softcapping``) is applied to the logit *after* the scale and the
+temperature, as transformers' eager attention does with the scaling it is given: smoothing divides that
+scaling by ``tau``, so the capped logit of a smoothed layer is ``cap * tanh(q.k * scale / (tau * cap))``. The
+cap is the compile-time constant ``SOFTCAP`` (0.0 = none): kernels without a cap compile to the code they had
+before the cap existed, and each cap value is its own specialisation.
+
+The masks are those of :func:`asu_kernels._triton_common.visible` (bottom-right aligned causal mask, sliding
+window) plus the key padding.
 
 Tensor layout: every tensor is addressed as (batch, head, row, dim) through four strides, so any input
 strides work without copies. Packed (varlen) batches pass batch stride 0 and add ``cu_seqlens[b]`` rows;
@@ -39,6 +48,7 @@ from asu_kernels._triton_common import (
     key_kept,
     mma,
     query_block_ranges,
+    soft_cap,
     visible,
 )
 
@@ -68,6 +78,7 @@ def _fwd_inner(
     offs_m, offs_d, lo, hi, seqlen_q, seqlen_k, diag, window, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """Online-softmax update of one query block over key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -78,6 +89,8 @@ def _fwd_inner(
             offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED,
         )  # fmt: skip
         s = mma(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        if SOFTCAP > 0:
+            s, _ = soft_cap(s, SOFTCAP * LOG2E)
         if MASKED:
             ok = visible(
                 offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag, window, CAUSAL, HAS_WINDOW
@@ -114,7 +127,8 @@ def attn_fwd_kernel(
     n_q, n_k, group, window, qk_scale, n_ctx_key,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
-    STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_M query rows of one head of one sequence. ``n_ctx_key`` only keys the autotuner."""
     start_m = tl.program_id(0)
@@ -155,15 +169,15 @@ def attn_fwd_kernel(
     if HAS_WINDOW:
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, *args, lo, a, seqlen_q, seqlen_k, diag, window, qk_scale,
-            True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
+            True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, SOFTCAP,
         )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, *args, a, b, seqlen_q, seqlen_k, diag, window, qk_scale,
-        False, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
+        False, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, SOFTCAP,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, *args, b, hi, seqlen_q, seqlen_k, diag, window, qk_scale,
-        True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
+        True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, SOFTCAP,
     )  # fmt: skip
     # rows with no visible key: l = 0 and acc = 0 -> output 0, lse = -inf
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -227,6 +241,7 @@ def _bwd_dkdv_inner(
     offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, diag, window, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dK/dV of one key block over query blocks [lo, hi), in the transposed (N, M) frame."""
     for start_m in range(lo, hi, BLOCK_M):
@@ -245,6 +260,8 @@ def _bwd_dkdv_inner(
         # an empty row (lse = -inf) must give p = 0: subtract +inf instead of -inf
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
         s_t = mma(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
+        if SOFTCAP > 0:
+            s_t, tanh_t = soft_cap(s_t, SOFTCAP * LOG2E)
         if MASKED:
             ok = visible(
                 offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, diag, window, CAUSAL, HAS_WINDOW
@@ -260,6 +277,8 @@ def _bwd_dkdv_inner(
         dv = mma(p_t.to(do.dtype), do, dv, DOT_PRECISION)
         dp_t = mma(v, tl.trans(do), None, DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP > 0:
+            ds_t = ds_t * (1.0 - tanh_t * tanh_t)  # through the cap: d(c tanh(u/c))/du
         dk = mma(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
     return dk, dv
 
@@ -278,7 +297,7 @@ def attn_bwd_dkdv_kernel(
     n_q, n_k, group, window, sm_scale, qk_scale, n_ctx_key,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_N keys of one KV head; loops over the GQA group's query heads (no atomics)."""
     start_n = tl.program_id(0)
@@ -333,14 +352,15 @@ def attn_bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, key_ok, *args, offs_n, offs_d, lo, a, seqlen_q, seqlen_k, diag, window,
                 qk_scale, True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION,
+                SOFTCAP,
             )  # fmt: skip
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, key_ok, *args, offs_n, offs_d, a, b, seqlen_q, seqlen_k, diag, window,
-            qk_scale, False, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION,
+            qk_scale, False, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, SOFTCAP,
         )  # fmt: skip
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, key_ok, *args, offs_n, offs_d, b, hi, seqlen_q, seqlen_k, diag, window,
-            qk_scale, True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION,
+            qk_scale, True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, SOFTCAP,
         )  # fmt: skip
     dk = dk * sm_scale
     mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
@@ -363,6 +383,7 @@ def _bwd_dq_inner(
     offs_m, offs_d, lo, hi, seqlen_q, seqlen_k, diag, window, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dQ of one query block over key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -377,6 +398,8 @@ def _bwd_dq_inner(
             offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED,
         )  # fmt: skip
         s = mma(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        if SOFTCAP > 0:
+            s, tanh_s = soft_cap(s, SOFTCAP * LOG2E)
         if MASKED:
             ok = visible(
                 offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag, window, CAUSAL, HAS_WINDOW
@@ -387,6 +410,8 @@ def _bwd_dq_inner(
         p = tl.math.exp2(s - lse2[:, None])
         dp = mma(do, tl.trans(v), None, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP > 0:
+            ds = ds * (1.0 - tanh_s * tanh_s)  # through the cap: d(c tanh(u/c))/du
         dq = mma(ds.to(k.dtype), k, dq, DOT_PRECISION)
     return dq
 
@@ -404,7 +429,7 @@ def attn_bwd_dq_kernel(
     n_q, n_k, group, window, sm_scale, qk_scale, n_ctx_key,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program: dQ of BLOCK_M query rows of one head, looping over the visible key blocks."""
     start_m = tl.program_id(0)
@@ -452,15 +477,15 @@ def attn_bwd_dq_kernel(
     if HAS_WINDOW:
         dq = _bwd_dq_inner(
             dq, q, do, lse2, delta, *args, lo, a, seqlen_q, seqlen_k, diag, window, qk_scale,
-            True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
+            True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, SOFTCAP,
         )  # fmt: skip
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, *args, a, b, seqlen_q, seqlen_k, diag, window, qk_scale,
-        False, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
+        False, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, SOFTCAP,
     )  # fmt: skip
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, *args, b, hi, seqlen_q, seqlen_k, diag, window, qk_scale,
-        True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
+        True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, SOFTCAP,
     )  # fmt: skip
     dq = dq * sm_scale
     tl.store(

@@ -13,12 +13,20 @@ their gradient next, so the backward needs no logits at all):
 
 * KL:  ``d (w_i KL(p_T,i || p_S,i)) / d s_ij = w_i (p_S,ij - p_T,ij)``
 * CE:  ``d (w_i CE_i) / d x_ij = w_i (p_ij - [j == y_i])``
+
+Final-logit soft-capping (Gemma-2's ``final_logit_softcapping``): with ``SOFTCAP = c > 0`` every logit read,
+student and teacher alike, is first replaced by ``c * tanh(x / c)`` (the logit the model itself outputs),
+and the stored gradient is taken through the cap: multiplied by ``1 - tanh^2(x / c)``, so it is the gradient
+with respect to the matmul's (uncapped) logits. ``SOFTCAP`` is a compile-time constant; 0.0 compiles the
+uncapped kernels unchanged.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from asu_kernels._triton_common import soft_cap
 
 
 @triton.jit
@@ -31,6 +39,18 @@ def _lse_step(m, z, x):
 
 
 @triton.jit
+def _load_logits(row_ptr, cols, mask, other, SOFTCAP: tl.constexpr):
+    """One tile of a row's logits in fp32 (``other`` past the vocabulary), soft-capped when ``SOFTCAP > 0``;
+    returns the logits and ``tanh(x / c)`` (0 without a cap)."""
+    x = tl.load(row_ptr + cols, mask=mask, other=other).to(tl.float32)
+    t = 0.0
+    if SOFTCAP > 0:
+        x, t = soft_cap(x, SOFTCAP)
+        x = tl.where(mask, x, other)
+    return x, t
+
+
+@triton.jit
 def kl_rows_kernel(
     s_ptr,
     t_ptr,
@@ -39,6 +59,7 @@ def kl_rows_kernel(
     V,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Per row ``i``: ``loss[i] = KL(softmax(t_i) || softmax(s_i))``; optionally ``s_i <- w_i (p_S - p_T)``.
 
@@ -47,7 +68,7 @@ def kl_rows_kernel(
 
     The KL is accumulated as ``sum_j p_T,j (t_j - s_j) - (lse_T - lse_S)`` with ``lse = m + log z``: the
     difference ``t - s`` is formed before any shift, so identical rows give exactly 0 and large logits
-    do not cancel catastrophically.
+    do not cancel catastrophically. With ``SOFTCAP`` both rows are soft-capped first (module docstring).
     """
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * V
@@ -62,8 +83,8 @@ def kl_rows_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         mask = cols < V
-        s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        s, _ = _load_logits(s_row, cols, mask, float("-inf"), SOFTCAP)
+        t, _ = _load_logits(t_row, cols, mask, float("-inf"), SOFTCAP)
 
         m_s, z_s = _lse_step(m_s, z_s, s)
 
@@ -90,9 +111,11 @@ def kl_rows_kernel(
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             mask = cols < V
-            s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
-            t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
+            s, tanh_s = _load_logits(s_row, cols, mask, 0.0, SOFTCAP)
+            t, _ = _load_logits(t_row, cols, mask, 0.0, SOFTCAP)
             g = w * (tl.exp(s - lse_s) - tl.exp(t - lse_t))
+            if SOFTCAP > 0:
+                g = g * (1.0 - tanh_s * tanh_s)
             tl.store(s_row + cols, g.to(s_ptr.dtype.element_ty), mask=mask)
 
 
@@ -105,11 +128,13 @@ def ce_rows_kernel(
     V,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Per row ``i``: ``loss[i] = logsumexp(x_i) - x_i[y_i]``; optionally ``x_i <- w_i (softmax(x_i) - e_y)``.
 
     x_ptr: (C, V) contiguous logits. y_ptr: (C,) int64 labels in [0, V) (ignored rows are filtered out by
-    the caller). w_ptr: (C,) fp32 row weights (read only with COMPUTE_GRAD). loss_ptr: (C,) fp32.
+    the caller). w_ptr: (C,) fp32 row weights (read only with COMPUTE_GRAD). loss_ptr: (C,) fp32. With
+    ``SOFTCAP`` the row is soft-capped first (module docstring).
     """
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * V
@@ -121,11 +146,13 @@ def ce_rows_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         mask = cols < V
-        x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        x, _ = _load_logits(x_row, cols, mask, float("-inf"), SOFTCAP)
         m, z = _lse_step(m, z, x)
     lse = m + tl.log(z)
     # Read the label's logit before pass 2 overwrites the row with gradients.
     x_y = tl.load(x_row + y).to(tl.float32)
+    if SOFTCAP > 0:
+        x_y, _ = soft_cap(x_y, SOFTCAP)
     tl.store(loss_ptr + row, lse - x_y)
 
     if COMPUTE_GRAD:
@@ -133,8 +160,10 @@ def ce_rows_kernel(
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             mask = cols < V
-            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            x, tanh_x = _load_logits(x_row, cols, mask, 0.0, SOFTCAP)
             g = tl.exp(x - lse) - tl.where(cols == y, 1.0, 0.0)
+            if SOFTCAP > 0:
+                g = g * (1.0 - tanh_x * tanh_x)
             tl.store(x_row + cols, (w * g).to(x_ptr.dtype.element_ty), mask=mask)
 
 
@@ -153,23 +182,30 @@ def tile_for(vocab: int) -> tuple[int, int]:
     return LARGE_TILE if vocab >= LARGE_VOCAB else SMALL_TILE
 
 
-def _launch_rows(kernel, logits, *args, compute_grad: bool, block_v: int | None) -> None:
+def _launch_rows(
+    kernel, logits, *args, compute_grad: bool, block_v: int | None, softcap: float | None
+) -> None:
     """One program per row of the contiguous (C, V) ``logits``; ``block_v`` overrides the tile of
-    :func:`tile_for` (the warps stay those of the vocabulary size)."""
+    :func:`tile_for` (the warps stay those of the vocabulary size); ``softcap`` None or > 0."""
     rows, vocab = logits.shape
     tile, warps = tile_for(vocab)
     if block_v is not None:
         tile = block_v
     kernel[(rows,)](
-        logits, *args, vocab, COMPUTE_GRAD=compute_grad, BLOCK_V=tile, num_warps=warps, num_stages=NUM_STAGES
-    )
+        logits, *args, vocab, COMPUTE_GRAD=compute_grad, BLOCK_V=tile, SOFTCAP=float(softcap or 0.0),
+        num_warps=warps, num_stages=NUM_STAGES,
+    )  # fmt: skip
 
 
-def launch_kl_rows(s, t, w, loss, compute_grad: bool, block_v: int | None = None) -> None:
+def launch_kl_rows(
+    s, t, w, loss, compute_grad: bool, block_v: int | None = None, softcap: float | None = None
+) -> None:
     """Run :func:`kl_rows_kernel` over the ``C`` rows of the contiguous (C, V) buffers ``s`` and ``t``."""
-    _launch_rows(kl_rows_kernel, s, t, w, loss, compute_grad=compute_grad, block_v=block_v)
+    _launch_rows(kl_rows_kernel, s, t, w, loss, compute_grad=compute_grad, block_v=block_v, softcap=softcap)
 
 
-def launch_ce_rows(x, y, w, loss, compute_grad: bool, block_v: int | None = None) -> None:
+def launch_ce_rows(
+    x, y, w, loss, compute_grad: bool, block_v: int | None = None, softcap: float | None = None
+) -> None:
     """Run :func:`ce_rows_kernel` over the ``C`` rows of the contiguous (C, V) buffer ``x``."""
-    _launch_rows(ce_rows_kernel, x, y, w, loss, compute_grad=compute_grad, block_v=block_v)
+    _launch_rows(ce_rows_kernel, x, y, w, loss, compute_grad=compute_grad, block_v=block_v, softcap=softcap)

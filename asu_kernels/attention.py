@@ -1,8 +1,9 @@
 """Temperature-scaled flash attention: the public entry point, its autograd/custom-op wrapper and AOT specs.
 
-``o = softmax(q k^T * scale / temperature + mask) v`` without ever forming the (N x N) matrix on the
-Triton path. Semantics (masks, GQA, varlen layout, LSE) are defined in :mod:`asu_kernels.reference`; the
-kernels live in :mod:`asu_kernels._attention_kernels`.
+``o = softmax(q k^T * scale / temperature + mask) v`` (optionally with the logits soft-capped,
+``cap * tanh(logit / cap)``, after the scale and the temperature) without ever forming the (N x N) matrix
+on the Triton path. Semantics (masks, GQA, varlen layout, LSE, soft-cap) are defined in
+:mod:`asu_kernels.reference`; the kernels live in :mod:`asu_kernels._attention_kernels`.
 
 Dispatch: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) in fp16/bf16/fp32 run the Triton
 kernels through the custom ops ``asu_kernels::attention_fwd`` / ``asu_kernels::attention_bwd`` (opaque to
@@ -35,11 +36,13 @@ def _check_inputs(
     cu_seqlens: torch.Tensor | None,
     max_seqlen: int | None,
     key_padding_mask: torch.Tensor | None,
+    softcap: float | None = None,
 ) -> None:
     """Raise a TypeError/ValueError naming the problem; never silently fix the caller's input."""
     _in.check_tensors({"q": q, "k": k, "v": v})
     _in.check_positive("temperature", temperature)
     _in.check_positive("scale", scale)
+    _in.check_positive("softcap", softcap)
     _in.check_window(window)
     varlen = cu_seqlens is not None
     _in.check_dims({"q": q, "k": k, "v": v}, varlen)
@@ -68,11 +71,13 @@ def attention(
     max_seqlen: int | None = None,
     return_lse: bool = False,
     key_padding_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Temperature-scaled attention ``softmax(q k^T * scale / temperature) v``, fused (no N x N matrix).
 
     Per query row ``i`` and visible key ``j`` (:func:`asu_kernels.reference.visible`, plus key padding and
-    packed documents): ``s_ij = q_i . k_j * scale / temperature``, ``lse_i = log sum_j exp(s_ij)``,
+    packed documents): ``s_ij = q_i . k_j * scale / temperature`` (with ``softcap`` ``c``:
+    ``s_ij = c * tanh(q_i . k_j * scale / (temperature * c))``), ``lse_i = log sum_j exp(s_ij)``,
     ``out_i = sum_j exp(s_ij - lse_i) v_j``. A row that sees no key gives ``out_i = 0``, ``lse_i = -inf``.
 
     Args:
@@ -87,13 +92,16 @@ def attention(
         return_lse: also return the natural-log LSE (fp32, shaped like q without D). It is differentiable:
             an upstream LSE gradient ``g`` adds ``p_ij * g_i`` to the logit gradient.
         key_padding_mask: (B, Nk) bool, True = real key (dense layout only).
+        softcap: logit soft-cap ``c > 0`` (Gemma-2's ``attn_logit_softcapping``), applied after the scale and
+            the temperature, as transformers' eager attention applies it after its (smoothed) scaling; None
+            = no cap. Each value compiles its own kernel specialisation.
 
     Returns:
         ``out`` shaped like q (and ``lse`` when ``return_lse``).
     """
     _check_inputs(
         q, k, v, scale=scale, temperature=temperature, window=window, cu_seqlens=cu_seqlens,
-        max_seqlen=max_seqlen, key_padding_mask=key_padding_mask,
+        max_seqlen=max_seqlen, key_padding_mask=key_padding_mask, softcap=softcap,
     )  # fmt: skip
     if q.dtype != torch.float64 and use_triton(q):
         d = q.shape[-1]
@@ -102,9 +110,10 @@ def attention(
         out, lse = _attention_fwd_op(
             q, k, v, bool(causal), sm_scale, 0 if window is None else int(window), cu_seqlens,
             -1 if max_seqlen is None else int(max_seqlen), key_padding_mask, bool(return_lse or needs_grad),
+            0.0 if softcap is None else float(softcap),
         )  # fmt: skip
         return (out, lse) if return_lse else out
-    options = dict(causal=causal, scale=scale, temperature=temperature, window=window)
+    options = dict(causal=causal, scale=scale, temperature=temperature, window=window, softcap=softcap)
     if cu_seqlens is not None:
         out, lse = reference.attention_varlen(q, k, v, cu_seqlens, **options)
     else:
@@ -130,7 +139,7 @@ DQ_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
 )  # fmt: skip
 INTERPRETER_CONFIG = (16, 16, 1, 1)
 PREPROCESS_BLOCK_M = 64
-AUTOTUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "HAS_KPM", "n_ctx_key"]
+AUTOTUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "IS_VARLEN", "HAS_KPM", "SOFTCAP", "n_ctx_key"]
 
 
 def _configs(table: tuple[tuple[int, int, int, int], ...]) -> list[triton.Config]:
@@ -247,8 +256,10 @@ def _attention_fwd_op(
     max_seqlen: int,
     key_padding_mask: torch.Tensor | None,
     store_lse: bool,
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward. ``window <= 0`` means no window; ``max_seqlen < 0`` means derive it from cu_seqlens.
+    """Triton forward. ``window <= 0`` means no window; ``max_seqlen < 0`` means derive it from cu_seqlens;
+    ``softcap <= 0`` means no soft-cap.
 
     Returns ``out`` (like q) and ``lse`` (fp32, q's shape without D; an empty tensor when not stored).
     """
@@ -274,13 +285,18 @@ def _attention_fwd_op(
         triton.next_power_of_2(max(lay.max_q, lay.max_k)),
         HEAD_DIM=d, BLOCK_D=_in.head_dim_block(d), CAUSAL=causal, HAS_WINDOW=window > 0,
         IS_VARLEN=lay.varlen, HAS_KPM=key_padding_mask is not None, STORE_LSE=store_lse,
-        DOT_PRECISION=_in.dot_precision(q.dtype),
+        DOT_PRECISION=_in.dot_precision(q.dtype), SOFTCAP=_softcap_constexpr(softcap),
     )  # fmt: skip
     return out, lse
 
 
+def _softcap_constexpr(softcap: float) -> float:
+    """The kernels' ``SOFTCAP``: the cap as a compile-time float, 0.0 for none."""
+    return float(softcap) if softcap > 0 else 0.0
+
+
 @_attention_fwd_op.register_fake
-def _(q, k, v, causal, sm_scale, window, cu_seqlens, max_seqlen, key_padding_mask, store_lse):
+def _(q, k, v, causal, sm_scale, window, cu_seqlens, max_seqlen, key_padding_mask, store_lse, softcap):
     out = torch.empty_like(q)
     lse = q.new_empty(tuple(q.shape[:-1]) if store_lse else (0,), dtype=torch.float32)
     return out, lse
@@ -301,6 +317,7 @@ def _attention_bwd_op(
     cu_seqlens: torch.Tensor | None,
     max_seqlen: int,
     key_padding_mask: torch.Tensor | None,
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward: Delta preprocess, then the dK/dV and dQ kernels. Returns (dq, dk, dv)."""
     lay = _in.layout(q, k, cu_seqlens, max_seqlen)
@@ -326,6 +343,7 @@ def _attention_bwd_op(
     common = dict(
         HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_WINDOW=window > 0, IS_VARLEN=lay.varlen,
         HAS_KPM=key_padding_mask is not None, DOT_PRECISION=_in.dot_precision(q.dtype),
+        SOFTCAP=_softcap_constexpr(softcap),
     )  # fmt: skip
     scalars = (lay.n_q, lay.n_k, hq // hkv, max(window, 0), sm_scale, _in.base2_scale(sm_scale))
     n_ctx_key = triton.next_power_of_2(max(lay.max_q, lay.max_k))
@@ -353,15 +371,18 @@ def _attention_bwd_op(
 
 
 @_attention_bwd_op.register_fake
-def _(do, q, k, v, out, lse, dlse, causal, sm_scale, window, cu_seqlens, max_seqlen, key_padding_mask):
+def _(
+    do, q, k, v, out, lse, dlse, causal, sm_scale, window, cu_seqlens, max_seqlen, key_padding_mask, softcap
+):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, causal, sm_scale, window, cu_seqlens, max_seqlen, key_padding_mask, store_lse = inputs
+    q, k, v, causal, sm_scale, window, cu_seqlens, max_seqlen, key_padding_mask, store_lse, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, key_padding_mask)
     ctx.causal, ctx.sm_scale, ctx.window, ctx.max_seqlen = causal, sm_scale, window, max_seqlen
+    ctx.softcap = softcap
 
 
 def _backward(ctx, dout, dlse):
@@ -370,9 +391,9 @@ def _backward(ctx, dout, dlse):
         raise RuntimeError("attention backward needs the LSE: the forward ran without storing it")
     dq, dk, dv = _attention_bwd_op(
         dout, q, k, v, out, lse, dlse, ctx.causal, ctx.sm_scale, ctx.window, cu_seqlens, ctx.max_seqlen,
-        key_padding_mask,
+        key_padding_mask, ctx.softcap,
     )  # fmt: skip
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -382,14 +403,19 @@ _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
-# (head dim, dtype, causal, varlen, window, key padding): a representative set of launch variants. The first
-# one is the H100 target (d = 128, bf16, causal); its autotune configs are the ``h100_candidate`` ones.
-AOT_VARIANTS: tuple[tuple[int, torch.dtype, bool, bool, bool, bool], ...] = (
-    (128, torch.bfloat16, True, False, False, False),
-    (128, torch.float16, False, False, False, False),
-    (128, torch.bfloat16, True, True, True, False),
-    (64, torch.bfloat16, True, True, False, False),
-    (64, torch.float16, False, False, False, True),
+# (head dim, dtype, causal, varlen, window, key padding, softcap): a representative set of launch variants.
+# The first one is the H100 target (d = 128, bf16, causal); its autotune configs are the ``h100_candidate``
+# ones. The soft-capped variants (Gemma-2: cap 50 with a sliding window on every other layer) compile the
+# forward and both backward kernels with the cap; their preprocess kernel is the uncapped one.
+AOT_VARIANTS: tuple[tuple[int, torch.dtype, bool, bool, bool, bool, float], ...] = (
+    (128, torch.bfloat16, True, False, False, False, 0.0),
+    (128, torch.float16, False, False, False, False, 0.0),
+    (128, torch.bfloat16, True, True, True, False, 0.0),
+    (64, torch.bfloat16, True, True, False, False, 0.0),
+    (64, torch.float16, False, False, False, True, 0.0),
+    (128, torch.bfloat16, True, False, False, False, 50.0),
+    (128, torch.bfloat16, True, False, True, True, 50.0),
+    (64, torch.float16, True, True, False, False, 30.0),
 )
 
 
@@ -425,7 +451,8 @@ def aot_specs() -> list[AOTSpec]:
     specs: list[AOTSpec] = []
     for variant in AOT_VARIANTS:
         specs += _tiled_specs(*variant)
-        specs.append(_preprocess_spec(*variant))
+        if not variant[-1]:  # the preprocess kernel has no logits, hence no cap
+            specs.append(_preprocess_spec(*variant[:-1]))
     return specs
 
 
@@ -437,22 +464,31 @@ _TILED_KERNELS = {
 }
 
 
-def _variant_tag(d: int, dtype: torch.dtype, causal: bool, varlen: bool, window: bool, kpm: bool) -> str:
+def _variant_tag(
+    d: int, dtype: torch.dtype, causal: bool, varlen: bool, window: bool, kpm: bool, softcap: float = 0.0
+) -> str:
     tag = f"D={d},{_TL_DTYPE[dtype]}" + (",causal" if causal else "") + (",varlen" if varlen else "")
-    return tag + (",window" if window else "") + (",kpm" if kpm else "")
+    return (
+        tag
+        + (",window" if window else "")
+        + (",kpm" if kpm else "")
+        + (f",softcap={softcap:g}" if softcap else "")
+    )
 
 
-def _is_h100_target(d: int, dtype: torch.dtype, causal: bool, varlen: bool, window: bool, kpm: bool) -> bool:
-    return d == 128 and dtype == torch.bfloat16 and causal and not varlen and not window and not kpm
+def _is_h100_target(
+    d: int, dtype: torch.dtype, causal: bool, varlen: bool, window: bool, kpm: bool, softcap: float = 0.0
+) -> bool:
+    return d == 128 and dtype == torch.bfloat16 and causal and not (varlen or window or kpm or softcap)
 
 
 def _tiled_specs(
-    d: int, dtype: torch.dtype, causal: bool, varlen: bool, window: bool, kpm: bool
+    d: int, dtype: torch.dtype, causal: bool, varlen: bool, window: bool, kpm: bool, softcap: float
 ) -> list[AOTSpec]:
     """The forward, dK/dV and dQ kernels of one variant in each config the pruner may keep."""
     el, block_d = _TL_DTYPE[dtype], _in.head_dim_block(d)
-    tag = _variant_tag(d, dtype, causal, varlen, window, kpm)
-    h100 = _is_h100_target(d, dtype, causal, varlen, window, kpm)
+    tag = _variant_tag(d, dtype, causal, varlen, window, kpm, softcap)
+    h100 = _is_h100_target(d, dtype, causal, varlen, window, kpm, softcap)
     # dense LSE rows are contiguous; packed LSE (total, H) strides rows by H
     unit = ("stride_pn",) + (() if varlen else ("stride_lm",))
     ptr = {n: f"*{el}" for n in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")}
@@ -466,6 +502,7 @@ def _tiled_specs(
             meta = {
                 "HEAD_DIM": d, "BLOCK_D": block_d, "CAUSAL": causal, "HAS_WINDOW": window,
                 "IS_VARLEN": varlen, "HAS_KPM": kpm, "DOT_PRECISION": "tf32", "BLOCK_M": bm, "BLOCK_N": bn,
+                "SOFTCAP": _softcap_constexpr(softcap),
             }  # fmt: skip
             if kind == "fwd":
                 meta["STORE_LSE"] = True

@@ -6,6 +6,16 @@ Semantics are defined in :mod:`asu_kernels.reference` (``linear_kl``, ``linear_c
 * ``linear_cross_entropy = sum_i w_i (-log softmax(h_i W^T + b)[y_i])`` over rows with
   ``y_i != ignore_index``, ``w_i = 1/#valid`` by default.
 
+Models whose logits are not ``h W^T + b``:
+
+* final-logit soft-capping (Gemma-2's ``final_logit_softcapping``): the keyword ``softcap=c`` replaces every
+  logit, student and teacher, by ``c * tanh(logit / c)`` inside the row kernels, and the gradient goes
+  through the tanh;
+* logit scaling (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``) has no parameter: since
+  ``a (h W^T + b) = (a h) W^T + a b``, the caller scales the hidden states (and the bias) by ``a`` and
+  autograd carries the factor into their gradients (:mod:`asu.losses` does). A scale is applied before the
+  cap, as those models do.
+
 How it runs
 -----------
 Rows with weight 0 (and ignored labels) are dropped first, so they cost nothing. The remaining rows are
@@ -321,8 +331,25 @@ def _backprop_chunk(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _kl_rows_torch(s: torch.Tensor, t: torch.Tensor, w: torch.Tensor, compute_grad: bool) -> torch.Tensor:
-    """Per-row KL(softmax(t) || softmax(s)) of (c, V) buffers; with compute_grad, s <- w (p_S - p_T)."""
+def _soft_cap_(x: torch.Tensor, softcap: float | None, slope: bool) -> torch.Tensor | None:
+    """In place ``x <- c tanh(x / c)`` (nothing without a cap); with ``slope``, returns ``1 - tanh^2(x / c)``,
+    the derivative of the capped logits with respect to the uncapped ones."""
+    if softcap is None:
+        return None
+    x.div_(softcap).tanh_()
+    derivative = 1.0 - x * x if slope else None
+    x.mul_(softcap)
+    return derivative
+
+
+def _kl_rows_torch(
+    s: torch.Tensor, t: torch.Tensor, w: torch.Tensor, compute_grad: bool, softcap: float | None = None
+) -> torch.Tensor:
+    """Per-row KL(softmax(t) || softmax(s)) of (c, V) buffers; with compute_grad, s <- w (p_S - p_T).
+
+    With ``softcap`` both buffers are capped first and the gradient is taken through the cap."""
+    slope = _soft_cap_(s, softcap, compute_grad)
+    _soft_cap_(t, softcap, False)
     s.sub_(torch.logsumexp(s, dim=-1, keepdim=True))  # log p_S
     t.sub_(torch.logsumexp(t, dim=-1, keepdim=True))  # log p_T
     p_t = t.exp()
@@ -331,17 +358,26 @@ def _kl_rows_torch(s: torch.Tensor, t: torch.Tensor, w: torch.Tensor, compute_gr
     kl = torch.bmm(p_t.unsqueeze(1), t.unsqueeze(2)).view(-1)
     if compute_grad:
         s.exp_().sub_(p_t).mul_(w[:, None])
+        if slope is not None:
+            s.mul_(slope)
     return kl
 
 
-def _ce_rows_torch(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, compute_grad: bool) -> torch.Tensor:
-    """Per-row logsumexp(x) - x[y] of a (c, V) buffer; with compute_grad, x <- w (softmax(x) - onehot(y))."""
+def _ce_rows_torch(
+    x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, compute_grad: bool, softcap: float | None = None
+) -> torch.Tensor:
+    """Per-row logsumexp(x) - x[y] of a (c, V) buffer; with compute_grad, x <- w (softmax(x) - onehot(y)).
+
+    With ``softcap`` the buffer is capped first and the gradient is taken through the cap."""
+    slope = _soft_cap_(x, softcap, compute_grad)
     lse = torch.logsumexp(x, dim=-1)
     loss = lse - x.gather(1, y[:, None]).squeeze(1)
     if compute_grad:
         x.sub_(lse[:, None]).exp_()
         x.scatter_add_(1, y[:, None], torch.full_like(lse[:, None], -1.0))
         x.mul_(w[:, None])
+        if slope is not None:
+            x.mul_(slope)
     return loss
 
 
@@ -446,6 +482,7 @@ def _linear_kl_forward(
     need_w: bool,
     need_b: bool,
     check: bool,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if check:
         _check_finite(
@@ -473,9 +510,9 @@ def _linear_kl_forward(
         _logits_into(s, h_s, student_weight, student_bias)
         _logits_into(t, sel.take(teacher_hidden), teacher_weight, teacher_bias)
         if not on_triton:
-            return _kl_rows_torch(s, t, w_scaled, compute_grad)
+            return _kl_rows_torch(s, t, w_scaled, compute_grad, softcap)
         per_row = loss_out.fill_(math.nan)  # poison: an unwritten row would show as NaN
-        kernels.launch_kl_rows(s, t, w_scaled, per_row, compute_grad, _block_v_override)
+        kernels.launch_kl_rows(s, t, w_scaled, per_row, compute_grad, _block_v_override, softcap)
         return per_row
 
     need = (need_h, need_w, need_b)
@@ -493,6 +530,7 @@ def _linear_ce_forward(
     need_w: bool,
     need_b: bool,
     check: bool,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if check:
         _check_finite({"hidden": hidden, "weight": weight, "weights": weights, "bias": bias})
@@ -515,9 +553,9 @@ def _linear_ce_forward(
         y = sel.take(labels).to(torch.int64)
         _logits_into(x, h, weight, bias)
         if not on_triton:
-            return _ce_rows_torch(x, y, w_scaled, compute_grad)
+            return _ce_rows_torch(x, y, w_scaled, compute_grad, softcap)
         per_row = loss_out.fill_(math.nan)
-        kernels.launch_ce_rows(x, y.contiguous(), w_scaled, per_row, compute_grad, _block_v_override)
+        kernels.launch_ce_rows(x, y.contiguous(), w_scaled, per_row, compute_grad, _block_v_override, softcap)
         return per_row
 
     return _chunked_loss(hidden, weight, bias, w, w != 0, (need_h, need_w, need_b), 1, ce_chunk)
@@ -530,11 +568,12 @@ def _linear_ce_forward(
 _KL_SCHEMA = (
     "(Tensor student_hidden, Tensor student_weight, Tensor teacher_hidden, Tensor teacher_weight, "
     "Tensor? weights, Tensor? student_bias, Tensor? teacher_bias, bool need_grad_hidden, "
-    "bool need_grad_weight, bool need_grad_bias, bool check) -> (Tensor, Tensor, Tensor, Tensor)"
+    "bool need_grad_weight, bool need_grad_bias, bool check, float? softcap) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
 )
 _CE_SCHEMA = (
     "(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, Tensor? weights, Tensor? bias, "
-    "bool need_grad_hidden, bool need_grad_weight, bool need_grad_bias, bool check) "
+    "bool need_grad_hidden, bool need_grad_weight, bool need_grad_bias, bool check, float? softcap) "
     "-> (Tensor, Tensor, Tensor, Tensor)"
 )
 
@@ -551,13 +590,15 @@ _linear_ce_op = torch.library.custom_op(
 
 @_linear_kl_op.register_fake
 def _linear_kl_fake(
-    s_hidden, s_weight, t_hidden, t_weight, weights, s_bias, t_bias, need_h, need_w, need_b, check
+    s_hidden, s_weight, t_hidden, t_weight, weights, s_bias, t_bias, need_h, need_w, need_b, check, softcap
 ):
     return _fake_outputs(s_hidden, s_weight, s_bias, need_h, need_w, need_b)
 
 
 @_linear_ce_op.register_fake
-def _linear_ce_fake(hidden, weight, labels, ignore_index, weights, bias, need_h, need_w, need_b, check):
+def _linear_ce_fake(
+    hidden, weight, labels, ignore_index, weights, bias, need_h, need_w, need_b, check, softcap
+):
     return _fake_outputs(hidden, weight, bias, need_h, need_w, need_b)
 
 
@@ -608,8 +649,8 @@ def _grads_from_forward(n_inputs: int):
     return backward
 
 
-_linear_kl_backward = _grads_from_forward(11)
-_linear_ce_backward = _grads_from_forward(10)
+_linear_kl_backward = _grads_from_forward(12)
+_linear_ce_backward = _grads_from_forward(11)
 
 
 _linear_kl_op.register_autograd(_linear_kl_backward, setup_context=_save_grads)
@@ -629,6 +670,17 @@ def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
+def _check_softcap(softcap: object) -> float | None:
+    """None, or a finite number > 0 (the final-logit soft-cap), as a float."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be None or a number, got {type(softcap).__name__}")
+    if not math.isfinite(softcap) or softcap <= 0:
+        raise ValueError(f"softcap must be a finite number > 0 (or None for no cap), got {softcap}")
+    return float(softcap)
+
+
 def linear_kl(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -638,6 +690,8 @@ def linear_kl(
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     check: bool = False,
+    *,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``sum_i w_i KL(softmax(hT_i WT^T + bT) || softmax(hS_i WS^T + bS))`` without materialising logits.
 
@@ -648,11 +702,15 @@ def linear_kl(
             cost nothing. No gradient flows to ``weights``.
         student_bias, teacher_bias: optional (V,).
         check: also raise ValueError when any input holds NaN or inf (one reduction per input).
+        softcap: final-logit soft-cap ``c > 0``: both distributions are ``softmax(c tanh((h W^T + b) / c))``
+            (Gemma-2's ``final_logit_softcapping``); None = plain logits. A logit scale is folded into the
+            hidden states and bias by the caller (module docstring).
 
     Returns:
         The scalar loss in the hidden states' dtype. Gradients flow to ``student_hidden``, ``student_weight``
         and ``student_bias`` only (the teacher side is treated as constant).
     """
+    softcap = _check_softcap(softcap)
     _check_head("student_", student_hidden, student_weight, student_bias)
     _check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias)
     if student_hidden.dtype != teacher_hidden.dtype:
@@ -694,6 +752,7 @@ def linear_kl(
         _wants_grad(student_weight),
         _wants_grad(student_bias),
         bool(check),
+        softcap,
     )
     return loss
 
@@ -706,6 +765,8 @@ def linear_cross_entropy(
     weights: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     check: bool = False,
+    *,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``sum_i w_i (-log softmax(h_i W^T + b)[y_i])`` over rows with ``y_i != ignore_index``, no logits held.
 
@@ -714,10 +775,12 @@ def linear_cross_entropy(
             ``[0, V)`` or equal to ``ignore_index``. weights: (M,) row weights; None = mean over the
             non-ignored rows (0 when every row is ignored). bias: optional (V,).
         check: also raise ValueError when any input holds NaN or inf.
+        softcap: final-logit soft-cap ``c > 0``: the logits are ``c tanh((h W^T + b) / c)``; None = plain.
 
     Returns:
         The scalar loss in the hidden states' dtype; gradients flow to hidden, weight and bias.
     """
+    softcap = _check_softcap(softcap)
     _check_head("", hidden, weight, bias)
     labels = _require_tensor("labels", labels)
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
@@ -739,6 +802,7 @@ def linear_cross_entropy(
         _wants_grad(weight),
         _wants_grad(bias),
         bool(check),
+        softcap,
     )
     return loss
 
@@ -754,7 +818,8 @@ def aot_specs() -> list[AOTSpec]:
     """Every Triton configuration :func:`linear_kl` / :func:`linear_cross_entropy` may launch.
 
     Both row kernels x logits-buffer dtype (fp32, bf16, fp16) x with/without the gradient pass x the two
-    vocabulary tiles of :func:`asu_kernels._linear_kl_kernels.tile_for`.
+    vocabulary tiles of :func:`asu_kernels._linear_kl_kernels.tile_for`, without a soft-cap; and the bf16
+    gradient-pass ones with Gemma-2's final-logit cap of 30.
     """
     specs: list[AOTSpec] = []
     tiles = (kernels.SMALL_TILE, kernels.LARGE_TILE)
@@ -767,8 +832,8 @@ def aot_specs() -> list[AOTSpec]:
             for block_v, warps in tiles:
                 tag = f"{ty},grad={int(grad)},BLOCK_V={block_v},w{warps}"
                 common = {"w_ptr": "*fp32", "loss_ptr": "*fp32", "V": "i32"}
-                consts = {"COMPUTE_GRAD": grad, "BLOCK_V": block_v}
-                flags = {"COMPUTE_GRAD": "constexpr", "BLOCK_V": "constexpr"}
+                consts = {"COMPUTE_GRAD": grad, "BLOCK_V": block_v, "SOFTCAP": 0.0}
+                flags = {"COMPUTE_GRAD": "constexpr", "BLOCK_V": "constexpr", "SOFTCAP": "constexpr"}
                 specs += [
                     AOTSpec(
                         name=f"{name}[{tag}]",
@@ -781,4 +846,16 @@ def aot_specs() -> list[AOTSpec]:
                     )
                     for name, fn, inputs in row_kernels
                 ]
-    return specs
+    return specs + _softcap_specs(specs)
+
+
+def _softcap_specs(specs: list[AOTSpec]) -> list[AOTSpec]:
+    """The bf16 gradient-pass specs again with Gemma-2's final-logit soft-cap (30) compiled in."""
+    capped = []
+    for spec in specs:
+        if spec.constexprs["COMPUTE_GRAD"] and "[bf16," in spec.name:
+            name = spec.name[:-1] + ",softcap=30]"
+            consts = {**spec.constexprs, "SOFTCAP": 30.0}
+            capped.append(AOTSpec(name, spec.fn, spec.signature, consts, spec.num_warps, spec.num_stages,
+                                  spec.h100_candidate))  # fmt: skip
+    return capped

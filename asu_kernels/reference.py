@@ -12,7 +12,10 @@ Attention
     * Varlen (packed) layout: ``q`` (total, Hq, D), ``k``/``v`` (total, Hkv, D) and ``cu_seqlens`` (B+1,)
       int32, non-decreasing from 0 to total; document ``b`` owns rows ``cu_seqlens[b]:cu_seqlens[b+1]``
       and attends only within itself.
-    * Logit ``s_ij = (q_i . k_j) * scale / temperature``, ``scale`` defaulting to ``1/sqrt(D)``.
+    * Logit ``s_ij = (q_i . k_j) * scale / temperature``, ``scale`` defaulting to ``1/sqrt(D)``. With a
+      ``softcap`` ``c`` the logit is soft-capped after the scale and the temperature:
+      ``s_ij = c * tanh((q_i . k_j) * scale / (temperature * c))`` (Gemma-2's ``attn_logit_softcapping``;
+      transformers' eager attention caps after its scaling, which smoothing divides by the temperature).
     * ``causal``: bottom-right aligned, as in FlashAttention-2 — query ``i`` of ``Nq`` sees key ``j`` of
       ``Nk`` iff ``j <= i + (Nk - Nq)`` (equal lengths: ``j <= i``; decoding one token: every key).
     * ``window`` (an int ``W >= 1``, Hugging Face's ``sliding_window``): query ``i`` sees key ``j`` iff
@@ -29,6 +32,8 @@ Vocabulary losses (rows are tokens, ``M`` of them; ``V`` is the vocabulary)
       ``weights=None`` means the plain mean over rows (``w_i = 1/M``).
     * ``linear_cross_entropy``: ``sum_i w_i * (-log softmax(h_i W^T + b)[y_i])`` over rows whose label is not
       ``ignore_index``; ``weights=None`` means the mean over those rows (0 when there are none).
+    * ``softcap=c`` (both losses): every logit ``x = h W^T + b`` becomes ``c * tanh(x / c)`` before the
+      softmax (Gemma-2's ``final_logit_softcapping``), on the student and the teacher side alike.
 """
 
 from __future__ import annotations
@@ -98,12 +103,16 @@ def attention_mask(
     return mask
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, scale: float | None, temperature: float) -> torch.Tensor:
-    """(B, Hq, Nq, Nk) logits ``q k^T * scale / temperature``; GQA by index (query head ``h`` reads key
-    head ``h // (Hq // Hkv)``): broadcasting the key head over its group of query heads is the definition."""
+def _scores(
+    q: torch.Tensor, k: torch.Tensor, scale: float | None, temperature: float, softcap: float | None = None
+) -> torch.Tensor:
+    """(B, Hq, Nq, Nk) logits ``q k^T * scale / temperature``, then ``softcap * tanh(. / softcap)`` when a
+    cap is given; GQA by index (query head ``h`` reads key head ``h // (Hq // Hkv)``): broadcasting the key
+    head over its group of query heads is the definition."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    return torch.matmul(q, k.transpose(-1, -2)) * (scale / temperature)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale / temperature)
+    return scores if softcap is None else softcap * torch.tanh(scores / softcap)
 
 
 def _per_document(
@@ -136,6 +145,7 @@ def attention(
     window: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Temperature-scaled attention, computed in the dtype of the inputs.
 
@@ -143,6 +153,7 @@ def attention(
         q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D). With ``cu_seqlens`` (B+1,) integer offsets the layout is
             packed instead: q (total, Hq, D), k/v (total, Hkv, D), each document attending only within itself.
         key_padding_mask: optional (B, Nk) bool, True = real key (dense layout only).
+        softcap: optional logit soft-cap ``c > 0`` (see the module docstring).
 
     Returns:
         out shaped like q, in q's dtype, and lse shaped like q without its last dim, in float32 (float64
@@ -150,10 +161,10 @@ def attention(
     """
     if cu_seqlens is not None:
         return _attention_packed(q, k, v, cu_seqlens, causal=causal, scale=scale, temperature=temperature,
-                                 window=window)  # fmt: skip
+                                 window=window, softcap=softcap)  # fmt: skip
     b, hq, n_q, _ = q.shape
     n_k = k.shape[2]
-    scores = _scores(q, k, scale, temperature)
+    scores = _scores(q, k, scale, temperature, softcap)
     v = v.repeat_interleave(hq // v.shape[1], dim=1)
     mask = attention_mask(
         n_q, n_k, causal=causal, window=window, key_padding_mask=key_padding_mask, device=q.device
@@ -183,9 +194,12 @@ def attention_varlen(q, k, v, cu_seqlens, **options) -> tuple[torch.Tensor, torc
     return attention(q, k, v, cu_seqlens=cu_seqlens, **options)
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None = None
+) -> torch.Tensor:
     logits = hidden @ weight.T
-    return logits if bias is None else logits + bias
+    logits = logits if bias is None else logits + bias
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
 def linear_kl(
@@ -196,8 +210,11 @@ def linear_kl(
     weights: torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
+    *,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """``sum_i w_i * KL(p_T,i || p_S,i)`` with ``p = softmax(h W^T + b)``, materialising the logits.
+    """``sum_i w_i * KL(p_T,i || p_S,i)`` with ``p = softmax(h W^T + b)`` (soft-capped logits with
+    ``softcap``), materialising the logits.
 
     Args:
         student_hidden, teacher_hidden: (M, d). student_weight, teacher_weight: (V, d). weights: (M,).
@@ -206,8 +223,8 @@ def linear_kl(
         A scalar in the hidden states' dtype. Gradients flow to the student side only when the caller
         detaches the teacher (the fused kernel never produces teacher gradients).
     """
-    log_p_s = torch.log_softmax(_logits(student_hidden, student_weight, student_bias), dim=-1)
-    log_p_t = torch.log_softmax(_logits(teacher_hidden, teacher_weight, teacher_bias), dim=-1)
+    log_p_s = torch.log_softmax(_logits(student_hidden, student_weight, student_bias, softcap), dim=-1)
+    log_p_t = torch.log_softmax(_logits(teacher_hidden, teacher_weight, teacher_bias, softcap), dim=-1)
     per_row = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1)
     if weights is None:
         return per_row.mean() if per_row.numel() else per_row.sum()
@@ -221,8 +238,11 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     weights: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    *,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of ``softmax(h W^T + b)`` against ``labels``, materialising the logits.
+    """Cross-entropy of ``softmax(h W^T + b)`` (soft-capped logits with ``softcap``) against ``labels``,
+    materialising the logits.
 
     Args:
         hidden: (M, d). weight: (V, d). labels: (M,) int64. weights: (M,).
@@ -231,7 +251,7 @@ def linear_cross_entropy(
         ``sum_i w_i * CE_i`` over rows whose label is not ``ignore_index``; with ``weights=None`` the mean
         over those rows (0 when every row is ignored).
     """
-    logits = _logits(hidden, weight, bias)
+    logits = _logits(hidden, weight, bias, softcap)
     per_row = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
     valid = labels != ignore_index
     if weights is None:

@@ -203,3 +203,84 @@ class BigramModel(torch.nn.Module):
             if done.all():
                 break
         return ids
+
+
+# ---- tiny configs of every decoder-only family of the coverage matrix --------------------------------------
+
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=128)
+_GQA = dict(num_key_value_heads=2)
+_GEMMA = dict(head_dim=16, query_pre_attn_scalar=16)
+
+# family -> (config class, fields beyond the shared ones). Windows of 4 keys, so 8-14 token rows lose keys to
+# them; soft-caps and logit scales small or far from 1, so a path that ignored them would show.
+FAMILY_CONFIGS: dict[str, tuple[type, dict]] = {
+    "llama": (transformers.LlamaConfig, _GQA),
+    "mistral": (transformers.MistralConfig, {**_GQA, "sliding_window": 4}),
+    "mixtral": (
+        transformers.MixtralConfig,
+        {**_GQA, "intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
+    "qwen2": (transformers.Qwen2Config, _GQA),
+    "qwen2_moe": (
+        transformers.Qwen2MoeConfig,
+        {
+            **_GQA,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 64,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+        },
+    ),
+    "qwen3": (transformers.Qwen3Config, {**_GQA, "head_dim": 16}),
+    "gemma": (transformers.GemmaConfig, {**_GQA, "head_dim": 16}),
+    "gemma2": (
+        transformers.Gemma2Config,
+        {
+            **_GQA,
+            **_GEMMA,
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 1.5,
+        },
+    ),
+    "gemma3": (
+        transformers.Gemma3TextConfig,
+        {
+            **_GQA,
+            **_GEMMA,
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "final_logit_softcapping": 1.5,
+        },
+    ),
+    "phi": (transformers.PhiConfig, {**_GQA, "partial_rotary_factor": 0.5}),
+    "phi3": (transformers.Phi3Config, {**_GQA, "partial_rotary_factor": 0.5}),
+    "gpt_neox": (transformers.GPTNeoXConfig, {"rotary_pct": 0.25}),
+    "olmo": (transformers.OlmoConfig, {**_GQA, "clip_qkv": 3.0}),
+    "olmo2": (transformers.Olmo2Config, _GQA),
+    "falcon": (transformers.FalconConfig, {"intermediate_size": None}),
+    "stablelm": (transformers.StableLmConfig, {**_GQA, "partial_rotary_factor": 0.25, "qk_layernorm": True}),
+    "granite": (
+        transformers.GraniteConfig,
+        {**_GQA, "attention_multiplier": 0.2, "logits_scaling": 4.0, "residual_multiplier": 0.5},
+    ),
+    "cohere": (transformers.CohereConfig, {**_GQA, "logit_scale": 0.5, "use_qk_norm": True}),
+    "gpt2": (transformers.GPT2Config, {}),
+}
+
+
+def family_config(family: str, num_layers: int = 2, **overrides) -> transformers.PretrainedConfig:
+    """A tiny config of one decoder-only family of :data:`FAMILY_CONFIGS` (hidden 64, 4 query heads of
+    dimension 16, 2 key/value heads where the family has GQA, vocabulary 128, ``num_layers`` layers, the
+    test tokenizer's special ids); ``overrides`` set any other field or replace these."""
+    if family not in FAMILY_CONFIGS:
+        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(FAMILY_CONFIGS)}")
+    cls, extra = FAMILY_CONFIGS[family]
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "gpt2":  # GPT-2 names its sizes itself
+        fields = dict(n_embd=64, n_layer=num_layers, n_head=4, n_positions=64, vocab_size=128, **ids)
+    else:
+        fields = {**_SMALL, "num_hidden_layers": num_layers, "max_position_embeddings": 64, **ids, **extra}
+        fields = {k: v for k, v in fields.items() if v is not None}
+    return cls(**{**fields, **overrides})

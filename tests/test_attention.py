@@ -198,6 +198,66 @@ def test_lse_gradient_and_custom_scale(device):
     check_attention(q, k, v, causal=True, temperature=2.3, scale=0.3, lse_grad=True)
 
 
+# Logit soft-capping, ``cap * tanh(q.k * scale / (temperature * cap))``: caps small against the logits (scale
+# 0.5 on unit-normal inputs gives logits of a few units) so the tanh bends them; one case saturates it.
+# (id, B, Hq, Hkv, Nq, Nk, D, dtype, causal, temperature, window, scale, softcap, key padding)
+SOFTCAP_CASES = [
+    ("n17-fp32-causal", 1, 2, 2, 17, 17, 64, torch.float32, True, 2.3, None, 0.5, 2.0, False),
+    ("gqa-window7-bf16", 2, 4, 2, 33, 33, 64, torch.bfloat16, True, 1.0, 7, 0.5, 1.5, False),
+    ("decode5of33-fp16", 1, 4, 1, 5, 33, 128, torch.float16, True, 2.3, None, 0.4, 3.0, False),
+    ("noncausal-d80-fp32-kpm", 2, 2, 1, 23, 23, 80, torch.float32, False, 1.7, None, 0.5, 2.5, True),
+    ("saturated-fp32", 1, 2, 1, 17, 17, 32, torch.float32, True, 1.0, None, 40.0, 1.0, False),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", SOFTCAP_CASES, ids=[c[0] for c in SOFTCAP_CASES])
+def test_softcap_matches_reference(case, device):
+    """Soft-capped logits (forward and backward, through the tanh) in the dense layout, also with padding."""
+    _skip_unless_kernel(device)
+    _, b, hq, hkv, nq, nk, d, dtype, causal, temp, window, scale, cap, padded = case
+    gen = torch.Generator().manual_seed(hash(case[0]) % 2**31)
+    q = _make((b, hq, nq, d), dtype, device, gen)
+    k = _make((b, hkv, nk, d), dtype, device, gen)
+    v = _make((b, hkv, nk, d), dtype, device, gen)
+    kw = dict(causal=causal, temperature=temp, window=window, scale=scale, softcap=cap)
+    if padded:
+        kpm = torch.ones(b, nk, dtype=torch.bool, device=device)
+        kpm[0, :4] = False
+        kpm[-1, 19:] = False
+        kw["key_padding_mask"] = kpm
+    check_attention(q, k, v, lse_grad=True, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_softcap_varlen_matches_reference(device):
+    """Soft-capping in the packed layout: odd document lengths, an empty one, GQA, a window."""
+    _skip_unless_kernel(device)
+    gen = torch.Generator().manual_seed(23)
+    lengths = [17, 0, 1, 20]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    q = _make((sum(lengths), 4, 64), torch.float16, device, gen)
+    k = _make((sum(lengths), 2, 64), torch.float16, device, gen)
+    v = _make((sum(lengths), 2, 64), torch.float16, device, gen)
+    check_attention(q, k, v, cu=cu, causal=True, temperature=2.3, window=9, scale=0.5, softcap=1.5)
+
+
+def test_softcap_is_the_eager_order():
+    """The cap bends the logit after the scale and the temperature: eager Gemma-2 attention with its scaling
+    divided by tau (what smoothing does) computes ``cap * tanh(q.k * scale / (tau * cap))``."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 7, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    scale, tau, cap = 0.9, 2.3, 1.5
+    logits = q @ k.transpose(-1, -2) * (scale / tau)  # eager: matmul * scaling, with scaling = scale / tau
+    logits = torch.tanh(logits / cap) * cap
+    logits = logits.masked_fill(~reference.attention_mask(7, 7, causal=True, window=None), float("-inf"))
+    want = torch.softmax(logits, dim=-1) @ v
+    got = asu_kernels.attention(q, k, v, scale=scale, temperature=tau, softcap=cap)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    uncapped = asu_kernels.attention(q, k, v, scale=scale, temperature=tau)
+    assert (got - uncapped).abs().max() > 1e-3  # the cap is not a no-op at these logits
+
+
 # (BLOCK_M, BLOCK_N) and the (Nq, Nk, causal, window) cases run with it
 TILES = [
     ((32, 16), ((40, 40, True, None), (7, 40, True, 18))),
@@ -218,6 +278,8 @@ def test_unequal_tiles(tiles, cases, monkeypatch):
         k = _make((1, 1, nk, 64), torch.float32, "cpu", gen)
         v = _make((1, 1, nk, 64), torch.float32, "cpu", gen)
         check_attention(q, k, v, causal=causal, temperature=2.3, window=window)
+    q, k, v = (_make((1, 2, 40, 64), torch.float32, "cpu", gen) for _ in range(3))
+    check_attention(q, k, v, causal=True, temperature=2.3, window=21, scale=0.5, softcap=2.0)
 
 
 @pytest.mark.gpu
@@ -290,12 +352,13 @@ def test_custom_op_registration():
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, 17, 64, generator=gen).requires_grad_()
     k, v = (torch.randn(1, 2, 17, 64, generator=gen).requires_grad_() for _ in range(2))
-    args = (q, k, v, True, 0.1, 0, None, -1, None, True)
-    torch.library.opcheck(
-        torch.ops.asu_kernels.attention_fwd.default,
-        args,
-        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
-    )
+    for softcap in (0.0, 2.0):
+        args = (q, k, v, True, 0.1, 0, None, -1, None, True, softcap)
+        torch.library.opcheck(
+            torch.ops.asu_kernels.attention_fwd.default,
+            args,
+            test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+        )
 
 
 # --------------------------------------------------------------------------------------------- bad inputs
@@ -318,6 +381,9 @@ def _qkv(shape_q=(1, 4, 8, 64), shape_kv=(1, 2, 8, 64), dtype=torch.float32):
         (lambda: _qkv(), {"temperature": float("nan")}, ValueError, "temperature"),
         (lambda: _qkv(), {"scale": float("inf")}, ValueError, "scale"),
         (lambda: _qkv(), {"window": 0}, ValueError, "window"),
+        (lambda: _qkv(), {"softcap": 0.0}, ValueError, "softcap"),
+        (lambda: _qkv(), {"softcap": -30.0}, ValueError, "softcap"),
+        (lambda: _qkv(), {"softcap": float("nan")}, ValueError, "softcap"),
         (lambda: _qkv(dtype=torch.int32), {}, TypeError, "dtype"),
         (lambda: (_qkv()[0].half(), *_qkv()[1:]), {}, TypeError, "share one dtype"),
         (lambda: (_qkv()[0], _qkv()[1].to("meta"), _qkv()[2]), {}, ValueError, "one device"),

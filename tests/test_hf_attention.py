@@ -446,10 +446,21 @@ def test_attention_function_rejects_inconsistent_inputs():
         )
     with pytest.raises(ValueError, match="bool key-padding mask"):
         asu_attention.asu_attention_forward(module, q, k, v, torch.zeros(1, 1, 6, 6))
-    with pytest.raises(ValueError, match="softcap"):
-        asu_attention.asu_attention_forward(module, q, k, v, None, softcap=30.0)
     with pytest.raises(ValueError, match="sinks"):
         asu_attention.asu_attention_forward(module, q, k, v, None, s_aux=torch.zeros(4))
+
+
+def test_attention_function_soft_caps_after_scale_and_temperature():
+    """Gemma-2 passes softcap=attn_logit_softcapping: cap * tanh(q.k * scaling / (tau * cap)), as eager
+    Gemma-2 with its scaling divided by tau (tests/test_model_families.py checks whole Gemma-2 models)."""
+    module = _FakeAttention()
+    module.asu_temperature = 2.0
+    q, k, v = _qkv()
+    out, _ = asu_attention.asu_attention_forward(module, q, k, v, None, scaling=0.8, softcap=1.5)
+    want = asu_kernels.reference.attention(q, k, v, scale=0.8, temperature=2.0, softcap=1.5)[0]
+    assert_fp32_close(out, want.transpose(1, 2))
+    plain, _ = asu_attention.asu_attention_forward(module, q, k, v, None, scaling=0.8)
+    assert (plain - out).abs().max() > 1e-3
 
 
 def test_attention_function_decode_and_non_causal():

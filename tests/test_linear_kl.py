@@ -547,7 +547,7 @@ def test_aot_specs_cover_launch_configs():
                     s
                     for s in specs
                     if s.fn is fn
-                    and s.constexprs == {"COMPUTE_GRAD": grad, "BLOCK_V": block_v}
+                    and s.constexprs == {"COMPUTE_GRAD": grad, "BLOCK_V": block_v, "SOFTCAP": 0.0}
                     and s.num_warps == warps
                     and next(iter(s.signature.values())) == f"*{dt}"
                 ]
@@ -585,12 +585,12 @@ def _compile_specs(which: str, tmp_path: Path) -> str:
 
 def test_aot_h100_specs_compile_for_sm80_sm90(tmp_path):
     """The bf16 large-tile configs (what an H100 runs at real vocab sizes) compile without a GPU."""
-    assert "compiled 4" in _compile_specs("h100", tmp_path)
+    assert "compiled 6" in _compile_specs("h100", tmp_path)
 
 
 @pytest.mark.slow
 def test_aot_all_specs_compile_for_sm80_sm90(tmp_path):
-    assert "compiled 24" in _compile_specs("all", tmp_path)
+    assert "compiled 28" in _compile_specs("all", tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -633,3 +633,98 @@ def test_gpu_peak_memory_is_chunk_sized():
     extra = torch.cuda.max_memory_allocated() - base
     assert torch.isfinite(loss) and torch.isfinite(sw.grad).all()
     assert extra < m * v * 2 / 4, f"peak extra {extra / 2**30:.2f} GiB"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Final-logit soft-capping (softcap=) and logit scaling folded into the hidden states
+# ----------------------------------------------------------------------------------------------------------
+
+# Small against the N(0, 4) logits of the inputs above, so the tanh bends most of them.
+CAP = 1.7
+
+
+def _capped(fn, softcap=CAP):
+    """``fn`` with ``softcap`` set; the reference gets its teacher side detached (the fused op does that)."""
+
+    def run(**kw):
+        if fn is reference.linear_kl:
+            kw = {k: (t.detach() if k.startswith("teacher") and t is not None else t) for k, t in kw.items()}
+        return fn(**kw, softcap=softcap)
+
+    return run
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shared_head", [True, False], ids=["shared_head", "separate_head"])
+def test_softcap_kl_matches_reference(backend, small_chunks, dtype, shared_head):
+    """Both sides capped, the student gradient through the tanh; several chunks and vocabulary tiles."""
+    inputs = _kl_inputs(37, 333, 48, dtype, shared_head=shared_head, bias=True, seed=31)
+    _check_against_reference(_capped(LKL.linear_kl), _capped(reference.linear_kl), inputs, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_softcap_ce_matches_reference(backend, small_chunks, dtype):
+    inputs = _ce_inputs(37, 333, 48, dtype, bias=True, weights=True, seed=32)
+    ours = _run_ce(_capped(LKL.linear_cross_entropy), inputs, dtype)
+    ref64 = _run_ce(_capped(reference.linear_cross_entropy), inputs, torch.float64)
+    ref_lowp = _run_ce(_capped(reference.linear_cross_entropy), inputs, dtype)
+    _assert_close(ours[0], ref64[0], ref_lowp[0], dtype, "loss")
+    for name, a, b, c in zip(CE_PARAMS, ours[1], ref64[1], ref_lowp[1], strict=True):
+        _assert_close(a, b, c, dtype, f"grad {name}")
+
+
+def test_softcap_is_the_models_own_logits(backend):
+    """``softcap`` computes the loss of ``c tanh(x / c)``, the logits Gemma-2 outputs; it is not a no-op."""
+    g = torch.Generator().manual_seed(33)
+    h, w = torch.randn(9, 16, generator=g), torch.randn(40, 16, generator=g)
+    labels = torch.randint(0, 40, (9,), generator=g)
+    logits = torch.tanh(h @ w.T / CAP) * CAP
+    want = torch.nn.functional.cross_entropy(logits, labels)
+    got = LKL.linear_cross_entropy(h, w, labels, softcap=CAP)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (LKL.linear_cross_entropy(h, w, labels) - got).abs() > 0.1
+    th = h + 0.3 * torch.randn(9, 16, generator=g)
+    t_logits = torch.tanh(th @ w.T / CAP) * CAP
+    want_kl = torch.nn.functional.kl_div(
+        logits.log_softmax(-1), t_logits.log_softmax(-1), log_target=True, reduction="batchmean"
+    )
+    torch.testing.assert_close(LKL.linear_kl(h, w, th, w, softcap=CAP), want_kl, rtol=1e-5, atol=1e-6)
+
+
+def test_logit_scale_folds_into_hidden_and_bias(backend):
+    """Cohere / Granite scale their logits: ``a (h W^T + b) = (a h) W^T + a b``, scaled before any cap; the
+    gradient of the unscaled hidden states carries the factor through autograd."""
+    g = torch.Generator().manual_seed(34)
+    h = torch.randn(11, 16, generator=g, dtype=torch.float64).requires_grad_()
+    w, b = (
+        torch.randn(40, 16, generator=g, dtype=torch.float64),
+        torch.randn(40, generator=g, dtype=torch.float64),
+    )
+    labels = torch.randint(0, 40, (11,), generator=g)
+    a = 0.0625
+    logits = torch.tanh(a * (h @ w.T + b) / CAP) * CAP
+    want = torch.nn.functional.cross_entropy(logits, labels)
+    (want_grad,) = torch.autograd.grad(want, h)
+    got = LKL.linear_cross_entropy((h * a).float(), w.float(), labels, bias=(b * a).float(), softcap=CAP)
+    (got_grad,) = torch.autograd.grad(got, h)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (0.0, ValueError),
+        (-30.0, ValueError),
+        (float("inf"), ValueError),
+        ("30", TypeError),
+        (True, TypeError),
+    ],
+    ids=["zero", "negative", "inf", "string", "bool"],
+)
+def test_softcap_bad_values(value, error):
+    h, w = torch.randn(3, 16), torch.randn(8, 16)
+    with pytest.raises(error, match="softcap"):
+        LKL.linear_kl(h, w, h, w, softcap=value)
+    with pytest.raises(error, match="softcap"):
+        LKL.linear_cross_entropy(h, w, torch.zeros(3, dtype=torch.long), softcap=value)

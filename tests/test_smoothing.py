@@ -15,6 +15,7 @@ from asu.smoothing import (
     attention_modules,
     clear_smoothing,
     parse_layers,
+    scale_attribute,
     set_smoothing,
     smoothing,
 )
@@ -98,7 +99,7 @@ def test_parse_layers_rejects_bad_num_layers():
 # --- attention_modules --------------------------------------------------------------------------------------
 
 
-def test_attention_modules_ordered_and_only_q_proj_modules():
+def test_attention_modules_ordered_and_only_attention_modules():
     model = _model()
     found = attention_modules(model)
     assert [i for i, _ in found] == list(range(NUM_LAYERS))
@@ -130,6 +131,82 @@ def test_attention_modules_through_peft_and_ddp(tmp_path):
         assert originals[1].scaling == 0.25
     finally:
         dist.destroy_process_group()
+
+
+def _tiny(config: transformers.PretrainedConfig) -> torch.nn.Module:
+    torch.manual_seed(5)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+SMALL = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128
+)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        transformers.Phi3Config(**SMALL, num_key_value_heads=2, pad_token_id=0),  # fused qkv_proj
+        transformers.GPTNeoXConfig(**SMALL),  # fused query_key_value, partial rotary
+        transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128),  # fused c_attn, no RoPE
+    ],
+    ids=["phi3", "gpt_neox", "gpt2"],
+)
+def test_attention_modules_found_by_what_they_are(config):
+    """Fused projections are found too (no q_proj): smoothing divides their scaling and changes the logits."""
+    model = _tiny(config)
+    found = attention_modules(model)
+    assert [i for i, _ in found] == [0, 1]
+    assert all(not hasattr(m, "q_proj") and scale_attribute(m) == "scaling" for _, m in found)
+    ids = _ids()
+    with torch.no_grad():
+        plain = model(ids).logits
+        with smoothing(model, 3.0, layers="1"):
+            assert found[1][1].scaling == pytest.approx(found[0][1].scaling / 3.0)
+            smoothed = model(ids).logits
+        assert torch.equal(model(ids).logits, plain)
+    assert not torch.allclose(plain, smoothed)
+
+
+class _ScaleNamedAttention(torch.nn.Module):
+    """A family that stores its softmax scale as ``scale`` and calls the attention interface."""
+
+    def __init__(self, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx, self.scale, self.is_causal, self.num_key_value_groups = layer_idx, 0.5, True, 1
+        self.config = transformers.PretrainedConfig()
+        self.config._attn_implementation = "eager"
+        self.rotary = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(tiny_config("llama"))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        return attend(self, q, k, v, None, scaling=self.scale)[0]
+
+
+def test_attention_modules_accepts_a_scale_attribute():
+    model = torch.nn.ModuleList([_ScaleNamedAttention(0), _ScaleNamedAttention(1)])
+    found = attention_modules(model)
+    assert [m for _, m in found] == list(model) and scale_attribute(model[0]) == "scale"
+    assert all(scale_attribute(m.rotary) is None for m in model)  # attention_scaling is not the scale
+    q = torch.randn(1, 2, 5, 8)
+    plain = model[1](q, q, q)
+    with smoothing(model, 2.0, layers="1"):
+        assert model[1].scale == 0.25 and model[0].scale == 0.5
+        smoothed = model[1](q, q, q)
+    assert model[1].scale == 0.5 and not torch.allclose(plain, smoothed)
+
+
+def test_attention_modules_refuses_falcon_naming_its_attention():
+    config = transformers.FalconConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128
+    )
+    with pytest.raises(ValueError, match="FalconAttention computes its attention itself"):
+        attention_modules(_tiny(config))
 
 
 def test_attention_modules_rejects_models_without_attention():
@@ -262,11 +339,13 @@ def test_subset_changes_only_selected_layers(impl):
                 torch.testing.assert_close(plain, smoothed, atol=0, rtol=0, msg=f"layer {idx} changed")
 
 
-def test_smoothing_needs_numeric_scaling_outside_asu():
+def test_smoothing_needs_numeric_scaling():
     model = _model("eager", num_layers=1)
     module = attention_modules(model)[0][1]
     del module.scaling
-    with pytest.raises(TypeError, match="no numeric 'scaling'"):
+    with pytest.raises(
+        ValueError, match="LlamaAttention calls transformers' attention interface but carries no"
+    ):
         set_smoothing(model, 2.0)
     assert TEMPERATURE_ATTR not in module.__dict__
 
