@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from asu.qk import hidden_and_rope, post_rope_qk
-from asu.smoothing import attention_modules, parse_layers
+from asu.smoothing import attention_modules, parse_layers, scale_attribute
 from asu_kernels.attention_kl import attention_kl
 
 __all__ = ["ROW_CHOICES", "inspect_model", "parse_temperatures", "summarize", "tau_key"]
@@ -125,7 +125,9 @@ def inspect_model(
     """Run ``model`` over each set of encoded examples and return the per-layer/head statistics.
 
     Args:
-        model: a Hugging Face causal LM of the Llama family (attention modules with q_proj/k_proj + RoPE).
+        model: a Hugging Face causal LM whose attention goes through transformers' attention interface
+            (see :func:`asu.smoothing.attention_modules`; families whose attention soft-caps its logits are
+            refused by :mod:`asu.qk`).
         examples: set name -> list of ``{"input_ids", "labels"}`` (see :func:`asu.data.encode_rows`).
         temperatures: smoothing temperatures (> 0).
         layers: a layer selection for :func:`asu.smoothing.parse_layers`.
@@ -157,7 +159,7 @@ def inspect_model(
         def make_hook(slot: int, acc: _Accumulator = acc, current: dict = current):
             def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
                 q, k = post_rope_qk(module, *hidden_and_rope(args, kwargs))
-                scale = getattr(module, "scaling", None)
+                scale = getattr(module, scale_attribute(module) or "scaling", None)
                 window = getattr(module, "sliding_window", None)
                 ent_1, ent, kl = _layer_stats(
                     q, k, rows=current["rows"], temperatures=temperatures, scale=scale, window=window
