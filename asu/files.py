@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_not_in_use",
     "check_output_location",
     "finite_json",
     "output_lock",
@@ -184,6 +186,39 @@ def check_output_location(
         raise NotADirectoryError(f"{flag} {out}: {existing} is a file, so the folder cannot be created")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"{flag} {out}: {existing} is not writable")
+    check_not_in_use(out, flag)
+
+
+def _in_use_error(directory: str | os.PathLike[str], holder: str, flag: str) -> OutputInUseError:
+    return OutputInUseError(
+        f"{flag} {os.fspath(directory)} is in use by another asu run (pid {holder}); wait for it to finish "
+        "or choose another folder"
+    )
+
+
+def check_not_in_use(directory: str | os.PathLike[str], flag: str = "--out") -> None:
+    """:class:`OutputInUseError` naming the holder's pid when another run holds ``directory``'s lock.
+
+    A probe for validation, before a run takes the lock itself: it holds a shared lock for an instant (a run
+    taking the lock meanwhile retries, see :func:`output_lock`)."""
+    path = Path(directory) / LOCK_FILE
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY)
+    except (ImportError, OSError):  # not POSIX, or no lock file: nobody holds it
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            if holder == str(os.getpid()):
+                return  # this process holds it (a check repeated under its own lock)
+            raise _in_use_error(directory, holder, flag) from None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -203,17 +238,19 @@ def output_lock(directory: str | os.PathLike[str], flag: str = "--out") -> Itera
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
+    attempts = 0
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             os.close(fd)
-            raise OutputInUseError(
-                f"{flag} {directory} is in use by another asu run (pid {holder}); wait for it to finish or "
-                "choose another folder"
-            ) from None
+            attempts += 1
+            if holder or attempts >= 10:  # no pid yet: a probe (check_not_in_use) holds it for an instant
+                raise _in_use_error(directory, holder or "unknown", flag) from None
+            time.sleep(0.05)
+            continue
         # The previous holder removes the file before unlocking: a lock taken on a removed file is no lock.
         mine = os.fstat(fd)
         try:

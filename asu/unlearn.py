@@ -59,7 +59,13 @@ from asu.data import (
 )
 from asu.distributed import barrier, check_launch, complete_checkpoints, engine, is_main_process
 from asu.environment import library_versions
-from asu.files import atomic_write_json, check_output_location, output_lock, remove_stale_temporaries
+from asu.files import (
+    atomic_write_json,
+    check_not_in_use,
+    check_output_location,
+    output_lock,
+    remove_stale_temporaries,
+)
 from asu.losses import (
     DEFAULTS,
     RETAIN_LOSS_ALIASES,
@@ -287,6 +293,7 @@ def check_output_dir(output_dir: str, resume: bool) -> None:
     """Refuse to overwrite a finished run, or to start over an interrupted one without ``resume``."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"--out {output_dir} exists and is not a directory")
+    check_not_in_use(output_dir)
     ckpt_dir = os.path.join(output_dir, CHECKPOINTS)
     if resume:
         if not complete_checkpoints(ckpt_dir):
@@ -660,7 +667,7 @@ def _compare_fingerprint(trainer_dir: str, fingerprint: dict[str, str | None]) -
     changed = [k for k in fingerprint if before.get(k) != fingerprint[k]]
     if changed:
         raise ValueError(
-            f"cannot resume with different data: the {', '.join(changed)} differ from the interrupted run's; "
+            f"cannot resume with different data: {', '.join(changed)} changed since the run was started; "
             "resume with the same files and tokenizer, or start a new run in another folder"
         )
 
