@@ -49,9 +49,23 @@ def student_of(model: nn.Module) -> nn.Module:
     return inner.student
 
 
+def _load_file(path: str) -> dict[str, torch.Tensor]:
+    """safetensors' ``load_file``, a truncated or corrupt file named in a ValueError (not SafetensorError)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except Exception as e:  # SafetensorError is no OSError/ValueError
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ValueError(
+            f"{path}: unreadable checkpoint weights ({str(e).strip()}); the checkpoint is damaged: remove "
+            "its folder and resume from an older one, or start a new run"
+        ) from None
+
+
 def load_student_weights(student: nn.Module, directory: str) -> None:
     """Load what :meth:`UnlearnTrainer._save` wrote in ``directory`` back into ``student``."""
-    from safetensors.torch import load_file
 
     if is_peft_model(student):
         from peft import set_peft_model_state_dict
@@ -59,11 +73,11 @@ def load_student_weights(student: nn.Module, directory: str) -> None:
         path = os.path.join(directory, "adapter_model.safetensors")
         if not os.path.isfile(path):
             raise ValueError(f"{directory}: no adapter_model.safetensors to resume from")
-        set_peft_model_state_dict(student, load_file(path))
+        set_peft_model_state_dict(student, _load_file(path))
         return
     single = os.path.join(directory, "model.safetensors")
     if os.path.isfile(single):
-        state = load_file(single)
+        state = _load_file(single)
     elif os.path.isfile(os.path.join(directory, "model.safetensors.index.json")):
         import json
 
@@ -71,7 +85,7 @@ def load_student_weights(student: nn.Module, directory: str) -> None:
             files = sorted(set(json.load(f)["weight_map"].values()))
         state = {}
         for name in files:
-            state.update(load_file(os.path.join(directory, name)))
+            state.update(_load_file(os.path.join(directory, name)))
     else:
         raise ValueError(f"{directory}: no model.safetensors to resume from")
     if any(type(p).__name__ == "DTensor" for p in student.parameters()):

@@ -575,3 +575,14 @@ def test_non_finite_metrics_are_null_in_valid_json(tmp_path, caplog):
         "retain_Q_A_ROUGE": 0.5,
     }
     assert "non-finite value(s) written as null" in caplog.text
+
+
+def test_a_damaged_checkpoint_is_named_on_resume(inputs, interrupted, capsys):
+    weights = interrupted / "checkpoints" / "checkpoint-2" / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    argv = ["unlearn", "--model", inputs["model"], "--forget", inputs["forget"], "--retain", inputs["retain"]]
+    code, err = run_main(
+        capsys, *argv, *TRAIN, "--lr", "1e-3", "--save-steps", "2", "--out", interrupted, "--resume"
+    )
+    assert code == 2
+    assert f"{weights}: unreadable checkpoint weights" in error_line(err, "unlearn")
