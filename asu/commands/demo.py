@@ -4,8 +4,8 @@
 On a CPU the demo runs torch on one thread unless told otherwise (``--threads``, or ``OMP_NUM_THREADS`` set in
 the environment): its model is tiny, so the work of one operation is too small to split, and with two or
 more threads every operation waits for all of them; on a machine whose cores are busy with other work a
-thread that is not scheduled stalls the others. Measured on a 2-core machine (README "Guarantees"), one
-thread trained the demo's model about 5x faster than torch's default of one thread per core, quiet or loaded.
+thread that is not scheduled stalls the others (measured by ``benchmarks/demo_threads.py``; README
+"Guarantees").
 """
 
 from __future__ import annotations
