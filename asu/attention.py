@@ -34,10 +34,22 @@ given. Masks come in three forms, chosen per call:
   flattened to the kernel's varlen layout, so no token attends across a document boundary.
 * decoding with a KV cache (Nq < Nk): the causal mask is bottom-right aligned, so the new queries sit at the
   end of the cached keys; padding in the cache comes as the key-padding mask.
+
+What the kernel does not do runs where eager attention runs it, at the module's temperature (the model's own
+``eager_attention_forward``, else an equivalent one here), with a one-time warning:
+
+* ``output_attentions=True``: the attention weights are materialised and returned;
+* a custom 4D ``attention_mask`` (B, 1 or H, Nq, Nk) handed to the model, bool (True = attend) or additive
+  float, replaces the causal, window and padding masks, as it does for eager;
+* head dims above the kernel's 256. Head dims below its 16 run the kernel on q, k, v zero-padded to 16
+  (zero columns change no dot product; the padded output columns are dropped).
 """
 
 from __future__ import annotations
 
+import math
+import sys
+import warnings
 import weakref
 
 import torch
@@ -52,6 +64,9 @@ __all__ = ["ATTN_IMPLEMENTATION", "asu_attention_forward", "asu_attention_mask",
 
 #: The name the attention and mask functions are registered under.
 ATTN_IMPLEMENTATION = "asu"
+#: Head dims the kernel runs: smaller ones are zero-padded up to the minimum, larger ones run eager.
+KERNEL_MIN_HEAD_DIM, KERNEL_MAX_HEAD_DIM = 16, 256
+_warned: set[str] = set()
 
 
 def asu_attention_mask(
@@ -74,9 +89,11 @@ def asu_attention_mask(
     """
     if attention_mask is None:
         return None
+    if attention_mask.dim() == 4:
+        return attention_mask  # a custom mask: the attention function honours it as eager does
     if attention_mask.dim() != 2:
         raise ValueError(
-            "the asu attention expects a 2D (batch, length) attention_mask, "
+            "the asu attention expects a 2D (batch, length) attention_mask or a 4D custom mask, "
             f"got shape {tuple(attention_mask.shape)}"
         )
     mask = attention_mask[:, -kv_length:].to(torch.bool)
@@ -156,11 +173,12 @@ def asu_attention_forward(
         dropout: must be 0: attention dropout is not implemented (raises ValueError otherwise).
         sliding_window: keys visible including the diagonal (transformers' convention), or None.
         kwargs: ``position_ids`` (B or 1, Nq), ``cu_seq_lens_q``/``max_length_q`` for packed batches,
-            ``is_causal``, ``softcap`` (attention logit soft-cap, None = none); ``output_attentions=True``
-            and attention sinks raise ValueError.
+            ``is_causal``, ``softcap`` (attention logit soft-cap, None = none), ``output_attentions``
+            (the weights are returned, computed eagerly); attention sinks raise ValueError.
 
     Returns:
-        ``(out, None)`` with out (B, Nq, Hq, D) in the query's dtype.
+        ``(out, None)`` with out (B, Nq, Hq, D) in the query's dtype, or ``(out, weights)`` (B, Hq, Nq, Nk)
+        from the eager path (see the module docstring).
     """
     _check_supported(dropout, kwargs)
     # Under autocast, RoPE promotes q and k to fp32 while v comes out of an autocast matmul in the low
@@ -176,23 +194,153 @@ def asu_attention_forward(
         window=int(sliding_window) if sliding_window is not None else None,
         softcap=None if kwargs.get("softcap") is None else float(kwargs["softcap"]),
     )
+    eager_reason = _eager_reason(query, attention_mask, kwargs)
+    if eager_reason is not None:
+        _warn_once(eager_reason)
+        documents = None if attention_mask is not None else _documents(query, key, None, kwargs)
+        return _eager_attention(module, query, key, value, attention_mask, documents, sliding_window, options)
+    query, key, value, head_dim = _pad_head_dim(query, key, value)
+    if head_dim != query.shape[-1] and options["scale"] is None:
+        options["scale"] = 1.0 / math.sqrt(head_dim)  # the scale of the real head dim, not the padded one
     documents = _documents(query, key, attention_mask, kwargs)
     if documents is not None:
-        return _packed_attention(query, key, value, attention_mask, documents, **options), None
-    return _padded_attention(query, key, value, attention_mask, **options), None
+        out = _packed_attention(query, key, value, attention_mask, documents, **options)
+    else:
+        out = _padded_attention(query, key, value, attention_mask, **options)
+    return out[..., :head_dim], None
+
+
+def _eager_reason(query: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict) -> str | None:
+    """Why this call runs eagerly (see the module docstring), or None for the kernel."""
+    if kwargs.get("output_attentions"):
+        return "output_attentions=True: the attention weights are computed eagerly"
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return "a custom 4D attention_mask: attention runs eagerly with that mask"
+    if query.shape[-1] > KERNEL_MAX_HEAD_DIM:
+        return f"head dim {query.shape[-1]} > {KERNEL_MAX_HEAD_DIM}: attention runs eagerly"
+    return None
+
+
+def _warn_once(reason: str) -> None:
+    kind = reason.split(":")[0]
+    if kind not in _warned:
+        _warned.add(kind)
+        warnings.warn(f"asu attention: {reason} (at the module's temperature)", stacklevel=3)
+
+
+def _pad_head_dim(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """q, k, v zero-padded along the head dim up to :data:`KERNEL_MIN_HEAD_DIM`, and the real head dim."""
+    head_dim = query.shape[-1]
+    if head_dim >= KERNEL_MIN_HEAD_DIM:
+        return query, key, value, head_dim
+    pad = (0, KERNEL_MIN_HEAD_DIM - head_dim)
+    pads = (torch.nn.functional.pad(t, pad) for t in (query, key, value))
+    return (*pads, head_dim)
+
+
+def _eager_function(module: torch.nn.Module):
+    """The model family's own ``eager_attention_forward`` (its module defines it), else :func:`_eager`."""
+    family = sys.modules.get(type(module).__module__)
+    return getattr(family, "eager_attention_forward", None) or _eager
+
+
+def _eager(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention as transformers' families write it: ``softmax(q k^T * scaling (soft-capped) + mask)``
+    in float32, GQA by repeating k and v; returns ``(out (B, Nq, Hq, D), weights (B, Hq, Nq, Nk))``."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def _eager_mask(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    documents: tuple[torch.Tensor, int] | None,
+    causal: bool,
+    window: int | None,
+) -> torch.Tensor:
+    """The additive (B, 1, Nq, Nk) mask eager attention adds to its scores: 0 where a query sees a key
+    (causal bottom-right aligned, window, key padding, same packed document), the dtype's minimum elsewhere.
+    A custom 4D mask is used as given: bool (True = attend) becomes additive, a float one is kept."""
+    batch, n_q, n_k = query.shape[0], query.shape[2], key.shape[2]
+    low = torch.finfo(query.dtype).min
+    if attention_mask is not None and attention_mask.dim() == 4:
+        mask = attention_mask[..., :n_k]
+        if mask.dtype == torch.bool:
+            return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, low)
+        return mask.to(query.dtype)
+    i = torch.arange(n_q, device=query.device)[:, None] + (n_k - n_q)
+    j = torch.arange(n_k, device=query.device)[None, :]
+    allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=query.device)
+    if causal:
+        allowed &= j <= i
+    if window:
+        allowed &= j > i - window
+    allowed = allowed.expand(batch, 1, n_q, n_k)
+    if attention_mask is not None:
+        keys = attention_mask.to(torch.bool)
+        keys = (
+            keys[:, -n_k:]
+            if keys.shape[1] >= n_k
+            else torch.nn.functional.pad(keys, (0, n_k - keys.shape[1]))
+        )
+        allowed = allowed & keys[:, None, None, :]
+    if documents is not None:
+        starts = torch.zeros(batch * n_q, dtype=torch.long, device=query.device)
+        starts[documents[0][1:-1].long()] = 1
+        doc = starts.cumsum(0).view(batch, n_q)
+        allowed = allowed & (doc[:, None, :, None] == doc[:, None, None, :])
+    return torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(~allowed, low)
+
+
+def _eager_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    documents: tuple[torch.Tensor, int] | None,
+    sliding_window: int | None,
+    options: dict,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention at the module's temperature (``scaling / tau``): ``(out (B, Nq, Hq, D), weights)``."""
+    scale = options["scale"] if options["scale"] is not None else 1.0 / math.sqrt(query.shape[-1])
+    mask = _eager_mask(query, key, attention_mask, documents, options["causal"], options["window"])
+    eager = _eager_function(module)
+    extra = {"softcap": options["softcap"]} if options["softcap"] is not None else {}
+    if sliding_window is not None:
+        extra["sliding_window"] = sliding_window
+    return eager(
+        module, query, key, value, mask, scaling=scale / options["temperature"], dropout=0.0, **extra
+    )
 
 
 def _check_supported(dropout: float, kwargs: dict) -> None:
-    """ValueError for what the kernel does not do: dropout, attention weights, sinks."""
+    """ValueError for what neither the kernel nor its eager path does: dropout, sinks."""
     if dropout:
         raise ValueError(
             f"the asu attention does not implement attention dropout (got dropout={dropout} in training "
             "mode); set config.attention_dropout = 0.0"
-        )
-    if kwargs.get("output_attentions"):
-        raise ValueError(
-            "the asu attention never materialises attention weights, so output_attentions=True is not "
-            "supported; use attn_implementation='eager' to get them"
         )
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
         raise ValueError("the asu attention does not support attention sinks")
@@ -251,9 +399,8 @@ def _padded_attention(
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
             raise ValueError(
-                "the asu attention expects a (batch, keys) bool key-padding mask, got "
-                f"{tuple(attention_mask.shape)} {attention_mask.dtype}; was the model loaded with "
-                "attn_implementation='asu' (so that transformers builds the matching mask)?"
+                "the asu attention expects a (batch, keys) bool key-padding mask or a 4D custom mask, got "
+                f"{tuple(attention_mask.shape)} {attention_mask.dtype}"
             )
         if attention_mask.shape[1] < n_k:
             # A static cache is longer than what was written so far: the slots past the mask are empty, and

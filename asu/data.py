@@ -17,7 +17,14 @@ Sources (:func:`load_rows`)
     Parquet, saved folders and the hub need the optional ``datasets`` package (``pip install 'asu[data]'``);
     JSON, JSON Lines and CSV need nothing. ``question_key`` / ``answer_key`` name the columns holding the
     question and the answer when they are called something else. Every error names the source and, where it
-    has one, the line (or the row).
+    has one, the line (or the row): malformed JSON or CSV, bytes that are not UTF-8 (with the byte offset),
+    a field that is not a string, and text that is not valid Unicode (an unpaired surrogate, which a JSON
+    escape such as ``"\\ud800"`` can produce and no tokenizer accepts).
+
+Long rows
+    A row's text is cut to :data:`CHARS_PER_TOKEN_LIMIT` characters per token of the budget (plus a margin)
+    *before* it is tokenised (:func:`bound_text`), so a 50 MB row costs what a row at the budget costs; the
+    tokens past the budget are dropped by truncation anyway.
 
 Batches
     The unlearning dataset yields ``{"forget": example, "retain": example}`` (plus ``"idk"`` for the IDK
@@ -44,6 +51,7 @@ Packing and attention
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -56,6 +64,7 @@ import torch
 from asu.formatting import IGNORE_INDEX, encode_qa
 from asu.sources import (
     DataError,
+    decode_utf8,
     is_hub_name,
     read_csv,
     read_hub,
@@ -66,8 +75,13 @@ from asu.sources import (
 from asu.templates import Template
 
 __all__ = [
+    "CHARS_PER_TOKEN_LIMIT",
     "DataError",
+    "bound_row",
+    "bound_text",
     "load_rows",
+    "rows_fingerprint",
+    "tokenizer_fingerprint",
     "validate_rows",
     "encode_row",
     "encode_rows",
@@ -90,8 +104,8 @@ def _read_text(path: str | os.PathLike) -> str:
         raise DataError(f"{path}: no such file")
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory, expected a file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        text = decode_utf8(f.read(), path)
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
     return text
@@ -191,6 +205,7 @@ def validate_rows(rows: Sequence[Any], source: str = "<rows>", lines: Sequence[i
         where = _where(source, lines, i)
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        _check_unicode(row, where)
         if "text" in row and "answer" not in row:
             if not isinstance(row["text"], str) or not row["text"].strip():
                 raise DataError(f"{where}: 'text' must be a non-empty string")
@@ -219,11 +234,77 @@ def validate_rows(rows: Sequence[Any], source: str = "<rows>", lines: Sequence[i
         raise DataError(f"{source}: mixes {' and '.join(sorted(kinds))} rows; use one kind per file")
 
 
+def _check_unicode(row: dict[str, Any], where: str) -> None:
+    """DataError naming the field of ``row`` whose text (a string, or a string in a list) is not valid
+    Unicode: an unpaired surrogate, which no tokenizer and no UTF-8 file can hold."""
+    for key, value in row.items():
+        for text in value if isinstance(value, list) else [value]:
+            if not isinstance(text, str):
+                continue
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(
+                    f"{where}: '{key}' is not valid Unicode text (an unpaired surrogate "
+                    f"\\u{ord(text[e.start]):04x} at character {e.start})"
+                ) from None
+
+
+#: A bound on the characters per token of real text under any tokenizer (BPE tokens average 3-5 characters;
+#: the longest merges of common vocabularies, runs of spaces or punctuation, stay under it). Text longer than
+#: ``(budget + TOKEN_MARGIN) * CHARS_PER_TOKEN_LIMIT`` characters is cut before tokenising.
+CHARS_PER_TOKEN_LIMIT = 32
+TOKEN_MARGIN = 16
+
+
+def bound_text(text: str, max_tokens: int) -> str:
+    """``text`` cut to ``(max_tokens + 16) * 32`` characters: what a tokenizer needs to produce the first
+    ``max_tokens`` tokens (the margin covers the last word, which a cut may split), so that a huge field is
+    never tokenised whole."""
+    limit = (max_tokens + TOKEN_MARGIN) * CHARS_PER_TOKEN_LIMIT
+    return text if len(text) <= limit else text[:limit]
+
+
+def bound_row(row: dict[str, Any], max_tokens: int) -> dict[str, Any]:
+    """``row`` with every string field (and every string in a list field) cut by :func:`bound_text`."""
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, str):
+            value = bound_text(value, max_tokens)
+        elif isinstance(value, list):
+            value = [bound_text(v, max_tokens) if isinstance(v, str) else v for v in value]
+        out[key] = value
+    return out
+
+
+def rows_fingerprint(rows: Sequence[Any]) -> str:
+    """SHA-256 of the rows' content (keys sorted, so the column order of a file does not matter)."""
+    text = json.dumps(list(rows), sort_keys=True, ensure_ascii=True, default=str)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """SHA-256 of what decides a tokenizer's ids: its whole ``tokenizers`` definition (vocabulary, merges,
+    normaliser, pre- and post-processing) or, for a slow tokenizer, its vocabulary, plus its special tokens
+    and chat template."""
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode("utf-8"))
+    else:
+        vocab = sorted(tokenizer.get_vocab().items())
+        digest.update(json.dumps(vocab, ensure_ascii=True).encode("ascii"))
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token", "chat_template"):
+        digest.update(repr(getattr(tokenizer, name, None)).encode("utf-8", "backslashreplace"))
+    return digest.hexdigest()
+
+
 def encode_row(
     tokenizer: Any, row: dict[str, Any], max_length: int, template: Template | str | None = None
 ) -> dict[str, list[int]]:
     """``{"input_ids", "labels"}`` of one row: QA via :func:`encode_qa` in ``template`` (None = ``auto``),
-    raw text with every token a label."""
+    raw text with every token a label. Fields are bounded (:func:`bound_text`) before tokenising."""
+    row = bound_row(row, max_length)
     if "answer" in row:
         return encode_qa(tokenizer, row["question"], row["answer"], max_length, template=template)
     if "text" not in row:
@@ -278,6 +359,7 @@ def load_idk_answers(path: str | os.PathLike) -> list[str]:
                     f"{os.fspath(path)}: line {lineno}: expected a string or an object with 'answer'"
                 )
             line = value
+        _check_unicode({"answer": line}, f"{os.fspath(path)}: line {lineno}")
         answers.append(line)
     if not answers:
         raise DataError(f"{os.fspath(path)}: no answers")

@@ -19,7 +19,9 @@ TOFU (:func:`evaluate_model`)
       general sets), ROUGE and truth ratio: TOFU's nine parts with ``retain``, ``ra`` and ``wf``.
 
     A set that lacks a field a metric needs is an error naming the field and the metric, unless that metric
-    is named in ``skip``.
+    is named in ``skip``. Each question + answer is cut to ``max_length`` tokens (512, open-unlearning's), as
+    training cuts it (the end of the answer goes); the text is bounded before it is tokenised
+    (:func:`asu.data.bound_text`), so a huge row costs what a row at the budget costs.
 
 MUSE (:func:`evaluate_muse`)
     ``forget_verbmem_ROUGE`` (ROUGE-L F1 of 128-token continuations of forget-document prefixes),
@@ -39,7 +41,8 @@ Files (:func:`write_results`)
     ``rougeL_recall`` / ``score``; the summary holds the headline metrics), ``ASU_EVAL.json`` (asu's
     additions, same layout), ``summary.json`` (every aggregate), ``summary.md`` (the table for people),
     ``generations.json``. ``TOFU_EVAL.json`` of a retain-only model, asu's or open-unlearning's, is the
-    ``--reference`` of a later run.
+    ``--reference`` of a later run. A metric that comes out NaN or infinite is written as ``null`` (the files
+    stay valid JSON) and named in ``notes``.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from typing import Any
 
 import torch
 
+from asu.data import bound_text
 from asu.metrics import privacy, tofu
 from asu.metrics.layout import (
     Reference,
@@ -95,6 +99,7 @@ from asu.metrics.tofu import extraction_strength, forget_quality, harmonic_mean,
 __all__ = [
     "LEGACY_SUMMARY_KEYS",
     "TOFU_HEADLINE",
+    "TOFU_MAX_LENGTH",
     "TOFU_MAX_NEW_TOKENS",
     "Reference",
     "check_rows",
@@ -119,6 +124,7 @@ __all__ = [
 ]
 
 TOFU_MAX_NEW_TOKENS = 200  # open-unlearning's configs/generation/default.yaml (and TOFU's)
+TOFU_MAX_LENGTH = 512  # open-unlearning's configs/data/datasets/TOFU_QA_*.yaml max_length
 DEFAULT_GENERAL = "wf"  # a general set given without a name: world facts
 MIA_METRICS = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus")
 #: Metrics the summary files list, as open-unlearning's evaluators (with every MIA attack enabled).
@@ -279,21 +285,37 @@ class _Runner:
     batch_size: int
     max_new_tokens: int
     progress: bool
+    max_length: int | None = None
 
     def score(self, examples: Sequence[dict[str, list[int]]], desc: str) -> list[TokenScores]:
         pad = pad_id(self.tokenizer)
         return teacher_forced(self.model, examples, self.batch_size, pad, self.progress, desc)
 
+    def _text(self, text: str) -> str:
+        return text if self.max_length is None else bound_text(text, self.max_length)
+
+    def pair(self, question: str, answer: str, desc: str, row: int) -> dict[str, list[int]]:
+        """:func:`encode_pair` of the bounded texts, cut to ``max_length`` tokens as training cuts it;
+        ValueError naming the row when the prompt leaves no answer token."""
+        ex = encode_pair(self.tokenizer, self._text(question), self._text(answer), self.template)
+        if self.max_length is None or len(ex["input_ids"]) <= self.max_length:
+            return ex
+        ex = {k: v[: self.max_length] for k, v in ex.items()}
+        if all(label == -100 for label in ex["labels"][1:]):
+            raise ValueError(
+                f"{desc}: row {row}: the prompt fills max_length={self.max_length} tokens, leaving no answer "
+                "token (raise --max-length)"
+            )
+        return ex
+
     def pairs(self, rows: Sequence[dict], key: str, desc: str) -> list[TokenScores]:
         """Scores of ``row[key]`` as the answer to ``row["question"]``, for every row."""
-        return self.score(
-            [encode_pair(self.tokenizer, r["question"], r[key], self.template) for r in rows], desc
-        )
+        return self.score([self.pair(r["question"], r[key], desc, i) for i, r in enumerate(rows)], desc)
 
     def options(self, rows: Sequence[dict], desc: str) -> list[list[TokenScores]]:
         """Scores of every perturbed answer of every row (all rows' answers batched together)."""
         flat = [(i, r["question"], p) for i, r in enumerate(rows) for p in _options(r)]
-        scores = self.score([encode_pair(self.tokenizer, q, p, self.template) for _, q, p in flat], desc)
+        scores = self.score([self.pair(q, p, desc, i) for i, q, p in flat], desc)
         out: list[list[TokenScores]] = [[] for _ in rows]
         for (i, _, _), s in zip(flat, scores, strict=True):
             out[i].append(s)
@@ -332,10 +354,10 @@ class _Runner:
 
     def answer(self, rows: Sequence[dict], desc: str) -> list[dict[str, Any]]:
         """The greedy answers to the rows' questions, scored (ROUGE-L recall) against their answers."""
-        prompts = [encode_question(self.tokenizer, r["question"], self.template) for r in rows]
-        full = [
-            encode_pair(self.tokenizer, r["question"], r["answer"], self.template)["input_ids"] for r in rows
-        ]
+        prompts = [encode_question(self.tokenizer, self._text(r["question"]), self.template) for r in rows]
+        full = [self.pair(r["question"], r["answer"], desc, i)["input_ids"] for i, r in enumerate(rows)]
+        if self.max_length is not None:
+            prompts = [p[: self.max_length] for p in prompts]
         return self.generate(prompts, full, desc)
 
 
@@ -401,6 +423,7 @@ def evaluate_model(
     holdout_rows: Sequence[dict[str, Any]] | None = None,
     template: str | None = None,
     skip: Collection[str] = (),
+    max_length: int | None = TOFU_MAX_LENGTH,
 ) -> dict[str, Any]:
     """TOFU's evaluation of ``model`` as open-unlearning computes it, plus asu's additions.
 
@@ -408,7 +431,8 @@ def evaluate_model(
     ``wf``). ``reference_stats``: the reference model's evaluation (:func:`load_reference_stats`: open-
     unlearning's layout or a legacy statistics dict) for ``forget_quality`` and ``privleak``. ``template``:
     passed to :mod:`asu.formatting` (None: its default). ``skip``: metrics to leave out (truth ratios,
-    normalised probabilities) when a set lacks their fields.
+    normalised probabilities) when a set lacks their fields. ``max_length``: tokens per question + answer
+    (None: no cut).
 
     Returns ``{"benchmark": "TOFU", "logs"`` (open-unlearning's ``TOFU_EVAL.json``), ``"headline"`` (its
     ``TOFU_SUMMARY.json``), ``"extras"`` (asu's additions), ``"metrics"`` (both), ``"summary"`` (every
@@ -422,7 +446,9 @@ def evaluate_model(
     reference = reference_from(reference_stats, "reference", n_forget=len(forget_rows))
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size ({batch_size}) and max_new_tokens ({max_new_tokens}) must be >= 1")
-    run = _Runner(model, tokenizer, template, batch_size, max_new_tokens, progress)
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    run = _Runner(model, tokenizer, template, batch_size, max_new_tokens, progress, max_length)
     logs: dict[str, Any] = {}
     extras: dict[str, Any] = {}
     generations: dict[str, list[str]] = {}
@@ -516,6 +542,10 @@ def _result(
     metrics = {**logs, **extras}
     summary = {k: v["agg_value"] for k, v in metrics.items() if v.get("agg_value") is not None}
     summary |= {alias: summary[k] for alias, k in LEGACY_SUMMARY_KEYS.items() if k in summary}
+    for k, v in metrics.items():
+        value = v.get("agg_value")
+        if isinstance(value, float) and not math.isfinite(value):
+            notes.append(f"{k}: {value} (not a finite number), written to the JSON files as null")
     out = {
         "benchmark": benchmark,
         "logs": logs,
@@ -573,10 +603,12 @@ def _verbmem_example(tokenizer: Any, row: dict[str, Any], prefix_tokens: int, ma
     """MUSE's own excerpts (``prompt`` + ``gt``) as open-unlearning encodes them, or a raw document cut at
     ``prefix_tokens`` tokens with the next ``max_new_tokens`` as the true continuation."""
     if isinstance(row.get("prompt"), str) and isinstance(row.get("gt"), str):
-        return encode_document(tokenizer, row["prompt"], row["gt"], DOCUMENT_MAX_TOKENS, insert_space=True)
+        prompt, gt = (bound_text(row[k], DOCUMENT_MAX_TOKENS) for k in ("prompt", "gt"))
+        return encode_document(tokenizer, prompt, gt, DOCUMENT_MAX_TOKENS, insert_space=True)
     if not (isinstance(row.get("text"), str) and row["text"].strip()):
         raise ValueError("a VerbMem row needs 'text' (a document) or 'prompt' and 'gt'")
-    return split_document(tokenizer, row["text"], prefix_tokens, max_new_tokens)
+    text = bound_text(row["text"], prefix_tokens + max_new_tokens)
+    return split_document(tokenizer, text, prefix_tokens, max_new_tokens)
 
 
 def _continuation(example: dict[str, list[int]]) -> list[int]:
@@ -604,8 +636,9 @@ def _verbmem(
 def _knowmem(
     run: _Runner, split: str, rows: Sequence[dict], examples: Sequence[dict]
 ) -> tuple[dict, dict, list]:
-    shots = [(e["question"], e["answer"]) for e in examples]
-    encoded = [encode_knowmem(run.tokenizer, r["question"], r["answer"], shots) for r in rows]
+    cut = lambda text: bound_text(text, DOCUMENT_MAX_TOKENS)  # noqa: E731
+    shots = [(cut(e["question"]), cut(e["answer"])) for e in examples]
+    encoded = [encode_knowmem(run.tokenizer, cut(r["question"]), cut(r["answer"]), shots) for r in rows]
     gens = run.generate(
         [e["prompt_ids"] for e in encoded], [e["input_ids"] for e in encoded], f"{split} knowmem: generation",
         rouge_key="rougeL_f1", max_new_tokens=KNOWMEM_MAX_NEW_TOKENS, stopwords=KNOWMEM_STOPWORDS,
@@ -620,7 +653,10 @@ def _knowmem(
 def _documents(run: _Runner, rows: Sequence[dict], name: str) -> list[TokenScores]:
     """Every token but the first of each document scored (open-unlearning's MUSE MIA sets)."""
     check_rows(rows, f"{name} documents", ("text",))
-    examples = [encode_document(run.tokenizer, "", r["text"], DOCUMENT_MAX_TOKENS) for r in rows]
+    examples = [
+        encode_document(run.tokenizer, "", bound_text(r["text"], DOCUMENT_MAX_TOKENS), DOCUMENT_MAX_TOKENS)
+        for r in rows
+    ]
     for i, e in enumerate(examples):
         if len(_continuation(e)) < 2:
             raise ValueError(f"{name} documents: row {i} is shorter than 3 tokens")

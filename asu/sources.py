@@ -12,13 +12,23 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import logging
 import os
 import re
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["DataError", "is_hub_name", "read_csv", "read_parquet", "read_saved", "read_hub", "rename_columns"]
+__all__ = [
+    "DataError",
+    "decode_utf8",
+    "is_hub_name",
+    "read_csv",
+    "read_parquet",
+    "read_saved",
+    "read_hub",
+    "rename_columns",
+]
 
 #: ``NAME:CONFIG[:SPLIT]`` with NAME like ``locuslab/TOFU``.
 _HUB = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?:[\w.-]+(:[\w.\[\]%+-]+)?$")
@@ -27,6 +37,20 @@ _INSTALL = "pip install datasets (or pip install 'asu[data]')"
 
 class DataError(ValueError):
     """A data source or row that cannot be used; the message names the source and line (or row)."""
+
+
+def decode_utf8(data: bytes, source: str) -> str:
+    """``data`` decoded as UTF-8 (a leading byte-order mark dropped); DataError naming the line, column and
+    byte offset of the first byte that is not UTF-8 (a file saved as Latin-1 or cp1252, or a binary file)."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(
+            f"{source}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at byte offset {e.start}, "
+            f"column {column}: {e.reason}); save the file as UTF-8"
+        ) from None
 
 
 def is_hub_name(source: str) -> bool:
@@ -45,18 +69,19 @@ def _datasets(source: str, what: str) -> Any:
 def read_csv(path: str) -> tuple[list[dict[str, Any]], list[int]]:
     """Rows of a CSV file with a header row; every value is a string, lines count from 1 (the header)."""
     rows, lines = [], []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    with open(path, "rb") as f:
+        text = decode_utf8(f.read(), path)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
         if not reader.fieldnames:
             raise DataError(f"{path}: the file is empty")
-        try:
-            for row in reader:
-                if None in row:  # more fields than the header names
-                    raise DataError(f"{path}: line {reader.line_num}: more fields than the header names")
-                rows.append(dict(row))
-                lines.append(reader.line_num)
-        except csv.Error as e:
-            raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
+        for row in reader:
+            if None in row:  # more fields than the header names
+                raise DataError(f"{path}: line {reader.line_num}: more fields than the header names")
+            rows.append(dict(row))
+            lines.append(reader.line_num)
+    except csv.Error as e:
+        raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
     return rows, lines
 
 

@@ -31,15 +31,33 @@ returns ``None`` (use the student's own q, k), ``cache`` stores no q, k and refu
 Cache layout: per (set, smoothed) store, one flat (sum_s T_s, d) tensor with the rows of example ``s`` at
 ``offsets[s]:offsets[s + 1]``, in the order :func:`asu.data.label_positions` yields them. A batch's teacher
 rows are the concatenation of its ``example_ids``' slices, which is exactly the row-major order of the
-student's masked rows. On disk it is one safetensors file per store (``hidden``, ``offsets``) read by slice.
+student's masked rows. On disk it is one safetensors file per store (``hidden``, ``offsets`` and a CRC-32
+per example, ``checksums``), read example by example.
+
+The disk cache is keyed by a fingerprint (:func:`cache_fingerprint`): SHA-256 of the model's weights (per
+tensor: name, shape, dtype and two float64 sums, computed where the weights are), its attention
+implementation, ``tau``, the layers, the store (set and smoothed or not), the storage dtype and every
+example's token ids and labels, which fix the rows, the tokenizer, the template and ``max_length``. The
+fingerprint is in the file's name (``forget_smoothed-<16 hex>.safetensors``) and, whole, in its header, so
+runs that differ in any of these (two runs sharing a ``--cache-dir`` at tau 2 and tau 5) never read each
+other's rows. A file of the same fingerprint left by an earlier run (a resumed one) is reused after it is
+verified whole (header, length, every example's checksum; single-process runs only); a file that fails the
+check is rebuilt with a warning, never read. While a run reads the file, every example's bytes are checked
+against their checksum and length, so a cache truncated or overwritten in place mid-run is one clear error
+(:class:`CacheError`) instead of wrong rows.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy as copy_module
+import hashlib
+import json
+import logging
 import math
 import os
+import struct
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +66,14 @@ import torch
 from torch import nn
 
 from asu.data import PaddingCollator, iter_batches, label_positions
-from asu.distributed import barrier, check_full_weight, gather_rows, is_local_main_process, shard_indices
+from asu.distributed import (
+    barrier,
+    check_full_weight,
+    gather_rows,
+    is_local_main_process,
+    shard_indices,
+    world_size,
+)
 from asu.files import atomic_write
 from asu.qk import capture_qk
 from asu.smoothing import LayerSpec, set_smoothing, smoothing
@@ -59,7 +84,9 @@ __all__ = [
     "CopyTeacher",
     "BaseTeacher",
     "CacheTeacher",
+    "CacheError",
     "SelfTeacher",
+    "cache_fingerprint",
     "is_peft_model",
     "decoder_hidden",
     "output_head",
@@ -69,6 +96,10 @@ __all__ = [
 ]
 
 TEACHER_SOURCES = ("copy", "base", "cache", "self")
+#: Written into every cache file's header; a file of another format is rebuilt.
+CACHE_FORMAT = "asu-teacher-cache-2"
+
+log = logging.getLogger(__name__)
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -309,37 +340,212 @@ class SelfTeacher(Teacher):
         return None
 
 
-class _Store:
-    """Hidden-state rows of every example of one set: flat (N, d) tensor + offsets (S + 1,), RAM or disk."""
+class CacheError(ValueError):
+    """A teacher cache file that cannot be trusted (changed, truncated or corrupt while a run reads it)."""
 
-    def __init__(self, rows: list[torch.Tensor], directory: str | None, name: str) -> None:
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+class _Store:
+    """Hidden-state rows of every example of one set: flat (N, d) tensor + offsets (S + 1,), in CPU memory."""
+
+    path: str | None = None
+
+    def __init__(self, rows: list[torch.Tensor]) -> None:
         lengths = torch.tensor([0] + [r.shape[0] for r in rows], dtype=torch.long)
         self.offsets = torch.cumsum(lengths, 0)
-        flat = torch.cat(rows) if rows else torch.zeros(0, 0)
-        self.nbytes = flat.numel() * flat.element_size()
-        self.path = None
-        self._flat: torch.Tensor | None = flat
-        if directory is not None:
-            from safetensors.torch import save_file
-
-            os.makedirs(directory, exist_ok=True)
-            self.path = os.path.join(directory, f"{name}.safetensors")
-            # Every rank holds the same rows (see CacheTeacher); one process per node writes the file, the
-            # others wait for it (all ranks build the same stores in the same order, so barriers match).
-            if is_local_main_process():
-                tensors = {"hidden": flat.contiguous(), "offsets": self.offsets}
-                atomic_write(self.path, lambda tmp: save_file(tensors, tmp))
-            barrier()
-            self._flat = None
+        self._flat = torch.cat(rows) if rows else torch.zeros(0, 0)
+        self.nbytes = self._flat.numel() * self._flat.element_size()
 
     def gather(self, example_ids: Sequence[int]) -> torch.Tensor:
-        if self._flat is not None:
-            return torch.cat([self._flat[self.offsets[i] : self.offsets[i + 1]] for i in example_ids])
-        from safetensors import safe_open
+        return torch.cat([self._flat[self.offsets[i] : self.offsets[i + 1]] for i in example_ids])
 
-        with safe_open(self.path, framework="pt") as f:
-            sl = f.get_slice("hidden")
-            return torch.cat([sl[int(self.offsets[i]) : int(self.offsets[i + 1])] for i in example_ids])
+
+def _write_store_file(path: str, rows: list[torch.Tensor], fingerprint: str) -> None:
+    """The rows as one safetensors file (``hidden``, ``offsets``, ``checksums``), the fingerprint in its
+    header, written atomically."""
+    from safetensors.torch import save_file
+
+    lengths = torch.tensor([0] + [r.shape[0] for r in rows], dtype=torch.long)
+    offsets = torch.cumsum(lengths, 0)
+    flat = torch.cat(rows).contiguous()
+    checksums = torch.tensor([zlib.crc32(_tensor_bytes(r)) for r in rows], dtype=torch.long)
+    tensors = {"hidden": flat, "offsets": offsets, "checksums": checksums}
+    metadata = {"format": CACHE_FORMAT, "fingerprint": fingerprint}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+class _DiskStore:
+    """A cache file opened for reading: its header checked against the fingerprint and the file's length,
+    then every example read with ``os.pread`` from one descriptor (a file replaced by another run after it
+    was opened is not seen) and checked against its length and CRC-32.
+
+    ``verify=True`` reads every example once when opening (a file left by an earlier run).
+    """
+
+    def __init__(self, path: str, fingerprint: str, n_examples: int, verify: bool) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            self._read_header(fingerprint, n_examples)
+            if verify:
+                for i in range(n_examples):
+                    self._example(i)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _read_header(self, fingerprint: str, n_examples: int) -> None:
+        size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, 8, 0)
+        if len(head) < 8:
+            raise CacheError(f"{self.path}: shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 1 << 28):
+            raise CacheError(f"{self.path}: the header length {n} does not fit the file ({size} bytes)")
+        try:
+            header = json.loads(os.pread(self._fd, n, 8))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CacheError(f"{self.path}: unreadable header") from None
+        meta = header.get("__metadata__") or {}
+        if meta.get("format") != CACHE_FORMAT or meta.get("fingerprint") != fingerprint:
+            raise CacheError(f"{self.path}: built for other inputs (its fingerprint differs)")
+        try:
+            hidden, offsets, sums = header["hidden"], header["offsets"], header["checksums"]
+            end = max(t["data_offsets"][1] for t in (hidden, offsets, sums))
+            self._dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[
+                hidden["dtype"]
+            ]
+            rows, self._width = hidden["shape"]
+        except (KeyError, TypeError, ValueError):
+            raise CacheError(f"{self.path}: not a teacher cache file") from None
+        if size != 8 + n + end:
+            raise CacheError(f"{self.path}: {size} bytes, the header describes {8 + n + end} (truncated?)")
+        base = 8 + n
+        self._hidden_at = base + hidden["data_offsets"][0]
+        self._row_bytes = self._width * torch.tensor([], dtype=self._dtype).element_size()
+        self.offsets = self._read_longs(base, offsets, n_examples + 1, "offsets")
+        self.checksums = self._read_longs(base, sums, n_examples, "checksums")
+        if int(self.offsets[-1]) != rows or bool((self.offsets[1:] < self.offsets[:-1]).any()):
+            raise CacheError(f"{self.path}: offsets do not match the {rows} rows it holds")
+        self.nbytes = rows * self._row_bytes
+
+    def _read_longs(self, base: int, entry: dict, count: int, name: str) -> torch.Tensor:
+        if entry.get("dtype") != "I64" or entry.get("shape") != [count]:
+            raise CacheError(
+                f"{self.path}: '{name}' is not {count} int64 values (built for another data set)"
+            )
+        start, stop = entry["data_offsets"]
+        data = os.pread(self._fd, stop - start, base + start)
+        if len(data) != stop - start:
+            raise CacheError(f"{self.path}: truncated")
+        return torch.frombuffer(bytearray(data), dtype=torch.int64).clone()
+
+    def _example(self, i: int) -> torch.Tensor:
+        first, last = int(self.offsets[i]), int(self.offsets[i + 1])
+        length = (last - first) * self._row_bytes
+        data = os.pread(self._fd, length, self._hidden_at + first * self._row_bytes)
+        if len(data) != length:
+            raise CacheError(f"{self.path}: example {i} is cut short (the file was truncated)")
+        if zlib.crc32(data) != int(self.checksums[i]):
+            raise CacheError(f"{self.path}: example {i} does not match its checksum (the file changed)")
+        if length == 0:
+            return torch.zeros(0, self._width, dtype=self._dtype)
+        return torch.frombuffer(bytearray(data), dtype=self._dtype).view(last - first, self._width)
+
+    def gather(self, example_ids: Sequence[int]) -> torch.Tensor:
+        try:
+            return torch.cat([self._example(int(i)) for i in example_ids])
+        except CacheError as e:
+            raise CacheError(
+                f"{e}; the teacher cache must not change while a run reads it: resume the run (--resume) to "
+                "rebuild it"
+            ) from None
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _weights_digest(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (adapters excluded): name, shape, dtype, and the float64 sums
+    of its values and of their absolute values, reduced where the weights are (no copy leaves the device)."""
+    digest = hashlib.sha256()
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    sums = []
+    for name, t in tensors:
+        if t is None or "lora_" in name:
+            continue
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        if t.is_floating_point() and t.numel():
+            data = t.detach()
+            sums.append(torch.stack([data.sum(dtype=torch.float64), data.abs().sum(dtype=torch.float64)]))
+    if sums:
+        digest.update(torch.cat(sums).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_fingerprint(
+    model: nn.Module,
+    temperature: float,
+    layers: LayerSpec,
+    part: str,
+    smoothed: bool,
+    examples: Sequence[dict[str, Any]],
+    dtype: torch.dtype,
+    weights: str | None = None,
+) -> str:
+    """The key of one cache store (see the module docstring); ``weights``: the model's weight digest when
+    already computed."""
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    fields = {
+        "format": CACHE_FORMAT,
+        "weights": weights or _weights_digest(model),
+        "attention": getattr(config, "_attn_implementation", None),
+        "temperature": float(temperature),
+        "layers": None if layers is None else str(layers),
+        "store": [part, bool(smoothed)],
+        "dtype": str(dtype),
+    }
+    digest.update(json.dumps(fields, sort_keys=True).encode())
+    for ex in examples:
+        digest.update(json.dumps([list(ex["input_ids"]), list(ex["labels"])]).encode())
+    return digest.hexdigest()
+
+
+def _open_store(
+    rows: list[torch.Tensor] | None, directory: str | None, name: str, fingerprint: str, n: int
+) -> _Store | _DiskStore:
+    """The store of ``rows``: in memory, or written to ``directory`` (one process per node writes, the
+    others wait) and opened for reading."""
+    if directory is None:
+        return _Store(rows)
+    path = os.path.join(directory, f"{name}-{fingerprint[:16]}.safetensors")
+    if is_local_main_process():
+        os.makedirs(directory, exist_ok=True)
+        _write_store_file(path, rows, fingerprint)
+    barrier()  # all ranks build the same stores in the same order, so the barriers match
+    return _DiskStore(path, fingerprint, n, verify=False)
+
+
+def _reuse_store(directory: str | None, name: str, fingerprint: str, n: int) -> _DiskStore | None:
+    """A verified store of an earlier run with the same fingerprint, or None (nothing there, or a file that
+    fails the checks: it is rebuilt, with a warning). Single-process runs only: ranks must agree."""
+    if directory is None or world_size() > 1:
+        return None
+    path = os.path.join(directory, f"{name}-{fingerprint[:16]}.safetensors")
+    if not os.path.exists(path):
+        return None
+    try:
+        return _DiskStore(path, fingerprint, n, verify=True)
+    except (CacheError, OSError) as e:
+        log.warning(f"teacher cache: {e}; rebuilding it")
+        return None
 
 
 class CacheTeacher(Teacher):
@@ -376,16 +582,29 @@ class CacheTeacher(Teacher):
         self.register_buffer("head_weight", weight.detach().clone(), persistent=False)
         self.register_buffer("head_bias", None if bias is None else bias.detach().clone(), persistent=False)
         self.dtype = dtype
-        self.stores: dict[tuple[str, bool], _Store] = {}
+        self.stores: dict[tuple[str, bool], _Store | _DiskStore] = {}
         device = weight.device
         collate = PaddingCollator(pad_token_id=pad_token_id)
         passes = 0
+        reused = []
+        weights = _weights_digest(model) if directory is not None else None
         peft_ctx = model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
         with torch.no_grad(), _eval_mode(model), peft_ctx:
             for part, smoothed in needs:
                 if part not in sets:
                     raise ValueError(f"the cache needs the {part!r} set, which was not given")
                 examples = sets[part]
+                name = f"{part}_{'smoothed' if smoothed else 'reference'}"
+                key = ""
+                if directory is not None:
+                    key = cache_fingerprint(
+                        model, temperature, layers, part, smoothed, examples, dtype, weights
+                    )
+                    store = _reuse_store(directory, name, key, len(examples))
+                    if store is not None:
+                        self.stores[(part, smoothed)] = store
+                        reused.append(store.path)
+                        continue
                 rows: list[torch.Tensor] = []
                 ctx = (
                     smoothing(model, self.temperature, layers) if smoothed else smoothing(model, 1.0, layers)
@@ -404,13 +623,13 @@ class CacheTeacher(Teacher):
                         counts = torch.bincount(seq, minlength=len(chunk)).tolist()
                         rows.extend(torch.split(flat, counts))
                 rows = gather_rows(rows, mine, len(examples))
-                name = f"{part}_{'smoothed' if smoothed else 'reference'}"
-                self.stores[(part, smoothed)] = _Store(rows, directory, name)
+                self.stores[(part, smoothed)] = _open_store(rows, directory, name, key, len(examples))
         self.stats.update(
             {
                 "teacher_forward_passes": passes,
                 "cache_bytes": sum(s.nbytes for s in self.stores.values()),
                 "cache_location": directory or "cpu",
+                "cache_files_reused": reused,
                 "head_bytes": self.head_weight.numel() * self.head_weight.element_size(),
                 # What a copy teacher would have held on the device for the whole run.
                 "teacher_bytes_freed": _module_bytes(model, trainable_only=False, exclude_adapters=True),

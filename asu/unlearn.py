@@ -15,12 +15,26 @@ lr 1e-5 with one warm-up epoch then linear decay, weight decay 0.01, 5 epochs, e
 ``DIR/checkpoints`` while training (``resume=True`` continues from the newest one); only after a run
 finishes are the model (safetensors, or the adapter for LoRA), the tokenizer and ``run.json`` moved into
 ``DIR`` (``run.json`` last: its presence marks a finished run).
+
+What a run with a directory guarantees (README "Guarantees"):
+
+* the directory is checked before any work: not a file, not the model's own folder (``model.name_or_path``)
+  nor inside or around it, no finished run in it, no interrupted one unless ``resume=True``;
+* it is locked for the run (:func:`asu.files.output_lock`): a second run into it fails at once; the stale
+  temporary files and scratch folders of a killed run are removed when the lock is taken;
+* ``resume=True`` refuses a run whose settings, forget/retain rows, IDK answers or tokenizer differ from the
+  interrupted one's (``checkpoints/unlearn_config.json`` and ``checkpoints/data_fingerprint.json``);
+* a non-finite loss or gradient norm stops the run (:class:`asu.trainer.NonFiniteWatch`, after
+  ``max_nonfinite_steps`` skipped steps) with the checkpoints written so far kept and no model written, and a
+  model with non-finite weights is never written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -39,11 +53,19 @@ from asu.data import (
     PaddingCollator,
     UnlearnDataset,
     encode_rows,
+    rows_fingerprint,
+    tokenizer_fingerprint,
     validate_rows,
 )
 from asu.distributed import barrier, check_launch, complete_checkpoints, engine, is_main_process
 from asu.environment import library_versions
-from asu.files import atomic_write_json
+from asu.files import (
+    atomic_write_json,
+    check_not_in_use,
+    check_output_location,
+    output_lock,
+    remove_stale_temporaries,
+)
 from asu.losses import (
     DEFAULTS,
     RETAIN_LOSS_ALIASES,
@@ -54,6 +76,7 @@ from asu.losses import (
     teacher_outputs_needed,
     uses_teacher,
 )
+from asu.models import ModelError, check_finite_weights
 from asu.smoothing import attention_modules, parse_layers
 from asu.teachers import TEACHER_SOURCES, Teacher, build_teacher, is_peft_model
 from asu.templates import Template, describe_template, get_template
@@ -63,6 +86,11 @@ __all__ = ["UnlearnConfig", "UnlearnResult", "unlearn", "check_output_dir", "LR_
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "unlearn_config.json"
+FINGERPRINT_FILE = "data_fingerprint.json"
+#: Settings a resumed run may change: they do not change what a healthy run computes.
+RESUMABLE_CHANGES = ("progress", "preset", "max_nonfinite_steps")
+
+log = logging.getLogger(__name__)
 #: ``linear``: warm-up then linear decay to 0 (the paper's TOFU runs); ``constant``: warm-up then constant
 #: (the authors' MUSE runs).
 LR_SCHEDULES = ("linear", "constant")
@@ -106,6 +134,8 @@ class UnlearnConfig:
         save_steps: checkpoint every this many optimizer steps (``None`` = every epoch).
         max_steps: stop after this many optimizer steps (``-1`` = run all epochs).
         keep_checkpoints: keep ``DIR/checkpoints`` after a finished run.
+        max_nonfinite_steps: optimizer steps with a NaN/infinite loss or gradient norm that are skipped
+            (weights left unchanged) before the run stops with an error; 0 = stop at the first one.
         progress: show the progress bar.
     """
 
@@ -145,6 +175,7 @@ class UnlearnConfig:
     save_steps: int | None = None
     max_steps: int = -1
     keep_checkpoints: bool = False
+    max_nonfinite_steps: int = 0
     progress: bool = True
 
     def validate(self) -> None:
@@ -209,6 +240,9 @@ class UnlearnConfig:
             raise ValueError(f"cache_dtype must be bfloat16, float16 or float32, got {self.cache_dtype!r}")
         if self.save_steps is not None and (not isinstance(self.save_steps, int) or self.save_steps < 1):
             raise ValueError(f"save_steps must be a positive int or None, got {self.save_steps!r}")
+        steps = self.max_nonfinite_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"max_nonfinite_steps must be an int >= 0, got {steps!r}")
         if number("npo_beta", self.npo_beta) <= 0 or number("simnpo_beta", self.simnpo_beta) <= 0:
             raise ValueError("npo_beta and simnpo_beta must be > 0")
         if isinstance(self.layers, str) and self.layers.strip().lower() == "all":
@@ -259,6 +293,7 @@ def check_output_dir(output_dir: str, resume: bool) -> None:
     """Refuse to overwrite a finished run, or to start over an interrupted one without ``resume``."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"--out {output_dir} exists and is not a directory")
+    check_not_in_use(output_dir)
     ckpt_dir = os.path.join(output_dir, CHECKPOINTS)
     if resume:
         if not complete_checkpoints(ckpt_dir):
@@ -309,39 +344,88 @@ def unlearn(
     # Launch problems (batch vs world size, DeepSpeed config vs the run) fail here, before any training.
     check_launch(cfg, len(data.dataset), model_config=getattr(model, "config", None))
     collator = _build_collator(data, cfg)
-    created_out = False
-    if output_dir is not None and not os.path.isdir(output_dir):
-        os.makedirs(output_dir, exist_ok=True)  # every rank gets here; exist_ok tolerates the race
-        created_out = True
-    scratch = None
-    try:
-        if output_dir is None:
-            scratch = tempfile.mkdtemp(prefix="asu-unlearn-")
-            trainer_dir = scratch
-        else:
-            trainer_dir = os.path.join(output_dir, CHECKPOINTS)
-        plan = _plan(cfg, len(data.dataset))
-        args = _training_arguments(cfg, plan, trainer_dir, checkpoints=output_dir is not None)
-        model.to(args.device)
-        student, teacher = _student_and_teacher(model, cfg, layers, data)
-        objective = _build_objective(student, teacher, cfg)
-        if output_dir is not None:
-            _save_or_compare_config(trainer_dir, cfg, resume)
-        trainer = _build_trainer(objective, args, data, collator, tokenizer, callbacks, cfg)
-        _train(trainer, trainer_dir, resume)
-        wall = time.perf_counter() - start
-        stats = _stats(trainer, cfg, data, plan, teacher, wall, args.device)
-        result = UnlearnResult(model=student, history=_history(trainer), stats=stats, output_dir=output_dir)
-        if output_dir is not None:
-            _write_output(trainer, result, trainer_dir, tokenizer, cfg)
-        return result
-    except BaseException:
-        if output_dir is not None and created_out and not _checkpoints(os.path.join(output_dir, CHECKPOINTS)):
-            shutil.rmtree(output_dir, ignore_errors=True)
-        raise
-    finally:
-        if scratch is not None:
+    if output_dir is None:
+        scratch = tempfile.mkdtemp(prefix="asu-unlearn-")
+        try:
+            return _run(model, tokenizer, cfg, layers, data, collator, callbacks, scratch, None, False, start)
+        finally:
             shutil.rmtree(scratch, ignore_errors=True)
+    fingerprint = _data_fingerprint(forget_rows, retain_rows, idk_answers, tokenizer)
+    trainer_dir = os.path.join(output_dir, CHECKPOINTS)
+    with _claimed_output(output_dir, resume) as created_out:
+        try:
+            _save_or_compare_config(trainer_dir, cfg, resume, fingerprint=fingerprint)
+            return _run(
+                model,
+                tokenizer,
+                cfg,
+                layers,
+                data,
+                collator,
+                callbacks,
+                trainer_dir,
+                output_dir,
+                resume,
+                start,
+            )
+        except BaseException:
+            if not _checkpoints(trainer_dir) and is_main_process():
+                # Nothing a resume could use: leave the folder as it was found (a new one is removed).
+                shutil.rmtree(output_dir if created_out else trainer_dir, ignore_errors=True)
+            raise
+
+
+def _run(
+    model: nn.Module,
+    tokenizer: Any,
+    cfg: UnlearnConfig,
+    layers: list[int] | None,
+    data: _Data,
+    collator: PackingCollator | PaddingCollator,
+    callbacks: Sequence[Any] | None,
+    trainer_dir: str,
+    output_dir: str | None,
+    resume: bool,
+    start: float,
+) -> UnlearnResult:
+    """Train and (with ``output_dir``) write the result; the body of :func:`unlearn`."""
+    from asu.trainer import NonFiniteTrainingError
+
+    plan = _plan(cfg, len(data.dataset))
+    args = _training_arguments(cfg, plan, trainer_dir, checkpoints=output_dir is not None)
+    model.to(args.device)
+    student, teacher = _student_and_teacher(model, cfg, layers, data)
+    objective = _build_objective(student, teacher, cfg)
+    trainer = _build_trainer(objective, args, data, collator, tokenizer, callbacks, cfg)
+    _train(trainer, trainer_dir if output_dir is not None else None, resume)
+    wall = time.perf_counter() - start
+    stats = _stats(trainer, cfg, data, plan, teacher, wall, args.device)
+    result = UnlearnResult(model=student, history=_history(trainer), stats=stats, output_dir=output_dir)
+    if engine() in ("single", "ddp"):
+        try:
+            check_finite_weights(student, "the unlearned model")
+        except ModelError as e:
+            raise NonFiniteTrainingError(f"{e}; no model was written", trainer.state.global_step) from None
+    if output_dir is not None:
+        _write_output(trainer, result, trainer_dir, tokenizer, cfg)
+    return result
+
+
+@contextlib.contextmanager
+def _claimed_output(output_dir: str, resume: bool) -> Any:
+    """Lock ``output_dir`` for the run (main process; created if missing), check it again now that no other
+    run can change it, and remove what killed runs left; yields whether this run created the folder."""
+    created = not os.path.isdir(output_dir)
+    if not is_main_process():
+        os.makedirs(output_dir, exist_ok=True)  # every rank gets here; exist_ok tolerates the race
+        yield created
+        return
+    with output_lock(output_dir):
+        check_output_dir(output_dir, resume)
+        for folder in (output_dir, os.path.join(output_dir, CHECKPOINTS)):
+            for name in remove_stale_temporaries(folder):
+                log.warning(f"removed {os.path.join(folder, name)}, left by an interrupted run")
+        yield created
 
 
 # -- the steps of unlearn(), in order ---------------------------------------------------------------------
@@ -379,6 +463,9 @@ def _check_inputs(
     if cfg.method == "idk" and not idk_answers:
         raise ValueError("method='idk' needs idk_answers (refusal strings, e.g. from --idk-file)")
     if output_dir is not None:
+        source = getattr(model, "name_or_path", None)
+        if isinstance(source, str) and source and os.path.isdir(source):
+            check_output_location(output_dir, {"model's": source}, flag="output_dir")
         check_output_dir(output_dir, resume)
     elif resume:
         raise ValueError("resume=True needs an output_dir")
@@ -555,10 +642,45 @@ def _build_objective(student: nn.Module, teacher: Teacher | None, cfg: UnlearnCo
     )
 
 
-def _save_or_compare_config(trainer_dir: str, cfg: UnlearnConfig, resume: bool) -> None:
-    """A new run saves its settings beside its checkpoints; a resumed one must have the same settings."""
+def _data_fingerprint(
+    forget_rows: Sequence[dict[str, Any]],
+    retain_rows: Sequence[dict[str, Any]] | None,
+    idk_answers: Sequence[str] | None,
+    tokenizer: Any,
+) -> dict[str, str | None]:
+    """SHA-256 digests of what a run's examples are made of besides its settings."""
+    return {
+        "forget rows": rows_fingerprint(forget_rows),
+        "retain rows": None if retain_rows is None else rows_fingerprint(retain_rows),
+        "IDK answers": None if idk_answers is None else rows_fingerprint(list(idk_answers)),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+
+
+def _compare_fingerprint(trainer_dir: str, fingerprint: dict[str, str | None]) -> None:
+    path = os.path.join(trainer_dir, FINGERPRINT_FILE)
+    if not os.path.exists(path):
+        log.warning(f"{trainer_dir} records no data fingerprint (an older run): the data is not checked")
+        return
+    with open(path, encoding="utf-8") as f:
+        before = json.load(f)
+    changed = [k for k in fingerprint if before.get(k) != fingerprint[k]]
+    if changed:
+        raise ValueError(
+            f"cannot resume with different data: {', '.join(changed)} changed since the run was started; "
+            "resume with the same files and tokenizer, or start a new run in another folder"
+        )
+
+
+def _save_or_compare_config(
+    trainer_dir: str, cfg: UnlearnConfig, resume: bool, fingerprint: dict[str, str | None] | None = None
+) -> None:
+    """A new run saves its settings (and ``fingerprint``, the digests of its data) beside its checkpoints; a
+    resumed one must have the same settings and data."""
     os.makedirs(trainer_dir, exist_ok=True)
     saved_cfg = os.path.join(trainer_dir, CONFIG_FILE)
+    if resume and fingerprint is not None:
+        _compare_fingerprint(trainer_dir, fingerprint)
     if resume and os.path.exists(saved_cfg):
         with open(saved_cfg) as f:
             before = json.load(f)
@@ -571,12 +693,14 @@ def _save_or_compare_config(trainer_dir: str, cfg: UnlearnConfig, resume: bool) 
         legacy = json.loads(json.dumps(UnlearnConfig().to_dict(), default=str))
         legacy["retain_reduction"] = "token" if before["retain_loss"] == "kl" else now["retain_reduction"]
         changed = sorted(
-            k for k in now if k not in ("progress", "preset") and before.get(k, legacy.get(k)) != now[k]
+            k for k in now if k not in RESUMABLE_CHANGES and before.get(k, legacy.get(k)) != now[k]
         )
         if changed:
             raise ValueError(f"cannot resume with different settings: {', '.join(changed)} changed")
     elif is_main_process():
         atomic_write_json(saved_cfg, cfg.to_dict(), indent=2, default=str)
+        if fingerprint is not None:
+            atomic_write_json(os.path.join(trainer_dir, FINGERPRINT_FILE), fingerprint, indent=2)
 
 
 def _build_trainer(
@@ -597,6 +721,7 @@ def _build_trainer(
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=list(callbacks or []),
+        max_nonfinite_steps=cfg.max_nonfinite_steps,
     )
     if not cfg.progress:
         from transformers.trainer_callback import PrinterCallback
@@ -605,12 +730,23 @@ def _build_trainer(
     return trainer
 
 
-def _train(trainer: Any, trainer_dir: str, resume: bool) -> None:
+def _train(trainer: Any, trainer_dir: str | None, resume: bool) -> None:
+    """``trainer.train()``, from the newest complete checkpoint when resuming. ``trainer_dir``: where the
+    run's checkpoints are (None: an in-memory run). A run stopped on a non-finite number says which
+    checkpoint is kept."""
+    from asu.trainer import NonFiniteTrainingError
+
     resume_from = None
     if resume:
         # The newest checkpoint every rank finished writing (a killed rank may leave a partial one).
         resume_from = os.path.join(trainer_dir, complete_checkpoints(trainer_dir)[-1])
-    trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except NonFiniteTrainingError as e:
+        kept = complete_checkpoints(trainer_dir) if trainer_dir is not None else []
+        where = f"; the last good checkpoint, {os.path.join(trainer_dir, kept[-1])}, is kept" if kept else ""
+        hint = "lower the learning rate, or let max_nonfinite_steps (--max-nonfinite-steps) skip such steps"
+        raise NonFiniteTrainingError(f"{e}; no model was written{where}; {hint}", e.step) from None
 
 
 def _history(trainer: Any) -> list[dict[str, Any]]:
@@ -631,6 +767,7 @@ def _stats(
 ) -> dict[str, Any]:
     stats: dict[str, Any] = {
         "optimizer_steps": trainer.state.global_step,
+        "skipped_nonfinite_steps": list(trainer.nonfinite_watch.skipped),
         "micro_batches_per_epoch": plan.micro_per_epoch,
         "effective_batch_size": cfg.batch_size * cfg.grad_accum * plan.world,
         "wall_time_s": wall,

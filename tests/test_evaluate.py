@@ -579,12 +579,12 @@ def test_asu_eval_bad_input(tmp_path, world_model, capsys):
     out = str(tmp_path / "out")
 
     def fails(argv, message):
-        assert main(["eval", *argv, "--out", out, "--no-progress"]) == 1
+        assert main(["eval", *argv, "--out", out, "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert message in err, err
         assert not (tmp_path / "out").exists()  # nothing written
 
-    fails(["--model", str(tmp_path / "nope"), "--data", str(d["forget"])], "model directory not found")
+    fails(["--model", str(tmp_path / "nope"), "--data", str(d["forget"])], "does not exist")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "Who?"}\n')
     fails(["--model", model_dir, "--data", str(bad)], "'answer'")

@@ -45,7 +45,7 @@ KERNEL_CASES: dict[str, set[str]] = {
     "test_training_gradients_equal_eager": {"llama"},
     "test_set_attn_implementation_and_from_pretrained": set(),
     "test_dropout_in_training_raises": set(),
-    "test_output_attentions_raises": set(),
+    "test_output_attentions_returns_eager_weights": set(),
     "test_static_cache_generation_equals_eager": set(),
     "test_qwen3_padded_equals_eager": set(),
     "test_packed_training_with_gradient_checkpointing_equals_eager": set(),
@@ -339,10 +339,16 @@ def test_dropout_in_training_raises():
     ours(input_ids=_ids(), use_cache=False)
 
 
-def test_output_attentions_raises():
-    (ours,) = _models("llama", "asu")
-    with pytest.raises(ValueError, match="output_attentions"):
-        ours(input_ids=_ids(), output_attentions=True)
+def test_output_attentions_returns_eager_weights():
+    """output_attentions=True runs eager attention at the module's temperature (masks, packing, head dims and
+    the warning: tests/test_attention_fallbacks.py)."""
+    eager, ours = _models("llama", "eager", "asu")
+    with smoothing(ours, 2.3), smoothing(eager, 2.3):
+        got = ours(input_ids=_ids(), output_attentions=True, use_cache=False)
+        want = eager(input_ids=_ids(), output_attentions=True, use_cache=False)
+    assert_fp32_close(got.logits, want.logits)
+    for a, b in zip(got.attentions, want.attentions, strict=True):
+        assert_fp32_close(a, b)
 
 
 def test_mask_function_forms():
@@ -355,8 +361,10 @@ def test_mask_function_forms():
     assert asu_attention.asu_attention_mask(2, 4, 4, attention_mask=None) is None
     # A sliding-window cache keeps the last kv_length keys: the mask is sliced from the right.
     assert asu_attention.asu_attention_mask(2, 1, 2, attention_mask=mask.bool()) is None
+    custom = torch.ones(2, 1, 4, 4, dtype=torch.bool)  # a custom 4D mask is handed on as it is
+    assert asu_attention.asu_attention_mask(2, 4, 4, attention_mask=custom) is custom
     with pytest.raises(ValueError, match="2D"):
-        asu_attention.asu_attention_mask(2, 4, 4, attention_mask=torch.ones(2, 1, 4, 4, dtype=torch.bool))
+        asu_attention.asu_attention_mask(2, 4, 4, attention_mask=torch.ones(2, 4, 4, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -445,7 +453,7 @@ def test_attention_function_rejects_inconsistent_inputs():
             module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=torch.tensor([0, 3, 6], dtype=torch.int32)
         )
     with pytest.raises(ValueError, match="bool key-padding mask"):
-        asu_attention.asu_attention_forward(module, q, k, v, torch.zeros(1, 1, 6, 6))
+        asu_attention.asu_attention_forward(module, q, k, v, torch.zeros(1, 6, 6))
     with pytest.raises(ValueError, match="sinks"):
         asu_attention.asu_attention_forward(module, q, k, v, None, s_aux=torch.zeros(4))
 

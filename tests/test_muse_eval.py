@@ -156,5 +156,5 @@ def test_asu_eval_muse_command(memorised, tok, tmp_path, capsys):
     assert "| forget_verbmem_ROUGE |" in capsys.readouterr().out
     summary = json.loads((tmp_path / "out" / "MUSE_SUMMARY.json").read_text())
     assert {"forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "privleak"} <= set(summary)
-    assert main([*argv[:-3], "--max-new-tokens", "5", "--out", str(tmp_path / "o2")]) == 1
+    assert main([*argv[:-3], "--max-new-tokens", "5", "--out", str(tmp_path / "o2")]) == 2
     assert "MUSE uses its own lengths" in capsys.readouterr().err

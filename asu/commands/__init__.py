@@ -4,13 +4,18 @@
 (for launchers that run a module, e.g. ``accelerate launch -m``). A subcommand module exposes
 ``add_arguments(parser)`` and ``run(args) -> int`` (the exit status). Argument parsing and exit codes live
 here and in those modules only; the work itself is the library's (:mod:`asu.unlearn`, :mod:`asu.evaluate`,
-:mod:`asu.inspection`) or the demo's (:mod:`asu.demo`).
+:mod:`asu.inspection`) or the demo's (:mod:`asu.demo`). Every subcommand runs inside one error boundary
+(:mod:`asu.commands.boundary`): an expected failure is one line and exit status 2, Ctrl-C exit status 130;
+``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import sys
+
+from asu.commands.boundary import EXIT_INTERRUPTED, run_command
 
 SUBCOMMANDS = {
     "demo": ("asu.commands.demo", "forget authors of the embedded synthetic world with ASU and report"),
@@ -22,15 +27,25 @@ SUBCOMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asu", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         module = importlib.import_module(module_name)
         module.add_arguments(p)
+        # Also accepted after the subcommand; SUPPRESS keeps a --debug given before it.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         p.set_defaults(_run=module.run)
     return parser
 
 
+DEBUG_HELP = "print the traceback of a failure (for bug reports)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the libraries are imported
+        print("asu: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return run_command(args.command, args._run, args)

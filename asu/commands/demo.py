@@ -1,14 +1,27 @@
 """``asu demo``: forget authors of the embedded world with ASU, against GA+GD, and report (see
-:mod:`asu.demo.run`)."""
+:mod:`asu.demo.run`).
+
+On a CPU the demo runs torch on one thread unless told otherwise (``--threads``, or ``OMP_NUM_THREADS`` set in
+the environment): its model is tiny, so the work of one operation is too small to split, and with two or
+more threads every operation waits for all of them; on a machine whose cores are busy with other work a
+thread that is not scheduled stalls the others (measured by ``benchmarks/demo_threads.py``; README
+"Guarantees").
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import os
 from dataclasses import replace
 from typing import Any
 
+import torch
+
+from asu.commands.outputs import locked_output
 from asu.demo.run import DemoSettings, default_settings, run_demo
+
+#: torch threads of a CPU demo run when neither --threads nor OMP_NUM_THREADS says otherwise.
+DEMO_CPU_THREADS = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, help="ASU learning rate")
     parser.add_argument("--ga-lrs", help="comma-separated GA+GD learning rates")
     parser.add_argument("--epochs", type=int, help="unlearning epochs")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help=f"CPU threads for torch (default {DEMO_CPU_THREADS} on a CPU, or OMP_NUM_THREADS when set: the "
+        "demo's model is too small to gain from more, and a busy machine makes them wait on each other)",
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -60,11 +79,24 @@ def _settings_from_args(args: argparse.Namespace) -> DemoSettings:
     return s
 
 
+def cpu_threads(requested: int | None) -> int | None:
+    """The torch thread count to set: ``requested`` (>= 1), else :data:`DEMO_CPU_THREADS` on a CPU-only
+    machine unless ``OMP_NUM_THREADS`` is set; None = leave torch's setting."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads must be >= 1, got {requested}")
+        return requested
+    if torch.cuda.is_available() or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return DEMO_CPU_THREADS
+
+
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = _settings_from_args(args)
-    except ValueError as e:
-        print(f"asu demo: error: {e}", file=sys.stderr)
-        return 1
-    run_demo(settings, args.out, args.cache_dir, args.method, progress=not args.no_progress)
+    """``asu demo``; failures are exceptions for the command's error boundary."""
+    settings = _settings_from_args(args)
+    threads = cpu_threads(args.threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    with locked_output(args.out, "demo"):
+        run_demo(settings, args.out, args.cache_dir, args.method, progress=not args.no_progress)
     return 0

@@ -1,6 +1,8 @@
 """``asu eval``: a model directory evaluated as open-unlearning evaluates it (TOFU, the default, or MUSE's
 raw-text evaluation with ``--benchmark muse``), plus asu's additions, and the τ preview (the smoothed model,
-no training). The metrics are :mod:`asu.evaluate`'s; every input is validated before the model is loaded.
+no training). The metrics are :mod:`asu.evaluate`'s; every input (flags, data, reference, the model folder
+and its weights, ``--layers`` against the model, ``--out``) is validated before anything is written, and
+``--out`` is locked while the evaluation runs.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from typing import Any
 
 import torch
 
+from asu.commands.outputs import locked_output
 from asu.data import load_rows
 from asu.environment import environment
 from asu.evaluate import (
+    TOFU_MAX_LENGTH,
     TOFU_MAX_NEW_TOKENS,
     evaluate_model,
     evaluate_muse,
@@ -28,8 +32,9 @@ from asu.evaluate import (
     summary_table,
     write_results,
 )
-from asu.files import atomic_write, atomic_write_json, atomic_write_text
+from asu.files import atomic_write, atomic_write_json, atomic_write_text, check_output_location
 from asu.metrics.muse import VERBMEM_PREFIX_TOKENS
+from asu.models import load_model, load_tokenizer
 
 TOFU_HUB = "locuslab/TOFU"
 MUSE_HUB = "muse-bench/MUSE-{corpus}"
@@ -116,6 +121,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-new-tokens",
         type=int,
         help=f"TOFU's answer length (default {TOFU_MAX_NEW_TOKENS}, open-unlearning's); MUSE uses its own",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        help=f"tokens per TOFU question + answer, cut as training cuts them (default {TOFU_MAX_LENGTH}, "
+        "open-unlearning's)",
     )
     parser.add_argument("--verbmem-prefix-tokens", type=int, default=VERBMEM_PREFIX_TOKENS)
     parser.add_argument(
@@ -229,8 +240,8 @@ def _template(args: argparse.Namespace, model_dir: Path) -> str | None:
     run_file = model_dir / "run.json"
     if run_file.is_file():
         try:
-            config = json.loads(run_file.read_text(encoding="utf-8")).get("config") or {}
-        except (json.JSONDecodeError, AttributeError):
+            config = json.loads(run_file.read_bytes().decode("utf-8")).get("config") or {}
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             raise ValueError(f"{run_file}: not a valid run record") from None
         if isinstance(config.get("template"), str):
             return config["template"]
@@ -243,34 +254,40 @@ def _world_checker(args: argparse.Namespace) -> Callable[[str], bool] | None:
     path = Path(args.world) if args.world else (Path(args.data).parent / "world.json" if args.data else None)
     if path is None or not path.is_file():
         return None
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    return generate_world(WorldConfig(**meta["config"])).is_well_formed
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+        return generate_world(WorldConfig(**meta["config"])).is_well_formed
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a world.json of an asu world ({e})") from None
 
 
 def _load_model(model_dir: Path, device: str) -> tuple[Any, Any]:
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory not found: {model_dir}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The model (on ``device``, weights checked finite) and its tokenizer (:mod:`asu.models`)."""
+    model = load_model(model_dir, device=device)
+    return model, load_tokenizer(model_dir)
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load a model from {model_dir}: {str(e).splitlines()[0]}") from None
-    return model, tokenizer
+
+def _check_layers(args: argparse.Namespace, model: Any) -> None:
+    """``--layers`` against the model, before any evaluation runs."""
+    if args.layers:
+        from asu.smoothing import attention_modules, parse_layers
+
+        parse_layers(args.layers, len(attention_modules(model)))
 
 
 def _check_settings(args: argparse.Namespace) -> None:
-    for flag in ("batch_size", "max_new_tokens", "verbmem_prefix_tokens"):
+    for flag in ("batch_size", "max_new_tokens", "verbmem_prefix_tokens", "max_length"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
-    if args.benchmark == "muse" and (args.max_new_tokens or args.temperature or args.skip):
+    if args.max_length is not None and args.max_length < 2:
+        raise ValueError(f"--max-length must be >= 2, got {args.max_length}")
+    if args.benchmark == "muse" and (args.max_new_tokens or args.temperature or args.skip or args.max_length):
         raise ValueError(
-            "--max-new-tokens, --temperature and --skip apply to TOFU; MUSE uses its own lengths"
+            "--max-new-tokens, --max-length, --temperature and --skip apply to TOFU; MUSE uses its own "
+            "lengths"
         )
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a file")
+    check_output_location(args.out, {"--model": args.model})
 
 
 # ------------------------------------------------------------------------------------------------- runs
@@ -280,6 +297,7 @@ def _run_tofu(args: argparse.Namespace, rows: dict[str, Any], model: Any, tokeni
     kwargs = dict(
         batch_size=args.batch_size or 32,
         max_new_tokens=args.max_new_tokens or TOFU_MAX_NEW_TOKENS,
+        max_length=args.max_length or TOFU_MAX_LENGTH,
         well_formed=ctx["checker"],
         progress=not args.no_progress,
         holdout_rows=rows["holdout"],
@@ -335,15 +353,15 @@ def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], 
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        sources, rows, ctx = _prepare(args)
-        model, tokenizer = _load_model(Path(args.model), args.device)
-        runner = _run_tofu if args.benchmark == "tofu" else _run_muse
+    """``asu eval``: validate, load, evaluate into the locked ``--out``; failures are exceptions for the
+    command's error boundary."""
+    sources, rows, ctx = _prepare(args)
+    model, tokenizer = _load_model(Path(args.model), args.device)
+    _check_layers(args, model)
+    runner = _run_tofu if args.benchmark == "tofu" else _run_muse
+    with locked_output(args.out, "eval"):
         result = runner(args, rows, model, tokenizer, ctx)
         _write(args, result, sources, ctx)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"asu eval: error: {e}", file=sys.stderr)
-        return 1
     print(summary_table(result, _title(args, ctx)))
     if "tau_preview" in result:
         print("τ preview (smoothed model, no training):\n" + _preview_table(result))
@@ -376,6 +394,7 @@ def _write(args: argparse.Namespace, result: dict[str, Any], sources: dict[str, 
         "reference": args.reference,
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
+        "max_length": args.max_length,
         "skip": args.skip,
         "notes": result["notes"],
         "environment": environment(args.device),

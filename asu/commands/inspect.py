@@ -4,12 +4,14 @@
 Outputs in ``--out``: ``inspect.json`` (every number), ``summary.txt`` (which layers smoothing changes
 most) and heatmaps (layers x heads) ``kl_<set>_tau<tau>.png``, ``entropy_<set>_tau<tau>.png`` and
 ``entropy_<set>_tau1.png``.
+
+Every input (flags, data, the model folder and its weights, ``--layers`` against the model, ``--out``) is
+validated before anything is written; ``--out`` is locked while the command runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -17,9 +19,11 @@ from typing import Any
 
 import torch
 
+from asu.commands.outputs import locked_output
 from asu.commands.unlearn import add_data_arguments
-from asu.files import atomic_write, atomic_write_text
+from asu.files import atomic_write, atomic_write_json, atomic_write_text, check_output_location
 from asu.inspection import ROW_CHOICES, inspect_model, parse_temperatures, summarize
+from asu.models import load_model, load_tokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +80,7 @@ def write_outputs(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Pa
     out.mkdir(parents=True, exist_ok=True)
     written = []
     path = out / "inspect.json"
-    atomic_write_text(path, json.dumps(report, indent=1))
+    atomic_write_json(path, report, indent=1)
     written.append(path)
     path = out / "summary.txt"
     atomic_write_text(path, summarize(report))
@@ -96,20 +100,27 @@ def write_outputs(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Pa
     return written
 
 
-def _load_set(tokenizer: Any, path: str, args: argparse.Namespace) -> list[dict[str, list[int]]]:
-    from asu.data import encode_rows, load_rows
+def _template(args: argparse.Namespace) -> Any:
     from asu.templates import get_template
 
-    rows = load_rows(path, question_key=args.question_key, answer_key=args.answer_key)
+    kept = {} if args.system_prompt is None else {"system_prompt": args.system_prompt}
+    return get_template(args.template, **kept)
+
+
+def _encode_set(tokenizer: Any, rows: list[dict[str, Any]], path: str, args: argparse.Namespace) -> list:
+    from asu.data import encode_rows
+
     if args.max_examples is not None:
         rows = rows[: args.max_examples]
-    kept = {} if args.system_prompt is None else {"system_prompt": args.system_prompt}
-    template = get_template(args.template, **kept)
-    return encode_rows(tokenizer, rows, args.max_length, source=path, template=template)
+    return encode_rows(tokenizer, rows, args.max_length, source=path, template=_template(args))
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``asu inspect``: validate, load, measure, write into the locked ``--out``; failures are exceptions
+    for the command's error boundary."""
+    from asu.data import load_rows
+    from asu.smoothing import attention_modules, parse_layers
+    from asu.templates import describe_template
 
     temperatures = parse_temperatures(args.temperature)
     if args.max_length < 2:
@@ -119,7 +130,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         import matplotlib  # noqa: F401
     except ModuleNotFoundError:
-        raise SystemExit("asu inspect writes heatmaps with matplotlib: pip install matplotlib") from None
+        raise ValueError("asu inspect writes heatmaps with matplotlib: pip install matplotlib") from None
+    check_output_location(args.out, {"--model": args.model})
+    template = _template(args)
+    keys = {"question_key": args.question_key, "answer_key": args.answer_key}
+    sources = {"forget": args.data} | ({"retain": args.retain} if args.retain else {})
+    rows = {name: load_rows(path, **keys) for name, path in sources.items()}
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {
         "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
@@ -128,21 +144,21 @@ def run(args: argparse.Namespace) -> int:
         "float16": torch.float16,
     }[args.dtype]
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
-    examples = {"forget": _load_set(tokenizer, args.data, args)}
-    if args.retain:
-        examples["retain"] = _load_set(tokenizer, args.retain, args)
-    report = inspect_model(model, examples, temperatures=temperatures, layers=args.layers, rows=args.rows)
-    report["model"] = str(args.model)
-    report["data"] = {"forget": str(args.data), "retain": None if args.retain is None else str(args.retain)}
-    report["max_length"] = args.max_length
-    from asu.templates import describe_template, get_template
-
-    kept = {} if args.system_prompt is None else {"system_prompt": args.system_prompt}
-    report["template"] = describe_template(get_template(args.template, **kept), tokenizer)
-    report["seconds"] = round(time.perf_counter() - start, 3)
-    paths = write_outputs(report, args.out)
+    model = load_model(args.model, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(args.model)
+    parse_layers(args.layers, len(attention_modules(model)))
+    examples = {name: _encode_set(tokenizer, rows[name], sources[name], args) for name in sources}
+    with locked_output(args.out, "inspect"):
+        report = inspect_model(model, examples, temperatures=temperatures, layers=args.layers, rows=args.rows)
+        report["model"] = str(args.model)
+        report["data"] = {
+            "forget": str(args.data),
+            "retain": None if args.retain is None else str(args.retain),
+        }
+        report["max_length"] = args.max_length
+        report["template"] = describe_template(template, tokenizer)
+        report["seconds"] = round(time.perf_counter() - start, 3)
+        paths = write_outputs(report, args.out)
     print(summarize(report), end="")
     print(f"wrote {len(paths)} files to {args.out}")
     return 0

@@ -3,19 +3,22 @@
 Arguments map one to one onto :class:`asu.unlearn.UnlearnConfig` (whose defaults are the paper's TOFU
 settings); ``--preset`` starts from one of the paper's recipes (:mod:`asu.presets`) and flags given
 explicitly override it. The work is :func:`asu.unlearn.unlearn`. Everything is validated before any file is
-written.
+written: the settings, the data, the model folder (its files readable, its weights finite) and ``--out`` (not
+a file, not the model's folder nor inside or around it, no finished run in it); failures reach the error
+boundary of :mod:`asu.commands.boundary` as one line.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
-from asu.data import DataError, load_idk_answers, load_rows
+from asu.data import load_idk_answers, load_rows
+from asu.files import check_output_location
 from asu.losses import METHOD_ALIASES, METHODS, RETAIN_LOSS_ALIASES, RETAIN_LOSSES, RETAIN_REDUCTIONS
+from asu.models import check_model_folder, load_model, load_tokenizer
 from asu.presets import PRESETS, preset_values
 from asu.smoothing import parse_layers
 from asu.teachers import TEACHER_SOURCES
@@ -124,6 +127,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    parser.add_argument(
+        "--max-nonfinite-steps",
+        type=int,
+        default=d.max_nonfinite_steps,
+        help="optimizer steps with a NaN/infinite loss or gradient norm to skip before the run stops "
+        f"with an error (default {d.max_nonfinite_steps}: stop at the first)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -178,6 +188,7 @@ def _config_from_args(args: argparse.Namespace) -> UnlearnConfig:
         lora_r=args.lora_r,
         cache_dir=args.cache_dir,
         save_steps=args.save_steps,
+        max_nonfinite_steps=args.max_nonfinite_steps,
         progress=not args.no_progress,
     )
 
@@ -189,62 +200,54 @@ def _load_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _error(message: str) -> int:
-    first = str(message).strip().splitlines()[0] if str(message).strip() else "failed"
-    print(f"asu unlearn: error: {first}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
-    """``asu unlearn``: validate everything, load, unlearn, write ``--out``. Returns the exit status."""
-    try:
-        cfg = _config_from_args(args)
-        cfg.validate()
-        if not os.path.isdir(args.model):
-            raise ValueError(f"model path {args.model} does not exist (or is not a directory)")
-        keys = {"question_key": args.question_key, "answer_key": args.answer_key}
-        forget_rows = load_rows(args.forget, **keys)
-        if cfg.method != "ga" and not args.retain:
-            raise ValueError(f"--method {cfg.method} needs --retain")
-        retain_rows = load_rows(args.retain, **keys) if args.retain else None
-        idk_answers = None
-        if cfg.method == "idk":
-            if not args.idk_file:
-                raise ValueError("--method idk needs --idk-file (refusal answers, one per line)")
-            idk_answers = load_idk_answers(args.idk_file)
-        check_output_dir(args.out, args.resume)
+    """``asu unlearn``: validate everything, load, unlearn, write ``--out``. Returns the exit status; every
+    failure is an exception for the command's error boundary."""
+    cfg = _config_from_args(args)
+    cfg.validate()
+    check_model_folder(args.model)
+    check_output_location(args.out, {"--model": args.model})
+    if args.cache_dir:
+        check_output_location(args.cache_dir, {"--model": args.model}, flag="--cache-dir")
+    keys = {"question_key": args.question_key, "answer_key": args.answer_key}
+    forget_rows = load_rows(args.forget, **keys)
+    if cfg.method != "ga" and not args.retain:
+        raise ValueError(f"--method {cfg.method} needs --retain")
+    retain_rows = load_rows(args.retain, **keys) if args.retain else None
+    idk_answers = None
+    if cfg.method == "idk":
+        if not args.idk_file:
+            raise ValueError("--method idk needs --idk-file (refusal answers, one per line)")
+        idk_answers = load_idk_answers(args.idk_file)
+    check_output_dir(args.out, args.resume)
 
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
 
-        if args.no_progress:
-            hf_logging.disable_progress_bar()
-        # Check the layer selection against the config before loading any weights.
-        model_config = AutoConfig.from_pretrained(args.model)
-        num_layers = getattr(model_config, "num_hidden_layers", None)
-        if cfg.layers is not None and isinstance(num_layers, int):
-            parse_layers(cfg.layers, num_layers)
-        attn = args.attn_implementation
-        if attn == "auto":
-            attn = "asu" if torch.cuda.is_available() else "sdpa"
-        if attn == "asu":
-            import asu.attention  # noqa: F401  (registers the "asu" attention)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(
-            args.model, dtype=_load_dtype(args.dtype), attn_implementation=attn
-        )
-        result = unlearn(
-            model,
-            tokenizer,
-            forget_rows,
-            retain_rows,
-            cfg,
-            output_dir=args.out,
-            idk_answers=idk_answers,
-            resume=args.resume,
-        )
-    except (DataError, ValueError, TypeError, OSError) as e:
-        return _error(str(e))
+    if args.no_progress:
+        hf_logging.disable_progress_bar()
+    # Check the layer selection against the config before loading any weights.
+    model_config = AutoConfig.from_pretrained(args.model)
+    num_layers = getattr(model_config, "num_hidden_layers", None)
+    if cfg.layers is not None and isinstance(num_layers, int):
+        parse_layers(cfg.layers, num_layers)
+    attn = args.attn_implementation
+    if attn == "auto":
+        attn = "asu" if torch.cuda.is_available() else "sdpa"
+    if attn == "asu":
+        import asu.attention  # noqa: F401  (registers the "asu" attention)
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=_load_dtype(args.dtype), attn_implementation=attn)
+    result = unlearn(
+        model,
+        tokenizer,
+        forget_rows,
+        retain_rows,
+        cfg,
+        output_dir=args.out,
+        idk_answers=idk_answers,
+        resume=args.resume,
+    )
     final = result.history[-1] if result.history else {}
     print(
         f"asu unlearn: {cfg.method} done, {result.stats['optimizer_steps']} steps, "
