@@ -3,10 +3,11 @@
     python -m benchmarks.compile_report [--module attention,linear_kl] [--quick] [--cc 80,90] [--out FILE]
 
 For each ``asu_kernels.<module>.aot_specs()`` (modules without one are skipped), every spec is built with
-``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cc, 32))``; the bundled
-``ptxas -v`` is run on its PTX (``sm_90a`` for Hopper, needed by wgmma) for registers and spill bytes, and
-the sm_90 PTX is searched for ``wgmma``. One table row per (spec, cc): shared memory, registers, spill bytes,
-wgmma, status.
+``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cc, 32))``; ``ptxas -v`` is
+run on its PTX (``sm_90a`` for Hopper, needed by wgmma) for registers and spill bytes, and the sm_90 PTX is
+searched for ``wgmma``. The ptxas is the one the installed Triton uses for the target (:func:`resolve_ptxas`),
+so it accepts the PTX version Triton emitted; the report's header names the binary, its CUDA release and the
+PTX version. One table row per (spec, cc): shared memory, registers, spill bytes, wgmma, status.
 
 Run it as its own process: it clears ``TRITON_INTERPRET`` before importing the kernels. Exit status 1
 when a spec fails to compile, needs more shared memory than the device has (sm_80: 163 KiB, sm_90:
@@ -16,8 +17,10 @@ when a spec fails to compile, needs more shared memory than the device has (sm_8
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -45,6 +48,7 @@ class Row:
     spill: int = -1
     wgmma: bool | None = None
     seconds: float = 0.0
+    ptx: str = ""  # the PTX ``.version`` Triton emitted
     error: str = ""
 
     def problems(self) -> list[str]:
@@ -61,10 +65,48 @@ class Row:
         return out
 
 
-def _ptxas() -> Path:
-    import triton
+@dataclass(frozen=True)
+class Ptxas:
+    """The ptxas binary the installed Triton runs for one compute capability, and its CUDA release."""
 
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    path: str
+    release: str
+
+    def shown(self) -> str:
+        """The path relative to the triton package when it is the bundled binary, else as given."""
+        import triton
+
+        package = Path(triton.__file__).resolve().parent
+        try:
+            return "triton/" + Path(self.path).resolve().relative_to(package).as_posix()
+        except ValueError:
+            return self.path
+
+
+@functools.cache
+def resolve_ptxas(cc: int) -> Ptxas:
+    """The ptxas Triton itself uses for ``sm_<cc>``, found through Triton's own helpers.
+
+    Triton picks the binary per architecture (triton 3.9 compiles sm_90 with its CUDA 13 ``ptxas-blackwell``
+    and sm_80 with the CUDA 12 ``ptxas``) and honours ``TRITON_PTXAS_PATH`` /
+    ``TRITON_PTXAS_BLACKWELL_PATH``; asking it here keeps the report's ``ptxas -v`` on the same binary,
+    which accepts the PTX version Triton emitted.
+    """
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError:  # no per-architecture choice: the one ptxas knob
+        from triton import knobs
+
+        tool = knobs.nvidia.ptxas
+    else:
+        tool = get_ptxas(cc)
+    return Ptxas(str(tool.path), str(tool.version))
+
+
+def ptx_version(ptx: str) -> str:
+    """The ``.version X.Y`` directive of a PTX module (``?`` when absent)."""
+    found = re.search(r"^\s*\.version\s+(\d+\.\d+)", ptx, flags=re.MULTILINE)
+    return found.group(1) if found else "?"
 
 
 def _ptxas_stats(ptx: str, cc: int) -> tuple[int, int]:
@@ -72,11 +114,9 @@ def _ptxas_stats(ptx: str, cc: int) -> tuple[int, int]:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
+        cmd = [resolve_ptxas(cc).path, "-v", "--gpu-name", PTXAS_ARCH[cc], str(src)]
         res = subprocess.run(
-            [str(_ptxas()), "-v", "--gpu-name", PTXAS_ARCH[cc], str(src), "-o", str(Path(tmp) / "k.cubin")],
-            capture_output=True,
-            text=True,
-            check=False,
+            [*cmd, "-o", str(Path(tmp) / "k.cubin")], capture_output=True, text=True, check=False
         )
     text = res.stdout + res.stderr
     if res.returncode != 0:
@@ -132,6 +172,7 @@ def _compile_one(job: tuple[str, int, int]) -> Row:
         )
         row.smem = int(kernel.metadata.shared)
         ptx = kernel.asm["ptx"]
+        row.ptx = ptx_version(ptx)
         row.regs, row.spill = _ptxas_stats(ptx, cc)
         row.wgmma = ("wgmma" in ptx) if cc >= 90 else None
     except Exception as exc:  # a failed compile is a report row, not a crash of the whole report
@@ -163,12 +204,32 @@ def _table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+def _header(rows: list[Row], ccs: list[int], argv: list[str]) -> str:
+    """Title, command, machine, versions and, per target, the ptxas binary and the PTX version used."""
+    import triton
+
+    from asu.environment import cpu_model, library_versions, utc_timestamp
+
+    command = " ".join(["python -m benchmarks.compile_report", *argv])
+    libraries = ", ".join(f"{k} {v}" for k, v in library_versions(("torch", "triton", "numpy")).items())
+    lines = [
+        "# Ahead-of-time compile report",
+        "",
+        f"Produced by `{command}` on {cpu_model()} ({os.cpu_count()} cores, no GPU needed), "
+        f"{utc_timestamp()}; python {platform.python_version()}, {libraries}.",
+        "",
+        f"ptxas as the installed triton {triton.__version__} resolves it for each target (its "
+        "`TRITON_PTXAS_PATH` / `TRITON_PTXAS_BLACKWELL_PATH` honoured), and the PTX version Triton emitted:",
+        "",
+    ]
+    for cc in ccs:
+        tool = resolve_ptxas(cc)
+        ptx = sorted({r.ptx for r in rows if r.cc == cc and r.ptx})
+        lines.append(
+            f"* sm_{cc}: `{tool.shown()}` (CUDA {tool.release}), run as `--gpu-name {PTXAS_ARCH[cc]}`; "
+            f"PTX `.version {', '.join(ptx) or '?'}`"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,10 +284,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{sum(1 for r in rows if not r.error)} ok, {len(failures)} problem(s)",
         *notes,
     ]
-    text = _table(rows) + "\n\n" + "\n".join(summary) + "\n"
+    argv = sys.argv[1:] if argv is None else argv
+    text = "\n\n".join([_header(rows, ccs, argv), _table(rows), "\n".join(summary)]) + "\n"
     print(text)
     if args.out is not None:
-        _write_atomic(args.out, text)
+        from asu.files import atomic_write_text
+
+        atomic_write_text(args.out, text)
     for row, problem in failures:
         print(f"FAIL {row.spec} sm_{row.cc}: {problem}", file=sys.stderr)
     return 1 if failures else 0

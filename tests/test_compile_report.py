@@ -17,8 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def _run(*args: str, timeout: int = 300, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | extra_env
     return subprocess.run(
         [sys.executable, "-m", "benchmarks.compile_report", *args],
         cwd=ROOT,
@@ -55,7 +55,40 @@ def test_quick_compile_report_passes(tmp_path):
     for kernel in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"):
         assert attention[(kernel, "sm_90")][5] == "yes"
         assert attention[(kernel, "sm_90")][4] == "0"
-    assert out.read_text().startswith("| spec |")
+    text = out.read_text()
+    assert text.startswith("# Ahead-of-time compile report")
+    assert "| spec |" in text
+    # the header names, per target, the ptxas Triton resolved and the PTX version it emitted
+    for cc in ("sm_80", "sm_90"):
+        line = next(x for x in text.splitlines() if x.startswith(f"* {cc}: `"))
+        assert "ptxas" in line and "(CUDA " in line and "PTX `.version " in line and "?" not in line, line
+
+
+def test_report_uses_the_ptxas_triton_resolves(tmp_path):
+    """``TRITON_PTXAS_PATH`` reaches the report's ``ptxas -v`` the way it reaches Triton's own compile."""
+    pytest.importorskip("triton")
+    probe = "from benchmarks.compile_report import resolve_ptxas; print(resolve_ptxas(80).path)"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    real = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    calls = tmp_path / "calls.txt"
+    wrapper = tmp_path / "ptxas"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\nexec "{real}" "$@"\n')
+    wrapper.chmod(0o755)
+    res = _run(
+        "--module",
+        "linear_kl",
+        "--quick",
+        "--filter",
+        "linear_ce",
+        "--cc",
+        "80",
+        TRITON_PTXAS_PATH=str(wrapper),
+    )
+    assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    assert f"* sm_80: `{wrapper}` (CUDA " in res.stdout
+    assert any(line.startswith("-v --gpu-name sm_80 ") for line in calls.read_text().splitlines())
 
 
 def test_report_flags_problems():
@@ -67,6 +100,9 @@ def test_report_flags_problems():
         "assert Row('m', 's', 90, True, smem=1024, regs=255, spill=8).problems()\n"
         "assert not Row('m', 's', 80, True, smem=1024, regs=255, spill=8).problems()\n"
         "assert Row('m', 's', 90, False, error='CompilationError: x').problems()\n"
+        "from benchmarks.compile_report import ptx_version\n"
+        "assert ptx_version('//\\n.version 9.4\\n.target sm_90a') == '9.4'\n"
+        "assert ptx_version('.target sm_80') == '?'\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
