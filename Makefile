@@ -74,10 +74,12 @@ $(eval $(call matrix_venv,.venv-gpu-image,$(GPU_IMAGE_PINS)))
 VERSIONS := -c "import platform; from asu.environment import library_versions as v; \
 	print('python', platform.python_version(), v(('torch', 'triton', 'transformers', 'tokenizers', 'numpy', 'peft', 'accelerate')))"
 
+# --allow-spills in the newest job: under triton 3.9 two h100 candidates spill on sm_90 (see the README); the
+# job checks that every configuration compiles.
 matrix-newest: .venv-newest/.installed
 	.venv-newest/bin/python $(VERSIONS)
 	TRITON_INTERPRET=1 .venv-newest/bin/python -m pytest $(MATRIX_PYTEST) $(KERNEL_TESTS) $(HF_TESTS)
-	.venv-newest/bin/python -m benchmarks.compile_report --quick
+	.venv-newest/bin/python -m benchmarks.compile_report --quick --allow-spills
 
 matrix-floor: .venv-floor/.installed
 	.venv-floor/bin/python $(VERSIONS)
