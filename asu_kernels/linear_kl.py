@@ -6,6 +6,11 @@ Semantics are defined in :mod:`asu_kernels.reference` (``linear_kl``, ``linear_c
 * ``linear_cross_entropy = sum_i w_i (-log softmax(h_i W^T + b)[y_i])`` over rows with
   ``y_i != ignore_index``, ``w_i = 1/#valid`` by default.
 
+Dtypes: the hidden states, heads and biases may differ (bf16 activations with an fp32 master-weight head).
+:func:`_compute_dtype` picks one dtype for the matmuls (the autocast dtype inside ``torch.autocast``, else
+the widest present); the softmax part accumulates in fp32, the loss is returned in fp32 and each gradient in
+its input's own dtype.
+
 How it runs
 -----------
 Rows with weight 0 (and ignored labels) are dropped first, so they cost nothing. The remaining rows are

