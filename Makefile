@@ -7,7 +7,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-all lint format demo compile-report bench clean
+.PHONY: venv test test-all test-matrix matrix-venvs matrix-newest matrix-floor matrix-gpu-image lint format demo \
+	compile-report bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +34,68 @@ test: $(STAMP) lint
 test-all: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
+# ---------------------------------------------------------------------------------------------------------
+# The version matrix (`make test-matrix`, run by .ci/run after `make test`). Each job has its own venv,
+# created from scratch (the folder is removed first) whenever pyproject.toml or this Makefile changes, so a
+# fresh clone builds every one. The pins are the tested combinations listed in the README.
+#   newest:    the newest triton, transformers and numpy on PyPI (with CPU torch 2.13)
+#   floor:     every direct dependency at the floor pyproject.toml declares (CPU torch 2.13: see the README)
+#   gpu-image: the GPU image's torch 2.11 / triton 3.6.0 / transformers 5.17 (torch 2.11 from PyPI is the
+#              CUDA build; it runs on the CPU here)
+# `torch==2.13.0` resolves to the CPU wheel on this machine's disk; a plain `torch` would pull a CUDA build.
+NEWEST_PINS    := torch==2.13.0 triton==3.9.0 transformers==5.24.0 numpy==2.4.6
+FLOOR_PINS     := torch==2.13.0 triton==3.6.0 transformers==5.4.0 tokenizers==0.22.1 safetensors==0.4.3 \
+	tqdm==4.66.0 rouge-score==0.1.2 scipy==1.10.0 matplotlib==3.8.0 peft==0.18.0 accelerate==1.3.0 \
+	datasets==4.0.0 hypothesis==6.100.0
+GPU_IMAGE_PINS := torch==2.11.0 triton==3.6.0 transformers==5.17.0 "numpy<2.4"
+
+# The kernels in the interpreter, and the layer on transformers (attention swap, losses, trainer, evaluation).
+KERNEL_TESTS := tests/test_reference.py tests/test_attention.py tests/test_attention_kl.py tests/test_linear_kl.py \
+	tests/test_compile_report.py
+HF_TESTS     := tests/test_hf_attention.py tests/test_smoothing.py tests/test_asu_attn.py tests/test_losses.py \
+	tests/test_data.py tests/test_unlearn.py tests/test_evaluate.py tests/test_inspect.py tests/test_templates.py \
+	tests/test_model_families.py tests/test_attention_fallbacks.py
+MATRIX_PYTEST := -m "not gpu and not slow" -p no:cacheprovider -q $(PYTEST_ARGS)
+
+# $(call matrix_venv,DIR,PINS): DIR/.installed, a venv with PINS and the package (editable, dev extras).
+# --no-compile: no .pyc for the whole of torch up front (CPU time CI needs for the tests); imports compile
+# what they use.
+define matrix_venv
+$(1)/.installed: pyproject.toml Makefile
+	rm -rf $(1)
+	$(PY) -m venv $(1)
+	$(1)/bin/python -m pip install -q --no-compile --upgrade pip
+	$(1)/bin/python -m pip install -q --no-compile $(2) -e ".[dev]"
+	touch $$@
+endef
+$(eval $(call matrix_venv,.venv-newest,$(NEWEST_PINS)))
+$(eval $(call matrix_venv,.venv-floor,$(FLOOR_PINS)))
+$(eval $(call matrix_venv,.venv-gpu-image,$(GPU_IMAGE_PINS)))
+
+# Prints the versions a job runs with, so the CI log shows the combination.
+VERSIONS := -c "import platform; from asu.environment import library_versions as v; \
+	print('python', platform.python_version(), v(('torch', 'triton', 'transformers', 'tokenizers', 'numpy', 'peft', 'accelerate')))"
+
+# --allow-spills in the newest job: under triton 3.9 two h100 candidates spill on sm_90 (see the README); the
+# job checks that every configuration compiles.
+matrix-newest: .venv-newest/.installed
+	.venv-newest/bin/python $(VERSIONS)
+	TRITON_INTERPRET=1 .venv-newest/bin/python -m pytest $(MATRIX_PYTEST) $(KERNEL_TESTS) $(HF_TESTS)
+	.venv-newest/bin/python -m benchmarks.compile_report --quick --allow-spills
+
+matrix-floor: .venv-floor/.installed
+	.venv-floor/bin/python $(VERSIONS)
+	TRITON_INTERPRET=1 .venv-floor/bin/python -m pytest $(MATRIX_PYTEST) $(HF_TESTS)
+
+matrix-gpu-image: .venv-gpu-image/.installed
+	.venv-gpu-image/bin/python $(VERSIONS)
+	TRITON_INTERPRET=1 .venv-gpu-image/bin/python -m pytest $(MATRIX_PYTEST) $(HF_TESTS)
+
+# The venvs alone: .ci/run builds them in the background while `make test` runs.
+matrix-venvs: .venv-newest/.installed .venv-floor/.installed .venv-gpu-image/.installed
+
+test-matrix: matrix-newest matrix-floor matrix-gpu-image
+
 compile-report: $(STAMP)
 	$(BIN)/python -m benchmarks.compile_report
 
@@ -45,4 +108,4 @@ demo: $(STAMP)
 	$(BIN)/asu demo
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-newest .venv-floor .venv-gpu-image .pytest_cache .ruff_cache *.egg-info

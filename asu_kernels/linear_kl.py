@@ -16,6 +16,11 @@ Models whose logits are not ``h W^T + b``:
   autograd carries the factor into their gradients (:mod:`asu.losses` does). A scale is applied before the
   cap, as those models do.
 
+Dtypes: the hidden states, heads and biases may differ (bf16 activations with an fp32 master-weight head).
+:func:`_compute_dtype` picks one dtype for the matmuls (the autocast dtype inside ``torch.autocast``, else
+the widest present); the softmax part accumulates in fp32, the loss is returned in fp32 and each gradient in
+its input's own dtype.
+
 How it runs
 -----------
 Rows with weight 0 (and ignored labels) are dropped first, so they cost nothing. The remaining rows are
@@ -87,19 +92,11 @@ def _require_tensor(name: str, t: object) -> torch.Tensor:
     return t
 
 
-def _check_head(prefix: str, hidden: object, weight: object, bias: object | None) -> None:
-    """hidden (M, d), weight (V, d), bias (V,) of one supported float dtype."""
-    hidden = _require_tensor(f"{prefix}hidden", hidden)
-    weight = _require_tensor(f"{prefix}weight", weight)
+def _check_head(prefix: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """hidden (M, d), weight (V, d), bias (V,) (their dtypes are checked by :func:`_compute_dtype`)."""
     for name, t in ((f"{prefix}hidden", hidden), (f"{prefix}weight", weight)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(
-            f"{prefix}hidden ({hidden.dtype}) and {prefix}weight ({weight.dtype}) must share a dtype"
-        )
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"{prefix}hidden has d={hidden.shape[1]} but {prefix}weight is (V, d)={tuple(weight.shape)}"
@@ -107,13 +104,82 @@ def _check_head(prefix: str, hidden: object, weight: object, bias: object | None
     if weight.shape[0] < 1:
         raise ValueError(f"{prefix}weight has an empty vocabulary: shape {tuple(weight.shape)}")
     if bias is not None:
-        bias = _require_tensor(f"{prefix}bias", bias)
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"{prefix}bias ({bias.dtype}) must have {prefix}weight's dtype ({weight.dtype})")
         if bias.shape != (weight.shape[0],):
             raise ValueError(
                 f"{prefix}bias must have shape (V,)=({weight.shape[0]},), got {tuple(bias.shape)}"
             )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mixed dtypes and autocast
+# ----------------------------------------------------------------------------------------------------------
+
+_FLOAT_BITS = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float64: 64}
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` computes matmuls in on this device type, or None when it is off."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+    except RuntimeError:  # a device type autocast does not know (meta, ...)
+        pass
+    return None
+
+
+def _compute_dtype(named: dict[str, object]) -> torch.dtype:
+    """The one floating dtype the LM-head matmuls of a fused loss run in.
+
+    * Under ``torch.autocast`` for the tensors' device type: the autocast dtype, as ``F.linear`` would use
+      (unless a float64 tensor is among them: autocast leaves float64 alone, so the rule below applies).
+    * Otherwise the widest dtype present, so bf16 activations with an fp32 master-weight head compute in
+      fp32. float16 and bfloat16 with nothing wider are refused: neither holds the other's values.
+
+    The row kernels accumulate in fp32 (fp64 for float64) whatever this dtype is. ``named`` maps argument
+    names to tensors (or None for absent biases).
+    """
+    present: dict[str, torch.Tensor] = {}
+    for name, t in named.items():
+        if t is None:
+            continue
+        t = _require_tensor(name, t)
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
+        present[name] = t
+    dtypes = {t.dtype for t in present.values()}
+    autocast = _autocast_dtype(next(iter(present.values())).device)
+    if autocast is not None and torch.float64 not in dtypes:
+        return autocast
+    widest = max(dtypes, key=_FLOAT_BITS.__getitem__)
+    if _FLOAT_BITS[widest] == 16 and len(dtypes) > 1:
+        by_dtype = ", ".join(f"{name}: {t.dtype}" for name, t in present.items())
+        raise TypeError(
+            f"float16 and bfloat16 inputs cannot be mixed ({by_dtype}): neither dtype holds the other's "
+            "values; cast them to one dtype or call the loss under torch.autocast"
+        )
+    return widest
+
+
+def _no_autocast(device: torch.device) -> torch.autocast:
+    """Autocast off inside the op bodies: their inputs already carry the compute dtype, and the fp32 row
+    math (logsumexp, the KL dot products) must not be cast down again."""
+    return torch.autocast(device.type, enabled=False)
+
+
+def _in_compute_dtype(**named: object) -> tuple[torch.Tensor | None, ...]:
+    """The tensors of ``named`` (in order) cast to :func:`_compute_dtype`; None stays None.
+
+    A tensor passed twice (a shared LM head) is cast once. The casts are autograd ops, so gradients come
+    back to each input in its own dtype.
+    """
+    dtype = _compute_dtype(named)
+    cast: dict[int, torch.Tensor] = {}
+    out = []
+    for t in named.values():
+        if t is not None and id(t) not in cast:
+            cast[id(t)] = t.to(dtype)
+        out.append(None if t is None else cast[id(t)])
+    return tuple(out)
 
 
 def _check_row_weights(weights: object | None, rows: int) -> None:
@@ -466,8 +532,8 @@ def _chunked_loss(
             if compute_grad:
                 _backprop_chunk(x[0], h, weight, sel, grad_h, grad_w, grad_b, grad_scale)
         del buffers, x  # free the chunk buffers before the gradients are cast
-    loss = total.to(hidden.dtype)
-    return (loss, *_finish_grads(hidden, weight, bias, grad_h, grad_w, grad_b, grad_scale))
+    # The loss stays in the accumulation dtype (fp32, fp64 for float64 inputs), as Liger-Kernel returns it.
+    return (total, *_finish_grads(hidden, weight, bias, grad_h, grad_w, grad_b, grad_scale))
 
 
 def _linear_kl_forward(
@@ -516,7 +582,8 @@ def _linear_kl_forward(
         return per_row
 
     need = (need_h, need_w, need_b)
-    return _chunked_loss(student_hidden, student_weight, student_bias, w, active, need, 2, kl_chunk)
+    with _no_autocast(student_hidden.device):
+        return _chunked_loss(student_hidden, student_weight, student_bias, w, active, need, 2, kl_chunk)
 
 
 def _linear_ce_forward(
@@ -558,7 +625,8 @@ def _linear_ce_forward(
         kernels.launch_ce_rows(x, y.contiguous(), w_scaled, per_row, compute_grad, _block_v_override, softcap)
         return per_row
 
-    return _chunked_loss(hidden, weight, bias, w, w != 0, (need_h, need_w, need_b), 1, ce_chunk)
+    with _no_autocast(hidden.device):
+        return _chunked_loss(hidden, weight, bias, w, w != 0, (need_h, need_w, need_b), 1, ce_chunk)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -604,7 +672,7 @@ def _linear_ce_fake(
 
 def _fake_outputs(hidden, weight, bias, need_h: bool, need_w: bool, need_b: bool):
     return (
-        hidden.new_empty(()),
+        hidden.new_empty((), dtype=_acc_dtype(hidden.dtype)),
         hidden.new_empty(hidden.shape) if need_h else hidden.new_empty((0,)),
         weight.new_empty(weight.shape) if need_w else hidden.new_empty((0,)),
         bias.new_empty(bias.shape) if need_b and bias is not None else hidden.new_empty((0,)),
@@ -696,8 +764,8 @@ def linear_kl(
     """``sum_i w_i KL(softmax(hT_i WT^T + bT) || softmax(hS_i WS^T + bS))`` without materialising logits.
 
     Args:
-        student_hidden: (M, d_S) fp16/bf16/fp32/fp64. student_weight: (V, d_S), same dtype.
-        teacher_hidden: (M, d_T). teacher_weight: (V, d_T) (may be ``student_weight`` itself), same dtype.
+        student_hidden: (M, d_S). student_weight: (V, d_S).
+        teacher_hidden: (M, d_T). teacher_weight: (V, d_T) (may be ``student_weight`` itself).
         weights: (M,) row weights carrying mask and normalisation; None = ``1/M`` each. Rows with weight 0
             cost nothing. No gradient flows to ``weights``.
         student_bias, teacher_bias: optional (V,).
@@ -706,18 +774,28 @@ def linear_kl(
             (Gemma-2's ``final_logit_softcapping``); None = plain logits. A logit scale is folded into the
             hidden states and bias by the caller (module docstring).
 
+    The hidden states, heads and biases may mix fp16/bf16/fp32/fp64: the matmuls run in the
+    ``torch.autocast`` dtype inside autocast, else in the widest dtype present (fp16 with bf16 alone is
+    refused); the softmax and the sums accumulate in fp32.
+
     Returns:
-        The scalar loss in the hidden states' dtype. Gradients flow to ``student_hidden``, ``student_weight``
-        and ``student_bias`` only (the teacher side is treated as constant).
+        The scalar loss in fp32 (fp64 when computed in fp64). Gradients flow to ``student_hidden``,
+        ``student_weight`` and ``student_bias`` only, each in that input's own dtype (the teacher side is
+        treated as constant).
     """
     softcap = _check_softcap(softcap)
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = (
+        _in_compute_dtype(
+            student_hidden=student_hidden,
+            student_weight=student_weight,
+            student_bias=student_bias,
+            teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_weight,
+            teacher_bias=teacher_bias,
+        )
+    )
     _check_head("student_", student_hidden, student_weight, student_bias)
     _check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias)
-    if student_hidden.dtype != teacher_hidden.dtype:
-        raise TypeError(
-            f"student ({student_hidden.dtype}) and teacher ({teacher_hidden.dtype}) tensors "
-            "must share a dtype"
-        )
     if student_weight.shape[0] != teacher_weight.shape[0]:
         raise ValueError(
             f"vocabulary sizes differ: student_weight has V={student_weight.shape[0]}, "
@@ -771,16 +849,21 @@ def linear_cross_entropy(
     """``sum_i w_i (-log softmax(h_i W^T + b)[y_i])`` over rows with ``y_i != ignore_index``, no logits held.
 
     Args:
-        hidden: (M, d) fp16/bf16/fp32/fp64. weight: (V, d), same dtype. labels: (M,) integer, each in
-            ``[0, V)`` or equal to ``ignore_index``. weights: (M,) row weights; None = mean over the
-            non-ignored rows (0 when every row is ignored). bias: optional (V,).
+        hidden: (M, d). weight: (V, d). labels: (M,) integer, each in ``[0, V)`` or equal to
+            ``ignore_index``. weights: (M,) row weights; None = mean over the non-ignored rows (0 when every
+            row is ignored). bias: optional (V,).
         check: also raise ValueError when any input holds NaN or inf.
         softcap: final-logit soft-cap ``c > 0``: the logits are ``c tanh((h W^T + b) / c)``; None = plain.
 
+    hidden, weight and bias may mix fp16/bf16/fp32/fp64, resolved as in :func:`linear_kl` (autocast dtype,
+    else the widest; softmax and sums in fp32).
+
     Returns:
-        The scalar loss in the hidden states' dtype; gradients flow to hidden, weight and bias.
+        The scalar loss in fp32 (fp64 when computed in fp64); gradients flow to hidden, weight and bias,
+        each in that input's own dtype.
     """
     softcap = _check_softcap(softcap)
+    hidden, weight, bias = _in_compute_dtype(hidden=hidden, weight=weight, bias=bias)
     _check_head("", hidden, weight, bias)
     labels = _require_tensor("labels", labels)
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():

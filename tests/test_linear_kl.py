@@ -136,10 +136,17 @@ def _tolerance(dtype: torch.dtype, ref: torch.Tensor) -> float:
     return (2 * torch.finfo(dtype).eps if dtype in LOW else 2e-5) * scale
 
 
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The fused losses return fp32 (fp64 for fp64 inputs) whatever the inputs' dtype, as Liger does."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _assert_close(ours, ref64, ref_lowp, dtype, what):
-    """The FlashAttention-style bound with this file's dtype-relative slack, and the reference's dtype."""
+    """The FlashAttention-style bound with this file's dtype-relative slack; gradients in the reference's
+    dtype, the loss in fp32."""
     assert ours is not None, f"{what}: missing"
-    assert ours.dtype == ref_lowp.dtype, f"{what}: dtype {ours.dtype} != {ref_lowp.dtype}"
+    want = _loss_dtype(ref_lowp.dtype) if what == "loss" else ref_lowp.dtype
+    assert ours.dtype == want, f"{what}: dtype {ours.dtype} != {want}"
     assert_fa_close(what, ours, ref64, ref_lowp, _tolerance(dtype, ref64))
 
 
@@ -321,6 +328,125 @@ def test_ce_every_row_ignored(backend, weights):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Mixed dtypes and autocast
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _mixed(inputs: dict, dtypes: dict) -> dict:
+    """``inputs`` with the named tensors cast (a shared head stays shared)."""
+    out = dict(inputs)
+    for name, dtype in dtypes.items():
+        if out[name] is not None:
+            out[name] = out[name].to(dtype)
+    for teacher, student in (("teacher_weight", "student_weight"), ("teacher_bias", "student_bias")):
+        if teacher in inputs and inputs[teacher] is not None and inputs[teacher] is inputs.get(student):
+            out[teacher] = out[student]
+    return out
+
+
+def _run_mixed(fn, inputs, params, autocast=None):
+    """fn(**inputs) with each of ``params`` requiring its gradient, in its own dtype (optionally under
+    CPU autocast); (loss, [grad per param])."""
+    args = {
+        k: (v.detach().clone().requires_grad_(k in params) if torch.is_tensor(v) else v)
+        for k, v in inputs.items()
+    }
+    for teacher, student in (("teacher_weight", "student_weight"), ("teacher_bias", "student_bias")):
+        if teacher in inputs and inputs[teacher] is not None and inputs[teacher] is inputs.get(student):
+            args[teacher] = args[student]
+    if autocast is None:
+        loss = fn(**args)
+    else:
+        with torch.autocast(_device(), dtype=autocast):
+            loss = fn(**args)
+    loss.backward(torch.tensor(UPSTREAM, dtype=loss.dtype, device=loss.device))
+    return loss.detach(), [None if args[k] is None else args[k].grad for k in params]
+
+
+def _check_mixed(fn, ref_fn, inputs, params, compute, autocast=None):
+    """Mixed-dtype inputs against the float64 reference on the same values.
+
+    ``compute`` is the dtype the op should compute in; ``ref_lowp`` is the reference computed in it, its
+    gradients rounded to each input's dtype, so the bound allows the compute precision plus the final cast.
+    """
+    teacher_fixed = {k: v for k, v in inputs.items() if k.startswith("teacher") and v is not None}
+    ours = _run_mixed(fn, inputs, params, autocast)
+
+    floats = [k for k, v in inputs.items() if torch.is_tensor(v) and v.is_floating_point() and k != "weights"]
+
+    def ref(dtype):
+        cast = _mixed(inputs, dict.fromkeys(floats, dtype))
+        for k in teacher_fixed:
+            cast[k] = cast[k].detach()  # the fused ops treat the teacher side as constant
+        return _run_mixed(ref_fn, cast, params)
+
+    ref64, ref_c = ref(torch.float64), ref(compute)
+    assert ours[0].dtype == torch.float32, f"loss dtype {ours[0].dtype}"
+    _assert_close(ours[0], ref64[0], ref_c[0], compute, "loss")
+    for name, a, b, c in zip(params, ours[1], ref64[1], ref_c[1], strict=True):
+        if b is None:
+            continue
+        own = inputs[name].dtype
+        assert a is not None and a.dtype == own, f"grad {name}: {None if a is None else a.dtype} != {own}"
+        coarser = own if _FLOAT_BITS[own] < _FLOAT_BITS[compute] else compute
+        _assert_close(a, b, c.to(own), coarser, f"grad {name}")
+
+
+_FLOAT_BITS = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float64: 64}
+FP32_HEAD = {"student_weight": torch.float32, "student_bias": torch.float32, "teacher_weight": torch.float32}
+
+
+@pytest.mark.parametrize("shared_head", [False, True], ids=["two_heads", "shared_head"])
+def test_kl_bf16_hidden_fp32_head(backend, small_chunks, shared_head):
+    """The usual mixed-precision set-up: bf16 activations, fp32 master weights: computed in fp32."""
+    inputs = _kl_inputs(37, 333, 80, torch.bfloat16, shared_head=shared_head, bias=True, seed=21)
+    inputs = _mixed(inputs, FP32_HEAD | {"teacher_bias": torch.float32})
+    _check_mixed(LKL.linear_kl, reference.linear_kl, inputs, STUDENT_PARAMS, torch.float32)
+
+
+def test_ce_bf16_hidden_fp32_head(backend, small_chunks):
+    inputs = _mixed(_ce_inputs(37, 333, 80, torch.bfloat16, bias=True, weights=True, seed=22), {})
+    inputs = _mixed(inputs, {"weight": torch.float32, "bias": torch.float32})
+    _check_mixed(LKL.linear_cross_entropy, reference.linear_cross_entropy, inputs, CE_PARAMS, torch.float32)
+
+
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kl_and_ce_under_autocast(backend, small_chunks, hidden_dtype):
+    """Inside ``torch.autocast(dtype=bf16)`` an fp32 head computes in bf16 (as ``F.linear`` would), the
+    loss is fp32 and each gradient comes back in its input's dtype."""
+    if _device() == "cuda":
+        pytest.skip("CPU autocast is tested here; CUDA autocast follows the same rule")
+    kl = _kl_inputs(37, 333, 80, torch.float32, shared_head=False, bias=True, seed=23)
+    kl = _mixed(kl, {"student_hidden": hidden_dtype, "teacher_hidden": hidden_dtype})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert LKL._compute_dtype({k: kl[k] for k in STUDENT_PARAMS}) == torch.bfloat16  # not the head's fp32
+    _check_mixed(LKL.linear_kl, reference.linear_kl, kl, STUDENT_PARAMS, torch.bfloat16, torch.bfloat16)
+    ce = _ce_inputs(37, 333, 80, torch.float32, bias=True, weights=False, seed=24)
+    ce = _mixed(ce, {"hidden": hidden_dtype})
+    ce_fns = (LKL.linear_cross_entropy, reference.linear_cross_entropy)
+    _check_mixed(*ce_fns, ce, CE_PARAMS, torch.bfloat16, torch.bfloat16)
+
+
+def test_fp16_with_bf16_is_refused_outside_autocast():
+    """Neither half type holds the other's values: refused with the dtypes named, unless autocast decides."""
+    args = _good_ce()
+    args["hidden"], args["weight"] = args["hidden"].half(), args["weight"].bfloat16()
+    with pytest.raises(
+        TypeError, match=r"float16 and bfloat16 inputs cannot be mixed \(hidden: torch.float16"
+    ):
+        LKL.linear_cross_entropy(**args)
+    half = {"student_hidden": torch.bfloat16, "student_weight": torch.bfloat16}
+    kl = _mixed(_good_kl(), half | {"teacher_hidden": torch.float16, "teacher_weight": torch.float16})
+    with pytest.raises(TypeError, match="cannot be mixed"):
+        LKL.linear_kl(**kl)
+    # with an fp32 tensor among them, fp32 holds both
+    kl["teacher_weight"] = kl["teacher_weight"].float()
+    assert LKL.linear_kl(**kl).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert LKL.linear_cross_entropy(**args).dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Bad inputs
 # ----------------------------------------------------------------------------------------------------------
 
@@ -341,7 +467,6 @@ KL_BAD = [
     ("teacher_hidden", torch.randn(4, 16), ValueError, "M=5 rows but teacher_hidden has 4"),
     ("weights", torch.ones(4), ValueError, r"weights must have shape \(M,\)=\(5,\)"),
     ("weights", torch.ones(5, dtype=torch.complex64), TypeError, "weights must be a floating-point"),
-    ("student_weight", torch.randn(9, 16, dtype=torch.float64), TypeError, "must share a dtype"),
     ("student_hidden", torch.randn(5, 16).to(torch.int32), TypeError, "supported: float16"),
     ("student_hidden", torch.randn(5, 2, 16), ValueError, "student_hidden must be 2-D"),
     ("student_bias", torch.randn(8), ValueError, r"student_bias must have shape \(V,\)=\(9,\)"),
