@@ -37,7 +37,6 @@ import concurrent.futures
 import datetime
 import json
 import multiprocessing
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -85,6 +84,7 @@ class QualitySettings:
         ("ASU, anchor original", "asu", "original"),
         ("ASU, anchor previous", "asu", "previous"),
         ("GA+GD", "gd", "original"),
+        ("SimNPO", "simnpo", "original"),
     )
     max_new_tokens: int = 40
 
@@ -259,14 +259,22 @@ class WorldRun:
         main_layers = self._layers(self.s.variants[0][1])
         out = {}
         for label, method, anchor in self.s.continual:
+
+            def log(step: Any, label: str = label) -> None:
+                ev = step.evaluation or {}
+                tau = step.stats.get("temperature")
+                _log(self.seed, f"continual {label} step {step.step}: τ {tau:.3g}, request "
+                     + _brief(ev.get("request", {})))  # fmt: skip
+
             if method == "asu":
                 steps = self.exp.continual(
-                    label, "asu", self.s.methods.asu_lr, anchor, temperature=self.s.target, layers=main_layers
-                )
+                    label, "asu", self.s.methods.asu_lr, anchor, log, temperature=self.s.target,
+                    layers=main_layers,
+                )  # fmt: skip
             else:
                 baseline = next(k for k, b in BASELINES.items() if b.method == method)
                 steps = self.exp.continual(
-                    label, method, self._matched_lr(baseline), anchor, epochs=BASELINES[baseline].epochs
+                    label, method, self._matched_lr(baseline), anchor, log, epochs=BASELINES[baseline].epochs
                 )
             out[label] = steps
             last = steps[-1]["evaluation"]
@@ -435,8 +443,13 @@ def main(argv: list[str] | None = None) -> int:
         "--out", help="output directory (default benchmarks/results/quality-MODE-DEVICE-DATE)"
     )
     parser.add_argument("--cache-dir", help="model cache (default $ASU_CACHE or ~/.cache/asu)")
-    parser.add_argument("--jobs", type=int, default=1, help="worlds run in parallel processes (default 1)")
-    parser.add_argument("--threads", type=int, help="torch threads per world (default: cores / jobs)")
+    parser.add_argument("--jobs", type=int, help="worlds run in parallel processes (default: one per world)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per world (default 1: on a shared machine more threads per process thrash)",
+    )
     parser.add_argument("--aggregate-only", action="store_true", help="rebuild the report from DIR/worlds")
     parser.add_argument("--progress", action="store_true", help="progress bars of every stage")
     args = parser.parse_args(argv)
@@ -447,9 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     if not seeds or len(set(seeds)) != len(seeds):
         parser.error("--seeds: give at least one seed, each once")
-    if args.jobs < 1:
-        parser.error("--jobs must be >= 1")
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    args.jobs = args.jobs or len(seeds)
+    if args.jobs < 1 or args.threads < 1:
+        parser.error("--jobs and --threads must be >= 1")
+    threads = args.threads
     out = Path(args.out) if args.out else default_out(s.mode)
     t0, c0 = time.perf_counter(), time.process_time()
     if args.aggregate_only:

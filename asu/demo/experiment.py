@@ -270,11 +270,18 @@ class Experiment:
         return {"runs": list(by_name), "at_target": values_at(by_name, target)}
 
     def continual(
-        self, label: str, method: str, lr: float, teacher_anchor: str, **overrides: Any
+        self,
+        label: str,
+        method: str,
+        lr: float,
+        teacher_anchor: str,
+        on_step: Any = None,
+        **overrides: Any,
     ) -> list[dict[str, Any]]:
         """The forget authors unlearned one after another (:func:`asu.continual.unlearn_sequence`); after
         every step: the request's evaluation with retain and general rows, and the forget-side evaluation of
-        everything forgotten so far and of the requests still to come. Returns one record per step."""
+        everything forgotten so far and of the requests still to come (``on_step`` is called with each
+        finished :class:`asu.continual.ContinualStep`). Returns one record per step."""
         from asu.continual import unlearn_sequence
 
         groups = self.requests()
@@ -295,7 +302,7 @@ class Experiment:
         result = unlearn_sequence(
             copy.deepcopy(self.model), self.tokenizer, requests, self.retain, cfg,
             teacher_anchor=teacher_anchor, evaluate=evaluate,
-            idk_answers=REFUSALS if method == "idk" else None,
+            idk_answers=REFUSALS if method == "idk" else None, on_step=on_step,
         )  # fmt: skip
         self._timed(label, start)
         steps = []
