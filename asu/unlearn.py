@@ -78,6 +78,7 @@ from asu.losses import (
 )
 from asu.models import ModelError, check_finite_weights
 from asu.smoothing import attention_modules, parse_layers
+from asu.tau import TauChoice, choose_temperature, is_auto, parse_auto
 from asu.teachers import TEACHER_SOURCES, Teacher, build_teacher, is_peft_model
 from asu.templates import Template, describe_template, get_template
 
@@ -89,6 +90,10 @@ CONFIG_FILE = "unlearn_config.json"
 FINGERPRINT_FILE = "data_fingerprint.json"
 #: Settings a resumed run may change: they do not change what a healthy run computes.
 RESUMABLE_CHANGES = ("progress", "preset", "max_nonfinite_steps")
+#: The automatic temperature chosen for a run, kept beside its checkpoints so a resumed run reuses it.
+TAU_FILE = "temperature_auto.json"
+#: Methods whose forget term reads the smoothed teacher (the only ones the temperature matters to).
+SMOOTHED_METHODS = ("asu", "asu-attn")
 
 log = logging.getLogger(__name__)
 #: ``linear``: warm-up then linear decay to 0 (the paper's TOFU runs); ``constant``: warm-up then constant
@@ -103,7 +108,10 @@ class UnlearnConfig:
     Attributes:
         method: ``asu|asu-attn|ga|gd|npo|simnpo|idk`` (``asu-attn``: EXPERIMENTAL attention-map distillation,
             see :mod:`asu.losses`; ``graddiff`` is another name of ``gd``, GradDiff).
-        temperature: attention temperature ``tau > 0`` of the forget-teacher (ASU).
+        temperature: attention temperature ``tau > 0`` of the forget-teacher (ASU), or ``"auto"`` /
+            ``"auto:R"``: chosen before training by bisecting the smoothed-teacher preview until the teacher's
+            forget ROUGE-L is ``R`` times the original model's (:mod:`asu.tau`; default ``R`` 0.5). The
+            chosen value and the preview curve are in ``result.stats["temperature_auto"]`` and ``run.json``.
         lam: weight ``lambda >= 0`` of the ASU term in ``lambda * L_ASU + L_R``.
         retain_loss: ``nll`` or ``kl`` (KL to the original model at ``tau = 1``); ``gd``, the former name of
             ``nll``, is accepted with a ``DeprecationWarning``.
@@ -140,7 +148,7 @@ class UnlearnConfig:
     """
 
     method: str = "asu"
-    temperature: float = 2.3
+    temperature: float | str = 2.3
     lam: float = 0.1
     retain_loss: str = "nll"
     retain_reduction: str = "sequence"
@@ -198,7 +206,13 @@ class UnlearnConfig:
         self.prompt_template()  # an unknown name or a missing file fails here
         if self.teacher not in TEACHER_SOURCES:
             raise ValueError(f"unknown teacher {self.teacher!r}; choose one of {', '.join(TEACHER_SOURCES)}")
-        if number("temperature", self.temperature) <= 0:
+        if is_auto(self.temperature):
+            self.temperature = parse_auto(self.temperature).spec
+        elif isinstance(self.temperature, str):
+            raise ValueError(
+                f"temperature must be a number > 0, 'auto' or 'auto:R', got {self.temperature!r}"
+            )
+        elif number("temperature", self.temperature) <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if number("lam", self.lam) < 0:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
@@ -320,6 +334,7 @@ def unlearn(
     idk_answers: Sequence[str] | None = None,
     resume: bool = False,
     callbacks: Sequence[Any] | None = None,
+    teacher_model: nn.Module | None = None,
 ) -> UnlearnResult:
     """Unlearn ``forget_rows`` from ``model`` (trained in place), keeping ``retain_rows``.
 
@@ -333,12 +348,17 @@ def unlearn(
         idk_answers: refusal strings for ``method="idk"``.
         resume: continue from the newest checkpoint in ``output_dir/checkpoints``.
         callbacks: extra ``transformers.TrainerCallback`` objects.
+        teacher_model: the model the copy teacher is made from, instead of ``model`` (continual
+            unlearning anchored at the original model: :mod:`asu.continual`); ``teacher="copy"`` only. The
+            automatic temperature is previewed on it too.
 
     Returns:
         :class:`UnlearnResult`.
     """
     cfg = _checked_config(cfg)
     layers = _check_inputs(model, forget_rows, retain_rows, cfg, output_dir, idk_answers, resume)
+    if teacher_model is not None and cfg.teacher != "copy":
+        raise ValueError(f"teacher_model needs teacher='copy', got teacher={cfg.teacher!r}")
     start = time.perf_counter()
     data = _encode_data(tokenizer, forget_rows, retain_rows, idk_answers, cfg)
     # Launch problems (batch vs world size, DeepSpeed config vs the run) fail here, before any training.
@@ -347,7 +367,10 @@ def unlearn(
     if output_dir is None:
         scratch = tempfile.mkdtemp(prefix="asu-unlearn-")
         try:
-            return _run(model, tokenizer, cfg, layers, data, collator, callbacks, scratch, None, False, start)
+            return _run(
+                model, tokenizer, cfg, layers, data, collator, callbacks, scratch, None, False, start,
+                forget_rows=forget_rows, teacher_model=teacher_model,
+            )  # fmt: skip
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     fingerprint = _data_fingerprint(forget_rows, retain_rows, idk_answers, tokenizer)
@@ -367,6 +390,8 @@ def unlearn(
                 output_dir,
                 resume,
                 start,
+                forget_rows=forget_rows,
+                teacher_model=teacher_model,
             )
         except BaseException:
             if not _checkpoints(trainer_dir) and is_main_process():
@@ -387,6 +412,9 @@ def _run(
     output_dir: str | None,
     resume: bool,
     start: float,
+    *,
+    forget_rows: Sequence[dict[str, Any]],
+    teacher_model: nn.Module | None,
 ) -> UnlearnResult:
     """Train and (with ``output_dir``) write the result; the body of :func:`unlearn`."""
     from asu.trainer import NonFiniteTrainingError
@@ -394,12 +422,25 @@ def _run(
     plan = _plan(cfg, len(data.dataset))
     args = _training_arguments(cfg, plan, trainer_dir, checkpoints=output_dir is not None)
     model.to(args.device)
-    student, teacher = _student_and_teacher(model, cfg, layers, data)
-    objective = _build_objective(student, teacher, cfg)
+    if teacher_model is not None:
+        teacher_model.to(args.device)
+    tau_choice = _resolve_temperature(
+        teacher_model if teacher_model is not None else model, tokenizer, forget_rows, cfg, layers,
+        trainer_dir if output_dir is not None else None, resume,
+    )  # fmt: skip
+    run_cfg = cfg if tau_choice is None else dataclasses.replace(cfg, temperature=tau_choice.temperature)
+    if is_auto(run_cfg.temperature):
+        # A method that never smooths: the teacher (NPO's reference, the KL retain term) runs at tau 1.
+        run_cfg = dataclasses.replace(cfg, temperature=1.0)
+    student, teacher = _student_and_teacher(model, run_cfg, layers, data, teacher_model)
+    objective = _build_objective(student, teacher, run_cfg)
     trainer = _build_trainer(objective, args, data, collator, tokenizer, callbacks, cfg)
     _train(trainer, trainer_dir if output_dir is not None else None, resume)
     wall = time.perf_counter() - start
     stats = _stats(trainer, cfg, data, plan, teacher, wall, args.device)
+    stats["temperature"] = run_cfg.temperature
+    if tau_choice is not None:
+        stats["temperature_auto"] = tau_choice.to_dict()
     result = UnlearnResult(model=student, history=_history(trainer), stats=stats, output_dir=output_dir)
     if engine() in ("single", "ddp"):
         try:
@@ -569,18 +610,56 @@ def _scheduler(cfg: UnlearnConfig) -> str:
     return "constant_with_warmup" if cfg.warmup_epochs > 0 else "constant"
 
 
+def _resolve_temperature(
+    source: nn.Module,
+    tokenizer: Any,
+    forget_rows: Sequence[dict[str, Any]],
+    cfg: UnlearnConfig,
+    layers: list[int] | None,
+    trainer_dir: str | None,
+    resume: bool,
+) -> TauChoice | None:
+    """The automatic temperature (None when ``cfg.temperature`` is a number or the method never smooths).
+
+    Previewed on ``source`` (the model the teacher is made from) before any training; a run that writes
+    checkpoints keeps the choice beside them, and a resumed run reuses it instead of previewing again.
+    """
+    if not is_auto(cfg.temperature) or cfg.method not in SMOOTHED_METHODS:
+        return None
+    saved = os.path.join(trainer_dir, TAU_FILE) if trainer_dir is not None else None
+    if resume and saved is not None and os.path.exists(saved):
+        with open(saved) as f:
+            record = json.load(f)
+        return TauChoice(**record)
+    choice = choose_temperature(
+        source, tokenizer, forget_rows, cfg.temperature, layers=layers, template=cfg.prompt_template(),
+        batch_size=max(cfg.batch_size, 8), seed=cfg.seed,
+    )  # fmt: skip
+    if saved is not None and is_main_process():
+        atomic_write_json(saved, choice.to_dict())
+    return choice
+
+
 def _student_and_teacher(
-    model: nn.Module, cfg: UnlearnConfig, layers: list[int] | None, data: _Data
+    model: nn.Module,
+    cfg: UnlearnConfig,
+    layers: list[int] | None,
+    data: _Data,
+    teacher_model: nn.Module | None = None,
 ) -> tuple[nn.Module, Teacher | None]:
     """The student (``model``, wrapped with LoRA when ``cfg.lora_r > 0``) and the teacher the objective
     reads (None when it reads none).
 
-    The copy teacher is copied before LoRA is injected (``get_peft_model`` edits the model in place); the
-    base teacher is the PEFT student itself; the cache teacher runs the student once with adapters off.
+    The copy teacher is copied (from ``teacher_model`` when given, else from ``model``) before LoRA is
+    injected (``get_peft_model`` edits the model in place); the base teacher is the PEFT student itself; the
+    cache teacher runs the student once with adapters off.
     """
     wants_teacher = uses_teacher(cfg.method, cfg.retain_loss)
     teacher = None
-    if wants_teacher and cfg.teacher in ("self", "copy"):
+    if wants_teacher and cfg.teacher == "copy":
+        source = teacher_model if teacher_model is not None else model
+        teacher = build_teacher("copy", source, cfg.temperature, layers)
+    elif wants_teacher and cfg.teacher == "self":
         teacher = build_teacher(cfg.teacher, model, cfg.temperature, layers)
     student = _wrap_student(model, cfg)
     if wants_teacher and cfg.teacher == "base":
@@ -832,5 +911,8 @@ def _write_result(
         "stats": stats,
         "lora": is_peft_model(student),
         "template": describe_template(cfg.prompt_template(), tokenizer),
+        "temperature": stats.get("temperature", cfg.temperature),
     }
+    if "temperature_auto" in stats:
+        record["temperature_auto"] = stats["temperature_auto"]
     atomic_write_json(os.path.join(output_dir, RUN_FILE), record, indent=2, default=str)

@@ -20,6 +20,7 @@ from asu.commands.boundary import EXIT_INTERRUPTED, run_command
 SUBCOMMANDS = {
     "demo": ("asu.commands.demo", "forget authors of the embedded synthetic world with ASU and report"),
     "unlearn": ("asu.commands.unlearn", "unlearn a forget set from a Hugging Face model"),
+    "continual": ("asu.commands.continual", "unlearn a sequence of forget requests, one after another"),
     "eval": ("asu.commands.eval", "TOFU-style evaluation of a model on forget/retain data"),
     "inspect": ("asu.commands.inspect", "per-layer/head attention entropy and KL under smoothing"),
 }

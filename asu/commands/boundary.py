@@ -29,6 +29,7 @@ EXIT_INTERRUPTED = 130
 #: What an interrupted command says besides "interrupted".
 INTERRUPTED_NOTES = {
     "unlearn": "completed checkpoints in --out are kept; rerun with --resume to continue",
+    "continual": "finished steps and checkpoints in --out are kept; rerun with --resume to continue",
 }
 
 

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from asu.commands.outputs import locked_output
+from asu.commands.unlearn import temperature_arg
 from asu.demo.run import DemoSettings, default_settings, run_demo
+from asu.tau import is_auto, parse_auto
 
 #: torch threads of a CPU demo run when neither --threads nor OMP_NUM_THREADS says otherwise.
 DEMO_CPU_THREADS = 1
@@ -32,10 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a tiny world and model (a smoke run)")
-    parser.add_argument("--temperature", type=float, help="ASU attention temperature τ")
     parser.add_argument(
-        "--layers", help='layers ASU smooths, e.g. "0-1" or "all" (default: the demo\'s setting)'
+        "--temperature",
+        type=temperature_arg,
+        help="ASU attention temperature τ, or auto[:R] (default auto:0.5: chosen by the smoothed-teacher "
+        "preview so the teacher's forget ROUGE-L is R times the original's)",
     )
+    parser.add_argument("--layers", help='layers ASU smooths, e.g. "0-1" or "all" (default all)')
     parser.add_argument("--lam", type=float, help="weight λ of the ASU forget loss")
     parser.add_argument("--lr", type=float, help="ASU learning rate")
     parser.add_argument("--ga-lrs", help="comma-separated GA+GD learning rates")
@@ -72,10 +77,12 @@ def _settings_from_args(args: argparse.Namespace) -> DemoSettings:
         from asu.smoothing import parse_layers
 
         parse_layers(s.layers, s.model.n_layers)  # a bad spec fails now, not after the models are trained
-    if s.temperature <= 0 or s.asu_lr <= 0 or s.epochs < 1 or any(lr <= 0 for lr in s.ga_lrs):
-        raise ValueError("temperature and learning rates must be > 0 and epochs >= 1")
-    if s.temperature not in s.preview_temperatures:
-        s = replace(s, preview_temperatures=tuple(sorted({*s.preview_temperatures, s.temperature})))
+    if is_auto(s.temperature):
+        s = replace(s, temperature=parse_auto(s.temperature).spec)  # a bad target fails now
+    elif s.temperature <= 0:
+        raise ValueError(f"temperature must be > 0, 'auto' or 'auto:R', got {s.temperature:g}")
+    if s.asu_lr <= 0 or s.epochs < 1 or any(lr <= 0 for lr in s.ga_lrs):
+        raise ValueError("learning rates must be > 0 and epochs >= 1")
     return s
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 import torch
 
@@ -21,6 +22,7 @@ from asu.losses import METHOD_ALIASES, METHODS, RETAIN_LOSS_ALIASES, RETAIN_LOSS
 from asu.models import check_model_folder, load_model, load_tokenizer
 from asu.presets import PRESETS, preset_values
 from asu.smoothing import parse_layers
+from asu.tau import DEFAULT_FRACTION, is_auto
 from asu.teachers import TEACHER_SOURCES
 from asu.templates import TEMPLATE_NAMES
 from asu.unlearn import LR_SCHEDULES, UnlearnConfig, check_output_dir, unlearn
@@ -45,15 +47,22 @@ PRESET_FIELDS = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``asu unlearn``; defaults are :class:`UnlearnConfig`'s (the paper's TOFU settings)."""
-    d = UnlearnConfig()
     parser.add_argument("--model", required=True, help="path of a Hugging Face causal LM directory")
     add_data_arguments(parser)
-    parser.add_argument(
-        "--forget",
-        required=True,
-        help="forget set: a .json/.jsonl/.csv/.parquet file, a datasets save_to_disk folder or a hub dataset "
-        "NAME:CONFIG[:SPLIT] (e.g. locuslab/TOFU:forget10); QA rows (question/answer) or 'text' rows",
-    )
+    parser.add_argument("--forget", required=True, help=FORGET_HELP)
+    add_run_arguments(parser)
+
+
+#: What ``--forget`` accepts (``asu continual`` takes the flag several times).
+FORGET_HELP = (
+    "forget set: a .json/.jsonl/.csv/.parquet file, a datasets save_to_disk folder or a hub dataset "
+    "NAME:CONFIG[:SPLIT] (e.g. locuslab/TOFU:forget10); QA rows (question/answer) or 'text' rows"
+)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every flag after ``--forget``: the retain set, the method and its settings, the output."""
+    d = UnlearnConfig()
     parser.add_argument("--retain", help="retain set, same kinds (required except for --method ga)")
     parser.add_argument(
         "--preset",
@@ -80,7 +89,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default {d.retain_reduction})",
     )
     parser.add_argument(
-        "--temperature", type=float, help=f"attention temperature tau (default {d.temperature})"
+        "--temperature",
+        type=temperature_arg,
+        help=f"attention temperature tau (default {d.temperature}), or auto[:R]: chosen before training by "
+        "bisecting the smoothed-teacher preview until its forget ROUGE-L is R times the original model's "
+        f"(default R {DEFAULT_FRACTION}); the chosen tau and the preview curve go to run.json",
     )
     parser.add_argument("--lam", type=float, help=f"weight of the ASU term (default {d.lam})")
     parser.add_argument("--layers", default="all", help="smoothed layers: all, 6-8, or 0,2,5-7")
@@ -153,6 +166,16 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--answer-key", help="column holding the answer (default answer)")
 
 
+def temperature_arg(text: str) -> float | str:
+    """``--temperature``: a number, ``auto`` or ``auto:R`` (the value is checked with the other settings)."""
+    if is_auto(text):
+        return text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, 'auto' or 'auto:R', got {text!r}") from None
+
+
 def _aliases(names: dict[str, str]) -> str:
     return ", ".join(f"{old} = {new}" for old, new in names.items())
 
@@ -200,6 +223,50 @@ def _load_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def load_model_and_tokenizer(args: argparse.Namespace, cfg: UnlearnConfig) -> tuple[Any, Any]:
+    """The model and tokenizer of ``--model`` in ``--dtype`` with ``--attn-implementation``; the layer
+    selection is checked against the model's config before any weights are read."""
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    if args.no_progress:
+        hf_logging.disable_progress_bar()
+    model_config = AutoConfig.from_pretrained(args.model)
+    num_layers = getattr(model_config, "num_hidden_layers", None)
+    if cfg.layers is not None and isinstance(num_layers, int):
+        parse_layers(cfg.layers, num_layers)
+    attn = args.attn_implementation
+    if attn == "auto":
+        attn = "asu" if torch.cuda.is_available() else "sdpa"
+    if attn == "asu":
+        import asu.attention  # noqa: F401  (registers the "asu" attention)
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=_load_dtype(args.dtype), attn_implementation=attn)
+    return model, tokenizer
+
+
+def load_idk(args: argparse.Namespace, cfg: UnlearnConfig) -> list[str] | None:
+    """The refusal answers of ``--idk-file`` for ``--method idk`` (None for other methods)."""
+    if cfg.method != "idk":
+        return None
+    if not args.idk_file:
+        raise ValueError("--method idk needs --idk-file (refusal answers, one per line)")
+    return load_idk_answers(args.idk_file)
+
+
+def describe_temperature(stats: dict[str, Any]) -> str | None:
+    """One line on the automatic temperature of a finished run (None when τ was given)."""
+    auto = stats.get("temperature_auto")
+    if not auto:
+        return None
+    state = "reached" if auto["reached"] else "NOT reached (largest tau tried)"
+    return (
+        f"tau = {auto['temperature']:.3g} chosen by the preview: teacher forget ROUGE-L target "
+        f"{auto['target']:.3f} ({auto['fraction']:g} x original {auto['original']:.3f}) {state}, "
+        f"{len(auto['curve'])} previews on {auto['rows']} forget rows, {auto['seconds']:.1f} s"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """``asu unlearn``: validate everything, load, unlearn, write ``--out``. Returns the exit status; every
     failure is an exception for the command's error boundary."""
@@ -214,30 +281,9 @@ def run(args: argparse.Namespace) -> int:
     if cfg.method != "ga" and not args.retain:
         raise ValueError(f"--method {cfg.method} needs --retain")
     retain_rows = load_rows(args.retain, **keys) if args.retain else None
-    idk_answers = None
-    if cfg.method == "idk":
-        if not args.idk_file:
-            raise ValueError("--method idk needs --idk-file (refusal answers, one per line)")
-        idk_answers = load_idk_answers(args.idk_file)
+    idk_answers = load_idk(args, cfg)
     check_output_dir(args.out, args.resume)
-
-    from transformers import AutoConfig
-    from transformers.utils import logging as hf_logging
-
-    if args.no_progress:
-        hf_logging.disable_progress_bar()
-    # Check the layer selection against the config before loading any weights.
-    model_config = AutoConfig.from_pretrained(args.model)
-    num_layers = getattr(model_config, "num_hidden_layers", None)
-    if cfg.layers is not None and isinstance(num_layers, int):
-        parse_layers(cfg.layers, num_layers)
-    attn = args.attn_implementation
-    if attn == "auto":
-        attn = "asu" if torch.cuda.is_available() else "sdpa"
-    if attn == "asu":
-        import asu.attention  # noqa: F401  (registers the "asu" attention)
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=_load_dtype(args.dtype), attn_implementation=attn)
+    model, tokenizer = load_model_and_tokenizer(args, cfg)
     result = unlearn(
         model,
         tokenizer,
@@ -253,6 +299,9 @@ def run(args: argparse.Namespace) -> int:
         f"asu unlearn: {cfg.method} done, {result.stats['optimizer_steps']} steps, "
         f"final loss {final.get('loss', float('nan')):.6g}, wrote {args.out}"
     )
+    tau_line = describe_temperature(result.stats)
+    if tau_line:
+        print(f"asu unlearn: {tau_line}")
     teacher = result.stats.get("teacher", {})
     if teacher.get("source") == "cache":
         print(

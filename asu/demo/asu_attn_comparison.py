@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ from asu.files import atomic_write_json
 from asu.losses import UnlearnObjective
 from asu.teachers import build_teacher
 from asu.unlearn import UnlearnConfig, unlearn
+
+#: The attention temperature every run of the comparison uses.
+COMPARISON_TEMPERATURE = 4.0
 
 #: Summary metrics copied into the comparison (see :func:`asu.evaluate.evaluate_model`).
 COMPARE_METRICS = (
@@ -106,6 +110,9 @@ def compare_unlearning(
     each run's ``unlearn`` call on this machine.
     """
     s = default_settings(seed, quick)
+    if not isinstance(s.temperature, (int, float)):
+        # The demo now chooses τ itself; this comparison keeps the fixed τ it was first run at.
+        s = replace(s, temperature=COMPARISON_TEMPERATURE)
     epochs = s.epochs if epochs is None else int(epochs)
     lr = s.asu_lr if lr is None else float(lr)
     world = generate_world(s.world)

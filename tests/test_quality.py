@@ -1,0 +1,132 @@
+"""The quality benchmark's arithmetic on fake runs (mean ± std, matched-forgetting interpolation, the auto-τ
+promise, continual steps, the report) and the learning-rate search of matched forgetting."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from asu.demo.matching import next_matching_lr, search_lr, values_at
+from benchmarks import quality_stats as qs
+
+
+def _summary(forget: float, retain: float, leak: float = 0.5, **extra: float) -> dict[str, float]:
+    return {"forget_rouge": forget, "retain_rouge": retain, "forget_fact_leakage_any": leak, **extra}
+
+
+def _world(seed: int, asu: dict, ga: dict | None, steps: list | None = None) -> dict:
+    models = {"original": _summary(0.97, 0.96, 0.95), "ASU all (auto:0.5)": asu}
+    return {
+        "seed": seed,
+        "models": models,
+        "asu": {"main": "ASU all (auto:0.5)", "variants": {"all layers": "ASU all (auto:0.5)"}},
+        "matched": {"GA+GD": {"runs": [], "at_target": {"values": ga} if ga else None}},
+        "tau": {"ASU all (auto:0.5)": {"target": 0.48, "temperature": 3.5, "reached": True}},
+        "continual": {"ASU": steps or []},
+    }
+
+
+def test_mean_and_sample_std():
+    got = qs.mean_std([0.5, 0.7, None, float("nan"), 0.6])
+    assert got["mean"] == pytest.approx(0.6) and got["std"] == pytest.approx(
+        statistics.stdev([0.5, 0.7, 0.6])
+    )
+    assert got["n"] == 3 and got["min"] == 0.5 and got["max"] == 0.7
+    assert qs.mean_std([0.4])["std"] == 0.0 and qs.mean_std([None]) is None
+    assert qs.fmt(got) == "0.600 ± 0.100" and qs.fmt(got, n_of=4) == "0.600 ± 0.100 (n=3)"
+    assert qs.fmt(None) == "–"
+
+
+def test_values_at_interpolates_every_metric_between_the_runs_either_side():
+    runs = {
+        "far": _summary(0.80, 0.95, 0.70),
+        "less": _summary(0.54, 0.86, 0.40),  # forgets less than the target 0.50 (0.04 above)
+        "more": _summary(0.42, 0.80, 0.20),  # forgets more (0.08 below: within the bracket of 0.1)
+    }
+    got = values_at(runs, 0.50)
+    w = (0.50 - 0.42) / (0.54 - 0.42)
+    assert got["runs"] == ["less", "more"]
+    assert got["values"]["retain_rouge"] == pytest.approx(0.80 + w * 0.06)
+    assert got["values"]["forget_fact_leakage_any"] == pytest.approx(0.20 + w * 0.20)
+    assert got["values"]["forget_rouge"] == pytest.approx(0.50)
+    # One side only: the closest run within 0.05, else nothing.
+    one = values_at({k: runs[k] for k in ("far", "less")}, 0.50)
+    assert one["runs"] == ["less"] and one["values"]["retain_rouge"] == 0.86
+    assert values_at({"far": runs["far"]}, 0.50) is None
+    # Runs beyond the bracket are not interpolated between.
+    assert values_at({"far": runs["far"], "low": _summary(0.1, 0.3)}, 0.50) is None
+
+
+def test_search_lr_bisects_until_matched():
+    calls = []
+
+    def run(lr):  # forgetting grows with lr: forget ROUGE-L = 1 - 500 lr
+        calls.append(lr)
+        return {"forget_rouge": 1 - 500 * lr}
+
+    runs = search_lr(run, 0.5, (5e-4, 2e-3), steps=6)
+    assert calls[:2] == [5e-4, 2e-3] and calls[2] == pytest.approx(1e-3)  # geometric mean of the bracket
+    assert any(abs(r["forget_rouge"] - 0.5) <= 0.01 for r in runs.values())
+    # Already matched by the grid: no bisection at all.
+    calls.clear()
+    search_lr(run, 0.75, (5e-4, 2e-3), steps=6)
+    assert calls == [5e-4]
+    assert next_matching_lr({1e-3: 0.8, 4e-3: 0.1}, 0.5) == pytest.approx(2e-3)
+
+
+def test_aggregate_paired_and_promise_on_fake_worlds():
+    steps = [
+        {"step": 1, "temperature": 3.0, "tau_target": 0.5,
+         "evaluation": {"request": _summary(0.52, 0.9), "pending": _summary(0.9, 0.9)}},
+        {"step": 2, "temperature": 4.0, "tau_target": 0.45,
+         "evaluation": {"request": _summary(0.60, 0.85), "forgotten": _summary(0.55, 0.85)}},
+    ]  # fmt: skip
+    worlds = [
+        _world(0, _summary(0.50, 0.86, 0.50), _summary(0.50, 0.82, 0.20), steps),
+        _world(1, _summary(0.55, 0.84, 0.60), _summary(0.55, 0.86, 0.30), steps),
+        _world(2, _summary(0.52, 0.88, 0.55), None),
+    ]
+    table = qs.aggregate(worlds)
+    assert list(table) == ["original", "oracle (retain only)", "ASU: all layers", "GA+GD @ matched"]
+    assert table["ASU: all layers"]["retain_rouge"]["mean"] == pytest.approx(0.86)
+    assert table["GA+GD @ matched"]["worlds"] == 2 and table["oracle (retain only)"]["worlds"] == 0
+    diff = qs.paired(worlds, "ASU: all layers", "GA+GD @ matched")
+    assert (
+        diff["retain_rouge"]["values"] == pytest.approx([0.04, -0.02]) and diff["retain_rouge"]["higher"] == 1
+    )
+    assert diff["forget_fact_leakage_any"]["diff"]["mean"] == pytest.approx(0.30)
+    assert qs.holds_everywhere(diff, "forget_fact_leakage_any", +1, 0.2)
+    assert not qs.holds_everywhere(diff, "retain_rouge", +1)
+
+    promise = qs.tau_promise(worlds, tolerance=0.05)
+    # 3 single runs (after - 0.48: 0.02, 0.07, 0.04), 2 steps in each of the 2 worlds with a continual run
+    # (after - target: 0.02, 0.15).
+    assert promise["n"] == 3 + 2 * 2 and promise["met"] == 2 + 2 and promise["close"] == 2 + 2
+    assert promise["error"]["mean"] == pytest.approx((0.02 + 0.07 + 0.04 + 2 * (0.02 + 0.15)) / 7)
+
+    per_step = qs.continual_steps(worlds, "ASU")
+    assert [r["step"] for r in per_step] == [1, 2]
+    assert per_step[0]["forgotten.forget_rouge"] is None and per_step[1]["forgotten.forget_rouge"]["n"] == 2
+    assert per_step[0]["pending.forget_rouge"]["mean"] == pytest.approx(0.9)
+    text = qs.main_table(table, 3) + qs.paired_table({"ASU − GA+GD": diff}) + qs.continual_table(per_step)
+    assert "0.860 ± 0.020" in text and "(n=2)" in text and "(1/2 > 0)" in text
+    json.dumps(table)  # everything is JSON-able
+
+
+def test_quality_settings_and_world_file_refuses_other_settings(tmp_path):
+    from benchmarks.quality import WorldRun, settings_for
+
+    full, quick = settings_for("full"), settings_for("quick")
+    assert full.variants[0] == quick.variants[0] and len(quick.continual) == 1 and quick.sweep == ()
+    with pytest.raises(ValueError, match="quick or full"):
+        settings_for("slow")
+    run = WorldRun(0, quick, tmp_path, None, progress=False)
+    assert run.record["done"] == [] and len(run.exp.forget) == 5 * 13
+    run.record["done"] = ["layers"]
+    run.path.parent.mkdir(parents=True)
+    run.path.write_text(json.dumps(run.record))
+    assert WorldRun(0, quick, tmp_path, None, progress=False).record["done"] == ["layers"]  # resumed
+    with pytest.raises(ValueError, match="other settings"):
+        WorldRun(0, full, tmp_path, None, progress=False)
