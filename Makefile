@@ -45,7 +45,7 @@ test-all: $(STAMP)
 # `torch==2.13.0` resolves to the CPU wheel on this machine's disk; a plain `torch` would pull a CUDA build.
 NEWEST_PINS    := torch==2.13.0 triton==3.9.0 transformers==5.24.0 numpy==2.4.6
 FLOOR_PINS     := torch==2.13.0 triton==3.6.0 transformers==5.4.0 tokenizers==0.22.1 safetensors==0.4.3 \
-	tqdm==4.66.0 rouge-score==0.1.2 scipy==1.10.0 matplotlib==3.8.0 peft==0.18.0 accelerate==1.3.0 \
+	tqdm==4.66.3 rouge-score==0.1.2 scipy==1.10.0 matplotlib==3.8.0 peft==0.18.0 accelerate==1.3.0 \
 	datasets==4.0.0 hypothesis==6.100.0
 GPU_IMAGE_PINS := torch==2.11.0 triton==3.6.0 transformers==5.17.0 "numpy<2.4"
 
