@@ -37,6 +37,7 @@ import concurrent.futures
 import datetime
 import json
 import multiprocessing
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -52,8 +53,10 @@ from asu.demo.world import WorldConfig
 from asu.environment import environment
 from asu.files import atomic_write_json, atomic_write_text
 from benchmarks import quality_stats as qs
+from benchmarks.report import refresh_readme
 
 RESULTS = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parent.parent / "README.md"
 STAGES = ("layers", "asu", "sweep", "baselines", "continual")
 
 
@@ -394,6 +397,77 @@ def _markdown(results: dict[str, Any], worlds: list[dict[str, Any]], s: QualityS
     return text
 
 
+#: The README's quality section lies between these markers (``--readme`` rewrites it).
+README_MARKERS = ("<!-- quality:start -->", "<!-- quality:end -->")
+README_METRICS = (
+    "forget_rouge",
+    "forget_fact_leakage_any",
+    "retain_rouge",
+    "model_utility",
+    "forget_no_repeat",
+)
+
+
+def _consistent_differences(agg: dict[str, Any]) -> list[str]:
+    """The paired differences whose sign is the same in every world (the only ones a claim may rest on)."""
+    lines = []
+    for name, per_metric in agg["paired"].items():
+        for key, c in per_metric.items():
+            d = c.get("diff") if c else None
+            if not d or d["n"] < 2:
+                continue
+            if c["higher"] in (0, d["n"]):
+                word = "higher" if c["higher"] else "lower"
+                spread = f"{d['mean']:+.3f} ± {d['std']:.3f}"
+                lines.append(f"* {name}: {qs.METRICS[key][0]} {word} in every world ({spread})")
+    return lines
+
+
+def readme_section(results: dict[str, Any], s: QualitySettings, results_md: Path, readme: Path) -> str:
+    """The README's quality section: the headline table, the differences that hold in every world, the
+    automatic τ's promise and the end of each continual run, with a link to the full report."""
+    env, agg, t = results["environment"], results["aggregate"], results["timing"]
+    n = len(agg["worlds"])
+    link = os.path.relpath(results_md, readme.parent)
+    text = (
+        f"Measured by `python -m benchmarks.quality --{s.mode}` on {env['machine']} (torch {env['torch']}, "
+        f"transformers {env['transformers']}, {env['date'][:10]}; wall {t['wall_s'] / 60:.0f} min); full "
+        f"report: [{results_md.name}]({link}). {n} worlds, mean ± std across worlds.\n\n"
+    )
+    keys = README_METRICS
+    text += "| model | " + " | ".join(qs.METRICS[k][0] for k in keys) + " |\n"
+    text += "|---" * (1 + len(keys)) + "|\n"
+    for row, values in agg["table"].items():
+        text += f"| {row} | " + " | ".join(qs.fmt(values.get(k)) for k in keys) + " |\n"
+    consistent = _consistent_differences(agg)
+    text += (
+        "\nDifferences with the same sign in every world:\n\n"
+        + ("\n".join(consistent) if consistent else "* none")
+        + "\n"
+    )
+    p = agg["tau_promise"]
+    if p["n"]:
+        text += (
+            f"\nThe automatic τ's promise: after unlearning, forget ROUGE-L minus the preview's target is "
+            f"{qs.fmt(p['error'])} over {p['n']} runs; at most {p['tolerance']} above it in "
+            f"{p['met']}/{p['n']}.\n"
+        )
+    ends = []
+    for label, steps in agg["continual"].items():
+        if steps:
+            last = steps[-1]
+            ends.append(
+                f"* {label}, after step {last['step']}: everything forgotten ROUGE-L "
+                f"{qs.fmt(last.get('forgotten.forget_rouge'))}, last request's fact leak "
+                f"{qs.fmt(last.get('request.forget_fact_leakage_any'))}; retain ROUGE-L "
+                f"{qs.fmt(last.get('request.retain_rouge'))}, model utility "
+                f"{qs.fmt(last.get('request.model_utility'))}"
+            )
+    if ends:
+        text += "\nContinual unlearning (one request per forget author):\n\n" + "\n".join(ends) + "\n"
+    return text
+
+
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -452,6 +526,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--aggregate-only", action="store_true", help="rebuild the report from DIR/worlds")
     parser.add_argument("--progress", action="store_true", help="progress bars of every stage")
+    parser.add_argument(
+        "--readme",
+        nargs="?",
+        const=str(README),
+        help="also rewrite the quality section of this README (default the repository's) from the results",
+    )
     args = parser.parse_args(argv)
     s = settings_for(args.mode or "full")
     try:
@@ -487,7 +567,11 @@ def main(argv: list[str] | None = None) -> int:
             if (out / "results.json").exists()
             else timing
         )
-    write_results(out, worlds, s, timing)
+    results = write_results(out, worlds, s, timing)
+    if args.readme:
+        readme = Path(args.readme)
+        if not refresh_readme(readme, readme_section(results, s, out / "results.md", readme), README_MARKERS):
+            print(f"{readme}: no {' / '.join(README_MARKERS)} markers; left untouched", file=sys.stderr)
     print(f"quality benchmark: {len(worlds)} worlds, wall {wall / 60:.1f} min; results in {out}")
     return 0
 

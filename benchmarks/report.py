@@ -682,16 +682,18 @@ def readme_summary(device: str, day: str, rows: list[Row], md_path: Path, readme
     return "\n".join(lines)
 
 
-def refresh_readme(readme: Path, section: str) -> bool:
-    """Replace the text between the perf markers of ``readme``; False (untouched) without both markers."""
+def refresh_readme(readme: Path, section: str, markers: tuple[str, str] = (START, END)) -> bool:
+    """Replace the text between ``markers`` (by default the perf markers) of ``readme``; False (untouched)
+    without both markers."""
     readme = Path(readme)
     if not readme.is_file():
         return False
     text = readme.read_text(encoding="utf-8")
-    start, end = text.find(START), text.find(END)
+    first, last = markers
+    start, end = text.find(first), text.find(last)
     if start < 0 or end < 0 or end < start:
         return False
-    new = text[: start + len(START)] + "\n" + section.strip("\n") + "\n\n" + text[end:]
+    new = text[: start + len(first)] + "\n" + section.strip("\n") + "\n\n" + text[end:]
     if new != text:
         atomic_write_text(readme, new)
     return True

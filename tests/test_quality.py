@@ -130,3 +130,31 @@ def test_quality_settings_and_world_file_refuses_other_settings(tmp_path):
     assert WorldRun(0, quick, tmp_path, None, progress=False).record["done"] == ["layers"]  # resumed
     with pytest.raises(ValueError, match="other settings"):
         WorldRun(0, full, tmp_path, None, progress=False)
+
+
+def test_readme_section_states_only_what_holds_in_every_world(tmp_path):
+    from benchmarks.quality import README_MARKERS, aggregate, readme_section, settings_for
+    from benchmarks.report import refresh_readme
+
+    s = settings_for("quick")
+    worlds = [
+        _world(0, _summary(0.50, 0.86, 0.50), _summary(0.50, 0.82, 0.20)),
+        _world(1, _summary(0.55, 0.84, 0.60), _summary(0.55, 0.86, 0.30)),
+    ]
+    for w in worlds:  # the benchmark's own row names
+        w["asu"] = {"main": "ASU all (auto:0.5)", "variants": {"all layers": "ASU all (auto:0.5)"}}
+    results = {
+        "environment": {"machine": "test machine", "torch": "t", "transformers": "x", "date": "2026-01-01"},
+        "timing": {"wall_s": 600.0},
+        "aggregate": aggregate(worlds, s),
+    }
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_MARKERS[0]}\nold numbers\n{README_MARKERS[1]}\nrest\n")
+    section = readme_section(results, s, tmp_path / "q" / "results.md", readme)
+    # Fact leakage is higher in both worlds (+0.30, +0.30): stated; retain (+0.04, -0.02) differs: not stated.
+    assert "ASU: all layers − GA+GD @ matched: fact leak (any) higher in every world (+0.300" in section
+    assert "retain ROUGE-L higher" not in section and "retain ROUGE-L lower" not in section
+    assert "(q/results.md)" in section and "test machine" in section
+    assert refresh_readme(readme, section, README_MARKERS)
+    text = readme.read_text()
+    assert "old numbers" not in text and text.startswith("intro\n") and text.endswith("rest\n")
