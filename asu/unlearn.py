@@ -307,7 +307,10 @@ def check_output_dir(output_dir: str, resume: bool) -> None:
     """Refuse to overwrite a finished run, or to start over an interrupted one without ``resume``."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"--out {output_dir} exists and is not a directory")
-    check_not_in_use(output_dir)
+    if is_main_process():
+        # Only the main process takes the folder's lock (_claimed_output), so under a multi-process
+        # launch the other ranks would find it held by their own job's main process.
+        check_not_in_use(output_dir)
     ckpt_dir = os.path.join(output_dir, CHECKPOINTS)
     if resume:
         if not complete_checkpoints(ckpt_dir):
