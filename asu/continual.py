@@ -396,15 +396,12 @@ def write_report(
 ) -> None:
     """``continual.md`` (the table) and ``continual.png`` (forget and utility across steps, when matplotlib
     is installed) in ``output_dir``."""
-    from asu.files import atomic_write, atomic_write_text
+    from asu.charts import load_pyplot, save_figure
+    from asu.files import atomic_write_text
 
     atomic_write_text(os.path.join(output_dir, "continual.md"), f"# {title}\n\n" + steps_table(steps))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = load_pyplot(quiet=True)
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
     xs = [s.step for s in steps]
@@ -417,8 +414,4 @@ def write_report(
     ax.set_ylim(0, 1.05)
     ax.set_title(title)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    try:
-        atomic_write(os.path.join(output_dir, "continual.png"), lambda tmp: fig.savefig(tmp, dpi=120))
-    finally:
-        plt.close(fig)
+    save_figure(fig, os.path.join(output_dir, "continual.png"), dpi=120)

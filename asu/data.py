@@ -87,6 +87,7 @@ __all__ = [
     "encode_rows",
     "load_idk_answers",
     "pair_indices",
+    "pad_right",
     "UnlearnDataset",
     "PaddingCollator",
     "PackingCollator",
@@ -426,6 +427,18 @@ def _stack(rows: list[list[int]], width: int, fill: int) -> torch.Tensor:
     return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
+def pad_right(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """``{"input_ids", "labels", "attention_mask"}`` of ``{"input_ids", "labels"}`` examples, each (B, T)
+    int64 with T the longest example's length: example ``b`` fills the start of row ``b``, the rest of the
+    row is ``pad_token_id`` / ``-100`` (no loss) / ``0`` (not attended)."""
+    width = max(len(ex["input_ids"]) for ex in examples)
+    return {
+        "input_ids": _stack([list(ex["input_ids"]) for ex in examples], width, pad_token_id),
+        "labels": _stack([list(ex["labels"]) for ex in examples], width, IGNORE_INDEX),
+        "attention_mask": _stack([[1] * len(ex["input_ids"]) for ex in examples], width, 0),
+    }
+
+
 class _Collator:
     """Collates dataset items ``{"forget": ex, "retain": ex, ...}`` part by part with :meth:`collate`."""
 
@@ -448,12 +461,10 @@ class PaddingCollator(_Collator):
 
     def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         _check_examples(examples)
-        width = max(len(ex["input_ids"]) for ex in examples)
         lengths = [len(ex["input_ids"]) for ex in examples]
+        width = max(lengths)
         return {
-            "input_ids": _stack([list(ex["input_ids"]) for ex in examples], width, self.pad_token_id),
-            "labels": _stack([list(ex["labels"]) for ex in examples], width, IGNORE_INDEX),
-            "attention_mask": _stack([[1] * n for n in lengths], width, 0),
+            **pad_right(examples, self.pad_token_id),
             "position_ids": _stack([list(range(n)) for n in lengths], width, 0),
             "sequence_ids": _stack([[s] * n for s, n in enumerate(lengths)], width, -1),
             "example_ids": torch.tensor([ex.get("example_id", s) for s, ex in enumerate(examples)]),

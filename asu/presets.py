@@ -42,37 +42,26 @@ class Preset:
     sources: tuple[str, ...] = ()
 
 
-_TOFU = dict(
-    temperature=2.3,
-    lam=0.1,
-    retain_loss="nll",
-    retain_reduction="sequence",
-    lr=1e-5,
-    epochs=5,
-    batch_size=8,
-    grad_accum=4,
-    max_length=500,
-    weight_decay=0.01,
-    warmup_epochs=1.0,
-    lr_schedule="linear",
-)
+# The two base recipes side by side, so both set the same fields: UnlearnConfig field -> (TOFU, MUSE).
+_RECIPES: dict[str, tuple[Any, Any]] = {
+    "temperature": (2.3, 2.5),
+    "lam": (0.1, 1.0),
+    "retain_loss": ("nll", "kl"),
+    "retain_reduction": ("sequence", "token"),
+    "lr": (1e-5, 1e-5),
+    "epochs": (5, 10),
+    "batch_size": (8, 4),
+    "grad_accum": (4, 8),
+    "max_length": (500, 2048),
+    "weight_decay": (0.01, 0.0),
+    "warmup_epochs": (1.0, 0.0),
+    "lr_schedule": ("linear", "constant"),
+}
+_TOFU = {name: tofu for name, (tofu, _) in _RECIPES.items()}
+_MUSE = {name: muse for name, (_, muse) in _RECIPES.items()}
 _TOFU_FILES = (
     "Right-to-be-forgotten/config/tofu.yaml",
     "Right-to-be-forgotten/forget.py",
-)
-_MUSE = dict(
-    temperature=2.5,
-    lam=1.0,
-    retain_loss="kl",
-    retain_reduction="token",
-    lr=1e-5,
-    epochs=10,
-    batch_size=4,
-    grad_accum=8,
-    max_length=2048,
-    weight_decay=0.0,
-    warmup_epochs=0.0,
-    lr_schedule="constant",
 )
 _MUSE_TRAINER = "muse/baselines/baselines/iterative.py"
 

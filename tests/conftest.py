@@ -38,6 +38,16 @@ def tok():
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for this test: on a shared, busy 2-core runner two threads per process thrash
+    (about 10x slower). Modules that train tiny models ask for it with ``pytest.mark.usefixtures``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def reference_backend(monkeypatch):
     """Runs the fused ops on their PyTorch reference path for this test.
 

@@ -33,12 +33,7 @@ class Stop(Exception):
     pass
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fingerprint(model: torch.nn.Module) -> float:

@@ -18,13 +18,7 @@ MICRO_TRAIN = TrainConfig(lr=5e-3, batch_size=16, max_epochs=1, eval_every=1, wa
 CLAIMS = ("asu_meets_preview_target", "asu_forgets", "asu_stays_fluent", "asu_leaks_more_facts_than_ga")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, busy 2-core runner two threads per process thrash (~10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _weights(model) -> dict[str, torch.Tensor]:

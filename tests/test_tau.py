@@ -8,7 +8,6 @@ import json
 import math
 
 import pytest
-import torch
 from helpers import FORGET, RETAIN, tiny_model
 
 from asu.commands import main
@@ -27,12 +26,7 @@ from asu.unlearn import UnlearnConfig, unlearn
 FAST = dict(epochs=1, batch_size=2, grad_accum=1, lr=1e-3, max_length=64, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bisection_brackets_then_converges_on_a_monotone_preview():

@@ -352,15 +352,6 @@ def _nll(model, tok, rows, template) -> float:
     return sum(losses) / len(losses)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a shared, busy 2-core runner two threads per process thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _memorise_then_unlearn(forget, retain, template, unlearn_epochs):
     """Train a tiny Llama on ``forget + retain`` in ``template`` until it answers every question exactly,
     then unlearn ``forget`` with ASU in the same template; returns the model before, the result and the

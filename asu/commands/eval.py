@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from asu.charts import load_pyplot, save_figure
 from asu.commands.outputs import locked_output
 from asu.data import load_rows
 from asu.environment import environment
@@ -32,7 +32,7 @@ from asu.evaluate import (
     summary_table,
     write_results,
 )
-from asu.files import atomic_write, atomic_write_json, atomic_write_text, check_output_location
+from asu.files import atomic_write_json, atomic_write_text, check_output_location
 from asu.metrics.muse import VERBMEM_PREFIX_TOKENS
 from asu.models import load_model, load_tokenizer
 
@@ -411,13 +411,8 @@ def _chart(summary: dict[str, float], path: Path, title: str) -> bool:
     keys = [k for k in CHART_FORGET + CHART_KEEP if k in summary]
     if not keys:
         return False
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no chart", file=sys.stderr)
+    plt = load_pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(keys) + 1.5), 3.6))
     colors = ["tab:red" if k in CHART_FORGET else "tab:blue" for k in keys]
@@ -426,9 +421,5 @@ def _chart(summary: dict[str, float], path: Path, title: str) -> bool:
     ax.set_xticklabels(keys, rotation=35, ha="right", fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return True

@@ -25,7 +25,6 @@ one the quality benchmark found on every world it ran (see the README's results 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,12 +32,13 @@ from typing import Any
 
 import torch
 
+from asu.charts import load_pyplot, save_figure
 from asu.demo.experiment import BASELINES, Baseline, Experiment, MethodSettings
 from asu.demo.tiny import TinyModelConfig, TrainConfig
 from asu.demo.world import WorldConfig
 from asu.environment import environment
 from asu.evaluate import evaluate_smoothed
-from asu.files import atomic_write, atomic_write_json, atomic_write_text
+from asu.files import atomic_write_json, atomic_write_text
 
 # Columns of the before/after table: summary key -> header.
 COLUMNS = {
@@ -207,13 +207,8 @@ def _examples_md(examples: list[dict[str, str]]) -> str:
 
 
 def _chart(models: dict[str, dict[str, float]], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no chart", file=sys.stderr)
+    plt = load_pyplot()
+    if plt is None:
         return False
     names = list(models)
     keys = [
@@ -231,11 +226,7 @@ def _chart(models: dict[str, dict[str, float]], path: Path) -> bool:
     ax.set_ylim(0, 1.05)
     ax.set_title("asu demo: forgetting vs what is kept")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return True
 
 

@@ -34,9 +34,10 @@ from typing import Any
 
 import torch
 
+from asu.data import pad_right
 from asu.demo.world import World
 from asu.files import atomic_write_json, atomic_write_text
-from asu.formatting import IGNORE_INDEX, encode_qa
+from asu.formatting import encode_qa
 
 CACHE_VERSION = 2  # 2: the world with several phrasings per question type
 MARKER = "COMPLETE"
@@ -182,19 +183,6 @@ def build_model(cfg: TinyModelConfig, tokenizer: Any, seed: int = 0) -> Any:
     )
 
 
-def _collate(batch: list[dict[str, list[int]]], pad: int) -> dict[str, torch.Tensor]:
-    width = max(len(b["input_ids"]) for b in batch)
-    ids = torch.full((len(batch), width), pad, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, b in enumerate(batch):
-        n = len(b["input_ids"])
-        ids[i, :n] = torch.tensor(b["input_ids"])
-        labels[i, :n] = torch.tensor(b["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
 def memorisation_rouge(model: Any, tokenizer: Any, rows: list[dict[str, Any]], batch_size: int = 64) -> float:
     """Mean ROUGE-L recall of greedy answers to ``rows``."""
     from asu.evaluate import generate_answers, rouge_l_recall
@@ -244,7 +232,7 @@ def train_memorise(
         order = torch.randperm(len(encoded), generator=g).tolist()
         total = 0.0
         for s in range(0, len(order), cfg.batch_size):
-            batch = _collate([encoded[i] for i in order[s : s + cfg.batch_size]], pad)
+            batch = pad_right([encoded[i] for i in order[s : s + cfg.batch_size]], pad)
             loss = model(**batch).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -90,14 +90,9 @@ def reference_from(obj: Any, name: str = "reference", n_forget: int | None = Non
             "forget_truth_ratio, or with mia_min_k) or a statistics file with a 'truth_ratio' mapping"
         )
     if ratios is not None:
-        for i, v in enumerate(ratios):
-            if not _finite(v):
-                raise ValueError(f"{name}: truth ratio of forget row {i} is {v!r}, not a finite number")
-        if n_forget is not None and len(ratios) != n_forget:
-            raise ValueError(
-                f"{name}: {len(ratios)} reference truth ratios but {n_forget} forget rows; the reference "
-                "must come from the same forget set"
-            )
+        _check_truth_ratios(
+            {f"truth ratio of forget row {i}": v for i, v in enumerate(ratios)}, n_forget, name
+        )
     return Reference([float(v) for v in ratios] if ratios is not None else None, auc)
 
 
@@ -112,14 +107,19 @@ def validate_stats(stats: Any, name: str = "reference statistics", n_items: int 
     """A legacy statistics dict needs ``truth_ratio``: row index -> finite float (``n_items`` of them)."""
     if not isinstance(stats, dict) or not isinstance(stats.get("truth_ratio"), dict):
         raise ValueError(f"{name}: expected an object with a 'truth_ratio' mapping of item index -> value")
-    tr = stats["truth_ratio"]
-    for k, v in tr.items():
+    _check_truth_ratios({f"truth_ratio[{k!r}]": v for k, v in stats["truth_ratio"].items()}, n_items, name)
+
+
+def _check_truth_ratios(labelled: dict[str, Any], n_forget: int | None, name: str) -> None:
+    """Every reference truth ratio (label -> value) is a finite number and, with ``n_forget``, there is one
+    per forget row (the reference comes from the same forget set)."""
+    for label, v in labelled.items():
         if not _finite(v):
-            raise ValueError(f"{name}: truth_ratio[{k!r}] = {v!r} is not a finite number")
-    if n_items is not None and len(tr) != n_items:
+            raise ValueError(f"{name}: {label} is {v!r}, not a finite number")
+    if n_forget is not None and len(labelled) != n_forget:
         raise ValueError(
-            f"{name}: {len(tr)} reference truth ratios but {n_items} forget rows; the reference must "
-            "come from the same forget set"
+            f"{name}: {len(labelled)} reference truth ratios but {n_forget} forget rows; the reference "
+            "must come from the same forget set"
         )
 
 

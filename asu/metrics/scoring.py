@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from asu.data import pad_right
 from asu.formatting import IGNORE_INDEX, encode_prompt, encode_qa
 from asu.metrics.muse import knowmem_prompt
 
@@ -186,17 +187,9 @@ def teacher_forced(
     out: list[TokenScores] = []
     for s in _batches(len(examples), batch_size, progress, desc):
         chunk = examples[s : s + batch_size]
-        width = max(len(e["input_ids"]) for e in chunk)
-        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, e in enumerate(chunk):
-            n = len(e["input_ids"])
-            ids[i, :n] = torch.tensor(e["input_ids"])
-            labels[i, :n] = torch.tensor(e["labels"])
-            mask[i, :n] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        labels = labels.to(device)
+        batch = {k: v.to(device) for k, v in pad_right(chunk, pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"]
         out += [_row_scores(logits[i], labels[i]) for i in range(len(chunk))]
     return out
 
