@@ -416,8 +416,9 @@ def _consistent_differences(agg: dict[str, Any]) -> list[str]:
             d = c.get("diff") if c else None
             if not d or d["n"] < 2:
                 continue
-            if c["higher"] in (0, d["n"]):
-                word = "higher" if c["higher"] else "lower"
+            values = c.get("values", [])
+            if all(v > 0 for v in values) or all(v < 0 for v in values):  # a tie is no sign
+                word = "higher" if values[0] > 0 else "lower"
                 spread = f"{d['mean']:+.3f} ± {d['std']:.3f}"
                 lines.append(f"* {name}: {qs.METRICS[key][0]} {word} in every world ({spread})")
     return lines

@@ -15,7 +15,7 @@ MICRO_MODEL = TinyModelConfig(
     vocab_size=300, hidden_size=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, intermediate_size=64
 )
 MICRO_TRAIN = TrainConfig(lr=5e-3, batch_size=16, max_epochs=1, eval_every=1, warmup_steps=2)
-CLAIMS = ("asu_meets_preview_target", "asu_forgets", "asu_stays_fluent", "asu_leaks_more_facts_than_ga")
+CLAIMS = ("asu_meets_preview_target", "asu_forgets", "asu_stays_fluent", "asu_keeps_retain")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -107,19 +107,15 @@ def test_claims_are_decided_on_the_numbers():
 
     models = {
         "original": {"forget_rouge": 0.97, "retain_rouge": 0.96},
-        "ASU": {"forget_rouge": 0.52, "forget_no_repeat": 0.9, "forget_fact_leakage_any": 0.5,
-                "retain_rouge": 0.86},
-        "GA+GD lr=0.0005": {"forget_rouge": 0.6},
-    }  # fmt: skip
-    ga = {"runs": ["GA+GD lr=0.0005"], "at_target": {"values": {"forget_fact_leakage_any": 0.3}, "runs": [],
-          "how": "x"}}  # fmt: skip
-    claims = check_claims(models, "ASU", ga, {"target": 0.48})
+        "ASU": {"forget_rouge": 0.52, "forget_no_repeat": 0.9, "retain_rouge": 0.86},
+    }
+    claims = check_claims(models, "ASU", {"target": 0.48})
     assert set(claims) == set(CLAIMS) and all(c["holds"] for c in claims.values())
-    models["ASU"] = dict(models["ASU"], forget_rouge=0.6, forget_no_repeat=0.5)
-    claims = check_claims(models, "ASU", {"runs": ["GA+GD lr=0.0005"], "at_target": None}, {"target": 0.48})
-    assert not claims["asu_meets_preview_target"]["holds"] and not claims["asu_forgets"]["holds"]
-    assert not claims["asu_stays_fluent"]["holds"] and claims["asu_leaks_more_facts_than_ga"]["holds"] is None
-    assert "asu_meets_preview_target" not in check_claims(models, "ASU", ga, None)
+    # 0.6 > 0.48 + 0.05 and > 0.6 * 0.97; 0.5 < 0.85 no-repeat; 0.8 < 0.85 * 0.96 retain.
+    models["ASU"] = {"forget_rouge": 0.6, "forget_no_repeat": 0.5, "retain_rouge": 0.8}
+    claims = check_claims(models, "ASU", {"target": 0.48})
+    assert not any(c["holds"] for c in claims.values())
+    assert "asu_meets_preview_target" not in check_claims(models, "ASU", None)
 
 
 def test_demo_flags_reach_the_settings():

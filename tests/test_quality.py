@@ -158,3 +158,14 @@ def test_readme_section_states_only_what_holds_in_every_world(tmp_path):
     assert refresh_readme(readme, section, README_MARKERS)
     text = readme.read_text()
     assert "old numbers" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+
+
+def test_a_tie_is_not_a_sign():
+    from benchmarks.quality import _consistent_differences
+
+    def comparison(values):
+        return {"diff": qs.mean_std(values), "values": values, "higher": sum(v > 0 for v in values)}
+
+    agg = {"paired": {"A − B": {"retain_rouge": comparison([0.0, -0.05, 0.0]),
+                                "model_utility": comparison([-0.01, -0.02, -0.03])}}}  # fmt: skip
+    assert _consistent_differences(agg) == ["* A − B: model utility lower in every world (-0.020 ± 0.010)"]

@@ -17,9 +17,10 @@ one the quality benchmark found on every world it ran (see the README's results 
   :data:`PROMISE_TOLERANCE` (the automatic τ keeps its promise);
 * ``asu_forgets``: ASU's forget ROUGE-L is at most 0.6 of the original's;
 * ``asu_stays_fluent``: at least 85% of ASU's forget answers are free of a repeated 3-gram;
-* ``asu_leaks_more_facts_than_ga``: a weakness, stated because it held everywhere: at the same forget
-  ROUGE-L, ASU's forget answers still state at least one of the world's facts more often than GA+GD's, by at
-  least 0.1 (fact leakage, :mod:`asu.metrics`).
+* ``asu_keeps_retain``: ASU's retain ROUGE-L is at least 0.85 of the original's.
+
+GA+GD at ASU's forgetting is reported (``ga_matched`` in ``results.json``) but no claim is made about it:
+across the benchmark's worlds neither kept more retain ROUGE-L, nor leaked fewer facts, in every world.
 """
 
 from __future__ import annotations
@@ -125,13 +126,10 @@ PROMISE_TOLERANCE = 0.05
 
 
 def check_claims(
-    models: dict[str, dict[str, Any]], asu_name: str, ga: dict[str, Any], tau: dict[str, Any] | None
+    models: dict[str, dict[str, Any]], asu_name: str, tau: dict[str, Any] | None
 ) -> dict[str, dict[str, Any]]:
-    """The demo's claims, each with the numbers it was decided on (see the module docstring).
-
-    ``ga`` is :meth:`Experiment.match`'s result for GA+GD (its runs and its numbers read at ASU's forget
-    ROUGE-L); ``tau`` the automatic temperature's record (None when τ was given).
-    """
+    """The demo's claims, each with the numbers it was decided on (see the module docstring); ``tau`` is
+    the automatic temperature's record (None when τ was given)."""
     orig, asu = models["original"], models[asu_name]
     claims: dict[str, dict[str, Any]] = {}
     if tau is not None:
@@ -150,22 +148,11 @@ def check_claims(
         "holds": asu["forget_no_repeat"] >= 0.85,
         "asu_no_repeat": asu["forget_no_repeat"],
     }
-    at = ga.get("at_target")
-    if at is None:
-        claims["asu_leaks_more_facts_than_ga"] = {
-            "holds": None,
-            "reason": "no GA+GD run close enough to ASU's forget ROUGE-L",
-            "ga_forget_rouge": {n: models[n]["forget_rouge"] for n in ga["runs"]},
-        }
-    else:
-        v = at["values"]
-        claims["asu_leaks_more_facts_than_ga"] = {
-            "holds": asu["forget_fact_leakage_any"] - v["forget_fact_leakage_any"] >= 0.1,
-            "asu_fact_leak": asu["forget_fact_leakage_any"],
-            "ga_fact_leak_at_asu_forgetting": v["forget_fact_leakage_any"],
-            "ga_runs": at["runs"],
-            "how": at["how"],
-        }
+    claims["asu_keeps_retain"] = {
+        "holds": asu["retain_rouge"] >= 0.85 * orig["retain_rouge"],
+        "asu_retain_rouge": asu["retain_rouge"],
+        "original_retain_rouge": orig["retain_rouge"],
+    }
     return claims
 
 
@@ -255,7 +242,7 @@ def run_demo(
     timings = {k: v["wall_s"] for k, v in exp.timings.items()}
     timings["total"] = time.perf_counter() - t_start
     cpu = {k: v["cpu_s"] for k, v in exp.timings.items()} | {"total": time.process_time() - c_start}
-    claims = check_claims(exp.models, asu_name, ga, exp.temperatures.get(asu_name))
+    claims = check_claims(exp.models, asu_name, exp.temperatures.get(asu_name))
     examples = _examples(exp.forget, exp.generations, s.n_examples)
     _print_outcome(exp.models, claims, examples, out, timings["total"])
     results = {
