@@ -56,6 +56,16 @@ from asu_kernels._triton_common import (
 
 
 @triton.jit
+def _rows_offset(batch, head, seq_start, stride_b, stride_h, stride_row, IS_VARLEN: tl.constexpr):
+    """int64 offset of row 0 of sequence ``batch``, head ``head`` of a (batch, head, row, dim) tensor; in a
+    packed batch (batch stride 0) the sequence starts at row ``seq_start``."""
+    off = batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
+    if IS_VARLEN:
+        off += seq_start.to(tl.int64) * stride_row
+    return off
+
+
+@triton.jit
 def _load_tile(
     base, rows, stride_row, cols, stride_col, n_rows,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr,
@@ -173,19 +183,12 @@ def attn_fwd_kernel(
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
     off_hk = off_h // group
-    q_off = off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-    k_off = off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
-    v_off = off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
-    o_off = off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
-    l_off = off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh
     seq_start, seqlen_q, seqlen_k = document_bounds(CU_SEQLENS, off_b, n_q, n_k, IS_VARLEN)
-    if IS_VARLEN:
-        row0 = seq_start.to(tl.int64)
-        q_off += row0 * stride_qm
-        k_off += row0 * stride_kn
-        v_off += row0 * stride_vn
-        o_off += row0 * stride_om
-        l_off += row0 * stride_lm
+    q_off = _rows_offset(off_b, off_h, seq_start, stride_qb, stride_qh, stride_qm, IS_VARLEN)
+    k_off = _rows_offset(off_b, off_hk, seq_start, stride_kb, stride_kh, stride_kn, IS_VARLEN)
+    v_off = _rows_offset(off_b, off_hk, seq_start, stride_vb, stride_vh, stride_vn, IS_VARLEN)
+    o_off = _rows_offset(off_b, off_h, seq_start, stride_ob, stride_oh, stride_om, IS_VARLEN)
+    l_off = _rows_offset(off_b, off_h, seq_start, stride_lb, stride_lh, stride_lm, IS_VARLEN)
     m0 = start_m * BLOCK_M
     if m0 >= seqlen_q:
         return
@@ -230,15 +233,10 @@ def attn_bwd_preprocess_kernel(
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
-    o_off = off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
-    d_off = off_b.to(tl.int64) * stride_db + off_h.to(tl.int64) * stride_dh
-    l_off = off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh
     seq_start, seqlen_q, _ = document_bounds(CU_SEQLENS, off_b, n_q, n_q, IS_VARLEN)
-    if IS_VARLEN:
-        row0 = seq_start.to(tl.int64)
-        o_off += row0 * stride_om
-        d_off += row0 * stride_dm
-        l_off += row0 * stride_lm
+    o_off = _rows_offset(off_b, off_h, seq_start, stride_ob, stride_oh, stride_om, IS_VARLEN)
+    d_off = _rows_offset(off_b, off_h, seq_start, stride_db, stride_dh, stride_dm, IS_VARLEN)
+    l_off = _rows_offset(off_b, off_h, seq_start, stride_lb, stride_lh, stride_lm, IS_VARLEN)
     m0 = start_m * BLOCK_M
     if m0 >= seqlen_q:
         return
@@ -310,23 +308,11 @@ def attn_bwd_dkdv_kernel(
     start_n = tl.program_id(0)
     off_hk = tl.program_id(1)
     off_b = tl.program_id(2)
-    k_off = off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
-    v_off = off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
-    dk_off = off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh
-    dv_off = off_b.to(tl.int64) * stride_dvb + off_hk.to(tl.int64) * stride_dvh
-    q_off = off_b.to(tl.int64) * stride_qb
-    do_off = off_b.to(tl.int64) * stride_db
-    l_off = off_b.to(tl.int64) * stride_lb
     seq_start, seqlen_q, seqlen_k = document_bounds(CU_SEQLENS, off_b, n_q, n_k, IS_VARLEN)
-    if IS_VARLEN:
-        row0 = seq_start.to(tl.int64)
-        k_off += row0 * stride_kn
-        v_off += row0 * stride_vn
-        dk_off += row0 * stride_dkn
-        dv_off += row0 * stride_dvn
-        q_off += row0 * stride_qm
-        do_off += row0 * stride_dm
-        l_off += row0 * stride_lm
+    k_off = _rows_offset(off_b, off_hk, seq_start, stride_kb, stride_kh, stride_kn, IS_VARLEN)
+    v_off = _rows_offset(off_b, off_hk, seq_start, stride_vb, stride_vh, stride_vn, IS_VARLEN)
+    dk_off = _rows_offset(off_b, off_hk, seq_start, stride_dkb, stride_dkh, stride_dkn, IS_VARLEN)
+    dv_off = _rows_offset(off_b, off_hk, seq_start, stride_dvb, stride_dvh, stride_dvn, IS_VARLEN)
     n0 = start_n * BLOCK_N
     if n0 >= seqlen_k:
         return
@@ -343,12 +329,14 @@ def attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     bounds = query_block_ranges(n0, seqlen_q, diag, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     for g in range(0, group):
-        off_h = (off_hk * group + g).to(tl.int64)
-        q_base = Q + q_off + off_h * stride_qh
-        do_base = DO + do_off + off_h * stride_dh
-        lse_base = LSE + l_off + off_h * stride_lh
-        delta_base = DELTA + l_off + off_h * stride_lh
-        args = (q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_dm, stride_dd, stride_lm)
+        off_h = off_hk * group + g
+        q_off = _rows_offset(off_b, off_h, seq_start, stride_qb, stride_qh, stride_qm, IS_VARLEN)
+        do_off = _rows_offset(off_b, off_h, seq_start, stride_db, stride_dh, stride_dm, IS_VARLEN)
+        l_off = _rows_offset(off_b, off_h, seq_start, stride_lb, stride_lh, stride_lm, IS_VARLEN)
+        args = (
+            Q + q_off, DO + do_off, LSE + l_off, DELTA + l_off,
+            stride_qm, stride_qd, stride_dm, stride_dd, stride_lm,
+        )  # fmt: skip
         for stage in tl.static_range(0 if CAUSAL else 1, 3):  # the first stage needs the causal mask
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, key_ok, *args, offs_n, offs_d, bounds[stage], bounds[stage + 1], seqlen_q,
@@ -408,21 +396,13 @@ def attn_bwd_dq_kernel(
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
     off_hk = off_h // group
-    q_off = off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-    do_off = off_b.to(tl.int64) * stride_db + off_h.to(tl.int64) * stride_dh
-    dq_off = off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
-    l_off = off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh
-    k_off = off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
-    v_off = off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
     seq_start, seqlen_q, seqlen_k = document_bounds(CU_SEQLENS, off_b, n_q, n_k, IS_VARLEN)
-    if IS_VARLEN:
-        row0 = seq_start.to(tl.int64)
-        q_off += row0 * stride_qm
-        do_off += row0 * stride_dm
-        dq_off += row0 * stride_dqm
-        l_off += row0 * stride_lm
-        k_off += row0 * stride_kn
-        v_off += row0 * stride_vn
+    q_off = _rows_offset(off_b, off_h, seq_start, stride_qb, stride_qh, stride_qm, IS_VARLEN)
+    do_off = _rows_offset(off_b, off_h, seq_start, stride_db, stride_dh, stride_dm, IS_VARLEN)
+    dq_off = _rows_offset(off_b, off_h, seq_start, stride_dqb, stride_dqh, stride_dqm, IS_VARLEN)
+    l_off = _rows_offset(off_b, off_h, seq_start, stride_lb, stride_lh, stride_lm, IS_VARLEN)
+    k_off = _rows_offset(off_b, off_hk, seq_start, stride_kb, stride_kh, stride_kn, IS_VARLEN)
+    v_off = _rows_offset(off_b, off_hk, seq_start, stride_vb, stride_vh, stride_vn, IS_VARLEN)
     m0 = start_m * BLOCK_M
     if m0 >= seqlen_q:
         return
