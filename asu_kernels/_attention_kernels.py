@@ -32,7 +32,9 @@ one program handles one (row block, head, document).
 Every loop over the other side's blocks is split in three stages (:func:`~asu_kernels._triton_common.
 key_block_ranges`, :func:`~asu_kernels._triton_common.query_block_ranges`): a masked stage for the blocks cut
 by the lower window edge, an unmasked stage for blocks that are fully visible, and a masked stage for the
-causal diagonal and the ragged end. Blocks outside the causal triangle or the window are never visited.
+causal diagonal and the ragged end. Blocks outside the causal triangle or the window are never visited. The
+kernels unroll the stages with ``tl.static_range`` over the four bounds (stage 1 is the mask-free one) and
+compile the first only where it can hold blocks (with a window for key loops, causal for the query loop).
 """
 
 from __future__ import annotations
@@ -54,10 +56,23 @@ from asu_kernels._triton_common import (
 
 
 @triton.jit
+def _rows_offset(batch, head, seq_start, stride_b, stride_h, stride_row, IS_VARLEN: tl.constexpr):
+    """int64 offset of row 0 of sequence ``batch``, head ``head`` of a (batch, head, row, dim) tensor; in a
+    packed batch (batch stride 0) the sequence starts at row ``seq_start``."""
+    off = batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
+    if IS_VARLEN:
+        off += seq_start.to(tl.int64) * stride_row
+    return off
+
+
+@triton.jit
 def _load_tile(
-    ptrs, rows, n_rows, cols, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr
-):
-    """Load a (rows, BLOCK_D) tile; rows >= n_rows (when checked) and padded head-dim columns read 0."""
+    base, rows, stride_row, cols, stride_col, n_rows,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr,
+):  # fmt: skip
+    """Load the (rows, BLOCK_D) tile at ``base + rows * stride_row + cols * stride_col``; rows >= n_rows (when
+    checked) and padded head-dim columns read 0."""
+    ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
     if CHECK_ROWS:
         if BLOCK_D == HEAD_DIM:
             x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
@@ -69,6 +84,49 @@ def _load_tile(
         else:
             x = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
     return x
+
+
+@triton.jit
+def _store_tile(base, rows, stride_row, cols, stride_col, n_rows, x, HEAD_DIM: tl.constexpr):
+    """Store the (rows, BLOCK_D) tile ``x`` at ``base + rows * stride_row + cols * stride_col``, in the
+    tensor's dtype; rows >= n_rows and padded head-dim columns are left alone."""
+    tl.store(
+        base + rows[:, None] * stride_row + cols[None, :] * stride_col,
+        x.to(base.dtype.element_ty),
+        mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM),
+    )
+
+
+@triton.jit
+def _scores(
+    a, b, i, j, seqlen_q, seqlen_k, diag, window, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Base-2 logits ``a @ b^T * qk_scale`` of one tile, soft-capped with ``SOFTCAP``; on ``MASKED`` tiles
+    -inf where query ``i`` does not see key ``j`` (index tensors broadcast to the tile: ``a`` holds queries
+    and ``b`` keys, or the transpose). Key padding is the caller's.
+
+    Returns ``(s, tanh)``, ``tanh`` the cap's ``tanh(u / cap)`` that the gradient needs (without a cap, the
+    uncapped logits, never read).
+    """
+    s = mma(a, tl.trans(b), None, DOT_PRECISION) * qk_scale
+    tanh = s
+    if SOFTCAP > 0:
+        s, tanh = soft_cap(s, SOFTCAP * LOG2E)
+    if MASKED:
+        s = tl.where(visible(i, j, seqlen_q, seqlen_k, diag, window, CAUSAL, HAS_WINDOW), s, float("-inf"))
+    return s, tanh
+
+
+@triton.jit
+def _score_grad(p, dp, delta, tanh, SOFTCAP: tl.constexpr):
+    """``ds = p (dp - Delta)``, times ``1 - tanh^2`` through a soft-cap (``d(c tanh(u/c))/du``): the
+    gradient of the logit before the cap."""
+    ds = p * (dp - delta)
+    if SOFTCAP > 0:
+        ds = ds * (1.0 - tanh * tanh)
+    return ds
 
 
 @triton.jit
@@ -84,18 +142,11 @@ def _fwd_inner(
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(
-            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-            offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED,
+        k = _load_tile(k_base, offs_n, stride_kn, offs_d, stride_kd, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
+        s, _ = _scores(
+            q, k, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag, window, qk_scale,
+            MASKED, CAUSAL, HAS_WINDOW, SOFTCAP, DOT_PRECISION,
         )  # fmt: skip
-        s = mma(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
-        if SOFTCAP > 0:
-            s, _ = soft_cap(s, SOFTCAP * LOG2E)
-        if MASKED:
-            ok = visible(
-                offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag, window, CAUSAL, HAS_WINDOW
-            )
-            s = tl.where(ok, s, float("-inf"))
         if HAS_KPM:
             s = tl.where(key_kept(kpm_base, offs_n, stride_pn, seqlen_k, True)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -105,10 +156,7 @@ def _fwd_inner(
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(
-            v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED,
-        )  # fmt: skip
+        v = _load_tile(v_base, offs_n, stride_vn, offs_d, stride_vd, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
         acc = acc * alpha[:, None]
         acc = mma(p.to(v.dtype), v, acc, DOT_PRECISION)
         m_i = m_new
@@ -135,57 +183,37 @@ def attn_fwd_kernel(
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
     off_hk = off_h // group
-    q_off = off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-    k_off = off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
-    v_off = off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
-    o_off = off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
-    l_off = off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh
     seq_start, seqlen_q, seqlen_k = document_bounds(CU_SEQLENS, off_b, n_q, n_k, IS_VARLEN)
-    if IS_VARLEN:
-        row0 = seq_start.to(tl.int64)
-        q_off += row0 * stride_qm
-        k_off += row0 * stride_kn
-        v_off += row0 * stride_vn
-        o_off += row0 * stride_om
-        l_off += row0 * stride_lm
+    q_off = _rows_offset(off_b, off_h, seq_start, stride_qb, stride_qh, stride_qm, IS_VARLEN)
+    k_off = _rows_offset(off_b, off_hk, seq_start, stride_kb, stride_kh, stride_kn, IS_VARLEN)
+    v_off = _rows_offset(off_b, off_hk, seq_start, stride_vb, stride_vh, stride_vn, IS_VARLEN)
+    o_off = _rows_offset(off_b, off_h, seq_start, stride_ob, stride_oh, stride_om, IS_VARLEN)
+    l_off = _rows_offset(off_b, off_h, seq_start, stride_lb, stride_lh, stride_lm, IS_VARLEN)
     m0 = start_m * BLOCK_M
     if m0 >= seqlen_q:
         return
     diag = seqlen_k - seqlen_q
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(
-        Q + q_off + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True,
-    )  # fmt: skip
+    q = _load_tile(Q + q_off, offs_m, stride_qm, offs_d, stride_qd, seqlen_q, HEAD_DIM, BLOCK_D, True)
     kpm_base = KPM + off_b.to(tl.int64) * stride_pb
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, a, b, hi = key_block_ranges(m0, seqlen_k, diag, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    bounds = key_block_ranges(m0, seqlen_k, diag, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     args = (
         K + k_off, V + v_off, kpm_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
     )  # fmt: skip
-    if HAS_WINDOW:
+    for stage in tl.static_range(0 if HAS_WINDOW else 1, 3):  # the first stage needs a window
         acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, *args, lo, a, seqlen_q, seqlen_k, diag, window, qk_scale,
-            True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, SOFTCAP,
+            acc, l_i, m_i, q, *args, bounds[stage], bounds[stage + 1], seqlen_q, seqlen_k, diag, window,
+            qk_scale, stage != 1, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
+            SOFTCAP,
         )  # fmt: skip
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, *args, a, b, seqlen_q, seqlen_k, diag, window, qk_scale,
-        False, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, SOFTCAP,
-    )  # fmt: skip
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, *args, b, hi, seqlen_q, seqlen_k, diag, window, qk_scale,
-        True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, SOFTCAP,
-    )  # fmt: skip
     # rows with no visible key: l = 0 and acc = 0 -> output 0, lse = -inf
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_safe[:, None]
-    o_ptrs = O + o_off + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(
-        o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    )
+    _store_tile(O + o_off, offs_m, stride_om, offs_d, stride_od, seqlen_q, acc, HEAD_DIM)
     if STORE_LSE:
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
         tl.store(LSE + l_off + offs_m * stride_lm, lse, mask=offs_m < seqlen_q)
@@ -205,28 +233,17 @@ def attn_bwd_preprocess_kernel(
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
-    o_off = off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
-    d_off = off_b.to(tl.int64) * stride_db + off_h.to(tl.int64) * stride_dh
-    l_off = off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh
     seq_start, seqlen_q, _ = document_bounds(CU_SEQLENS, off_b, n_q, n_q, IS_VARLEN)
-    if IS_VARLEN:
-        row0 = seq_start.to(tl.int64)
-        o_off += row0 * stride_om
-        d_off += row0 * stride_dm
-        l_off += row0 * stride_lm
+    o_off = _rows_offset(off_b, off_h, seq_start, stride_ob, stride_oh, stride_om, IS_VARLEN)
+    d_off = _rows_offset(off_b, off_h, seq_start, stride_db, stride_dh, stride_dm, IS_VARLEN)
+    l_off = _rows_offset(off_b, off_h, seq_start, stride_lb, stride_lh, stride_lm, IS_VARLEN)
     m0 = start_m * BLOCK_M
     if m0 >= seqlen_q:
         return
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(
-        O + o_off + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-        offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True,
-    )  # fmt: skip
-    do = _load_tile(
-        DO + d_off + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd,
-        offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True,
-    )  # fmt: skip
+    o = _load_tile(O + o_off, offs_m, stride_om, offs_d, stride_od, seqlen_q, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + d_off, offs_m, stride_dm, offs_d, stride_dd, seqlen_q, HEAD_DIM, BLOCK_D, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
         # d lse_i / d s_ij = p_ij, so an upstream lse gradient folds into Delta
@@ -247,10 +264,7 @@ def _bwd_dkdv_inner(
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(
-            q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-            offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED,
-        )  # fmt: skip
+        q = _load_tile(q_base, offs_m, stride_qm, offs_d, stride_qd, seqlen_q, HEAD_DIM, BLOCK_D, MASKED)
         if MASKED:
             lse = tl.load(lse_base + offs_m * stride_lm, mask=offs_m < seqlen_q, other=float("-inf"))
             delta = tl.load(delta_base + offs_m * stride_lm, mask=offs_m < seqlen_q, other=0.0)
@@ -259,26 +273,17 @@ def _bwd_dkdv_inner(
             delta = tl.load(delta_base + offs_m * stride_lm)
         # an empty row (lse = -inf) must give p = 0: subtract +inf instead of -inf
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-        s_t = mma(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
-        if SOFTCAP > 0:
-            s_t, tanh_t = soft_cap(s_t, SOFTCAP * LOG2E)
-        if MASKED:
-            ok = visible(
-                offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, diag, window, CAUSAL, HAS_WINDOW
-            )
-            s_t = tl.where(ok, s_t, float("-inf"))
+        s_t, tanh_t = _scores(
+            k, q, offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, diag, window, qk_scale,
+            MASKED, CAUSAL, HAS_WINDOW, SOFTCAP, DOT_PRECISION,
+        )  # fmt: skip
         if HAS_KPM:
             s_t = tl.where(key_ok[:, None], s_t, float("-inf"))
         p_t = tl.math.exp2(s_t - lse2[None, :])
-        do = _load_tile(
-            do_base + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd,
-            offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED,
-        )  # fmt: skip
+        do = _load_tile(do_base, offs_m, stride_dm, offs_d, stride_dd, seqlen_q, HEAD_DIM, BLOCK_D, MASKED)
         dv = mma(p_t.to(do.dtype), do, dv, DOT_PRECISION)
         dp_t = mma(v, tl.trans(do), None, DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        if SOFTCAP > 0:
-            ds_t = ds_t * (1.0 - tanh_t * tanh_t)  # through the cap: d(c tanh(u/c))/du
+        ds_t = _score_grad(p_t, dp_t, delta[None, :], tanh_t, SOFTCAP)
         dk = mma(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
     return dk, dv
 
@@ -303,77 +308,44 @@ def attn_bwd_dkdv_kernel(
     start_n = tl.program_id(0)
     off_hk = tl.program_id(1)
     off_b = tl.program_id(2)
-    k_off = off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
-    v_off = off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
-    dk_off = off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh
-    dv_off = off_b.to(tl.int64) * stride_dvb + off_hk.to(tl.int64) * stride_dvh
-    q_off = off_b.to(tl.int64) * stride_qb
-    do_off = off_b.to(tl.int64) * stride_db
-    l_off = off_b.to(tl.int64) * stride_lb
     seq_start, seqlen_q, seqlen_k = document_bounds(CU_SEQLENS, off_b, n_q, n_k, IS_VARLEN)
-    if IS_VARLEN:
-        row0 = seq_start.to(tl.int64)
-        k_off += row0 * stride_kn
-        v_off += row0 * stride_vn
-        dk_off += row0 * stride_dkn
-        dv_off += row0 * stride_dvn
-        q_off += row0 * stride_qm
-        do_off += row0 * stride_dm
-        l_off += row0 * stride_lm
+    k_off = _rows_offset(off_b, off_hk, seq_start, stride_kb, stride_kh, stride_kn, IS_VARLEN)
+    v_off = _rows_offset(off_b, off_hk, seq_start, stride_vb, stride_vh, stride_vn, IS_VARLEN)
+    dk_off = _rows_offset(off_b, off_hk, seq_start, stride_dkb, stride_dkh, stride_dkn, IS_VARLEN)
+    dv_off = _rows_offset(off_b, off_hk, seq_start, stride_dvb, stride_dvh, stride_dvn, IS_VARLEN)
     n0 = start_n * BLOCK_N
     if n0 >= seqlen_k:
         return
     diag = seqlen_k - seqlen_q
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(
-        K + k_off + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-        offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True,
-    )  # fmt: skip
-    v = _load_tile(
-        V + v_off + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-        offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True,
-    )  # fmt: skip
+    k = _load_tile(K + k_off, offs_n, stride_kn, offs_d, stride_kd, seqlen_k, HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(V + v_off, offs_n, stride_vn, offs_d, stride_vd, seqlen_k, HEAD_DIM, BLOCK_D, True)
     if HAS_KPM:
         key_ok = key_kept(KPM + off_b.to(tl.int64) * stride_pb, offs_n, stride_pn, seqlen_k, True)
     else:
         key_ok = offs_n < seqlen_k
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo, a, b, hi = query_block_ranges(n0, seqlen_q, diag, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    bounds = query_block_ranges(n0, seqlen_q, diag, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     for g in range(0, group):
-        off_h = (off_hk * group + g).to(tl.int64)
-        q_base = Q + q_off + off_h * stride_qh
-        do_base = DO + do_off + off_h * stride_dh
-        lse_base = LSE + l_off + off_h * stride_lh
-        delta_base = DELTA + l_off + off_h * stride_lh
-        args = (q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_dm, stride_dd, stride_lm)
-        if CAUSAL:
+        off_h = off_hk * group + g
+        q_off = _rows_offset(off_b, off_h, seq_start, stride_qb, stride_qh, stride_qm, IS_VARLEN)
+        do_off = _rows_offset(off_b, off_h, seq_start, stride_db, stride_dh, stride_dm, IS_VARLEN)
+        l_off = _rows_offset(off_b, off_h, seq_start, stride_lb, stride_lh, stride_lm, IS_VARLEN)
+        args = (
+            Q + q_off, DO + do_off, LSE + l_off, DELTA + l_off,
+            stride_qm, stride_qd, stride_dm, stride_dd, stride_lm,
+        )  # fmt: skip
+        for stage in tl.static_range(0 if CAUSAL else 1, 3):  # the first stage needs the causal mask
             dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, key_ok, *args, offs_n, offs_d, lo, a, seqlen_q, seqlen_k, diag, window,
-                qk_scale, True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION,
-                SOFTCAP,
+                dk, dv, k, v, key_ok, *args, offs_n, offs_d, bounds[stage], bounds[stage + 1], seqlen_q,
+                seqlen_k, diag, window, qk_scale, stage != 1, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D,
+                BLOCK_M, DOT_PRECISION, SOFTCAP,
             )  # fmt: skip
-        dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, key_ok, *args, offs_n, offs_d, a, b, seqlen_q, seqlen_k, diag, window,
-            qk_scale, False, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, SOFTCAP,
-        )  # fmt: skip
-        dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, key_ok, *args, offs_n, offs_d, b, hi, seqlen_q, seqlen_k, diag, window,
-            qk_scale, True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, SOFTCAP,
-        )  # fmt: skip
     dk = dk * sm_scale
-    mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-    tl.store(
-        DK + dk_off + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-        dk.to(DK.dtype.element_ty),
-        mask=mask,
-    )
-    tl.store(
-        DV + dv_off + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-        dv.to(DV.dtype.element_ty),
-        mask=mask,
-    )
+    _store_tile(DK + dk_off, offs_n, stride_dkn, offs_d, stride_dkd, seqlen_k, dk, HEAD_DIM)
+    _store_tile(DV + dv_off, offs_n, stride_dvn, offs_d, stride_dvd, seqlen_k, dv, HEAD_DIM)
 
 
 @triton.jit
@@ -389,29 +361,17 @@ def _bwd_dq_inner(
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(
-            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-            offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED,
+        k = _load_tile(k_base, offs_n, stride_kn, offs_d, stride_kd, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_tile(v_base, offs_n, stride_vn, offs_d, stride_vd, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
+        s, tanh_s = _scores(
+            q, k, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag, window, qk_scale,
+            MASKED, CAUSAL, HAS_WINDOW, SOFTCAP, DOT_PRECISION,
         )  # fmt: skip
-        v = _load_tile(
-            v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED,
-        )  # fmt: skip
-        s = mma(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
-        if SOFTCAP > 0:
-            s, tanh_s = soft_cap(s, SOFTCAP * LOG2E)
-        if MASKED:
-            ok = visible(
-                offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag, window, CAUSAL, HAS_WINDOW
-            )
-            s = tl.where(ok, s, float("-inf"))
         if HAS_KPM:
             s = tl.where(key_kept(kpm_base, offs_n, stride_pn, seqlen_k, True)[None, :], s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         dp = mma(do, tl.trans(v), None, DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP > 0:
-            ds = ds * (1.0 - tanh_s * tanh_s)  # through the cap: d(c tanh(u/c))/du
+        ds = _score_grad(p, dp, delta[:, None], tanh_s, SOFTCAP)
         dq = mma(ds.to(k.dtype), k, dq, DOT_PRECISION)
     return dq
 
@@ -436,60 +396,35 @@ def attn_bwd_dq_kernel(
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
     off_hk = off_h // group
-    q_off = off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-    do_off = off_b.to(tl.int64) * stride_db + off_h.to(tl.int64) * stride_dh
-    dq_off = off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
-    l_off = off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh
-    k_off = off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
-    v_off = off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
     seq_start, seqlen_q, seqlen_k = document_bounds(CU_SEQLENS, off_b, n_q, n_k, IS_VARLEN)
-    if IS_VARLEN:
-        row0 = seq_start.to(tl.int64)
-        q_off += row0 * stride_qm
-        do_off += row0 * stride_dm
-        dq_off += row0 * stride_dqm
-        l_off += row0 * stride_lm
-        k_off += row0 * stride_kn
-        v_off += row0 * stride_vn
+    q_off = _rows_offset(off_b, off_h, seq_start, stride_qb, stride_qh, stride_qm, IS_VARLEN)
+    do_off = _rows_offset(off_b, off_h, seq_start, stride_db, stride_dh, stride_dm, IS_VARLEN)
+    dq_off = _rows_offset(off_b, off_h, seq_start, stride_dqb, stride_dqh, stride_dqm, IS_VARLEN)
+    l_off = _rows_offset(off_b, off_h, seq_start, stride_lb, stride_lh, stride_lm, IS_VARLEN)
+    k_off = _rows_offset(off_b, off_hk, seq_start, stride_kb, stride_kh, stride_kn, IS_VARLEN)
+    v_off = _rows_offset(off_b, off_hk, seq_start, stride_vb, stride_vh, stride_vn, IS_VARLEN)
     m0 = start_m * BLOCK_M
     if m0 >= seqlen_q:
         return
     diag = seqlen_k - seqlen_q
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(
-        Q + q_off + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True,
-    )  # fmt: skip
-    do = _load_tile(
-        DO + do_off + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd,
-        offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True,
-    )  # fmt: skip
+    q = _load_tile(Q + q_off, offs_m, stride_qm, offs_d, stride_qd, seqlen_q, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + do_off, offs_m, stride_dm, offs_d, stride_dd, seqlen_q, HEAD_DIM, BLOCK_D, True)
     lse = tl.load(LSE + l_off + offs_m * stride_lm, mask=offs_m < seqlen_q, other=float("-inf"))
     delta = tl.load(DELTA + l_off + offs_m * stride_lm, mask=offs_m < seqlen_q, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     kpm_base = KPM + off_b.to(tl.int64) * stride_pb
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, a, b, hi = key_block_ranges(m0, seqlen_k, diag, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    bounds = key_block_ranges(m0, seqlen_k, diag, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     args = (
         K + k_off, V + v_off, kpm_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
     )  # fmt: skip
-    if HAS_WINDOW:
+    for stage in tl.static_range(0 if HAS_WINDOW else 1, 3):  # the first stage needs a window
         dq = _bwd_dq_inner(
-            dq, q, do, lse2, delta, *args, lo, a, seqlen_q, seqlen_k, diag, window, qk_scale,
-            True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, SOFTCAP,
+            dq, q, do, lse2, delta, *args, bounds[stage], bounds[stage + 1], seqlen_q, seqlen_k, diag, window,
+            qk_scale, stage != 1, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
+            SOFTCAP,
         )  # fmt: skip
-    dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, *args, a, b, seqlen_q, seqlen_k, diag, window, qk_scale,
-        False, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, SOFTCAP,
-    )  # fmt: skip
-    dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, *args, b, hi, seqlen_q, seqlen_k, diag, window, qk_scale,
-        True, CAUSAL, HAS_WINDOW, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, SOFTCAP,
-    )  # fmt: skip
     dq = dq * sm_scale
-    tl.store(
-        DQ + dq_off + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-        dq.to(DQ.dtype.element_ty),
-        mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM),
-    )
+    _store_tile(DQ + dq_off, offs_m, stride_dqm, offs_d, stride_dqd, seqlen_q, dq, HEAD_DIM)

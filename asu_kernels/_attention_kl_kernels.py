@@ -47,6 +47,59 @@ def _load_rows(base, rows, offs_d, mask, stride_n):
 
 
 @triton.jit
+def _query_tiles(
+    QS, QT, b64, h, start, m0, n_q, offs_d, d_ok, s_qs_b, s_qs_h, s_qs_n, s_qt_b, s_qt_h, s_qt_n,
+    BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Query rows ``[m0, m0 + BLOCK_M)`` of head ``h`` of sequence ``b64`` (packed: from row ``start``),
+    student and teacher: ``(offs_m, row_ok, rows, q_s, q_t)`` with ``rows`` the int64 tensor rows.
+    Rows past ``n_q`` and padded head-dim columns read 0."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < n_q
+    rows = (start + offs_m).to(tl.int64)
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q_s = _load_rows(QS + b64 * s_qs_b + h * s_qs_h, rows, offs_d, q_mask, s_qs_n)
+    q_t = _load_rows(QT + b64 * s_qt_b + h * s_qt_h, rows, offs_d, q_mask, s_qt_n)
+    return offs_m, row_ok, rows, q_s, q_t
+
+
+@triton.jit
+def _key_logits(
+    q_s, q_t, ks_base, kt_base, kpm_base, s_ks_n, s_kt_n, start, n0, offs_m, offs_d, d_ok,
+    n_q, n_k, off, window, qk_scale_s, qk_scale_t,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Key block ``[n0, n0 + BLOCK_N)`` against a block of query rows: ``(k_s, t_s, t_t, vis)``.
+
+    ``t_s``, ``t_t`` are the raw base-2 logits of both maps, ``vis`` which of them count: the masks
+    (``MASKED``) and the key padding (``HAS_KPM``). With neither, every logit counts and ``vis`` is ``True``.
+    ``MASKED=False`` is for interior blocks that every row sees whole: no bounds check on the key rows.
+    """
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    cols = (start + offs_n).to(tl.int64)
+    if MASKED:
+        k_mask = (offs_n < n_k)[:, None] & d_ok[None, :]
+    else:
+        k_mask = d_ok[None, :]
+    k_s = _load_rows(ks_base, cols, offs_d, k_mask, s_ks_n)
+    k_t = _load_rows(kt_base, cols, offs_d, k_mask, s_kt_n)
+    # Raw (unmasked) base-2 logits are finite everywhere, so products with exp2(masked) are 0, not NaN.
+    t_s = mma(q_s, tl.trans(k_s), None, DOT_PRECISION) * qk_scale_s
+    t_t = mma(q_t, tl.trans(k_t), None, DOT_PRECISION) * qk_scale_t
+    if MASKED:
+        # Rows past n_q are masked too; their results are never stored.
+        vis = visible(offs_m[:, None], offs_n[None, :], n_q, n_k, off, window, CAUSAL, HAS_WINDOW)
+        if HAS_KPM:
+            vis = vis & key_kept(kpm_base, offs_n, 1, n_k, True)[None, :]
+    elif HAS_KPM:
+        vis = key_kept(kpm_base, offs_n, 1, n_k, False)[None, :]
+    else:
+        vis = True
+    return k_s, t_s, t_t, vis
+
+
+@triton.jit
 def _softmax_step(m, l, acc_h, t_masked, t, WANT_ENTROPY: tl.constexpr):
     """One key block of an online base-2 softmax: running max ``m``, sum ``l`` and, for the entropy,
     ``acc_h = sum exp(t - m)(t - m)``. Returns ``(m_new, l, acc_h, alpha, e)`` with ``alpha`` the rescale of
@@ -73,28 +126,13 @@ def _fwd_step(
 
     ``MASKED=False`` is for interior blocks that every row sees whole (only padding, if any, is masked).
     """
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    cols = (start + offs_n).to(tl.int64)
-    if MASKED:
-        k_mask = (offs_n < n_k)[:, None] & d_ok[None, :]
-    else:
-        k_mask = d_ok[None, :]
-    k_s = _load_rows(ks_base, cols, offs_d, k_mask, s_ks_n)
-    k_t = _load_rows(kt_base, cols, offs_d, k_mask, s_kt_n)
-    # Raw (unmasked) base-2 logits are finite everywhere, so products with exp2(masked) are 0, not NaN.
-    t_s = mma(q_s, tl.trans(k_s), None, DOT_PRECISION) * qk_scale_s
-    t_t = mma(q_t, tl.trans(k_t), None, DOT_PRECISION) * qk_scale_t
-    if MASKED:
-        # Rows past n_q are masked too; their results are never stored.
-        vis = visible(offs_m[:, None], offs_n[None, :], n_q, n_k, off, window, CAUSAL, HAS_WINDOW)
-        if HAS_KPM:
-            vis = vis & key_kept(kpm_base, offs_n, 1, n_k, True)[None, :]
+    _, t_s, t_t, vis = _key_logits(
+        q_s, q_t, ks_base, kt_base, kpm_base, s_ks_n, s_kt_n, start, n0, offs_m, offs_d, d_ok, n_q, n_k, off,
+        window, qk_scale_s, qk_scale_t, MASKED, CAUSAL, HAS_WINDOW, HAS_KPM, DOT_PRECISION, BLOCK_N,
+    )  # fmt: skip
+    if MASKED or HAS_KPM:
         tt_m = tl.where(vis, t_t, float("-inf"))
         ts_m = tl.where(vis, t_s, float("-inf"))
-    elif HAS_KPM:
-        kp = key_kept(kpm_base, offs_n, 1, n_k, False)
-        tt_m = tl.where(kp[None, :], t_t, float("-inf"))
-        ts_m = tl.where(kp[None, :], t_s, float("-inf"))
     else:
         tt_m = t_t
         ts_m = t_s
@@ -132,14 +170,11 @@ def attention_kl_fwd_kernel(
         return
     off = n_k - n_q  # bottom-right alignment of the causal / window masks
     b64 = b.to(tl.int64)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < n_q
     d_ok = offs_d < HEAD_DIM
-    rows = (start + offs_m).to(tl.int64)
-    q_mask = row_ok[:, None] & d_ok[None, :]
-    q_s = _load_rows(QS + b64 * s_qs_b + h * s_qs_h, rows, offs_d, q_mask, s_qs_n)
-    q_t = _load_rows(QT + b64 * s_qt_b + h * s_qt_h, rows, offs_d, q_mask, s_qt_n)
+    offs_m, row_ok, rows, q_s, q_t = _query_tiles(
+        QS, QT, b64, h, start, m0, n_q, offs_d, d_ok, s_qs_b, s_qs_h, s_qs_n, s_qt_b, s_qt_h, s_qt_n, BLOCK_M
+    )
     ks_base = KS + b64 * s_ks_b + (h // GROUP_S) * s_ks_h
     kt_base = KT + b64 * s_kt_b + (h // GROUP_T) * s_kt_h
 
@@ -154,28 +189,17 @@ def attention_kl_fwd_kernel(
     acc_ht = tl.zeros([BLOCK_M], tl.float32)
 
     # Interior key blocks [a, b_end) are visible to every row of the block: they skip the mask arithmetic,
-    # which only the boundary blocks [lo, a) and [b_end, hi) pay.
-    lo, a, b_end, hi = key_block_ranges(m0, n_k, off, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    # which only the boundary blocks [lo, a) and [b_end, hi) pay. Without a window the interior starts at
+    # key 0: no leading boundary stage.
+    bounds = key_block_ranges(m0, n_k, off, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)  # lo, a, b_end, hi
     kpm_base = KPM + b64 * s_kpm_b
-    if HAS_WINDOW:  # without a window the interior starts at key 0: no leading boundary blocks
-        for n0 in range(lo, a, BLOCK_N):
+    for stage in tl.static_range(0 if HAS_WINDOW else 1, 3):  # masked, interior (stage 1), masked
+        for n0 in range(bounds[stage], bounds[stage + 1], BLOCK_N):
             m_s, m_t, l_s, l_t, acc_kl, acc_hs, acc_ht = _fwd_step(
                 q_s, q_t, ks_base, kt_base, kpm_base, s_ks_n, s_kt_n, start, n0, offs_m, offs_d, d_ok,
                 n_q, n_k, off, window, qk_scale_s, qk_scale_t, m_s, m_t, l_s, l_t, acc_kl, acc_hs, acc_ht,
-                True, CAUSAL, HAS_WINDOW, HAS_KPM, WANT_ENTROPY, DOT_PRECISION, BLOCK_N,
+                stage != 1, CAUSAL, HAS_WINDOW, HAS_KPM, WANT_ENTROPY, DOT_PRECISION, BLOCK_N,
             )  # fmt: skip
-    for n0 in range(a, b_end, BLOCK_N):
-        m_s, m_t, l_s, l_t, acc_kl, acc_hs, acc_ht = _fwd_step(
-            q_s, q_t, ks_base, kt_base, kpm_base, s_ks_n, s_kt_n, start, n0, offs_m, offs_d, d_ok,
-            n_q, n_k, off, window, qk_scale_s, qk_scale_t, m_s, m_t, l_s, l_t, acc_kl, acc_hs, acc_ht,
-            False, CAUSAL, HAS_WINDOW, HAS_KPM, WANT_ENTROPY, DOT_PRECISION, BLOCK_N,
-        )  # fmt: skip
-    for n0 in range(b_end, hi, BLOCK_N):
-        m_s, m_t, l_s, l_t, acc_kl, acc_hs, acc_ht = _fwd_step(
-            q_s, q_t, ks_base, kt_base, kpm_base, s_ks_n, s_kt_n, start, n0, offs_m, offs_d, d_ok,
-            n_q, n_k, off, window, qk_scale_s, qk_scale_t, m_s, m_t, l_s, l_t, acc_kl, acc_hs, acc_ht,
-            True, CAUSAL, HAS_WINDOW, HAS_KPM, WANT_ENTROPY, DOT_PRECISION, BLOCK_N,
-        )  # fmt: skip
 
     # Both maps share one mask, so a row is empty for both or for neither.
     empty = l_t == 0.0
@@ -196,8 +220,10 @@ def attention_kl_fwd_kernel(
 
 
 @triton.jit
-def _row_stats(LSE_S, LSE_T, G_KL, o_off, row_ok):
-    """Per-row inputs of the backward: both LSEs in base 2 and the upstream KL gradient.
+def _row_stats(LSE_S, LSE_T, ENT_S, G_KL, G_ENT, o_off, row_ok, ENT_GRAD: tl.constexpr):
+    """Per-row inputs of the backward: ``(lse2_s, lse2_t, g_kl, g_ent, ent_s)``, both LSEs in base 2, the
+    upstream KL gradient and, with ``ENT_GRAD``, the upstream entropy gradient and the student entropy
+    (without it those two are stand-ins that :func:`_logit_grad` never reads).
 
     Empty rows store lse = -inf; any finite stand-in works since all their probabilities are 0.
     """
@@ -206,7 +232,12 @@ def _row_stats(LSE_S, LSE_T, G_KL, o_off, row_ok):
     lse2_s = tl.where(lse2_s == float("-inf"), 0.0, lse2_s)
     lse2_t = tl.where(lse2_t == float("-inf"), 0.0, lse2_t)
     g_kl = tl.load(G_KL + o_off, mask=row_ok, other=0.0)
-    return lse2_s, lse2_t, g_kl
+    g_ent = g_kl
+    ent_s = g_kl
+    if ENT_GRAD:
+        g_ent = tl.load(G_ENT + o_off, mask=row_ok, other=0.0)
+        ent_s = tl.load(ENT_S + o_off, mask=row_ok, other=0.0)
+    return lse2_s, lse2_t, g_kl, g_ent, ent_s
 
 
 @triton.jit
@@ -249,38 +280,25 @@ def attention_kl_bwd_dq_kernel(
         return
     off = n_k - n_q
     b64 = b.to(tl.int64)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < n_q
     d_ok = offs_d < HEAD_DIM
-    rows = (start + offs_m).to(tl.int64)
-    q_mask = row_ok[:, None] & d_ok[None, :]
-    q_s = _load_rows(QS + b64 * s_qs_b + h * s_qs_h, rows, offs_d, q_mask, s_qs_n)
-    q_t = _load_rows(QT + b64 * s_qt_b + h * s_qt_h, rows, offs_d, q_mask, s_qt_n)
+    offs_m, row_ok, rows, q_s, q_t = _query_tiles(
+        QS, QT, b64, h, start, m0, n_q, offs_d, d_ok, s_qs_b, s_qs_h, s_qs_n, s_qt_b, s_qt_h, s_qt_n, BLOCK_M
+    )
     ks_base = KS + b64 * s_ks_b + (h // GROUP_S) * s_ks_h
     kt_base = KT + b64 * s_kt_b + (h // GROUP_T) * s_kt_h
     o_off = b64 * s_o_b + h * s_o_h + rows * s_o_n
-    lse2_s, lse2_t, g_kl = _row_stats(LSE_S, LSE_T, G_KL, o_off, row_ok)
-    g_ent = g_kl
-    ent_s = g_kl
-    if ENT_GRAD:
-        g_ent = tl.load(G_ENT + o_off, mask=row_ok, other=0.0)
-        ent_s = tl.load(ENT_S + o_off, mask=row_ok, other=0.0)
+    lse2_s, lse2_t, g_kl, g_ent, ent_s = _row_stats(LSE_S, LSE_T, ENT_S, G_KL, G_ENT, o_off, row_ok, ENT_GRAD)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # One masked loop over every visible key block (no mask-free interior stage in this kernel).
     lo, _, _, hi = key_block_ranges(m0, n_k, off, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    kpm_base = KPM + b64 * s_kpm_b
     for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        cols = (start + offs_n).to(tl.int64)
-        k_mask = (offs_n < n_k)[:, None] & d_ok[None, :]
-        k_s = _load_rows(ks_base, cols, offs_d, k_mask, s_ks_n)
-        k_t = _load_rows(kt_base, cols, offs_d, k_mask, s_kt_n)
-        t_s = mma(q_s, tl.trans(k_s), None, DOT_PRECISION) * qk_scale_s
-        t_t = mma(q_t, tl.trans(k_t), None, DOT_PRECISION) * qk_scale_t
-        vis = visible(offs_m[:, None], offs_n[None, :], n_q, n_k, off, window, CAUSAL, HAS_WINDOW)
-        if HAS_KPM:
-            vis = vis & key_kept(KPM + b64 * s_kpm_b, offs_n, 1, n_k, True)[None, :]
+        k_s, t_s, t_t, vis = _key_logits(
+            q_s, q_t, ks_base, kt_base, kpm_base, s_ks_n, s_kt_n, start, n0, offs_m, offs_d, d_ok, n_q, n_k,
+            off, window, qk_scale_s, qk_scale_t, True, CAUSAL, HAS_WINDOW, HAS_KPM, DOT_PRECISION, BLOCK_N,
+        )  # fmt: skip
         ds = _logit_grad(
             t_s, t_t, vis, lse2_s[:, None], lse2_t[:, None], g_kl[:, None], g_ent[:, None], ent_s[:, None],
             ENT_GRAD,
@@ -290,7 +308,7 @@ def attention_kl_bwd_dq_kernel(
     tl.store(
         DQ + b64 * s_dq_b + h * s_dq_h + rows[:, None] * s_dq_n + offs_d[None, :],
         dq.to(DQ.dtype.element_ty),
-        mask=q_mask,
+        mask=row_ok[:, None] & d_ok[None, :],
     )
 
 
@@ -340,19 +358,14 @@ def attention_kl_bwd_dk_kernel(
         h = hk * GROUP_S + g
         k_t = _load_rows(KT + b64 * s_kt_b + (h // GROUP_T) * s_kt_h, cols, offs_d, k_mask, s_kt_n)
         for m0 in range(lo, hi, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < n_q
-            rows = (start + offs_m).to(tl.int64)
-            q_mask = row_ok[:, None] & d_ok[None, :]
-            q_s = _load_rows(QS + b64 * s_qs_b + h * s_qs_h, rows, offs_d, q_mask, s_qs_n)
-            q_t = _load_rows(QT + b64 * s_qt_b + h * s_qt_h, rows, offs_d, q_mask, s_qt_n)
+            offs_m, row_ok, rows, q_s, q_t = _query_tiles(
+                QS, QT, b64, h, start, m0, n_q, offs_d, d_ok, s_qs_b, s_qs_h, s_qs_n, s_qt_b, s_qt_h, s_qt_n,
+                BLOCK_M,
+            )  # fmt: skip
             o_off = b64 * s_o_b + h * s_o_h + rows * s_o_n
-            lse2_s, lse2_t, g_kl = _row_stats(LSE_S, LSE_T, G_KL, o_off, row_ok)
-            g_ent = g_kl
-            ent_s = g_kl
-            if ENT_GRAD:
-                g_ent = tl.load(G_ENT + o_off, mask=row_ok, other=0.0)
-                ent_s = tl.load(ENT_S + o_off, mask=row_ok, other=0.0)
+            lse2_s, lse2_t, g_kl, g_ent, ent_s = _row_stats(
+                LSE_S, LSE_T, ENT_S, G_KL, G_ENT, o_off, row_ok, ENT_GRAD
+            )
             # Transposed tiles (keys x queries) so that dk accumulates with one dot and no transpose of dS.
             t_s = mma(k_s, tl.trans(q_s), None, DOT_PRECISION) * qk_scale_s
             t_t = mma(k_t, tl.trans(q_t), None, DOT_PRECISION) * qk_scale_t

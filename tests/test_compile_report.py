@@ -26,17 +26,16 @@ def _tuned_triton() -> bool:
     return importlib.metadata.version("triton").startswith(TUNED_FOR_TRITON)
 
 
-def _run(*args: str, timeout: int = 300, **extra_env: str) -> subprocess.CompletedProcess:
+def _python(*args: str, timeout: int = 300, **extra_env: str) -> subprocess.CompletedProcess:
+    """``python *args`` in the repository root without ``TRITON_INTERPRET`` (the kernels must compile)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | extra_env
     return subprocess.run(
-        [sys.executable, "-m", "benchmarks.compile_report", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def _report(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
+    return _python("-m", "benchmarks.compile_report", *args, **extra_env)
 
 
 def _rows(stdout: str) -> list[list[str]]:
@@ -52,7 +51,7 @@ def test_quick_compile_report_passes(tmp_path):
     out = tmp_path / "report.md"
     tuned = _tuned_triton()
     spills = [] if tuned else ["--allow-spills"]
-    res = _run("--module", "attention,linear_kl,no_such_module", "--quick", "--out", str(out), *spills)
+    res = _report("--module", "attention,linear_kl,no_such_module", "--quick", "--out", str(out), *spills)
     assert res.returncode == 0, f"compile report failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
     assert "asu_kernels.no_such_module: no aot_specs(), skipped" in res.stdout
     rows = _rows(res.stdout)
@@ -82,15 +81,14 @@ def test_report_uses_the_ptxas_triton_resolves(tmp_path):
     """``TRITON_PTXAS_PATH`` reaches the report's ``ptxas -v`` the way it reaches Triton's own compile."""
     pytest.importorskip("triton")
     probe = "from benchmarks.compile_report import resolve_ptxas; print(resolve_ptxas(80).path)"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    real = subprocess.run(
-        [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, check=True
-    ).stdout.strip()
+    resolved = _python("-c", probe)
+    assert resolved.returncode == 0, resolved.stderr
+    real = resolved.stdout.strip()
     calls = tmp_path / "calls.txt"
     wrapper = tmp_path / "ptxas"
     wrapper.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\nexec "{real}" "$@"\n')
     wrapper.chmod(0o755)
-    res = _run(
+    res = _report(
         "--module",
         "linear_kl",
         "--quick",
@@ -120,6 +118,5 @@ def test_report_flags_problems():
         "assert ptx_version('//\\n.version 9.4\\n.target sm_90a') == '9.4'\n"
         "assert ptx_version('.target sm_80') == '?'\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    res = _python("-c", code)
     assert res.returncode == 0, res.stderr
