@@ -166,6 +166,6 @@ def test_a_tie_is_not_a_sign():
     def comparison(values):
         return {"diff": qs.mean_std(values), "values": values, "higher": sum(v > 0 for v in values)}
 
-    agg = {"paired": {"A − B": {"retain_rouge": comparison([0.0, -0.05, 0.0]),
+    agg = {"paired": {"A − B": {"retain_rouge": comparison([0.0001, 0.05, 0.02]),
                                 "model_utility": comparison([-0.01, -0.02, -0.03])}}}  # fmt: skip
     assert _consistent_differences(agg) == ["* A − B: model utility lower in every world (-0.020 ± 0.010)"]
