@@ -76,7 +76,7 @@ $(eval $(call matrix_venv,.venv-gpu-image,$(GPU_IMAGE_PINS)))
 VERSIONS := -c "import platform; from asu.environment import library_versions as v; \
 	print('python', platform.python_version(), v(('torch', 'triton', 'transformers', 'tokenizers', 'numpy', 'peft', 'accelerate')))"
 
-# --allow-spills in the newest job: under triton 3.9 two h100 candidates spill on sm_90 (see the README); the
+# --allow-spills in the newest job: under triton 3.9 a few h100 candidates spill on sm_90 (see the README); the
 # job checks that every configuration compiles.
 matrix-newest: .venv-newest/.installed
 	.venv-newest/bin/python $(VERSIONS)
