@@ -342,7 +342,9 @@ def test_second_run_into_a_busy_out_fails_at_once_and_ctrl_c_keeps_checkpoints(i
     the first deleted checkpoints/); Ctrl-C printed a KeyboardInterrupt traceback."""
     out = tmp_path / "out"
     argv = ["unlearn", "--model", inputs["model"], "--forget", inputs["forget"], "--retain", inputs["retain"]]
-    argv += [*TRAIN, "--batch-size", "1", "--epochs", "200", "--save-steps", "3", "--out", out]
+    # Far more epochs than the test lasts: the first run must still be training when Ctrl-C reaches it,
+    # however fast the machine (a tiny model runs 200 epochs in seconds).
+    argv += [*TRAIN, "--batch-size", "1", "--epochs", "100000", "--save-steps", "3", "--out", out]
     first = asu_process(*argv, wait=False)
     try:
         _wait_for_checkpoint(out / "checkpoints", first)
