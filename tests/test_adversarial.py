@@ -121,13 +121,21 @@ def run_main(capsys, *argv: object) -> tuple[int, str]:
 ENV = {**os.environ, "ASU_KERNELS_BACKEND": "reference", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
+def _as_in_a_terminal() -> None:
+    """Ctrl-C as a user's terminal delivers it: a test suite started in the background (``cmd &`` in a
+    shell without job control, as CI runners may do) inherits SIGINT ignored, and Python keeps an ignored
+    SIGINT ignored, so the child would never see the KeyboardInterrupt the test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def asu_process(*argv: object, wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
     """``python -m asu.commands ARGV`` in a subprocess (the kernels' reference path, one thread)."""
     cmd = [sys.executable, "-m", "asu.commands", *map(str, argv)]
     if not wait:
         return subprocess.Popen(
-            cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+            cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=_as_in_a_terminal,
+        )  # fmt: skip
     return subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
