@@ -19,9 +19,9 @@ from asu.data import PackingCollator, PaddingCollator, encode_rows
 
 
 def assert_fa_close(
-    what: str, got: torch.Tensor, exact: torch.Tensor, lowp: torch.Tensor, slack: float
+    what: str, got: torch.Tensor, exact: torch.Tensor, lowp: torch.Tensor, slack: float, factor: float = 2.0
 ) -> None:
-    """``max|got - exact| <= 2 * max|lowp - exact| + slack``; NaN never passes, infinities must match.
+    """``max|got - exact| <= factor * max|lowp - exact| + slack``; NaN never passes, infinities must match.
 
     Args:
         what: names the compared quantity in the failure message.
@@ -29,6 +29,8 @@ def assert_fa_close(
         exact: the float64 reference on the same (rounded) inputs.
         lowp: the reference computed by PyTorch in the kernel's precision.
         slack: absolute slack (a few ulp of the output's scale).
+        factor: how many times PyTorch's own low-precision error the kernel may make (2, FlashAttention's
+            rule; a test that allows more says why).
     """
     got, exact, lowp = got.detach(), exact.detach(), lowp.detach()
     assert got.shape == exact.shape, f"{what}: shape {tuple(got.shape)} != {tuple(exact.shape)}"
@@ -42,8 +44,8 @@ def assert_fa_close(
         return
     err = (got.double() - exact.double()).abs().max().item()
     base = (lowp.double() - exact.double()).nan_to_num(0.0, 0.0, 0.0).abs().max().item()
-    assert err <= 2 * base + slack, (
-        f"{what}: max error {err:.3g} > 2 x low-precision error {base:.3g} + {slack:g}"
+    assert err <= factor * base + slack, (
+        f"{what}: max error {err:.3g} > {factor:g} x low-precision error {base:.3g} + {slack:g}"
     )
 
 
