@@ -413,19 +413,18 @@ TIE = 0.005
 
 
 def _consistent_differences(agg: dict[str, Any]) -> list[str]:
-    """The paired differences whose sign is the same in every world, each at least :data:`TIE` (the only
-    ones a claim may rest on)."""
+    """The paired differences whose sign is the same in every world, each beyond :data:`TIE`
+    (:func:`quality_stats.holds_everywhere`; the only ones a claim may rest on)."""
     lines = []
     for name, per_metric in agg["paired"].items():
         for key, c in per_metric.items():
             d = c.get("diff") if c else None
             if not d or d["n"] < 2:
                 continue
-            values = c.get("values", [])
-            if all(v >= TIE for v in values) or all(v <= -TIE for v in values):
-                word = "higher" if values[0] > 0 else "lower"
-                spread = f"{d['mean']:+.3f} ± {d['std']:.3f}"
-                lines.append(f"* {name}: {qs.METRICS[key][0]} {word} in every world ({spread})")
+            for sign, word in ((+1, "higher"), (-1, "lower")):
+                if qs.holds_everywhere(per_metric, key, sign, TIE):
+                    spread = f"{d['mean']:+.3f} ± {d['std']:.3f}"
+                    lines.append(f"* {name}: {qs.METRICS[key][0]} {word} in every world ({spread})")
     return lines
 
 
