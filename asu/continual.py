@@ -44,8 +44,10 @@ __all__ = [
     "ANCHORS",
     "ContinualResult",
     "ContinualStep",
+    "STEP_COLUMNS",
     "step_evaluator",
     "step_retain",
+    "step_value",
     "steps_table",
     "unlearn_sequence",
     "write_report",
@@ -366,10 +368,13 @@ STEP_COLUMNS = (
 )
 
 
-def _cell(step: ContinualStep, part: str, key: str) -> float | None:
-    ev = step.evaluation or {}
+def step_value(evaluation: dict[str, Any] | None, part: str, key: str) -> float | None:
+    """Summary value ``key`` of evaluation part ``part`` of one step (``None`` where it was not measured),
+    ``evaluation`` as :func:`step_evaluator` writes it. At step 1 the request is everything forgotten so far,
+    so ``"forgotten"`` reads the request's value there."""
+    ev = evaluation or {}
     if part == "forgotten" and "forgotten" not in ev:
-        part = "request"  # step 1: the request is everything forgotten so far
+        part = "request"
     return (ev.get(part) or {}).get(key)
 
 
@@ -380,7 +385,7 @@ def steps_table(steps: Sequence[ContinualStep]) -> str:
     lines = []
     for s in steps:
         tau = s.stats.get("temperature")
-        cells = [_cell(s, part, key) for part, key, _ in STEP_COLUMNS]
+        cells = [step_value(s.evaluation, part, key) for part, key, _ in STEP_COLUMNS]
         lines.append(
             f"| {s.step} | {s.num_forget} | {s.num_retain} | "
             + (f"{tau:.3g}" if isinstance(tau, (int, float)) else "–")
@@ -406,7 +411,7 @@ def write_report(
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
     xs = [s.step for s in steps]
     for part, key, label in STEP_COLUMNS:
-        ys = [_cell(s, part, key) for s in steps]
+        ys = [step_value(s.evaluation, part, key) for s in steps]
         if any(y is not None for y in ys):
             ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=label)
     ax.set_xlabel("step (forget request)")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from asu.continual import STEP_COLUMNS
 from asu.files import atomic_write
 
 __all__ = ["plot_all"]
@@ -65,18 +66,12 @@ def plot_methods(plt: Any, table: dict[str, dict[str, Any]], path: Path, title: 
 
 
 def plot_continual(plt: Any, continual: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    """Per continual run: forget ROUGE-L of the request and of all forgotten, and retain ROUGE-L, per step."""
+    """Per continual run: each :data:`asu.continual.STEP_COLUMNS` value (mean ± std over worlds) per step."""
     runs = {k: v for k, v in continual.items() if v}
     if not runs:
         return
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.6), squeeze=False, sharey=True)
-    series = (
-        ("forgotten.forget_rouge", "all forgotten ROUGE-L"),
-        ("request.forget_fact_leakage_any", "request fact leak"),
-        ("pending.forget_rouge", "pending ROUGE-L"),
-        ("request.retain_rouge", "retain ROUGE-L"),
-        ("request.model_utility", "model utility"),
-    )
+    series = [(f"{part}.{key}", name) for part, key, name in STEP_COLUMNS]
     for ax, (label, steps) in zip(axes[0], runs.items(), strict=True):
         xs = [r["step"] for r in steps]
         for key, name in series:

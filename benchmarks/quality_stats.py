@@ -21,6 +21,8 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from asu.continual import STEP_COLUMNS, step_value
+
 World = Mapping[str, Any]
 
 #: The metrics of the main table: summary key -> (header, better: "low" | "high" | "" for none).
@@ -156,32 +158,16 @@ def tau_promise(worlds: Sequence[World], tolerance: float = 0.05) -> dict[str, A
     }
 
 
-def step_value(step: Mapping[str, Any], part: str, key: str) -> float | None:
-    ev = step.get("evaluation") or {}
-    return (ev.get(part) or {}).get(key)
-
-
-#: The columns of the continual table: (evaluation part, summary key, header).
-CONTINUAL_COLUMNS = (
-    ("request", "forget_rouge", "request forget ROUGE-L"),
-    ("request", "forget_fact_leakage_any", "request fact leak"),
-    ("forgotten", "forget_rouge", "all forgotten ROUGE-L"),
-    ("pending", "forget_rouge", "pending ROUGE-L"),
-    ("request", "retain_rouge", "retain ROUGE-L"),
-    ("request", "model_utility", "model utility"),
-)
-
-
 def continual_steps(worlds: Sequence[World], label: str) -> list[dict[str, Any]]:
-    """Per step of the continual run ``label``: each :data:`CONTINUAL_COLUMNS` value's :func:`mean_std`."""
+    """Per step of the continual run ``label``: each :data:`STEP_COLUMNS` value's :func:`mean_std`."""
     runs = [w["continual"][label] for w in worlds if label in w.get("continual", {})]
     n_steps = max((len(r) for r in runs), default=0)
     out = []
     for i in range(n_steps):
         steps = [r[i] for r in runs if len(r) > i]
         row: dict[str, Any] = {"step": i + 1, "temperature": mean_std(s.get("temperature") for s in steps)}
-        for part, key, _ in CONTINUAL_COLUMNS:
-            row[f"{part}.{key}"] = mean_std(step_value(s, part, key) for s in steps)
+        for part, key, _ in STEP_COLUMNS:
+            row[f"{part}.{key}"] = mean_std(step_value(s.get("evaluation"), part, key) for s in steps)
         out.append(row)
     return out
 
@@ -219,11 +205,11 @@ def paired_table(comparisons: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def continual_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    head = "| step | τ | " + " | ".join(h for _, _, h in CONTINUAL_COLUMNS) + " |\n"
-    head += "|---" * (2 + len(CONTINUAL_COLUMNS)) + "|\n"
+    head = "| step | τ | " + " | ".join(h for _, _, h in STEP_COLUMNS) + " |\n"
+    head += "|---" * (2 + len(STEP_COLUMNS)) + "|\n"
     lines = []
     for r in rows:
-        cells = [fmt(r["temperature"], 2)] + [fmt(r[f"{p}.{k}"]) for p, k, _ in CONTINUAL_COLUMNS]
+        cells = [fmt(r["temperature"], 2)] + [fmt(r[f"{p}.{k}"]) for p, k, _ in STEP_COLUMNS]
         lines.append(f"| {r['step']} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 

@@ -108,7 +108,9 @@ def test_aggregate_paired_and_promise_on_fake_worlds():
 
     per_step = qs.continual_steps(worlds, "ASU")
     assert [r["step"] for r in per_step] == [1, 2]
-    assert per_step[0]["forgotten.forget_rouge"] is None and per_step[1]["forgotten.forget_rouge"]["n"] == 2
+    # at step 1 everything forgotten so far is the request (the same rule as asu.continual's own table)
+    assert per_step[0]["forgotten.forget_rouge"] == per_step[0]["request.forget_rouge"]
+    assert per_step[1]["forgotten.forget_rouge"]["n"] == 2
     assert per_step[0]["pending.forget_rouge"]["mean"] == pytest.approx(0.9)
     text = qs.main_table(table, 3) + qs.paired_table({"ASU − GA+GD": diff}) + qs.continual_table(per_step)
     assert "0.860 ± 0.020" in text and "(n=2)" in text and "(1/2 > 0)" in text
