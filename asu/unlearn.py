@@ -709,18 +709,22 @@ def _wrap_student(model: nn.Module, cfg: UnlearnConfig) -> nn.Module:
     return student
 
 
+#: The :class:`UnlearnObjective` options, each taken from the :class:`UnlearnConfig` field of the same name.
+_OBJECTIVE_OPTIONS = (
+    "method",
+    "retain_loss",
+    "lam",
+    "npo_beta",
+    "simnpo_beta",
+    "simnpo_delta",
+    "simnpo_gamma",
+    "retain_reduction",
+)
+
+
 def _build_objective(student: nn.Module, teacher: Teacher | None, cfg: UnlearnConfig) -> UnlearnObjective:
     return UnlearnObjective(
-        student,
-        method=cfg.method,
-        retain_loss=cfg.retain_loss,
-        lam=cfg.lam,
-        teacher=teacher,
-        npo_beta=cfg.npo_beta,
-        simnpo_beta=cfg.simnpo_beta,
-        simnpo_delta=cfg.simnpo_delta,
-        simnpo_gamma=cfg.simnpo_gamma,
-        retain_reduction=cfg.retain_reduction,
+        student, teacher=teacher, **{name: getattr(cfg, name) for name in _OBJECTIVE_OPTIONS}
     )
 
 

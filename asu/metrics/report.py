@@ -10,12 +10,12 @@ from typing import Any
 
 from asu.files import atomic_write_json, atomic_write_text
 
-#: The names the demo and earlier versions used, kept in ``summary`` as aliases of open-unlearning's.
+#: The names the demo and earlier versions used (``forget_rouge`` for ``forget_Q_A_ROUGE``, likewise for
+#: retain and ``Prob``), kept in ``summary`` as aliases of open-unlearning's.
 LEGACY_SUMMARY_KEYS = {
-    "forget_rouge": "forget_Q_A_ROUGE",
-    "retain_rouge": "retain_Q_A_ROUGE",
-    "forget_prob": "forget_Q_A_Prob",
-    "retain_prob": "retain_Q_A_Prob",
+    f"{split}_{metric.lower()}": f"{split}_Q_A_{metric}"
+    for metric in ("ROUGE", "Prob")
+    for split in ("forget", "retain")
 }
 
 
