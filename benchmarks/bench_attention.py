@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (
+    Plan,
     Recorder,
     Rotating,
     Unavailable,
@@ -355,20 +356,12 @@ def _n_sets(shape: AttentionShape, device: str) -> int:
     return 3 if 3 * per_set < 2e9 else 2
 
 
-def bench_shape(
-    rec: Recorder,
-    shape: AttentionShape,
-    providers: tuple[str, ...],
-    modes: tuple[str, ...],
-    *,
-    rep_ms: float,
-    seed: int = 0,
-) -> None:
+def bench_shape(rec: Recorder, shape: AttentionShape, plan: Plan, *, seed: int = 0) -> None:
     """Measure every provider x mode of one shape and record ms, TFLOP/s and GB rows."""
     device = rec.device
     raw_sets = _input_sets(shape, device, _n_sets(shape, device), seed)
     make = lambda name: make_provider(name, shape, device)
-    for name, base, prov in rec.providers("attention", shape.columns(), providers, modes, make):
+    for name, base, prov in rec.providers("attention", shape.columns(), plan.providers, plan.modes, make):
         note = prov.note or (ours_backend_note(raw_sets[0][0]) if name == "ours" else "")
         if name == "flex":
             # Compile time apart, before any timing: the first forward (inference) and forward+backward.
@@ -384,7 +377,7 @@ def bench_shape(
                 tuple(t.detach().requires_grad_(mode != "fwd") for t in prov.prepare(*s)) for s in raw_sets
             ]
 
-        time_modes(rec, base, prov, inputs, modes, shape, rep_ms=rep_ms, note=note)
+        time_modes(rec, base, prov, inputs, plan.modes, shape, rep_ms=plan.rep_ms, note=note)
 
 
 def time_modes(
@@ -475,11 +468,9 @@ def _timed_callable(
 
 def run(rec: Recorder, suite: str, *, tiny: bool = False, providers: tuple[str, ...] | None = None) -> None:
     """Run the attention benchmark of ``suite`` on ``rec.device``."""
-    device = rec.device
-    on_cuda = device.startswith("cuda")
     if providers is None:
         providers = QUICK_PROVIDERS if suite == "quick" else PROVIDERS
     modes = ("fwd", "fwd+bwd") if suite == "quick" else MODES
-    rep_ms = 100.0 if on_cuda else (20.0 if tiny else 100.0)
-    for i, shape in enumerate(shapes(suite, device, tiny)):
-        bench_shape(rec, shape, providers, modes, rep_ms=rep_ms, seed=i)
+    plan = Plan(providers, modes, Plan.repetition_ms(rec.device, tiny))
+    for i, shape in enumerate(shapes(suite, rec.device, tiny)):
+        bench_shape(rec, shape, plan, seed=i)

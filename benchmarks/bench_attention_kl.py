@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from benchmarks.bench_attention import AttentionShape, repeat_kv, time_modes
 from benchmarks.common import (
+    Plan,
     Recorder,
     Unavailable,
     ours_backend_note,
@@ -194,21 +195,13 @@ def _input_sets(shape: KLShape, device: str, count: int, seed: int) -> list[tupl
     return sets
 
 
-def bench_shape(
-    rec: Recorder,
-    shape: KLShape,
-    providers: tuple[str, ...],
-    modes: tuple[str, ...],
-    *,
-    rep_ms: float,
-    seed: int,
-) -> None:
+def bench_shape(rec: Recorder, shape: KLShape, plan: Plan, *, seed: int) -> None:
     """Measure every provider x mode of one shape: ms, TFLOP/s, GB, plus the forward's max abs error."""
     device = rec.device
     raw_sets = _input_sets(shape, device, 2, seed)
     want = None
     make = lambda name: make_provider(name, shape, device)
-    for name, base, prov in rec.providers("attention_kl", shape.columns(), providers, modes, make):
+    for name, base, prov in rec.providers("attention_kl", shape.columns(), plan.providers, plan.modes, make):
         note = ours_backend_note(raw_sets[0][0]) if name == "ours" else prov.note
 
         def accuracy(prov=prov, base=base, note=note, name=name) -> None:
@@ -227,7 +220,7 @@ def bench_shape(
 
         rec.guarded({**base, "mode": "fwd"}, accuracy, metric="max_abs_err")
         inputs = functools.partial(_student_leaves, raw_sets)
-        time_modes(rec, base, prov, inputs, modes, shape, rep_ms=rep_ms, note=note)
+        time_modes(rec, base, prov, inputs, plan.modes, shape, rep_ms=plan.rep_ms, note=note)
 
 
 def _student_leaves(raw_sets: list[tuple[torch.Tensor, ...]], mode: str) -> list[tuple[torch.Tensor, ...]]:
@@ -242,9 +235,7 @@ def _student_leaves(raw_sets: list[tuple[torch.Tensor, ...]], mode: str) -> list
 
 def run(rec: Recorder, suite: str, *, tiny: bool = False, providers: tuple[str, ...] | None = None) -> None:
     """Run the attention-KL benchmark of ``suite`` on ``rec.device``."""
-    on_cuda = rec.device.startswith("cuda")
-    providers = providers or PROVIDERS
-    rep_ms = 100.0 if on_cuda else (20.0 if tiny else 100.0)
+    plan = Plan(providers or PROVIDERS, MODES, Plan.repetition_ms(rec.device, tiny))
     for i, shape in enumerate(shapes(suite, rec.device, tiny)):
         # Dense at N >= 16k needs >= 2 * B*Hq*N^2*4 bytes (64 GB at 32k): it is tried, and its OOM recorded.
-        bench_shape(rec, shape, providers, MODES, rep_ms=rep_ms, seed=i)
+        bench_shape(rec, shape, plan, seed=i)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (
+    Plan,
     Recorder,
     Rotating,
     Unavailable,
@@ -139,10 +140,10 @@ def _inputs(
     return sets, (w_student,)
 
 
-def bench_shape(
-    rec: Recorder, shape: LossShape, providers: tuple[str, ...], *, rep_ms: float, seed: int
-) -> None:
-    """Time and peak memory of forward+backward for each provider at one shape."""
+def bench_shape(rec: Recorder, shape: LossShape, plan: Plan, *, seed: int) -> None:
+    """Time and peak memory of forward+backward for each provider at one shape (``plan.modes`` is
+    ``("fwd+bwd",)``: the loss is timed with its backward)."""
+    providers, rep_ms = plan.providers, plan.rep_ms
     device = rec.device
     bench = "linear_kl" if shape.loss == "kl" else "linear_ce"
     n_sets = 2 if shape.tokens * shape.hidden * 2 > 5e8 else 3
@@ -182,6 +183,6 @@ def bench_shape(
 
 def run(rec: Recorder, suite: str, *, tiny: bool = False, providers: tuple[str, ...] = PROVIDERS) -> None:
     """Run the vocabulary-loss benchmark of ``suite`` on ``rec.device``."""
-    rep_ms = 100.0 if rec.device.startswith("cuda") else (20.0 if tiny else 100.0)
+    plan = Plan(providers, ("fwd+bwd",), Plan.repetition_ms(rec.device, tiny))
     for i, shape in enumerate(shapes(suite, rec.device, tiny)):
-        bench_shape(rec, shape, providers, rep_ms=rep_ms, seed=100 + i)
+        bench_shape(rec, shape, plan, seed=100 + i)

@@ -110,6 +110,21 @@ def synchronize(device: str) -> None:
 
 
 @dataclass(frozen=True)
+class Plan:
+    """What a suite measures at every shape: each of ``providers`` in each of ``modes`` (``fwd``, ``bwd``,
+    ``fwd+bwd``), every measurement repeated for ``rep_ms`` milliseconds."""
+
+    providers: tuple[str, ...]
+    modes: tuple[str, ...]
+    rep_ms: float
+
+    @staticmethod
+    def repetition_ms(device: str, tiny: bool) -> float:
+        """100 ms a measurement; 20 ms for the tiny suite on a CPU (it shows that all runs, not speed)."""
+        return 20.0 if tiny and not device.startswith("cuda") else 100.0
+
+
+@dataclass(frozen=True)
 class Stats:
     """Median and 20th/80th percentiles of a measured quantity."""
 
