@@ -142,60 +142,76 @@ def inspect_model(
         raise ValueError(f"rows must be one of {ROW_CHOICES}, got {rows!r}")
     if not temperatures:
         raise ValueError("at least one temperature is needed")
-    modules = attention_modules(model)
-    by_index = dict(modules)
-    chosen = parse_layers(layers, max(by_index) + 1)
-    missing = [i for i in chosen if i not in by_index]
-    if missing:
-        raise ValueError(f"layers {missing} have no attention module in this model")
-    num_heads = model.config.num_attention_heads
-    device = next(model.parameters()).device
-    results: dict[str, Any] = {}
+    by_layer = _chosen_attention_modules(model, layers)
     model.eval()
-    for set_name, items in examples.items():
-        acc = _Accumulator(chosen, num_heads, temperatures)
-        current: dict[str, torch.Tensor] = {}
-
-        def make_hook(slot: int, acc: _Accumulator = acc, current: dict = current):
-            def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-                q, k = post_rope_qk(module, *hidden_and_rope(args, kwargs))
-                scale = getattr(module, scale_attribute(module) or "scaling", None)
-                window = getattr(module, "sliding_window", None)
-                ent_1, ent, kl = _layer_stats(
-                    q, k, rows=current["rows"], temperatures=temperatures, scale=scale, window=window
-                )
-                acc.entropy_1[slot] += ent_1
-                for tau in temperatures:
-                    acc.entropy[tau][slot] += ent[tau]
-                    acc.kl[tau][slot] += kl[tau]
-
-            return hook
-
-        handles = [
-            by_index[layer].register_forward_pre_hook(make_hook(slot), with_kwargs=True)
-            for slot, layer in enumerate(chosen)
-        ]
-        try:
-            for ex in items:
-                mask = _row_mask(ex["labels"], rows)
-                if not mask.any():
-                    continue
-                current["rows"] = mask.to(device)
-                ids = torch.tensor([ex["input_ids"]], dtype=torch.long, device=device)
-                model(input_ids=ids, use_cache=False)
-                acc.rows += int(mask.sum())
-                acc.examples += 1
-        finally:
-            for h in handles:
-                h.remove()
-        results[set_name] = acc.means()
+    results = {
+        name: _inspect_set(model, by_layer, items, temperatures, rows) for name, items in examples.items()
+    }
     return {
-        "layers": chosen,
-        "num_heads": num_heads,
+        "layers": list(by_layer),
+        "num_heads": model.config.num_attention_heads,
         "temperatures": [tau_key(t) for t in temperatures],
         "rows": rows,
         "sets": results,
     }
+
+
+def _chosen_attention_modules(model: torch.nn.Module, layers: Any) -> dict[int, torch.nn.Module]:
+    """Layer index -> attention module of the layers ``layers`` selects, in order; an error names the chosen
+    layers the model has no attention module for."""
+    by_index = dict(attention_modules(model))
+    chosen = parse_layers(layers, max(by_index) + 1)
+    missing = [i for i in chosen if i not in by_index]
+    if missing:
+        raise ValueError(f"layers {missing} have no attention module in this model")
+    return {i: by_index[i] for i in chosen}
+
+
+def _inspect_set(
+    model: torch.nn.Module,
+    by_layer: dict[int, torch.nn.Module],
+    items: list[dict[str, list[int]]],
+    temperatures: list[float],
+    rows: str,
+) -> dict[str, Any]:
+    """The statistics of one set of examples: a forward pass each, the chosen layers' q, k read by hooks."""
+    acc = _Accumulator(list(by_layer), model.config.num_attention_heads, temperatures)
+    device = next(model.parameters()).device
+    current: dict[str, torch.Tensor] = {}
+
+    def make_hook(slot: int):
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            q, k = post_rope_qk(module, *hidden_and_rope(args, kwargs))
+            scale = getattr(module, scale_attribute(module) or "scaling", None)
+            window = getattr(module, "sliding_window", None)
+            ent_1, ent, kl = _layer_stats(
+                q, k, rows=current["rows"], temperatures=temperatures, scale=scale, window=window
+            )
+            acc.entropy_1[slot] += ent_1
+            for tau in temperatures:
+                acc.entropy[tau][slot] += ent[tau]
+                acc.kl[tau][slot] += kl[tau]
+
+        return hook
+
+    handles = [
+        module.register_forward_pre_hook(make_hook(slot), with_kwargs=True)
+        for slot, module in enumerate(by_layer.values())
+    ]
+    try:
+        for ex in items:
+            mask = _row_mask(ex["labels"], rows)
+            if not mask.any():
+                continue
+            current["rows"] = mask.to(device)
+            ids = torch.tensor([ex["input_ids"]], dtype=torch.long, device=device)
+            model(input_ids=ids, use_cache=False)
+            acc.rows += int(mask.sum())
+            acc.examples += 1
+    finally:
+        for h in handles:
+            h.remove()
+    return acc.means()
 
 
 def summarize(report: dict[str, Any], top: int = 3) -> str:

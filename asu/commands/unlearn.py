@@ -62,8 +62,15 @@ FORGET_HELP = (
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Every flag after ``--forget``: the retain set, the method and its settings, the output."""
-    d = UnlearnConfig()
     parser.add_argument("--retain", help="retain set, same kinds (required except for --method ga)")
+    d = UnlearnConfig()
+    _add_method_arguments(parser.add_argument_group("method"), d)
+    _add_training_arguments(parser.add_argument_group("training"), d)
+    _add_run_control_arguments(parser.add_argument_group("model, output and run control"), d)
+
+
+def _add_method_arguments(parser: argparse._ArgumentGroup, d: UnlearnConfig) -> None:
+    """The recipe: preset, method, retain loss, temperature, lambda, smoothed layers, teacher."""
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -102,6 +109,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.teacher,
         help=f"{'|'.join(TEACHER_SOURCES)} (self: self-smoothing, --method asu-attn only, no teacher model)",
     )
+
+
+def _add_training_arguments(parser: argparse._ArgumentGroup, d: UnlearnConfig) -> None:
+    """The optimisation: epochs, learning rate and its schedule, batch, length, packing, LoRA, precision."""
     parser.add_argument("--epochs", type=float, help=f"default {d.epochs}")
     parser.add_argument("--lr", type=float, help=f"default {d.lr}")
     parser.add_argument("--batch-size", type=int, help=f"examples per device step (default {d.batch_size})")
@@ -120,6 +131,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (0 = full fine-tuning)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
+
+
+def _add_run_control_arguments(parser: argparse._ArgumentGroup, d: UnlearnConfig) -> None:
+    """How the model is loaded, where results and checkpoints go, and how a run resumes or stops."""
     parser.add_argument("--cache-dir", help="keep the cache teacher's hidden states on disk there")
     parser.add_argument("--idk-file", help="refusal answers for --method idk, one per line")
     parser.add_argument(
