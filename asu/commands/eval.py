@@ -59,19 +59,42 @@ CHART_FORGET = (
     "forget_knowmem_ROUGE",
 )
 CHART_KEEP = ("retain_Q_A_ROUGE", "retain_knowmem_ROUGE", "model_utility", "forget_no_repeat")
+#: Shorthands of ``--general NAME=PATH``: flag -> general set name.
+GENERAL_SHORTHANDS = {"--real-authors": "ra", "--world-facts": "wf"}
+#: MUSE's own sets beside --data and --holdout: (flag, what it holds).
+MUSE_SETS = (
+    ("--verbmem", "MUSE VerbMem rows: documents or MUSE's prompt/gt excerpts (default --data)"),
+    ("--knowmem-forget", "MUSE KnowMem questions about the forget documents (QA rows)"),
+    ("--knowmem-retain", "MUSE KnowMem questions about the retain documents (QA rows)"),
+    ("--knowmem-forget-icl", "few-shot examples for --knowmem-forget (QA rows)"),
+    ("--knowmem-retain-icl", "few-shot examples for --knowmem-retain (QA rows)"),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hugging Face model directory (with its tokenizer)")
     parser.add_argument("--benchmark", choices=("tofu", "muse"), default="tofu")
-    parser.add_argument(
+    parser.add_argument("--out", required=True, help="output directory")
+    _add_set_arguments(parser.add_argument_group("evaluation sets"))
+    muse = parser.add_argument_group("MUSE sets (--benchmark muse)")
+    for flag, text in MUSE_SETS:
+        muse.add_argument(flag, help=text)
+    _add_setting_arguments(parser.add_argument_group("evaluation settings"))
+    preview = parser.add_argument_group("τ preview: the smoothed model, no training (TOFU only)")
+    preview.add_argument("--temperature", help="comma-separated attention temperatures, e.g. 2,2.3,3,5")
+    preview.add_argument("--layers", help="layers to smooth, e.g. 6-8 or 0,2,5 (default all)")
+
+
+def _add_set_arguments(group: argparse._ArgumentGroup) -> None:
+    """Where the rows come from: the hub split, or files for the forget, retain, general and holdout sets."""
+    group.add_argument(
         "--split",
         help="fill every set not given from the benchmark's hub dataset: TOFU's forget split (forget01, "
         "forget05, forget10) or MUSE's corpus (News, Books)",
     )
-    parser.add_argument("--data", help="forget rows (TOFU: QA rows; MUSE: documents, 'text' rows)")
-    parser.add_argument("--retain", help="retain rows (TOFU), for retain metrics and model utility")
-    parser.add_argument(
+    group.add_argument("--data", help="forget rows (TOFU: QA rows; MUSE: documents, 'text' rows)")
+    group.add_argument("--retain", help="retain rows (TOFU), for retain metrics and model utility")
+    group.add_argument(
         "--general",
         action="append",
         default=[],
@@ -79,35 +102,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a general-knowledge set counted in model utility, named as open-unlearning names it (ra: real "
         "authors, wf: world facts); repeatable; a bare PATH is wf",
     )
-    parser.add_argument("--real-authors", help="the same as --general ra=PATH")
-    parser.add_argument("--world-facts", help="the same as --general wf=PATH")
-    parser.add_argument(
+    for flag, name in GENERAL_SHORTHANDS.items():
+        group.add_argument(flag, help=f"the same as --general {name}=PATH")
+    group.add_argument(
         "--holdout",
         help="rows the model never saw (TOFU: QA rows such as holdout10; MUSE: documents), for membership "
         "inference (mia_*) and privleak",
     )
-    parser.add_argument(
+    group.add_argument(
         "--reference",
         help="the reference (retain-only) model's evaluation, for forget_quality and privleak: its "
         "TOFU_EVAL.json / MUSE_EVAL.json (asu's or open-unlearning's) or the directory holding it",
     )
-    parser.add_argument(
-        "--verbmem", help="MUSE VerbMem rows: documents or MUSE's prompt/gt excerpts (default --data)"
-    )
-    parser.add_argument(
-        "--knowmem-forget", help="MUSE KnowMem questions about the forget documents (QA rows)"
-    )
-    parser.add_argument(
-        "--knowmem-retain", help="MUSE KnowMem questions about the retain documents (QA rows)"
-    )
-    parser.add_argument("--knowmem-forget-icl", help="few-shot examples for --knowmem-forget (QA rows)")
-    parser.add_argument("--knowmem-retain-icl", help="few-shot examples for --knowmem-retain (QA rows)")
-    parser.add_argument(
+
+
+def _add_setting_arguments(group: argparse._ArgumentGroup) -> None:
+    """How the rows are prompted, cut and generated, which metrics to leave out, and where it runs."""
+    group.add_argument(
         "--template",
         help="prompt template of the QA rows (default: the one the model's run.json records, else the "
         "tokenizer's default)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--skip",
         action="append",
         default=[],
@@ -115,29 +131,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="leave out a metric whose fields a set lacks (forget_truth_ratio, retain_Truth_Ratio, "
         "ra_Truth_Ratio, wf_Q_A_Prob_normalised, ...); repeatable",
     )
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--batch-size", type=int, help="default 32 (TOFU) / 8 (MUSE), open-unlearning's")
-    parser.add_argument(
+    group.add_argument("--batch-size", type=int, help="default 32 (TOFU) / 8 (MUSE), open-unlearning's")
+    group.add_argument(
         "--max-new-tokens",
         type=int,
         help=f"TOFU's answer length (default {TOFU_MAX_NEW_TOKENS}, open-unlearning's); MUSE uses its own",
     )
-    parser.add_argument(
+    group.add_argument(
         "--max-length",
         type=int,
         help=f"tokens per TOFU question + answer, cut as training cuts them (default {TOFU_MAX_LENGTH}, "
         "open-unlearning's)",
     )
-    parser.add_argument("--verbmem-prefix-tokens", type=int, default=VERBMEM_PREFIX_TOKENS)
-    parser.add_argument(
-        "--temperature",
-        help="comma-separated attention temperatures for the τ preview, e.g. 2,2.3,3,5 "
-        "(the smoothed model, no training; TOFU only)",
-    )
-    parser.add_argument("--layers", help="layers to smooth in the τ preview, e.g. 6-8 or 0,2,5 (default all)")
-    parser.add_argument("--world", help="world.json of an asu world, for the well-formed-sentence check")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-progress", action="store_true")
+    group.add_argument("--verbmem-prefix-tokens", type=int, default=VERBMEM_PREFIX_TOKENS)
+    group.add_argument("--world", help="world.json of an asu world, for the well-formed-sentence check")
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--no-progress", action="store_true")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -157,8 +166,9 @@ def _general_sources(args: argparse.Namespace) -> dict[str, str]:
     """``--general NAME=PATH`` (bare PATH: wf), ``--real-authors``, ``--world-facts``: name -> source."""
     out: dict[str, str] = {}
     pairs = [g.split("=", 1) if re.match(r"^\w+=", g) else ["wf", g] for g in args.general]
-    pairs += [["ra", args.real_authors]] if args.real_authors else []
-    pairs += [["wf", args.world_facts]] if args.world_facts else []
+    for flag, name in GENERAL_SHORTHANDS.items():
+        source = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        pairs += [[name, source]] if source else []
     for name, source in pairs:
         if name in out:
             raise ValueError(f"general set {name!r} given twice ({out[name]}, {source})")
