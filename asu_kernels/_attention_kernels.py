@@ -42,17 +42,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from asu_kernels._triton_common import (
-    LN2,
-    LOG2E,
-    document_bounds,
-    key_block_ranges,
-    key_kept,
-    mma,
-    query_block_ranges,
-    soft_cap,
-    visible,
-)
+from asu_kernels import _triton_common as tc
 
 
 @triton.jit
@@ -110,12 +100,12 @@ def _scores(
     Returns ``(s, tanh)``, ``tanh`` the cap's ``tanh(u / cap)`` that the gradient needs (without a cap, the
     uncapped logits, never read).
     """
-    s = mma(a, tl.trans(b), None, DOT_PRECISION) * qk_scale
+    s = tc.mma(a, tl.trans(b), None, DOT_PRECISION) * qk_scale
     tanh = s
     if SOFTCAP > 0:
-        s, tanh = soft_cap(s, SOFTCAP * LOG2E)
+        s, tanh = tc.soft_cap(s, SOFTCAP * tc.LOG2E)
     if MASKED:
-        s = tl.where(visible(i, j, seqlen_q, seqlen_k, diag, window, CAUSAL, HAS_WINDOW), s, float("-inf"))
+        s = tl.where(tc.visible(i, j, seqlen_q, seqlen_k, diag, window, CAUSAL, HAS_WINDOW), s, float("-inf"))
     return s, tanh
 
 
@@ -148,7 +138,7 @@ def _fwd_inner(
             MASKED, CAUSAL, HAS_WINDOW, SOFTCAP, DOT_PRECISION,
         )  # fmt: skip
         if HAS_KPM:
-            s = tl.where(key_kept(kpm_base, offs_n, stride_pn, seqlen_k, True)[None, :], s, float("-inf"))
+            s = tl.where(tc.key_kept(kpm_base, offs_n, stride_pn, seqlen_k, True)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED or HAS_KPM:
             # a row that has seen no visible key yet keeps m = -inf; exp2(-inf - -inf) would be NaN
@@ -158,7 +148,7 @@ def _fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_base, offs_n, stride_vn, offs_d, stride_vd, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
         acc = acc * alpha[:, None]
-        acc = mma(p.to(v.dtype), v, acc, DOT_PRECISION)
+        acc = tc.mma(p.to(v.dtype), v, acc, DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -183,7 +173,7 @@ def attn_fwd_kernel(
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
     off_hk = off_h // group
-    seq_start, seqlen_q, seqlen_k = document_bounds(CU_SEQLENS, off_b, n_q, n_k, IS_VARLEN)
+    seq_start, seqlen_q, seqlen_k = tc.document_bounds(CU_SEQLENS, off_b, n_q, n_k, IS_VARLEN)
     q_off = _rows_offset(off_b, off_h, seq_start, stride_qb, stride_qh, stride_qm, IS_VARLEN)
     k_off = _rows_offset(off_b, off_hk, seq_start, stride_kb, stride_kh, stride_kn, IS_VARLEN)
     v_off = _rows_offset(off_b, off_hk, seq_start, stride_vb, stride_vh, stride_vn, IS_VARLEN)
@@ -200,7 +190,7 @@ def attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    bounds = key_block_ranges(m0, seqlen_k, diag, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    bounds = tc.key_block_ranges(m0, seqlen_k, diag, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     args = (
         K + k_off, V + v_off, kpm_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
     )  # fmt: skip
@@ -215,7 +205,7 @@ def attn_fwd_kernel(
     acc = acc / l_safe[:, None]
     _store_tile(O + o_off, offs_m, stride_om, offs_d, stride_od, seqlen_q, acc, HEAD_DIM)
     if STORE_LSE:
-        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * tc.LN2)
         tl.store(LSE + l_off + offs_m * stride_lm, lse, mask=offs_m < seqlen_q)
 
 
@@ -233,7 +223,7 @@ def attn_bwd_preprocess_kernel(
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
-    seq_start, seqlen_q, _ = document_bounds(CU_SEQLENS, off_b, n_q, n_q, IS_VARLEN)
+    seq_start, seqlen_q, _ = tc.document_bounds(CU_SEQLENS, off_b, n_q, n_q, IS_VARLEN)
     o_off = _rows_offset(off_b, off_h, seq_start, stride_ob, stride_oh, stride_om, IS_VARLEN)
     d_off = _rows_offset(off_b, off_h, seq_start, stride_db, stride_dh, stride_dm, IS_VARLEN)
     l_off = _rows_offset(off_b, off_h, seq_start, stride_lb, stride_lh, stride_lm, IS_VARLEN)
@@ -272,7 +262,7 @@ def _bwd_dkdv_inner(
             lse = tl.load(lse_base + offs_m * stride_lm)
             delta = tl.load(delta_base + offs_m * stride_lm)
         # an empty row (lse = -inf) must give p = 0: subtract +inf instead of -inf
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * tc.LOG2E)
         s_t, tanh_t = _scores(
             k, q, offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, diag, window, qk_scale,
             MASKED, CAUSAL, HAS_WINDOW, SOFTCAP, DOT_PRECISION,
@@ -281,10 +271,10 @@ def _bwd_dkdv_inner(
             s_t = tl.where(key_ok[:, None], s_t, float("-inf"))
         p_t = tl.math.exp2(s_t - lse2[None, :])
         do = _load_tile(do_base, offs_m, stride_dm, offs_d, stride_dd, seqlen_q, HEAD_DIM, BLOCK_D, MASKED)
-        dv = mma(p_t.to(do.dtype), do, dv, DOT_PRECISION)
-        dp_t = mma(v, tl.trans(do), None, DOT_PRECISION)
+        dv = tc.mma(p_t.to(do.dtype), do, dv, DOT_PRECISION)
+        dp_t = tc.mma(v, tl.trans(do), None, DOT_PRECISION)
         ds_t = _score_grad(p_t, dp_t, delta[None, :], tanh_t, SOFTCAP)
-        dk = mma(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
+        dk = tc.mma(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
     return dk, dv
 
 
@@ -308,7 +298,7 @@ def attn_bwd_dkdv_kernel(
     start_n = tl.program_id(0)
     off_hk = tl.program_id(1)
     off_b = tl.program_id(2)
-    seq_start, seqlen_q, seqlen_k = document_bounds(CU_SEQLENS, off_b, n_q, n_k, IS_VARLEN)
+    seq_start, seqlen_q, seqlen_k = tc.document_bounds(CU_SEQLENS, off_b, n_q, n_k, IS_VARLEN)
     k_off = _rows_offset(off_b, off_hk, seq_start, stride_kb, stride_kh, stride_kn, IS_VARLEN)
     v_off = _rows_offset(off_b, off_hk, seq_start, stride_vb, stride_vh, stride_vn, IS_VARLEN)
     dk_off = _rows_offset(off_b, off_hk, seq_start, stride_dkb, stride_dkh, stride_dkn, IS_VARLEN)
@@ -322,12 +312,12 @@ def attn_bwd_dkdv_kernel(
     k = _load_tile(K + k_off, offs_n, stride_kn, offs_d, stride_kd, seqlen_k, HEAD_DIM, BLOCK_D, True)
     v = _load_tile(V + v_off, offs_n, stride_vn, offs_d, stride_vd, seqlen_k, HEAD_DIM, BLOCK_D, True)
     if HAS_KPM:
-        key_ok = key_kept(KPM + off_b.to(tl.int64) * stride_pb, offs_n, stride_pn, seqlen_k, True)
+        key_ok = tc.key_kept(KPM + off_b.to(tl.int64) * stride_pb, offs_n, stride_pn, seqlen_k, True)
     else:
         key_ok = offs_n < seqlen_k
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    bounds = query_block_ranges(n0, seqlen_q, diag, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    bounds = tc.query_block_ranges(n0, seqlen_q, diag, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     for g in range(0, group):
         off_h = off_hk * group + g
         q_off = _rows_offset(off_b, off_h, seq_start, stride_qb, stride_qh, stride_qm, IS_VARLEN)
@@ -368,11 +358,11 @@ def _bwd_dq_inner(
             MASKED, CAUSAL, HAS_WINDOW, SOFTCAP, DOT_PRECISION,
         )  # fmt: skip
         if HAS_KPM:
-            s = tl.where(key_kept(kpm_base, offs_n, stride_pn, seqlen_k, True)[None, :], s, float("-inf"))
+            s = tl.where(tc.key_kept(kpm_base, offs_n, stride_pn, seqlen_k, True)[None, :], s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
-        dp = mma(do, tl.trans(v), None, DOT_PRECISION)
+        dp = tc.mma(do, tl.trans(v), None, DOT_PRECISION)
         ds = _score_grad(p, dp, delta[:, None], tanh_s, SOFTCAP)
-        dq = mma(ds.to(k.dtype), k, dq, DOT_PRECISION)
+        dq = tc.mma(ds.to(k.dtype), k, dq, DOT_PRECISION)
     return dq
 
 
@@ -396,7 +386,7 @@ def attn_bwd_dq_kernel(
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
     off_hk = off_h // group
-    seq_start, seqlen_q, seqlen_k = document_bounds(CU_SEQLENS, off_b, n_q, n_k, IS_VARLEN)
+    seq_start, seqlen_q, seqlen_k = tc.document_bounds(CU_SEQLENS, off_b, n_q, n_k, IS_VARLEN)
     q_off = _rows_offset(off_b, off_h, seq_start, stride_qb, stride_qh, stride_qm, IS_VARLEN)
     do_off = _rows_offset(off_b, off_h, seq_start, stride_db, stride_dh, stride_dm, IS_VARLEN)
     dq_off = _rows_offset(off_b, off_h, seq_start, stride_dqb, stride_dqh, stride_dqm, IS_VARLEN)
@@ -413,10 +403,10 @@ def attn_bwd_dq_kernel(
     do = _load_tile(DO + do_off, offs_m, stride_dm, offs_d, stride_dd, seqlen_q, HEAD_DIM, BLOCK_D, True)
     lse = tl.load(LSE + l_off + offs_m * stride_lm, mask=offs_m < seqlen_q, other=float("-inf"))
     delta = tl.load(DELTA + l_off + offs_m * stride_lm, mask=offs_m < seqlen_q, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * tc.LOG2E)
     kpm_base = KPM + off_b.to(tl.int64) * stride_pb
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    bounds = key_block_ranges(m0, seqlen_k, diag, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    bounds = tc.key_block_ranges(m0, seqlen_k, diag, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     args = (
         K + k_off, V + v_off, kpm_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, offs_m, offs_d,
     )  # fmt: skip

@@ -28,16 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from asu_kernels._triton_common import (
-    LN2,
-    LOG2E,
-    document_bounds,
-    key_block_ranges,
-    key_kept,
-    mma,
-    query_block_ranges,
-    visible,
-)
+from asu_kernels import _triton_common as tc
 
 
 @triton.jit
@@ -85,15 +76,15 @@ def _key_logits(
     k_s = _load_rows(ks_base, cols, offs_d, k_mask, s_ks_n)
     k_t = _load_rows(kt_base, cols, offs_d, k_mask, s_kt_n)
     # Raw (unmasked) base-2 logits are finite everywhere, so products with exp2(masked) are 0, not NaN.
-    t_s = mma(q_s, tl.trans(k_s), None, DOT_PRECISION) * qk_scale_s
-    t_t = mma(q_t, tl.trans(k_t), None, DOT_PRECISION) * qk_scale_t
+    t_s = tc.mma(q_s, tl.trans(k_s), None, DOT_PRECISION) * qk_scale_s
+    t_t = tc.mma(q_t, tl.trans(k_t), None, DOT_PRECISION) * qk_scale_t
     if MASKED:
         # Rows past n_q are masked too; their results are never stored.
-        vis = visible(offs_m[:, None], offs_n[None, :], n_q, n_k, off, window, CAUSAL, HAS_WINDOW)
+        vis = tc.visible(offs_m[:, None], offs_n[None, :], n_q, n_k, off, window, CAUSAL, HAS_WINDOW)
         if HAS_KPM:
-            vis = vis & key_kept(kpm_base, offs_n, 1, n_k, True)[None, :]
+            vis = vis & tc.key_kept(kpm_base, offs_n, 1, n_k, True)[None, :]
     elif HAS_KPM:
-        vis = key_kept(kpm_base, offs_n, 1, n_k, False)[None, :]
+        vis = tc.key_kept(kpm_base, offs_n, 1, n_k, False)[None, :]
     else:
         vis = True
     return k_s, t_s, t_t, vis
@@ -164,7 +155,7 @@ def attention_kl_fwd_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    start, n_q, n_k = document_bounds(CU, b, n_q, n_k, IS_VARLEN)
+    start, n_q, n_k = tc.document_bounds(CU, b, n_q, n_k, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= n_q:
         return
@@ -191,7 +182,9 @@ def attention_kl_fwd_kernel(
     # Interior key blocks [a, b_end) are visible to every row of the block: they skip the mask arithmetic,
     # which only the boundary blocks [lo, a) and [b_end, hi) pay. Without a window the interior starts at
     # key 0: no leading boundary stage.
-    bounds = key_block_ranges(m0, n_k, off, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)  # lo, a, b_end, hi
+    bounds = tc.key_block_ranges(
+        m0, n_k, off, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N
+    )  # lo, a, b_end, hi
     kpm_base = KPM + b64 * s_kpm_b
     for stage in tl.static_range(0 if HAS_WINDOW else 1, 3):  # masked, interior (stage 1), masked
         for n0 in range(bounds[stage], bounds[stage + 1], BLOCK_N):
@@ -207,14 +200,14 @@ def attention_kl_fwd_kernel(
     l_s = tl.where(empty, 1.0, l_s)
     lse2_t = m_t + tl.math.log2(l_t)
     lse2_s = m_s + tl.math.log2(l_s)
-    kl = tl.where(empty, 0.0, (acc_kl / l_t - lse2_t + lse2_s) * LN2)
+    kl = tl.where(empty, 0.0, (acc_kl / l_t - lse2_t + lse2_s) * tc.LN2)
     o_off = b64 * s_o_b + h * s_o_h + rows * s_o_n
     tl.store(KL + o_off, kl, mask=row_ok)
-    tl.store(LSE_S + o_off, tl.where(empty, float("-inf"), lse2_s * LN2), mask=row_ok)
-    tl.store(LSE_T + o_off, tl.where(empty, float("-inf"), lse2_t * LN2), mask=row_ok)
+    tl.store(LSE_S + o_off, tl.where(empty, float("-inf"), lse2_s * tc.LN2), mask=row_ok)
+    tl.store(LSE_T + o_off, tl.where(empty, float("-inf"), lse2_t * tc.LN2), mask=row_ok)
     if WANT_ENTROPY:
-        ent_s = tl.where(empty, 0.0, (tl.math.log2(l_s) - acc_hs / l_s) * LN2)
-        ent_t = tl.where(empty, 0.0, (tl.math.log2(l_t) - acc_ht / l_t) * LN2)
+        ent_s = tl.where(empty, 0.0, (tl.math.log2(l_s) - acc_hs / l_s) * tc.LN2)
+        ent_t = tl.where(empty, 0.0, (tl.math.log2(l_t) - acc_ht / l_t) * tc.LN2)
         tl.store(ENT_S + o_off, ent_s, mask=row_ok)
         tl.store(ENT_T + o_off, ent_t, mask=row_ok)
 
@@ -227,8 +220,8 @@ def _row_stats(LSE_S, LSE_T, ENT_S, G_KL, G_ENT, o_off, row_ok, ENT_GRAD: tl.con
 
     Empty rows store lse = -inf; any finite stand-in works since all their probabilities are 0.
     """
-    lse2_s = tl.load(LSE_S + o_off, mask=row_ok, other=0.0) * LOG2E
-    lse2_t = tl.load(LSE_T + o_off, mask=row_ok, other=0.0) * LOG2E
+    lse2_s = tl.load(LSE_S + o_off, mask=row_ok, other=0.0) * tc.LOG2E
+    lse2_t = tl.load(LSE_T + o_off, mask=row_ok, other=0.0) * tc.LOG2E
     lse2_s = tl.where(lse2_s == float("-inf"), 0.0, lse2_s)
     lse2_t = tl.where(lse2_t == float("-inf"), 0.0, lse2_t)
     g_kl = tl.load(G_KL + o_off, mask=row_ok, other=0.0)
@@ -247,7 +240,7 @@ def _logit_grad(t_s, t_t, vis, lse2_s, lse2_t, g_kl, g_ent, ent_s, ENT_GRAD: tl.
     p_t = tl.math.exp2(tl.where(vis, t_t, float("-inf")) - lse2_t)
     ds = g_kl * (p_s - p_t)
     if ENT_GRAD:
-        ds += g_ent * p_s * ((lse2_s - t_s) * LN2 - ent_s)
+        ds += g_ent * p_s * ((lse2_s - t_s) * tc.LN2 - ent_s)
     return ds
 
 
@@ -274,7 +267,7 @@ def attention_kl_bwd_dq_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    start, n_q, n_k = document_bounds(CU, b, n_q, n_k, IS_VARLEN)
+    start, n_q, n_k = tc.document_bounds(CU, b, n_q, n_k, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= n_q:
         return
@@ -292,7 +285,7 @@ def attention_kl_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # One masked loop over every visible key block (no mask-free interior stage in this kernel).
-    lo, _, _, hi = key_block_ranges(m0, n_k, off, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    lo, _, _, hi = tc.key_block_ranges(m0, n_k, off, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     kpm_base = KPM + b64 * s_kpm_b
     for n0 in range(lo, hi, BLOCK_N):
         k_s, t_s, t_t, vis = _key_logits(
@@ -303,7 +296,7 @@ def attention_kl_bwd_dq_kernel(
             t_s, t_t, vis, lse2_s[:, None], lse2_t[:, None], g_kl[:, None], g_ent[:, None], ent_s[:, None],
             ENT_GRAD,
         )  # fmt: skip
-        dq += mma(ds.to(k_s.dtype), k_s, None, DOT_PRECISION)
+        dq += tc.mma(ds.to(k_s.dtype), k_s, None, DOT_PRECISION)
     dq = dq * sm_scale_s
     tl.store(
         DQ + b64 * s_dq_b + h * s_dq_h + rows[:, None] * s_dq_n + offs_d[None, :],
@@ -335,7 +328,7 @@ def attention_kl_bwd_dk_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // H_KV
     hk = pid_bh % H_KV
-    start, n_q, n_k = document_bounds(CU, b, n_q, n_k, IS_VARLEN)
+    start, n_q, n_k = tc.document_bounds(CU, b, n_q, n_k, IS_VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= n_k:
         return
@@ -349,10 +342,10 @@ def attention_kl_bwd_dk_kernel(
     k_mask = col_ok[:, None] & d_ok[None, :]
     k_s = _load_rows(KS + b64 * s_ks_b + hk * s_ks_h, cols, offs_d, k_mask, s_ks_n)
     if HAS_KPM:
-        key_ok = key_kept(KPM + b64 * s_kpm_b, offs_n, 1, n_k, True)
+        key_ok = tc.key_kept(KPM + b64 * s_kpm_b, offs_n, 1, n_k, True)
 
     # Query blocks that can see this key block (one masked loop; no mask-free interior stage here).
-    lo, _, _, hi = query_block_ranges(n0, n_q, off, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    lo, _, _, hi = tc.query_block_ranges(n0, n_q, off, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(0, GROUP_S):
         h = hk * GROUP_S + g
@@ -367,16 +360,16 @@ def attention_kl_bwd_dk_kernel(
                 LSE_S, LSE_T, ENT_S, G_KL, G_ENT, o_off, row_ok, ENT_GRAD
             )
             # Transposed tiles (keys x queries) so that dk accumulates with one dot and no transpose of dS.
-            t_s = mma(k_s, tl.trans(q_s), None, DOT_PRECISION) * qk_scale_s
-            t_t = mma(k_t, tl.trans(q_t), None, DOT_PRECISION) * qk_scale_t
-            vis = visible(offs_m[None, :], offs_n[:, None], n_q, n_k, off, window, CAUSAL, HAS_WINDOW)
+            t_s = tc.mma(k_s, tl.trans(q_s), None, DOT_PRECISION) * qk_scale_s
+            t_t = tc.mma(k_t, tl.trans(q_t), None, DOT_PRECISION) * qk_scale_t
+            vis = tc.visible(offs_m[None, :], offs_n[:, None], n_q, n_k, off, window, CAUSAL, HAS_WINDOW)
             if HAS_KPM:
                 vis = vis & key_ok[:, None]
             ds = _logit_grad(
                 t_s, t_t, vis, lse2_s[None, :], lse2_t[None, :], g_kl[None, :], g_ent[None, :],
                 ent_s[None, :], ENT_GRAD,
             )  # fmt: skip
-            dk += mma(ds.to(q_s.dtype), q_s, None, DOT_PRECISION)
+            dk += tc.mma(ds.to(q_s.dtype), q_s, None, DOT_PRECISION)
     dk = dk * sm_scale_s
     tl.store(
         DK + b64 * s_dk_b + hk * s_dk_h + cols[:, None] * s_dk_n + offs_d[None, :],
