@@ -189,7 +189,7 @@ def asu_attention_forward(
     is_causal = kwargs.get("is_causal")
     options = dict(
         causal=bool(getattr(module, "is_causal", True) if is_causal is None else is_causal),
-        scale=scaling,
+        scale=None if scaling is None else float(scaling),
         temperature=float(getattr(module, TEMPERATURE_ATTR, 1.0)),
         window=int(sliding_window) if sliding_window is not None else None,
         softcap=None if kwargs.get("softcap") is None else float(kwargs["softcap"]),

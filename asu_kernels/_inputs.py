@@ -10,6 +10,7 @@ key-padding bytes, the head-dim block and the dot precision.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -42,8 +43,12 @@ def check_tensors(named: dict[str, object]) -> None:
 
 
 def check_positive(name: str, value: float | None) -> None:
-    """A finite number > 0 (None passes: the default applies)."""
-    if value is not None and (not math.isfinite(float(value)) or float(value) <= 0):
+    """A finite real number > 0 (None passes: the default applies); a bool or a non-number is a TypeError."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 

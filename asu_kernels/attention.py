@@ -244,25 +244,26 @@ def _cu32(cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
     return q if cu_seqlens is None else _in.cu_seqlens_int32(cu_seqlens)  # q: never read (dense)
 
 
-@torch.library.custom_op("asu_kernels::attention_fwd", mutates_args=(), device_types=("cuda", "cpu"))
-def _attention_fwd_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool,
-    sm_scale: float,
-    window: int,
-    cu_seqlens: torch.Tensor | None,
-    max_seqlen: int,
-    key_padding_mask: torch.Tensor | None,
-    store_lse: bool,
-    softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward. ``window <= 0`` means no window; ``max_seqlen < 0`` means derive it from cu_seqlens;
-    ``softcap <= 0`` means no soft-cap.
+# The ops' schemas, written out (as the vocabulary-loss ops do): the op bodies below take these arguments in
+# this order. ``window <= 0`` means no window, ``max_seqlen < 0`` derive it from cu_seqlens, ``softcap <= 0``
+# no soft-cap.
+_DEVICES = ("cuda", "cpu")  # CPU tensors reach the ops only under the Triton interpreter
+_FWD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, bool causal, float sm_scale, SymInt window, Tensor? cu_seqlens, "
+    "SymInt max_seqlen, Tensor? key_padding_mask, bool store_lse, float softcap) -> (Tensor, Tensor)"
+)
+_BWD_SCHEMA = (
+    "(Tensor do, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, bool causal, "
+    "float sm_scale, SymInt window, Tensor? cu_seqlens, SymInt max_seqlen, Tensor? key_padding_mask, "
+    "float softcap) -> (Tensor, Tensor, Tensor)"
+)
 
-    Returns ``out`` (like q) and ``lse`` (fp32, q's shape without D; an empty tensor when not stored).
-    """
+
+def _attention_fwd(
+    q, k, v, causal, sm_scale, window, cu_seqlens, max_seqlen, key_padding_mask, store_lse, softcap
+):
+    """Triton forward (:data:`_FWD_SCHEMA`). Returns ``out`` (like q) and ``lse`` (fp32, q's shape without D;
+    an empty tensor when not stored)."""
     lay = _in.layout(q, k, cu_seqlens, max_seqlen)
     out = torch.empty_like(q)
     lse = torch.empty(tuple(q.shape[:-1]) if store_lse else (0,), dtype=torch.float32, device=q.device)
@@ -295,6 +296,11 @@ def _softcap_constexpr(softcap: float) -> float:
     return float(softcap) if softcap > 0 else 0.0
 
 
+_attention_fwd_op = torch.library.custom_op(
+    "asu_kernels::attention_fwd", _attention_fwd, mutates_args=(), device_types=_DEVICES, schema=_FWD_SCHEMA
+)
+
+
 @_attention_fwd_op.register_fake
 def _(q, k, v, causal, sm_scale, window, cu_seqlens, max_seqlen, key_padding_mask, store_lse, softcap):
     out = torch.empty_like(q)
@@ -302,24 +308,11 @@ def _(q, k, v, causal, sm_scale, window, cu_seqlens, max_seqlen, key_padding_mas
     return out, lse
 
 
-@torch.library.custom_op("asu_kernels::attention_bwd", mutates_args=(), device_types=("cuda", "cpu"))
-def _attention_bwd_op(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    dlse: torch.Tensor | None,
-    causal: bool,
-    sm_scale: float,
-    window: int,
-    cu_seqlens: torch.Tensor | None,
-    max_seqlen: int,
-    key_padding_mask: torch.Tensor | None,
-    softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton backward: Delta preprocess, then the dK/dV and dQ kernels. Returns (dq, dk, dv)."""
+def _attention_bwd(
+    do, q, k, v, out, lse, dlse, causal, sm_scale, window, cu_seqlens, max_seqlen, key_padding_mask, softcap
+):
+    """Triton backward (:data:`_BWD_SCHEMA`): Delta preprocess, then the dK/dV and dQ kernels. Returns
+    (dq, dk, dv)."""
     lay = _in.layout(q, k, cu_seqlens, max_seqlen)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
@@ -368,6 +361,11 @@ def _attention_bwd_op(
         *lse_strides, stride_pb, stride_pn, *scalars, n_ctx_key, **common,
     )  # fmt: skip
     return dq, dk, dv
+
+
+_attention_bwd_op = torch.library.custom_op(
+    "asu_kernels::attention_bwd", _attention_bwd, mutates_args=(), device_types=_DEVICES, schema=_BWD_SCHEMA
+)
 
 
 @_attention_bwd_op.register_fake

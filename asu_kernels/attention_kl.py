@@ -232,22 +232,24 @@ def _as_call(q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, max_seqlen, scale
     return _Call(q_s, k_s, q_t, k_t, cu_seqlens, kpm, max_seqlen, scale_s, scale_t, causal, window)
 
 
-@torch.library.custom_op("asu_kernels::attention_kl_fwd", mutates_args=())
-def _fwd_op(
-    q_s: torch.Tensor,
-    k_s: torch.Tensor,
-    q_t: torch.Tensor,
-    k_t: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
-    max_seqlen: int,
-    scale_s: float,
-    scale_t: float,
-    causal: bool,
-    window: int,
-    want_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton forward: ``(kl, lse_s, lse_t, ent_s, ent_t)`` (the entropies empty unless ``want_entropy``)."""
+# The ops' schemas, written out (as the vocabulary-loss ops do): the op bodies below take these arguments in
+# this order.
+_FWD_SCHEMA = (
+    "(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor? cu_seqlens, Tensor? key_padding_mask, "
+    "SymInt max_seqlen, float scale_s, float scale_t, bool causal, SymInt window, bool want_entropy) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_BWD_SCHEMA = (
+    "(Tensor g_kl, Tensor g_ent, Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor? cu_seqlens, "
+    "Tensor? key_padding_mask, Tensor lse_s, Tensor lse_t, Tensor ent_s, SymInt max_seqlen, float scale_s, "
+    "float scale_t, bool causal, SymInt window, bool ent_grad) -> (Tensor, Tensor)"
+)
+
+
+def _fwd(q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, max_seqlen, scale_s, scale_t, causal, window,
+         want_entropy):  # fmt: skip
+    """Triton forward (:data:`_FWD_SCHEMA`): ``(kl, lse_s, lse_t, ent_s, ent_t)``, the entropies empty unless
+    ``want_entropy``."""
     kl, lse_s, lse_t, ent_s, ent_t = _row_outputs(q_s, want_entropy)
     call = _as_call(
         q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, max_seqlen, scale_s, scale_t, causal, window
@@ -256,34 +258,10 @@ def _fwd_op(
     return kl, lse_s, lse_t, ent_s, ent_t
 
 
-@_fwd_op.register_fake
-def _fwd_fake(q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, max_seqlen, scale_s, scale_t, causal, window,
-              want_entropy):  # fmt: skip
-    return _row_outputs(q_s, want_entropy)
-
-
-@torch.library.custom_op("asu_kernels::attention_kl_bwd", mutates_args=())
-def _bwd_op(
-    g_kl: torch.Tensor,
-    g_ent: torch.Tensor,
-    q_s: torch.Tensor,
-    k_s: torch.Tensor,
-    q_t: torch.Tensor,
-    k_t: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
-    lse_s: torch.Tensor,
-    lse_t: torch.Tensor,
-    ent_s: torch.Tensor,
-    max_seqlen: int,
-    scale_s: float,
-    scale_t: float,
-    causal: bool,
-    window: int,
-    ent_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton backward: ``(dq_s, dk_s)`` from the upstream gradients of the KL and (``ent_grad``) of the
-    student entropy."""
+def _bwd(g_kl, g_ent, q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, lse_s, lse_t, ent_s, max_seqlen,
+         scale_s, scale_t, causal, window, ent_grad):  # fmt: skip
+    """Triton backward (:data:`_BWD_SCHEMA`): ``(dq_s, dk_s)`` from the upstream gradients of the KL and
+    (``ent_grad``) of the student entropy."""
     dq, dk = _grad_outputs(q_s, k_s)
     call = _as_call(
         q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, max_seqlen, scale_s, scale_t, causal, window
@@ -291,6 +269,16 @@ def _bwd_op(
     ent_s = ent_s if ent_grad else None
     _launch_bwd(call, g_kl, g_ent if ent_grad else None, lse_s, lse_t, ent_s, dq, dk)
     return dq, dk
+
+
+_fwd_op = torch.library.custom_op("asu_kernels::attention_kl_fwd", _fwd, mutates_args=(), schema=_FWD_SCHEMA)
+_bwd_op = torch.library.custom_op("asu_kernels::attention_kl_bwd", _bwd, mutates_args=(), schema=_BWD_SCHEMA)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, max_seqlen, scale_s, scale_t, causal, window,
+              want_entropy):  # fmt: skip
+    return _row_outputs(q_s, want_entropy)
 
 
 @_bwd_op.register_fake
@@ -328,22 +316,17 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # Public entry point.
 
 
-def _check_inputs(
+def _check_tensors(
     q_s: torch.Tensor,
     k_s: torch.Tensor,
     q_t: torch.Tensor,
     k_t: torch.Tensor,
-    *,
-    temperature_t: float,
-    temperature_s: float,
-    causal: bool,
-    window: int | None,
     cu_seqlens: torch.Tensor | None,
     max_seqlen: int | None,
-    scale: float | None,
     key_padding_mask: torch.Tensor | None,
 ) -> None:
-    """Raise a TypeError/ValueError naming the problem; never silently fix the caller's input."""
+    """The four inputs' dtypes, devices, shapes and dense or packed layout: a TypeError/ValueError names the
+    problem; the caller's input is never silently fixed."""
     tensors = {"q_s": q_s, "k_s": k_s, "q_t": q_t, "k_t": k_t}
     _in.check_tensors(tensors)
     _in.check_dims(tensors, cu_seqlens is not None)
@@ -357,11 +340,14 @@ def _check_inputs(
         _check_packed(q_s, keys, cu_seqlens, max_seqlen, key_padding_mask)
     else:
         _check_dense(q_s, keys, max_seqlen, key_padding_mask)
-    for name, value in (("temperature_t", temperature_t), ("temperature_s", temperature_s)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+
+
+def _check_options(
+    temperature_t: float, temperature_s: float, scale: float | None, window: int | None, causal: bool
+) -> None:
+    """The scalar options: positive temperatures and scale, a window of at least one key, a bool causal."""
+    for name, value in (("temperature_t", temperature_t), ("temperature_s", temperature_s), ("scale", scale)):
         _in.check_positive(name, value)
-    _in.check_positive("scale", scale)
     _in.check_window(window)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
@@ -495,11 +481,8 @@ def attention_kl(
         q_t, k_t = q_s.detach(), k_s.detach()
     else:
         q_t, k_t = q_t.detach(), k_t.detach()
-    _check_inputs(
-        q_s, k_s, q_t, k_t,
-        temperature_t=temperature_t, temperature_s=temperature_s, causal=causal, window=window,
-        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, key_padding_mask=key_padding_mask,
-    )  # fmt: skip
+    _check_tensors(q_s, k_s, q_t, k_t, cu_seqlens, max_seqlen, key_padding_mask)
+    _check_options(temperature_t, temperature_s, scale, window, causal)
     scale = 1.0 / math.sqrt(q_s.shape[-1]) if scale is None else float(scale)
     if q_s.dtype == torch.float64 or not use_triton(q_s):
         # The reference path: float64 as is, lower precisions computed in fp32 (results are fp32 either way).

@@ -393,7 +393,8 @@ def _backprop_chunk(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# PyTorch row kernels (the CPU path): same math as the Triton kernels, in place on fp32/fp64 chunk buffers
+# PyTorch row kernels (the CPU path): same math as the Triton kernels, in place on fp32/fp64 chunk buffers.
+# With a ``softcap`` the logit buffers are capped first and the gradient is taken through the cap.
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -408,12 +409,18 @@ def _soft_cap_(x: torch.Tensor, softcap: float | None, slope: bool) -> torch.Ten
     return derivative
 
 
+def _weigh_logit_grad_(g: torch.Tensor, w: torch.Tensor, slope: torch.Tensor | None) -> None:
+    """In place ``g <- w g`` (row weights), times the cap's ``slope`` when there is one: the gradient of each
+    row's loss w.r.t. the capped logits becomes that of the weighted loss w.r.t. the uncapped ones."""
+    g.mul_(w[:, None])
+    if slope is not None:
+        g.mul_(slope)
+
+
 def _kl_rows_torch(
     s: torch.Tensor, t: torch.Tensor, w: torch.Tensor, compute_grad: bool, softcap: float | None = None
 ) -> torch.Tensor:
-    """Per-row KL(softmax(t) || softmax(s)) of (c, V) buffers; with compute_grad, s <- w (p_S - p_T).
-
-    With ``softcap`` both buffers are capped first and the gradient is taken through the cap."""
+    """Per-row KL(softmax(t) || softmax(s)) of (c, V) buffers; with compute_grad, s <- w (p_S - p_T)."""
     slope = _soft_cap_(s, softcap, compute_grad)
     _soft_cap_(t, softcap, False)
     s.sub_(torch.logsumexp(s, dim=-1, keepdim=True))  # log p_S
@@ -423,27 +430,21 @@ def _kl_rows_torch(
     t.masked_fill_(p_t == 0, 0.0)  # 0 * log 0 = 0, also where a logit is -inf
     kl = torch.bmm(p_t.unsqueeze(1), t.unsqueeze(2)).view(-1)
     if compute_grad:
-        s.exp_().sub_(p_t).mul_(w[:, None])
-        if slope is not None:
-            s.mul_(slope)
+        _weigh_logit_grad_(s.exp_().sub_(p_t), w, slope)
     return kl
 
 
 def _ce_rows_torch(
     x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, compute_grad: bool, softcap: float | None = None
 ) -> torch.Tensor:
-    """Per-row logsumexp(x) - x[y] of a (c, V) buffer; with compute_grad, x <- w (softmax(x) - onehot(y)).
-
-    With ``softcap`` the buffer is capped first and the gradient is taken through the cap."""
+    """Per-row logsumexp(x) - x[y] of a (c, V) buffer; with compute_grad, x <- w (softmax(x) - onehot(y))."""
     slope = _soft_cap_(x, softcap, compute_grad)
     lse = torch.logsumexp(x, dim=-1)
     loss = lse - x.gather(1, y[:, None]).squeeze(1)
     if compute_grad:
         x.sub_(lse[:, None]).exp_()
         x.scatter_add_(1, y[:, None], torch.full_like(lse[:, None], -1.0))
-        x.mul_(w[:, None])
-        if slope is not None:
-            x.mul_(slope)
+        _weigh_logit_grad_(x, w, slope)
     return loss
 
 
@@ -537,19 +538,10 @@ def _chunked_loss(
 
 
 def _linear_kl_forward(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    weights: torch.Tensor | None,
-    student_bias: torch.Tensor | None,
-    teacher_bias: torch.Tensor | None,
-    need_h: bool,
-    need_w: bool,
-    need_b: bool,
-    check: bool,
-    softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    student_hidden, student_weight, teacher_hidden, teacher_weight, weights, student_bias, teacher_bias,
+    need_h, need_w, need_b, check, softcap=None,
+):  # fmt: skip
+    """Body of the KL op (:data:`_KL_SCHEMA`): ``(loss, grad_hidden, grad_weight, grad_bias)``."""
     if check:
         _check_finite(
             {
@@ -587,18 +579,9 @@ def _linear_kl_forward(
 
 
 def _linear_ce_forward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int,
-    weights: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    need_h: bool,
-    need_w: bool,
-    need_b: bool,
-    check: bool,
-    softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden, weight, labels, ignore_index, weights, bias, need_h, need_w, need_b, check, softcap=None
+):
+    """Body of the cross-entropy op (:data:`_CE_SCHEMA`): ``(loss, grad_hidden, grad_weight, grad_bias)``."""
     if check:
         _check_finite({"hidden": hidden, "weight": weight, "weights": weights, "bias": bias})
     vocab = weight.shape[0]
@@ -749,6 +732,43 @@ def _check_softcap(softcap: object) -> float | None:
     return float(softcap)
 
 
+def _check_kl_inputs(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    weights: torch.Tensor | None,
+) -> None:
+    """Shapes and devices of :func:`linear_kl`'s inputs: each head matches its hidden states, both heads have
+    the same vocabulary, both sides the same rows, and everything lies on one device."""
+    _check_head("student_", student_hidden, student_weight, student_bias)
+    _check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias)
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"vocabulary sizes differ: student_weight has V={student_weight.shape[0]}, "
+            f"teacher_weight has V={teacher_weight.shape[0]}"
+        )
+    if student_hidden.shape[0] != teacher_hidden.shape[0]:
+        raise ValueError(
+            f"student_hidden has M={student_hidden.shape[0]} rows "
+            f"but teacher_hidden has {teacher_hidden.shape[0]}"
+        )
+    _check_row_weights(weights, student_hidden.shape[0])
+    _check_devices(
+        {
+            "student_hidden": student_hidden,
+            "student_weight": student_weight,
+            "teacher_hidden": teacher_hidden,
+            "teacher_weight": teacher_weight,
+            "weights": weights,
+            "student_bias": student_bias,
+            "teacher_bias": teacher_bias,
+        }
+    )
+
+
 def linear_kl(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -794,29 +814,8 @@ def linear_kl(
             teacher_bias=teacher_bias,
         )
     )
-    _check_head("student_", student_hidden, student_weight, student_bias)
-    _check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias)
-    if student_weight.shape[0] != teacher_weight.shape[0]:
-        raise ValueError(
-            f"vocabulary sizes differ: student_weight has V={student_weight.shape[0]}, "
-            f"teacher_weight has V={teacher_weight.shape[0]}"
-        )
-    if student_hidden.shape[0] != teacher_hidden.shape[0]:
-        raise ValueError(
-            f"student_hidden has M={student_hidden.shape[0]} rows "
-            f"but teacher_hidden has {teacher_hidden.shape[0]}"
-        )
-    _check_row_weights(weights, student_hidden.shape[0])
-    _check_devices(
-        {
-            "student_hidden": student_hidden,
-            "student_weight": student_weight,
-            "teacher_hidden": teacher_hidden,
-            "teacher_weight": teacher_weight,
-            "weights": weights,
-            "student_bias": student_bias,
-            "teacher_bias": teacher_bias,
-        }
+    _check_kl_inputs(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, weights
     )
     loss, _, _, _ = _linear_kl_op(
         student_hidden,

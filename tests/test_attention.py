@@ -394,6 +394,8 @@ def _qkv(shape_q=(1, 4, 8, 64), shape_kv=(1, 2, 8, 64), dtype=torch.float32):
         (lambda: _qkv(), {"softcap": 0.0}, ValueError, "softcap"),
         (lambda: _qkv(), {"softcap": -30.0}, ValueError, "softcap"),
         (lambda: _qkv(), {"softcap": float("nan")}, ValueError, "softcap"),
+        (lambda: _qkv(), {"temperature": "2"}, TypeError, "temperature must be a number"),
+        (lambda: _qkv(), {"scale": True}, TypeError, "scale must be a number"),
         (lambda: _qkv(dtype=torch.int32), {}, TypeError, "dtype"),
         (lambda: (_qkv()[0].half(), *_qkv()[1:]), {}, TypeError, "share one dtype"),
         (lambda: (_qkv()[0], _qkv()[1].to("meta"), _qkv()[2]), {}, ValueError, "one device"),
