@@ -37,6 +37,7 @@ from typing import Any
 
 from torch import nn
 
+from asu.data import Rows
 from asu.files import atomic_write_json
 from asu.unlearn import CHECKPOINTS, RUN_FILE, UnlearnConfig, unlearn
 
@@ -57,7 +58,6 @@ ANCHORS = ("original", "previous")
 SUMMARY_FILE = "continual.json"
 EVAL_FILE = "eval.json"
 
-Rows = Sequence[dict[str, Any]]
 #: ``evaluate(model, step)`` -> a JSON-able dict; ``step`` counts from 1.
 Evaluator = Callable[[nn.Module, int], dict[str, Any]]
 

@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from asu.data import bound_text
+from asu.data import Rows, bound_text
 from asu.metrics import privacy, tofu
 from asu.metrics.layout import (
     Reference,
@@ -173,7 +173,7 @@ def _usable(value: Any, key: str) -> bool:
 
 
 def check_rows(
-    rows: Sequence[dict[str, Any]],
+    rows: Rows,
     name: str,
     fields: Sequence[str] = ("question", "answer"),
     needed_by: str | None = None,
@@ -194,7 +194,7 @@ def _options(row: dict[str, Any]) -> list[str]:
     return [p] if isinstance(p, str) else list(p)
 
 
-def _general_sets(general_rows: Any) -> dict[str, Sequence[dict[str, Any]]]:
+def _general_sets(general_rows: Any) -> dict[str, Rows]:
     """``general_rows`` as ``{name: rows}``: a mapping as given, a bare list of rows as world facts."""
     if general_rows is None:
         return {}
@@ -411,16 +411,16 @@ def _qa_set(run: _Runner, name: str, rows: Sequence[dict], paraphrase: bool, ski
 def evaluate_model(
     model: torch.nn.Module,
     tokenizer: Any,
-    forget_rows: Sequence[dict[str, Any]],
-    retain_rows: Sequence[dict[str, Any]] | None = None,
-    general_rows: Sequence[dict[str, Any]] | Mapping[str, Sequence[dict[str, Any]]] | None = None,
+    forget_rows: Rows,
+    retain_rows: Rows | None = None,
+    general_rows: Rows | Mapping[str, Rows] | None = None,
     reference_stats: dict[str, Any] | None = None,
     batch_size: int = 32,
     max_new_tokens: int = TOFU_MAX_NEW_TOKENS,
     well_formed: Callable[[str], bool] | None = None,
     progress: bool = False,
     *,
-    holdout_rows: Sequence[dict[str, Any]] | None = None,
+    holdout_rows: Rows | None = None,
     template: str | None = None,
     skip: Collection[str] = (),
     max_length: int | None = TOFU_MAX_LENGTH,
@@ -564,10 +564,10 @@ def _result(
 def evaluate_smoothed(
     model: torch.nn.Module,
     tokenizer: Any,
-    forget_rows: Sequence[dict[str, Any]],
+    forget_rows: Rows,
     temperatures: Sequence[float],
-    retain_rows: Sequence[dict[str, Any]] | None = None,
-    general_rows: Sequence[dict[str, Any]] | Mapping[str, Sequence[dict[str, Any]]] | None = None,
+    retain_rows: Rows | None = None,
+    general_rows: Rows | Mapping[str, Rows] | None = None,
     layers: str | Sequence[int] | None = None,
     batch_size: int = 32,
     max_new_tokens: int = TOFU_MAX_NEW_TOKENS,
@@ -666,14 +666,14 @@ def _documents(run: _Runner, rows: Sequence[dict], name: str) -> list[TokenScore
 def evaluate_muse(
     model: torch.nn.Module,
     tokenizer: Any,
-    forget_documents: Sequence[dict[str, Any]] | None = None,
+    forget_documents: Rows | None = None,
     *,
-    verbmem_rows: Sequence[dict[str, Any]] | None = None,
-    knowmem_forget_rows: Sequence[dict[str, Any]] | None = None,
-    knowmem_retain_rows: Sequence[dict[str, Any]] | None = None,
-    knowmem_forget_examples: Sequence[dict[str, Any]] = (),
-    knowmem_retain_examples: Sequence[dict[str, Any]] = (),
-    holdout_documents: Sequence[dict[str, Any]] | None = None,
+    verbmem_rows: Rows | None = None,
+    knowmem_forget_rows: Rows | None = None,
+    knowmem_retain_rows: Rows | None = None,
+    knowmem_forget_examples: Rows = (),
+    knowmem_retain_examples: Rows = (),
+    holdout_documents: Rows | None = None,
     reference_stats: dict[str, Any] | None = None,
     batch_size: int = 8,
     verbmem_prefix_tokens: int = VERBMEM_PREFIX_TOKENS,

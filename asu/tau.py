@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from asu.data import Rows
 from asu.metrics.scoring import encode_question, greedy_generate
 from asu.metrics.text import fact_leakage, rouge_l_recall
 from asu.smoothing import LayerSpec, smoothing
@@ -177,14 +178,14 @@ def bisect_temperature(
     return hi, True, curve
 
 
-def _sample(rows: Sequence[dict[str, Any]], limit: int, seed: int) -> list[dict[str, Any]]:
+def _sample(rows: Rows, limit: int, seed: int) -> list[dict[str, Any]]:
     if len(rows) <= limit:
         return list(rows)
     picked = sorted(random.Random(seed).sample(range(len(rows)), limit))
     return [rows[i] for i in picked]
 
 
-def _check_rows(rows: Sequence[dict[str, Any]]) -> None:
+def _check_rows(rows: Rows) -> None:
     if not rows:
         raise ValueError("the automatic temperature needs forget rows to preview")
     for i, r in enumerate(rows):
@@ -195,7 +196,7 @@ def _check_rows(rows: Sequence[dict[str, Any]]) -> None:
             )
 
 
-def _generation_length(tokenizer: Any, rows: Sequence[dict[str, Any]]) -> int:
+def _generation_length(tokenizer: Any, rows: Rows) -> int:
     longest = max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in rows)
     return min(200, 2 * longest + 16)
 
@@ -204,7 +205,7 @@ def _generation_length(tokenizer: Any, rows: Sequence[dict[str, Any]]) -> int:
 def preview_forget(
     model: torch.nn.Module,
     tokenizer: Any,
-    rows: Sequence[dict[str, Any]],
+    rows: Rows,
     temperature: float,
     *,
     layers: LayerSpec = None,
@@ -246,7 +247,7 @@ def preview_forget(
 def choose_temperature(
     model: torch.nn.Module,
     tokenizer: Any,
-    forget_rows: Sequence[dict[str, Any]],
+    forget_rows: Rows,
     target: TauTarget | str | None = None,
     *,
     layers: LayerSpec = None,

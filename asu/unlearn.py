@@ -51,6 +51,7 @@ from torch import nn
 from asu.data import (
     PackingCollator,
     PaddingCollator,
+    Rows,
     UnlearnDataset,
     encode_rows,
     rows_fingerprint,
@@ -329,8 +330,8 @@ def check_output_dir(output_dir: str, resume: bool) -> None:
 def unlearn(
     model: nn.Module,
     tokenizer: Any,
-    forget_rows: Sequence[dict[str, Any]],
-    retain_rows: Sequence[dict[str, Any]] | None,
+    forget_rows: Rows,
+    retain_rows: Rows | None,
     cfg: UnlearnConfig | None = None,
     output_dir: str | None = None,
     *,
@@ -416,7 +417,7 @@ def _run(
     resume: bool,
     start: float,
     *,
-    forget_rows: Sequence[dict[str, Any]],
+    forget_rows: Rows,
     teacher_model: nn.Module | None,
 ) -> UnlearnResult:
     """Train and (with ``output_dir``) write the result; the body of :func:`unlearn`."""
@@ -485,8 +486,8 @@ def _checked_config(cfg: UnlearnConfig | None) -> UnlearnConfig:
 
 def _check_inputs(
     model: nn.Module,
-    forget_rows: Sequence[dict[str, Any]],
-    retain_rows: Sequence[dict[str, Any]] | None,
+    forget_rows: Rows,
+    retain_rows: Rows | None,
     cfg: UnlearnConfig,
     output_dir: str | None,
     idk_answers: Sequence[str] | None,
@@ -529,8 +530,8 @@ class _Data:
 
 def _encode_data(
     tokenizer: Any,
-    forget_rows: Sequence[dict[str, Any]],
-    retain_rows: Sequence[dict[str, Any]] | None,
+    forget_rows: Rows,
+    retain_rows: Rows | None,
     idk_answers: Sequence[str] | None,
     cfg: UnlearnConfig,
 ) -> _Data:
@@ -616,7 +617,7 @@ def _scheduler(cfg: UnlearnConfig) -> str:
 def _resolve_temperature(
     source: nn.Module,
     tokenizer: Any,
-    forget_rows: Sequence[dict[str, Any]],
+    forget_rows: Rows,
     cfg: UnlearnConfig,
     layers: list[int] | None,
     trainer_dir: str | None,
@@ -729,8 +730,8 @@ def _build_objective(student: nn.Module, teacher: Teacher | None, cfg: UnlearnCo
 
 
 def _data_fingerprint(
-    forget_rows: Sequence[dict[str, Any]],
-    retain_rows: Sequence[dict[str, Any]] | None,
+    forget_rows: Rows,
+    retain_rows: Rows | None,
     idk_answers: Sequence[str] | None,
     tokenizer: Any,
 ) -> dict[str, str | None]:
