@@ -420,7 +420,7 @@ class UnlearnDataset(torch.utils.data.Dataset):
         return item
 
 
-def _check_examples(examples: Rows) -> None:
+def _check_examples(examples: Sequence[dict[str, Any]]) -> None:
     if len(examples) == 0:
         raise ValueError("cannot collate an empty list of examples")
     for ex in examples:
@@ -432,7 +432,7 @@ def _stack(rows: list[list[int]], width: int, fill: int) -> torch.Tensor:
     return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-def pad_right(examples: Rows, pad_token_id: int) -> dict[str, torch.Tensor]:
+def pad_right(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """``{"input_ids", "labels", "attention_mask"}`` of ``{"input_ids", "labels"}`` examples, each (B, T)
     int64 with T the longest example's length: example ``b`` fills the start of row ``b``, the rest of the
     row is ``pad_token_id`` / ``-100`` (no loss) / ``0`` (not attended)."""
@@ -447,10 +447,10 @@ def pad_right(examples: Rows, pad_token_id: int) -> dict[str, torch.Tensor]:
 class _Collator:
     """Collates dataset items ``{"forget": ex, "retain": ex, ...}`` part by part with :meth:`collate`."""
 
-    def collate(self, examples: Rows) -> dict[str, torch.Tensor]:
+    def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def __call__(self, items: Rows) -> dict[str, Any]:
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if len(items) == 0:
             raise ValueError("cannot collate an empty batch")
         if "input_ids" in items[0]:  # plain examples, not forget/retain items
@@ -464,7 +464,7 @@ class PaddingCollator(_Collator):
 
     pad_token_id: int = 0
 
-    def collate(self, examples: Rows) -> dict[str, torch.Tensor]:
+    def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         _check_examples(examples)
         lengths = [len(ex["input_ids"]) for ex in examples]
         width = max(lengths)
@@ -487,7 +487,7 @@ class PackingCollator(_Collator):
     max_tokens: int = 512
     pad_token_id: int = 0
 
-    def collate(self, examples: Rows) -> dict[str, torch.Tensor]:
+    def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         _check_examples(examples)
         lengths = [len(ex["input_ids"]) for ex in examples]
         if max(lengths) > self.max_tokens:

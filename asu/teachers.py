@@ -65,7 +65,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from asu.data import PaddingCollator, Rows, iter_batches, label_positions
+from asu.data import PaddingCollator, iter_batches, label_positions
 from asu.distributed import (
     barrier,
     check_full_weight,
@@ -495,7 +495,7 @@ def cache_fingerprint(
     layers: LayerSpec,
     part: str,
     smoothed: bool,
-    examples: Rows,
+    examples: Sequence[dict[str, Any]],
     dtype: torch.dtype,
     weights: str | None = None,
 ) -> str:
@@ -569,7 +569,7 @@ class CacheTeacher(Teacher):
         model: nn.Module,
         temperature: float,
         layers: LayerSpec,
-        sets: dict[str, Rows],
+        sets: dict[str, Sequence[dict[str, Any]]],
         needs: Sequence[tuple[str, bool]],
         dtype: torch.dtype = torch.bfloat16,
         directory: str | None = None,
