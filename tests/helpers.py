@@ -286,3 +286,9 @@ def family_config(family: str, num_layers: int = 2, **overrides) -> transformers
         fields = {**_SMALL, "num_hidden_layers": num_layers, "max_position_embeddings": 64, **ids, **extra}
         fields = {k: v for k, v in fields.items() if v is not None}
     return cls(**{**fields, **overrides})
+
+
+def pairwise_auc(forget, holdout):
+    """P(holdout score > forget score) + 0.5 P(tie), by counting every pair."""
+    wins = sum((h > f) + 0.5 * (h == f) for f in forget for h in holdout)
+    return wins / (len(forget) * len(holdout))

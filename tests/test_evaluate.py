@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import FORGET, RETAIN, BigramModel, tiny_model
+from helpers import FORGET, RETAIN, BigramModel, pairwise_auc, tiny_model
 
 from asu.evaluate import TOFU_HEADLINE, evaluate_model, load_reference_stats, reference_from, write_results
 
@@ -287,9 +287,14 @@ def test_mia_privleak_and_model_utility_match_open_unlearning(result, model, tok
     for name in forget:
         np.testing.assert_allclose(_vals(logs[name]["forget"], "score"), forget[name], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(_vals(logs[name]["holdout"], "score"), holdout[name], rtol=1e-4, atol=1e-6)
+        # The AUC is the reference's (sklearn's roc_auc_score: pairs counted, a tie half) of our own scores.
+        ours_f, ours_h = _vals(logs[name]["forget"], "score"), _vals(logs[name]["holdout"], "score")
+        assert logs[name]["auc"] == logs[name]["agg_value"] == pytest.approx(pairwise_auc(ours_f, ours_h))
+        # On the reference's scores, only a pair of scores within the tolerance above of each other can order
+        # differently (float noise on a near tie): each such pair moves the AUC by at most 1 / (n_f n_h).
         f, h = forget[name], holdout[name]
-        auc = sum((b > a) + 0.5 * (b == a) for a in f for b in h) / (len(f) * len(h))
-        assert logs[name]["auc"] == logs[name]["agg_value"] == pytest.approx(auc)
+        near = sum(abs(a - b) <= 1e-4 * max(abs(a), abs(b)) + 2e-6 for a in f for b in h)
+        assert abs(pairwise_auc(f, h) - logs[name]["auc"]) <= near / (len(f) * len(h)) + 1e-12
     ref = 0.5  # no reference: open-unlearning's ref_value
     assert logs["privleak"]["agg_value"] == pytest.approx(
         ((1 - logs["mia_min_k"]["auc"]) - ref) / (ref + 1e-10) * 100

@@ -10,6 +10,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from helpers import pairwise_auc
 
 from asu.metrics import muse, privacy, text, tofu
 
@@ -49,12 +50,6 @@ def ou_min_k(lp, k):
         return 0
     num_k = max(1, int(len(lp) * k))
     return -np.mean(np.sort(lp)[:num_k])
-
-
-def pairwise_auc(forget, holdout):
-    """P(holdout score > forget score) + 0.5 P(tie), by counting every pair."""
-    wins = sum((h > f) + 0.5 * (h == f) for f in forget for h in holdout)
-    return wins / (len(forget) * len(holdout))
 
 
 # ---- TOFU ----------------------------------------------------------------------------------------------
