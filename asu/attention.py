@@ -59,6 +59,7 @@ from transformers.masking_utils import AttentionMaskInterface
 import asu_kernels
 from asu.data import cu_seqlens, document_starts
 from asu.smoothing import TEMPERATURE_ATTR, position_bias_reason
+from asu.warning import AsuWarning
 
 __all__ = ["ATTN_IMPLEMENTATION", "asu_attention_forward", "asu_attention_mask", "register"]
 
@@ -232,7 +233,7 @@ def _warn_once(reason: str) -> None:
     kind = reason.split(":")[0]
     if kind not in _warned:
         _warned.add(kind)
-        warnings.warn(f"asu attention: {reason} (at the module's temperature)", stacklevel=3)
+        warnings.warn(f"asu attention: {reason} (at the module's temperature)", AsuWarning, stacklevel=3)
 
 
 def _pad_head_dim(

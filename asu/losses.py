@@ -36,7 +36,7 @@ Forget terms (``method``):
 
 Retain term ``L_R`` (``retain_loss``):
     * ``nll``: token-mean NLL of the student on the retain batch (question masked). Its former name ``gd``
-      (GradDiff's retain term) is still accepted, with a ``DeprecationWarning``.
+      (GradDiff's retain term) is still accepted, with an ``AsuDeprecationWarning``.
     * ``kl``: ``KL(p_ref || p_theta)`` over retain label positions, reduced by ``retain_reduction``:
       ``sequence`` (default) ``(1/S) sum_s (1/T_s) sum_t KL_st``, the per-sequence mean then the mean over
       sequences (the ASU term's reduction; the authors' ASU trainer in their open-unlearning copy and the
@@ -70,6 +70,7 @@ from asu.data import label_positions, packed_documents, sequence_weights
 from asu.qk import capture_qk
 from asu.smoothing import attention_modules, parse_layers, scale_attribute
 from asu.teachers import Teacher, decoder_hidden, logit_head, output_head
+from asu.warning import AsuDeprecationWarning
 
 __all__ = [
     "METHODS",
@@ -108,12 +109,12 @@ def resolve_method(method: str) -> str:
 
 def resolve_retain_loss(retain_loss: str) -> str:
     """The retain loss's canonical name; a deprecated name (``gd``) maps to its loss with a
-    ``DeprecationWarning``; ValueError naming the choices if unknown."""
+    ``AsuDeprecationWarning``; ValueError naming the choices if unknown."""
     if isinstance(retain_loss, str) and retain_loss in RETAIN_LOSS_ALIASES:
         name = RETAIN_LOSS_ALIASES[retain_loss]
         warnings.warn(
             f"retain_loss={retain_loss!r} is deprecated; use {name!r} (the same loss)",
-            DeprecationWarning,
+            AsuDeprecationWarning,
             stacklevel=3,
         )
         return name

@@ -115,7 +115,7 @@ class UnlearnConfig:
             chosen value and the preview curve are in ``result.stats["temperature_auto"]`` and ``run.json``.
         lam: weight ``lambda >= 0`` of the ASU term in ``lambda * L_ASU + L_R``.
         retain_loss: ``nll`` or ``kl`` (KL to the original model at ``tau = 1``); ``gd``, the former name of
-            ``nll``, is accepted with a ``DeprecationWarning``.
+            ``nll``, is accepted with a ``AsuDeprecationWarning``.
         retain_reduction: ``sequence`` (per-sequence mean, then the mean over sequences, as the ASU term) or
             ``token`` (token mean over the batch) for the ``kl`` retain term; ``nll`` is always a token mean.
         teacher: ``copy`` (frozen copy), ``base`` (PEFT student with adapters off), ``cache``, or ``self``
@@ -703,7 +703,9 @@ def _wrap_student(model: nn.Module, cfg: UnlearnConfig) -> nn.Module:
         )
         student = get_peft_model(model, lora)
     if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from asu.trainer import enable_activation_checkpointing
+
+        enable_activation_checkpointing(student)
         if is_peft_model(student):
             # Without it, checkpointed blocks whose inputs need no grad leave LoRA weights untrained.
             student.enable_input_require_grads()
@@ -810,10 +812,6 @@ def _build_trainer(
         callbacks=list(callbacks or []),
         max_nonfinite_steps=cfg.max_nonfinite_steps,
     )
-    if not cfg.progress:
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)  # quiet means quiet: no per-step dicts on stdout
     return trainer
 
 

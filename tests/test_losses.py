@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from helpers import COLLATORS, FORGET, RETAIN, assert_fp32_close, encoded, perturbed, tiny_model
 
-from asu.losses import UnlearnObjective, teacher_outputs_needed
+from asu.losses import UnlearnObjective, resolve_retain_loss, teacher_outputs_needed
 from asu.teachers import build_teacher
+from asu.warning import AsuDeprecationWarning
 
 # ---- the independent reference ---------------------------------------------------------------------------
 
@@ -298,6 +299,12 @@ def test_cache_bf16_close(tok, reference_backend):
     got = UnlearnObjective(student, teacher=teacher).forget_term(COLLATORS["packed"].collate(forget), None)
     want = plain_asu(student, hand_smoothed(original, 2.3), forget)
     torch.testing.assert_close(got, want, atol=5e-3, rtol=2e-2)
+
+
+def test_deprecated_retain_loss_name_warns_and_maps_to_its_loss():
+    with pytest.warns(AsuDeprecationWarning, match="'gd' is deprecated; use 'nll'"):
+        assert resolve_retain_loss("gd") == "nll"
+    assert issubclass(AsuDeprecationWarning, FutureWarning)  # shown to command-line users too
 
 
 def test_objective_bad_arguments(tok):
