@@ -287,7 +287,13 @@ class WorldRun:
 
 
 def _brief(summary: dict[str, Any]) -> str:
-    keys = ("forget_rouge", "forget_fact_leakage_any", "retain_rouge", "model_utility")
+    keys = (
+        "forget_rouge",
+        "forget_fact_leakage_any",
+        "forget_degenerate_answers",
+        "retain_rouge",
+        "model_utility",
+    )
     return ", ".join(f"{k} {summary[k]:.3f}" for k in keys if summary.get(k) is not None)
 
 
@@ -367,13 +373,15 @@ def _markdown(results: dict[str, Any], worlds: list[dict[str, Any]], s: QualityS
             f"{p['met']}/{p['n']}, within ±{p['tolerance']} in {p['close']}/{p['n']}.\n\n"
         )
     if agg["sweep"]:
-        text += "## The target R (main ASU)\n\n| target | τ | forget ROUGE-L | fact leak | retain ROUGE-L |\n"
-        text += "|---|---|---|---|---|\n"
+        text += (
+            "## The target R (main ASU)\n\n| target | τ | forget ROUGE-L | fact leak | degenerate answers | "
+        )
+        text += "retain ROUGE-L |\n|---|---|---|---|---|---|\n"
         rows = {f"{s.main_variant}, R={s.target.split(':')[1]}": agg["table"].get(main, {})} | agg["sweep"]
         for label, r in rows.items():
             tau = r.get("temperature")
-            cells = [qs.fmt(tau, 2)] + [qs.fmt(r.get(k)) for k in ("forget_rouge", "forget_fact_leakage_any")]
-            cells.append(qs.fmt(r.get("retain_rouge")))
+            keys = ("forget_rouge", "forget_fact_leakage_any", "forget_degenerate_answers", "retain_rouge")
+            cells = [qs.fmt(tau, 2)] + [qs.fmt(r.get(k)) for k in keys]
             text += f"| {label} | " + " | ".join(cells) + " |\n"
         text += "\n"
     for label, steps in agg["continual"].items():
@@ -405,6 +413,7 @@ README_METRICS = (
     "retain_rouge",
     "model_utility",
     "forget_no_repeat",
+    "forget_degenerate_answers",
 )
 
 
