@@ -522,6 +522,25 @@ def write_results(
     return results
 
 
+def replot(out: Path, seeds: list[int], s: QualitySettings) -> int:
+    """The plots of a finished run, redrawn from its ``results.json`` (the aggregate it reported) and world
+    files, without touching its numbers."""
+    from benchmarks.quality_plots import plot_all
+
+    missing = [
+        p
+        for p in [out / "results.json", *(out / "worlds" / f"seed-{k}.json" for k in seeds)]
+        if not p.is_file()
+    ]
+    if missing:
+        print(f"--plots-only: {', '.join(map(str, missing))} not found", file=sys.stderr)
+        return 2
+    worlds = [json.loads((out / "worlds" / f"seed-{k}.json").read_text()) for k in seeds]
+    plot_all(out, worlds, json.loads((out / "results.json").read_text())["aggregate"], s)
+    print(f"plots redrawn in {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
@@ -540,6 +559,11 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads per world (default 1: on a shared machine more threads per process thrash)",
     )
     parser.add_argument("--aggregate-only", action="store_true", help="rebuild the report from DIR/worlds")
+    parser.add_argument(
+        "--plots-only",
+        action="store_true",
+        help="redraw the plots from DIR/results.json and DIR/worlds; nothing else is rewritten",
+    )
     parser.add_argument("--progress", action="store_true", help="progress bars of every stage")
     parser.add_argument(
         "--readme",
@@ -560,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--jobs and --threads must be >= 1")
     threads = args.threads
     out = Path(args.out) if args.out else default_out(s.mode)
+    if args.plots_only:
+        return replot(out, seeds, s)
     t0, c0 = time.perf_counter(), time.process_time()
     if args.aggregate_only:
         worlds = [json.loads((out / "worlds" / f"seed-{k}.json").read_text()) for k in seeds]

@@ -61,6 +61,8 @@ def plot_continual(plt: Any, continual: dict[str, list[dict[str, Any]]], path: P
     for ax, (label, steps) in zip(axes[0], runs.items(), strict=True):
         xs = [r["step"] for r in steps]
         for key, name in series:
+            if not any(r.get(key) for r in steps):
+                continue  # not measured in this run (a column added after it)
             means = [r[key]["mean"] if r.get(key) else float("nan") for r in steps]
             stds = [r[key]["std"] if r.get(key) else 0.0 for r in steps]
             ax.errorbar(xs, means, yerr=stds, marker="o", capsize=2, label=name)

@@ -194,3 +194,19 @@ def test_a_tie_is_not_a_sign():
     agg = {"paired": {"A − B": {"retain_rouge": comparison([0.0001, 0.05, 0.02]),
                                 "model_utility": comparison([-0.01, -0.02, -0.03])}}}  # fmt: skip
     assert _consistent_differences(agg) == ["* A − B: model utility lower in every world (-0.020 ± 0.010)"]
+
+
+def test_plots_only_redraws_the_plots_and_nothing_else(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks.quality import aggregate, main, settings_for
+
+    worlds = [_world(k, _summary(0.5, 0.86), _summary(0.5, 0.82)) for k in (0, 1)]
+    (tmp_path / "worlds").mkdir()
+    for w in worlds:
+        (tmp_path / "worlds" / f"seed-{w['seed']}.json").write_text(json.dumps(w))
+    results = json.dumps({"aggregate": aggregate(worlds, settings_for("quick"))})
+    (tmp_path / "results.json").write_text(results)
+    assert main(["--quick", "--plots-only", "--seeds", "0,1", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "methods.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "results.json").read_text() == results and not (tmp_path / "results.md").exists()
+    assert main(["--quick", "--plots-only", "--seeds", "0,2", "--out", str(tmp_path)]) == 2  # no seed-2.json
