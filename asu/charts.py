@@ -111,9 +111,10 @@ def _draw_group(ax: Any, points: Sequence[TradeoffPoint], style: dict[str, Any])
         if p.degenerate is not None and p.degenerate >= DEGENERATE_WARNING:
             ax.scatter([p.forget], [p.retain], s=260, facecolors="none", edgecolors="red", zorder=4)
             note = f"{note} ({p.degenerate:.0%} degenerate)".strip()
-        if note:  # the main method's note above its marker, the others' below theirs
-            offset = (6, 6) if main else (4, -9)
-            ax.annotate(note, (p.forget, p.retain), textcoords="offset points", xytext=offset, fontsize=6)
+        if note:  # the main method's note below left of its marker, the others' below right; above markers
+            offset, align = ((-8, -10), "right") if main else ((4, -9), "left")
+            ax.annotate(note, (p.forget, p.retain), textcoords="offset points", xytext=offset, ha=align,
+                        fontsize=6, zorder=6)  # fmt: skip
 
 
 def _limits(values: Sequence[float]) -> tuple[float, float]:
