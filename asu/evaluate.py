@@ -248,6 +248,11 @@ def _skippable(generals: Collection[str]) -> set[str]:
     return names
 
 
+def _names(metrics: Collection[str]) -> set[str]:
+    """A set of metric names; one name given as a string is that name, not its letters."""
+    return {metrics} if isinstance(metrics, str) else set(metrics)
+
+
 def _missing_rows(rows: Sequence[dict], key: str) -> list[int]:
     return [i for i, r in enumerate(rows) if not _usable(r.get(key), key)]
 
@@ -276,6 +281,7 @@ def _field_problems(
     some rows but not all, or no row with a field a required metric needs)."""
     absent: dict[str, tuple[str, ...]] = {}
     problems = []
+    partial: dict[str, list[str]] = {}  # a field on some rows only -> the metrics that need it
     for metric, fields in _field_metrics(name, paraphrase).items():
         if metric in skip:
             continue
@@ -285,11 +291,7 @@ def _field_problems(
             if len(bad) == len(rows):
                 lacking.append(key)
             elif bad:
-                verb = "has" if len(bad) == 1 else "have"
-                problems.append(
-                    f"{name} rows: {_rows_text(bad, len(rows))} {verb} no usable {key!r} (needed by "
-                    f"{metric}; add it to every row or skip the metric)"
-                )
+                partial.setdefault(key, []).append(metric)
         if lacking and metric in require:
             problems.append(
                 f"{name} rows: no row has {', '.join(map(repr, lacking))} (needed by {metric}, which was "
@@ -297,6 +299,13 @@ def _field_problems(
             )
         elif lacking:
             absent[metric] = tuple(lacking)
+    for key, metrics in partial.items():
+        bad = _missing_rows(rows, key)
+        verb = "has" if len(bad) == 1 else "have"
+        problems.append(
+            f"{name} rows: {_rows_text(bad, len(rows))} {verb} no usable {key!r} (needed by "
+            f"{', '.join(metrics)}; add it to every row or skip the metric)"
+        )
     return absent, problems
 
 
@@ -364,7 +373,7 @@ def check_tofu_inputs(
     """What :func:`evaluate_model` checks of its rows before any model work (a ValueError naming every
     problem at once); returns the notes naming the metrics that will be left out for lack of fields."""
     sets = _tofu_sets(forget_rows, retain_rows, _general_sets(general_rows))
-    return _plan_tofu(sets, holdout_rows, set(skip), require).notes
+    return _plan_tofu(sets, holdout_rows, _names(skip), _names(require)).notes
 
 
 def _check_facts(rows: Sequence[dict], name: str) -> None:
@@ -564,7 +573,7 @@ def evaluate_model(
     """
     generals = _general_sets(general_rows)
     sets = _tofu_sets(forget_rows, retain_rows, generals)
-    plan = _plan_tofu(sets, holdout_rows, set(skip), require)
+    plan = _plan_tofu(sets, holdout_rows, _names(skip), _names(require))
     reference = reference_from(reference_stats, "reference", n_forget=len(forget_rows))
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size ({batch_size}) and max_new_tokens ({max_new_tokens}) must be >= 1")

@@ -397,6 +397,14 @@ def test_fields_on_some_rows_or_required_are_one_error_naming_all(model, tok, se
         in message
     )
     assert "forget rows: row 3 has no usable 'perturbed_answer'" in message and "\n" not in message
+    no_pert = copy.deepcopy(sets["ra"])
+    del no_pert[1]["perturbed_answer"]
+    with pytest.raises(ValueError) as e:  # one problem per field, naming every metric that needs it
+        evaluate_model(model, tok, sets["forget"], general_rows={"ra": no_pert}, max_new_tokens=2)
+    assert str(e.value) == (
+        "ra rows: row 1 has no usable 'perturbed_answer' (needed by ra_Truth_Ratio, ra_Q_A_Prob_normalised; "
+        "add it to every row or skip the metric)"
+    )
     # ... unless skipped deliberately
     res = evaluate_model(model, tok, partial, skip=["forget_truth_ratio"], max_new_tokens=2)
     assert "forget_truth_ratio" not in res["logs"] and not any(n.startswith("left out") for n in res["notes"])
@@ -414,7 +422,7 @@ def test_fields_on_some_rows_or_required_are_one_error_naming_all(model, tok, se
     with pytest.raises(ValueError, match=r"\['retain_Truth_Ratio'\] required, but their sets are not given"):
         evaluate_model(model, tok, sets["forget"], require=["retain_Truth_Ratio"], max_new_tokens=2)
     with pytest.raises(ValueError, match="both skipped and required"):
-        evaluate_model(model, tok, bare, skip=["forget_truth_ratio"], require=["forget_truth_ratio"])
+        evaluate_model(model, tok, bare, skip="forget_truth_ratio", require="forget_truth_ratio")
     with pytest.raises(ValueError, match="cannot skip") as e:
         evaluate_model(model, tok, sets["forget"], skip=["forget_Q_A_ROUGE"], require=["ROUGE"])
     assert "cannot require ['ROUGE']" in str(e.value)
