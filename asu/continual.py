@@ -362,6 +362,7 @@ STEP_COLUMNS = (
     ("request", "forget_rouge", "request forget ROUGE-L"),
     ("forgotten", "forget_rouge", "forgotten so far ROUGE-L"),
     ("request", "forget_fact_leakage_any", "request fact leak"),
+    ("request", "forget_degenerate_answers", "request degenerate"),
     ("pending", "forget_rouge", "pending ROUGE-L"),
     ("request", "retain_rouge", "retain ROUGE-L"),
     ("request", "model_utility", "model utility"),

@@ -287,7 +287,13 @@ class WorldRun:
 
 
 def _brief(summary: dict[str, Any]) -> str:
-    keys = ("forget_rouge", "forget_fact_leakage_any", "retain_rouge", "model_utility")
+    keys = (
+        "forget_rouge",
+        "forget_fact_leakage_any",
+        "forget_degenerate_answers",
+        "retain_rouge",
+        "model_utility",
+    )
     return ", ".join(f"{k} {summary[k]:.3f}" for k in keys if summary.get(k) is not None)
 
 
@@ -367,13 +373,15 @@ def _markdown(results: dict[str, Any], worlds: list[dict[str, Any]], s: QualityS
             f"{p['met']}/{p['n']}, within ±{p['tolerance']} in {p['close']}/{p['n']}.\n\n"
         )
     if agg["sweep"]:
-        text += "## The target R (main ASU)\n\n| target | τ | forget ROUGE-L | fact leak | retain ROUGE-L |\n"
-        text += "|---|---|---|---|---|\n"
+        text += (
+            "## The target R (main ASU)\n\n| target | τ | forget ROUGE-L | fact leak | degenerate answers | "
+        )
+        text += "retain ROUGE-L |\n|---|---|---|---|---|---|\n"
         rows = {f"{s.main_variant}, R={s.target.split(':')[1]}": agg["table"].get(main, {})} | agg["sweep"]
         for label, r in rows.items():
             tau = r.get("temperature")
-            cells = [qs.fmt(tau, 2)] + [qs.fmt(r.get(k)) for k in ("forget_rouge", "forget_fact_leakage_any")]
-            cells.append(qs.fmt(r.get("retain_rouge")))
+            keys = ("forget_rouge", "forget_fact_leakage_any", "forget_degenerate_answers", "retain_rouge")
+            cells = [qs.fmt(tau, 2)] + [qs.fmt(r.get(k)) for k in keys]
             text += f"| {label} | " + " | ".join(cells) + " |\n"
         text += "\n"
     for label, steps in agg["continual"].items():
@@ -405,6 +413,7 @@ README_METRICS = (
     "retain_rouge",
     "model_utility",
     "forget_no_repeat",
+    "forget_degenerate_answers",
 )
 
 
@@ -513,6 +522,25 @@ def write_results(
     return results
 
 
+def replot(out: Path, seeds: list[int], s: QualitySettings) -> int:
+    """The plots of a finished run, redrawn from its ``results.json`` (the aggregate it reported) and world
+    files, without touching its numbers."""
+    from benchmarks.quality_plots import plot_all
+
+    missing = [
+        p
+        for p in [out / "results.json", *(out / "worlds" / f"seed-{k}.json" for k in seeds)]
+        if not p.is_file()
+    ]
+    if missing:
+        print(f"--plots-only: {', '.join(map(str, missing))} not found", file=sys.stderr)
+        return 2
+    worlds = [json.loads((out / "worlds" / f"seed-{k}.json").read_text()) for k in seeds]
+    plot_all(out, worlds, json.loads((out / "results.json").read_text())["aggregate"], s)
+    print(f"plots redrawn in {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
@@ -531,6 +559,11 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads per world (default 1: on a shared machine more threads per process thrash)",
     )
     parser.add_argument("--aggregate-only", action="store_true", help="rebuild the report from DIR/worlds")
+    parser.add_argument(
+        "--plots-only",
+        action="store_true",
+        help="redraw the plots from DIR/results.json and DIR/worlds; nothing else is rewritten",
+    )
     parser.add_argument("--progress", action="store_true", help="progress bars of every stage")
     parser.add_argument(
         "--readme",
@@ -551,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--jobs and --threads must be >= 1")
     threads = args.threads
     out = Path(args.out) if args.out else default_out(s.mode)
+    if args.plots_only:
+        return replot(out, seeds, s)
     t0, c0 = time.perf_counter(), time.process_time()
     if args.aggregate_only:
         worlds = [json.loads((out / "worlds" / f"seed-{k}.json").read_text()) for k in seeds]
