@@ -310,7 +310,7 @@ def test_deprecated_retain_loss_name_warns_and_maps_to_its_loss():
 def test_objective_bad_arguments(tok):
     model = tiny_model(vocab_size=len(tok))
     with pytest.raises(ValueError, match="unknown method"):
-        UnlearnObjective(model, method="rmu")
+        UnlearnObjective(model, method="forgetall")
     with pytest.raises(ValueError, match="retain loss"):
         UnlearnObjective(model, method="gd", retain_loss="mse")
     with pytest.raises(ValueError, match="lam"):
