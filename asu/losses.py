@@ -113,7 +113,7 @@ class UnlearnObjective(nn.Module):
         self,
         student: nn.Module,
         method: str = "asu",
-        retain_loss: str | None = "nll",
+        retain_loss: str | None = None,
         lam: float = 0.1,
         teacher: Teacher | None = None,
         npo_beta: float = DEFAULTS["npo_beta"],
