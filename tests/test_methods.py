@@ -13,22 +13,11 @@ import copy
 import json
 import math
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import (
-    COLLATORS,
-    FORGET,
-    RETAIN,
-    assert_fp32_close,
-    encoded,
-    full_logits,
-    hand_smoothed,
-    perturbed,
-    plain_kl,
-    plain_nll,
-    tiny_model,
-)
+from helpers import COLLATORS, FORGET, RETAIN, assert_fp32_close, encoded, perturbed, tiny_model
 
 from asu.commands import main
 from asu.losses import UnlearnObjective
@@ -54,7 +43,7 @@ def rows_of(ex: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def log_probs(model, ex: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-softmax of the full logits at the example's label rows (T, V) and the targets (T,)."""
     pos, targets = rows_of(ex)
-    return F.log_softmax(full_logits(model, ex["input_ids"])[pos], -1), targets
+    return F.log_softmax(helpers.full_logits(model, ex["input_ids"])[pos], -1), targets
 
 
 # ---- the independent references, one per new method -------------------------------------------------------
@@ -69,15 +58,15 @@ def plain_asu_idk(student, teacher, forget, idk):
             log_t, _ = log_probs(teacher, ex)
         kl = F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(-1)
         per_seq.append(kl[1:].mean())
-    return torch.stack(per_seq).mean() + plain_nll(student, idk)
+    return torch.stack(per_seq).mean() + helpers.plain_nll(student, idk)
 
 
 def plain_dpo(student, original, lose, win, beta):
-    nll_w, _ = plain_nll(student, win, "seq")
-    nll_l, _ = plain_nll(student, lose, "seq")
+    nll_w, _ = helpers.plain_nll(student, win, "seq")
+    nll_l, _ = helpers.plain_nll(student, lose, "seq")
     with torch.no_grad():
-        ref_w, _ = plain_nll(original, win, "seq")
-        ref_l, _ = plain_nll(original, lose, "seq")
+        ref_w, _ = helpers.plain_nll(original, win, "seq")
+        ref_l, _ = helpers.plain_nll(original, lose, "seq")
     margin = (ref_w - nll_w) - (ref_l - nll_l)
     return -(2 / beta) * F.logsigmoid(beta * margin).mean()
 
@@ -89,8 +78,8 @@ def plain_me(student, forget):
 
 
 def plain_ap(student, retain, refusals, beta):
-    nll, _ = plain_nll(student, retain, "seq")
-    idk, _ = plain_nll(student, refusals, "seq")
+    nll, _ = helpers.plain_nll(student, retain, "seq")
+    idk, _ = helpers.plain_nll(student, refusals, "seq")
     return -F.logsigmoid(beta * (idk - nll)).mean() / beta
 
 
@@ -101,7 +90,7 @@ def plain_undial(student, original, forget, beta):
         log_s, targets = log_probs(student, ex)
         pos, _ = rows_of(ex)
         with torch.no_grad():
-            z = full_logits(original, ex["input_ids"])[pos]
+            z = helpers.full_logits(original, ex["input_ids"])[pos]
             z[torch.arange(len(targets)), targets] -= beta
             q = F.softmax(z, -1)
         terms.append(-(q * log_s).sum(-1))
@@ -124,7 +113,7 @@ def plain_ceu(student, forget, ignore_first=1):
     terms = []
     for ex in forget:
         pos, targets = rows_of(ex)
-        z = full_logits(student, ex["input_ids"])[pos][ignore_first:]
+        z = helpers.full_logits(student, ex["input_ids"])[pos][ignore_first:]
         y = targets[ignore_first:]
         masked = z.detach().clone()
         masked[torch.arange(len(y)), y] = float("-inf")
@@ -212,11 +201,11 @@ def forget_case(method, models, sets, layout):
     got = obj.forget_term(b["forget"], b["idk"], alternate=b["alternate"], mismatch=b["mismatch"])
     f = sets["forget"]
     want = {
-        "asu-idk": lambda: plain_asu_idk(student, hand_smoothed(original, 2.3), f, sets["idk"]),
+        "asu-idk": lambda: plain_asu_idk(student, helpers.hand_smoothed(original, 2.3), f, sets["idk"]),
         "dpo": lambda: plain_dpo(student, original, f, sets["idk"], 0.1),
         "altpo": lambda: plain_dpo(student, original, f, sets["alternate"], 0.1),
         "me": lambda: plain_me(student, f),
-        "llmu": lambda: -plain_nll(student, f) + plain_nll(student, sets["mismatch"]),
+        "llmu": lambda: -helpers.plain_nll(student, f) + helpers.plain_nll(student, sets["mismatch"]),
         "undial": lambda: plain_undial(student, original, f, 10.0),
         "wga": lambda: plain_weighted_ga(student, f, lambda p: p),
         "satimp": lambda: plain_weighted_ga(student, f, lambda p: p**0.5 * (1 - p) ** 2),
@@ -267,7 +256,7 @@ def test_totals_use_each_methods_weights(models, sets, reference_backend):
     assert_fp32_close(out["loss"], 2.0 * out["forget_loss"] + 0.5 * out["retain_loss"])
     llmu = UnlearnObjective(student, method="llmu", teacher=teacher, retain_loss=None)
     out = llmu(b["forget"], b["retain"], mismatch=b["mismatch"])
-    assert_fp32_close(out["retain_loss"], plain_kl(student, original, sets["retain"]))
+    assert_fp32_close(out["retain_loss"], helpers.plain_kl(student, original, sets["retain"]))
     out = UnlearnObjective(student, method="undial", teacher=teacher)(b["forget"])
     assert "retain_loss" not in out and torch.equal(out["loss"], out["forget_loss"])
 
