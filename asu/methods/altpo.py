@@ -31,6 +31,6 @@ def altpo_term(ctx: Any, batches: Batches, params: Mapping[str, Any]) -> torch.T
 METHOD = Method(
     name="altpo", title="AltPO", forget=altpo_term, parts=("alternate",), retain_weight="alpha",
     formula="DPO with the alternate answer preferred over the forget answer", forget_weight="gamma",
-    reference=f"{OU_UTILS} (compute_dpo_loss); community/methods/AltPO/run.sh",
+    reference=f"{OU_UTILS} (compute_dpo_loss); community/methods/AltPO",
     teacher_reads=(("forget", False), ("alternate", False)), params=(BETA, *weight_params(1.0, 1.0, _CONFIG)),
 )  # fmt: skip

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from asu.methods.common import in_example_order, reference_sequence_nll, sequence_nll, student_rows
-from asu.methods.sources import AUTHORS_LOSSES, AUTHORS_TOFU, OU_UTILS
+from asu.methods.sources import AUTHORS_LOSSES, AUTHORS_TOFU, OU_UTILS, ou_config
 from asu.methods.spec import Batches, Method, Param
 
 __all__ = ["METHOD", "dpo_loss", "preference_term", "BETA"]
 
-BETA = Param("beta", 0.1, f"{AUTHORS_TOFU} (beta); configs/trainer/DPO.yaml", "inverse temperature")
+BETA = Param("beta", 0.1, f"{AUTHORS_TOFU} (beta); {ou_config('DPO')}", "inverse temperature")
 
 
 def dpo_loss(

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from asu.data import sequence_weights
 from asu.methods.common import cross_entropy, kl, sequence_nll, student_rows, teacher_rows
+from asu.methods.sources import AUTHORS_LOSSES, AUTHORS_TOFU
 from asu.methods.spec import Batches, Param, RetainTerm
 
 __all__ = ["NLL", "KL", "AP", "RETAIN_REDUCTIONS", "ap_loss"]
@@ -33,7 +34,7 @@ __all__ = ["NLL", "KL", "AP", "RETAIN_REDUCTIONS", "ap_loss"]
 #: How the ``kl`` retain term averages over label positions (``retain_reduction``).
 RETAIN_REDUCTIONS = ("sequence", "token")
 
-AUTHORS = "Salehzz/ASU-unlearning: Right-to-be-forgotten/trainer/losses.py"
+AUTHORS = AUTHORS_LOSSES
 
 
 def nll_term(ctx: Any, batches: Batches, params: Mapping[str, Any]) -> torch.Tensor:
@@ -92,7 +93,7 @@ AP = RetainTerm(
     parts=("retain_idk",),
     params=(
         Param(
-            "ap_beta", 0.1, "Right-to-be-forgotten/config/tofu.yaml (beta)",
+            "ap_beta", 0.1, f"{AUTHORS_TOFU} (beta)",
             "inverse temperature of the AP regulariser",
         ),
     ),

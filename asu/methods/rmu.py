@@ -35,13 +35,13 @@ import torch
 from torch import nn
 
 from asu.data import sequence_weights
-from asu.methods.sources import ou_trainer
+from asu.methods.sources import OU_WMDP, ou_trainer
 from asu.methods.spec import Batches, Method, Param, RetainTerm, weight_params
 from asu.teachers import decoder_layer_output, decoder_layers
 
 __all__ = ["METHOD", "EMBED", "activation_distance", "control_vector", "prepare", "trainable_names"]
 
-_WMDP = "configs/experiment/unlearn/wmdp/default.yaml"
+_WMDP = OU_WMDP
 
 
 def activation_distance(

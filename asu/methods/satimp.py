@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from asu.methods.sources import OU_UTILS, ou_config, ou_trainer
+from asu.methods.sources import OU_UTILS, ou_config
 from asu.methods.spec import Batches, Method, Param, weight_params
 from asu.methods.weighted import weighted_ascent
 
@@ -33,7 +33,7 @@ def satimp_term(ctx: Any, batches: Batches, params: Mapping[str, Any]) -> torch.
 METHOD = Method(
     name="satimp", title="SatImp", forget=satimp_term, forget_weight="gamma", retain_weight="alpha",
     formula="−mean_t p^β1 (1 − p)^β2 NLL_t (weight detached)",
-    reference=f"{OU_UTILS} (compute_satimp_loss); {ou_trainer('satimp')}",
+    reference=f"{OU_UTILS} (compute_satimp_loss), src/trainer/unlearn/satimp.py",
     params=(
         Param("beta1", 5.0, _CONFIG, "exponent of the saturation weight p", "nonnegative"),
         Param("beta2", 1.0, _CONFIG, "exponent of the importance weight 1 - p", "nonnegative"),

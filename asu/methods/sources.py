@@ -7,11 +7,12 @@ for the field's baselines and their default hyper-parameters.
 
 AUTHORS = "Salehzz/ASU-unlearning"
 AUTHORS_LOSSES = f"{AUTHORS}: Right-to-be-forgotten/trainer/losses.py"
-AUTHORS_TOFU = "Right-to-be-forgotten/config/tofu.yaml"
-AUTHORS_TOFU_ASU = "Right-to-be-forgotten/scripts/tofu/asu.sh"
-AUTHORS_TOFU_BASELINES = "Right-to-be-forgotten/scripts/tofu/baselines.sh"
+AUTHORS_TOFU = f"{AUTHORS}: Right-to-be-forgotten/config/tofu.yaml"
+AUTHORS_TOFU_ASU = f"{AUTHORS}: Right-to-be-forgotten/scripts/tofu/asu.sh"
 OU = "locuslab/open-unlearning"
 OU_UTILS = f"{OU}: src/trainer/utils.py"
+#: open-unlearning's WMDP experiment (RMU's defaults).
+OU_WMDP = f"{OU}: configs/experiment/unlearn/wmdp/default.yaml"
 
 
 def ou_trainer(name: str) -> str:
@@ -21,4 +22,4 @@ def ou_trainer(name: str) -> str:
 
 def ou_config(name: str) -> str:
     """open-unlearning's trainer config of a method (``configs/trainer/<name>.yaml``)."""
-    return f"configs/trainer/{name}.yaml"
+    return f"{OU}: configs/trainer/{name}.yaml"

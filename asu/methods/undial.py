@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from asu.methods.common import cross_entropy, kl, nll_rows, student_rows, teacher_rows, token_weights
-from asu.methods.sources import OU_UTILS, ou_config, ou_trainer
+from asu.methods.sources import OU_UTILS, ou_config
 from asu.methods.spec import Batches, Method, Param, weight_params
 
 __all__ = ["METHOD", "undial_term"]
@@ -53,7 +53,7 @@ def undial_term(ctx: Any, batches: Batches, params: Mapping[str, Any]) -> torch.
 
 METHOD = Method(
     name="undial", title="UNDIAL", forget=undial_term, formula="mean_t H(softmax(z_ref − β e_y), p_θ)",
-    reference=f"{OU_UTILS} (compute_undial_loss); {ou_trainer('undial')}", retain="weighted",
+    reference=f"{OU_UTILS} (compute_undial_loss), src/trainer/unlearn/undial.py", retain="weighted",
     forget_weight="gamma", retain_weight="alpha", teacher_reads=(("forget", False),),
     params=(
         Param("beta", 10.0, _CONFIG, "how far the true token's logit is lowered", "nonnegative"),

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from asu.methods.sources import OU_UTILS, ou_config, ou_trainer
+from asu.methods.sources import OU_UTILS, ou_config
 from asu.methods.spec import Batches, Method, Param, weight_params
 from asu.methods.weighted import weighted_ascent
 
@@ -32,6 +32,6 @@ def wga_term(ctx: Any, batches: Batches, params: Mapping[str, Any]) -> torch.Ten
 
 METHOD = Method(
     name="wga", title="WGA", forget=wga_term, formula="−mean_t p(y_t)^β NLL_t (weight detached)",
-    reference=f"{OU_UTILS} (compute_wga_loss); {ou_trainer('wga')}", forget_weight="gamma",
+    reference=f"{OU_UTILS} (compute_wga_loss), src/trainer/unlearn/wga.py", forget_weight="gamma",
     retain_weight="alpha", params=(BETA, *weight_params(1.0, 1.0, _CONFIG)),
 )  # fmt: skip
