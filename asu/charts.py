@@ -1,6 +1,7 @@
-"""Charts written beside results: matplotlib (optional) on its file-only Agg backend, saved atomically.
+"""Charts written beside results: matplotlib on its file-only Agg backend, saved atomically.
 
-matplotlib is not a dependency: :func:`load_pyplot` returns None without it and the caller skips its chart.
+matplotlib is a dependency; where it cannot be imported :func:`load_pyplot` returns None and the caller skips
+its chart.
 """
 
 from __future__ import annotations
