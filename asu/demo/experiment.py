@@ -80,10 +80,10 @@ BASELINES = {
     "LLMU": Baseline("llmu", (5e-4, 1e-3), settings=(("retain_loss", "kl"),)),
     # The WMDP setting's layer 7 of 32 sits at a quarter of the depth: layer 1 of the tiny model's 4.
     "RMU": Baseline("rmu", (1e-3, 3e-3), settings=(("retain_loss", "embed"), ("method_args", {"layer": 1}))),
-    "UNDIAL": Baseline("undial", (5e-4, 1e-3)),
+    "UNDIAL": Baseline("undial", (1e-4, 3e-4)),  # open-unlearning runs it at lr 1e-4
     "SatImp": Baseline("satimp", (2e-3, 4e-3)),
     "WGA": Baseline("wga", (5e-4, 1e-3)),
-    "CE-U": Baseline("ceu", (5e-4, 1e-3)),
+    "CE-U": Baseline("ceu", (1e-4, 3e-4)),
 }
 #: The baselines the quick benchmark and the demo compare with (the first four).
 FIRST_BASELINES = ("GA+GD", "NPO", "SimNPO", "IDK")
