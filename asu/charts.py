@@ -1,6 +1,7 @@
-"""Charts written beside results: matplotlib (optional) on its file-only Agg backend, saved atomically.
+"""Charts written beside results: matplotlib on its file-only Agg backend, saved atomically.
 
-matplotlib is not a dependency: :func:`load_pyplot` returns None without it and the caller skips its chart.
+matplotlib is a dependency; where it cannot be imported :func:`load_pyplot` returns None and the caller skips
+its chart.
 
 :func:`tradeoff_chart` is the main figure of the demo and the quality benchmark: forgetting against what is
 kept, one point per model (the original and the retain-only oracle marked), so that a method is read by

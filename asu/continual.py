@@ -39,7 +39,8 @@ from torch import nn
 
 from asu.data import Rows
 from asu.files import atomic_write_json
-from asu.unlearn import CHECKPOINTS, RUN_FILE, UnlearnConfig, unlearn
+from asu.run_folder import CHECKPOINTS, RUN_FILE
+from asu.unlearn import UnlearnConfig, unlearn
 
 __all__ = [
     "ANCHORS",

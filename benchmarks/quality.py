@@ -1,4 +1,4 @@
-"""The quality benchmark: ASU against GA+GD, NPO, SimNPO and IDK on several embedded worlds, mean ± std.
+"""The quality benchmark: ASU against the baselines on several embedded worlds, mean ± std.
 
 ``python -m benchmarks.quality [--quick|--full] [--seeds 0,1,2] [--jobs 2] [--out DIR]``
 
@@ -16,7 +16,9 @@ tiny model and oracle (:mod:`asu.demo.tiny`, cached by configuration), then, as 
     the main ASU at other targets ``R``: how forgetting, retain and the preview's promise move with it;
 ``baselines``
     each baseline's learning rate bisected toward the main ASU's forget ROUGE-L and its numbers read at
-    exactly that forgetting (:mod:`asu.demo.matching`);
+    exactly that forgetting (:mod:`asu.demo.matching`): GA+GD, NPO, SimNPO and IDK, and in the full mode every
+    other method of the registry (:data:`asu.demo.experiment.BASELINES`: ASU+IDK, DPO, AltPO, IDK+AP, ME+GD,
+    LLMU, RMU, UNDIAL, SatImp, WGA, CE-U); ``--baselines`` picks others;
 ``continual``
     the forget authors as five requests in a row (:mod:`asu.continual`): ASU with the teacher anchored at the
     original model and at the previous step, and GA+GD at its matched learning rate; evaluated after every
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import datetime
 import json
 import multiprocessing
@@ -46,7 +49,7 @@ from typing import Any
 
 import torch
 
-from asu.demo.experiment import BASELINES, Experiment, MethodSettings
+from asu.demo.experiment import BASELINES, FIRST_BASELINES, Experiment, MethodSettings
 from asu.demo.matching import MATCH_KEY
 from asu.demo.tiny import TinyModelConfig, TrainConfig
 from asu.demo.world import WorldConfig
@@ -106,6 +109,7 @@ def settings_for(mode: str) -> QualitySettings:
             sweep=(),
             variants=(("all layers", None),),
             match_steps=2,
+            baselines=FIRST_BASELINES,
             continual=(("ASU, anchor original", "asu", "original"),),
         )
     raise ValueError(f"unknown mode {mode!r}; choose quick or full")
@@ -558,6 +562,11 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="torch threads per world (default 1: on a shared machine more threads per process thrash)",
     )
+    parser.add_argument(
+        "--baselines",
+        help=f"baselines to run, comma-separated, of {', '.join(BASELINES)} (default: all in --full, "
+        f"{', '.join(FIRST_BASELINES)} in --quick)",
+    )
     parser.add_argument("--aggregate-only", action="store_true", help="rebuild the report from DIR/worlds")
     parser.add_argument(
         "--plots-only",
@@ -573,6 +582,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     s = settings_for(args.mode or "full")
+    if args.baselines:
+        picked = tuple(b.strip() for b in args.baselines.split(",") if b.strip())
+        unknown = [b for b in picked if b not in BASELINES]
+        if unknown or not picked:
+            parser.error(f"--baselines: unknown {unknown}; choose from {', '.join(BASELINES)}")
+        s = dataclasses.replace(s, baselines=picked)
     try:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     except ValueError:
