@@ -143,18 +143,18 @@ def _check_deepspeed(cfg: Any, world: int, config: dict[str, Any], model_config:
     total = config.get("train_batch_size")
     if _explicit(micro) and micro != cfg.batch_size:
         raise ValueError(
-            f"the DeepSpeed config sets train_micro_batch_size_per_gpu={micro} but --batch-size is "
+            f"the DeepSpeed config sets train_micro_batch_size_per_gpu={micro} but batch_size is "
             f'{cfg.batch_size}; set it to "auto" or make them equal'
         )
     if _explicit(accum) and accum != cfg.grad_accum:
         raise ValueError(
-            f"the DeepSpeed config sets gradient_accumulation_steps={accum} but --grad-accum is "
+            f"the DeepSpeed config sets gradient_accumulation_steps={accum} but grad_accum is "
             f'{cfg.grad_accum}; set it to "auto" or make them equal'
         )
     if _explicit(total) and total != cfg.batch_size * cfg.grad_accum * world:
         raise ValueError(
-            f"the DeepSpeed config sets train_batch_size={total}, but batch {cfg.batch_size} x grad-accum "
-            f"{cfg.grad_accum} x world {world} = {cfg.batch_size * cfg.grad_accum * world}"
+            f"the DeepSpeed config sets train_batch_size={total}, but batch_size {cfg.batch_size} x "
+            f"grad_accum {cfg.grad_accum} x world {world} = {cfg.batch_size * cfg.grad_accum * world}"
         )
     zero = config.get("zero_optimization") or {}
     if zero.get("stage") != 3:
@@ -164,7 +164,7 @@ def _check_deepspeed(cfg: Any, world: int, config: dict[str, Any], model_config:
         # Under zero.Init every parameter is a (0,)-shaped partition; a deep copy is an empty model.
         raise ValueError(
             "teacher='copy' cannot be built from a ZeRO-3 partitioned model (zero3_init_flag: true); "
-            "use --teacher cache, or --lora-r R with --teacher base, or set zero3_init_flag: false"
+            "use teacher='cache', or lora_r > 0 with teacher='base', or set zero3_init_flag: false"
         )
     if cfg.lora_r > 0:
         if model_config is None:
@@ -178,9 +178,9 @@ def _check_deepspeed(cfg: Any, world: int, config: dict[str, Any], model_config:
         smallest = min(model_config.hidden_size, kv * head_dim)
         if cfg.lora_r > smallest:
             raise ValueError(
-                f"--lora-r {cfg.lora_r} exceeds the smallest projection of the model ({smallest}: "
+                f"lora_r={cfg.lora_r} exceeds the smallest projection of the model ({smallest}: "
                 f"k/v heads {kv} x head dim {head_dim}); a ZeRO-3 partitioned model cannot "
-                "hold an adapter of that rank: choose --lora-r <= " + str(smallest)
+                "hold an adapter of that rank: choose lora_r <= " + str(smallest)
             )
 
 
@@ -212,9 +212,9 @@ def check_launch(
         raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
     if world > 1 and num_examples % (cfg.batch_size * world) != 0:
         fits = [b for b in range(1, num_examples + 1) if num_examples % (b * world) == 0]
-        hint = f"--batch-size in {fits[:8]}" if fits else f"a forget set whose size is a multiple of {world}"
+        hint = f"batch_size in {fits[:8]}" if fits else f"a forget set whose size is a multiple of {world}"
         raise ValueError(
-            f"world size {world} x --batch-size {cfg.batch_size} = {cfg.batch_size * world} does not divide "
+            f"world size {world} x batch_size {cfg.batch_size} = {cfg.batch_size * world} does not divide "
             f"the {num_examples} forget examples: the last global batch would repeat examples on some ranks; "
             f"use {hint}"
         )

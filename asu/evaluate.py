@@ -431,7 +431,7 @@ class _Runner:
         if all(label == -100 for label in ex["labels"][1:]):
             raise ValueError(
                 f"{desc}: row {row}: the prompt fills max_length={self.max_length} tokens, leaving no answer "
-                "token (raise --max-length)"
+                "token (raise max_length)"
             )
         return ex
 

@@ -30,7 +30,7 @@ ROW_CHOICES = ("answer", "all")
 def parse_temperatures(text: str) -> list[float]:
     """``"2,2.3,3"`` -> ``[2.0, 2.3, 3.0]``; each must be a finite number > 0, no duplicates."""
     if not isinstance(text, str) or not text.strip():
-        raise ValueError("--temperature is empty; pass e.g. 2,2.3,3")
+        raise ValueError("no temperature given; pass e.g. '2,2.3,3'")
     out: list[float] = []
     for item in text.split(","):
         try:

@@ -513,8 +513,7 @@ class _DiskStore:
             return torch.cat([self._example(int(i)) for i in example_ids])
         except CacheError as e:
             raise CacheError(
-                f"{e}; the teacher cache must not change while a run reads it: resume the run (--resume) to "
-                "rebuild it"
+                f"{e}; the teacher cache must not change while a run reads it: resume the run to rebuild it"
             ) from None
 
     def __del__(self) -> None:

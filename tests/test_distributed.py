@@ -206,7 +206,7 @@ def test_world_size_that_does_not_divide_the_data_fails_before_training(tok, mon
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets before the process group exists
     cfg = UnlearnConfig(batch_size=2, epochs=1, max_length=64, progress=False)
-    with pytest.raises(ValueError, match=r"world size 2 x --batch-size 2 = 4 does not divide the 5 forget"):
+    with pytest.raises(ValueError, match=r"world size 2 x batch_size 2 = 4 does not divide the 5 forget"):
         unlearn(tiny_model(vocab_size=len(tok)), tok, FORGET, RETAIN, cfg, output_dir=str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()  # nothing written, nothing trained
 
@@ -227,7 +227,7 @@ def test_launch_checks(tmp_path):
     cfg = UnlearnConfig(batch_size=2, grad_accum=2)
     check_launch(cfg, 8, world=2, env={})
     check_launch(cfg, 5, world=1, env={})  # one process: a partial last batch is fine
-    with pytest.raises(ValueError, match=r"--batch-size in \[1, 3\]"):
+    with pytest.raises(ValueError, match=r"batch_size in \[1, 3\]"):
         check_launch(cfg, 9, world=3, env={})
 
     zero3 = json.loads((ROOT / "examples" / "accelerate" / "zero3.json").read_text())
@@ -236,14 +236,16 @@ def test_launch_checks(tmp_path):
     check_launch(cfg, 8, model_config=model_config, env=env)  # the shipped config: all "auto"
     offload = json.loads((ROOT / "examples" / "accelerate" / "zero3_offload.json").read_text())
     check_launch(cfg, 8, model_config=model_config, env=_ds_env(tmp_path, offload))
-    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=4 but --batch-size is 2"):
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=4 but batch_size is 2"):
         check_launch(cfg, 8, env=_ds_env(tmp_path, {**zero3, "train_micro_batch_size_per_gpu": 4}))
-    with pytest.raises(ValueError, match="train_batch_size=16, but batch 2 x grad-accum 2 x world 2 = 8"):
+    with pytest.raises(
+        ValueError, match=("train_batch_size=16, but batch_size 2 x grad_accum 2 x world 2 = 8")
+    ):
         check_launch(cfg, 8, env=_ds_env(tmp_path, {**zero3, "train_batch_size": 16}))
 
     # LoRA rank larger than the k/v projections (2 heads x 16 = 32) of a ZeRO-3 partitioned model.
     lora = UnlearnConfig(batch_size=2, grad_accum=2, lora_r=48, teacher="base")
-    with pytest.raises(ValueError, match=r"--lora-r 48 exceeds the smallest projection of the model \(32"):
+    with pytest.raises(ValueError, match=r"lora_r=48 exceeds the smallest projection of the model \(32"):
         check_launch(lora, 8, model_config=model_config, env=env)
     check_launch(
         UnlearnConfig(batch_size=2, lora_r=32, teacher="base"), 8, model_config=model_config, env=env

@@ -190,3 +190,28 @@ def test_checker_on_kernel_imports(statement, allowed):
     assert (found == []) == allowed, found
     if not allowed:
         assert found[0].startswith("asu_kernels/fake.py:2: `")
+
+
+_CLI_FLAG = __import__("re").compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def _raised_flags(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line, flag)`` for each ``--flag`` written in a string literal inside a ``raise`` statement."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Raise) and node.exc is not None:
+            for sub in ast.walk(node.exc):
+                if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+                    for flag in _CLI_FLAG.findall(sub.value):
+                        yield sub.lineno, flag
+
+
+def test_library_errors_do_not_name_command_line_flags():
+    """The library is called from Python too: its errors name arguments and config fields, not the flags of
+    one command (the commands word their own errors)."""
+    library = [
+        p
+        for p in sorted((ROOT / "asu").rglob("*.py"))
+        if floor_of(".".join(p.relative_to(ROOT).with_suffix("").parts)) == "asu"
+    ]
+    found = [f"{p.relative_to(ROOT)}:{line}: {flag}" for p in library for line, flag in _raised_flags(p)]
+    assert not found, "library errors naming CLI flags:\n" + "\n".join(found)
