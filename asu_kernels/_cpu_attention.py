@@ -305,6 +305,8 @@ def attention_forward(q, k, v, causal, sm_scale, window, cu_seqlens, key_padding
 def attention_backward(do, q, k, v, out, lse, dlse, causal, sm_scale, window, cu_seqlens, key_padding_mask,
                        softcap):  # fmt: skip
     """CPU body of ``asu_kernels::attention_bwd``: ``(dq, dk, dv)`` shaped and typed like ``q, k, v``."""
+    if dlse is not None and not bool(dlse.any()):
+        dlse = None  # autograd hands in zeros when the LSE went unused: the fused backward serves the call
     opts = dict(causal=causal, sm_scale=sm_scale, window=window if window > 0 else None,
                 softcap=softcap if softcap > 0 else None)  # fmt: skip
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -180,6 +180,26 @@ def test_dispatch_rule(nq, nk, kw, expect, paths):
     assert paths == [expect]
 
 
+def test_an_unused_lse_keeps_the_fused_backward(monkeypatch):
+    """Autograd hands the op a zero LSE gradient when only the output is used (packed calls through the
+    Hugging Face layer do): that must not send the backward to the blocked path."""
+    seen = []
+    for name in ("_fused_backward", "_blocked_backward"):
+        real = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, _r=real, _n=name, **kw: (seen.append(_n), _r(*a, **kw))[1])
+    lengths = [9, 17]
+    cu = torch.tensor([0, 9, 26], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (ta._make((26, h, 64), torch.float32, "cpu", gen) for h in (4, 2, 2))
+    out, lse = asu_kernels.attention(q, k, v, cu_seqlens=cu, max_seqlen=max(lengths), return_lse=True)
+    out.sum().backward()
+    assert seen == ["_fused_backward"] * 2
+    seen.clear()
+    out, lse = asu_kernels.attention(q, k, v, cu_seqlens=cu, max_seqlen=max(lengths), return_lse=True)
+    (out.sum() + lse.sum()).backward()
+    assert seen == ["_blocked_backward"] * 2
+
+
 def test_backends(monkeypatch):
     t = torch.zeros(1)
     monkeypatch.delenv("ASU_KERNELS_BACKEND")
