@@ -47,12 +47,22 @@ MARKERS = ("<!-- cpu-attention:start -->", "<!-- cpu-attention:end -->")
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 
 
-def run(out: Path, lengths: list[int], provider_names: list[str], cap_gb: float, timeout_s: float) -> Path:
-    """The sweep into ``out`` (CSV, markdown, plot); returns the markdown path."""
+def run(
+    out: Path,
+    lengths: list[int],
+    provider_names: list[str],
+    cap_gb: float,
+    timeout_s: float,
+    *,
+    append: bool = False,
+) -> Path:
+    """The sweep into ``out`` (CSV, markdown, plot); returns the markdown path. ``append`` keeps the rows of
+    the other providers already in ``out`` (a rerun of some providers replaces theirs)."""
     torch.set_num_threads(1)  # the device column names the thread count the children use
     out.mkdir(parents=True, exist_ok=True)
     load = scaling.load_state()
-    rec = Recorder(out / "results.csv", "cpu")
+    rec = Recorder(out / "results.csv", "cpu", append=append)
+    rec.rows = [r for r in rec.rows if r["provider"] not in provider_names]
     columns = dict(
         dtype=torch.float32, batch=1, heads_q=HEADS, heads_kv=HEADS, head_dim=HEAD_DIM, causal=True,
         temperature=TEMPERATURE, params=f"threads=1;cap_gb={cap_gb:g}",
@@ -139,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cap-gb", type=float, default=14.0, help="kill a point above this resident size")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per point")
     p.add_argument("--out", type=Path, default=None, help=f"default benchmarks/results/{PREFIX}-<date>")
+    p.add_argument("--append", action="store_true", help="keep the other providers' rows already in --out")
     p.add_argument("--readme", action="store_true", help="rewrite the README block from the results; no run")
     p.add_argument("--results", type=Path, default=None, help="with --readme: the results folder to read")
     args = p.parse_args(argv)
@@ -150,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in PROVIDERS:
             p.error(f"unknown provider {name!r}; choose from {', '.join(PROVIDERS)}")
     out = args.out or RESULTS / f"{PREFIX}-{datetime.date.today().isoformat()}"
-    run(out, lengths, names, args.cap_gb, args.timeout)
+    run(out, lengths, names, args.cap_gb, args.timeout, append=args.append)
     return 0
 
 

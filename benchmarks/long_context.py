@@ -333,13 +333,13 @@ def cuda_search(
         deadline = start + budget_s * (i + 1) / len(pipelines)
         columns = {**_columns(model_name, "cuda"), "params": _columns(model_name, "cuda")["params"]
                    + ";gradient_checkpointing=true;benchmark=long_context"}  # fmt: skip
-        base = {**columns, "benchmark": "context", "provider": pipeline.replace("-eager", ""), "mode": "step"}
+        base = {**columns, "benchmark": "context", "provider": pipeline, "mode": "step"}
 
         def body(pipeline=pipeline, base=base, deadline=deadline) -> None:
             model, tokenizer = load_model(model_name, attention_of(pipeline), "cuda")
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.train()
-            step = _cuda_step(pipeline, model, tokenizer)
+            step = search_step(pipeline, model, tokenizer, "cuda")
             fit, fail = longest(rec, base, step, model, max_tokens=max_tokens, deadline=deadline)
             note = f"first out-of-memory at {fail} tokens" if fail else "search stopped by its budget or cap"
             rec.add(
@@ -354,16 +354,19 @@ def cuda_search(
         torch.cuda.empty_cache()
 
 
-def _cuda_step(pipeline: str, model: torch.nn.Module, tokenizer: Any) -> Callable[[torch.Tensor], None]:
-    """``step(ids)`` for :func:`benchmarks.bench_context.longest`: the forget document is ``ids``, the retain
-    document the same tokens reversed."""
+def search_step(
+    pipeline: str, model: torch.nn.Module, tokenizer: Any, device: str
+) -> Callable[[torch.Tensor], None]:
+    """``step(ids)`` for :func:`benchmarks.bench_context.longest`: one step of ``pipeline`` whose forget
+    document is ``ids`` (1, N) and whose retain document is the same tokens reversed."""
 
     def step(ids: torch.Tensor) -> None:
+        ids = ids.clamp_min(FIRST_WORD)  # ids below are the word tokenizer's prompt words, not "t<id>" words
         forget, retain = ids[0].tolist(), ids[0].flip(0).tolist()
         rows = [{"text": " ".join(f"t{i}" for i in doc)} for doc in (forget, retain)]
         docs = Documents(rows[0], rows[1], forget, retain)
-        cfg = unlearn_config(len(forget), "cuda", checkpointing=True)
-        run_step(pipeline, model, tokenizer, docs, cfg, "cuda")
+        cfg = unlearn_config(len(forget), device, checkpointing=True)
+        run_step(pipeline, model, tokenizer, docs, cfg, device)
 
     return step
 
@@ -461,7 +464,31 @@ def _run_summary(rows: list[dict[str, str]], md: Path, readme: Path) -> list[str
     )
     if stops:
         head += " " + "; ".join(stops) + "."
-    return [head, "", *scaling.time_memory_table(rows, PIPELINES), ""]
+    compare = [c for c in (_comparison(rows, other) for other in ("authors", "authors-eager")) if c]
+    return [
+        head + (" " + " ".join(compare) if compare else ""),
+        "",
+        *scaling.time_memory_table(rows, PIPELINES),
+        "",
+    ]
+
+
+def _comparison(rows: list[dict[str, str]], other: str) -> str:
+    """One sentence: over the N both ran, the range of ``other``'s time and memory as multiples of ours."""
+    pairs = []
+    for n in scaling.lengths(rows):
+        t_o, t_x = scaling.value(rows, "ours", n, "s"), scaling.value(rows, other, n, "s")
+        m_o, m_x = scaling.value(rows, "ours", n, "GB"), scaling.value(rows, other, n, "GB")
+        if None not in (t_o, t_x, m_o, m_x):
+            pairs.append((n, t_x / t_o, m_x / m_o))
+    if not pairs:
+        return ""
+    times, mems = [p[1] for p in pairs], [p[2] for p in pairs]
+    span = f"N = {pairs[0][0]:,}" + (f" to {pairs[-1][0]:,}" if len(pairs) > 1 else "")
+    return (
+        f"Where both ran ({span}), `{other}` took {min(times):.2f}x to {max(times):.2f}x ours' time "
+        f"(below 1: faster than ours) and {min(mems):.2f}x to {max(mems):.2f}x ours' memory."
+    )
 
 
 def newest_runs(root: Path) -> list[tuple[list[dict[str, str]], Path]]:

@@ -123,3 +123,22 @@ def test_long_context_markdown_and_readme_from_rows(tmp_path):
     assert "ours 4,096 tokens, authors 2,048 tokens" in section and "within 16 GB resident" in section
     assert "authors stopped at N = 4,096 (oom" in section
     assert "10.00 s / 1.00 GB" in section
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_search_step_runs_both_pipelines(monkeypatch):
+    """The GPU search's step (forget document = the drawn ids, retain = them reversed), here on the CPU."""
+    monkeypatch.setenv("ASU_KERNELS_BACKEND", "cpu")
+    import asu.attention  # noqa: F401
+    from asu.demo.tiny import seeded_llama
+    from benchmarks.bench_e2e import word_tokenizer
+
+    shape = dict(long_context.SMALL_LLAMA, vocab_size=200, hidden_size=32, intermediate_size=48, head_dim=16)
+    ids = torch.randint(0, 200, (1, 24), generator=torch.Generator().manual_seed(0))
+    for pipeline in ("ours", "authors"):
+        model = seeded_llama(
+            0, **shape, attn_implementation=long_context.attention_of(pipeline), use_cache=False
+        )
+        before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+        long_context.search_step(pipeline, model, word_tokenizer(200), "cpu")(ids)
+        assert not torch.equal(before, model.model.layers[0].mlp.up_proj.weight), pipeline  # one step taken
