@@ -120,7 +120,8 @@ def readme_section(rows: list[dict[str, str]], md: Path, readme: Path) -> str:
         f"{first['device']}, {first['date'][:10]}, torch {first['torch']}; [full results]({link})). "
         "`ours` is the CPU path, `reference` what CPU calls ran before it, `sdpa` plain "
         "`scaled_dot_product_attention`, `ours-blocked` the CPU path's blocked online softmax (a "
-        "soft-capped call). Cells: seconds / peak RSS of the process."
+        "soft-capped call). Cells: seconds / peak RSS of the whole process, interpreter and libraries "
+        "included (in brackets the call's own increase over the resident size before it)."
     )
     return "\n".join(
         [intro, "", *scaling.time_memory_table(rows, ("ours", "reference", "sdpa", "ours-blocked"))]

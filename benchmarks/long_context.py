@@ -426,7 +426,9 @@ def readme_section(runs: list[tuple[list[dict[str, str]], Path]], readme: Path) 
         "`asu.unlearn()` with the cache teacher, packing, the fused vocabulary KL and the `asu` attention; "
         "`authors` the shape of the authors' MUSE trainer (a second model copy, full logits, sdpa "
         "attention), "
-        "`authors-eager` the same with eager attention. Cells: seconds for the step / peak memory.",
+        "`authors-eager` the same with eager attention. Cells: seconds for the step / peak memory of the "
+        "whole process (in brackets the step's own increase over the resident size once the model was "
+        "loaded).",
         "",
     ]
     for rows, md in runs:

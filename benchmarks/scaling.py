@@ -162,16 +162,18 @@ def table(rows: Sequence[Row], order: Sequence[str], metric: str, fmt: str = ".2
 
 
 def time_memory_table(rows: Sequence[Row], order: Sequence[str]) -> list[str]:
-    """Markdown: N down, providers across, ``seconds / peak GB`` (or why there is none) in each cell."""
+    """Markdown: N down, providers across, ``seconds / peak GB (+ the measured part's own increase)`` in each
+    cell, or why there is no number."""
     provs = providers(rows, order)
     out = ["| N | " + " | ".join(provs) + " |", "|---|" + "---|" * len(provs)]
     for n in lengths(rows):
         cells = []
         for p in provs:
-            s, gb = value(rows, p, n, "s"), value(rows, p, n, "GB")
-            cells.append(
-                f"{s:.2f} s / {gb:.2f} GB" if s is not None and gb is not None else cell(rows, p, n, "s", 2)
-            )
+            s, gb, extra = (value(rows, p, n, m) for m in ("s", "GB", "GB_extra"))
+            if s is None or gb is None:
+                cells.append(cell(rows, p, n, "s"))
+                continue
+            cells.append(f"{s:.2f} s / {gb:.2f} GB" + (f" (+{extra:.2f})" if extra is not None else ""))
         out.append(f"| {n:,} | " + " | ".join(cells) + " |")
     return out
 
