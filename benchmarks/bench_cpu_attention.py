@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 
-from asu.files import atomic_write_text
 from benchmarks import scaling
 from benchmarks.common import Recorder, read_csv
 from benchmarks.cpu_attention_point import HEAD_DIM, HEADS, PROVIDERS, TEMPERATURE
@@ -85,7 +84,8 @@ def write_markdown(out: Path, rows: list[dict[str, str]], load: str, cap_gb: flo
         "# CPU attention: forward + backward of one call",
         "",
         f"Machine: **{first['device']}**; torch {first['torch']}, triton {first['triton']}, "
-        f"transformers {first['transformers']}; {first['date']}. At the start: {load}.",
+        f"transformers {first['transformers']}; {first['date']}. At the start: {load}"
+        + (f"; {scaling.load_range(rows)}." if scaling.load_range(rows) else "."),
         "Produced by `python -m benchmarks.bench_cpu_attention`. B 1, 4 heads, D 64, causal, temperature 2, "
         f"fp32, one torch thread; each point in its own process, killed above {cap_gb:g} GB resident.",
         "",
@@ -101,13 +101,8 @@ def write_markdown(out: Path, rows: list[dict[str, str]], load: str, cap_gb: flo
         "",
         *scaling.ratio_table(rows, "ours", ("reference", "sdpa")),
         "",
-        plot_note or "![time and memory against N](results.png)",
-        "",
     ]
-    path = out / "results.md"
-    atomic_write_text(path, "\n".join(lines))
-    print(f"bench_cpu_attention: wrote {path}")
-    return path
+    return scaling.write_results_md(out, lines, plot_note, "bench_cpu_attention")
 
 
 def readme_section(rows: list[dict[str, str]], md: Path, readme: Path) -> str:

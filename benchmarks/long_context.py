@@ -36,8 +36,10 @@ bf16, gradient checkpointing in both pipelines).
 
 On the CPU every (pipeline, N) runs in its own process (:mod:`benchmarks.isolated`, one torch thread), so its
 peak resident set size is its own (the whole process: model, teacher copy or cache, optimizer state and the
-step); a pipeline stops at its first N over the memory cap (``--cap-gb``: the child is killed there) or past
-the timeout. On CUDA the pipelines run in this process with doubling N then bisection
+step); the timed step follows one warm-up step on 128-token documents (first-call costs are not the step's);
+the pipelines of one N run one after the other before the next N (the load of a shared machine drifts); a
+pipeline stops at its first N over the memory cap (``--cap-gb``: the child is killed there) or past the
+timeout. On CUDA the pipelines run in this process with doubling N then bisection
 (:func:`benchmarks.bench_context.longest`, peak ``torch.cuda.max_memory_allocated``) and record the longest N
 that fits as ``context`` rows, the longest-context headline of the GPU report. Results:
 ``<out>/results.csv`` (:data:`benchmarks.common.COLUMNS`), ``results.md`` and ``results.png``.
@@ -61,7 +63,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from asu.files import atomic_write_text
 from benchmarks import scaling
 from benchmarks.bench_e2e import FIRST_WORD, LLAMA_1B, llama_shape, word_tokenizer
 from benchmarks.common import Recorder, read_csv
@@ -386,7 +387,8 @@ def write_markdown(out: Path, rows: list[dict[str, str]], load: str, cap_gb: flo
         f"# Long documents: one ASU optimizer step, {model}",
         "",
         f"Machine: **{first['device']}**; torch {first['torch']}, triton {first['triton']}, transformers "
-        f"{first['transformers']}; {first['date']}. At the start: {load}.",
+        f"{first['transformers']}; {first['date']}. At the start: {load}"
+        + (f"; {scaling.load_range(rows)}." if scaling.load_range(rows) else "."),
         f"Produced by `python -m benchmarks.long_context --model {model}`. Settings: `{first['params']}`, "
         f"{first['dtype']}; one forget and one retain document of N tokens, batch 1; see the module docstring"
         " for the pipelines."
@@ -408,13 +410,8 @@ def write_markdown(out: Path, rows: list[dict[str, str]], load: str, cap_gb: flo
         "",
         *scaling.table(rows, PIPELINES, "loss", ".4e"),
         "",
-        plot_note or "![time and memory against N](results.png)",
-        "",
     ]
-    path = out / "results.md"
-    atomic_write_text(path, "\n".join(lines))
-    print(f"long_context: wrote {path}")
-    return path
+    return scaling.write_results_md(out, lines, plot_note, "long_context")
 
 
 def readme_section(runs: list[tuple[list[dict[str, str]], Path]], readme: Path) -> str:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from asu.files import atomic_write
+from asu.files import atomic_write, atomic_write_text
 from benchmarks.common import Recorder, quantile_stats
 from benchmarks.isolated import run_isolated
 
@@ -45,10 +46,15 @@ class Sweep:
 
 
 def run_sweep(rec: Recorder, sw: Sweep) -> None:
-    """Measure every provider at every length (see the module docstring)."""
-    for provider in sw.providers:
-        failed = ""
-        for n in sw.lengths:
+    """Measure every provider at every length (see the module docstring).
+
+    Lengths are the outer loop and providers the inner one, so the providers of one length run close together
+    in time: on a machine shared with other jobs the load drifts, and a comparison at one N should see one
+    load, not whatever each provider's turn met.
+    """
+    failed: dict[str, str] = {}
+    for n in sw.lengths:
+        for provider in sw.providers:
             base = {
                 **sw.columns,
                 "benchmark": sw.benchmark,
@@ -56,12 +62,13 @@ def run_sweep(rec: Recorder, sw: Sweep) -> None:
                 "mode": sw.mode,
                 "seqlen": n,
             }
-            if failed:
-                rec.status_row(base, "skip", f"not run: {failed}", metric="s")
+            if provider in failed:
+                rec.status_row(base, "skip", f"not run: {failed[provider]}", metric="s")
                 continue
             if time.perf_counter() > sw.deadline:
                 rec.status_row(base, "skip", "not run: the sweep's time budget was spent", metric="s")
                 continue
+            load = load_average()
             res = run_isolated(
                 sw.module,
                 sw.spec(provider, n),
@@ -71,20 +78,42 @@ def run_sweep(rec: Recorder, sw: Sweep) -> None:
             )
             if res.status != "ok":
                 rec.status_row(base, res.status, res.note, metric="s")
-                failed = f"{res.status} at N={n}"
+                failed[provider] = f"{res.status} at N={n}"
                 continue
-            record_point(rec, base, res.payload, sw.notes.get(provider, ""))
+            record_point(rec, base, res.payload, sw.notes.get(provider, ""), load)
 
 
-def record_point(rec: Recorder, base: dict[str, Any], payload: dict[str, Any], note: str) -> None:
-    """The rows of one successful point: time, peak RSS and the child's extra metrics."""
-    rec.add(base, "s", quantile_stats(payload["times"]), note=note or f"{len(payload['times'])} timed run(s)")
+def record_point(
+    rec: Recorder, base: dict[str, Any], payload: dict[str, Any], note: str, load: float | None = None
+) -> None:
+    """The rows of one successful point: time (its note with the load average when the point started), peak
+    RSS and the child's extra metrics."""
+    note = note or f"{len(payload['times'])} timed run(s)"
+    if load is not None:
+        note += f"; load average {load:.1f} at the start"
+    rec.add(base, "s", quantile_stats(payload["times"]), note=note)
     rec.add(base, "GB", payload["peak_rss_gb"], note="peak RSS of the whole process")
     if payload.get("rss_before_gb") is not None:
         extra = payload["peak_rss_gb"] - payload["rss_before_gb"]
         rec.add(base, "GB_extra", extra, note="peak RSS minus the RSS once the model and inputs existed")
     for metric, value in payload.get("metrics", {}).items():
         rec.add(base, metric, float(value))
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the system does not report it)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def load_range(rows: Sequence[Row]) -> str:
+    """The span of the load averages the time rows recorded when their points started (empty when none)."""
+    loads = [
+        float(m.group(1)) for r in rows if (m := re.search(r"load average ([0-9.]+) at the start", r["note"]))
+    ]
+    return f"load average {min(loads):.1f} to {max(loads):.1f} when the points started" if loads else ""
 
 
 def load_state() -> str:
@@ -224,6 +253,15 @@ def plot(rows: Sequence[Row], order: Sequence[str], path: Path, title: str, cap_
     finally:
         plt.close(fig)
     return ""
+
+
+def write_results_md(out: Path, lines: list[str], plot_note: str, who: str) -> Path:
+    """``out/results.md``: ``lines``, then the plot (or the note saying why there is none)."""
+    path = out / "results.md"
+    text = "\n".join([*lines, plot_note or "![time and memory against N](results.png)", ""])
+    atomic_write_text(path, text)
+    print(f"{who}: wrote {path}")
+    return path
 
 
 def newest_results(root: Path, prefix: str) -> Path | None:

@@ -1,10 +1,12 @@
-"""asu_kernels.attention_kl against the float64 reference.
+"""asu_kernels.attention_kl against the float64 reference, on the Triton kernels and on the CPU path.
 
 Conventions (layouts, masks, GQA on either side) are those of :mod:`asu_kernels.reference`
-(docs/ARCHITECTURE.md, section "Tensor conventions"). The Triton kernels run on CUDA, or on CPU under
-TRITON_INTERPRET=1; shapes are tiny so the interpreter stays fast. Tolerance in the FlashAttention style
-(``helpers.assert_fa_close``; section "Correctness"): the kernel's error against float64 must be at most
-twice the error of the same computation done by PyTorch in the low precision, plus a small absolute slack.
+(docs/ARCHITECTURE.md, section "Tensor conventions"). Every test runs on each implementation (the
+``implementation`` fixture): the Triton kernels on CUDA, or on CPU under TRITON_INTERPRET=1, and the PyTorch
+CPU path with its default and with tiny tiles; shapes are tiny so the interpreter stays fast. Tolerance in
+the FlashAttention style (``helpers.assert_fa_close``; section "Correctness"): the kernel's error against
+float64 must be at most twice the error of the same computation done by PyTorch in the low precision, plus a
+small absolute slack.
 """
 
 import math
@@ -13,15 +15,36 @@ import pytest
 import torch
 from helpers import assert_fa_close
 
+from asu_kernels import _cpu_attention as cpu_attention
 from asu_kernels import reference
 from asu_kernels._backend import interpreting
 from asu_kernels.attention_kl import _Call, _launch_bwd, _launch_fwd, aot_specs, attention_kl
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_kernel = pytest.mark.skipif(
-    DEVICE == "cpu" and not interpreting(), reason="needs CUDA or TRITON_INTERPRET=1 for the Triton kernels"
-)
-pytestmark = needs_kernel
+
+
+@pytest.fixture(autouse=True, params=["triton", "cpu-path", "cpu-path-tiny-tiles"])
+def implementation(request, monkeypatch) -> str:
+    """Each test on each implementation: the Triton kernels (CUDA, or the interpreter on CPU tensors) and the
+    PyTorch CPU path (``ASU_KERNELS_BACKEND=cpu``), once with its default tiles and once with 8-row tiles so
+    that every case crosses query-chunk and key-block boundaries."""
+    if request.param == "triton":
+        if DEVICE == "cpu" and not interpreting():
+            pytest.skip("needs CUDA or TRITON_INTERPRET=1 for the Triton kernels")
+        return request.param
+    if DEVICE == "cuda":
+        pytest.skip("the CPU path serves CPU tensors")
+    monkeypatch.setenv("ASU_KERNELS_BACKEND", "cpu")
+    if request.param == "cpu-path-tiny-tiles":
+        monkeypatch.setattr(cpu_attention, "TILE_ELEMENTS", 64)
+        monkeypatch.setattr(cpu_attention, "MIN_BLOCK", 8)
+    return request.param
+
+
+def _triton_only(implementation: str) -> None:
+    if implementation != "triton":
+        pytest.skip("tests the Triton launchers or compile specs")
+
 
 # Absolute slack per dtype on top of 2x PyTorch's own low-precision error (a few ulp of O(1) results).
 SLACK = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -207,7 +230,8 @@ def test_teacher_receives_no_gradient():
     assert q_t.grad is None and q_s.grad is not None
 
 
-def test_poisoned_outputs_are_fully_written():
+def test_poisoned_outputs_are_fully_written(implementation):
+    _triton_only(implementation)
     nan = float("nan")
     for varlen in (False, True):
         if varlen:
@@ -312,7 +336,8 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(ck, gk)
 
 
-def test_aot_specs_are_well_formed():
+def test_aot_specs_are_well_formed(implementation):
+    _triton_only(implementation)
     specs = aot_specs()
     assert len({s.name for s in specs}) == len(specs)
     for s in specs:

@@ -1,13 +1,15 @@
-"""The CPU production path of the attention ops (:mod:`asu_kernels._cpu_attention`) against float64.
+"""The PyTorch CPU path of the attention ops (:mod:`asu_kernels._cpu_attention`): what only it has.
 
-Every test forces ``ASU_KERNELS_BACKEND=cpu``, so CPU tensors take the PyTorch CPU path even under
+Every test forces ``ASU_KERNELS_BACKEND=cpu``, so CPU tensors take the CPU path even under
 ``TRITON_INTERPRET=1``: PyTorch's fused CPU flash attention where :func:`asu_kernels._backend.cpu_fused_mode`
-says it expresses the call, the blocked online softmax otherwise. The same checks as the Triton kernels'
-(``tests/test_attention.py``, ``tests/test_attention_kl.py``: forward and backward with non-unit upstream
-gradients, FlashAttention-style tolerance against float64) run over their case tables, plus a grid over the
-shapes users hit (N 1 / 17 / 333, GQA 1 / 4 / 8, head dims 64 / 80 / 96 / 128), tiny tiles so that every
-chunk / block boundary of the online softmax is crossed, and the dispatch rule itself. Memory and speed are
-measured by ``benchmarks/bench_cpu_attention.py``, not here.
+says it expresses the call, the blocked online softmax otherwise. The case tables of the kernels' tests run
+on this path too (``tests/test_attention.py``, ``tests/test_attention_kl.py``: their ``device`` /
+``implementation`` fixtures); here are a grid over the shapes users hit (N 1 / 17 / 333, GQA 1 / 4 / 8, head
+dims 64 / 80 / 96 / 128, causal or not), tiny tiles so that every chunk and block boundary of the online
+softmax is crossed, the dispatch rule itself, and the properties of the path (bounded tiles, torch.compile,
+the custom op's checks). All against float64 with FlashAttention's tolerance (``helpers.check_attention``),
+forward and backward with non-unit upstream gradients. Memory and speed are measured by
+``benchmarks/bench_cpu_attention.py``, not here.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import test_attention as ta
-import test_attention_kl as tkl
 import torch
+from helpers import assert_fa_close, check_attention, make_attention_input
 
 import asu_kernels
 from asu_kernels import _backend, reference
@@ -53,39 +54,23 @@ def paths(monkeypatch):
 
 def _qkv(b, hq, hkv, nq, nk, d, dtype=torch.float32, seed=0, transposed=False):
     gen = torch.Generator().manual_seed(seed)
-    q = ta._make((b, hq, nq, d), dtype, "cpu", gen, transposed)
-    k = ta._make((b, hkv, nk, d), dtype, "cpu", gen, transposed)
-    v = ta._make((b, hkv, nk, d), dtype, "cpu", gen, transposed)
+    q = make_attention_input((b, hq, nq, d), dtype, "cpu", gen, transposed)
+    k = make_attention_input((b, hkv, nk, d), dtype, "cpu", gen, transposed)
+    v = make_attention_input((b, hkv, nk, d), dtype, "cpu", gen, transposed)
     return q, k, v
 
 
-# ------------------------------------------------------------------------------ the Triton tests' case tables
-
-
-@pytest.mark.parametrize("case", ta.DENSE_CASES, ids=[c[0] for c in ta.DENSE_CASES])
-def test_dense_cases(case):
-    _, b, hq, hkv, nq, nk, d, dtype, causal, temp, window, transposed = case
-    q, k, v = _qkv(b, hq, hkv, nq, nk, d, dtype, ta._seed(case[0]), transposed)
-    ta.check_attention(q, k, v, causal=causal, temperature=temp, window=window)
-
-
-@pytest.mark.parametrize("case", ta.VARLEN_CASES, ids=[c[0] for c in ta.VARLEN_CASES])
-def test_varlen_cases(case):
-    ta.test_varlen_matches_reference(case, "cpu")
-
-
-@pytest.mark.parametrize("case", ta.SOFTCAP_CASES, ids=[c[0] for c in ta.SOFTCAP_CASES])
-def test_softcap_cases(case):
-    ta.test_softcap_matches_reference(case, "cpu")
-
-
-@pytest.mark.parametrize(
-    "causal,dtype", [(False, torch.float16), (True, torch.bfloat16), (True, torch.float32)]
-)
-def test_key_padding_with_empty_rows(causal, dtype, paths):
-    """Left and right padding and a fully padded sequence: 0 and -inf there, never NaN, also in gradients."""
-    ta.test_key_padding_with_empty_rows(causal, dtype, "cpu")
-    assert paths == ["blocked" if causal else "fused"]  # causal with padding is not square-causal-only
+def test_key_padding_empty_rows_on_both_paths(paths):
+    """Left and right padding and a fully padded sequence, causal (blocked) and not (fused): 0 and -inf
+    there, never NaN, also in the gradients."""
+    q, k, v = _qkv(2, 4, 2, 33, 33, 64, seed=7)
+    kpm = torch.ones(2, 33, dtype=torch.bool)
+    kpm[0, :5] = False
+    kpm[0, 27:] = False
+    kpm[1] = False
+    for causal in (True, False):
+        check_attention(q, k, v, causal=causal, temperature=2.3, key_padding_mask=kpm)
+    assert paths == ["blocked", "fused"]
 
 
 def test_fused_path_empty_rows_and_decoding_with_padding(paths):
@@ -93,16 +78,8 @@ def test_fused_path_empty_rows_and_decoding_with_padding(paths):
     kpm = torch.ones(2, 19, dtype=torch.bool)
     kpm[0, :6] = False  # a left-padded prompt decoding its next token
     kpm[1] = False
-    ta.check_attention(q, k, v, causal=True, temperature=2.3, key_padding_mask=kpm, lse_grad=False)
+    check_attention(q, k, v, causal=True, temperature=2.3, key_padding_mask=kpm)
     assert paths == ["fused"]
-
-
-def test_varlen_views_of_a_fused_qkv():
-    ta.test_varlen_views_of_a_fused_qkv("cpu")
-
-
-def test_lse_gradient_and_custom_scale():
-    ta.test_lse_gradient_and_custom_scale("cpu")
 
 
 # ------------------------------------------------------------------------------------------ the shape grid
@@ -122,7 +99,7 @@ GRID_IDS = [f"n{n}-gqa{r}-{'c' if c else 'nc'}-d{d}" for n, r, c, d in GRID]
 @pytest.mark.parametrize("n,ratio,causal,d", GRID, ids=GRID_IDS)
 def test_grid_matches_reference(n, ratio, causal, d):
     q, k, v = _qkv(1, 8, 8 // ratio, n, n, d, seed=n * 31 + ratio + d)
-    ta.check_attention(q, k, v, causal=causal, temperature=2.0)
+    check_attention(q, k, v, causal=causal, temperature=2.0)
 
 
 @pytest.mark.parametrize(
@@ -144,7 +121,7 @@ def test_blocked_path_with_tiny_tiles(nq, nk, causal, window, softcap, padded, l
         kpm[0, :3] = False
         kpm[1, nk - 5 :] = False
         kw["key_padding_mask"] = kpm
-    ta.check_attention(q, k, v, lse_grad=lse_grad, **kw)
+    check_attention(q, k, v, lse_grad=lse_grad, **kw)
     assert set(paths) == {"blocked"}
 
 
@@ -152,9 +129,9 @@ def test_packed_documents_with_tiny_tiles(tiny_tiles):
     lengths = [17, 0, 1, 40, 9]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     gen = torch.Generator().manual_seed(9)
-    q, k, v = (ta._make((sum(lengths), h, 64), torch.float32, "cpu", gen) for h in (8, 1, 1))
-    ta.check_attention(q, k, v, cu=cu, causal=True, temperature=2.3)
-    ta.check_attention(q, k, v, cu=cu, causal=True, temperature=2.3, window=6, softcap=2.0, lse_grad=True)
+    q, k, v = (make_attention_input((sum(lengths), h, 64), torch.float32, "cpu", gen) for h in (8, 1, 1))
+    check_attention(q, k, v, cu=cu, causal=True, temperature=2.3)
+    check_attention(q, k, v, cu=cu, causal=True, temperature=2.3, window=6, softcap=2.0, lse_grad=True)
 
 
 # ------------------------------------------------------------------------------------------- the dispatch
@@ -190,7 +167,7 @@ def test_an_unused_lse_keeps_the_fused_backward(monkeypatch):
     lengths = [9, 17]
     cu = torch.tensor([0, 9, 26], dtype=torch.int32)
     gen = torch.Generator().manual_seed(2)
-    q, k, v = (ta._make((26, h, 64), torch.float32, "cpu", gen) for h in (4, 2, 2))
+    q, k, v = (make_attention_input((26, h, 64), torch.float32, "cpu", gen) for h in (4, 2, 2))
     out, lse = asu_kernels.attention(q, k, v, cu_seqlens=cu, max_seqlen=max(lengths), return_lse=True)
     out.sum().backward()
     assert seen == ["_fused_backward"] * 2
@@ -271,38 +248,31 @@ def test_custom_op_checks_on_the_cpu_path():
 # --------------------------------------------------------------------------------------- attention-map KL
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("causal", [True, False])
-def test_attention_kl_gqa(dtype, causal):
-    tkl.test_matches_reference_gqa(dtype, causal)
+@pytest.mark.parametrize("tiles", ["default", "tiny"])
+def test_attention_kl_long_gqa8_against_float64(tiles, monkeypatch):
+    """N = 333 with GQA 8 on the student and 4 on the teacher, a window and padding: the KL rows, both
+    entropies and the student gradients (through the KL and the entropy) against float64."""
+    if tiles == "tiny":
+        monkeypatch.setattr(cpu, "TILE_ELEMENTS", 64)
+        monkeypatch.setattr(cpu, "MIN_BLOCK", 8)
+    gen = torch.Generator().manual_seed(12)
+    q_s, k_s = torch.randn(1, 8, 333, 64, generator=gen), torch.randn(1, 1, 333, 64, generator=gen)
+    q_t, k_t = torch.randn(1, 8, 333, 64, generator=gen), torch.randn(1, 2, 333, 64, generator=gen)
+    kpm = torch.rand(1, 333, generator=gen) > 0.2
+    kw = dict(temperature_t=2.3, window=150, key_padding_mask=kpm)
+    g_kl, g_ent = torch.randn(1, 8, 333, generator=gen), torch.randn(1, 8, 333, generator=gen)
 
+    def run(dtype):
+        qs, ks = (t.to(dtype).clone().requires_grad_() for t in (q_s, k_s))
+        rows = asu_kernels.attention_kl(qs, ks, q_t.to(dtype), k_t.to(dtype), return_entropy=True, **kw)
+        ((rows[0] * g_kl.to(rows[0].dtype)).sum() + (rows[1] * g_ent.to(rows[1].dtype)).sum()).backward()
+        return (*rows, qs.grad, ks.grad)
 
-@pytest.mark.parametrize("n,causal", [(1, True), (16, False), (33, True)])
-def test_attention_kl_lengths_and_window(n, causal, tiny_tiles):
-    tkl.test_odd_lengths_and_window(n, causal)
-
-
-@pytest.mark.parametrize("causal,window", [(True, 20), (False, None)])
-def test_attention_kl_padding_with_tiny_tiles(causal, window, tiny_tiles):
-    tkl.test_interior_blocks_with_window_and_padding(causal, window)
-
-
-def test_attention_kl_empty_rows_varlen_and_strides(tiny_tiles):
-    tkl.test_key_padding_and_empty_rows()
-    tkl.test_varlen_matches_reference()
-    tkl.test_non_contiguous_inputs()
-    tkl.test_student_temperature_scale_and_fewer_queries_than_keys()
-
-
-def test_attention_kl_self_smoothing_and_frozen_teacher():
-    tkl.test_identical_maps_give_zero_and_self_smoothing()
-    tkl.test_teacher_receives_no_gradient()
-
-
-def test_attention_kl_long_and_gqa8(tiny_tiles):
-    q_s, k_s, q_t, k_t = tkl._inputs(1, 8, 1, 2, 333, 64, torch.float32, seed=12)
-    tkl._check(q_s, k_s, q_t, k_t, torch.float32, temperature_t=2.3)
-
-
-def test_attention_kl_compiles():
-    tkl.test_torch_compile_fullgraph()
+    got = run(torch.float32)
+    exact = run(torch.float64)  # float64 runs the reference
+    monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
+    lowp = run(torch.float32)
+    for name, g, e, lp in zip(
+        ("kl", "entropy_s", "entropy_t", "dq_s", "dk_s"), got, exact, lowp, strict=True
+    ):
+        assert_fa_close(name, g, e, lp, 4e-5)
