@@ -75,17 +75,15 @@ def run(
     return write_markdown(out, read_csv(out / "results.csv"), load, cap_gb)
 
 
-def write_markdown(out: Path, rows: list[dict[str, str]], load: str, cap_gb: float) -> Path:
-    first = rows[0]
+def write_markdown(out: Path, rows: list[dict[str, str]], load: str | None, cap_gb: float) -> Path:
+    """``results.md`` and ``results.png`` of a sweep's rows (``load``: the machine's load at the start)."""
     plot_note = scaling.plot(
         rows, PROVIDERS, out / "results.png", "Attention fwd+bwd on CPU, B1 H4 D64", cap_gb
     )
     lines = [
         "# CPU attention: forward + backward of one call",
         "",
-        f"Machine: **{first['device']}**; torch {first['torch']}, triton {first['triton']}, "
-        f"transformers {first['transformers']}; {first['date']}. At the start: {load}"
-        + (f"; {scaling.load_range(rows)}." if scaling.load_range(rows) else "."),
+        scaling.machine_line(rows, load),
         "Produced by `python -m benchmarks.bench_cpu_attention`. B 1, 4 heads, D 64, causal, temperature 2, "
         f"fp32, one torch thread; each point in its own process, killed above {cap_gb:g} GB resident.",
         "",
@@ -146,11 +144,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per point")
     p.add_argument("--out", type=Path, default=None, help=f"default benchmarks/results/{PREFIX}-<date>")
     p.add_argument("--append", action="store_true", help="keep the other providers' rows already in --out")
+    p.add_argument(
+        "--render", action="store_true", help="rewrite --out's markdown and plot from its CSV; no run"
+    )
     p.add_argument("--readme", action="store_true", help="rewrite the README block from the results; no run")
     p.add_argument("--results", type=Path, default=None, help="with --readme: the results folder to read")
     args = p.parse_args(argv)
     if args.readme:
         return refresh(args.results, README)
+    if args.render:
+        if args.out is None or not (args.out / "results.csv").is_file():
+            p.error("--render needs --out DIR holding a results.csv")
+        rows = read_csv(args.out / "results.csv")
+        write_markdown(args.out, rows, None, scaling.cap_of(rows) or args.cap_gb)
+        return 0
     lengths = [int(x) for x in args.lengths.split(",") if x]
     names = [x for x in args.providers.split(",") if x]
     for name in names:

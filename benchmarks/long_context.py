@@ -375,8 +375,8 @@ def search_step(
 # ------------------------------------------------------------------------------------------------- reporting
 
 
-def write_markdown(out: Path, rows: list[dict[str, str]], load: str, cap_gb: float | None) -> Path:
-    """``results.md`` and ``results.png`` of one run (one model)."""
+def write_markdown(out: Path, rows: list[dict[str, str]], load: str | None, cap_gb: float | None) -> Path:
+    """``results.md`` and ``results.png`` of one run (one model; ``load``: the load at its start)."""
     first = rows[0]
     params = dict(kv.split("=", 1) for kv in first["params"].split(";") if "=" in kv)
     model = params.get("model", "?")
@@ -386,9 +386,7 @@ def write_markdown(out: Path, rows: list[dict[str, str]], load: str, cap_gb: flo
     lines = [
         f"# Long documents: one ASU optimizer step, {model}",
         "",
-        f"Machine: **{first['device']}**; torch {first['torch']}, triton {first['triton']}, transformers "
-        f"{first['transformers']}; {first['date']}. At the start: {load}"
-        + (f"; {scaling.load_range(rows)}." if scaling.load_range(rows) else "."),
+        scaling.machine_line(rows, load),
         f"Produced by `python -m benchmarks.long_context --model {model}`. Settings: `{first['params']}`, "
         f"{first['dtype']}; one forget and one retain document of N tokens, batch 1; see the module docstring"
         " for the pipelines."
@@ -453,6 +451,8 @@ def _run_summary(rows: list[dict[str, str]], md: Path, readme: Path) -> list[str
         )
         if bad is not None:
             stops.append(f"{p} stopped at N = {int(bad['seqlen']):,} ({bad['status']}: {bad['note']})")
+        elif reach[p] is not None:
+            stops.append(f"{p} never failed: {reach[p]:,} is the longest N the run asked for")
     cap = params.get("cap_gb")
     memory = "peak RSS" if first["device"].startswith("CPU") else "peak allocated"
     head = (
@@ -557,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--out", type=Path, default=None, help=f"default benchmarks/results/{PREFIX}-<model>-<device>-<date>"
     )
+    p.add_argument(
+        "--render", action="store_true", help="rewrite --out's markdown and plot from its CSV; no run"
+    )
     p.add_argument("--readme", action="store_true", help="rewrite the README block from the results; no run")
     p.add_argument("--results", type=Path, action="append", help="with --readme: results folders to read")
     args = p.parse_args(argv)
@@ -565,6 +568,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.readme:
         return refresh(args.results, README)
+    if args.render:
+        if args.out is None or not (args.out / "results.csv").is_file():
+            p.error("--render needs --out DIR holding a results.csv")
+        rows = read_csv(args.out / "results.csv")
+        write_markdown(args.out, rows, None, scaling.cap_of(rows))
+        return 0
     for name in args.pipelines.split(","):
         if name and name not in PIPELINES:
             p.error(f"unknown pipeline {name!r}; choose from {', '.join(PIPELINES)}")

@@ -116,6 +116,25 @@ def load_range(rows: Sequence[Row]) -> str:
     return f"load average {min(loads):.1f} to {max(loads):.1f} when the points started" if loads else ""
 
 
+def machine_line(rows: Sequence[Row], load: str | None) -> str:
+    """The results header's line: machine, versions, date of the first row, and the machine's load (at the
+    run's start when known, and over the points' starts)."""
+    first = rows[0]
+    loads = [x for x in (f"at the start: {load}" if load else "", load_range(rows)) if x]
+    return (
+        f"Machine: **{first['device']}**; torch {first['torch']}, triton {first['triton']}, transformers "
+        f"{first['transformers']}; {first['date']}." + (f" Load: {'; '.join(loads)}." if loads else "")
+    )
+
+
+def cap_of(rows: Sequence[Row]) -> float | None:
+    """The memory cap (GB) the rows' ``params`` record (``cap_gb=...``), None when absent."""
+    for part in rows[0]["params"].split(";") if rows else ():
+        if part.startswith("cap_gb="):
+            return float(part.split("=", 1)[1])
+    return None
+
+
 def load_state() -> str:
     """The machine's load average when the run started (other jobs share its cores)."""
     try:
@@ -230,6 +249,7 @@ def plot(rows: Sequence[Row], order: Sequence[str], path: Path, title: str, cap_
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except ImportError:
         return "matplotlib is not installed: no plot"
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -243,6 +263,9 @@ def plot(rows: Sequence[Row], order: Sequence[str], path: Path, title: str, cap_
             ax.axhline(cap_gb, color="grey", linestyle="--", linewidth=1, label=f"cap {cap_gb:g} GB")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("N (tokens)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
