@@ -18,6 +18,9 @@ Pipelines:
   teacher's last hidden states (no second model), then the student's step runs the ``asu`` attention (the
   CPU path or the Triton kernels) and the fused vocabulary KL on hidden states (no ``B x T x V`` logits).
   Its time includes the cache pass and the Trainer's set-up (a one-step run pays both once).
+* ``ours-ckpt``: the same with ``gradient_checkpointing=True`` (``asu unlearn --gradient-checkpointing``),
+  what a user turns on for long documents on a small machine: the student's activations are recomputed in
+  the backward instead of kept (the forget and the retain graphs are both alive until the backward).
 * ``authors``: the shape of the authors' MUSE trainer (Salehzz/ASU-unlearning,
   ``muse/baselines/baselines/iterative.py``, loss ``ASU_klr``): a second full copy of the model as the
   reference, the smoothed one for the forget term; documents cut to N tokens (every sequence full length,
@@ -73,7 +76,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent.parent / "README.md"
 PREFIX = "long-context"
 MARKERS = ("<!-- long-context:start -->", "<!-- long-context:end -->")
-PIPELINES = ("ours", "authors", "authors-eager")
+PIPELINES = ("ours", "ours-ckpt", "authors", "authors-eager")
+DEFAULT_PIPELINES = ("ours", "authors", "authors-eager")
 PRESET = "muse-books"
 SMALL_LLAMA = llama_shape(layers=2, hidden=256, intermediate=688, heads=4, kv_heads=2, head_dim=64,
                           vocab=32000, positions=1 << 20, rope_theta=10000.0)  # fmt: skip
@@ -240,12 +244,17 @@ def ours_step(model: torch.nn.Module, tokenizer: Any, docs: Documents, cfg: Any)
 
 
 def attention_of(pipeline: str) -> str:
-    return {"ours": "asu", "authors": "sdpa", "authors-eager": "eager"}[pipeline]
+    return {"ours": "asu", "ours-ckpt": "asu", "authors": "sdpa", "authors-eager": "eager"}[pipeline]
+
+
+def checkpointed(pipeline: str, device: str) -> bool:
+    """Gradient checkpointing: ``ours-ckpt`` always, every pipeline on CUDA (the 1B model needs it)."""
+    return pipeline == "ours-ckpt" or device.startswith("cuda")
 
 
 def run_step(pipeline: str, model: torch.nn.Module, tokenizer: Any, docs: Documents, cfg: Any, device: str):
     """One step of ``pipeline``; its metrics (``loss`` and, for ours, the teacher's statistics)."""
-    if pipeline == "ours":
+    if pipeline in ("ours", "ours-ckpt"):
         return ours_step(model, tokenizer, docs, cfg)
     return {"loss": authors_step(model, docs, cfg, device)}
 
@@ -265,9 +274,9 @@ def child(spec: dict[str, Any]) -> None:
     model.train()
     # One warm-up step on short documents: first-call costs (kernel selection, allocator) are not the step's.
     run_step(spec["pipeline"], model, tokenizer, documents(spec["model"], tokenizer, WARMUP_TOKENS, seed=1),
-             unlearn_config(WARMUP_TOKENS, "cpu", checkpointing=False), "cpu")  # fmt: skip
+             unlearn_config(WARMUP_TOKENS, "cpu", checkpointed(spec["pipeline"], "cpu")), "cpu")  # fmt: skip
     docs = documents(spec["model"], tokenizer, spec["n"])
-    cfg = unlearn_config(spec["n"], "cpu", checkpointing=False)
+    cfg = unlearn_config(spec["n"], "cpu", checkpointed(spec["pipeline"], "cpu"))
     before = rss_gb()
     t0 = time.perf_counter()
     metrics = run_step(spec["pipeline"], model, tokenizer, docs, cfg, "cpu")
@@ -311,7 +320,7 @@ def cpu_sweep(rec: Recorder, model_name: str, lengths: list[int], pipelines: lis
         columns=columns, providers=pipelines, lengths=usable, cap_gb=cap_gb,
         timeout_s=timeout_s, deadline=time.perf_counter() + budget_s,
         spec=lambda p, n: {"pipeline": p, "n": n, "model": model_name},
-        notes={"ours": "one step incl. the teacher cache pass"},
+        notes={p: "one step incl. the teacher cache pass" for p in ("ours", "ours-ckpt")},
     )  # fmt: skip
     scaling.run_sweep(rec, sweep)
 
@@ -402,7 +411,7 @@ def write_markdown(out: Path, rows: list[dict[str, str]], load: str | None, cap_
         "",
         "The authors' shape against ours (how many times slower / larger):",
         "",
-        *scaling.ratio_table(rows, "ours", ("authors", "authors-eager")),
+        *scaling.ratio_table(rows, "ours", ("ours-ckpt", "authors", "authors-eager")),
         "",
         "Loss of the step (the same objective in both; ours stores the teacher cache in bf16):",
         "",
@@ -418,7 +427,8 @@ def readme_section(runs: list[tuple[list[dict[str, str]], Path]], readme: Path) 
     lines = [
         f"One ASU optimizer step of the `{PRESET}` recipe on one forget and one retain document of N tokens "
         "(`python -m benchmarks.long_context`; the pipelines are described in its docstring): `ours` is "
-        "`asu.unlearn()` with the cache teacher, packing, the fused vocabulary KL and the `asu` attention; "
+        "`asu.unlearn()` with the cache teacher, packing, the fused vocabulary KL and the `asu` attention "
+        "(`ours-ckpt`: the same with gradient checkpointing); "
         "`authors` the shape of the authors' MUSE trainer (a second model copy, full logits, sdpa "
         "attention), "
         "`authors-eager` the same with eager attention. Cells: seconds for the step / peak memory of the "
@@ -531,7 +541,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or RESULTS / f"{PREFIX}-{model}-{device}-{datetime.date.today().isoformat()}"
     out.mkdir(parents=True, exist_ok=True)
     load = scaling.load_state()
-    rec = Recorder(out / "results.csv", device)
+    rec = Recorder(out / "results.csv", device, append=args.append)
+    rec.rows = [r for r in rec.rows if r["provider"] not in pipelines]  # a rerun replaces its pipelines' rows
     if device == "cuda":
         cuda_search(rec, model, pipelines, args.max_tokens, args.budget_s)
         return 0  # the GPU report renders the context rows
@@ -549,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--lengths", default="2048,4096,8192,16384,32768", help="CPU: comma-separated N")
-    p.add_argument("--pipelines", default=",".join(PIPELINES), help="comma-separated pipelines")
+    p.add_argument("--pipelines", default=",".join(DEFAULT_PIPELINES), help=f"some of {', '.join(PIPELINES)}")
+    p.add_argument("--append", action="store_true", help="keep the other pipelines' rows already in --out")
     p.add_argument("--cap-gb", type=float, default=16.0, help="CPU: kill a point above this resident size")
     p.add_argument("--timeout", type=float, default=3600.0, help="CPU: seconds per point")
     p.add_argument("--budget-s", type=float, default=math.inf, help="no new point after this many seconds")

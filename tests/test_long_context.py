@@ -76,11 +76,10 @@ def test_both_pipelines_compute_the_same_step_loss(monkeypatch):
     shape = dict(long_context.SMALL_LLAMA, vocab_size=300, hidden_size=64, intermediate_size=96, head_dim=16)
     tokenizer = word_tokenizer(shape["vocab_size"])
     docs = _tiny_documents(tokenizer, 40)
-    cfg = dataclasses.replace(
-        long_context.unlearn_config(40, "cpu", checkpointing=False), cache_dtype="float32"
-    )
     losses = {}
-    for pipeline in ("ours", "authors", "authors-eager"):
+    for pipeline in ("ours", "ours-ckpt", "authors", "authors-eager"):
+        cfg = long_context.unlearn_config(40, "cpu", long_context.checkpointed(pipeline, "cpu"))
+        cfg = dataclasses.replace(cfg, cache_dtype="float32")
         attn = long_context.attention_of(pipeline)
         model = seeded_llama(3, **shape, attn_implementation=attn, use_cache=False).train()
         with torch.no_grad():  # sharper attention and logits than at init: smoothing must move the teacher
@@ -89,7 +88,7 @@ def test_both_pipelines_compute_the_same_step_loss(monkeypatch):
             model.lm_head.weight.mul_(30.0)
         losses[pipeline] = long_context.run_step(pipeline, model, tokenizer, docs, cfg, "cpu")["loss"]
     assert losses["ours"] > 1e-3, losses
-    for other in ("authors", "authors-eager"):
+    for other in ("ours-ckpt", "authors", "authors-eager"):
         assert abs(losses[other] - losses["ours"]) <= 1e-4 * losses["ours"], losses
 
 
