@@ -14,9 +14,11 @@ Layout: each op is a public module (entry point, checks, custom ops and autograd
 tables, compile specs) with its Triton kernels in a private one: ``attention`` / ``_attention_kernels``,
 ``attention_kl`` / ``_attention_kl_kernels``, ``linear_kl`` / ``_linear_kl_kernels``. The two attention
 families share ``_triton_common`` (the Triton helpers: dot precision, visibility, block ranges, documents)
-and ``_inputs`` (host-side checks and launch layouts). ``_backend`` picks Triton or the PyTorch path, ``_aot``
-describes the ahead-of-time compile specs, and :mod:`asu_kernels.reference` holds the plain-PyTorch
-definitions every kernel is tested against (and the CPU path).
+and ``_inputs`` (host-side checks and launch layouts). ``_backend`` picks Triton, the CPU path
+(``_cpu_attention`` for the attention ops: PyTorch's fused CPU flash attention or a blocked online softmax)
+or the reference and states that rule, ``_aot`` describes the ahead-of-time compile specs, and
+:mod:`asu_kernels.reference` holds the plain-PyTorch definitions every kernel and the CPU path are tested
+against.
 """
 
 from asu_kernels import reference

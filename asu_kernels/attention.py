@@ -5,10 +5,13 @@
 on the Triton path. Semantics (masks, GQA, varlen layout, LSE, soft-cap) are defined in
 :mod:`asu_kernels.reference`; the kernels live in :mod:`asu_kernels._attention_kernels`.
 
-Dispatch: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) in fp16/bf16/fp32 run the Triton
-kernels through the custom ops ``asu_kernels::attention_fwd`` / ``asu_kernels::attention_bwd`` (opaque to
-``torch.compile``, with fake implementations for tracing); float64 inputs and CPU tensors without the
-interpreter run the PyTorch reference, differentiated by autograd.
+Dispatch (the rule is written out once, in :mod:`asu_kernels._backend`): fp16/bf16/fp32 inputs go through
+the custom ops ``asu_kernels::attention_fwd`` / ``asu_kernels::attention_bwd`` (opaque to ``torch.compile``,
+with fake implementations for tracing), whose bodies run the Triton kernels (CUDA tensors, and CPU tensors
+under ``TRITON_INTERPRET=1``) or the PyTorch CPU path of :mod:`asu_kernels._cpu_attention` (PyTorch's fused
+CPU flash attention where it expresses the call, a blocked online softmax otherwise; O(N) memory). Float64
+inputs, and every call under ``ASU_KERNELS_BACKEND=reference``, run the PyTorch reference, differentiated by
+autograd.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import torch
 import triton
 
 from asu_kernels import _attention_kernels as _k
+from asu_kernels import _cpu_attention as _cpu
 from asu_kernels import _inputs as _in
 from asu_kernels import reference
 from asu_kernels._aot import AOTSpec
-from asu_kernels._backend import interpreting, use_triton
+from asu_kernels._backend import backend, interpreting
 
 
 def _check_inputs(
@@ -103,7 +107,7 @@ def attention(
         q, k, v, scale=scale, temperature=temperature, window=window, cu_seqlens=cu_seqlens,
         max_seqlen=max_seqlen, key_padding_mask=key_padding_mask, softcap=softcap,
     )  # fmt: skip
-    if q.dtype != torch.float64 and use_triton(q):
+    if q.dtype != torch.float64 and backend(q) != "reference":
         d = q.shape[-1]
         sm_scale = (1.0 / math.sqrt(d) if scale is None else float(scale)) / float(temperature)
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
@@ -247,7 +251,7 @@ def _cu32(cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
 # The ops' schemas, written out (as the vocabulary-loss ops do): the op bodies below take these arguments in
 # this order. ``window <= 0`` means no window, ``max_seqlen < 0`` derive it from cu_seqlens, ``softcap <= 0``
 # no soft-cap.
-_DEVICES = ("cuda", "cpu")  # CPU tensors reach the ops only under the Triton interpreter
+_DEVICES = ("cuda", "cpu")
 _FWD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, bool causal, float sm_scale, SymInt window, Tensor? cu_seqlens, "
     "SymInt max_seqlen, Tensor? key_padding_mask, bool store_lse, float softcap) -> (Tensor, Tensor)"
@@ -262,8 +266,14 @@ _BWD_SCHEMA = (
 def _attention_fwd(
     q, k, v, causal, sm_scale, window, cu_seqlens, max_seqlen, key_padding_mask, store_lse, softcap
 ):
-    """Triton forward (:data:`_FWD_SCHEMA`). Returns ``out`` (like q) and ``lse`` (fp32, q's shape without D;
-    an empty tensor when not stored)."""
+    """Forward (:data:`_FWD_SCHEMA`): the Triton kernel or the CPU path (:mod:`asu_kernels._backend`
+    decides). Returns ``out`` (like q) and ``lse`` (fp32, q's shape without D; an empty tensor when not
+    stored)."""
+    if backend(q) == "cpu":
+        out, lse = _cpu.attention_forward(
+            q, k, v, causal, sm_scale, window, cu_seqlens, key_padding_mask, softcap
+        )  # fmt: skip
+        return out, lse if store_lse else lse.new_empty(0)
     lay = _in.layout(q, k, cu_seqlens, max_seqlen)
     out = torch.empty_like(q)
     lse = torch.empty(tuple(q.shape[:-1]) if store_lse else (0,), dtype=torch.float32, device=q.device)
@@ -311,8 +321,12 @@ def _(q, k, v, causal, sm_scale, window, cu_seqlens, max_seqlen, key_padding_mas
 def _attention_bwd(
     do, q, k, v, out, lse, dlse, causal, sm_scale, window, cu_seqlens, max_seqlen, key_padding_mask, softcap
 ):
-    """Triton backward (:data:`_BWD_SCHEMA`): Delta preprocess, then the dK/dV and dQ kernels. Returns
-    (dq, dk, dv)."""
+    """Backward (:data:`_BWD_SCHEMA`): on the Triton path the Delta preprocess, then the dK/dV and dQ kernels;
+    on the CPU path :func:`asu_kernels._cpu_attention.attention_backward`. Returns (dq, dk, dv)."""
+    if backend(q) == "cpu":
+        return _cpu.attention_backward(
+            do, q, k, v, out, lse, dlse, causal, sm_scale, window, cu_seqlens, key_padding_mask, softcap
+        )  # fmt: skip
     lay = _in.layout(q, k, cu_seqlens, max_seqlen)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)

@@ -2,8 +2,10 @@
 
 This module holds :func:`attention_kl`, its custom ops (``asu_kernels::attention_kl_fwd`` /
 ``asu_kernels::attention_kl_bwd``, opaque to ``torch.compile``, with fake implementations) and their
-autograd, the autotune tables and launchers, the input checks, the CPU path (the reference, chunked for long
-prompts) and the ahead-of-time compile specs. The Triton kernels and their math are in
+autograd, the autotune tables and launchers, the input checks and the ahead-of-time compile specs. The op
+bodies run the Triton kernels or, on CPU tensors without the interpreter, the blocked PyTorch implementation
+of :mod:`asu_kernels._cpu_attention` (the same math and memory bound); float64 inputs run the reference
+(:mod:`asu_kernels._backend` states the rule). The Triton kernels and their math are in
 :mod:`asu_kernels._attention_kl_kernels`; the masks, layouts and ``lse`` conventions are those of
 :mod:`asu_kernels.reference`.
 
@@ -21,10 +23,11 @@ import torch
 import triton
 
 from asu_kernels import _attention_kl_kernels as _k
+from asu_kernels import _cpu_attention as _cpu
 from asu_kernels import _inputs as _in
 from asu_kernels import reference
 from asu_kernels._aot import AOTSpec
-from asu_kernels._backend import interpreting, use_triton
+from asu_kernels._backend import backend, interpreting
 
 __all__ = ["attention_kl", "aot_specs"]
 
@@ -248,8 +251,12 @@ _BWD_SCHEMA = (
 
 def _fwd(q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, max_seqlen, scale_s, scale_t, causal, window,
          want_entropy):  # fmt: skip
-    """Triton forward (:data:`_FWD_SCHEMA`): ``(kl, lse_s, lse_t, ent_s, ent_t)``, the entropies empty unless
-    ``want_entropy``."""
+    """Forward (:data:`_FWD_SCHEMA`), Triton or the CPU path: ``(kl, lse_s, lse_t, ent_s, ent_t)``, the
+    entropies empty unless ``want_entropy``."""
+    if backend(q_s) == "cpu":
+        return _cpu.attention_kl_forward(
+            q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, scale_s, scale_t, causal, window, want_entropy
+        )  # fmt: skip
     kl, lse_s, lse_t, ent_s, ent_t = _row_outputs(q_s, want_entropy)
     call = _as_call(
         q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, max_seqlen, scale_s, scale_t, causal, window
@@ -260,8 +267,13 @@ def _fwd(q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, max_seqlen, scale_s, 
 
 def _bwd(g_kl, g_ent, q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, lse_s, lse_t, ent_s, max_seqlen,
          scale_s, scale_t, causal, window, ent_grad):  # fmt: skip
-    """Triton backward (:data:`_BWD_SCHEMA`): ``(dq_s, dk_s)`` from the upstream gradients of the KL and
-    (``ent_grad``) of the student entropy."""
+    """Backward (:data:`_BWD_SCHEMA`), Triton or the CPU path: ``(dq_s, dk_s)`` from the upstream gradients of
+    the KL and (``ent_grad``) of the student entropy."""
+    if backend(q_s) == "cpu":
+        return _cpu.attention_kl_backward(
+            g_kl, g_ent if ent_grad else None, q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, lse_s, lse_t,
+            ent_s, scale_s, scale_t, causal, window,
+        )  # fmt: skip
     dq, dk = _grad_outputs(q_s, k_s)
     call = _as_call(
         q_s, k_s, q_t, k_t, cu_seqlens, key_padding_mask, max_seqlen, scale_s, scale_t, causal, window
@@ -387,53 +399,6 @@ def _check_dense(
         raise ValueError("max_seqlen is only meaningful with cu_seqlens (packed batches)")
 
 
-# The CPU path materialises (rows x keys) score matrices; causal dense calls are cut into query chunks of
-# at most this many rows, so that a long prompt needs O(chunk * N) memory per head instead of O(N^2).
-_CPU_CHUNK_ROWS = 1024
-
-
-def _reference_chunked(
-    q_s: torch.Tensor,
-    k_s: torch.Tensor,
-    q_t: torch.Tensor,
-    k_t: torch.Tensor,
-    *,
-    causal: bool,
-    key_padding_mask: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    **kw: Any,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`reference.attention_kl`, in query chunks for long causal dense inputs.
-
-    Under the causal mask row ``i`` sees keys ``j <= reference.aligned_key(i)`` only, so rows ``[a, b)``
-    need the first ``aligned_key(b - 1) + 1`` keys; with that many keys the bottom-right alignment puts local
-    row ``i - a`` exactly where global row ``i`` is. Gradients flow through each chunk as through the whole.
-    """
-    n_q = q_s.shape[-2] if cu_seqlens is None else 0
-    if cu_seqlens is not None or not causal or n_q <= _CPU_CHUNK_ROWS:
-        return reference.attention_kl(
-            q_s, k_s, q_t, k_t, causal=causal, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, **kw
-        )
-    n_k = k_s.shape[-2]
-    parts = []
-    for a in range(0, n_q, _CPU_CHUNK_ROWS):
-        b = min(n_q, a + _CPU_CHUNK_ROWS)
-        keys = reference.aligned_key(b - 1, n_q, n_k) + 1  # the last key the chunk's last row may see
-        kpm = None if key_padding_mask is None else key_padding_mask[:, :keys]
-        parts.append(
-            reference.attention_kl(
-                q_s[..., a:b, :],
-                k_s[..., :keys, :],
-                q_t[..., a:b, :],
-                k_t[..., :keys, :],
-                causal=True,
-                key_padding_mask=kpm,
-                **kw,
-            )  # fmt: skip
-        )
-    return tuple(torch.cat([p[i] for p in parts], dim=-1) for i in range(3))  # type: ignore[return-value]
-
-
 def attention_kl(
     q_s: torch.Tensor,
     k_s: torch.Tensor,
@@ -484,10 +449,10 @@ def attention_kl(
     _check_tensors(q_s, k_s, q_t, k_t, cu_seqlens, max_seqlen, key_padding_mask)
     _check_options(temperature_t, temperature_s, scale, window, causal)
     scale = 1.0 / math.sqrt(q_s.shape[-1]) if scale is None else float(scale)
-    if q_s.dtype == torch.float64 or not use_triton(q_s):
-        # The reference path: float64 as is, lower precisions computed in fp32 (results are fp32 either way).
+    if q_s.dtype == torch.float64 or backend(q_s) == "reference":
+        # The reference: float64 as is, lower precisions computed in fp32 (results are fp32 either way).
         work = torch.float64 if q_s.dtype == torch.float64 else torch.float32
-        kl, ent_s, ent_t = _reference_chunked(
+        kl, ent_s, ent_t = reference.attention_kl(
             *(t.to(work) for t in (q_s, k_s, q_t, k_t)),
             temperature_t=float(temperature_t), temperature_s=float(temperature_s), causal=causal,
             window=window, scale=scale, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,

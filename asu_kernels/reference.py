@@ -1,8 +1,9 @@
 """Plain-PyTorch specifications of every asu kernel.
 
-Each function here is the *definition* the Triton kernels are tested against (run in float64), and the
-CPU path of the package when the Triton interpreter is off. They favour clarity over speed: attention
-materialises the full (N x N) score matrix and the vocabulary losses materialise the full logits.
+Each function here is the *definition* the Triton kernels and the CPU path (:mod:`asu_kernels._cpu_attention`)
+are tested against (run in float64); float64 inputs of the attention ops run it. They favour clarity over
+speed: attention materialises the full (N x N) score matrix and the vocabulary losses materialise the full
+logits.
 
 Conventions shared with the kernels
 -----------------------------------

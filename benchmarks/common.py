@@ -447,9 +447,13 @@ class Recorder:
 
 
 def ours_backend_note(t: torch.Tensor) -> str:
-    """Which implementation ``asu_kernels`` runs for tensors like ``t`` (Triton, interpreter or reference)."""
-    from asu_kernels._backend import interpreting, use_triton
+    """Which implementation ``asu_kernels`` runs for tensors like ``t`` (Triton, interpreter, the PyTorch CPU
+    path or the reference; :mod:`asu_kernels._backend`)."""
+    from asu_kernels._backend import backend, interpreting
 
-    if not use_triton(t):
+    family = backend(t)
+    if family == "reference":
         return "PyTorch reference path"
+    if family == "cpu":
+        return "PyTorch CPU path"
     return "Triton interpreter" if interpreting() and not t.is_cuda else "Triton"

@@ -9,8 +9,9 @@
 #   3. python -m benchmarks.run --suite quick     (attention N=1k/4k/16k + vocabulary KL/CE at the target sizes)
 #   4. python -m benchmarks.report               (markdown + PNGs; the README is not touched here)
 #   5. python -m benchmarks.compile_report       (when the script exists)
-#   6. attention-map KL (N = 1k/4k), end-to-end epoch and longest-context search, each only if the remaining
-#      budget allows
+#   6. attention-map KL (N = 1k/4k), end-to-end epoch and the long-context benchmark (one muse-books ASU step
+#      at doubling N on a Llama-3.2-1B-shape model, ours against the authors' pipeline shape, until out of
+#      memory: the longest context that fits is the headline), each only if the remaining budget allows
 #   7. the report again, then copy to $OUT: gpu_check.log, the CSV, the markdown reports, plots.tar.gz
 # Every benchmark stage appends to one CSV that is rewritten after each measurement, so a stage stopped by
 # its timeout keeps what it measured. The exit status is 1 when a test or benchmark stage failed.
@@ -119,15 +120,27 @@ if (($(left) > 80)); then
   # The search starts no trial in the last 60 s before the stage's timeout (model set-up, one last trial).
   ctx_budget=$(($(left) - 35 - 60))
   ((ctx_budget > 180)) && ctx_budget=180
-  stage "longest context" 240 35 "$PY" -m benchmarks.run --only context --suite quick "${SIZE[@]}" \
-    --context-max 131072 --context-budget "$ctx_budget" --csv "$CSV" ||
-    { rc=$?; ((rc == 124 || rc == 137)) || FAILED+=("context"); }
+  if [[ "$DEVICE" == cpu ]]; then
+    LC=(--device cpu --model small-llama --lengths 256 --pipelines ours,authors --cap-gb 8)
+  else
+    LC=(--device cuda --model llama-1b-shape --pipelines authors,ours --max-tokens 131072)
+  fi
+  stage "long context" 240 35 "$PY" -m benchmarks.long_context "${LC[@]}" --budget-s "$ctx_budget" \
+    --out "$RES/long-context" ||
+    { rc=$?; ((rc == 124 || rc == 137)) || FAILED+=("long_context"); }
+  # On the GPU its rows are the report's longest-context section (rows written before a timeout included).
+  if [[ "$DEVICE" != cpu && -f "$RES/long-context/results.csv" ]]; then
+    cp "$RES/long-context/results.csv" "$RES/bench-long-context-$STAMP.csv"
+  fi
 fi
 stage "report (final)" 30 0 "$PY" -m benchmarks.report --results "$RES" --no-readme || FAILED+=("report")
 
 if [[ -n "${OUT:-}" ]]; then
   # At most a handful of files come back from $OUT: the log, the CSV, the markdown and one tarball of plots.
   cp "$RES"/*.csv "$RES"/*.md "$OUT"/ 2>/dev/null || true # results markdown + compile_report.md
+  if [[ "$DEVICE" == cpu && -f "$RES/long-context/results.md" ]]; then
+    cp "$RES/long-context/results.md" "$OUT/long-context.md"
+  fi
   if compgen -G "$RES/*.png" >/dev/null; then
     tar -czf "$OUT/plots.tar.gz" -C "$RES" $(cd "$RES" && ls *.png)
   fi

@@ -617,8 +617,8 @@ def render_group(device: str, day: str, rows: list[Row], out_dir: Path) -> Path:
         lines += ["## Targets", ""] + _table(["target", "measured", "verdict"], targets(rows)) + [""]
     else:
         lines += [
-            "CPU run: kernel timings here exercise the code paths (PyTorch reference path, or the Triton",
-            "interpreter) and say nothing about GPU performance; the end-to-end epoch compares whole",
+            "CPU run: kernel timings here exercise the code paths (PyTorch CPU or reference path, or the",
+            "Triton interpreter) and say nothing about GPU performance; the end-to-end epoch compares whole",
             "pipelines on the same CPU and is meaningful as a ratio.",
             "",
         ]

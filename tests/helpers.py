@@ -7,6 +7,7 @@ plus a small slack for the ulps of accumulation order.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Mapping
 from types import SimpleNamespace
@@ -16,7 +17,9 @@ import torch.nn.functional as F
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
+import asu_kernels
 from asu.data import PackingCollator, PaddingCollator, encode_rows
+from asu_kernels import reference
 
 
 def assert_fa_close(
@@ -51,6 +54,75 @@ def assert_fa_close(
 
 
 # ---- the closeness rules of the model-level tests ----------------------------------------------------------
+
+
+#: Absolute slack of :func:`check_attention` per dtype, on top of twice PyTorch's own low-precision error.
+ATTENTION_ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Make torch.empty / torch.empty_like return NaN-filled floating tensors (and -1 integers) meanwhile."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
+
+    torch.empty = lambda *a, **kw: fill(empty(*a, **kw))
+    torch.empty_like = lambda *a, **kw: fill(empty_like(*a, **kw))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+
+
+def make_attention_input(shape, dtype, device, gen, transposed=False) -> torch.Tensor:
+    """A random leaf tensor; ``transposed`` builds (B, N, H, D) memory viewed as (B, H, N, D) like HF does."""
+    if transposed:
+        b, h, n, d = shape
+        base = torch.randn(b, n, h, d, generator=gen).to(device=device, dtype=dtype)
+        return base.transpose(1, 2).requires_grad_()
+    return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+
+
+def _reference_attention(q, k, v, cu, **kw):
+    if cu is None:
+        return reference.attention(q, k, v, **kw)
+    return reference.attention_varlen(q, k, v, cu, **kw)
+
+
+def check_attention(q, k, v, *, cu=None, lse_grad=False, factor: float = 2.0, **kw) -> None:
+    """Run ``asu_kernels.attention`` on whatever implementation the environment selects (forward + backward,
+    outputs NaN-poisoned) and compare out, lse, dq, dk, dv with the references (:func:`assert_fa_close` with
+    ``factor``), upstream gradients random (and into the LSE too with ``lse_grad``)."""
+    gen = torch.Generator().manual_seed(1234)
+    out_shape = q.shape
+    do = torch.randn(*out_shape, generator=gen).to(device=q.device, dtype=q.dtype)
+    dl = torch.randn(*out_shape[:-1], generator=gen).to(q.device) if lse_grad else None
+    max_seqlen = None if cu is None else int((cu[1:] - cu[:-1]).max())
+
+    with poisoned_allocations():
+        out, lse = asu_kernels.attention(q, k, v, cu_seqlens=cu, max_seqlen=max_seqlen, return_lse=True, **kw)
+        grads = torch.autograd.grad(
+            (out, lse) if lse_grad else out, (q, k, v), (do, dl) if lse_grad else do, allow_unused=False
+        )
+
+    def ref_run(dtype):
+        args = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        o, l = _reference_attention(*args, cu.to(q.device) if cu is not None else None, **kw)  # noqa: E741
+        outs, gos = [o], [do.to(dtype)]
+        if lse_grad:
+            outs.append(l)
+            gos.append(dl.to(l.dtype))
+        return (o, l, *torch.autograd.grad(outs, args, gos))
+
+    exact = ref_run(torch.float64)
+    lowp = ref_run(q.dtype)
+    atol = ATTENTION_ATOL[q.dtype]
+    for name, got, lp, ex in zip(
+        ("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), lowp, exact, strict=True
+    ):
+        assert_fa_close(name, got, ex, lp, atol, factor)
 
 
 def assert_fp32_close(got: torch.Tensor, want: torch.Tensor, what: str = "", gradient: bool = False) -> None:

@@ -1,8 +1,10 @@
-"""The Triton temperature-scaled flash attention against the float64 reference.
+"""Temperature-scaled flash attention against the float64 reference: the Triton kernels and the CPU path.
 
 Conventions (layouts, masks, LSE) are those of :mod:`asu_kernels.reference` (docs/ARCHITECTURE.md, section
-"Tensor conventions"). On CPU the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, one 16 x 16
-tile); the same cases run on CUDA, with the autotuned tiles, when a GPU is present (``gpu`` marker).
+"Tensor conventions"). Every case runs on each implementation (the ``device`` fixture): the kernels in the
+Triton interpreter on CPU tensors (``TRITON_INTERPRET=1``, one 16 x 16 tile), the PyTorch CPU path
+(``ASU_KERNELS_BACKEND=cpu``; its own tests are in ``tests/test_cpu_attention.py``) and, when a GPU is
+present, the kernels on CUDA with the autotuned tiles (``gpu`` marker).
 Tolerance, FlashAttention style (``helpers.assert_fa_close``; section "Correctness"):
 ``|kernel - ref64| <= 2 * |ref_lowp - ref64| + atol`` per tensor (max norm), where ``ref_lowp`` is the
 reference computed by PyTorch in the input precision. Outputs and gradients are allocated NaN-poisoned, so
@@ -11,7 +13,6 @@ an element the kernels forget to write fails the test.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import zlib
@@ -19,7 +20,7 @@ import zlib
 import pytest
 import torch
 import triton
-from helpers import assert_fa_close
+from helpers import check_attention, make_attention_input
 
 import asu_kernels
 from asu_kernels import reference
@@ -27,8 +28,7 @@ from asu_kernels import reference
 # ``asu_kernels.attention`` is the function (re-exported by the package); the module holds the kernels
 attn_mod = importlib.import_module("asu_kernels.attention")
 
-ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+IMPLEMENTATIONS = ["triton-interpreter", "cpu-path", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def _skip_unless_kernel(device: str) -> None:
@@ -36,68 +36,18 @@ def _skip_unless_kernel(device: str) -> None:
         pytest.skip("CPU tensors run the Triton kernels only under TRITON_INTERPRET=1")
 
 
-@contextlib.contextmanager
-def poisoned_allocations():
-    """Make torch.empty / torch.empty_like return NaN-filled floating tensors (and -1 integers) meanwhile."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def fill(t: torch.Tensor) -> torch.Tensor:
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
-
-    torch.empty = lambda *a, **kw: fill(empty(*a, **kw))
-    torch.empty_like = lambda *a, **kw: fill(empty_like(*a, **kw))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
-
-
-def _make(shape, dtype, device, gen, transposed=False):
-    """A random leaf tensor; ``transposed`` builds (B, N, H, D) memory viewed as (B, H, N, D) like HF does."""
-    if transposed:
-        b, h, n, d = shape
-        base = torch.randn(b, n, h, d, generator=gen).to(device=device, dtype=dtype)
-        return base.transpose(1, 2).requires_grad_()
-    return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-
-
-def _reference(q, k, v, cu, **kw):
-    if cu is None:
-        return reference.attention(q, k, v, **kw)
-    return reference.attention_varlen(q, k, v, cu, **kw)
-
-
-def check_attention(q, k, v, *, cu=None, lse_grad=False, factor: float = 2.0, **kw) -> None:
-    """Run the kernels (forward + backward) and compare out, lse, dq, dk, dv with the references
-    (:func:`helpers.assert_fa_close` with ``factor``)."""
-    gen = torch.Generator().manual_seed(1234)
-    out_shape = q.shape
-    do = torch.randn(*out_shape, generator=gen).to(device=q.device, dtype=q.dtype)
-    dl = torch.randn(*out_shape[:-1], generator=gen).to(q.device) if lse_grad else None
-    max_seqlen = None if cu is None else int((cu[1:] - cu[:-1]).max())
-
-    with poisoned_allocations():
-        out, lse = asu_kernels.attention(q, k, v, cu_seqlens=cu, max_seqlen=max_seqlen, return_lse=True, **kw)
-        grads = torch.autograd.grad(
-            (out, lse) if lse_grad else out, (q, k, v), (do, dl) if lse_grad else do, allow_unused=False
-        )
-
-    def ref_run(dtype):
-        args = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        o, l = _reference(*args, cu.to(q.device) if cu is not None else None, **kw)
-        outs, gos = [o], [do.to(dtype)]
-        if lse_grad:
-            outs.append(l)
-            gos.append(dl.to(l.dtype))
-        return (o, l, *torch.autograd.grad(outs, args, gos))
-
-    exact = ref_run(torch.float64)
-    lowp = ref_run(q.dtype)
-    atol = ATOL[q.dtype]
-    for name, got, lp, ex in zip(
-        ("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), lowp, exact, strict=True
-    ):
-        assert_fa_close(name, got, ex, lp, atol, factor)
+@pytest.fixture(params=IMPLEMENTATIONS)
+def device(request, monkeypatch) -> str:
+    """Each case on each implementation: the Triton kernels in the interpreter (CPU tensors, needs
+    ``TRITON_INTERPRET=1``), the PyTorch CPU path (``ASU_KERNELS_BACKEND=cpu``) and the kernels on CUDA.
+    Returns the tensors' device."""
+    if request.param == "cpu-path":
+        monkeypatch.setenv("ASU_KERNELS_BACKEND", "cpu")
+        return "cpu"
+    if request.param == "triton-interpreter":
+        _skip_unless_kernel("cpu")
+        return "cpu"
+    return "cuda"
 
 
 # (id, B, Hq, Hkv, Nq, Nk, D, dtype, causal, temperature, window, transposed)
@@ -125,19 +75,16 @@ def _seed(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", DENSE_CASES, ids=[c[0] for c in DENSE_CASES])
 def test_dense_matches_reference(case, device):
-    _skip_unless_kernel(device)
     _, b, hq, hkv, nq, nk, d, dtype, causal, temp, window, transposed = case
     gen = torch.Generator().manual_seed(_seed(case[0]))
-    q = _make((b, hq, nq, d), dtype, device, gen, transposed)
-    k = _make((b, hkv, nk, d), dtype, device, gen, transposed)
-    v = _make((b, hkv, nk, d), dtype, device, gen, transposed)
+    q = make_attention_input((b, hq, nq, d), dtype, device, gen, transposed)
+    k = make_attention_input((b, hkv, nk, d), dtype, device, gen, transposed)
+    v = make_attention_input((b, hkv, nk, d), dtype, device, gen, transposed)
     check_attention(q, k, v, causal=causal, temperature=temp, window=window)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "causal,dtype",
     [(False, torch.float16), (True, torch.bfloat16)],
@@ -145,12 +92,11 @@ def test_dense_matches_reference(case, device):
 )
 def test_key_padding_with_empty_rows(causal, dtype, device):
     """Left and right padding, one sequence fully padded: rows that see no key give 0 and zero grads."""
-    _skip_unless_kernel(device)
     gen = torch.Generator().manual_seed(7)
     b, hq, hkv, n, d = 2, 2, 1, 33, 64
-    q = _make((b, hq, n, d), dtype, device, gen)
-    k = _make((b, hkv, n, d), dtype, device, gen)
-    v = _make((b, hkv, n, d), dtype, device, gen)
+    q = make_attention_input((b, hq, n, d), dtype, device, gen)
+    k = make_attention_input((b, hkv, n, d), dtype, device, gen)
+    v = make_attention_input((b, hkv, n, d), dtype, device, gen)
     kpm = torch.ones(b, n, dtype=torch.bool, device=device)
     kpm[0, :5] = False  # left padding: with causal, the first 5 rows see nothing
     kpm[0, 27:] = False  # and right padding
@@ -166,24 +112,20 @@ VARLEN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", VARLEN_CASES, ids=[c[0] for c in VARLEN_CASES])
 def test_varlen_matches_reference(case, device):
-    _skip_unless_kernel(device)
     _, lengths, hq, hkv, d, dtype, causal, window = case
     gen = torch.Generator().manual_seed(11)
     total = sum(lengths)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    q = _make((total, hq, d), dtype, device, gen)
-    k = _make((total, hkv, d), dtype, device, gen)
-    v = _make((total, hkv, d), dtype, device, gen)
+    q = make_attention_input((total, hq, d), dtype, device, gen)
+    k = make_attention_input((total, hkv, d), dtype, device, gen)
+    v = make_attention_input((total, hkv, d), dtype, device, gen)
     check_attention(q, k, v, cu=cu, causal=causal, temperature=2.3, window=window)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_varlen_views_of_a_fused_qkv(device):
     """Packed q/k/v as strided views of one fused projection (total, Hq + 2 Hkv, D): no copies needed."""
-    _skip_unless_kernel(device)
     gen = torch.Generator().manual_seed(5)
     hq, hkv, d, lengths = 4, 2, 64, [9, 24]
     fused = torch.randn(sum(lengths), hq + 2 * hkv, d, generator=gen).to(device, torch.bfloat16)
@@ -194,14 +136,12 @@ def test_varlen_views_of_a_fused_qkv(device):
     check_attention(q, k, v, cu=cu, causal=True, temperature=2.0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_lse_gradient_and_custom_scale(device):
     """A loss on the returned LSE too: d lse / d s = p folds into Delta."""
-    _skip_unless_kernel(device)
     gen = torch.Generator().manual_seed(3)
-    q = _make((1, 4, 17, 64), torch.float32, device, gen)
-    k = _make((1, 2, 17, 64), torch.float32, device, gen)
-    v = _make((1, 2, 17, 64), torch.float32, device, gen)
+    q = make_attention_input((1, 4, 17, 64), torch.float32, device, gen)
+    k = make_attention_input((1, 2, 17, 64), torch.float32, device, gen)
+    v = make_attention_input((1, 2, 17, 64), torch.float32, device, gen)
     check_attention(q, k, v, causal=True, temperature=2.3, scale=0.3, lse_grad=True)
 
 
@@ -220,16 +160,14 @@ SOFTCAP_CASES = [
 # The saturated case drives tanh's exp2 to infinity on purpose (tanh = 1 there, as on a GPU); the
 # interpreter's numpy reports the overflow.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", SOFTCAP_CASES, ids=[c[0] for c in SOFTCAP_CASES])
 def test_softcap_matches_reference(case, device):
     """Soft-capped logits (forward and backward, through the tanh) in the dense layout, also with padding."""
-    _skip_unless_kernel(device)
     _, b, hq, hkv, nq, nk, d, dtype, causal, temp, window, scale, cap, padded = case
     gen = torch.Generator().manual_seed(_seed(case[0]))
-    q = _make((b, hq, nq, d), dtype, device, gen)
-    k = _make((b, hkv, nk, d), dtype, device, gen)
-    v = _make((b, hkv, nk, d), dtype, device, gen)
+    q = make_attention_input((b, hq, nq, d), dtype, device, gen)
+    k = make_attention_input((b, hkv, nk, d), dtype, device, gen)
+    v = make_attention_input((b, hkv, nk, d), dtype, device, gen)
     kw = dict(causal=causal, temperature=temp, window=window, scale=scale, softcap=cap)
     if padded:
         kpm = torch.ones(b, nk, dtype=torch.bool, device=device)
@@ -242,16 +180,14 @@ def test_softcap_matches_reference(case, device):
     check_attention(q, k, v, lse_grad=True, factor=16.0 if case[0] == "saturated-fp32" else 2.0, **kw)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_softcap_varlen_matches_reference(device):
     """Soft-capping in the packed layout: odd document lengths, an empty one, GQA, a window."""
-    _skip_unless_kernel(device)
     gen = torch.Generator().manual_seed(23)
     lengths = [17, 0, 1, 20]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    q = _make((sum(lengths), 4, 64), torch.float16, device, gen)
-    k = _make((sum(lengths), 2, 64), torch.float16, device, gen)
-    v = _make((sum(lengths), 2, 64), torch.float16, device, gen)
+    q = make_attention_input((sum(lengths), 4, 64), torch.float16, device, gen)
+    k = make_attention_input((sum(lengths), 2, 64), torch.float16, device, gen)
+    v = make_attention_input((sum(lengths), 2, 64), torch.float16, device, gen)
     check_attention(q, k, v, cu=cu, causal=True, temperature=2.3, window=9, scale=0.5, softcap=1.5)
 
 
@@ -287,11 +223,11 @@ def test_unequal_tiles(tiles, cases, monkeypatch):
         monkeypatch.setattr(kernel, "configs", config)
     gen = torch.Generator().manual_seed(17)
     for nq, nk, causal, window in cases:
-        q = _make((1, 2, nq, 64), torch.float32, "cpu", gen)
-        k = _make((1, 1, nk, 64), torch.float32, "cpu", gen)
-        v = _make((1, 1, nk, 64), torch.float32, "cpu", gen)
+        q = make_attention_input((1, 2, nq, 64), torch.float32, "cpu", gen)
+        k = make_attention_input((1, 1, nk, 64), torch.float32, "cpu", gen)
+        v = make_attention_input((1, 1, nk, 64), torch.float32, "cpu", gen)
         check_attention(q, k, v, causal=causal, temperature=2.3, window=window)
-    q, k, v = (_make((1, 2, 40, 64), torch.float32, "cpu", gen) for _ in range(3))
+    q, k, v = (make_attention_input((1, 2, 40, 64), torch.float32, "cpu", gen) for _ in range(3))
     check_attention(q, k, v, causal=True, temperature=2.3, window=21, scale=0.5, softcap=2.0)
 
 
@@ -301,9 +237,9 @@ def test_unequal_tiles(tiles, cases, monkeypatch):
 def test_gpu_autotuned_tiles(n, causal):
     """Longer sequences on CUDA so the autotuned 64/128-row tiles and their unmasked stages run."""
     gen = torch.Generator().manual_seed(n)
-    q = _make((2, 8, n, 128), torch.bfloat16, "cuda", gen, transposed=True)
-    k = _make((2, 2, n, 128), torch.bfloat16, "cuda", gen, transposed=True)
-    v = _make((2, 2, n, 128), torch.bfloat16, "cuda", gen, transposed=True)
+    q = make_attention_input((2, 8, n, 128), torch.bfloat16, "cuda", gen, transposed=True)
+    k = make_attention_input((2, 2, n, 128), torch.bfloat16, "cuda", gen, transposed=True)
+    v = make_attention_input((2, 2, n, 128), torch.bfloat16, "cuda", gen, transposed=True)
     check_attention(q, k, v, causal=causal, temperature=2.3)
 
 

@@ -1,28 +1,50 @@
-"""asu_kernels.attention_kl against the float64 reference.
+"""asu_kernels.attention_kl against the float64 reference, on the Triton kernels and on the CPU path.
 
 Conventions (layouts, masks, GQA on either side) are those of :mod:`asu_kernels.reference`
-(docs/ARCHITECTURE.md, section "Tensor conventions"). The Triton kernels run on CUDA, or on CPU under
-TRITON_INTERPRET=1; shapes are tiny so the interpreter stays fast. Tolerance in the FlashAttention style
-(``helpers.assert_fa_close``; section "Correctness"): the kernel's error against float64 must be at most
-twice the error of the same computation done by PyTorch in the low precision, plus a small absolute slack.
+(docs/ARCHITECTURE.md, section "Tensor conventions"). Every test runs on each implementation (the
+``implementation`` fixture): the Triton kernels on CUDA, or on CPU under TRITON_INTERPRET=1, and the PyTorch
+CPU path with its default and with tiny tiles; shapes are tiny so the interpreter stays fast. Tolerance in
+the FlashAttention style (``helpers.assert_fa_close``; section "Correctness"): the kernel's error against
+float64 must be at most twice the error of the same computation done by PyTorch in the low precision, plus a
+small absolute slack.
 """
 
-import importlib
 import math
 
 import pytest
 import torch
 from helpers import assert_fa_close
 
+from asu_kernels import _cpu_attention as cpu_attention
 from asu_kernels import reference
 from asu_kernels._backend import interpreting
 from asu_kernels.attention_kl import _Call, _launch_bwd, _launch_fwd, aot_specs, attention_kl
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_kernel = pytest.mark.skipif(
-    DEVICE == "cpu" and not interpreting(), reason="needs CUDA or TRITON_INTERPRET=1 for the Triton kernels"
-)
-pytestmark = needs_kernel
+
+
+@pytest.fixture(autouse=True, params=["triton", "cpu-path", "cpu-path-tiny-tiles"])
+def implementation(request, monkeypatch) -> str:
+    """Each test on each implementation: the Triton kernels (CUDA, or the interpreter on CPU tensors) and the
+    PyTorch CPU path (``ASU_KERNELS_BACKEND=cpu``), once with its default tiles and once with 8-row tiles so
+    that every case crosses query-chunk and key-block boundaries."""
+    if request.param == "triton":
+        if DEVICE == "cpu" and not interpreting():
+            pytest.skip("needs CUDA or TRITON_INTERPRET=1 for the Triton kernels")
+        return request.param
+    if DEVICE == "cuda":
+        pytest.skip("the CPU path serves CPU tensors")
+    monkeypatch.setenv("ASU_KERNELS_BACKEND", "cpu")
+    if request.param == "cpu-path-tiny-tiles":
+        monkeypatch.setattr(cpu_attention, "TILE_ELEMENTS", 64)
+        monkeypatch.setattr(cpu_attention, "MIN_BLOCK", 8)
+    return request.param
+
+
+def _triton_only(implementation: str) -> None:
+    if implementation != "triton":
+        pytest.skip("tests the Triton launchers or compile specs")
+
 
 # Absolute slack per dtype on top of 2x PyTorch's own low-precision error (a few ulp of O(1) results).
 SLACK = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -208,7 +230,8 @@ def test_teacher_receives_no_gradient():
     assert q_t.grad is None and q_s.grad is not None
 
 
-def test_poisoned_outputs_are_fully_written():
+def test_poisoned_outputs_are_fully_written(implementation):
+    _triton_only(implementation)
     nan = float("nan")
     for varlen in (False, True):
         if varlen:
@@ -313,7 +336,8 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(ck, gk)
 
 
-def test_aot_specs_are_well_formed():
+def test_aot_specs_are_well_formed(implementation):
+    _triton_only(implementation)
     specs = aot_specs()
     assert len({s.name for s in specs}) == len(specs)
     for s in specs:
@@ -341,25 +365,3 @@ def test_gpu_realistic_shape_and_linear_memory(dtype):
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < 64 * 2**20, f"attention_kl used {extra / 2**20:.0f} MiB beyond its inputs at N=16k"
     assert torch.isfinite(kl).all() and torch.isfinite(q_s.grad).all() and torch.isfinite(k_s.grad).all()
-
-
-def test_cpu_path_chunks_long_causal_inputs(monkeypatch):
-    # The CPU (non-Triton) path cuts causal dense inputs into query chunks; the result must not change.
-    mod = importlib.import_module("asu_kernels.attention_kl")  # the package attribute is the function
-
-    q_s, k_s, q_t, k_t = _inputs(2, 2, 1, 1, 11, 16, torch.float32, nk=14, seed=30)
-    kpm = torch.ones(2, 14, dtype=torch.bool, device=DEVICE)
-    kpm[1, :3] = False
-    monkeypatch.setenv("ASU_KERNELS_BACKEND", "reference")
-    kw = dict(temperature_t=2.0, window=6, key_padding_mask=kpm, return_entropy=True)
-    whole = attention_kl(q_s, k_s, q_t, k_t, **kw)
-    (whole[0].sum() + whole[1].sum()).backward()
-    gq, gk = q_s.grad.clone(), k_s.grad.clone()
-    q_s.grad = k_s.grad = None
-    monkeypatch.setattr(mod, "_CPU_CHUNK_ROWS", 4)
-    chunked = attention_kl(q_s, k_s, q_t, k_t, **kw)
-    (chunked[0].sum() + chunked[1].sum()).backward()
-    for a, b in zip(whole, chunked, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(q_s.grad, gq, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(k_s.grad, gk, atol=1e-6, rtol=1e-5)

@@ -370,7 +370,7 @@ def test_mask_function_forms():
         asu_attention.asu_attention_mask(2, 4, 4, attention_mask=torch.ones(2, 4, 4, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_padded_packed_on_each_backend(backend, monkeypatch):
     """The same checks forced through each kernel backend (triton needs the interpreter or a GPU)."""
     if backend == "triton" and not (os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
