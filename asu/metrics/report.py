@@ -61,6 +61,11 @@ _DESCRIPTIONS = {
     "forget_token_entropy": "normalised token entropy of forget answers",
     "forget_no_repeat": "forget answers without a repeated 3-gram",
     "forget_well_formed": "forget answers in the world's grammar",
+    # asu eval --attack (asu.attacks): the robustness scores.
+    "relearn_R": "relearning vs the reference's: min(Δref/Δmodel, 1)",
+    "relearn_split_R": "the same, trained on half, scored on the rest",
+    "Q": "quantization: min(before/after, 1)",
+    "robustness": "harmonic mean of relearn_R and quant_nf4_Q",
 }
 
 
