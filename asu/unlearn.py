@@ -82,6 +82,7 @@ from asu.smoothing import attention_modules, parse_layers
 from asu.tau import TauChoice, choose_temperature, is_auto, parse_auto
 from asu.teachers import TEACHER_SOURCES, Teacher, build_teacher, is_peft_model
 from asu.templates import Template, describe_template, get_template
+from asu.undo import check_shrink_perturb, shrink_perturb_student
 
 __all__ = ["UnlearnConfig", "UnlearnResult", "unlearn", "check_output_dir", "LR_SCHEDULES"]
 
@@ -146,6 +147,8 @@ class UnlearnConfig:
         max_nonfinite_steps: optimizer steps with a NaN/infinite loss or gradient norm that are skipped
             (weights left unchanged) before the run stops with an error; 0 = stop at the first one.
         progress: show the progress bar.
+        shrink_perturb: ``(alpha, beta)``: UNDO's shrink-and-perturb of the student before training
+            (:mod:`asu.undo`), or None (off).
     """
 
     method: str = "asu"
@@ -186,6 +189,7 @@ class UnlearnConfig:
     keep_checkpoints: bool = False
     max_nonfinite_steps: int = 0
     progress: bool = True
+    shrink_perturb: tuple[float, float] | None = None
 
     def validate(self) -> None:
         """Raise ValueError/TypeError naming the first bad field; other accepted names (``graddiff``, the
@@ -262,6 +266,7 @@ class UnlearnConfig:
             raise ValueError("npo_beta and simnpo_beta must be > 0")
         if isinstance(self.layers, str) and self.layers.strip().lower() == "all":
             self.layers = None
+        self.shrink_perturb = check_shrink_perturb(self)
 
     def prompt_template(self) -> Template:
         """The :class:`asu.templates.Template` QA rows are rendered in (``auto`` not yet resolved)."""
@@ -437,6 +442,7 @@ def _run(
         # A method that never smooths: the teacher (NPO's reference, the KL retain term) runs at tau 1.
         run_cfg = dataclasses.replace(cfg, temperature=1.0)
     student, teacher = _student_and_teacher(model, run_cfg, layers, data, teacher_model)
+    shrink_perturb_student(student, run_cfg)
     objective = _build_objective(student, teacher, run_cfg)
     trainer = _build_trainer(objective, args, data, collator, tokenizer, callbacks, cfg)
     _train(trainer, trainer_dir if output_dir is not None else None, resume)
