@@ -204,3 +204,30 @@ def test_attacks_leave_the_model_untouched(folders):
     assert [o.name for o in outcomes] == ["quant_fp4", "relearn", "prefix", "paraphrase"]
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert outcomes[3].entries["paraphrase_forget_Q_A_ROUGE"]["mode"] == "answer"
+
+
+def test_robustness_columns_for_a_benchmark():
+    from asu.attacks.columns import robustness_columns, yardstick
+    from asu.attacks.context import evaluator
+
+    tok = tiny_tokenizer()
+    original, oracle, model = (tiny_model(vocab_size=len(tok), seed=s) for s in (0, 1, 2))
+    evaluate = evaluator(tok, batch_size=8, max_new_tokens=4)
+    specs = ["relearn:1:1e-2", "quant:nf4"]
+    ref = yardstick(oracle, tok, FORGET, RETAIN, evaluate, specs)
+    first = robustness_columns(original, tok, FORGET, RETAIN, evaluate, specs, reference=ref)
+    cols = robustness_columns(model, tok, FORGET, RETAIN, evaluate, specs, reference=ref, original=first)
+    theirs = ref["relearn_R"]
+    assert cols["relearn_R_rouge"] == relearn_score(
+        cols["before_forget_Q_A_ROUGE"], cols["relearn_forget_Q_A_ROUGE"],
+        theirs["before"]["forget_Q_A_ROUGE"], theirs["after"]["forget_Q_A_ROUGE"],
+    )  # fmt: skip
+    assert cols["robustness"] == pytest.approx(robustness_score(cols["relearn_R"], cols["quant_nf4_Q"]))
+    before, after = cols["split_before_forget_Q_A_Prob"], cols["relearn_split_forget_Q_A_Prob"]
+    top = first["split_before_forget_Q_A_Prob"]
+    if top > before:
+        assert cols["relearn_split_recovered"] == pytest.approx((after - before) / (top - before))
+    else:  # the original knows the held-out half no better: no share to speak of
+        assert "relearn_split_recovered" not in cols
+    with pytest.raises(ValueError, match="give a relearn attack"):
+        yardstick(oracle, tok, FORGET, RETAIN, evaluate, ["quant:nf4"])

@@ -171,3 +171,60 @@ def test_a_tie_is_not_a_sign():
     agg = {"paired": {"A − B": {"retain_rouge": comparison([0.0001, 0.05, 0.02]),
                                 "model_utility": comparison([-0.01, -0.02, -0.03])}}}  # fmt: skip
     assert _consistent_differences(agg) == ["* A − B: model utility lower in every world (-0.020 ± 0.010)"]
+
+
+def _attacked(prob: float, r: float, recovered: float, q: float, prefix_gain: float) -> dict[str, float]:
+    """The columns asu.attacks.columns gives an attacked model (the ones the tables and verdicts read)."""
+    return {
+        "before_forget_Q_A_Prob": prob,
+        "relearn_R": r,
+        "relearn_split_recovered": recovered,
+        "quant_nf4_Q": q,
+        "prefix_forget_Q_A_Prob": prob + prefix_gain,
+        "robustness": 2 * r * q / (r + q),
+    }
+
+
+def test_robustness_tables_and_verdicts(tmp_path):
+    from benchmarks.quality import ROBUSTNESS_MARKERS, aggregate, robustness_readme_section, settings_for
+    from benchmarks.report import refresh_readme
+
+    s = settings_for("quick")
+    worlds = []
+    for seed, (r, rec) in enumerate([(0.2, 0.7), (0.9, 0.6)]):
+        w = _world(seed, {**_summary(0.5, 0.86), **_attacked(0.6, r, rec, 0.95, 0.0)},
+                   {**_summary(0.5, 0.8), **_attacked(0.5, 0.3, 0.1, 0.7, 0.2)})  # fmt: skip
+        w["models"]["original"].update(_attacked(0.96, 1.0, 0.0, 1.0, 0.0))
+        worlds.append(w)
+    agg = aggregate(worlds, s)
+    rob = agg["robustness"]
+    assert list(rob["prob"]) == ["original", "ASU: all layers", "GA+GD @ matched"]
+    assert rob["prob"]["ASU: all layers"]["relearn_R"]["mean"] == pytest.approx(0.55)
+    asu, ga = rob["verdicts"]["ASU: all layers"], rob["verdicts"]["GA+GD @ matched"]
+    assert "original" not in rob["verdicts"]  # nothing was forgotten: no verdict
+    assert asu["relearning (R)"]["verdict"] == "mixed" and ga["relearning (R)"]["verdict"] == "fails"
+    assert asu["relearning half, the other half (recovered)"]["verdict"] == "fails"
+    assert ga["relearning half, the other half (recovered)"]["verdict"] == "survives"
+    assert (
+        asu["NF4 quantization (Q)"]["verdict"] == "survives"
+        and ga["NF4 quantization (Q)"]["verdict"] == "fails"
+    )
+    assert asu["prefilled answer (Prob gain)"]["verdict"] == "survives"
+    assert ga["prefilled answer (Prob gain)"]["verdict"] == "fails"
+    results = {
+        "environment": {"machine": "test machine", "torch": "t", "transformers": "x", "date": "2026-01-01"},
+        "timing": {"wall_s": 600.0},
+        "aggregate": agg,
+    }
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{ROBUSTNESS_MARKERS[0]}\nold\n{ROBUSTNESS_MARKERS[1]}\nb\n")
+    section = robustness_readme_section(results, s, tmp_path / "results.md", readme)
+    assert (
+        "* ASU: all layers: survives NF4 quantization (Q), prefilled answer (Prob gain); fails relearning "
+        in section
+    )
+    assert (
+        "| ASU: all layers | mixed (0.55 ± 0.49) | fails (0.65 ± 0.07) | survives (0.95 ± 0.00) |" in section
+    )
+    assert refresh_readme(readme, section, ROBUSTNESS_MARKERS) and "old" not in readme.read_text()
+    json.dumps(agg)
