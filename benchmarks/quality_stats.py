@@ -271,15 +271,19 @@ def main_table(
     return head + "\n".join(lines) + "\n"
 
 
-def paired_table(comparisons: Mapping[str, Mapping[str, Any]]) -> str:
-    """One row per comparison (``"A − B"``), one column per :data:`PAIRED` metric: mean ± std of the
-    difference and in how many worlds it is positive."""
-    head = "| difference | " + " | ".join(METRICS[k][0] for k in PAIRED) + " |\n"
-    head += "|---" * (1 + len(PAIRED)) + "|\n"
+def paired_table(
+    comparisons: Mapping[str, Mapping[str, Any]],
+    keys: Sequence[str] = PAIRED,
+    names: Mapping[str, tuple[str, str]] = METRICS,
+) -> str:
+    """One row per comparison (``"A − B"``), one column per metric of ``keys`` (headers from ``names``): mean
+    ± std of the difference and in how many worlds it is positive."""
+    head = "| difference | " + " | ".join(names[k][0] for k in keys) + " |\n"
+    head += "|---" * (1 + len(keys)) + "|\n"
     lines = []
     for name, per_metric in comparisons.items():
         cells = []
-        for k in PAIRED:
+        for k in keys:
             c = per_metric.get(k)
             if not c or c["diff"] is None:
                 cells.append("–")
