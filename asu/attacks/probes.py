@@ -8,14 +8,14 @@
     opener against the answer, and ``forget_Q_A_Prob`` the answer's probability after the opener.
 
 ``paraphrase``: the questions, or the answers, in other words
-    Where every forget row has a ``paraphrased_question`` (the field open-unlearning's ``question_key`` can
-    name), the model is evaluated on those questions against the same answers (``mode`` ``question``): a
-    model whose forgetting is tied to the question's wording answers a paraphrase. TOFU's released splits
-    carry ``paraphrased_answer`` only; there the probe is the answer side (``mode`` ``answer``): the greedy
-    answer to the original question scored against the paraphrased answer (ROUGE-L recall), and the
-    paraphrased answer's probability (open-unlearning's ``forget_Q_A_PARA_Prob``). The answer side asks
-    whether the model states the fact in other words; it does not change what the model is asked, so it is a
-    weaker probe than the question side, and the section says which mode ran.
+    Where every forget row has a ``paraphrased_question`` (the field open-unlearning's TOFU configuration
+    names as the other ``question_key``), the model is evaluated on those questions against the same answers
+    (``mode`` ``question``): a model whose forgetting is tied to the question's wording answers a paraphrase.
+    Rows that carry only ``paraphrased_answer`` (the embedded world's, for one) get the answer side (``mode``
+    ``answer``): the greedy answer to the original question scored against the paraphrased answer (ROUGE-L
+    recall), and the paraphrased answer's probability (open-unlearning's ``forget_Q_A_PARA_Prob``). The answer
+    side asks whether the model states the fact in other words; it does not change what the model is asked, so
+    it is a weaker probe than the question side, and the section says which mode ran.
 """
 
 from __future__ import annotations
