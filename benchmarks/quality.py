@@ -580,7 +580,14 @@ def robustness_readme_section(
         + _protocol(s)
         + "\n\n"
     )
-    keys = ("before_forget_Q_A_Prob", "relearn_R", "relearn_split_recovered", "quant_nf4_Q", "robustness")
+    keys = (
+        "before_forget_Q_A_Prob",
+        "relearn_R",
+        "relearn_split_recovered",
+        "quant_nf4_Q",
+        "prefix_forget_Q_A_Prob",
+        "robustness",
+    )
     text += (
         "| model | "
         + " | ".join(qs.ROBUSTNESS[k][0] for k in keys)
@@ -590,6 +597,7 @@ def robustness_readme_section(
     )
     for row, values in rob["prob"].items():
         text += f"| {row} | " + " | ".join(qs.fmt(values.get(k)) for k in keys) + " |\n"
+    text += _prefix_caveat(rob["prob"].get("original", {}))
     text += "\nWhich forgetting survives which attack:\n\n" + qs.verdict_table(rob["verdicts"]) + "\n"
     text += "".join(f"* {a}: {rule}\n" for a, rule in qs.VERDICT_RULES.items())
     lines = []
@@ -601,6 +609,19 @@ def robustness_readme_section(
             f"{', '.join(lost) if lost else 'no attack'} (in every world)"
         )
     return text + "\n" + "\n".join(lines) + "\n"
+
+
+def _prefix_caveat(original: dict[str, Any]) -> str:
+    """A note when the prefilled opener lowers even the original model's forget probability: the opener is
+    foreign to the model, so the prefilled-answer verdicts say little about the methods."""
+    plain, prefilled = original.get("before_forget_Q_A_Prob"), original.get("prefix_forget_Q_A_Prob")
+    if not plain or not prefilled or prefilled["mean"] >= plain["mean"] - 0.1:
+        return ""
+    return (
+        f"\nThe prefilled opener lowers even the original model's forget Prob ({qs.fmt(plain)} → "
+        f"{qs.fmt(prefilled)}): the opener is foreign to these tiny models, so the prefilled-answer verdicts "
+        "say little about the methods here.\n"
+    )
 
 
 def _device() -> str:

@@ -228,3 +228,12 @@ def test_robustness_tables_and_verdicts(tmp_path):
     )
     assert refresh_readme(readme, section, ROBUSTNESS_MARKERS) and "old" not in readme.read_text()
     json.dumps(agg)
+
+
+def test_the_prefix_caveat_only_when_the_opener_hurts_the_original():
+    from benchmarks.quality import _prefix_caveat
+
+    hurt = {"before_forget_Q_A_Prob": qs.mean_std([0.96]), "prefix_forget_Q_A_Prob": qs.mean_std([0.41])}
+    assert "0.960 ± 0.000 → 0.410 ± 0.000" in _prefix_caveat(hurt) and "foreign" in _prefix_caveat(hurt)
+    fine = {"before_forget_Q_A_Prob": qs.mean_std([0.96]), "prefix_forget_Q_A_Prob": qs.mean_std([0.93])}
+    assert _prefix_caveat(fine) == "" and _prefix_caveat({}) == ""
