@@ -148,7 +148,7 @@ class UnlearnConfig:
             (weights left unchanged) before the run stops with an error; 0 = stop at the first one.
         progress: show the progress bar.
         shrink_perturb: ``(alpha, beta)``: UNDO's shrink-and-perturb of the student before training
-            (:mod:`asu.undo`), or None (off).
+            (:mod:`asu.undo`; EXPERIMENTAL, measured in the README's UNDO section), or None (off).
     """
 
     method: str = "asu"

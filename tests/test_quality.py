@@ -237,3 +237,29 @@ def test_the_prefix_caveat_only_when_the_opener_hurts_the_original():
     assert "0.960 ± 0.000 → 0.410 ± 0.000" in _prefix_caveat(hurt) and "foreign" in _prefix_caveat(hurt)
     fine = {"before_forget_Q_A_Prob": qs.mean_std([0.96]), "prefix_forget_Q_A_Prob": qs.mean_std([0.93])}
     assert _prefix_caveat(fine) == "" and _prefix_caveat({}) == ""
+
+
+def test_undo_differences_and_readme(tmp_path):
+    from benchmarks.quality_undo import PLAIN, UndoSettings, aggregate, readme_section
+
+    s = UndoSettings(undo=((0.25, 0.1),))
+    undo = UndoSettings.label(0.25, 0.1)
+    worlds = []
+    for seed, (mu, q) in enumerate([(0.70, 1.0), (0.72, 1.0)]):
+        models = {
+            PLAIN: {**_summary(0.5, 0.86), "model_utility": 0.78, "relearn_R": 0.2, "quant_nf4_Q": 1.0},
+            undo: {
+                **_summary(0.55, 0.85),
+                "model_utility": mu,
+                "relearn_R": 0.25 + seed * 0.1,
+                "quant_nf4_Q": q,
+            },
+        }
+        worlds.append({"seed": seed, "models": models})
+    agg = aggregate(worlds, s)
+    results = {"aggregate": agg, "environment": {"machine": "m", "date": "2026-01-01"}}
+    text = readme_section(results, s, tmp_path / "r.md", tmp_path / "README.md")
+    assert f"* {undo} − ASU: model utility lower in every world (-0.070 ± 0.014, n=2)" in text
+    assert f"* {undo} − ASU: relearn R higher in every world (+0.100 ± 0.071, n=2)" in text
+    assert f"* {undo} − ASU: NF4 Q no difference (within 0.005 in every world)" in text
+    assert "| original |" not in text and f"| {undo} |" in text
