@@ -596,7 +596,7 @@ def robustness_readme_section(
         + "|\n"
     )
     for row, values in rob["prob"].items():
-        text += f"| {row} | " + " | ".join(qs.fmt(values.get(k)) for k in keys) + " |\n"
+        text += f"| {row} | " + " | ".join(qs.fmt(values.get(k), n_of=n) for k in keys) + " |\n"
     text += _prefix_caveat(rob["prob"].get("original", {}))
     text += "\nWhich forgetting survives which attack:\n\n" + qs.verdict_table(rob["verdicts"]) + "\n"
     text += "".join(f"* {a}: {rule}\n" for a, rule in qs.VERDICT_RULES.items())
@@ -604,9 +604,13 @@ def robustness_readme_section(
     for row, per_attack in rob["verdicts"].items():
         kept = [a for a, v in per_attack.items() if v["verdict"] == "survives"]
         lost = [a for a, v in per_attack.items() if v["verdict"] == "fails"]
+        measured = max(v["stat"]["n"] for v in per_attack.values())
+        where = (
+            f"in every world ({measured})" if measured == n else f"in the {measured} of {n} worlds measured"
+        )
         lines.append(
             f"* {row}: survives {', '.join(kept) if kept else 'no attack'}; fails "
-            f"{', '.join(lost) if lost else 'no attack'} (in every world)"
+            f"{', '.join(lost) if lost else 'no attack'} ({where})"
         )
     return text + "\n" + "\n".join(lines) + "\n"
 

@@ -186,7 +186,13 @@ def verdicts(worlds: Sequence[World], rows: Sequence[str]) -> dict[str, dict[str
             verdict = (
                 "survives" if all(map(survives, values)) else "fails" if all(map(fails, values)) else "mixed"
             )
-            out.setdefault(row, {})[attack] = {"verdict": verdict, "values": values, "stat": mean_std(values)}
+            stat = mean_std(values)
+            out.setdefault(row, {})[attack] = {
+                "verdict": verdict,
+                "values": values,
+                "stat": stat,
+                "of": len(worlds),
+            }
     return out
 
 
@@ -334,6 +340,6 @@ def verdict_table(table: Mapping[str, Mapping[str, Any]]) -> str:
         cells = []
         for a in attacks:
             v = per_attack.get(a)
-            cells.append("–" if v is None else f"{v['verdict']} ({fmt(v['stat'], 2)})")
+            cells.append("–" if v is None else f"{v['verdict']} ({fmt(v['stat'], 2, n_of=v['of'])})")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
