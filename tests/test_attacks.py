@@ -17,6 +17,8 @@ from asu.attacks.probes import OPENER, PrefilledTemplate, paraphrased_rows
 from asu.formatting import IGNORE_INDEX, encode_prompt, encode_qa
 from asu.templates import get_template
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # they train tiny models
+
 # ---- scores -----------------------------------------------------------------------------------------------
 
 

@@ -12,6 +12,8 @@ from asu.attacks.context import evaluator
 from asu.attacks.relearn import RelearnProtocol, _step_loss, _steps, relearn_curve, split_indices
 from asu.data import encode_rows, pad_right
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # they train tiny models
+
 
 def _nll(model, batch) -> torch.Tensor:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
