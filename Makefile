@@ -1,21 +1,39 @@
 # The two commands a new user needs:  `make demo`  and  `make test`.
-# Both create ./.venv on first use with the CPU build of torch and triton 3.6.0 (the GPU image's version),
-# so the Triton interpreter runs the real kernels and the compile report proves what the GPU compiles.
+# Every venv here is installed from a lock (requirements/JOB.lock: the whole environment the job's tests last
+# passed with), so a fresh clone runs exactly what CI ran: `.venv` for `make test` / `make demo` (the CPU build of
+# torch, triton 3.6.0 = the GPU image's, so the interpreter runs the real kernels and the compile report proves
+# what the GPU compiles), and one venv per job of the version matrix. The locks move only on purpose:
+# `make lock` resolves every job's spec (requirements/JOB.in) to the newest releases, runs the tests, and writes
+# the locks and README's versions table; `make test-latest` shows what the newest releases change and break.
 PY      ?= python3
+# lock: install requirements/JOB.lock exactly; spec: resolve requirements/JOB.in afresh (make lock, test-latest).
+SOURCE  ?= lock
 VENV    ?= .venv
+NEWEST_VENV    ?= .venv-newest
+FLOOR_VENV     ?= .venv-floor
+GPU_IMAGE_VENV ?= .venv-gpu-image
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: venv test test-all test-matrix matrix-venvs matrix-newest matrix-floor matrix-gpu-image lint format demo \
-	compile-report bench clean
+	compile-report bench lock test-latest clean
 
-$(STAMP): pyproject.toml Makefile
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0 triton==3.6.0 "numpy<2.4"
-	$(BIN)/python -m pip install -q -e ".[dev]"
-	touch $(STAMP)
+# $(call job_venv,DIR,JOB): DIR/.installed, a venv built from scratch (the folder is removed first) with the
+# job's locked environment, or its spec with SOURCE=spec; rebuilt when the lock, the spec, pyproject.toml or
+# this Makefile change. requirements/locks.py checks that what is installed equals the lock.
+define job_venv
+$(1)/.installed: pyproject.toml Makefile requirements/$(2).in \
+		$(if $(filter spec,$(SOURCE)),,requirements/$(2).lock)
+	rm -rf $(1)
+	$(PY) -m venv $(1)
+	$(PY) requirements/locks.py install $(2) --venv $(1) --source $(SOURCE)
+	touch $$@
+endef
+$(eval $(call job_venv,$(VENV),test))
+$(eval $(call job_venv,$(NEWEST_VENV),newest))
+$(eval $(call job_venv,$(FLOOR_VENV),floor))
+$(eval $(call job_venv,$(GPU_IMAGE_VENV),gpu-image))
 
 venv: $(STAMP)
 
@@ -35,20 +53,12 @@ test-all: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 # ---------------------------------------------------------------------------------------------------------
-# The version matrix (`make test-matrix`, run by .ci/run after `make test`). Each job has its own venv,
-# created from scratch (the folder is removed first) whenever pyproject.toml or this Makefile changes, so a
-# fresh clone builds every one. The pins are the tested combinations listed in the README.
-#   newest:    the newest triton, transformers and numpy on PyPI (with CPU torch 2.13)
+# The version matrix (`make test-matrix`, run by .ci/run after `make test`): each job in its own venv from its
+# lock (see requirements/*.in for what each job pins):
+#   newest:    the newest release of every dependency when the lock last moved (CPU torch 2.13)
 #   floor:     every direct dependency at the floor pyproject.toml declares (CPU torch 2.13: see the README)
 #   gpu-image: the GPU image's torch 2.11 / triton 3.6.0 / transformers 5.17 (torch 2.11 from PyPI is the
 #              CUDA build; it runs on the CPU here)
-# `torch==2.13.0` resolves to the CPU wheel on this machine's disk; a plain `torch` would pull a CUDA build.
-NEWEST_PINS    := torch==2.13.0 triton==3.9.0 transformers==5.24.0 numpy==2.4.6
-FLOOR_PINS     := torch==2.13.0 triton==3.6.0 transformers==5.4.0 tokenizers==0.22.1 safetensors==0.4.3 \
-	tqdm==4.66.3 rouge-score==0.1.2 scipy==1.10.0 matplotlib==3.8.0 peft==0.18.0 accelerate==1.3.0 \
-	datasets==4.0.0 pyarrow==15.0.0 hypothesis==6.100.0
-GPU_IMAGE_PINS := torch==2.11.0 triton==3.6.0 transformers==5.17.0 "numpy<2.4"
-
 # The kernels in the interpreter, and the layer on transformers (attention swap, losses, trainer, evaluation).
 KERNEL_TESTS := tests/test_reference.py tests/test_attention.py tests/test_attention_kl.py tests/test_linear_kl.py \
 	tests/test_compile_report.py
@@ -60,42 +70,27 @@ HF_TESTS     := tests/test_hf_attention.py tests/test_smoothing.py tests/test_as
 FAMILY_TESTS := tests/test_model_families.py
 MATRIX_PYTEST := -m "not gpu and not slow" -p no:cacheprovider -q $(PYTEST_ARGS)
 
-# $(call matrix_venv,DIR,PINS): DIR/.installed, a venv with PINS and the package (editable, dev extras).
-# --no-compile: no .pyc for the whole of torch up front (CPU time CI needs for the tests); imports compile
-# what they use.
-define matrix_venv
-$(1)/.installed: pyproject.toml Makefile
-	rm -rf $(1)
-	$(PY) -m venv $(1)
-	$(1)/bin/python -m pip install -q --no-compile --upgrade pip
-	$(1)/bin/python -m pip install -q --no-compile $(2) -e ".[dev]"
-	touch $$@
-endef
-$(eval $(call matrix_venv,.venv-newest,$(NEWEST_PINS)))
-$(eval $(call matrix_venv,.venv-floor,$(FLOOR_PINS)))
-$(eval $(call matrix_venv,.venv-gpu-image,$(GPU_IMAGE_PINS)))
-
 # Prints the versions a job runs with, so the CI log shows the combination.
 VERSIONS := -c "import platform; from asu.environment import library_versions as v; \
 	print('python', platform.python_version(), v(('torch', 'triton', 'transformers', 'tokenizers', 'numpy', 'peft', 'accelerate')))"
 
 # --allow-spills in the newest job: under triton 3.9 a few h100 candidates spill on sm_90 (see the README); the
 # job checks that every configuration compiles.
-matrix-newest: .venv-newest/.installed
-	.venv-newest/bin/python $(VERSIONS)
-	TRITON_INTERPRET=1 .venv-newest/bin/python -m pytest $(MATRIX_PYTEST) $(KERNEL_TESTS) $(HF_TESTS) $(FAMILY_TESTS)
-	.venv-newest/bin/python -m benchmarks.compile_report --quick --allow-spills
+matrix-newest: $(NEWEST_VENV)/.installed
+	$(NEWEST_VENV)/bin/python $(VERSIONS)
+	TRITON_INTERPRET=1 $(NEWEST_VENV)/bin/python -m pytest $(MATRIX_PYTEST) $(KERNEL_TESTS) $(HF_TESTS) $(FAMILY_TESTS)
+	$(NEWEST_VENV)/bin/python -m benchmarks.compile_report --quick --allow-spills
 
-matrix-floor: .venv-floor/.installed
-	.venv-floor/bin/python $(VERSIONS)
-	TRITON_INTERPRET=1 .venv-floor/bin/python -m pytest $(MATRIX_PYTEST) $(HF_TESTS)
+matrix-floor: $(FLOOR_VENV)/.installed
+	$(FLOOR_VENV)/bin/python $(VERSIONS)
+	TRITON_INTERPRET=1 $(FLOOR_VENV)/bin/python -m pytest $(MATRIX_PYTEST) $(HF_TESTS)
 
-matrix-gpu-image: .venv-gpu-image/.installed
-	.venv-gpu-image/bin/python $(VERSIONS)
-	TRITON_INTERPRET=1 .venv-gpu-image/bin/python -m pytest $(MATRIX_PYTEST) $(HF_TESTS) $(FAMILY_TESTS)
+matrix-gpu-image: $(GPU_IMAGE_VENV)/.installed
+	$(GPU_IMAGE_VENV)/bin/python $(VERSIONS)
+	TRITON_INTERPRET=1 $(GPU_IMAGE_VENV)/bin/python -m pytest $(MATRIX_PYTEST) $(HF_TESTS) $(FAMILY_TESTS)
 
 # The venvs alone: .ci/run builds them in the background while `make test` runs.
-matrix-venvs: .venv-newest/.installed .venv-floor/.installed .venv-gpu-image/.installed
+matrix-venvs: $(NEWEST_VENV)/.installed $(FLOOR_VENV)/.installed $(GPU_IMAGE_VENV)/.installed
 
 test-matrix: matrix-newest matrix-floor matrix-gpu-image
 
@@ -110,5 +105,30 @@ bench: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/asu demo
 
+# ---------------------------------------------------------------------------------------------------------
+# Moving the locks, on purpose. `make lock`: every job's venv built from its spec (the newest releases within
+# the ranges) under .venv-lock/, `make test` and `make test-matrix` run in them, and only if all pass are the
+# locks and README's versions table rewritten from them. Review `git diff requirements README.md`, commit.
+LOCK_VENVS := VENV=.venv-lock/test NEWEST_VENV=.venv-lock/newest FLOOR_VENV=.venv-lock/floor \
+	GPU_IMAGE_VENV=.venv-lock/gpu-image
+lock:
+	rm -rf .venv-lock
+	$(MAKE) SOURCE=spec $(LOCK_VENVS) test test-matrix
+	for job in test newest floor gpu-image; do $(PY) requirements/locks.py freeze $$job --venv .venv-lock/$$job; done
+	$(PY) requirements/locks.py readme
+
+# The newest release of every dependency (within pyproject.toml's ranges; CPU torch 2.13.0) against the suite,
+# in a fresh .venv-latest: the kernel, HF-layer and family tests and the quick compile report, then a table of
+# what changed against the locks and what failed. Not part of .ci/run (an upstream release must not block a
+# landing): run it at the start of a session, fix what it finds, then `make lock`.
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) SOURCE=spec NEWEST_VENV=.venv-latest .venv-latest/.installed
+	.venv-latest/bin/python $(VERSIONS)
+	rc=0; TRITON_INTERPRET=1 .venv-latest/bin/python -m pytest $(MATRIX_PYTEST) --junitxml=.venv-latest/junit.xml \
+		$(KERNEL_TESTS) $(HF_TESTS) $(FAMILY_TESTS) || rc=$$?; \
+	.venv-latest/bin/python -m benchmarks.compile_report --quick --allow-spills || rc=$$?; \
+	$(PY) requirements/locks.py report --venv .venv-latest --junit .venv-latest/junit.xml; exit $$rc
+
 clean:
-	rm -rf $(VENV) .venv-newest .venv-floor .venv-gpu-image .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-newest .venv-floor .venv-gpu-image .venv-lock .venv-latest .pytest_cache .ruff_cache *.egg-info

@@ -58,7 +58,8 @@ from transformers.masking_utils import AttentionMaskInterface
 
 import asu_kernels
 from asu.data import cu_seqlens, document_starts
-from asu.smoothing import TEMPERATURE_ATTR
+from asu.smoothing import TEMPERATURE_ATTR, position_bias_reason
+from asu.warning import AsuWarning
 
 __all__ = ["ATTN_IMPLEMENTATION", "asu_attention_forward", "asu_attention_mask", "register"]
 
@@ -86,7 +87,14 @@ def asu_attention_mask(
     only padding needs a tensor. ``attention_mask`` is the user's 2D mask (B, seen + q_length), True/1 = real
     token. It is sliced to the last ``kv_length`` columns, which are the keys a sliding-window cache keeps.
     None is returned when nothing is padded (the kernel then needs no mask at all).
+
+    Raises:
+        ValueError: the model adds a position bias through its mask (Falcon's ALiBi configs), which the
+            kernels cannot apply (:func:`asu.smoothing.position_bias_reason`).
     """
+    reason = position_bias_reason(kwargs.get("config"))
+    if reason is not None:
+        raise ValueError(f"the asu attention cannot run this model: its attention {reason}")
     if attention_mask is None:
         return None
     if attention_mask.dim() == 4:
@@ -225,7 +233,7 @@ def _warn_once(reason: str) -> None:
     kind = reason.split(":")[0]
     if kind not in _warned:
         _warned.add(kind)
-        warnings.warn(f"asu attention: {reason} (at the module's temperature)", stacklevel=3)
+        warnings.warn(f"asu attention: {reason} (at the module's temperature)", AsuWarning, stacklevel=3)
 
 
 def _pad_head_dim(

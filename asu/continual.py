@@ -39,7 +39,8 @@ from torch import nn
 
 from asu.data import Rows
 from asu.files import atomic_write_json
-from asu.unlearn import CHECKPOINTS, RUN_FILE, UnlearnConfig, unlearn
+from asu.run_folder import CHECKPOINTS, RUN_FILE
+from asu.unlearn import UnlearnConfig, unlearn
 
 __all__ = [
     "ANCHORS",
@@ -362,6 +363,7 @@ STEP_COLUMNS = (
     ("request", "forget_rouge", "request forget ROUGE-L"),
     ("forgotten", "forget_rouge", "forgotten so far ROUGE-L"),
     ("request", "forget_fact_leakage_any", "request fact leak"),
+    ("request", "forget_degenerate_answers", "request degenerate"),
     ("pending", "forget_rouge", "pending ROUGE-L"),
     ("request", "retain_rouge", "retain ROUGE-L"),
     ("request", "model_utility", "model utility"),

@@ -385,10 +385,13 @@ def pair_indices(n_forget: int, n_retain: int, seed: int) -> list[int]:
 
 
 class UnlearnDataset(torch.utils.data.Dataset):
-    """Item ``i``: forget example ``i`` and its paired retain example (and its IDK rewrite, when given).
+    """Item ``i``: forget example ``i`` and its paired retain example, and the rewrites a method trains on.
 
     Each example is ``{"input_ids", "labels", "example_id"}``; ``example_id`` is the index in its own set
-    (what the teacher cache is keyed by).
+    (what the teacher cache is keyed by). ``idk`` (the refusal rewrite) and every list of ``extras`` hold one
+    example per forget example and are served with it (``example_id`` ``i``); every list of
+    ``retain_extras`` holds one per retain example and is served with the paired retain example (its
+    ``example_id``).
     """
 
     def __init__(
@@ -397,15 +400,30 @@ class UnlearnDataset(torch.utils.data.Dataset):
         retain: Sequence[dict[str, list[int]]] | None = None,
         seed: int = 0,
         idk: Sequence[dict[str, list[int]]] | None = None,
+        extras: dict[str, Sequence[dict[str, list[int]]]] | None = None,
+        retain_extras: dict[str, Sequence[dict[str, list[int]]]] | None = None,
     ) -> None:
         if len(forget) == 0:
             raise ValueError("the forget set is empty")
-        if idk is not None and len(idk) != len(forget):
-            raise ValueError(f"idk has {len(idk)} examples, the forget set {len(forget)}")
         self.forget = list(forget)
         self.retain = list(retain) if retain else None
-        self.idk = list(idk) if idk is not None else None
+        self.extras = {name: list(part) for name, part in (extras or {}).items()}
+        if idk is not None:
+            self.extras["idk"] = list(idk)
+        for name, part in self.extras.items():
+            if len(part) != len(self.forget):
+                raise ValueError(f"{name} has {len(part)} examples, the forget set {len(self.forget)}")
+        self.retain_extras = {name: list(part) for name, part in (retain_extras or {}).items()}
+        if self.retain_extras and self.retain is None:
+            raise ValueError(f"{', '.join(self.retain_extras)} need a retain set")
+        for name, part in self.retain_extras.items():
+            if len(part) != len(self.retain):
+                raise ValueError(f"{name} has {len(part)} examples, the retain set {len(self.retain)}")
         self.pairing = pair_indices(len(self.forget), len(self.retain), seed) if self.retain else None
+
+    @property
+    def idk(self) -> list[dict[str, list[int]]] | None:
+        return self.extras.get("idk")
 
     def __len__(self) -> int:
         return len(self.forget)
@@ -415,8 +433,10 @@ class UnlearnDataset(torch.utils.data.Dataset):
         if self.retain is not None:
             j = self.pairing[i]
             item["retain"] = {**self.retain[j], "example_id": j}
-        if self.idk is not None:
-            item["idk"] = {**self.idk[i], "example_id": i}
+            for name, part in self.retain_extras.items():
+                item[name] = {**part[j], "example_id": j}
+        for name, part in self.extras.items():
+            item[name] = {**part[i], "example_id": i}
         return item
 
 

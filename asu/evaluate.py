@@ -18,10 +18,13 @@ TOFU (:func:`evaluate_model`)
     * ``model_utility``: the harmonic mean of every retain and general set's probability (normalised for
       general sets), ROUGE and truth ratio: TOFU's nine parts with ``retain``, ``ra`` and ``wf``.
 
-    A set that lacks a field a metric needs is an error naming the field and the metric, unless that metric
-    is named in ``skip``. Each question + answer is cut to ``max_length`` tokens (512, open-unlearning's), as
-    training cuts it (the end of the answer goes); the text is bounded before it is tokenised
-    (:func:`asu.data.bound_text`), so a huge row costs what a row at the budget costs.
+    Plain ``question`` / ``answer`` rows are enough: a metric whose field no row of its set has is left out
+    and named, with the field that would enable it, in one note; a field on some rows but not all is an
+    error naming the rows; ``skip`` leaves metrics out deliberately and ``require`` (or ``"all"``) makes a
+    missing field an error, every problem of the inputs in one message. Each question + answer is cut to
+    ``max_length`` tokens (512, open-unlearning's), as training cuts it (the end of the answer goes); the
+    text is bounded before it is tokenised (:func:`asu.data.bound_text`), so a huge row costs what a row at
+    the budget costs.
 
 MUSE (:func:`evaluate_muse`)
     ``forget_verbmem_ROUGE`` (ROUGE-L F1 of 128-token continuations of forget-document prefixes),
@@ -32,8 +35,13 @@ MUSE (:func:`evaluate_muse`)
 asu's additions (kept out of the open-unlearning files)
     ``extraction_strength_paper`` (:func:`asu.metrics.tofu.extraction_strength_paper`), the fluency of the
     forget generations (``forget_token_entropy``, ``forget_no_repeat``, ``forget_well_formed`` with a grammar
-    checker) and, on rows that carry ``facts``, ``S_fact_leakage_any`` / ``S_fact_leakage_all``
-    (:func:`asu.metrics.text.fact_leakage`).
+    checker; an empty answer is not fluent in any of them), per evaluated set ``S`` the shares of greedy
+    answers that are no answer at all (``S_immediate_stop`` ⊆ ``S_empty_answers`` ⊆
+    ``S_degenerate_answers``, :func:`asu.metrics.text.degenerate_reason`; a warning in ``warnings`` and
+    above the table when a set's degenerate share reaches :data:`asu.metrics.report.DEGENERATE_WARNING`) and,
+    on rows that carry ``facts``, ``S_fact_leakage_any`` / ``S_fact_leakage_all``
+    (:func:`asu.metrics.text.fact_leakage`). open-unlearning's own metrics are unchanged by degenerate
+    answers: an empty generation scores ROUGE 0 there as here.
 
 Files (:func:`write_results`)
     ``TOFU_EVAL.json`` + ``TOFU_SUMMARY.json`` (or ``MUSE_*``) in open-unlearning's layout and naming (every
@@ -59,6 +67,7 @@ from asu.data import Rows, bound_text
 from asu.metrics import privacy, tofu
 from asu.metrics.layout import (
     Reference,
+    degenerate_entries,
     fluency_entries,
     leakage_entries,
     load_reference_stats,
@@ -81,7 +90,13 @@ from asu.metrics.muse import (
     VERBMEM_PREFIX_TOKENS,
     cut_at_stopwords,
 )
-from asu.metrics.report import LEGACY_SUMMARY_KEYS, markdown_table, summary_table, write_results
+from asu.metrics.report import (
+    LEGACY_SUMMARY_KEYS,
+    degenerate_warnings,
+    markdown_table,
+    summary_table,
+    write_results,
+)
 from asu.metrics.scoring import (
     TokenScores,
     encode_document,
@@ -103,6 +118,7 @@ __all__ = [
     "TOFU_MAX_NEW_TOKENS",
     "Reference",
     "check_rows",
+    "check_tofu_inputs",
     "evaluate_model",
     "evaluate_muse",
     "evaluate_smoothed",
@@ -214,39 +230,150 @@ def _truth_ratio_name(split: str) -> str:
     return "forget_truth_ratio" if split == "forget" else f"{split}_Truth_Ratio"
 
 
+def _field_metrics(name: str, paraphrase: bool) -> dict[str, tuple[str, ...]]:
+    """The metrics of set ``name`` that need fields beyond ``question`` / ``answer``: metric -> fields.
+
+    ``paraphrase``: forget and retain sets, whose truth ratio compares the perturbed answers with the
+    paraphrase; general sets compare them with the answer and add the normalised probability."""
+    tr = _truth_ratio_name(name)
+    if paraphrase:
+        return {tr: ("paraphrased_answer", "perturbed_answer")}
+    return {tr: ("perturbed_answer",), f"{name}_Q_A_Prob_normalised": ("perturbed_answer",)}
+
+
 def _skippable(generals: Collection[str]) -> set[str]:
-    names = {"forget_truth_ratio", "retain_Truth_Ratio"}
+    names = set(_field_metrics("forget", True)) | set(_field_metrics("retain", True))
     for g in generals:
-        names |= {f"{g}_Truth_Ratio", f"{g}_Q_A_Prob_normalised"}
+        names |= set(_field_metrics(g, False))
     return names
 
 
-def _check_tofu_inputs(
-    forget: Sequence[dict],
-    retain: Sequence[dict] | None,
-    generals: Mapping[str, Sequence[dict]],
+def _names(metrics: Collection[str]) -> set[str]:
+    """A set of metric names; one name given as a string is that name, not its letters."""
+    return {metrics} if isinstance(metrics, str) else set(metrics)
+
+
+def _missing_rows(rows: Sequence[dict], key: str) -> list[int]:
+    return [i for i, r in enumerate(rows) if not _usable(r.get(key), key)]
+
+
+def _rows_text(bad: Sequence[int], n: int) -> str:
+    """``row 3`` / ``rows 3, 7, 12 and 5 more`` (of ``n``)."""
+    if len(bad) == 1:
+        return f"row {bad[0]}"
+    shown = ", ".join(map(str, bad[:3]))
+    return f"rows {shown}" + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") + f" (of {n})"
+
+
+@dataclass
+class _Plan:
+    """What :func:`_plan_tofu` decided before any model work."""
+
+    leave_out: set[str]
+    """Metrics not computed: skipped by the caller, or needing a field no row of their set has."""
+    notes: list[str]
+
+
+def _field_problems(
+    name: str, rows: Sequence[dict], paraphrase: bool, skip: set[str], require: set[str]
+) -> tuple[dict[str, tuple[str, ...]], list[str]]:
+    """For one set: the metrics to leave out (metric -> the fields no row has) and the problems (a field on
+    some rows but not all, or no row with a field a required metric needs)."""
+    absent: dict[str, tuple[str, ...]] = {}
+    problems = []
+    partial: dict[str, list[str]] = {}  # a field on some rows only -> the metrics that need it
+    for metric, fields in _field_metrics(name, paraphrase).items():
+        if metric in skip:
+            continue
+        lacking = []
+        for key in fields:
+            bad = _missing_rows(rows, key)
+            if len(bad) == len(rows):
+                lacking.append(key)
+            elif bad:
+                partial.setdefault(key, []).append(metric)
+        if lacking and metric in require:
+            problems.append(
+                f"{name} rows: no row has {', '.join(map(repr, lacking))} (needed by {metric}, which was "
+                "required)"
+            )
+        elif lacking:
+            absent[metric] = tuple(lacking)
+    for key, metrics in partial.items():
+        bad = _missing_rows(rows, key)
+        verb = "has" if len(bad) == 1 else "have"
+        problems.append(
+            f"{name} rows: {_rows_text(bad, len(rows))} {verb} no usable {key!r} (needed by "
+            f"{', '.join(metrics)}; add it to every row or skip the metric)"
+        )
+    return absent, problems
+
+
+def _plan_tofu(
+    sets: Sequence[tuple[str, Sequence[dict] | None, bool]],
     holdout: Sequence[dict] | None,
     skip: set[str],
-) -> None:
-    """Every field every requested metric needs, before any model work."""
-    unknown = skip - _skippable(generals)
-    if unknown:
-        raise ValueError(f"cannot skip {sorted(unknown)}; skippable here: {sorted(_skippable(generals))}")
-    sets: list[tuple[str, Sequence[dict] | None, bool]] = [("forget", forget, True), ("retain", retain, True)]
-    sets += [(g, rows, False) for g, rows in generals.items()]
+    require: Collection[str],
+) -> _Plan:
+    """Every field every metric needs, before any model work.
+
+    A metric whose field no row of its set has is left out, named in one note with the field that would
+    enable it; a field on some rows only, or missing for a metric in ``require`` (``"all"``: every such
+    metric of the sets given), is a problem, and every problem is raised at once in one ValueError."""
+    generals = [name for name, _, paraphrase in sets if not paraphrase]
+    known = _skippable(generals)
+    given = {m for name, rows, p in sets if rows is not None for m in _field_metrics(name, p)}
+    require = set(given - skip) if "all" in require else set(require)
+    problems = []
+    for flag, names in (("skip", skip - known), ("require", require - known)):
+        if names:
+            problems.append(f"cannot {flag} {sorted(names)}; metrics with fields to check: {sorted(known)}")
+    if skip & require:
+        problems.append(f"{sorted(skip & require)} both skipped and required")
+    if require & (known - given):
+        problems.append(f"{sorted(require & (known - given))} required, but their sets are not given")
+    absent: dict[str, tuple[str, tuple[str, ...]]] = {}
     for name, rows, paraphrase in sets:
         if rows is None:
             continue
         check_rows(rows, f"{name} rows")
-        tr = _truth_ratio_name(name)
-        needs_options = tr not in skip or (not paraphrase and f"{name}_Q_A_Prob_normalised" not in skip)
-        if paraphrase and tr not in skip:
-            check_rows(rows, f"{name} rows", ("paraphrased_answer",), needed_by=tr)
-        if needs_options:
-            check_rows(rows, f"{name} rows", ("perturbed_answer",), needed_by=tr if tr not in skip else name)
+        lacking, found = _field_problems(name, rows, paraphrase, skip, require)
+        absent |= {metric: (name, fields) for metric, fields in lacking.items()}
+        problems += found
         _check_facts(rows, f"{name} rows")
     if holdout is not None:
         check_rows(holdout, "holdout rows")
+    if problems:
+        raise ValueError("; ".join(problems))
+    notes = []
+    if absent:
+        parts = [f"{m} ({name} rows: {', '.join(map(repr, f))})" for m, (name, f) in absent.items()]
+        notes.append("left out, their sets lack the fields that would enable them: " + "; ".join(parts))
+    return _Plan(set(skip) | set(absent), notes)
+
+
+def _tofu_sets(
+    forget_rows: Rows, retain_rows: Rows | None, generals: Mapping[str, Rows]
+) -> list[tuple[str, Rows | None, bool]]:
+    """``(name, rows, paraphrase)`` of every TOFU QA set, in evaluation order (see :func:`_field_metrics`)."""
+    return [("forget", forget_rows, True), ("retain", retain_rows, True)] + [
+        (g, rows, False) for g, rows in generals.items()
+    ]
+
+
+def check_tofu_inputs(
+    forget_rows: Rows,
+    retain_rows: Rows | None = None,
+    general_rows: Rows | Mapping[str, Rows] | None = None,
+    holdout_rows: Rows | None = None,
+    *,
+    skip: Collection[str] = (),
+    require: Collection[str] = (),
+) -> list[str]:
+    """What :func:`evaluate_model` checks of its rows before any model work (a ValueError naming every
+    problem at once); returns the notes naming the metrics that will be left out for lack of fields."""
+    sets = _tofu_sets(forget_rows, retain_rows, _general_sets(general_rows))
+    return _plan_tofu(sets, holdout_rows, _names(skip), _names(require)).notes
 
 
 def _check_facts(rows: Sequence[dict], name: str) -> None:
@@ -423,6 +550,7 @@ def evaluate_model(
     holdout_rows: Rows | None = None,
     template: str | None = None,
     skip: Collection[str] = (),
+    require: Collection[str] = (),
     max_length: int | None = TOFU_MAX_LENGTH,
 ) -> dict[str, Any]:
     """TOFU's evaluation of ``model`` as open-unlearning computes it, plus asu's additions.
@@ -430,19 +558,22 @@ def evaluate_model(
     ``general_rows``: ``{name: rows}`` (TOFU: ``{"ra": ..., "wf": ...}``) or one list of rows (world facts,
     ``wf``). ``reference_stats``: the reference model's evaluation (:func:`load_reference_stats`: open-
     unlearning's layout or a legacy statistics dict) for ``forget_quality`` and ``privleak``. ``template``:
-    passed to :mod:`asu.formatting` (None: its default). ``skip``: metrics to leave out (truth ratios,
-    normalised probabilities) when a set lacks their fields. ``max_length``: tokens per question + answer
-    (None: no cut).
+    passed to :mod:`asu.formatting` (None: its default). A metric that needs a field no row of its set has
+    (truth ratios: ``paraphrased_answer`` / ``perturbed_answer``; normalised probabilities:
+    ``perturbed_answer``) is left out and named in ``notes``; ``skip`` leaves such metrics out deliberately,
+    ``require`` (metric names, or ``"all"``) makes their absence an error, every problem named in one
+    ValueError. ``max_length``: tokens per question + answer (None: no cut).
 
     Returns ``{"benchmark": "TOFU", "logs"`` (open-unlearning's ``TOFU_EVAL.json``), ``"headline"`` (its
     ``TOFU_SUMMARY.json``), ``"extras"`` (asu's additions), ``"metrics"`` (both), ``"summary"`` (every
     aggregate, plus :data:`LEGACY_SUMMARY_KEYS`), ``"stats"`` (legacy forget statistics, a valid
-    ``reference_stats``), ``"generations"`` ({set: [text]}), ``"notes"`` (what was left out, and why)``}``.
+    ``reference_stats``), ``"generations"`` ({set: [text]}), ``"notes"`` (what was left out, and why),
+    ``"warnings"`` (sets with many degenerate answers, :func:`asu.metrics.report.degenerate_warnings`)``}``.
     The model is put in eval mode for the run and its previous mode restored.
     """
     generals = _general_sets(general_rows)
-    skip = set(skip)
-    _check_tofu_inputs(forget_rows, retain_rows, generals, holdout_rows, skip)
+    sets = _tofu_sets(forget_rows, retain_rows, generals)
+    plan = _plan_tofu(sets, holdout_rows, _names(skip), _names(require))
     reference = reference_from(reference_stats, "reference", n_forget=len(forget_rows))
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size ({batch_size}) and max_new_tokens ({max_new_tokens}) must be >= 1")
@@ -453,14 +584,13 @@ def evaluate_model(
     extras: dict[str, Any] = {}
     generations: dict[str, list[str]] = {}
     with _eval_mode(model):
-        sets = [("forget", forget_rows, True), ("retain", retain_rows, True)]
-        sets += [(g, rows, False) for g, rows in generals.items()]
         results: dict[str, _SetResult] = {}
         for name, rows, paraphrase in sets:
             if rows is None:
                 continue
-            results[name] = res = _qa_set(run, name, rows, paraphrase, skip)
+            results[name] = res = _qa_set(run, name, rows, paraphrase, plan.leave_out)
             logs.update(res.logs)
+            extras.update(degenerate_entries(name, res.generations))
             extras.update(leakage_entries(name, rows, res.generations))
             generations[name] = [g["generation"] for g in res.generations]
         forget = results["forget"]
@@ -471,7 +601,7 @@ def evaluate_model(
         if holdout_rows is not None:
             holdout = run.pairs(holdout_rows, "answer", "holdout: answers")
             logs.update(mia_entries(tokenizer, forget.answers, holdout))
-    notes = _aggregate_tofu(logs, reference, retain_rows is not None, list(generals))
+    notes = plan.notes + _aggregate_tofu(logs, reference, retain_rows is not None, list(generals))
     stats = {
         "truth_ratio": {
             k: v["score"] for k, v in logs.get("forget_truth_ratio", {}).get("value_by_index", {}).items()
@@ -500,7 +630,7 @@ def _aggregate_tofu(
             )
         logs["forget_quality"] = {"agg_value": fq}
     else:
-        notes.append("forget_quality: not computed (forget_truth_ratio skipped)")
+        notes.append("forget_quality: not computed (it needs forget_truth_ratio)")
     if has_retain:
         parts = ["retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio"]
         parts += [f"{g}_{m}" for g in generals for m in ("Q_A_Prob_normalised", "Q_A_ROUGE", "Truth_Ratio")]
@@ -555,6 +685,7 @@ def _result(
         "summary": summary,
         "generations": generations,
         "notes": notes,
+        "warnings": degenerate_warnings(extras),
     }
     if stats is not None:
         out["stats"] = stats
@@ -630,7 +761,7 @@ def _verbmem(
     )  # fmt: skip
     logs = {"forget_verbmem_ROUGE": rouge_entry(gens, "rougeL_f1")}
     memorisation, paper = memorisation_entries(run.score(examples, "verbmem: scoring"))
-    return logs | memorisation, paper, gens
+    return logs | memorisation, paper | degenerate_entries("forget_verbmem", gens), gens
 
 
 def _knowmem(
@@ -645,7 +776,7 @@ def _knowmem(
     )  # fmt: skip
     return (
         {f"{split}_knowmem_ROUGE": rouge_entry(gens, "rougeL_f1")},
-        leakage_entries(f"{split}_knowmem", rows, gens),
+        leakage_entries(f"{split}_knowmem", rows, gens) | degenerate_entries(f"{split}_knowmem", gens),
         gens,
     )
 

@@ -49,6 +49,7 @@ __all__ = [
     "finite_json",
     "output_lock",
     "remove_stale_temporaries",
+    "replace_section",
 ]
 
 FILE_MODE = 0o644
@@ -287,3 +288,21 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[str]:
             continue
         removed.append(name)
     return removed
+
+
+def replace_section(path: str | os.PathLike[str], section: str, markers: tuple[str, str]) -> bool:
+    """Replace the text between the two ``markers`` of the text file ``path`` by ``section`` (atomically, only
+    when it changes); False, and the file untouched, without both markers or without the file. How the
+    README's generated sections (performance, quality, the method tables) are refreshed."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    text = path.read_text(encoding="utf-8")
+    first, last = markers
+    start, end = text.find(first), text.find(last)
+    if start < 0 or end < 0 or end < start:
+        return False
+    new = text[: start + len(first)] + "\n" + section.strip("\n") + "\n\n" + text[end:]
+    if new != text:
+        atomic_write_text(path, new)
+    return True

@@ -1,7 +1,9 @@
 """The paper's recipes as :class:`asu.unlearn.UnlearnConfig` values, one name each.
 
 Every value comes from the authors' code (Salehzz/ASU-unlearning; the file is named per preset in
-:data:`PRESETS`). Their runs used 2 GPUs for TOFU and 8 for MUSE; the effective batch (per-device batch x
+:data:`PRESETS`). Each preset names its method (``asu``, a name of the method registry :mod:`asu.methods`,
+checked when the config is validated); ``--method`` given explicitly runs another method with the recipe's
+training settings. Their runs used 2 GPUs for TOFU and 8 for MUSE; the effective batch (per-device batch x
 accumulation x GPUs) is kept, here as ``batch_size x grad_accum`` on one device (``asu unlearn`` with
 ``torchrun`` multiplies by the world size, so lower ``--grad-accum`` there). Their optimiser was AdamW
 (``paged_adamw_32bit`` for TOFU, ``adamw_torch`` for MUSE: the same update), in bf16.
@@ -44,6 +46,7 @@ class Preset:
 
 # The two base recipes side by side, so both set the same fields: UnlearnConfig field -> (TOFU, MUSE).
 _RECIPES: dict[str, tuple[Any, Any]] = {
+    "method": ("asu", "asu"),
     "temperature": (2.3, 2.5),
     "lam": (0.1, 1.0),
     "retain_loss": ("nll", "kl"),

@@ -20,8 +20,9 @@ Attention modules are found by what they are (:func:`attention_modules`): module
 transformers' attention interface and which carry a numeric softmax scale. Projection names do not matter
 (separate ``q_proj``/``k_proj``, Phi-3's fused ``qkv_proj``, GPT-NeoX's ``query_key_value``, GPT-2's
 ``c_attn`` are all found); the rotary embedding's ``attention_scaling`` is not an attention scale (its
-module calls no attention). A model with no such module (Falcon computes attention itself) gets one error
-naming its attention class and why.
+module calls no attention). A model with no such module (Falcon before transformers 5.25 computes its
+attention itself) gets one error naming its attention class and why, and so does a model whose attention
+adds a position bias through its mask (Falcon's ALiBi configs: :func:`position_bias_reason`).
 
 The original values are restored exactly on exit (also after an exception), and nested use replaces the
 temperature of a layer for the inner block (temperatures do not compound) and then restores the outer one.
@@ -46,7 +47,9 @@ __all__ = [
     "TEMPERATURE_ATTR",
     "attention_modules",
     "clear_smoothing",
+    "calls_attention_interface",
     "parse_layers",
+    "position_bias_reason",
     "scale_attribute",
     "set_smoothing",
     "smoothing",
@@ -159,6 +162,29 @@ def _interface_scale_names(cls: type) -> tuple[str, ...] | None:
     return None
 
 
+def calls_attention_interface(cls: type) -> bool:
+    """Whether the forward of module class ``cls`` (its own or an inherited one) calls transformers' attention
+    interface, where ``attn_implementation`` and the temperature act. Falcon's attention does from
+    transformers 5.25 on and computed its attention itself before."""
+    return _interface_scale_names(cls) is not None
+
+
+def position_bias_reason(config: object) -> str | None:
+    """Why a model whose attention adds a position bias through its attention mask can be neither smoothed nor
+    run by the ``asu`` attention, or None for every other model.
+
+    Falcon's ALiBi configs (``alibi=True``) add ``alibi / sqrt(head_dim)`` to the attention mask. The ``asu``
+    kernels take no additive bias (the bias would be dropped), and dividing the module's softmax scale by
+    ``tau`` would smooth ``q k^T`` but not the bias, which is not attention at temperature ``tau``.
+    """
+    if getattr(config, "alibi", False) is True:
+        return (
+            "adds an ALiBi position bias to its attention mask (config.alibi=True): the asu kernels take no "
+            "additive bias and a temperature would not reach it; RoPE configs (alibi=False) are supported"
+        )
+    return None
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -229,6 +255,12 @@ def attention_modules(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module
         raise ValueError(
             f"no attention module found in {type(model).__name__}: no submodule calls transformers' "
             "attention interface with a softmax scale (scaling)"
+        )
+    biased = next((m for _, _, m in found if position_bias_reason(getattr(m, "config", None))), None)
+    if biased is not None:
+        raise ValueError(
+            f"{type(model).__name__} cannot be smoothed: {type(biased).__name__} "
+            f"{position_bias_reason(biased.config)}"
         )
     found.sort(key=lambda t: (t[0], t[1]))
     return [(idx, module) for idx, _, module in found]

@@ -6,7 +6,7 @@ hidden states (after the final norm) at those positions, (M, d), plus :meth:`Tea
 original LM-head weight (V, d) and bias (V,) or ``None``. The vocabulary KL is then computed by the fused
 ``linear_kl`` without any (M, V) logits. ``smoothed=True`` asks for the forget-teacher ``theta_tau``
 (selected layers at temperature ``tau``), ``smoothed=False`` for the original model at ``tau = 1`` (retain
-``kl`` and the NPO reference).
+``kl`` and the reference model of NPO, DPO and UNDIAL).
 
 Sources
     * ``copy`` (:class:`CopyTeacher`): a frozen deep copy of the original model, smoothing set persistently;
@@ -27,6 +27,9 @@ Attention-map teachers (``asu-attn``): :meth:`Teacher.attention_qk` returns the 
 ``(q, k)`` of the selected layers, computed at ``tau = 1`` (the temperature enters the KL as
 ``temperature_t``, so the teacher's own smoothing must be off); ``copy`` and ``base`` provide it, ``self``
 returns ``None`` (use the student's own q, k), ``cache`` stores no q, k and refuses.
+
+Decoder-layer teachers (RMU's ``embed`` retain term): :meth:`Teacher.layer_output` returns the original
+model's output of one decoder layer at ``tau = 1``; ``copy`` and ``base`` provide it, the others refuse.
 
 Cache layout: per (set, smoothed) store, one flat (sum_s T_s, d) tensor with the rows of example ``s`` at
 ``offsets[s]:offsets[s + 1]``, in the order :func:`asu.data.label_positions` yields them. A batch's teacher
@@ -89,6 +92,8 @@ __all__ = [
     "cache_fingerprint",
     "is_peft_model",
     "decoder_hidden",
+    "decoder_layers",
+    "decoder_layer_output",
     "output_head",
     "LogitHead",
     "logit_head",
@@ -188,6 +193,35 @@ def decoder_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's layer stack (``layers``, or ``h`` for GPT-2), for hooks on a layer's output."""
+    decoder = model.get_decoder()
+    for name in ("layers", "h"):
+        stack = getattr(decoder, name, None)
+        if isinstance(stack, nn.ModuleList):
+            return stack
+    raise TypeError(f"{type(decoder).__name__} has no decoder layer list ('layers' or 'h')")
+
+
+def decoder_layer_output(model: nn.Module, batch: dict[str, torch.Tensor], layer: int) -> torch.Tensor:
+    """The output hidden states of decoder layer ``layer`` for a batch, (R, L, d), with its autograd graph
+    when gradients are on (a forward hook on the layer; the decoder runs in full, never the LM head)."""
+    stack = decoder_layers(model)
+    if not 0 <= layer < len(stack):
+        raise ValueError(f"layer {layer} is out of range: the model has {len(stack)} decoder layers")
+    captured: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: Any, output: Any) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = stack[layer].register_forward_hook(keep)
+    try:
+        decoder_hidden(model, batch)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Evaluation mode (no dropout) for the block, restoring each module's own flag after."""
@@ -234,6 +268,14 @@ class Teacher(nn.Module):
             "'copy', 'base' or 'self'"
         )
 
+    def layer_output(self, batch: dict[str, torch.Tensor], layer: int) -> torch.Tensor:
+        """The original model's (tau = 1) output of decoder layer ``layer``, (R, L, d), no gradient (RMU's
+        retain term)."""
+        raise ValueError(
+            f"the {self.kind!r} teacher provides no decoder-layer outputs; RMU's embed retain term needs "
+            "teacher 'copy' or 'base'"
+        )
+
     def train(self, mode: bool = True) -> Teacher:
         # The teacher is frozen: it stays in evaluation mode whatever its parent is switched to.
         return super().train(False)
@@ -271,6 +313,11 @@ class CopyTeacher(Teacher):
         with smoothing(self.model, 1.0, self.layers), capture_qk(self.model, list(layers)) as qk:
             decoder_hidden(self.model, batch)
         return dict(qk)
+
+    @torch.no_grad()
+    def layer_output(self, batch: dict[str, torch.Tensor], layer: int) -> torch.Tensor:
+        with smoothing(self.model, 1.0, self.layers):
+            return decoder_layer_output(self.model, batch, layer)
 
 
 class BaseTeacher(Teacher):
@@ -314,6 +361,12 @@ class BaseTeacher(Teacher):
         with _eval_mode(student), student.disable_adapter(), capture_qk(student, list(layers)) as qk:
             decoder_hidden(student, batch)
         return dict(qk)
+
+    @torch.no_grad()
+    def layer_output(self, batch: dict[str, torch.Tensor], layer: int) -> torch.Tensor:
+        student = self._student[0]
+        with _eval_mode(student), student.disable_adapter():
+            return decoder_layer_output(student, batch, layer)
 
 
 class SelfTeacher(Teacher):

@@ -6,6 +6,8 @@ wrapped module's forward, where sharded weights are gathered. What differs from 
 
 * ``compute_loss`` calls the objective and keeps every loss term; ``log`` adds their means over the
   logging window (``forget_loss``, ``retain_loss``) next to Trainer's ``loss``.
+* the terminal shows the progress bar only: the dict the Trainer prints for every logged step goes to the
+  run's ``history`` (``run.json``) instead (:class:`ProgressBarOnly`, and no ``PrinterCallback``).
 * ``_save`` writes the *student* (``save_pretrained``: safetensors, or only the adapter for a PEFT
   student) and the tokenizer, never the frozen teacher; ``_load_from_checkpoint`` reads it back into the
   student, so ``resume_from_checkpoint`` continues an interrupted run exactly (optimizer, scheduler, RNG
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from asu.distributed import engine
 from asu.losses import UnlearnObjective
@@ -31,7 +34,9 @@ from asu.teachers import is_peft_model
 __all__ = [
     "NonFiniteTrainingError",
     "NonFiniteWatch",
+    "ProgressBarOnly",
     "UnlearnTrainer",
+    "enable_activation_checkpointing",
     "student_of",
     "load_student_weights",
 ]
@@ -201,6 +206,26 @@ class NonFiniteWatch(TrainerCallback):
         return control
 
 
+class ProgressBarOnly(ProgressCallback):
+    """transformers' training progress bar without the dict it writes under the bar at every log
+    (``{'loss': '-0.5619', 'grad_norm': ...}``, one line per optimizer step with ``logging_steps=1``): the
+    logged values are the run's ``history``, kept in ``run.json``."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        return None
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in the backward (non-reentrant ``torch.utils.checkpoint``), through
+    transformers' ``activation_checkpointing_enable`` where it exists (5.25 on) and its deprecated
+    predecessor ``gradient_checkpointing_enable`` before. A PEFT model forwards either to its base model."""
+    kwargs = {"use_reentrant": False}
+    if callable(getattr(model, "activation_checkpointing_enable", None)):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 class UnlearnTrainer(Trainer):
     """``transformers.Trainer`` over an :class:`UnlearnObjective`; see the module docstring.
 
@@ -210,6 +235,10 @@ class UnlearnTrainer(Trainer):
 
     def __init__(self, *args: Any, max_nonfinite_steps: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Logged values belong in run.json, not between the progress bars on the terminal.
+        self.remove_callback(PrinterCallback)
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(ProgressBarOnly)
         self._term_sums: dict[str, float] = {}
         self._term_counts: dict[str, int] = {}
         self.nonfinite_watch = NonFiniteWatch(max_nonfinite_steps)

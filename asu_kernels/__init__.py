@@ -5,7 +5,8 @@ Depends on torch and triton only. Public ops:
 * :func:`attention` — temperature-scaled flash attention (causal, GQA, varlen, sliding window), fwd + bwd.
 * :func:`linear_kl` — ``sum_i w_i KL(teacher_i || student_i)`` over the vocabulary from hidden states and
   LM-head weights, never materialising the logits.
-* :func:`linear_cross_entropy` — the same for the retain cross-entropy.
+* :func:`linear_cross_entropy` — the same for the retain cross-entropy; :func:`linear_cross_entropy_rows` —
+  every row's own cross-entropy, without gradient (the detached per-token weights of weighted objectives).
 * :func:`attention_kl` — per-row ``KL(teacher attention || student attention)`` and entropies in one streaming
   pass, fwd + bwd to the student's q and k.
 
@@ -21,7 +22,14 @@ definitions every kernel is tested against (and the CPU path).
 from asu_kernels import reference
 from asu_kernels.attention import attention
 from asu_kernels.attention_kl import attention_kl
-from asu_kernels.linear_kl import linear_cross_entropy, linear_kl
+from asu_kernels.linear_kl import linear_cross_entropy, linear_cross_entropy_rows, linear_kl
 
-__all__ = ["attention", "attention_kl", "linear_kl", "linear_cross_entropy", "reference"]
+__all__ = [
+    "attention",
+    "attention_kl",
+    "linear_kl",
+    "linear_cross_entropy",
+    "linear_cross_entropy_rows",
+    "reference",
+]
 __version__ = "0.1.0"

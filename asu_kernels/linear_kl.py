@@ -57,7 +57,7 @@ from asu_kernels import _linear_kl_kernels as kernels
 from asu_kernels._aot import AOTSpec
 from asu_kernels._backend import use_triton
 
-__all__ = ["linear_kl", "linear_cross_entropy", "aot_specs"]
+__all__ = ["linear_kl", "linear_cross_entropy", "linear_cross_entropy_rows", "aot_specs"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -500,6 +500,7 @@ def _chunked_loss(
     need: tuple[bool, bool, bool],
     n_buffers: int,
     chunk_loss,
+    rows_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunk loop of both losses: ``(loss, grad_hidden, grad_weight, grad_bias)`` of ``sum_i w_i L_i``.
 
@@ -508,6 +509,7 @@ def _chunked_loss(
     fills the ``n_buffers`` (c, V) logit buffers from the chunk's hidden states ``h``, returns the per-row
     losses and, with ``compute_grad``, leaves the logit gradient ``w_scaled * dL/dlogits`` in
     ``buffers[0]``; the student head (``hidden``, ``weight``, ``bias``) gets the gradients ``need`` asks for.
+    ``rows_out`` (M,), when given, receives every active row's own loss ``L_i`` (unweighted).
     """
     rows, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
@@ -530,6 +532,8 @@ def _chunked_loss(
             h, w_c, x = sel.take(hidden), sel.take(w), [buf[:c] for buf in buffers]
             per_row = chunk_loss(sel, h, x, w_c / grad_scale, loss_buf[:c], on_triton, compute_grad)
             total += (w_c * per_row.to(acc)).sum()
+            if rows_out is not None:
+                sel.put(rows_out, per_row.to(rows_out.dtype))
             if compute_grad:
                 _backprop_chunk(x[0], h, weight, sel, grad_h, grad_w, grad_b, grad_scale)
         del buffers, x  # free the chunk buffers before the gradients are cast
@@ -578,14 +582,11 @@ def _linear_kl_forward(
         return _chunked_loss(student_hidden, student_weight, student_bias, w, active, need, 2, kl_chunk)
 
 
-def _linear_ce_forward(
-    hidden, weight, labels, ignore_index, weights, bias, need_h, need_w, need_b, check, softcap=None
-):
-    """Body of the cross-entropy op (:data:`_CE_SCHEMA`): ``(loss, grad_hidden, grad_weight, grad_bias)``."""
-    if check:
-        _check_finite({"hidden": hidden, "weight": weight, "weights": weights, "bias": bias})
-    vocab = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+def _ce_labels_and_weights(
+    labels: torch.Tensor, ignore_index: int, vocab: int, weights: torch.Tensor | None, acc: torch.dtype
+) -> torch.Tensor:
+    """The row weights of the cross-entropy (0 on ignored rows; ``1/#valid`` each without ``weights``);
+    ValueError for a label outside ``[0, V)`` that is not ``ignore_index``."""
     valid = labels != ignore_index
     out_of_range = valid & ((labels < 0) | (labels >= vocab))
     if bool(out_of_range.any()):
@@ -594,9 +595,12 @@ def _linear_ce_forward(
             f"labels must be in [0, V={vocab}) or equal ignore_index={ignore_index}; got e.g. {bad}"
         )
     if weights is None:
-        w = valid.to(acc) / valid.sum().clamp(min=1).to(acc)
-    else:
-        w = weights.to(acc) * valid.to(acc)
+        return valid.to(acc) / valid.sum().clamp(min=1).to(acc)
+    return weights.to(acc) * valid.to(acc)
+
+
+def _ce_chunk_loss(labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap):
+    """The cross-entropy's per-chunk step for :func:`_chunked_loss`."""
 
     def ce_chunk(sel, h, buffers, w_scaled, loss_out, on_triton, compute_grad):
         (x,) = buffers
@@ -608,6 +612,17 @@ def _linear_ce_forward(
         kernels.launch_ce_rows(x, y.contiguous(), w_scaled, per_row, compute_grad, _block_v_override, softcap)
         return per_row
 
+    return ce_chunk
+
+
+def _linear_ce_forward(
+    hidden, weight, labels, ignore_index, weights, bias, need_h, need_w, need_b, check, softcap=None
+):
+    """Body of the cross-entropy op (:data:`_CE_SCHEMA`): ``(loss, grad_hidden, grad_weight, grad_bias)``."""
+    if check:
+        _check_finite({"hidden": hidden, "weight": weight, "weights": weights, "bias": bias})
+    w = _ce_labels_and_weights(labels, ignore_index, weight.shape[0], weights, _acc_dtype(hidden.dtype))
+    ce_chunk = _ce_chunk_loss(labels, weight, bias, softcap)
     with _no_autocast(hidden.device):
         return _chunked_loss(hidden, weight, bias, w, w != 0, (need_h, need_w, need_b), 1, ce_chunk)
 
@@ -834,6 +849,27 @@ def linear_kl(
     return loss
 
 
+def _check_ce_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: object,
+    ignore_index: object,
+    weights: torch.Tensor | None,
+) -> None:
+    """Shapes, types and devices of the cross-entropy's inputs (hidden, head and bias already cast)."""
+    _check_head("", hidden, weight, bias)
+    labels = _require_tensor("labels", labels)
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != (hidden.shape[0],):
+        raise ValueError(f"labels must have shape (M,)=({hidden.shape[0]},), got {tuple(labels.shape)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _check_row_weights(weights, hidden.shape[0])
+    _check_devices({"hidden": hidden, "weight": weight, "labels": labels, "weights": weights, "bias": bias})
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -863,16 +899,7 @@ def linear_cross_entropy(
     """
     softcap = _check_softcap(softcap)
     hidden, weight, bias = _in_compute_dtype(hidden=hidden, weight=weight, bias=bias)
-    _check_head("", hidden, weight, bias)
-    labels = _require_tensor("labels", labels)
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.shape != (hidden.shape[0],):
-        raise ValueError(f"labels must have shape (M,)=({hidden.shape[0]},), got {tuple(labels.shape)}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    _check_row_weights(weights, hidden.shape[0])
-    _check_devices({"hidden": hidden, "weight": weight, "labels": labels, "weights": weights, "bias": bias})
+    _check_ce_inputs(hidden, weight, bias, labels, ignore_index, weights)
     loss, _, _, _ = _linear_ce_op(
         hidden,
         weight,
@@ -887,6 +914,34 @@ def linear_cross_entropy(
         softcap,
     )
     return loss
+
+
+# fmt: off
+@torch.no_grad()
+def linear_cross_entropy_rows(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+    bias: torch.Tensor | None = None, *, softcap: float | None = None,
+) -> torch.Tensor:
+    # fmt: on
+    """Every row's own ``-log softmax(h_i W^T + b)[y_i]``, (M,) fp32 (fp64 for float64 inputs), 0 on rows
+    whose label is ``ignore_index``; no gradient, no (M x V) logits held.
+
+    The per-token probabilities ``p_i = exp(-L_i)`` that weighted objectives (WGA, SatImp, CE-U, UNDIAL's
+    teacher) build their detached row weights from, computed by the same chunk loop and row kernels as
+    :func:`linear_cross_entropy` (Triton on CUDA / under the interpreter, PyTorch otherwise). Arguments as
+    there.
+    """
+    softcap = _check_softcap(softcap)
+    hidden, weight, bias = _in_compute_dtype(hidden=hidden, weight=weight, bias=bias)
+    _check_ce_inputs(hidden, weight, bias, labels, ignore_index, None)
+    acc = _acc_dtype(hidden.dtype)
+    valid = labels != ignore_index
+    w = _ce_labels_and_weights(labels, ignore_index, weight.shape[0], valid.to(acc), acc)
+    out = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
+    ce_chunk = _ce_chunk_loss(labels, weight, bias, softcap)
+    with _no_autocast(hidden.device):
+        _chunked_loss(hidden, weight, bias, w, valid, (False, False, False), 1, ce_chunk, rows_out=out)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

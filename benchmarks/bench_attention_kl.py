@@ -134,16 +134,25 @@ class FlexComposition(Provider):
             )  # fmt: skip
         self.gqa = shape.heads_q != shape.heads_kv
 
+    def _with_lse(self, *args, **kwargs):
+        """FlexAttention's output and natural-log LSE: ``return_aux=AuxRequest(lse=True)`` where torch has it
+        (its ``return_lse`` is deprecated there), ``return_lse=True`` before."""
+        try:
+            from torch.nn.attention.flex_attention import AuxRequest
+        except ImportError:
+            return self._flex(*args, return_lse=True, **kwargs)
+        out, aux = self._flex(*args, return_aux=AuxRequest(lse=True), **kwargs)
+        return out, aux.lse
+
     def __call__(self, q_s, k_s, q_t, k_t):
         d = q_s.shape[-1]
         scale_t = self.scale / self.shape.temperature
         values = torch.cat([k_t.detach(), k_s], dim=-1)  # (B, Hkv, N, 2D)
-        out_t, lse_t = self._flex(
-            q_t.detach(), k_t.detach(), values, block_mask=self.block_mask, scale=scale_t,
-            enable_gqa=self.gqa, return_lse=True,
-        )  # fmt: skip
-        _, lse_s = self._flex(
-            q_s, k_s, k_s, block_mask=self.block_mask, scale=self.scale, enable_gqa=self.gqa, return_lse=True
+        out_t, lse_t = self._with_lse(
+            q_t.detach(), k_t.detach(), values, block_mask=self.block_mask, scale=scale_t, enable_gqa=self.gqa
+        )
+        _, lse_s = self._with_lse(
+            q_s, k_s, k_s, block_mask=self.block_mask, scale=self.scale, enable_gqa=self.gqa
         )
         o_t, o_s = out_t[..., :d].float(), out_t[..., d:].float()
         cross_t = scale_t * (q_t.detach().float() * o_t).sum(-1)  # sum_j p_T s_T

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from asu.demo.tiny import seeded_llama
 from asu.smoothing import set_smoothing, smoothing
+from asu.trainer import enable_activation_checkpointing
 from benchmarks.bench_e2e import LLAMA_1B
 from benchmarks.common import Recorder, is_oom, peak_memory_gb, release_memory
 
@@ -38,7 +39,7 @@ def _model(device: str, attn: str) -> torch.nn.Module:
     model = seeded_llama(
         0, device=device, dtype=torch.bfloat16, **shape, attn_implementation=attn, use_cache=False
     )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     model.train()
     return model
 

@@ -1,4 +1,4 @@
-"""The quality benchmark: ASU against GA+GD, NPO, SimNPO and IDK on several embedded worlds, mean ± std.
+"""The quality benchmark: ASU against the baselines on several embedded worlds, mean ± std.
 
 ``python -m benchmarks.quality [--quick|--full] [--seeds 0,1,2] [--jobs 2] [--out DIR]``
 
@@ -16,7 +16,9 @@ tiny model and oracle (:mod:`asu.demo.tiny`, cached by configuration), then, as 
     the main ASU at other targets ``R``: how forgetting, retain and the preview's promise move with it;
 ``baselines``
     each baseline's learning rate bisected toward the main ASU's forget ROUGE-L and its numbers read at
-    exactly that forgetting (:mod:`asu.demo.matching`);
+    exactly that forgetting (:mod:`asu.demo.matching`): GA+GD, NPO, SimNPO and IDK, and in the full mode every
+    other method of the registry (:data:`asu.demo.experiment.BASELINES`: ASU+IDK, DPO, AltPO, IDK+AP, ME+GD,
+    LLMU, RMU, UNDIAL, SatImp, WGA, CE-U); ``--baselines`` picks others;
 ``robustness``
     the attacks of :mod:`asu.attacks` (``QualitySettings.attacks``) on the original, the oracle, the main ASU
     and the baseline runs read at its forgetting: relearning on the forget rows (R against the oracle's own
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import datetime
 import json
 import multiprocessing
@@ -52,7 +55,7 @@ from typing import Any
 
 import torch
 
-from asu.demo.experiment import BASELINES, Experiment, MethodSettings
+from asu.demo.experiment import BASELINES, FIRST_BASELINES, Experiment, MethodSettings
 from asu.demo.matching import MATCH_KEY
 from asu.demo.tiny import TinyModelConfig, TrainConfig
 from asu.demo.world import WorldConfig
@@ -115,6 +118,7 @@ def settings_for(mode: str) -> QualitySettings:
             sweep=(),
             variants=(("all layers", None),),
             match_steps=2,
+            baselines=FIRST_BASELINES,
             continual=(("ASU, anchor original", "asu", "original"),),
         )
     raise ValueError(f"unknown mode {mode!r}; choose quick or full")
@@ -320,7 +324,13 @@ class WorldRun:
 
 
 def _brief(summary: dict[str, Any]) -> str:
-    keys = ("forget_rouge", "forget_fact_leakage_any", "retain_rouge", "model_utility")
+    keys = (
+        "forget_rouge",
+        "forget_fact_leakage_any",
+        "forget_degenerate_answers",
+        "retain_rouge",
+        "model_utility",
+    )
     return ", ".join(f"{k} {summary[k]:.3f}" for k in keys if summary.get(k) is not None)
 
 
@@ -454,13 +464,15 @@ def _markdown(results: dict[str, Any], worlds: list[dict[str, Any]], s: QualityS
             f"{p['met']}/{p['n']}, within ±{p['tolerance']} in {p['close']}/{p['n']}.\n\n"
         )
     if agg["sweep"]:
-        text += "## The target R (main ASU)\n\n| target | τ | forget ROUGE-L | fact leak | retain ROUGE-L |\n"
-        text += "|---|---|---|---|---|\n"
+        text += (
+            "## The target R (main ASU)\n\n| target | τ | forget ROUGE-L | fact leak | degenerate answers | "
+        )
+        text += "retain ROUGE-L |\n|---|---|---|---|---|---|\n"
         rows = {f"{s.main_variant}, R={s.target.split(':')[1]}": agg["table"].get(main, {})} | agg["sweep"]
         for label, r in rows.items():
             tau = r.get("temperature")
-            cells = [qs.fmt(tau, 2)] + [qs.fmt(r.get(k)) for k in ("forget_rouge", "forget_fact_leakage_any")]
-            cells.append(qs.fmt(r.get("retain_rouge")))
+            keys = ("forget_rouge", "forget_fact_leakage_any", "forget_degenerate_answers", "retain_rouge")
+            cells = [qs.fmt(tau, 2)] + [qs.fmt(r.get(k)) for k in keys]
             text += f"| {label} | " + " | ".join(cells) + " |\n"
         text += "\n"
     for label, steps in agg["continual"].items():
@@ -493,6 +505,7 @@ README_METRICS = (
     "retain_rouge",
     "model_utility",
     "forget_no_repeat",
+    "forget_degenerate_answers",
 )
 
 
@@ -677,6 +690,25 @@ def _refresh_readme(readme: Path, which: str, results: dict[str, Any], s: Qualit
             print(f"{readme}: no {' / '.join(markers)} markers; left untouched", file=sys.stderr)
 
 
+def replot(out: Path, seeds: list[int], s: QualitySettings) -> int:
+    """The plots of a finished run, redrawn from its ``results.json`` (the aggregate it reported) and world
+    files, without touching its numbers."""
+    from benchmarks.quality_plots import plot_all
+
+    missing = [
+        p
+        for p in [out / "results.json", *(out / "worlds" / f"seed-{k}.json" for k in seeds)]
+        if not p.is_file()
+    ]
+    if missing:
+        print(f"--plots-only: {', '.join(map(str, missing))} not found", file=sys.stderr)
+        return 2
+    worlds = [json.loads((out / "worlds" / f"seed-{k}.json").read_text()) for k in seeds]
+    plot_all(out, worlds, json.loads((out / "results.json").read_text())["aggregate"], s)
+    print(f"plots redrawn in {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
@@ -694,7 +726,17 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="torch threads per world (default 1: on a shared machine more threads per process thrash)",
     )
+    parser.add_argument(
+        "--baselines",
+        help=f"baselines to run, comma-separated, of {', '.join(BASELINES)} (default: all in --full, "
+        f"{', '.join(FIRST_BASELINES)} in --quick)",
+    )
     parser.add_argument("--aggregate-only", action="store_true", help="rebuild the report from DIR/worlds")
+    parser.add_argument(
+        "--plots-only",
+        action="store_true",
+        help="redraw the plots from DIR/results.json and DIR/worlds; nothing else is rewritten",
+    )
     parser.add_argument("--progress", action="store_true", help="progress bars of every stage")
     parser.add_argument(
         "--readme",
@@ -711,6 +753,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     s = settings_for(args.mode or "full")
+    if args.baselines:
+        picked = tuple(b.strip() for b in args.baselines.split(",") if b.strip())
+        unknown = [b for b in picked if b not in BASELINES]
+        if unknown or not picked:
+            parser.error(f"--baselines: unknown {unknown}; choose from {', '.join(BASELINES)}")
+        s = dataclasses.replace(s, baselines=picked)
     try:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     except ValueError:
@@ -722,6 +770,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--jobs and --threads must be >= 1")
     threads = args.threads
     out = Path(args.out) if args.out else default_out(s.mode)
+    if args.plots_only:
+        return replot(out, seeds, s)
     t0, c0 = time.perf_counter(), time.process_time()
     if args.aggregate_only:
         worlds = [json.loads((out / "worlds" / f"seed-{k}.json").read_text()) for k in seeds]

@@ -1,68 +1,54 @@
-"""The quality benchmark's plots: the methods with their spread, continual unlearning across steps, and the
-automatic τ's target against what unlearning reached. Each is skipped (with a note) without matplotlib."""
+"""The quality benchmark's plots (drawn with :mod:`asu.charts`): the methods as a forget-vs-retain trade-off
+with their spread, continual unlearning across steps, and the automatic τ's target against what unlearning
+reached. Each is skipped (with a note) without matplotlib."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
+from asu.charts import TradeoffPoint, load_pyplot, save_figure, tradeoff_chart
 from asu.continual import STEP_COLUMNS
-from asu.files import atomic_write
 
-__all__ = ["plot_all"]
+__all__ = ["plot_all", "tradeoff_points"]
 
-BARS = (
-    ("forget_rouge", "forget ROUGE-L ↓"),
-    ("forget_fact_leakage_any", "fact leak ↓"),
-    ("retain_rouge", "retain ROUGE-L ↑"),
-    ("model_utility", "model utility ↑"),
-    ("forget_no_repeat", "no-repeat ↑"),
-)
+ORIGINAL, ORACLE = "original", "oracle (retain only)"
 
 
-def _pyplot() -> Any | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots", file=sys.stderr)
-        return None
-    return plt
+def _mean(stat: dict[str, float] | None) -> float | None:
+    return None if stat is None else stat["mean"]
 
 
-def _save(plt: Any, fig: Any, path: Path) -> None:
-    try:
-        fig.tight_layout()
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
-    finally:
-        plt.close(fig)
+def tradeoff_points(table: dict[str, dict[str, Any]], main_row: str) -> list[TradeoffPoint]:
+    """Every row of the main table with both ROUGE-L means as a point (mean ± std across worlds): the
+    original and the oracle as references, ``main_row`` (the main ASU) emphasised."""
+    points = []
+    for row, values in table.items():
+        forget, retain = values.get("forget_rouge"), values.get("retain_rouge")
+        if forget is None or retain is None:
+            continue
+        kind = {ORIGINAL: "original", ORACLE: "oracle", main_row: "main"}.get(row, "run")
+        points.append(
+            TradeoffPoint(row, forget["mean"], retain["mean"], kind, forget_err=forget["std"],
+                          retain_err=retain["std"], degenerate=_mean(values.get("forget_degenerate_answers")))
+        )  # fmt: skip
+    return points
 
 
-def plot_methods(plt: Any, table: dict[str, dict[str, Any]], path: Path, title: str) -> None:
-    """Grouped bars, one group per model row, error bars = std across worlds."""
-    rows = list(table)
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(rows)), 4.2))
-    width = 0.8 / len(BARS)
-    for j, (key, label) in enumerate(BARS):
-        xs = [i + (j - (len(BARS) - 1) / 2) * width for i in range(len(rows))]
-        stats = [table[r].get(key) for r in rows]
-        ax.bar(
-            xs,
-            [s["mean"] if s else 0.0 for s in stats],
-            width,
-            yerr=[s["std"] if s else 0.0 for s in stats],
-            capsize=2,
-            label=label,
-        )
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(rows, rotation=25, ha="right", fontsize=7)
-    ax.set_ylim(0, 1.08)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=len(BARS), loc="upper center", bbox_to_anchor=(0.5, -0.35))
-    _save(plt, fig, path)
+def runs_behind(worlds: list[dict[str, Any]], table: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
+    """Per row of the main table, the single runs behind its mean: (forget, retain) ROUGE-L of the row's
+    model in each world, and for a matched baseline every run of its learning-rate bisection."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for w in worlds:
+        names = {ORIGINAL: [ORIGINAL], ORACLE: [ORACLE]}
+        names |= {f"ASU: {label}": [name] for label, name in w.get("asu", {}).get("variants", {}).items()}
+        names |= {f"{label} @ matched": m.get("runs", []) for label, m in w.get("matched", {}).items()}
+        for row, models in names.items():
+            for name in models:
+                s = w["models"].get(name) or {}
+                if row in table and s.get("forget_rouge") is not None and s.get("retain_rouge") is not None:
+                    out.setdefault(row, []).append((s["forget_rouge"], s["retain_rouge"]))
+    return out
 
 
 def plot_continual(plt: Any, continual: dict[str, list[dict[str, Any]]], path: Path) -> None:
@@ -75,6 +61,8 @@ def plot_continual(plt: Any, continual: dict[str, list[dict[str, Any]]], path: P
     for ax, (label, steps) in zip(axes[0], runs.items(), strict=True):
         xs = [r["step"] for r in steps]
         for key, name in series:
+            if not any(r.get(key) for r in steps):
+                continue  # not measured in this run (a column added after it)
             means = [r[key]["mean"] if r.get(key) else float("nan") for r in steps]
             stds = [r[key]["std"] if r.get(key) else 0.0 for r in steps]
             ax.errorbar(xs, means, yerr=stds, marker="o", capsize=2, label=name)
@@ -83,7 +71,7 @@ def plot_continual(plt: Any, continual: dict[str, list[dict[str, Any]]], path: P
         ax.set_xticks(xs)
         ax.set_ylim(0, 1.05)
     axes[0][0].legend(fontsize=7)
-    _save(plt, fig, path)
+    save_figure(fig, path, dpi=120)
 
 
 def plot_promise(plt: Any, promise: dict[str, Any], path: Path) -> None:
@@ -106,14 +94,17 @@ def plot_promise(plt: Any, promise: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("forget ROUGE-L after unlearning")
     ax.legend(fontsize=7)
     ax.set_title("automatic τ: target vs reached", fontsize=9)
-    _save(plt, fig, path)
+    save_figure(fig, path, dpi=120)
 
 
 def plot_all(out: Path, worlds: list[dict[str, Any]], aggregate: dict[str, Any], s: Any) -> None:
-    plt = _pyplot()
+    """``methods.png`` (the trade-off), ``continual.png`` and ``tau_promise.png`` under ``out``."""
+    plt = load_pyplot()
     if plt is None:
         return
     n = len(worlds)
-    plot_methods(plt, aggregate["table"], out / "methods.png", f"{n} worlds, mean ± std ({s.mode})")
+    points = tradeoff_points(aggregate["table"], f"ASU: {s.main_variant}")
+    title = f"{n} worlds ({s.mode}): mean ± std; faint: each world's runs (baselines: every learning rate)"
+    tradeoff_chart(points, out / "methods.png", title, behind=runs_behind(worlds, aggregate["table"]))
     plot_continual(plt, aggregate["continual"], out / "continual.png")
     plot_promise(plt, aggregate["tau_promise"], out / "tau_promise.png")

@@ -37,6 +37,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "model_utility": ("model utility", "high"),
     "forget_no_repeat": ("no-repeat", "high"),
     "forget_well_formed": ("well-formed", "high"),
+    "forget_degenerate_answers": ("degenerate answers", "low"),
 }
 #: The robustness tables (asu.attacks, on the attacked models): key -> (header, better), on the
 #: meta-evaluation's forget probability, then on forget ROUGE-L.

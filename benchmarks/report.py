@@ -24,7 +24,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from asu.files import atomic_write, atomic_write_text
+from asu.files import atomic_write, atomic_write_text, replace_section
 from benchmarks.common import COLUMNS, read_csv, slug
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -684,19 +684,8 @@ def readme_summary(device: str, day: str, rows: list[Row], md_path: Path, readme
 
 def refresh_readme(readme: Path, section: str, markers: tuple[str, str] = (START, END)) -> bool:
     """Replace the text between ``markers`` (by default the perf markers) of ``readme``; False (untouched)
-    without both markers."""
-    readme = Path(readme)
-    if not readme.is_file():
-        return False
-    text = readme.read_text(encoding="utf-8")
-    first, last = markers
-    start, end = text.find(first), text.find(last)
-    if start < 0 or end < 0 or end < start:
-        return False
-    new = text[: start + len(first)] + "\n" + section.strip("\n") + "\n\n" + text[end:]
-    if new != text:
-        atomic_write_text(readme, new)
-    return True
+    without both markers (:func:`asu.files.replace_section`)."""
+    return replace_section(readme, section, markers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
@@ -133,6 +134,53 @@ def perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
         for p in student.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
     return student
+
+
+# ---- plain computations on full logits (the objectives' independent references) ---------------------------
+
+
+def hand_smoothed(model: torch.nn.Module, temperature: float, layers=None) -> torch.nn.Module:
+    """An eager copy whose selected layers' attention logits are divided by ``temperature``."""
+    teacher = copy.deepcopy(model)
+    teacher.set_attn_implementation("eager")
+    for i, layer in enumerate(teacher.model.layers):
+        if layers is None or i in layers:
+            layer.self_attn.scaling = layer.self_attn.scaling / temperature
+    return teacher.eval()
+
+
+def full_logits(model, ids: list[int]) -> torch.Tensor:
+    return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+def plain_nll(model, examples, reduce="token") -> torch.Tensor:
+    """Token-mean NLL over all examples' labels, or per-sequence sums and lengths."""
+    sums, counts = [], []
+    for ex in examples:
+        labels = torch.tensor(ex["labels"])
+        logits = full_logits(model, ex["input_ids"])[:-1]
+        nll = F.cross_entropy(logits, labels[1:], ignore_index=-100, reduction="sum")
+        sums.append(nll)
+        counts.append(int((labels[1:] != -100).sum()))
+    sums = torch.stack(sums)
+    if reduce == "token":
+        return sums.sum() / sum(counts)
+    return sums, torch.tensor(counts, dtype=torch.float32)
+
+
+def plain_kl(student, reference, examples, reduce="sequence") -> torch.Tensor:
+    """KL(p_ref || p_S) at label-predicting positions: per-sequence mean then mean, or the token mean."""
+    rows = []
+    for ex in examples:
+        labels = torch.tensor(ex["labels"])
+        pos = torch.nonzero(labels[1:] != -100).flatten()
+        log_s = F.log_softmax(full_logits(student, ex["input_ids"])[pos], -1)
+        with torch.no_grad():
+            log_r = F.log_softmax(full_logits(reference, ex["input_ids"])[pos], -1)
+        rows.append(F.kl_div(log_s, log_r, reduction="none", log_target=True).sum(-1))
+    if reduce == "token":
+        return torch.cat(rows).mean()
+    return torch.stack([r.mean() for r in rows]).mean()
 
 
 # ---- the test tokenizer, rows and collators ----------------------------------------------------------------
@@ -286,3 +334,9 @@ def family_config(family: str, num_layers: int = 2, **overrides) -> transformers
         fields = {**_SMALL, "num_hidden_layers": num_layers, "max_position_embeddings": 64, **ids, **extra}
         fields = {k: v for k, v in fields.items() if v is not None}
     return cls(**{**fields, **overrides})
+
+
+def pairwise_auc(forget, holdout):
+    """P(holdout score > forget score) + 0.5 P(tie), by counting every pair."""
+    wins = sum((h > f) + 0.5 * (h == f) for f in forget for h in holdout)
+    return wins / (len(forget) * len(holdout))

@@ -217,6 +217,9 @@ SOFTCAP_CASES = [
 ]
 
 
+# The saturated case drives tanh's exp2 to infinity on purpose (tanh = 1 there, as on a GPU); the
+# interpreter's numpy reports the overflow.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", SOFTCAP_CASES, ids=[c[0] for c in SOFTCAP_CASES])
 def test_softcap_matches_reference(case, device):

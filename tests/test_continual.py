@@ -166,6 +166,7 @@ def test_cli_continual(tok, tmp_path, reference_backend, capsys):
     assert summary["teacher_anchor"] == "previous" and len(summary["steps"]) == 2
     assert all(s["temperature_auto"]["curve"] for s in summary["steps"])
     assert (out / "continual.md").is_file() and (out / "step-2" / "run.json").is_file()
+    assert "| request degenerate |" in (out / "continual.md").read_text()
     # Finished: the same command again is refused, with --resume it has nothing left to do.
     assert main(argv) == 2
     assert main([*argv, "--resume"]) == 0

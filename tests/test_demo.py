@@ -118,6 +118,29 @@ def test_claims_are_decided_on_the_numbers():
     assert "asu_meets_preview_target" not in check_claims(models, "ASU", None)
 
 
+def test_the_demo_figure_is_the_tradeoff_of_its_models():
+    from asu.demo.run import _table, degenerate_lines, tradeoff_points
+
+    models = {
+        "original": {"forget_rouge": 0.97, "retain_rouge": 0.96},
+        "oracle (retain only)": {"forget_rouge": 0.28, "retain_rouge": 0.98},
+        "ASU τ=auto": {"forget_rouge": 0.52, "retain_rouge": 0.86, "temperature": 3.67,
+                       "forget_degenerate_answers": 0.0},
+        "smoothed τ=2 (no training)": {"forget_rouge": 0.86, "retain_rouge": 0.83, "temperature": 2.0},
+        "GA+GD lr=0.001": {"forget_rouge": 0.1, "retain_rouge": 0.5, "lr": 1e-3,
+                           "forget_degenerate_answers": 0.6},
+    }  # fmt: skip
+    results = {"models": models, "asu_name": "ASU τ=auto", "ga_matched": {"runs": ["GA+GD lr=0.001"]}}
+    points = {p.group: p for p in tradeoff_points(results)}
+    assert [p.kind for p in points.values()] == ["original", "oracle", "main", "run", "run"]
+    preview, ga = points["smoothed original, no training (τ preview)"], points["GA+GD, learning rates"]
+    assert (preview.note, ga.note, points["ASU τ=auto"].note) == ("τ=2", "1.0e-3", "τ=3.67")
+    assert (ga.forget, ga.retain, ga.degenerate) == (0.1, 0.5, 0.6)
+    [line] = degenerate_lines(models)
+    assert line.startswith("warning: GA+GD lr=0.001: 60% of its forget answers are degenerate")
+    assert "forget degenerate" in _table(models) and "| 0.600 |" in _table(models)
+
+
 def test_demo_flags_reach_the_settings():
     import argparse
 

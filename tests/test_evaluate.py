@@ -16,9 +16,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import FORGET, RETAIN, BigramModel, tiny_model
+from helpers import FORGET, RETAIN, BigramModel, pairwise_auc, tiny_model
 
-from asu.evaluate import TOFU_HEADLINE, evaluate_model, load_reference_stats, reference_from, write_results
+from asu.evaluate import (
+    TOFU_HEADLINE,
+    evaluate_model,
+    load_reference_stats,
+    reference_from,
+    summary_table,
+    write_results,
+)
 
 IGNORE = -100
 MAX_NEW = 8
@@ -287,9 +294,14 @@ def test_mia_privleak_and_model_utility_match_open_unlearning(result, model, tok
     for name in forget:
         np.testing.assert_allclose(_vals(logs[name]["forget"], "score"), forget[name], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(_vals(logs[name]["holdout"], "score"), holdout[name], rtol=1e-4, atol=1e-6)
+        # The AUC is the reference's (sklearn's roc_auc_score: pairs counted, a tie half) of our own scores.
+        ours_f, ours_h = _vals(logs[name]["forget"], "score"), _vals(logs[name]["holdout"], "score")
+        assert logs[name]["auc"] == logs[name]["agg_value"] == pytest.approx(pairwise_auc(ours_f, ours_h))
+        # On the reference's scores, only a pair of scores within the tolerance above of each other can order
+        # differently (float noise on a near tie): each such pair moves the AUC by at most 1 / (n_f n_h).
         f, h = forget[name], holdout[name]
-        auc = sum((b > a) + 0.5 * (b == a) for a in f for b in h) / (len(f) * len(h))
-        assert logs[name]["auc"] == logs[name]["agg_value"] == pytest.approx(auc)
+        near = sum(abs(a - b) <= 1e-4 * max(abs(a), abs(b)) + 2e-6 for a in f for b in h)
+        assert abs(pairwise_auc(f, h) - logs[name]["auc"]) <= near / (len(f) * len(h)) + 1e-12
     ref = 0.5  # no reference: open-unlearning's ref_value
     assert logs["privleak"]["agg_value"] == pytest.approx(
         ((1 - logs["mia_min_k"]["auc"]) - ref) / (ref + 1e-10) * 100
@@ -350,26 +362,113 @@ def test_truth_ratio_guard_and_eos_on_a_constructed_model(tok):
     assert res["extras"]["forget_no_repeat"]["agg_value"] == 1.0
 
 
-def test_missing_fields_are_errors_naming_field_and_metric(model, tok, sets):
-    bare = [{"question": r["question"], "answer": r["answer"]} for r in sets["forget"]]
-    with pytest.raises(
-        ValueError,
-        match=r"forget rows: row 0 has no usable 'paraphrased_answer' \(needed by forget_truth_ratio",
+def _bare(rows, drop=("paraphrased_answer", "perturbed_answer")):
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+def test_plain_rows_leave_out_what_they_cannot_compute_in_one_note(model, tok, sets):
+    """Rows without paraphrases or perturbed answers: the metrics that need them are left out, each named
+    with its set and fields in one note; everything else is computed."""
+    no_pert = _bare(sets["ra"], ("perturbed_answer",))
+    res = evaluate_model(
+        model, tok, _bare(sets["forget"]), _bare(sets["retain"]), {"ra": no_pert}, max_new_tokens=2
+    )
+    left_out = ["forget_truth_ratio", "retain_Truth_Ratio", "ra_Truth_Ratio", "ra_Q_A_Prob_normalised"]
+    assert not set(left_out) & set(res["logs"])
+    assert {"forget_Q_A_Prob", "forget_Q_A_ROUGE", "retain_Q_A_ROUGE", "ra_Q_A_Prob", "model_utility"} <= set(
+        res["summary"]
+    )
+    [note] = [n for n in res["notes"] if n.startswith("left out")]
+    assert "forget_truth_ratio (forget rows: 'paraphrased_answer', 'perturbed_answer')" in note
+    assert "retain_Truth_Ratio (retain rows: 'paraphrased_answer', 'perturbed_answer')" in note
+    assert "ra_Truth_Ratio (ra rows: 'perturbed_answer')" in note
+    assert "ra_Q_A_Prob_normalised (ra rows: 'perturbed_answer')" in note
+    assert "forget_quality: not computed (it needs forget_truth_ratio)" in res["notes"]
+    assert any("model_utility: harmonic mean of 3 parts" in n for n in res["notes"])
+    # With the paraphrase present, only the field still missing is named.
+    res = evaluate_model(model, tok, _bare(sets["forget"], ("perturbed_answer",)), max_new_tokens=2)
+    assert "forget_truth_ratio (forget rows: 'perturbed_answer')" in res["notes"][0]
+
+
+def test_fields_on_some_rows_or_required_are_one_error_naming_all(model, tok, sets):
+    partial = copy.deepcopy(sets["forget"])
+    del partial[2]["paraphrased_answer"], partial[4]["paraphrased_answer"]
+    partial[3]["perturbed_answer"] = []
+    with pytest.raises(ValueError) as e:
+        evaluate_model(model, tok, partial, max_new_tokens=2)
+    message = str(e.value)
+    assert (
+        "forget rows: rows 2, 4 (of 5) have no usable 'paraphrased_answer' (needed by forget_truth_ratio"
+        in message
+    )
+    assert "forget rows: row 3 has no usable 'perturbed_answer'" in message and "\n" not in message
+    no_pert = copy.deepcopy(sets["ra"])
+    del no_pert[1]["perturbed_answer"]
+    with pytest.raises(ValueError) as e:  # one problem per field, naming every metric that needs it
+        evaluate_model(model, tok, sets["forget"], general_rows={"ra": no_pert}, max_new_tokens=2)
+    assert str(e.value) == (
+        "ra rows: row 1 has no usable 'perturbed_answer' (needed by ra_Truth_Ratio, ra_Q_A_Prob_normalised; "
+        "add it to every row or skip the metric)"
+    )
+    # ... unless skipped deliberately
+    res = evaluate_model(model, tok, partial, skip=["forget_truth_ratio"], max_new_tokens=2)
+    assert "forget_truth_ratio" not in res["logs"] and not any(n.startswith("left out") for n in res["notes"])
+
+    bare, no_pert = _bare(sets["forget"]), {"ra": _bare(sets["ra"], ("perturbed_answer",))}
+    with pytest.raises(ValueError) as e:
+        evaluate_model(model, tok, bare, _bare(sets["retain"]), no_pert, require=["all"], max_new_tokens=2)
+    for metric, keys in (
+        ("forget_truth_ratio", "'paraphrased_answer', 'perturbed_answer'"),
+        ("retain_Truth_Ratio", "'paraphrased_answer', 'perturbed_answer'"),
+        ("ra_Truth_Ratio", "'perturbed_answer'"),
+        ("ra_Q_A_Prob_normalised", "'perturbed_answer'"),
     ):
-        evaluate_model(model, tok, bare, max_new_tokens=2)
-    no_pert = [{k: v for k, v in r.items() if k != "perturbed_answer"} for r in sets["ra"]]
-    with pytest.raises(
-        ValueError, match=r"ra rows: row 0 has no usable 'perturbed_answer' \(needed by ra_Truth_Ratio"
-    ):
-        evaluate_model(model, tok, sets["forget"], sets["retain"], {"ra": no_pert}, max_new_tokens=2)
-    with pytest.raises(ValueError, match="cannot skip"):
-        evaluate_model(model, tok, sets["forget"], skip=["forget_Q_A_ROUGE"], max_new_tokens=2)
+        assert f"no row has {keys} (needed by {metric}, which was required)" in str(e.value)
+    with pytest.raises(ValueError, match=r"\['retain_Truth_Ratio'\] required, but their sets are not given"):
+        evaluate_model(model, tok, sets["forget"], require=["retain_Truth_Ratio"], max_new_tokens=2)
+    with pytest.raises(ValueError, match="both skipped and required"):
+        evaluate_model(model, tok, bare, skip="forget_truth_ratio", require="forget_truth_ratio")
+    with pytest.raises(ValueError, match="cannot skip") as e:
+        evaluate_model(model, tok, sets["forget"], skip=["forget_Q_A_ROUGE"], require=["ROUGE"])
+    assert "cannot require ['ROUGE']" in str(e.value)
     with pytest.raises(ValueError, match="'answer'"):
         evaluate_model(model, tok, [{"question": "who ?"}], max_new_tokens=2)
-    res = evaluate_model(model, tok, bare, sets["retain"], skip=["forget_truth_ratio"], max_new_tokens=2)
-    assert "forget_truth_ratio" not in res["logs"] and "forget_quality" not in res["logs"]
-    assert "forget_Q_A_ROUGE" in res["summary"] and "model_utility" in res["summary"]
-    assert any("model_utility: harmonic mean of 3 parts" in n for n in res["notes"])
+    # Everything present: "all" is satisfied.
+    res = evaluate_model(model, tok, sets["forget"], sets["retain"], require=["all"], max_new_tokens=2)
+    assert {"forget_truth_ratio", "retain_Truth_Ratio"} <= set(res["logs"]) and not res["warnings"]
+
+
+def test_a_model_that_answers_nothing_is_called_out(tok, sets):
+    """EOS is every token's argmax: every answer stops at once. The summary says so (a warning line, the
+    degenerate shares 1), the fluency metrics give it nothing, and open-unlearning's ROUGE stays its own:
+    0."""
+    v = len(tok)
+    table = torch.zeros(v, v)
+    table[:, tok.eos_token_id] = 10.0
+    res = evaluate_model(
+        BigramModel(table), tok, sets["forget"], sets["retain"], max_new_tokens=MAX_NEW, batch_size=BATCH,
+        well_formed=lambda text: True,
+    )  # fmt: skip
+    assert res["generations"]["forget"] == [""] * len(sets["forget"])
+    s = res["summary"]
+    for split in ("forget", "retain"):
+        for k in ("immediate_stop", "empty_answers", "degenerate_answers"):
+            assert s[f"{split}_{k}"] == 1.0
+    assert (
+        s["forget_no_repeat"] == 0.0 and s["forget_token_entropy"] == 0.0 and s["forget_well_formed"] == 0.0
+    )
+    assert s["forget_Q_A_ROUGE"] == 0.0 == s["retain_Q_A_ROUGE"]
+    n = len(sets["forget"])
+    table_md = summary_table(res)
+    assert f"**Warning:** forget: {n} of {n} answers (100%) are degenerate ({n} empty, {n} stop at once)" in (
+        table_md
+    )
+    assert table_md.index("**Warning:**") < table_md.index("| metric |")
+    assert (
+        "| forget_degenerate_answers | 1.000 |" in table_md
+        and "| forget_immediate_stop | 1.000 |" in table_md
+    )
+    assert len(res["warnings"]) == 2  # forget and retain
 
 
 def test_template_is_passed_to_the_encoding(model, tok, sets, monkeypatch):
@@ -572,6 +671,101 @@ def test_asu_eval_end_to_end(tmp_path, world_model, capsys):
     assert preview[0]["summary"]["forget_Q_A_Prob"] == pytest.approx(summary["forget_Q_A_Prob"], rel=1e-5)
 
 
+def _plain_jsonl(src, dst):
+    rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
+    dst.write_text(
+        "".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in rows)
+    )
+    return str(dst)
+
+
+def test_asu_eval_on_plain_rows_runs_to_the_end_in_one_go(tmp_path, world_model, capsys):
+    """question/answer rows only, as most users have them: one run, a table, the metrics the rows cannot
+    feed named with their fields in one note; asked for explicitly, one error naming all of them."""
+    from asu.commands import main
+
+    d = world_model.data
+    forget = _plain_jsonl(d["forget"], tmp_path / "forget.jsonl")
+    retain = _plain_jsonl(d["retain"], tmp_path / "retain.jsonl")
+    argv = ["eval", "--model", str(world_model.dir), "--data", forget, "--retain", retain]
+    argv += ["--max-new-tokens", "4", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "eval")]) == 0
+    printed = capsys.readouterr().out
+    for row in ("| forget_Q_A_ROUGE |", "| forget_Q_A_Prob |", "| model_utility |", "| retain_Q_A_ROUGE |",
+                "| forget_degenerate_answers |", "| extraction_strength |"):  # fmt: skip
+        assert row in printed, row
+    assert (
+        "left out, their sets lack the fields that would enable them: forget_truth_ratio (forget rows: "
+        "'paraphrased_answer', 'perturbed_answer'); retain_Truth_Ratio (retain rows: 'paraphrased_answer', "
+        "'perturbed_answer')" in printed
+    )
+    config = json.loads((tmp_path / "eval" / "eval_config.json").read_text())
+    assert any(n.startswith("left out") for n in config["notes"])
+    out = str(tmp_path / "strict")
+    assert main([*argv, "--require", "all", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.count("which was required") == 2, err
+    assert (
+        "forget rows: no row has 'paraphrased_answer', 'perturbed_answer' (needed by forget_truth_ratio"
+        in err
+    )
+    assert main([*argv, "--require", "forget_truth_ratio,retain_Truth_Ratio", "--out", out]) == 2
+    assert capsys.readouterr().err.count("which was required") == 2
+    assert not (tmp_path / "strict").exists()
+
+
+def _silent_model(world_model, path):
+    """A Phi model (its LM head has a bias) whose every next token is EOS, saved with the world's
+    tokenizer."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    tok = world_model.tokenizer
+    config = PhiConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=512, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    model = PhiForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[tok.eos_token_id] = 10.0
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_asu_eval_says_when_the_model_answers_nothing(tmp_path, world_model, capsys):
+    from asu.commands import main
+
+    d = world_model.data
+    model = _silent_model(world_model, tmp_path / "silent")
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", model, "--data", str(d["forget"]), "--retain", str(d["retain"])]
+    assert main([*argv, "--max-new-tokens", "4", "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    n = len(world_model.world.split("forget"))
+    assert f"**Warning:** forget: {n} of {n} answers (100%) are degenerate ({n} empty, {n} stop at once)" in (
+        printed
+    )
+    assert "| forget_degenerate_answers | 1.000 |" in printed and "| forget_no_repeat | 0.000 |" in printed
+    extras = json.loads((out / "ASU_EVAL.json").read_text())
+    assert extras["forget_degenerate_answers"]["agg_value"] == 1.0
+    assert extras["forget_degenerate_answers"]["value_by_index"]["0"] == {
+        "score": 1.0,
+        "reason": "stops at once",
+    }
+    assert (
+        extras["forget_no_repeat"]["agg_value"] == 0.0 and extras["forget_token_entropy"]["agg_value"] == 0.0
+    )
+    assert extras["forget_well_formed"]["agg_value"] == 0.0  # the world's grammar checker: data/world.json
+    assert "**Warning:** forget:" in (out / "summary.md").read_text()
+    assert json.loads((out / "eval_config.json").read_text())["warnings"][0].startswith("forget: ")
+    # open-unlearning's files keep its own metrics and nothing else
+    assert json.loads((out / "TOFU_EVAL.json").read_text())["forget_Q_A_ROUGE"]["agg_value"] == 0.0
+    assert not any("degenerate" in k for k in json.loads((out / "TOFU_EVAL.json").read_text()))
+
+
 def test_asu_eval_bad_input(tmp_path, world_model, capsys):
     from asu.commands import main
 
@@ -590,7 +784,9 @@ def test_asu_eval_bad_input(tmp_path, world_model, capsys):
     fails(["--model", model_dir, "--data", str(bad)], "'answer'")
     bare = tmp_path / "bare.jsonl"
     bare.write_text('{"question": "Who?", "answer": "Me."}\n')
-    fails(["--model", model_dir, "--data", str(bare)], "'paraphrased_answer' (needed by forget_truth_ratio")
+    fails(["--model", model_dir, "--data", str(bare), "--require", "forget_truth_ratio"],
+          "no row has 'paraphrased_answer', 'perturbed_answer' (needed by forget_truth_ratio, which was "
+          "required)")  # fmt: skip
     wrong = tmp_path / "wrong_stats.json"
     wrong.write_text(json.dumps({"truth_ratio": {"0": 1.0}}))
     fails(

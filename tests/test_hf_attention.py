@@ -20,6 +20,8 @@ from helpers import assert_fp32_close, tiny_config
 import asu.attention as asu_attention
 import asu_kernels
 from asu.smoothing import attention_modules, smoothing
+from asu.trainer import enable_activation_checkpointing
+from asu.warning import AsuWarning
 
 N = 12
 FAMILIES = ["llama", "mistral", "qwen2"]
@@ -339,11 +341,12 @@ def test_dropout_in_training_raises():
     ours(input_ids=_ids(), use_cache=False)
 
 
-def test_output_attentions_returns_eager_weights():
+def test_output_attentions_returns_eager_weights(monkeypatch):
     """output_attentions=True runs eager attention at the module's temperature (masks, packing, head dims and
-    the warning: tests/test_attention_fallbacks.py)."""
+    the warning's wording: tests/test_attention_fallbacks.py)."""
     eager, ours = _models("llama", "eager", "asu")
-    with smoothing(ours, 2.3), smoothing(eager, 2.3):
+    monkeypatch.setattr(asu_attention, "_warned", set())  # the fallback warns once per process
+    with smoothing(ours, 2.3), smoothing(eager, 2.3), pytest.warns(AsuWarning, match="output_attentions"):
         got = ours(input_ids=_ids(), output_attentions=True, use_cache=False)
         want = eager(input_ids=_ids(), output_attentions=True, use_cache=False)
     assert_fp32_close(got.logits, want.logits)
@@ -416,7 +419,6 @@ def test_qwen3_padded_equals_eager():
         )
 
 
-@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
 def test_packed_training_with_gradient_checkpointing_equals_eager():
     """Training on a packed row with gradient checkpointing: same loss and gradients as eager (which masks
     documents from position_ids when no cache is used)."""
@@ -426,7 +428,7 @@ def test_packed_training_with_gradient_checkpointing_equals_eager():
     labels = ids.clone()
     labels[0, 4] = -100  # the first token of document 2 is not predicted from document 1
     for model in (eager, ours):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     _assert_training_step_equals_eager(
         eager, ours, input_ids=ids, position_ids=position_ids, labels=labels, use_cache=False
     )

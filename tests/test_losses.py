@@ -12,26 +12,25 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import COLLATORS, FORGET, RETAIN, assert_fp32_close, encoded, perturbed, tiny_model
+from helpers import (
+    COLLATORS,
+    FORGET,
+    RETAIN,
+    assert_fp32_close,
+    encoded,
+    full_logits,
+    hand_smoothed,
+    perturbed,
+    plain_kl,
+    plain_nll,
+    tiny_model,
+)
 
-from asu.losses import UnlearnObjective, teacher_outputs_needed
+from asu.losses import UnlearnObjective, resolve_retain_loss, teacher_outputs_needed
 from asu.teachers import build_teacher
+from asu.warning import AsuDeprecationWarning
 
 # ---- the independent reference ---------------------------------------------------------------------------
-
-
-def hand_smoothed(model: torch.nn.Module, temperature: float, layers=None) -> torch.nn.Module:
-    """An eager copy whose selected layers' attention logits are divided by ``temperature``."""
-    teacher = copy.deepcopy(model)
-    teacher.set_attn_implementation("eager")
-    for i, layer in enumerate(teacher.model.layers):
-        if layers is None or i in layers:
-            layer.self_attn.scaling = layer.self_attn.scaling / temperature
-    return teacher.eval()
-
-
-def full_logits(model, ids: list[int]) -> torch.Tensor:
-    return model(input_ids=torch.tensor([ids])).logits[0]
 
 
 def plain_asu(student, teacher, examples) -> torch.Tensor:
@@ -45,36 +44,6 @@ def plain_asu(student, teacher, examples) -> torch.Tensor:
             log_t = F.log_softmax(full_logits(teacher, ex["input_ids"])[pos], -1)
         per_seq.append(F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(-1).mean())
     return torch.stack(per_seq).mean()
-
-
-def plain_nll(model, examples, reduce="token") -> torch.Tensor:
-    """Token-mean NLL over all examples' labels, or per-sequence sums and lengths."""
-    sums, counts = [], []
-    for ex in examples:
-        labels = torch.tensor(ex["labels"])
-        logits = full_logits(model, ex["input_ids"])[:-1]
-        nll = F.cross_entropy(logits, labels[1:], ignore_index=-100, reduction="sum")
-        sums.append(nll)
-        counts.append(int((labels[1:] != -100).sum()))
-    sums = torch.stack(sums)
-    if reduce == "token":
-        return sums.sum() / sum(counts)
-    return sums, torch.tensor(counts, dtype=torch.float32)
-
-
-def plain_kl(student, reference, examples, reduce="sequence") -> torch.Tensor:
-    """KL(p_ref || p_S) at label-predicting positions: per-sequence mean then mean, or the token mean."""
-    rows = []
-    for ex in examples:
-        labels = torch.tensor(ex["labels"])
-        pos = torch.nonzero(labels[1:] != -100).flatten()
-        log_s = F.log_softmax(full_logits(student, ex["input_ids"])[pos], -1)
-        with torch.no_grad():
-            log_r = F.log_softmax(full_logits(reference, ex["input_ids"])[pos], -1)
-        rows.append(F.kl_div(log_s, log_r, reduction="none", log_target=True).sum(-1))
-    if reduce == "token":
-        return torch.cat(rows).mean()
-    return torch.stack([r.mean() for r in rows]).mean()
 
 
 # ---- tests -----------------------------------------------------------------------------------------------
@@ -300,10 +269,16 @@ def test_cache_bf16_close(tok, reference_backend):
     torch.testing.assert_close(got, want, atol=5e-3, rtol=2e-2)
 
 
+def test_deprecated_retain_loss_name_warns_and_maps_to_its_loss():
+    with pytest.warns(AsuDeprecationWarning, match="'gd' is deprecated; use 'nll'"):
+        assert resolve_retain_loss("gd") == "nll"
+    assert issubclass(AsuDeprecationWarning, FutureWarning)  # shown to command-line users too
+
+
 def test_objective_bad_arguments(tok):
     model = tiny_model(vocab_size=len(tok))
     with pytest.raises(ValueError, match="unknown method"):
-        UnlearnObjective(model, method="rmu")
+        UnlearnObjective(model, method="forgetall")
     with pytest.raises(ValueError, match="retain loss"):
         UnlearnObjective(model, method="gd", retain_loss="mse")
     with pytest.raises(ValueError, match="lam"):

@@ -10,6 +10,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from helpers import pairwise_auc
 
 from asu.metrics import muse, privacy, text, tofu
 
@@ -49,12 +50,6 @@ def ou_min_k(lp, k):
         return 0
     num_k = max(1, int(len(lp) * k))
     return -np.mean(np.sort(lp)[:num_k])
-
-
-def pairwise_auc(forget, holdout):
-    """P(holdout score > forget score) + 0.5 P(tie), by counting every pair."""
-    wins = sum((h > f) + 0.5 * (h == f) for f in forget for h in holdout)
-    return wins / (len(forget) * len(holdout))
 
 
 # ---- TOFU ----------------------------------------------------------------------------------------------
@@ -239,6 +234,87 @@ def test_fluency():
     assert text.has_repeat([5, 5, 5, 5]) and not text.has_repeat(list(range(12)))
     assert text.has_repeat([1, 2, 3, 9, 1, 2, 3])
     assert not text.has_repeat([1, 2, 3] + list(range(10, 17)) + [1, 2, 3])
+
+
+def test_repeated_ngram_share():
+    assert text.repeated_ngram_share([1, 2]) == 0.0  # fewer tokens than n
+    assert text.repeated_ngram_share(list(range(20))) == 0.0
+    assert text.repeated_ngram_share([1, 2, 3, 4] * 2) == pytest.approx(1 - 4 / 6)  # said twice: 1/3
+    assert text.repeated_ngram_share([1, 2, 3, 4] * 3) == pytest.approx(0.6)  # 4 distinct of 10
+    assert text.repeated_ngram_share([7] * 6) == pytest.approx(0.75)
+    assert text.repeated_ngram_share([1, 2, 1, 2], n=2) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize(
+    "ids, generation, reason",
+    [
+        ([], "", "stops at once"),  # the first generated token was the stop token
+        ([5, 6], "  \n", "empty"),  # only special tokens / whitespace were generated
+        ([5, 6, 7], "... ?!", "no letter or digit"),
+        ([9, 9, 9], "la la la", "one token repeated"),
+        ([1, 2, 3, 4] * 3, "he was born he was born he was born", "repeated 3-grams"),
+        ([1, 2, 3, 1, 2, 3], "born in born in", None),  # said twice: 3-gram share 0.25
+        ([1, 2, 3, 4, 5, 6] * 2, "a sentence said twice", None),
+        ([4], "1979", None),  # digits are an answer
+        ([4], "Ðóđ", None),  # letters of any script
+        ([9, 9], "la la", None),  # too short to call a loop
+        ([3, 4, 5], "I do not know.", None),  # a refusal is an answer
+    ],
+)
+def test_degenerate_reason(ids, generation, reason):
+    assert text.degenerate_reason(ids, generation) == reason
+    assert reason is None or reason in text.DEGENERATE_REASONS
+
+
+def test_degenerate_entries_nest_and_carry_the_reason():
+    from asu.metrics.layout import degenerate_entries
+
+    gens = [
+        {"ids": [], "generation": ""},
+        {"ids": [3], "generation": " "},
+        {"ids": [7] * 4, "generation": "no no no no"},
+        {"ids": [1, 2, 3], "generation": "an answer"},
+    ]
+    e = degenerate_entries("forget", gens)
+    assert [
+        e[f"forget_{k}"]["agg_value"] for k in ("immediate_stop", "empty_answers", "degenerate_answers")
+    ] == [
+        0.25,
+        0.5,
+        0.75,
+    ]
+    reasons = [v["reason"] for v in e["forget_degenerate_answers"]["value_by_index"].values()]
+    assert reasons == ["stops at once", "empty", "one token repeated", None]
+
+
+def test_an_empty_answer_is_not_fluent():
+    from asu.metrics.layout import fluency_entries
+
+    gens = [
+        {"ids": [], "generation": ""},
+        {"ids": [4], "generation": "\n"},
+        {"ids": [1, 2], "generation": "ok"},
+    ]
+    f = fluency_entries("forget", gens, well_formed=lambda g: True)
+    scores = {k: [v["score"] for v in e["value_by_index"].values()] for k, e in f.items()}
+    assert scores == {
+        "forget_token_entropy": [0.0, 0.0, 1.0],
+        "forget_no_repeat": [0.0, 0.0, 1.0],
+        "forget_well_formed": [0.0, 0.0, 1.0],
+    }
+
+
+def test_warning_when_a_set_is_mostly_degenerate():
+    from asu.metrics.layout import degenerate_entries
+    from asu.metrics.report import DEGENERATE_WARNING, degenerate_warnings
+
+    silent = degenerate_entries("forget", [{"ids": [], "generation": ""}] * 4)
+    [line] = degenerate_warnings(silent)
+    assert line.startswith("forget: 4 of 4 answers (100%) are degenerate (4 empty, 4 stop at once)")
+    assert "not forgetting" in line
+    one = [{"ids": [], "generation": ""}] + [{"ids": [1, 2], "generation": "fine"}] * 3
+    assert DEGENERATE_WARNING == 0.25 and len(degenerate_warnings(degenerate_entries("retain", one))) == 1
+    assert degenerate_warnings(degenerate_entries("retain", one + one[1:])) == []  # 1 of 7
 
 
 def test_muse_prompt_and_stopwords():

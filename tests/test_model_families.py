@@ -37,16 +37,26 @@ import asu.attention  # noqa: F401  (registers the "asu" attention implementatio
 from asu.data import label_positions, sequence_weights
 from asu.losses import UnlearnObjective
 from asu.qk import capture_qk, post_rope_qk
-from asu.smoothing import attention_modules, scale_attribute, smoothing
+from asu.smoothing import attention_modules, calls_attention_interface, scale_attribute, smoothing
 from asu.teachers import CopyTeacher, logit_head
 
-#: Families transformers ships that asu cannot serve, with the reason (also in README's matrix).
-REFUSED = {
-    "falcon": (
+
+def _falcon_refusal() -> str | None:
+    """Falcon reaches the attention interface from transformers 5.25 on; before, it computes its attention
+    itself. The matrix decides by the installed version's code, as :func:`asu.smoothing.attention_modules`."""
+    from transformers.models.falcon.modeling_falcon import FalconAttention
+
+    if calls_attention_interface(FalconAttention):
+        return None
+    return (
         "FalconAttention computes its attention itself (its own eager/sdpa code, alibi) instead of calling "
         "transformers' attention interface, so neither the asu attention nor smoothing can reach its softmax"
-    ),
-}
+    )
+
+
+#: Families transformers ships that asu cannot serve with the installed transformers, with the reason (also
+#: in README's matrix).
+REFUSED = {family: why for family, why in {"falcon": _falcon_refusal()}.items() if why is not None}
 FAMILIES = [f for f in FAMILY_CONFIGS if f not in REFUSED]
 #: Test -> families whose check runs the Triton kernels when the interpreter is on (every other case runs
 #: the PyTorch reference; each interpreted kernel call costs about a second on the CPU).
@@ -317,9 +327,28 @@ def test_qk_capture_reproduces_eager_attention(family):
 # --- refused families ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", sorted(REFUSED))
-def test_refused_family_says_why(family):
+@pytest.mark.parametrize("family", ["falcon"])
+def test_family_refused_or_matrixed_as_the_installed_transformers_decides(family):
+    """A family transformers routes through the attention interface runs the whole matrix; one that computes
+    its attention itself is refused with the reason, naming its attention class."""
     model = transformers.AutoModelForCausalLM.from_config(family_config(family))
+    if family not in REFUSED:
+        assert family in FAMILIES and attention_modules(model)
+        return
     with pytest.raises(ValueError, match=f"{type(model).__name__} has no smoothable attention module"):
         attention_modules(model)
     assert "attention interface" in REFUSED[family]
+
+
+@pytest.mark.skipif("falcon" in REFUSED, reason="Falcon computes its attention itself in this transformers")
+def test_alibi_falcon_is_refused_by_the_asu_attention_and_by_smoothing():
+    """Falcon's ALiBi configs add their position bias to the attention mask: the kernels take no bias and a
+    temperature would not reach it, so both paths refuse them with the reason (RoPE Falcon is supported)."""
+    model = transformers.AutoModelForCausalLM.from_config(family_config("falcon", alibi=True)).eval()
+    with pytest.raises(ValueError, match="ALiBi position bias"):
+        attention_modules(model)
+    model.set_attn_implementation("asu")
+    ids = torch.randint(3, 128, (2, N))
+    for mask in (None, torch.ones_like(ids)):
+        with pytest.raises(ValueError, match="the asu attention cannot run this model: .*ALiBi"):
+            model(ids, attention_mask=mask)

@@ -114,7 +114,30 @@ def test_aggregate_paired_and_promise_on_fake_worlds():
     assert per_step[0]["pending.forget_rouge"]["mean"] == pytest.approx(0.9)
     text = qs.main_table(table, 3) + qs.paired_table({"ASU − GA+GD": diff}) + qs.continual_table(per_step)
     assert "0.860 ± 0.020" in text and "(n=2)" in text and "(1/2 > 0)" in text
+    assert "degenerate answers" in text and "request degenerate" in text
     json.dumps(table)  # everything is JSON-able
+
+
+def test_the_methods_figure_is_the_tradeoff_with_each_worlds_runs():
+    from benchmarks.quality_plots import runs_behind, tradeoff_points
+
+    worlds = [
+        _world(0, _summary(0.50, 0.86, forget_degenerate_answers=0.0), _summary(0.50, 0.82)),
+        _world(1, _summary(0.54, 0.84, forget_degenerate_answers=0.5), _summary(0.55, 0.86)),
+    ]
+    worlds[0]["models"]["GA+GD lr=0.001"] = _summary(0.3, 0.7)
+    worlds[0]["matched"]["GA+GD"]["runs"] = ["GA+GD lr=0.001"]
+    table = qs.aggregate(worlds)
+    points = {p.group: p for p in tradeoff_points(table, "ASU: all layers")}
+    assert list(points) == ["original", "ASU: all layers", "GA+GD @ matched"]  # no oracle in these worlds
+    asu = points["ASU: all layers"]
+    assert asu.kind == "main" and asu.forget == pytest.approx(0.52) and asu.retain == pytest.approx(0.85)
+    assert asu.forget_err == pytest.approx(statistics.stdev([0.50, 0.54])) and asu.degenerate == 0.25
+    assert points["original"].kind == "original" and points["GA+GD @ matched"].degenerate is None
+    behind = runs_behind(worlds, table)
+    assert behind["ASU: all layers"] == [(0.50, 0.86), (0.54, 0.84)] and behind["GA+GD @ matched"] == [
+        (0.3, 0.7)
+    ]
 
 
 def test_quality_settings_and_world_file_refuses_other_settings(tmp_path):
@@ -263,3 +286,19 @@ def test_undo_differences_and_readme(tmp_path):
     assert f"* {undo} − ASU: relearn R higher in every world (+0.100 ± 0.071, n=2)" in text
     assert f"* {undo} − ASU: NF4 Q no difference (within 0.005 in every world)" in text
     assert "| original |" not in text and f"| {undo} |" in text
+
+
+def test_plots_only_redraws_the_plots_and_nothing_else(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks.quality import aggregate, main, settings_for
+
+    worlds = [_world(k, _summary(0.5, 0.86), _summary(0.5, 0.82)) for k in (0, 1)]
+    (tmp_path / "worlds").mkdir()
+    for w in worlds:
+        (tmp_path / "worlds" / f"seed-{w['seed']}.json").write_text(json.dumps(w))
+    results = json.dumps({"aggregate": aggregate(worlds, settings_for("quick"))})
+    (tmp_path / "results.json").write_text(results)
+    assert main(["--quick", "--plots-only", "--seeds", "0,1", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "methods.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "results.json").read_text() == results and not (tmp_path / "results.md").exists()
+    assert main(["--quick", "--plots-only", "--seeds", "0,2", "--out", str(tmp_path)]) == 2  # no seed-2.json

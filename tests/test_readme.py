@@ -73,3 +73,17 @@ def test_readme_command_parses(command):
         except SystemExit as e:  # argparse's exit on an unknown flag or a bad value
             pytest.fail(f"README command does not parse: asu {' '.join(argv)} (exit {e.code})")
         assert args.command == argv[0]
+
+
+def test_the_readme_method_tables_are_the_registrys():
+    """The README's methods section is what ``python -m asu.methods.table --readme`` writes from the registry
+    (run it after adding or changing a method)."""
+    from asu.methods.table import README_MARKERS, markdown
+
+    text = README.read_text(encoding="utf-8")
+    first, last = README_MARKERS
+    assert first in text and last in text, "the README has no methods section markers"
+    section = text[text.index(first) + len(first) : text.index(last)]
+    assert section.strip("\n") == markdown().strip("\n"), (
+        "README method tables are stale: python -m asu.methods.table --readme"
+    )

@@ -13,6 +13,7 @@ import asu.attention  # noqa: F401  (registers the "asu" attention implementatio
 from asu.smoothing import (
     TEMPERATURE_ATTR,
     attention_modules,
+    calls_attention_interface,
     clear_smoothing,
     parse_layers,
     scale_attribute,
@@ -201,12 +202,27 @@ def test_attention_modules_accepts_a_scale_attribute():
     assert model[1].scale == 0.5 and not torch.allclose(plain, smoothed)
 
 
-def test_attention_modules_refuses_falcon_naming_its_attention():
+def test_attention_modules_on_falcon_follow_the_installed_transformers():
+    """Falcon's attention computes its softmax itself before transformers 5.25 (refused, naming the class) and
+    calls the attention interface from 5.25 on (smoothed like any other family)."""
+    from transformers.models.falcon.modeling_falcon import FalconAttention
+
     config = transformers.FalconConfig(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128
     )
-    with pytest.raises(ValueError, match="FalconAttention computes its attention itself"):
-        attention_modules(_tiny(config))
+    model = _tiny(config)
+    if not calls_attention_interface(FalconAttention):
+        with pytest.raises(ValueError, match="FalconAttention computes its attention itself"):
+            attention_modules(model)
+        return
+    modules = attention_modules(model)
+    assert [i for i, _ in modules] == [0, 1] and all(isinstance(m, FalconAttention) for _, m in modules)
+    ids = torch.randint(3, 128, (1, 9))
+    with torch.no_grad():
+        plain = model(ids).logits
+        with smoothing(model, 2.0):
+            smoothed = model(ids).logits
+        assert torch.equal(model(ids).logits, plain) and not torch.allclose(plain, smoothed)
 
 
 def test_attention_modules_rejects_models_without_attention():

@@ -24,8 +24,10 @@ from asu.commands.unlearn import (
     add_data_arguments,
     add_run_arguments,
     describe_temperature,
+    flag_names,
     load_idk,
     load_model_and_tokenizer,
+    load_retain,
 )
 from asu.continual import ANCHORS, ContinualStep, step_evaluator, unlearn_sequence, write_report
 from asu.data import load_rows
@@ -87,9 +89,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--eval-max-new-tokens must be >= 1, got {args.eval_max_new_tokens}")
     keys = {"question_key": args.question_key, "answer_key": args.answer_key}
     requests = [load_rows(source, **keys) for source in args.forget]
-    if cfg.method != "ga" and not args.retain:
-        raise ValueError(f"--method {cfg.method} needs --retain")
-    retain_rows = load_rows(args.retain, **keys) if args.retain else None
+    retain_rows = load_retain(args, cfg)
     idk_answers = load_idk(args, cfg)
     model, tokenizer = load_model_and_tokenizer(args, cfg)
     evaluate = None
@@ -98,11 +98,12 @@ def run(args: argparse.Namespace) -> int:
             tokenizer, requests, retain_rows, template=args.template, batch_size=32,
             max_new_tokens=args.eval_max_new_tokens,
         )  # fmt: skip
-    result = unlearn_sequence(
-        model, tokenizer, requests, retain_rows, cfg, output_dir=args.out,
-        teacher_anchor=args.teacher_anchor, evaluate=evaluate, idk_answers=idk_answers,
-        resume=args.resume, on_step=lambda s: _print_step(s, len(requests)),
-    )  # fmt: skip
+    with flag_names():
+        result = unlearn_sequence(
+            model, tokenizer, requests, retain_rows, cfg, output_dir=args.out,
+            teacher_anchor=args.teacher_anchor, evaluate=evaluate, idk_answers=idk_answers,
+            resume=args.resume, on_step=lambda s: _print_step(s, len(requests)),
+        )  # fmt: skip
     write_report(
         args.out, result.steps, f"asu continual ({cfg.method}, teacher anchor {args.teacher_anchor})"
     )

@@ -24,6 +24,7 @@ from asu.environment import environment
 from asu.evaluate import (
     TOFU_MAX_LENGTH,
     TOFU_MAX_NEW_TOKENS,
+    check_tofu_inputs,
     evaluate_model,
     evaluate_muse,
     evaluate_smoothed,
@@ -45,6 +46,7 @@ PREVIEW_KEYS = (
     "forget_Q_A_ROUGE",
     "forget_Q_A_Prob",
     "forget_fact_leakage_any",
+    "forget_degenerate_answers",
     "forget_no_repeat",
     "forget_well_formed",
     "forget_token_entropy",
@@ -130,8 +132,18 @@ def _add_setting_arguments(group: argparse._ArgumentGroup) -> None:
         action="append",
         default=[],
         metavar="METRIC",
-        help="leave out a metric whose fields a set lacks (forget_truth_ratio, retain_Truth_Ratio, "
-        "ra_Truth_Ratio, wf_Q_A_Prob_normalised, ...); repeatable",
+        help="leave out a metric that needs fields beyond question/answer (forget_truth_ratio, "
+        "retain_Truth_Ratio, ra_Truth_Ratio, wf_Q_A_Prob_normalised, ...), even where the rows have them; "
+        "repeatable. Without it such a metric is computed where every row has its fields and left out, "
+        "with a note, where no row has them",
+    )
+    group.add_argument(
+        "--require",
+        action="append",
+        default=[],
+        metavar="METRIC[,METRIC]",
+        help="metrics that must be computed (or 'all': every metric the given sets can have): a field they "
+        "need that the rows lack is an error, all of them named in one message; repeatable",
     )
     group.add_argument("--batch-size", type=int, help="default 32 (TOFU) / 8 (MUSE), open-unlearning's")
     group.add_argument(
@@ -162,6 +174,11 @@ def _parse_floats(text: str, what: str) -> list[float]:
     if not values or any(not (v > 0 and v != float("inf")) for v in values):
         raise ValueError(f"{what}: expected positive numbers, got {text!r}")
     return values
+
+
+def _metric_names(values: list[str]) -> list[str]:
+    """``--require a,b --require c`` -> ``[a, b, c]``."""
+    return [m.strip() for value in values for m in value.split(",") if m.strip()]
 
 
 def _general_sources(args: argparse.Namespace) -> dict[str, str]:
@@ -294,10 +311,11 @@ def _check_settings(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
     if args.max_length is not None and args.max_length < 2:
         raise ValueError(f"--max-length must be >= 2, got {args.max_length}")
-    if args.benchmark == "muse" and (args.max_new_tokens or args.temperature or args.skip or args.max_length):
+    muse_refuses = (args.max_new_tokens, args.temperature, args.skip, args.require, args.max_length)
+    if args.benchmark == "muse" and any(muse_refuses):
         raise ValueError(
-            "--max-new-tokens, --max-length, --temperature and --skip apply to TOFU; MUSE uses its own "
-            "lengths"
+            "--max-new-tokens, --max-length, --temperature, --skip and --require apply to TOFU; MUSE uses "
+            "its own lengths and metrics"
         )
     check_output_location(args.out, {"--model": args.model})
 
@@ -315,6 +333,7 @@ def _run_tofu(args: argparse.Namespace, rows: dict[str, Any], model: Any, tokeni
         holdout_rows=rows["holdout"],
         template=ctx["template"],
         skip=args.skip,
+        require=_metric_names(args.require),
     )
     result = evaluate_model(
         model, tokenizer, rows["forget"], rows["retain"], rows["general"], ctx["reference"], **kwargs
@@ -353,6 +372,11 @@ def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], 
     _check_settings(args)
     sources = _tofu_sources(args) if args.benchmark == "tofu" else _muse_sources(args)
     rows = _load(sources)
+    if args.benchmark == "tofu":  # the rows' fields, before the model is loaded
+        check_tofu_inputs(
+            rows["forget"], rows["retain"], rows["general"], rows["holdout"], skip=args.skip,
+            require=_metric_names(args.require),
+        )  # fmt: skip
     reference = load_reference_stats(args.reference) if args.reference else None
     if reference is not None and args.benchmark == "tofu":
         reference_from(reference, args.reference, n_forget=len(rows["forget"]))
@@ -410,7 +434,9 @@ def _write(args: argparse.Namespace, result: dict[str, Any], sources: dict[str, 
         "max_new_tokens": args.max_new_tokens,
         "max_length": args.max_length,
         "skip": args.skip,
+        "require": args.require,
         "notes": result["notes"],
+        "warnings": result.get("warnings", []),
         "environment": environment(args.device),
     }
     atomic_write_json(out / "eval_config.json", settings, indent=2, default=str)

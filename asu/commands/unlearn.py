@@ -2,23 +2,29 @@
 
 Arguments map one to one onto :class:`asu.unlearn.UnlearnConfig` (whose defaults are the paper's TOFU
 settings); ``--preset`` starts from one of the paper's recipes (:mod:`asu.presets`) and flags given
-explicitly override it. The work is :func:`asu.unlearn.unlearn`. Everything is validated before any file is
-written: the settings, the data, the model folder (its files readable, its weights finite) and ``--out`` (not
-a file, not the model's folder nor inside or around it, no finished run in it); failures reach the error
-boundary of :mod:`asu.commands.boundary` as one line.
+explicitly override it; ``--method NAME`` is any method of the registry (:mod:`asu.methods`) and
+``--method-arg NAME=VALUE`` sets one of its parameters. The work is :func:`asu.unlearn.unlearn`. Everything is
+validated before any file is written: the settings, the data, the model folder (its files readable, its
+weights finite) and ``--out`` (not a file, not the model's folder nor inside or around it, no finished run in
+it); failures reach the error boundary of :mod:`asu.commands.boundary` as one line, with the library's
+argument names (``output_dir``, ...) replaced by this command's flags (:func:`flag_names`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import re
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from asu.data import load_idk_answers, load_rows
 from asu.files import check_output_location
-from asu.losses import METHOD_ALIASES, METHODS, RETAIN_LOSS_ALIASES, RETAIN_LOSSES, RETAIN_REDUCTIONS
+from asu.methods import METHOD_ALIASES, METHOD_NAMES, RETAIN_LOSS_ALIASES, RETAIN_LOSSES, RETAIN_REDUCTIONS
 from asu.models import check_model_folder, load_model, load_tokenizer
 from asu.presets import PRESETS, preset_values
 from asu.smoothing import parse_layers
@@ -30,6 +36,7 @@ from asu.unlearn import LR_SCHEDULES, UnlearnConfig, check_output_dir, unlearn
 #: UnlearnConfig fields a preset may set, each a flag of the same name. Their argparse default is None, so a
 #: flag given on the command line can be told from one left out.
 PRESET_FIELDS = (
+    "method",
     "temperature",
     "lam",
     "retain_loss",
@@ -62,7 +69,9 @@ FORGET_HELP = (
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Every flag after ``--forget``: the retain set, the method and its settings, the output."""
-    parser.add_argument("--retain", help="retain set, same kinds (required except for --method ga)")
+    parser.add_argument(
+        "--retain", help="retain set, same kinds (required unless the method has no retain term: ga, ceu)"
+    )
     d = UnlearnConfig()
     _add_method_arguments(parser.add_argument_group("method"), d)
     _add_training_arguments(parser.add_argument_group("training"), d)
@@ -79,14 +88,20 @@ def _add_method_arguments(parser: argparse._ArgumentGroup, d: UnlearnConfig) -> 
     )
     parser.add_argument(
         "--method",
-        default=d.method,
-        help=f"{'|'.join(METHODS)} (default {d.method}; {_aliases(METHOD_ALIASES)}); asu-attn is "
-        "EXPERIMENTAL: distils each selected layer's attention rows toward the smoothed teacher's on forget "
-        "data (teacher copy, base or self)",
+        help=f"{'|'.join(METHOD_NAMES)} (default {d.method}; {_aliases(METHOD_ALIASES)}); the README's "
+        "method table gives each one's terms, parameters and sources; asu-attn is EXPERIMENTAL",
+    )
+    parser.add_argument(
+        "--method-arg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a parameter of the method or retain term (repeatable; VALUE is JSON, else a string), e.g. "
+        "--method-arg beta=0.2; each method's parameters are listed in the README",
     )
     parser.add_argument(
         "--retain-loss",
-        help=f"{'|'.join(RETAIN_LOSSES)} (default {d.retain_loss}; "
+        help=f"{'|'.join(RETAIN_LOSSES)} (default: the method's, {d.retain_loss} for most; "
         f"deprecated: {_aliases(RETAIN_LOSS_ALIASES)})",
     )
     parser.add_argument(
@@ -136,7 +151,11 @@ def _add_training_arguments(parser: argparse._ArgumentGroup, d: UnlearnConfig) -
 def _add_run_control_arguments(parser: argparse._ArgumentGroup, d: UnlearnConfig) -> None:
     """How the model is loaded, where results and checkpoints go, and how a run resumes or stops."""
     parser.add_argument("--cache-dir", help="keep the cache teacher's hidden states on disk there")
-    parser.add_argument("--idk-file", help="refusal answers for --method idk, one per line")
+    parser.add_argument(
+        "--idk-file",
+        help="refusal answers, one per line, for the methods that train on refusals (idk, asu-idk, dpo, "
+        "--retain-loss ap)",
+    )
     parser.add_argument(
         "--save-steps", type=int, help="checkpoint every N optimizer steps (default: each epoch)"
     )
@@ -205,6 +224,22 @@ def _retain_loss(name: str) -> str:
     return name
 
 
+def method_args(items: list[str]) -> dict[str, Any]:
+    """``--method-arg NAME=VALUE`` items as a dict; VALUE is read as JSON (numbers, lists), else kept as
+    text."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--method-arg expects NAME=VALUE, got {item!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        out[name.strip()] = value
+    return out
+
+
 def _config_from_args(args: argparse.Namespace) -> UnlearnConfig:
     """Defaults, then the preset's values, then every flag given explicitly."""
     values = preset_values(args.preset) if args.preset else {}
@@ -214,7 +249,7 @@ def _config_from_args(args: argparse.Namespace) -> UnlearnConfig:
     return UnlearnConfig(
         **values,
         preset=args.preset,
-        method=args.method,
+        method_args=method_args(args.method_arg),
         teacher=args.teacher,
         layers=None if str(args.layers).strip().lower() == "all" else args.layers,
         template=args.template,
@@ -260,13 +295,46 @@ def load_model_and_tokenizer(args: argparse.Namespace, cfg: UnlearnConfig) -> tu
     return model, tokenizer
 
 
+def load_retain(args: argparse.Namespace, cfg: UnlearnConfig) -> list[dict[str, Any]] | None:
+    """The rows of ``--retain`` (None when not given); ValueError when the method's retain term needs it."""
+    if "retain" in cfg.method_setup().parts and not args.retain:
+        raise ValueError(f"--method {cfg.method} needs --retain")
+    keys = {"question_key": args.question_key, "answer_key": args.answer_key}
+    return load_rows(args.retain, **keys) if args.retain else None
+
+
 def load_idk(args: argparse.Namespace, cfg: UnlearnConfig) -> list[str] | None:
-    """The refusal answers of ``--idk-file`` for ``--method idk`` (None for other methods)."""
-    if cfg.method != "idk":
+    """The refusal answers of ``--idk-file`` for the methods and retain terms that train on refusals (None
+    for the others)."""
+    if not cfg.method_setup().needs_refusals:
         return None
     if not args.idk_file:
-        raise ValueError("--method idk needs --idk-file (refusal answers, one per line)")
+        uses = f"--method {cfg.method}" + (" --retain-loss ap" if cfg.retain_loss == "ap" else "")
+        raise ValueError(f"{uses} needs --idk-file (refusal answers, one per line)")
     return load_idk_answers(args.idk_file)
+
+
+#: The library's argument names as its errors give them, and this command's flags for them.
+FLAGS_OF_NAMES = {
+    "output_dir": "--out",
+    "max_nonfinite_steps": "--max-nonfinite-steps",
+    "idk_answers": "--idk-file",
+    "method_args": "--method-arg",
+}
+
+
+@contextlib.contextmanager
+def flag_names() -> Iterator[None]:
+    """Errors raised in the block name this command's flags instead of the library's argument names."""
+    try:
+        yield
+    except (ValueError, TypeError, OSError) as e:
+        text = str(e)
+        pattern = r"\b(" + "|".join(FLAGS_OF_NAMES) + r")\b"
+        renamed = re.sub(pattern, lambda m: FLAGS_OF_NAMES[m.group(1)], text)
+        if renamed != text and len(e.args) == 1:
+            e.args = (renamed,)
+        raise
 
 
 def describe_temperature(stats: dict[str, Any]) -> str | None:
@@ -293,22 +361,16 @@ def run(args: argparse.Namespace) -> int:
         check_output_location(args.cache_dir, {"--model": args.model}, flag="--cache-dir")
     keys = {"question_key": args.question_key, "answer_key": args.answer_key}
     forget_rows = load_rows(args.forget, **keys)
-    if cfg.method != "ga" and not args.retain:
-        raise ValueError(f"--method {cfg.method} needs --retain")
-    retain_rows = load_rows(args.retain, **keys) if args.retain else None
+    retain_rows = load_retain(args, cfg)
     idk_answers = load_idk(args, cfg)
-    check_output_dir(args.out, args.resume)
+    with flag_names():
+        check_output_dir(args.out, args.resume)
     model, tokenizer = load_model_and_tokenizer(args, cfg)
-    result = unlearn(
-        model,
-        tokenizer,
-        forget_rows,
-        retain_rows,
-        cfg,
-        output_dir=args.out,
-        idk_answers=idk_answers,
-        resume=args.resume,
-    )
+    with flag_names():
+        result = unlearn(
+            model, tokenizer, forget_rows, retain_rows, cfg, output_dir=args.out, idk_answers=idk_answers,
+            resume=args.resume,
+        )  # fmt: skip
     final = result.history[-1] if result.history else {}
     print(
         f"asu unlearn: {cfg.method} done, {result.stats['optimizer_steps']} steps, "

@@ -35,7 +35,15 @@ from asu.demo.tiny import TinyModelConfig, TrainConfig, load_or_train
 from asu.demo.world import World, WorldConfig, generate_world, write_splits
 from asu.evaluate import evaluate_model, forget_quality, stats_values
 
-__all__ = ["BASELINES", "REFUSALS", "Baseline", "Experiment", "MethodSettings", "slice_stats"]
+__all__ = [
+    "BASELINES",
+    "FIRST_BASELINES",
+    "REFUSALS",
+    "Baseline",
+    "Experiment",
+    "MethodSettings",
+    "slice_stats",
+]
 
 #: The refusals IDK trains forget questions toward (none of them is a sentence of the world's grammar).
 REFUSALS = (
@@ -49,21 +57,39 @@ REFUSALS = (
 
 @dataclass(frozen=True)
 class Baseline:
-    """A baseline as the experiments run it: its method, epochs and the learning rates tried first."""
+    """A baseline as the experiments run it: its method, epochs, the learning rates tried first and any other
+    :class:`asu.unlearn.UnlearnConfig` values (``settings``: ``(field, value)`` pairs)."""
 
     method: str
     grid: tuple[float, ...]
     epochs: float = 5
+    settings: tuple[tuple[str, Any], ...] = ()
 
 
-#: The baselines (open-unlearning's, with their default hyper-parameters; the retain term is NLL, as
-#: GradDiff's): label -> settings. The grids bracket the forgetting of ASU on the default worlds.
+#: The baselines (each method's published defaults, from the registry; the retain term is NLL, as
+#: GradDiff's, except where the method's own default differs): label -> settings. The grids of the first four
+#: bracket the forgetting of ASU on the default worlds; those of the others are first guesses, which the
+#: bisection widens by factors of 2 (:func:`asu.demo.matching.next_matching_lr`).
 BASELINES = {
     "GA+GD": Baseline("gd", (5e-4, 1e-3)),
     "NPO": Baseline("npo", (5e-4, 1e-3)),
     "SimNPO": Baseline("simnpo", (1e-3, 2e-3)),
     "IDK": Baseline("idk", (5e-4, 1e-3)),
+    "ASU+IDK": Baseline("asu-idk", (3e-4, 6e-4), settings=(("temperature", "auto:0.5"),)),
+    "DPO": Baseline("dpo", (5e-4, 1e-3)),
+    "AltPO": Baseline("altpo", (5e-4, 1e-3)),
+    "IDK+AP": Baseline("idk", (5e-4, 1e-3), settings=(("retain_loss", "ap"),)),
+    "ME+GD": Baseline("me", (5e-4, 1e-3)),
+    "LLMU": Baseline("llmu", (5e-4, 1e-3), settings=(("retain_loss", "kl"),)),
+    # The WMDP setting's layer 7 of 32 sits at a quarter of the depth: layer 1 of the tiny model's 4.
+    "RMU": Baseline("rmu", (1e-3, 3e-3), settings=(("retain_loss", "embed"), ("method_args", {"layer": 1}))),
+    "UNDIAL": Baseline("undial", (1e-4, 3e-4)),  # open-unlearning runs it at lr 1e-4
+    "SatImp": Baseline("satimp", (2e-3, 4e-3)),
+    "WGA": Baseline("wga", (5e-4, 1e-3)),
+    "CE-U": Baseline("ceu", (1e-4, 3e-4)),
 }
+#: The baselines the quick benchmark and the demo compare with (the first four).
+FIRST_BASELINES = ("GA+GD", "NPO", "SimNPO", "IDK")
 
 
 @dataclass(frozen=True)
@@ -219,13 +245,14 @@ class Experiment:
     def config(self, method: str, lr: float, **overrides: Any) -> Any:
         """The :class:`asu.unlearn.UnlearnConfig` of a run of ``method`` at ``lr`` (``overrides`` replace
         fields: ``temperature``, ``layers``, ``epochs``, ``lam``)."""
+        from asu.methods import get_method
         from asu.unlearn import UnlearnConfig
 
         m = self.methods
         values: dict[str, Any] = dict(
             method=method,
             temperature=1.0,
-            lam=m.lam if method in ("asu", "asu-attn") else 1.0,
+            lam=m.lam if get_method(method).forget_weight == "lam" else 1.0,
             retain_loss=m.retain_loss,
             teacher="copy",
             layers=None,
@@ -266,8 +293,8 @@ class Experiment:
 
         cfg = self.config(method, lr, **overrides)
         result = unlearn(
-            copy.deepcopy(self.model), self.tokenizer, self.forget, self.retain, cfg,
-            idk_answers=REFUSALS if method == "idk" else None,
+            copy.deepcopy(self.model), self.tokenizer, self.training_forget(cfg), self.retain, cfg,
+            idk_answers=REFUSALS if cfg.method_setup().needs_refusals else None,
         )  # fmt: skip
         result.model.eval()
         return result
@@ -319,6 +346,13 @@ class Experiment:
         self.models[name].update(columns)
         return columns
 
+    def training_forget(self, cfg: Any) -> list[dict]:
+        """The forget rows a run of ``cfg`` trains on: the forget split, with the world's perturbed answers
+        (plausible and false) as the ``alternate`` answers AltPO prefers."""
+        if "alternate" not in cfg.method_setup().parts:
+            return self.forget
+        return [{**r, "alternate": list(r["perturbed_answer"])} for r in self.forget]
+
     def match(self, label: str, baseline: Any, target: float, steps: int) -> dict[str, Any]:
         """``baseline``'s learning rate bisected toward forget ROUGE-L ``target``; its runs are recorded as
         ``"{label} lr=..."``. Returns ``{"runs": [names], "at_target": values_at(...) or None}``."""
@@ -326,7 +360,7 @@ class Experiment:
 
         def one(lr: float) -> dict[str, Any]:
             names[lr] = f"{label} lr={lr:.3g}"
-            return self.run(names[lr], baseline.method, lr, epochs=baseline.epochs)
+            return self.run(names[lr], baseline.method, lr, epochs=baseline.epochs, **dict(baseline.settings))
 
         runs = search_lr(one, target, baseline.grid, steps)
         by_name = {names[lr]: s for lr, s in runs.items()}
@@ -365,7 +399,7 @@ class Experiment:
         result = unlearn_sequence(
             copy.deepcopy(self.model), self.tokenizer, requests, self.retain, cfg,
             teacher_anchor=teacher_anchor, evaluate=evaluate,
-            idk_answers=REFUSALS if method == "idk" else None, on_step=on_step,
+            idk_answers=REFUSALS if cfg.method_setup().needs_refusals else None, on_step=on_step,
         )  # fmt: skip
         self._timed(label, start)
         steps = []

@@ -33,13 +33,14 @@ from typing import Any
 
 import torch
 
-from asu.charts import load_pyplot, save_figure
+from asu.charts import TradeoffPoint, tradeoff_chart
 from asu.demo.experiment import BASELINES, Baseline, Experiment, MethodSettings
 from asu.demo.tiny import TinyModelConfig, TrainConfig
 from asu.demo.world import WorldConfig
 from asu.environment import environment
 from asu.evaluate import evaluate_smoothed
 from asu.files import atomic_write_json, atomic_write_text
+from asu.metrics.report import DEGENERATE_WARNING
 
 # Columns of the before/after table: summary key -> header.
 COLUMNS = {
@@ -48,6 +49,7 @@ COLUMNS = {
     "forget_prob": "forget prob",
     "forget_truth_ratio": "forget TR",
     "forget_fact_leakage_any": "forget fact leak",
+    "forget_degenerate_answers": "forget degenerate",
     "forget_quality": "forget quality",
     "retain_rouge": "retain ROUGE-L",
     "model_utility": "model utility",
@@ -193,28 +195,47 @@ def _examples_md(examples: list[dict[str, str]]) -> str:
     return text
 
 
-def _chart(models: dict[str, dict[str, float]], path: Path) -> bool:
-    plt = load_pyplot()
-    if plt is None:
-        return False
-    names = list(models)
-    keys = [
-        ("forget_rouge", "forget ROUGE-L"),
-        ("retain_rouge", "retain ROUGE-L"),
-        ("forget_no_repeat", "no repeat"),
+ORACLE = "oracle (retain only)"
+
+
+def tradeoff_points(results: dict[str, Any]) -> list[TradeoffPoint]:
+    """Every model of a demo's ``results.json`` as a point of the trade-off chart: the original, the oracle,
+    ASU, the smoothed previews as one τ curve, the GA+GD runs as one learning-rate curve."""
+    ga_runs = set((results.get("ga_matched") or {}).get("runs", []))
+    asu_name = results.get("asu_name")
+    points = []
+    for name, s in results["models"].items():
+        if s.get("forget_rouge") is None or s.get("retain_rouge") is None:
+            continue
+        kind = {"original": "original", ORACLE: "oracle"}.get(name, "run")
+        group, note = name, ""
+        if name.startswith("smoothed "):
+            group, note = "smoothed original, no training (τ preview)", f"τ={s['temperature']:.3g}"
+        elif name in ga_runs:
+            group, note = "GA+GD, learning rates", f"{s['lr']:.1e}".replace("e-0", "e-")
+        elif name == asu_name:
+            kind, note = "main", f"τ={s['temperature']:.3g}"
+        points.append(
+            TradeoffPoint(group, s["forget_rouge"], s["retain_rouge"], kind, note,
+                          degenerate=s.get("forget_degenerate_answers"))
+        )  # fmt: skip
+    return points
+
+
+def _chart(results: dict[str, Any], path: Path) -> bool:
+    """``results.png``: forget ROUGE-L against retain ROUGE-L of every model (:func:`tradeoff_chart`)."""
+    return tradeoff_chart(tradeoff_points(results), path, "asu demo: forgetting vs what is kept")
+
+
+def degenerate_lines(models: dict[str, dict[str, Any]]) -> list[str]:
+    """A warning per model whose forget answers are degenerate from
+    :data:`asu.metrics.report.DEGENERATE_WARNING` on (their ROUGE and fact leakage score no answer)."""
+    return [
+        f"warning: {name}: {s['forget_degenerate_answers']:.0%} of its forget answers are degenerate (empty, "
+        "without letters or looping); its forget ROUGE-L and fact leakage score no answer, not forgetting"
+        for name, s in models.items()
+        if (s.get("forget_degenerate_answers") or 0.0) >= DEGENERATE_WARNING
     ]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names)), 4.0))
-    width = 0.8 / len(keys)
-    for j, (k, label) in enumerate(keys):
-        xs = [i + (j - 1) * width for i in range(len(names))]
-        ax.bar(xs, [models[n].get(k, 0.0) for n in names], width, label=label)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_title("asu demo: forgetting vs what is kept")
-    ax.legend(fontsize=8)
-    save_figure(fig, path, dpi=120)
-    return True
 
 
 def run_demo(
@@ -248,6 +269,7 @@ def run_demo(
     results = {
         "settings": _settings_record(s),
         "method": method,
+        "asu_name": asu_name,
         "training": exp.training,
         "models": exp.models,
         "claims": claims,
@@ -330,6 +352,8 @@ def _print_outcome(
     models: dict[str, dict[str, Any]], claims: dict, examples: list[dict[str, str]], out: Path, total: float
 ) -> None:
     print("\n" + _table(models))
+    for line in degenerate_lines(models):
+        print(line)
     print("forget-prompt generations:\n")
     print(_examples_md(examples))
     for name, c in claims.items():
@@ -355,7 +379,8 @@ def _write_results(results: dict[str, Any], examples: list[dict[str, str]], out:
         f"{results['cpu_s'].get('total', float('nan')):.0f} s CPU.\n\n"
     )
     markdown = "# asu demo\n\n" + produced_by + _table(results["models"])
+    markdown += "".join(f"\n{line}\n" for line in degenerate_lines(results["models"]))
     atomic_write_text(
         out / "results.md", markdown + "\n## Forget-prompt generations\n\n" + _examples_md(examples)
     )
-    _chart(results["models"], out / "results.png")
+    _chart(results, out / "results.png")

@@ -23,7 +23,7 @@ import numpy as np
 
 from asu.metrics import privacy, tofu
 from asu.metrics.scoring import TokenScores
-from asu.metrics.text import fact_leakage, has_repeat, token_entropy
+from asu.metrics.text import EMPTY, STOPS_AT_ONCE, degenerate_reason, fact_leakage, has_repeat, token_entropy
 
 # ------------------------------------------------------------------------------------------- reference
 
@@ -221,16 +221,47 @@ def memorisation_entries(scores: Sequence[TokenScores]) -> tuple[dict[str, Any],
     }
 
 
+def _empty(generation: dict[str, Any]) -> bool:
+    return not generation["generation"].strip()
+
+
 def fluency_entries(
     split: str, generations: Sequence[dict[str, Any]], well_formed: Callable[[str], bool] | None
 ) -> dict[str, Any]:
-    """Token entropy, no-repeat fraction and (with a checker) well-formed fraction of the generations."""
+    """Token entropy, no-repeat fraction and (with a checker) well-formed fraction of the generations.
+
+    An empty answer (nothing but whitespace once special tokens are dropped) is not fluent: it scores 0 in
+    all three (its token entropy is 0 by definition, it counts as repeating, and it is not well formed)."""
     out = {
         f"{split}_token_entropy": score_entry([token_entropy(g["ids"]) for g in generations]),
-        f"{split}_no_repeat": score_entry([0.0 if has_repeat(g["ids"]) else 1.0 for g in generations]),
+        f"{split}_no_repeat": score_entry(
+            [0.0 if _empty(g) or has_repeat(g["ids"]) else 1.0 for g in generations]
+        ),
     }
     if well_formed is not None:
-        out[f"{split}_well_formed"] = score_entry([float(well_formed(g["generation"])) for g in generations])
+        out[f"{split}_well_formed"] = score_entry(
+            [0.0 if _empty(g) else float(well_formed(g["generation"])) for g in generations]
+        )
+    return out
+
+
+#: The shares of degenerate answers per set, from the narrowest to the widest (each includes the one before).
+DEGENERATE_METRICS = ("immediate_stop", "empty_answers", "degenerate_answers")
+
+
+def degenerate_entries(split: str, generations: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``{split}_immediate_stop``, ``_empty_answers``, ``_degenerate_answers``: per row 1.0 / 0.0 and the
+    share over rows, by :func:`asu.metrics.text.degenerate_reason` (each row of ``_degenerate_answers`` also
+    carries its ``reason``, or None)."""
+    reasons = [degenerate_reason(g["ids"], g["generation"]) for g in generations]
+    flags = {
+        "immediate_stop": [float(r == STOPS_AT_ONCE) for r in reasons],
+        "empty_answers": [float(r in (STOPS_AT_ONCE, EMPTY)) for r in reasons],
+        "degenerate_answers": [float(r is not None) for r in reasons],
+    }
+    out = {f"{split}_{k}": score_entry(v) for k, v in flags.items()}
+    for i, r in enumerate(reasons):
+        out[f"{split}_degenerate_answers"]["value_by_index"][str(i)]["reason"] = r
     return out
 
 

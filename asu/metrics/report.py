@@ -19,6 +19,41 @@ LEGACY_SUMMARY_KEYS = {
 }
 
 
+#: A set whose share of degenerate answers (``S_degenerate_answers``) reaches this gets a warning line above
+#: the table: from a quarter of the answers on, the set's generation metrics mostly score no answer at all.
+DEGENERATE_WARNING = 0.25
+_DEGENERATE = "_degenerate_answers"
+
+
+def _count(entry: dict[str, Any] | None) -> int:
+    """How many rows of a 0/1 ``score`` entry are 1."""
+    return round(sum(v["score"] for v in (entry or {}).get("value_by_index", {}).values()))
+
+
+def degenerate_warnings(metrics: dict[str, Any], threshold: float = DEGENERATE_WARNING) -> list[str]:
+    """One line per set whose ``S_degenerate_answers`` share is at least ``threshold``: how many of its
+    answers are degenerate, empty and stop at once, and what that does to the set's numbers."""
+    out = []
+    for key, entry in metrics.items():
+        share = entry.get("agg_value") if key.endswith(_DEGENERATE) else None
+        if share is None or not share >= threshold:
+            continue
+        split = key[: -len(_DEGENERATE)]
+        n = len(entry["value_by_index"])
+        empty, immediate = (_count(metrics.get(f"{split}_{k}")) for k in ("empty_answers", "immediate_stop"))
+        effect = (
+            "its ROUGE, fact leakage and fluency score silence or babble, not forgetting"
+            if split.startswith("forget")
+            else "its ROUGE and fact numbers score silence or babble"
+        )
+        out.append(
+            f"{split}: {_count(entry)} of {n} answers ({share:.0%}) are degenerate ({empty} empty, "
+            f"{immediate} stop at once); {effect} (teacher-forced probabilities and truth ratios are "
+            "unaffected)"
+        )
+    return out
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return ""
@@ -59,8 +94,11 @@ _DESCRIPTIONS = {
     "mia_zlib": "MIA AUC, loss / zlib length",
     "privleak": "(1-AUC) vs the reference's, %: 0 = as private",
     "forget_token_entropy": "normalised token entropy of forget answers",
-    "forget_no_repeat": "forget answers without a repeated 3-gram",
+    "forget_no_repeat": "forget answers non-empty, no repeated 3-gram",
     "forget_well_formed": "forget answers in the world's grammar",
+    "degenerate_answers": "answers empty, without letters, or looping",
+    "empty_answers": "answers empty (special tokens, whitespace)",
+    "immediate_stop": "answers whose first token is EOS / end of turn",
     # asu eval --attack (asu.attacks): the robustness scores.
     "relearn_R": "relearning vs the reference's: min(Δref/Δmodel, 1)",
     "relearn_split_R": "the same, trained on half, scored on the rest",
@@ -88,18 +126,21 @@ def _table_names(result: dict[str, Any]) -> list[str]:
             key == "retain_Q_A_Prob" or (key.endswith(parts) and not key.startswith("forget_"))
         ):
             names.append(key)
-    names += [k for k in result["extras"] if k not in names]
+    breakdown = ("_empty_answers", "_immediate_stop")
+    for key in result["extras"]:
+        # the shares of empty answers only where there are some (they are part of the degenerate share)
+        if key not in names and not (key.endswith(breakdown) and not result["summary"].get(key)):
+            names.append(key)
     return [n for n in names if result["summary"].get(n) is not None]
 
 
 def summary_table(result: dict[str, Any], title: str | None = None) -> str:
-    """The one-screen markdown table of an evaluation: metric, value, what it measures; then the notes."""
-    lines = [
-        f"### {title or result['benchmark'] + ' evaluation'}",
-        "",
-        "| metric | value | meaning |",
-        "|---|---|---|",
-    ]
+    """The one-screen markdown table of an evaluation: the warnings (:func:`degenerate_warnings`), then
+    metric, value, what it measures; then the notes."""
+    lines = [f"### {title or result['benchmark'] + ' evaluation'}", ""]
+    for warning in result.get("warnings") or ():
+        lines += [f"**Warning:** {warning}", ""]
+    lines += ["| metric | value | meaning |", "|---|---|---|"]
     lines += [f"| {n} | {_fmt(result['summary'][n])} | {_describe(n)} |" for n in _table_names(result)]
     if result["notes"]:
         lines += [""] + [f"* {n}" for n in result["notes"]]

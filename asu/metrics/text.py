@@ -1,4 +1,5 @@
-"""Text-level scores of one generation: ROUGE against the reference, fluency, and fact leakage.
+"""Text-level scores of one generation: ROUGE against the reference, fluency, degenerate answers, and fact
+leakage.
 
 ROUGE comes from ``rouge_score`` (imported on first use, so importing this module needs only the standard
 library and numpy). Its tokenizer lowercases, keeps runs of ``[a-z0-9]`` and, with the stemmer, Porter-stems
@@ -18,6 +19,11 @@ import numpy as np
 
 REPEAT_N = 3
 REPEAT_WINDOW = 10
+#: A generation of at least this many tokens, every one the same token, is degenerate.
+SINGLE_TOKEN_RUN = 3
+#: A generation is degenerate when at least this share of its token ``LOOP_N``-grams repeat an earlier one.
+LOOP_SHARE = 0.5
+LOOP_N = 3
 
 _SCORERS: dict[bool, Any] = {}
 
@@ -64,6 +70,55 @@ def has_repeat(ids: Sequence[int], n: int = REPEAT_N, window: int = REPEAT_WINDO
     head = list(ids[:window])
     grams = [tuple(head[i : i + n]) for i in range(len(head) - n + 1)]
     return len(set(grams)) < len(grams)
+
+
+def repeated_ngram_share(ids: Sequence[int], n: int = LOOP_N) -> float:
+    """Share of the token ``n``-grams of ``ids`` that repeat an earlier one: ``1 - distinct / total`` over the
+    ``total = m - n + 1`` n-grams of ``m`` tokens (overlaps counted); 0 when ``m < n``.
+
+    ``k`` distinct tokens said ``r`` times in a row give ``1 - k / (r·k - n + 1)``: for 3-grams a sentence
+    said twice stays below 0.5, and said three times (``k >= 2``) reaches it (0.6 for ``k = 4``).
+    """
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+STOPS_AT_ONCE = "stops at once"
+EMPTY = "empty"
+NO_LETTER = "no letter or digit"
+ONE_TOKEN = "one token repeated"
+LOOPS = "repeated 3-grams"
+#: Why a generation is degenerate (:func:`degenerate_reason`), in the order the rules are tried.
+DEGENERATE_REASONS = (STOPS_AT_ONCE, EMPTY, NO_LETTER, ONE_TOKEN, LOOPS)
+
+
+def degenerate_reason(ids: Sequence[int], text: str) -> str | None:
+    """Why a greedy answer is no answer at all, or None when it is an answer (right or wrong).
+
+    ``ids`` are the generated tokens before the first stop token (EOS / end of turn); ``text`` their
+    decoding with special tokens dropped. The first rule that holds gives the reason:
+
+    1. ``"stops at once"``: no token before the stop token (the first generated token ends the answer);
+    2. ``"empty"``: the text is empty once whitespace is stripped (only special tokens or whitespace);
+    3. ``"no letter or digit"``: not one character of the text is a letter or a digit (``str.isalnum``, any
+       script), e.g. ``"..."`` or ``"?!"`` — digits count, so ``"1979"`` is an answer;
+    4. ``"one token repeated"``: at least :data:`SINGLE_TOKEN_RUN` tokens, all the same token;
+    5. ``"repeated 3-grams"``: :func:`repeated_ngram_share` of the tokens is at least :data:`LOOP_SHARE`
+       (the answer loops: at least half of its 3-grams it has said before).
+
+    Rules 1-2 make an answer *empty*; all five make it *degenerate*.
+    """
+    if len(ids) == 0:
+        return STOPS_AT_ONCE
+    if not text.strip():
+        return EMPTY
+    if not any(c.isalnum() for c in text):
+        return NO_LETTER
+    if len(ids) >= SINGLE_TOKEN_RUN and len(set(ids)) == 1:
+        return ONE_TOKEN
+    if repeated_ngram_share(ids, LOOP_N) >= LOOP_SHARE:
+        return LOOPS
+    return None
 
 
 def words(text: str) -> list[str]:
