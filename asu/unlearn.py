@@ -63,6 +63,7 @@ from asu.run_folder import (
 from asu.smoothing import attention_modules, parse_layers
 from asu.tau import TauChoice, choose_temperature, is_auto
 from asu.teachers import Teacher, build_teacher, is_peft_model
+from asu.undo import shrink_perturb_student
 from asu.unlearn_config import LR_SCHEDULES, UnlearnConfig
 
 __all__ = ["UnlearnConfig", "UnlearnResult", "unlearn", "check_output_dir", "LR_SCHEDULES"]
@@ -285,6 +286,7 @@ def _train_and_write(run: _Run, trainer_dir: str, output_dir: str | None, resume
     student, teacher = _student_and_teacher(run.model, run_cfg, run.layers, data, run.teacher_model)
     if run.setup.method.prepare is not None:
         run.setup.method.prepare(student, run.setup.params)
+    shrink_perturb_student(student, run_cfg)  # after prepare: only the weights the method trains
     objective = _build_objective(student, teacher, run_cfg)
     trainer = _build_trainer(objective, args, data, run.collator, run.tokenizer, run.callbacks, cfg)
     _train(trainer, trainer_dir if output_dir is not None else None, resume)

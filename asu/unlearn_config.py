@@ -28,6 +28,7 @@ from asu.methods.simnpo import METHOD as SIMNPO
 from asu.tau import is_auto, parse_auto
 from asu.teachers import TEACHER_SOURCES
 from asu.templates import Template, get_template
+from asu.undo import check_shrink_perturb
 
 __all__ = ["UnlearnConfig", "LR_SCHEDULES", "PARAMETER_FIELDS"]
 
@@ -99,6 +100,8 @@ class UnlearnConfig:
         max_nonfinite_steps: optimizer steps with a NaN/infinite loss or gradient norm that are skipped
             (weights left unchanged) before the run stops with an error; 0 = stop at the first one.
         progress: show the progress bar.
+        shrink_perturb: ``(alpha, beta)``: UNDO's shrink-and-perturb of the student before training
+            (:mod:`asu.undo`; EXPERIMENTAL, measured in the README's UNDO section), or None (off).
     """
 
     method: str = "asu"
@@ -140,6 +143,7 @@ class UnlearnConfig:
     keep_checkpoints: bool = False
     max_nonfinite_steps: int = 0
     progress: bool = True
+    shrink_perturb: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.retain_loss is None:
@@ -164,6 +168,7 @@ class UnlearnConfig:
         self._check_storage_and_steps()
         if isinstance(self.layers, str) and self.layers.strip().lower() == "all":
             self.layers = None
+        self.shrink_perturb = check_shrink_perturb(self)
 
     def _check_choices(self) -> None:
         """Fields that name one of a fixed set of choices, and the template."""

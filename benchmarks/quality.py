@@ -19,6 +19,12 @@ tiny model and oracle (:mod:`asu.demo.tiny`, cached by configuration), then, as 
     exactly that forgetting (:mod:`asu.demo.matching`): GA+GD, NPO, SimNPO and IDK, and in the full mode every
     other method of the registry (:data:`asu.demo.experiment.BASELINES`: ASU+IDK, DPO, AltPO, IDK+AP, ME+GD,
     LLMU, RMU, UNDIAL, SatImp, WGA, CE-U); ``--baselines`` picks others;
+``robustness``
+    the attacks of :mod:`asu.attacks` (``QualitySettings.attacks``) on the original, the oracle, the main ASU
+    and the baseline runs read at its forgetting: relearning on the forget rows (R against the oracle's own
+    relearning, the yardstick) and on half of them (the other half's recovery), NF4 quantization (Q) and the
+    prefilled answer; the baselines' columns are read at the main ASU's forget ROUGE-L like every other
+    number, and each method gets a verdict per attack (``quality_stats.VERDICTS``);
 ``continual``
     the forget authors as five requests in a row (:mod:`asu.continual`): ASU with the teacher anchored at the
     original model and at the previous step, and GA+GD at its matched learning rate; evaluated after every
@@ -60,7 +66,7 @@ from benchmarks.report import refresh_readme
 
 RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent.parent / "README.md"
-STAGES = ("layers", "asu", "sweep", "baselines", "continual")
+STAGES = ("layers", "asu", "sweep", "baselines", "robustness", "continual")
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,9 @@ class QualitySettings:
         ("SimNPO", "simnpo", "original"),
     )
     max_new_tokens: int = 40
+    #: Attacks on the attacked models (``asu eval --attack`` specs). Relearning at open-unlearning's 2e-5 for
+    #: one epoch moves nothing on the tiny model (trained at lr 3e-3): 6 steps of 32 rows (3 epochs) at 1e-3.
+    attacks: tuple[str, ...] = ("relearn:6:1e-3", "quant:nf4", "prefix")
 
     @property
     def main_variant(self) -> str:
@@ -142,6 +151,7 @@ class WorldRun:
             max_new_tokens=s.max_new_tokens,
             progress=progress,
         )
+        self.exp.keep_models = bool(s.attacks)
         self.cache_dir = cache_dir
         self.record: dict[str, Any] = self._load()
 
@@ -168,6 +178,7 @@ class WorldRun:
             models={**self.record.get("models", {}), **exp.models},
             tau={**self.record.get("tau", {}), **exp.temperatures},
             timings={**self.record.get("timings", {}), **exp.timings},
+            recipes={**self.record.get("recipes", {}), **exp.recipes},
             training=exp.training,
             forget_authors=self.exp.world.forget_authors,
             examples=self._examples(),
@@ -188,6 +199,7 @@ class WorldRun:
         t0, c0 = time.perf_counter(), time.process_time()
         exp = self.exp
         exp.models.update(self.record.get("models", {}))
+        exp.recipes.update(self.record.get("recipes", {}))
         exp.load_models(self.cache_dir)
         exp.evaluate_original()
         _log(self.seed, "models ready; original " + _brief(exp.models["original"]))
@@ -255,6 +267,27 @@ class WorldRun:
             _log(self.seed, f"{label} at ASU's forget ROUGE-L {target:.3f}: {state}")
         self.record["matched"] = matched
 
+    def _stage_robustness(self) -> None:
+        """The attacks on the original, the oracle, the main ASU and the baseline runs used at its forgetting;
+        then each baseline read at the main ASU's forgetting again, with the attack columns."""
+        exp, attacks = self.exp, list(self.s.attacks)
+        if not attacks:
+            self.record["robustness"] = {}
+            return
+        reference = exp.yardstick(attacks)
+        original = exp.robustness("original", attacks, reference, None)
+        names = ["oracle (retain only)", self.record["asu"]["main"]]
+        names += [
+            n for m in self.record["matched"].values() if m["at_target"] for n in m["at_target"]["runs"]
+        ]
+        for name in dict.fromkeys(names):
+            cols = exp.robustness(name, attacks, reference, original)
+            _log(self.seed, f"attacks on {name}: " + _brief_attacks(cols))
+        target = exp.models[self.record["asu"]["main"]][MATCH_KEY]
+        for m in self.record["matched"].values():
+            m["at_target"] = exp.at_forgetting(m["runs"], target)
+        self.record["robustness"] = {"attacks": attacks, "yardstick": reference, "attacked": list(names)}
+
     def _matched_lr(self, label: str) -> float:
         """The learning rate of the baseline run closest to the main ASU's forget ROUGE-L."""
         target = self.exp.models[self.record["asu"]["main"]][MATCH_KEY]
@@ -301,6 +334,11 @@ def _brief(summary: dict[str, Any]) -> str:
     return ", ".join(f"{k} {summary[k]:.3f}" for k in keys if summary.get(k) is not None)
 
 
+def _brief_attacks(columns: dict[str, Any]) -> str:
+    keys = ("relearn_R", "relearn_split_recovered", "quant_nf4_Q", "prefix_forget_Q_A_Prob")
+    return ", ".join(f"{k} {columns[k]:.3f}" for k in keys if columns.get(k) is not None)
+
+
 def _world_job(seed: int, s: QualitySettings, out: str, cache_dir: str | None, threads: int) -> dict:
     torch.set_num_threads(threads)
     return WorldRun(seed, s, Path(out), cache_dir, progress=False).run()
@@ -335,12 +373,60 @@ def aggregate(worlds: list[dict[str, Any]], s: QualitySettings) -> dict[str, Any
     return {
         "worlds": [w["seed"] for w in worlds],
         "table": stats,
+        "robustness": robustness_aggregate(worlds),
         "paired": comparisons,
         "sweep": sweep,
         "tau_promise": qs.tau_promise(worlds),
         "continual": continual,
         "layers": layers,
     }
+
+
+#: Rows of the robustness tables that are not unlearned models (no verdict: nothing was forgotten).
+REFERENCE_ROWS = ("original", "oracle (retain only)")
+
+
+def robustness_aggregate(worlds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The robustness tables (forget probability, forget ROUGE-L) across worlds, and each method's verdict
+    per attack (:data:`quality_stats.VERDICTS`)."""
+    rows = qs.robustness_rows(worlds)
+    if not rows:
+        return {}
+    return {
+        "prob": qs.aggregate(worlds, rows, qs.ROBUSTNESS),
+        "rouge": qs.aggregate(worlds, rows, qs.ROBUSTNESS_ROUGE),
+        "verdicts": qs.verdicts(worlds, [r for r in rows if r not in REFERENCE_ROWS]),
+    }
+
+
+def _protocol(s: QualitySettings) -> str:
+    """The attacks as one sentence for the reports."""
+    return (
+        f"Attacks (`asu eval --attack` specs): {', '.join(f'`{a}`' for a in s.attacks)}. Relearning "
+        "fine-tunes a copy on the forget rows (AdamW, 32 rows a step, linear decay, answer NLL) and, in the "
+        "split variant, on half of them, scoring the other half; R = min(oracle's gain / model's gain, 1) "
+        "with the oracle (retain-only model) relearned the same way; Q = min(before / after NF4, 1); "
+        "robustness = harmonic mean of R and Q (open-unlearning's meta-evaluation); held-out recovered = "
+        "(after − before) / (original − before) on the half not trained on. Baselines are read at the main "
+        "ASU's forget ROUGE-L like every other number."
+    )
+
+
+def robustness_markdown(agg: dict[str, Any], n: int, s: QualitySettings) -> str:
+    """The robustness section of results.md."""
+    rob = agg.get("robustness") or {}
+    if not rob:
+        return ""
+    text = "## Robustness: does the knowledge come back?\n\n" + _protocol(s) + "\n\n"
+    text += "On the forget probability (`forget_Q_A_Prob`, the meta-evaluation's Prob):\n\n"
+    text += qs.main_table(rob["prob"], n, qs.ROBUSTNESS) + "\n"
+    text += "On forget ROUGE-L (`forget_Q_A_ROUGE`):\n\n" + qs.main_table(
+        rob["rouge"], n, qs.ROBUSTNESS_ROUGE
+    )
+    text += "\nWhich forgetting survives which attack (on the forget probability):\n\n"
+    text += qs.verdict_table(rob["verdicts"]) + "\n"
+    text += "".join(f"* {a}: {rule}\n" for a, rule in qs.VERDICT_RULES.items()) + "\n"
+    return text
 
 
 def _markdown(results: dict[str, Any], worlds: list[dict[str, Any]], s: QualitySettings) -> str:
@@ -366,6 +452,7 @@ def _markdown(results: dict[str, Any], worlds: list[dict[str, Any]], s: QualityS
         "interpolation.\n\n"
     )
     text += "## Methods\n\n" + qs.main_table(agg["table"], n) + "\n"
+    text += robustness_markdown(agg, n, s)
     text += "## ASU minus each baseline at matched forgetting (and ASU variants minus the main ASU)\n\n"
     text += qs.paired_table(agg["paired"]) + "\n"
     p = agg["tau_promise"]
@@ -409,8 +496,9 @@ def _markdown(results: dict[str, Any], worlds: list[dict[str, Any]], s: QualityS
     return text
 
 
-#: The README's quality section lies between these markers (``--readme`` rewrites it).
+#: The README's quality and robustness sections lie between these markers (``--readme`` rewrites them).
 README_MARKERS = ("<!-- quality:start -->", "<!-- quality:end -->")
+ROBUSTNESS_MARKERS = ("<!-- robustness:start -->", "<!-- robustness:end -->")
 README_METRICS = (
     "forget_rouge",
     "forget_fact_leakage_any",
@@ -487,6 +575,72 @@ def readme_section(results: dict[str, Any], s: QualitySettings, results_md: Path
     return text
 
 
+def robustness_readme_section(
+    results: dict[str, Any], s: QualitySettings, results_md: Path, readme: Path
+) -> str:
+    """The README's robustness section: for each method, whether its forgetting survives each attack (the
+    verdicts of the committed results, with their rules), and the headline robustness numbers."""
+    env, agg, t = results["environment"], results["aggregate"], results["timing"]
+    rob = agg.get("robustness") or {}
+    if not rob:
+        return "No robustness results in this run."
+    link = os.path.relpath(results_md, readme.parent)
+    n = len(agg["worlds"])
+    text = (
+        f"Measured by `python -m benchmarks.quality --{s.mode}` on {env['machine']} (torch {env['torch']}, "
+        f"transformers {env['transformers']}, {env['date'][:10]}; wall {t['wall_s'] / 60:.0f} min); full "
+        f"report: [{results_md.name}]({link}). {n} worlds, mean ± std across worlds.\n\n"
+        + _protocol(s)
+        + "\n\n"
+    )
+    keys = (
+        "before_forget_Q_A_Prob",
+        "relearn_R",
+        "relearn_split_recovered",
+        "quant_nf4_Q",
+        "prefix_forget_Q_A_Prob",
+        "robustness",
+    )
+    text += (
+        "| model | "
+        + " | ".join(qs.ROBUSTNESS[k][0] for k in keys)
+        + " |\n"
+        + "|---" * (1 + len(keys))
+        + "|\n"
+    )
+    for row, values in rob["prob"].items():
+        text += f"| {row} | " + " | ".join(qs.fmt(values.get(k), n_of=n) for k in keys) + " |\n"
+    text += _prefix_caveat(rob["prob"].get("original", {}))
+    text += "\nWhich forgetting survives which attack:\n\n" + qs.verdict_table(rob["verdicts"]) + "\n"
+    text += "".join(f"* {a}: {rule}\n" for a, rule in qs.VERDICT_RULES.items())
+    lines = []
+    for row, per_attack in rob["verdicts"].items():
+        kept = [a for a, v in per_attack.items() if v["verdict"] == "survives"]
+        lost = [a for a, v in per_attack.items() if v["verdict"] == "fails"]
+        measured = max(v["stat"]["n"] for v in per_attack.values())
+        where = (
+            f"in every world ({measured})" if measured == n else f"in the {measured} of {n} worlds measured"
+        )
+        lines.append(
+            f"* {row}: survives {', '.join(kept) if kept else 'no attack'}; fails "
+            f"{', '.join(lost) if lost else 'no attack'} ({where})"
+        )
+    return text + "\n" + "\n".join(lines) + "\n"
+
+
+def _prefix_caveat(original: dict[str, Any]) -> str:
+    """A note when the prefilled opener lowers even the original model's forget probability: the opener is
+    foreign to the model, so the prefilled-answer verdicts say little about the methods."""
+    plain, prefilled = original.get("before_forget_Q_A_Prob"), original.get("prefix_forget_Q_A_Prob")
+    if not plain or not prefilled or prefilled["mean"] >= plain["mean"] - 0.1:
+        return ""
+    return (
+        f"\nThe prefilled opener lowers even the original model's forget Prob ({qs.fmt(plain)} → "
+        f"{qs.fmt(prefilled)}): the opener is foreign to these tiny models, so the prefilled-answer verdicts "
+        "say little about the methods here.\n"
+    )
+
+
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -524,6 +678,16 @@ def write_results(
     atomic_write_text(out / "results.md", _markdown(results, worlds, s))
     plot_all(out, worlds, results["aggregate"], s)
     return results
+
+
+def _refresh_readme(readme: Path, which: str, results: dict[str, Any], s: QualitySettings, md: Path) -> None:
+    sections = {
+        "quality": (readme_section, README_MARKERS),
+        "robustness": (robustness_readme_section, ROBUSTNESS_MARKERS),
+    }
+    for name, (build, markers) in sections.items():
+        if which in ("all", name) and not refresh_readme(readme, build(results, s, md, readme), markers):
+            print(f"{readme}: no {' / '.join(markers)} markers; left untouched", file=sys.stderr)
 
 
 def replot(out: Path, seeds: list[int], s: QualitySettings) -> int:
@@ -578,7 +742,14 @@ def main(argv: list[str] | None = None) -> int:
         "--readme",
         nargs="?",
         const=str(README),
-        help="also rewrite the quality section of this README (default the repository's) from the results",
+        help="also rewrite the quality and robustness sections of this README (default the repository's) "
+        "from the results",
+    )
+    parser.add_argument(
+        "--readme-section",
+        choices=("all", "quality", "robustness"),
+        default="all",
+        help="which README section --readme rewrites (default both)",
     )
     args = parser.parse_args(argv)
     s = settings_for(args.mode or "full")
@@ -625,9 +796,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     results = write_results(out, worlds, s, timing)
     if args.readme:
-        readme = Path(args.readme)
-        if not refresh_readme(readme, readme_section(results, s, out / "results.md", readme), README_MARKERS):
-            print(f"{readme}: no {' / '.join(README_MARKERS)} markers; left untouched", file=sys.stderr)
+        _refresh_readme(Path(args.readme), args.readme_section, results, s, out / "results.md")
     print(f"quality benchmark: {len(worlds)} worlds, wall {wall / 60:.1f} min; results in {out}")
     return 0
 

@@ -39,6 +39,55 @@ METRICS: dict[str, tuple[str, str]] = {
     "forget_well_formed": ("well-formed", "high"),
     "forget_degenerate_answers": ("degenerate answers", "low"),
 }
+#: The robustness tables (asu.attacks, on the attacked models): key -> (header, better), on the
+#: meta-evaluation's forget probability, then on forget ROUGE-L.
+ROBUSTNESS: dict[str, tuple[str, str]] = {
+    "before_forget_Q_A_Prob": ("forget Prob", "low"),
+    "relearn_forget_Q_A_Prob": ("after relearning", "low"),
+    "relearn_R": ("relearn R", "high"),
+    "relearn_split_forget_Q_A_Prob": ("held-out half after", "low"),
+    "relearn_split_recovered": ("held-out recovered", "low"),
+    "quant_nf4_forget_Q_A_Prob": ("after NF4", "low"),
+    "quant_nf4_Q": ("NF4 Q", "high"),
+    "prefix_forget_Q_A_Prob": ("prefilled", "low"),
+    "robustness": ("robustness", "high"),
+}
+ROBUSTNESS_ROUGE: dict[str, tuple[str, str]] = {
+    "before_forget_Q_A_ROUGE": ("forget ROUGE-L", "low"),
+    "relearn_forget_Q_A_ROUGE": ("after relearning", "low"),
+    "relearn_R_rouge": ("relearn R", "high"),
+    "relearn_split_forget_Q_A_ROUGE": ("held-out half after", "low"),
+    "relearn_split_recovered_rouge": ("held-out recovered", "low"),
+    "quant_nf4_forget_Q_A_ROUGE": ("after NF4", "low"),
+    "quant_nf4_Q_rouge": ("NF4 Q", "high"),
+    "prefix_forget_Q_A_ROUGE": ("prefilled", "low"),
+    "robustness_rouge": ("robustness", "high"),
+}
+#: When a method's forgetting survives an attack: (column, survives when, fails when), each condition on the
+#: column's value in every world; anything else is "mixed". ``prefix_gain`` is the prefilled forget Prob minus
+#: the plain one.
+VERDICTS: dict[str, tuple[str, Any, Any]] = {
+    "relearning (R)": ("relearn_R", lambda v: v >= 0.8, lambda v: v < 0.5),
+    "relearning half, the other half (recovered)": (
+        "relearn_split_recovered",
+        lambda v: v <= 0.2,
+        lambda v: v > 0.5,
+    ),  # fmt: skip
+    "NF4 quantization (Q)": ("quant_nf4_Q", lambda v: v >= 0.9, lambda v: v < 0.8),
+    "prefilled answer (Prob gain)": ("prefix_gain", lambda v: v <= 0.05, lambda v: v > 0.1),
+}
+VERDICT_RULES = {
+    "relearning (R)": "survives: R >= 0.8 in every world; fails: R < 0.5 in every world",
+    "relearning half, the other half (recovered)": (
+        "survives: at most 20% of what unlearning removed on the held-out half comes back in every world; "
+        "fails: more than 50% in every world"
+    ),
+    "NF4 quantization (Q)": "survives: Q >= 0.9 in every world; fails: Q < 0.8 in every world",
+    "prefilled answer (Prob gain)": (
+        "survives: the prefilled forget Prob at most 0.05 above the plain one in every world; fails: more "
+        "than 0.1 above in every world"
+    ),
+}
 #: Differences a claim is made of: ASU minus a baseline at matched forgetting.
 PAIRED = (
     "retain_rouge",
@@ -97,13 +146,54 @@ def table_rows(worlds: Sequence[World]) -> list[str]:
     return rows
 
 
-def aggregate(worlds: Sequence[World], rows: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+def aggregate(
+    worlds: Sequence[World], rows: Sequence[str] | None = None, metrics: Mapping[str, Any] = METRICS
+) -> dict[str, dict[str, Any]]:
     """Row -> metric -> :func:`mean_std` across worlds (a world where the row is missing is left out)."""
     out: dict[str, dict[str, Any]] = {}
     for row in rows or table_rows(worlds):
         summaries = [s for s in (_summary_of(w, row) for w in worlds) if s is not None]
-        out[row] = {k: mean_std(s.get(k) for s in summaries) for k in METRICS}
+        out[row] = {k: mean_std(s.get(k) for s in summaries) for k in metrics}
         out[row]["worlds"] = len(summaries)
+    return out
+
+
+def robustness_rows(worlds: Sequence[World]) -> list[str]:
+    """The main table's rows whose model was attacked in at least one world (it has ``before_*`` columns)."""
+
+    def attacked(summary: Mapping[str, Any] | None) -> bool:
+        return summary is not None and any(k.startswith("before_forget_") for k in summary)
+
+    return [r for r in table_rows(worlds) if any(attacked(_summary_of(w, r)) for w in worlds)]
+
+
+def _verdict_value(summary: Mapping[str, Any], key: str) -> float | None:
+    if key == "prefix_gain":
+        a, b = summary.get("prefix_forget_Q_A_Prob"), summary.get("before_forget_Q_A_Prob")
+        return None if a is None or b is None else a - b
+    return summary.get(key)
+
+
+def verdicts(worlds: Sequence[World], rows: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Row -> attack -> ``{"verdict": survives | fails | mixed, "values": per-world values, "stat"}`` by the
+    rules of :data:`VERDICTS` (rows whose column no world has are left out)."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        for attack, (key, survives, fails) in VERDICTS.items():
+            values = [_verdict_value(s, key) for s in (_summary_of(w, row) for w in worlds) if s is not None]
+            values = [v for v in values if v is not None]
+            if not values:
+                continue
+            verdict = (
+                "survives" if all(map(survives, values)) else "fails" if all(map(fails, values)) else "mixed"
+            )
+            stat = mean_std(values)
+            out.setdefault(row, {})[attack] = {
+                "verdict": verdict,
+                "values": values,
+                "stat": stat,
+                "of": len(worlds),
+            }
     return out
 
 
@@ -176,25 +266,31 @@ def continual_steps(worlds: Sequence[World], label: str) -> list[dict[str, Any]]
 # -- markdown -------------------------------------------------------------------------------------------
 
 
-def main_table(stats: Mapping[str, Mapping[str, Any]], n_worlds: int) -> str:
-    head = "| model | " + " | ".join(h for h, _ in METRICS.values()) + " |\n"
-    head += "|---" * (1 + len(METRICS)) + "|\n"
+def main_table(
+    stats: Mapping[str, Mapping[str, Any]], n_worlds: int, metrics: Mapping[str, tuple[str, str]] = METRICS
+) -> str:
+    head = "| model | " + " | ".join(h for h, _ in metrics.values()) + " |\n"
+    head += "|---" * (1 + len(metrics)) + "|\n"
     lines = []
     for row, values in stats.items():
-        cells = [fmt(values.get(k), n_of=n_worlds) for k in METRICS]
+        cells = [fmt(values.get(k), n_of=n_worlds) for k in metrics]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
 
-def paired_table(comparisons: Mapping[str, Mapping[str, Any]]) -> str:
-    """One row per comparison (``"A − B"``), one column per :data:`PAIRED` metric: mean ± std of the
-    difference and in how many worlds it is positive."""
-    head = "| difference | " + " | ".join(METRICS[k][0] for k in PAIRED) + " |\n"
-    head += "|---" * (1 + len(PAIRED)) + "|\n"
+def paired_table(
+    comparisons: Mapping[str, Mapping[str, Any]],
+    keys: Sequence[str] = PAIRED,
+    names: Mapping[str, tuple[str, str]] = METRICS,
+) -> str:
+    """One row per comparison (``"A − B"``), one column per metric of ``keys`` (headers from ``names``): mean
+    ± std of the difference and in how many worlds it is positive."""
+    head = "| difference | " + " | ".join(names[k][0] for k in keys) + " |\n"
+    head += "|---" * (1 + len(keys)) + "|\n"
     lines = []
     for name, per_metric in comparisons.items():
         cells = []
-        for k in PAIRED:
+        for k in keys:
             c = per_metric.get(k)
             if not c or c["diff"] is None:
                 cells.append("–")
@@ -234,3 +330,17 @@ def holds_everywhere(comparison: Mapping[str, Any], metric: str, sign: int, marg
     """Whether ``sign * difference > margin`` in every world of ``comparison[metric]``."""
     values = comparison.get(metric, {}).get("values", [])
     return bool(values) and all(sign * v > margin for v in values)
+
+
+def verdict_table(table: Mapping[str, Mapping[str, Any]]) -> str:
+    """One row per method, one column per attack of :data:`VERDICTS`: the verdict and the mean ± std."""
+    attacks = list(VERDICTS)
+    head = "| model | " + " | ".join(attacks) + " |\n" + "|---" * (1 + len(attacks)) + "|\n"
+    lines = []
+    for row, per_attack in table.items():
+        cells = []
+        for a in attacks:
+            v = per_attack.get(a)
+            cells.append("–" if v is None else f"{v['verdict']} ({fmt(v['stat'], 2, n_of=v['of'])})")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"

@@ -163,6 +163,7 @@ def _cases(inputs: dict[str, Path], tmp: Path) -> dict[str, tuple[str, list, str
     unl = ["--model", m, "--forget", f, "--retain", r, *TRAIN]
     ins = ["--model", m, "--data", f, "--max-length", "48"]
     ev = ["--model", m, "--data", f, "--retain", r, *EVAL]
+    muse = ["--model", m, "--benchmark", "muse", "--data", f]
     broken, nan = "model.safetensors: not a readable safetensors file", "non-finite"
     return {
         # asu inspect had no error boundary: each of these was a traceback.
@@ -177,6 +178,8 @@ def _cases(inputs: dict[str, Path], tmp: Path) -> dict[str, tuple[str, list, str
         "eval bad layers": ("eval", [*ev, "--temperature", "2", "--layers", "7", *o], "out of range"),
         "eval out is a file": ("eval", [*ev, "--out", a_file], "is not a directory"),
         "eval bad max length": ("eval", [*ev, "--max-length", "1", *o], "--max-length"),
+        "eval unknown attack": ("eval", [*ev, "--attack", "quant:int4", *o], "formats are nf4, fp4, int8"),
+        "eval attack on MUSE": ("eval", [*muse, "--attack", "prefix", *o], "--attack applies to TOFU"),
         # Truncated, garbled and NaN model files, in every command.
         "unlearn truncated model": ("unlearn", [*unl, "--model", root / "truncated", *o], broken),
         "eval truncated model": ("eval", [*ev, "--model", root / "truncated", *o], broken),

@@ -196,6 +196,98 @@ def test_a_tie_is_not_a_sign():
     assert _consistent_differences(agg) == ["* A − B: model utility lower in every world (-0.020 ± 0.010)"]
 
 
+def _attacked(prob: float, r: float, recovered: float, q: float, prefix_gain: float) -> dict[str, float]:
+    """The columns asu.attacks.columns gives an attacked model (the ones the tables and verdicts read)."""
+    return {
+        "before_forget_Q_A_Prob": prob,
+        "relearn_R": r,
+        "relearn_split_recovered": recovered,
+        "quant_nf4_Q": q,
+        "prefix_forget_Q_A_Prob": prob + prefix_gain,
+        "robustness": 2 * r * q / (r + q),
+    }
+
+
+def test_robustness_tables_and_verdicts(tmp_path):
+    from benchmarks.quality import ROBUSTNESS_MARKERS, aggregate, robustness_readme_section, settings_for
+    from benchmarks.report import refresh_readme
+
+    s = settings_for("quick")
+    worlds = []
+    for seed, (r, rec) in enumerate([(0.2, 0.7), (0.9, 0.6)]):
+        w = _world(seed, {**_summary(0.5, 0.86), **_attacked(0.6, r, rec, 0.95, 0.0)},
+                   {**_summary(0.5, 0.8), **_attacked(0.5, 0.3, 0.1, 0.7, 0.2)})  # fmt: skip
+        w["models"]["original"].update(_attacked(0.96, 1.0, 0.0, 1.0, 0.0))
+        worlds.append(w)
+    agg = aggregate(worlds, s)
+    rob = agg["robustness"]
+    assert list(rob["prob"]) == ["original", "ASU: all layers", "GA+GD @ matched"]
+    assert rob["prob"]["ASU: all layers"]["relearn_R"]["mean"] == pytest.approx(0.55)
+    asu, ga = rob["verdicts"]["ASU: all layers"], rob["verdicts"]["GA+GD @ matched"]
+    assert "original" not in rob["verdicts"]  # nothing was forgotten: no verdict
+    assert asu["relearning (R)"]["verdict"] == "mixed" and ga["relearning (R)"]["verdict"] == "fails"
+    assert asu["relearning half, the other half (recovered)"]["verdict"] == "fails"
+    assert ga["relearning half, the other half (recovered)"]["verdict"] == "survives"
+    assert (
+        asu["NF4 quantization (Q)"]["verdict"] == "survives"
+        and ga["NF4 quantization (Q)"]["verdict"] == "fails"
+    )
+    assert asu["prefilled answer (Prob gain)"]["verdict"] == "survives"
+    assert ga["prefilled answer (Prob gain)"]["verdict"] == "fails"
+    results = {
+        "environment": {"machine": "test machine", "torch": "t", "transformers": "x", "date": "2026-01-01"},
+        "timing": {"wall_s": 600.0},
+        "aggregate": agg,
+    }
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{ROBUSTNESS_MARKERS[0]}\nold\n{ROBUSTNESS_MARKERS[1]}\nb\n")
+    section = robustness_readme_section(results, s, tmp_path / "results.md", readme)
+    assert (
+        "* ASU: all layers: survives NF4 quantization (Q), prefilled answer (Prob gain); fails relearning "
+        in section
+    )
+    assert (
+        "| ASU: all layers | mixed (0.55 ± 0.49) | fails (0.65 ± 0.07) | survives (0.95 ± 0.00) |" in section
+    )
+    assert refresh_readme(readme, section, ROBUSTNESS_MARKERS) and "old" not in readme.read_text()
+    json.dumps(agg)
+
+
+def test_the_prefix_caveat_only_when_the_opener_hurts_the_original():
+    from benchmarks.quality import _prefix_caveat
+
+    hurt = {"before_forget_Q_A_Prob": qs.mean_std([0.96]), "prefix_forget_Q_A_Prob": qs.mean_std([0.41])}
+    assert "0.960 ± 0.000 → 0.410 ± 0.000" in _prefix_caveat(hurt) and "foreign" in _prefix_caveat(hurt)
+    fine = {"before_forget_Q_A_Prob": qs.mean_std([0.96]), "prefix_forget_Q_A_Prob": qs.mean_std([0.93])}
+    assert _prefix_caveat(fine) == "" and _prefix_caveat({}) == ""
+
+
+def test_undo_differences_and_readme(tmp_path):
+    from benchmarks.quality_undo import PLAIN, UndoSettings, aggregate, readme_section
+
+    s = UndoSettings(undo=((0.25, 0.1),))
+    undo = UndoSettings.label(0.25, 0.1)
+    worlds = []
+    for seed, (mu, q) in enumerate([(0.70, 1.0), (0.72, 1.0)]):
+        models = {
+            PLAIN: {**_summary(0.5, 0.86), "model_utility": 0.78, "relearn_R": 0.2, "quant_nf4_Q": 1.0},
+            undo: {
+                **_summary(0.55, 0.85),
+                "model_utility": mu,
+                "relearn_R": 0.25 + seed * 0.1,
+                "quant_nf4_Q": q,
+            },
+        }
+        worlds.append({"seed": seed, "models": models})
+    agg = aggregate(worlds, s)
+    results = {"aggregate": agg, "environment": {"machine": "m", "date": "2026-01-01"}}
+    text = readme_section(results, s, tmp_path / "r.md", tmp_path / "README.md")
+    assert f"* {undo} − ASU: model utility lower in every world (-0.070 ± 0.014, n=2)" in text
+    assert f"* {undo} − ASU: relearn R higher in every world (+0.100 ± 0.071, n=2)" in text
+    assert f"* {undo} − ASU: NF4 Q no difference (within 0.005 in every world)" in text
+    assert "| original |" not in text and f"| {undo} |" in text
+
+
 def test_plots_only_redraws_the_plots_and_nothing_else(tmp_path):
     pytest.importorskip("matplotlib")
     from benchmarks.quality import aggregate, main, settings_for

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from asu.charts import load_pyplot, save_figure
+from asu.commands import attack_options
 from asu.commands.outputs import locked_output
 from asu.data import load_rows
 from asu.environment import environment
@@ -85,6 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     preview = parser.add_argument_group("τ preview: the smoothed model, no training (TOFU only)")
     preview.add_argument("--temperature", help="comma-separated attention temperatures, e.g. 2,2.3,3,5")
     preview.add_argument("--layers", help="layers to smooth, e.g. 6-8 or 0,2,5 (default all)")
+    attack_options.add_arguments(parser.add_argument_group("attacks: does the knowledge come back? (TOFU)"))
 
 
 def _add_set_arguments(group: argparse._ArgumentGroup) -> None:
@@ -336,6 +338,7 @@ def _run_tofu(args: argparse.Namespace, rows: dict[str, Any], model: Any, tokeni
     result = evaluate_model(
         model, tokenizer, rows["forget"], rows["retain"], rows["general"], ctx["reference"], **kwargs
     )
+    attack_options.run(ctx["attacks"], result, model, tokenizer, rows, kwargs)
     if ctx["temperatures"]:
         kwargs.pop("holdout_rows")
         preview = evaluate_smoothed(
@@ -382,6 +385,7 @@ def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], 
         "reference": reference,
         "temperatures": _parse_floats(args.temperature, "--temperature") if args.temperature else [],
         "checker": _world_checker(args) if args.benchmark == "tofu" else None,
+        "attacks": attack_options.prepare(args, rows),
     }
     return sources, rows, ctx
 

@@ -10,7 +10,10 @@ cached), and every evaluated model so far. Its steps:
 * :meth:`Experiment.match`: a baseline's learning rate bisected toward a forget ROUGE-L, and its numbers read
   at exactly that forgetting (:mod:`asu.demo.matching`);
 * :meth:`Experiment.continual`: the forget authors as a sequence of requests (:mod:`asu.continual`),
-  evaluated after every step.
+  evaluated after every step;
+* :meth:`Experiment.yardstick` and :meth:`Experiment.robustness`: the attacks of :mod:`asu.attacks` on a
+  recorded model (kept in memory with ``keep_models``, else unlearned again from its recipe), their columns
+  added to its summary, with the oracle's relearning as the yardstick.
 
 Every evaluation is :func:`asu.evaluate.evaluate_model` on the world's forget, retain and general rows (a
 summary per model: ROUGE-L, probabilities, truth ratios, forget quality against the oracle, model utility,
@@ -130,6 +133,11 @@ class Experiment:
     histories: dict[str, list] = field(default_factory=dict)
     temperatures: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: How each run was made (method, lr, overrides), so a model not kept can be unlearned again.
+    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Keep every unlearned model in memory (``trained``) for later attacks.
+    keep_models: bool = False
+    trained: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -264,15 +272,12 @@ class Experiment:
     def run(self, name: str, method: str, lr: float, **overrides: Any) -> dict[str, Any]:
         """Unlearn a copy of the original model, evaluate it and record it as ``name``; returns its summary
         (with ``temperature`` and, for an automatic τ, ``tau_target``)."""
-        from asu.unlearn import unlearn
-
-        cfg = self.config(method, lr, **overrides)
         start = _clock()
-        result = unlearn(
-            copy.deepcopy(self.model), self.tokenizer, self.training_forget(cfg), self.retain, cfg,
-            idk_answers=REFUSALS if cfg.method_setup().needs_refusals else None,
-        )  # fmt: skip
-        evaluation = self.evaluate(result.model.eval())
+        self.recipes[name] = {"method": method, "lr": lr, **overrides}
+        result = self._unlearned(method, lr, **overrides)
+        if self.keep_models:
+            self.trained[name] = result.model
+        evaluation = self.evaluate(result.model)
         self._timed(name, start)
         summary = dict(evaluation["summary"], lr=lr, temperature=result.stats["temperature"])
         if "temperature_auto" in result.stats:
@@ -282,6 +287,64 @@ class Experiment:
         self.generations[name] = evaluation["generations"]["forget"]
         self.histories[name] = list(result.history)
         return summary
+
+    def _unlearned(self, method: str, lr: float, **overrides: Any) -> Any:
+        from asu.unlearn import unlearn
+
+        cfg = self.config(method, lr, **overrides)
+        result = unlearn(
+            copy.deepcopy(self.model), self.tokenizer, self.training_forget(cfg), self.retain, cfg,
+            idk_answers=REFUSALS if cfg.method_setup().needs_refusals else None,
+        )  # fmt: skip
+        result.model.eval()
+        return result
+
+    def model_of(self, name: str) -> Any:
+        """The model recorded as ``name``: the original, the oracle, a kept run, or the run unlearned again
+        from its recipe (the same settings and seed)."""
+        fixed = {"original": self.model, "oracle (retain only)": self.oracle}
+        if name in fixed:
+            return fixed[name]
+        if name not in self.trained:
+            if name not in self.recipes:
+                raise ValueError(f"no model or recipe recorded as {name!r}")
+            recipe = dict(self.recipes[name])
+            self.trained[name] = self._unlearned(recipe.pop("method"), recipe.pop("lr"), **recipe).model
+        return self.trained[name]
+
+    def _attack_evaluator(self) -> Any:
+        from asu.attacks.context import evaluator
+
+        return evaluator(
+            self.tokenizer, batch_size=32, max_new_tokens=self.max_new_tokens,
+            well_formed=self.world.is_well_formed, progress=self.progress,
+        )  # fmt: skip
+
+    def yardstick(self, attacks: Sequence[str]) -> dict[str, Any]:
+        """The oracle's relearning under the relearn spec of ``attacks``
+        (:func:`asu.attacks.columns.yardstick`), seeded by the world's seed."""
+        from asu.attacks.columns import yardstick
+
+        return yardstick(
+            self.oracle, self.tokenizer, self.forget, self.retain, self._attack_evaluator(), attacks,
+            seed=self.world.config.seed,
+        )  # fmt: skip
+
+    def robustness(
+        self, name: str, attacks: Sequence[str], reference: dict[str, Any], original: dict[str, Any] | None
+    ) -> dict[str, float]:
+        """The attacks' columns of the model recorded as ``name`` (:func:`asu.attacks.columns.
+        robustness_columns`, against ``reference`` and the original's columns), added to its summary."""
+        from asu.attacks.columns import robustness_columns
+
+        start = _clock()
+        columns = robustness_columns(
+            self.model_of(name), self.tokenizer, self.forget, self.retain, self._attack_evaluator(), attacks,
+            reference=reference, original=original, before=self.models[name], seed=self.world.config.seed,
+        )  # fmt: skip
+        self._timed(f"attacks: {name}", start)
+        self.models[name].update(columns)
+        return columns
 
     def training_forget(self, cfg: Any) -> list[dict]:
         """The forget rows a run of ``cfg`` trains on: the forget split, with the world's perturbed answers

@@ -99,6 +99,11 @@ _DESCRIPTIONS = {
     "degenerate_answers": "answers empty, without letters, or looping",
     "empty_answers": "answers empty (special tokens, whitespace)",
     "immediate_stop": "answers whose first token is EOS / end of turn",
+    # asu eval --attack (asu.attacks): the robustness scores.
+    "relearn_R": "relearning vs the reference's: min(Δref/Δmodel, 1)",
+    "relearn_split_R": "the same, trained on half, scored on the rest",
+    "Q": "quantization: min(before/after, 1)",
+    "robustness": "harmonic mean of relearn_R and quant_nf4_Q",
 }
 
 
