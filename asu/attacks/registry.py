@@ -40,26 +40,26 @@ class AttackSpec:
 
 def _no_args(kind: str, args: list[str]) -> dict[str, Any]:
     if args:
-        raise ValueError(f"--attack {kind} takes no arguments, got {':'.join(args)!r}")
+        raise ValueError(f"attack spec {kind} takes no arguments, got {':'.join(args)!r}")
     return {}
 
 
 def _quant_args(args: list[str]) -> dict[str, Any]:
     if len(args) > 1:
-        raise ValueError(f"--attack quant[:FORMAT]: one format, got {':'.join(args)!r}")
+        raise ValueError(f"attack spec quant[:FORMAT]: one format, got {':'.join(args)!r}")
     fmt = args[0] if args else "nf4"
     if fmt not in quant.FORMATS:
-        raise ValueError(f"--attack quant:{fmt}: the formats are {', '.join(quant.FORMATS)}")
+        raise ValueError(f"attack spec quant:{fmt}: the formats are {', '.join(quant.FORMATS)}")
     return {"fmt": fmt}
 
 
 def _relearn_args(args: list[str]) -> dict[str, Any]:
     if len(args) > 2:
-        raise ValueError(f"--attack relearn[:STEPS[:LR]]: at most two values, got {':'.join(args)!r}")
+        raise ValueError(f"attack spec relearn[:STEPS[:LR]]: at most two values, got {':'.join(args)!r}")
     params: dict[str, Any] = {}
     if args and args[0]:
         if not args[0].isdigit() or int(args[0]) < 1:
-            raise ValueError(f"--attack relearn:STEPS: STEPS must be a positive integer, got {args[0]!r}")
+            raise ValueError(f"attack spec relearn:STEPS: STEPS must be a positive integer, got {args[0]!r}")
         params["steps"] = int(args[0])
     if len(args) == 2:
         try:
@@ -67,7 +67,7 @@ def _relearn_args(args: list[str]) -> dict[str, Any]:
         except ValueError:
             lr = math.nan
         if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"--attack relearn:STEPS:LR: LR must be a positive number, got {args[1]!r}")
+            raise ValueError(f"attack spec relearn:STEPS:LR: LR must be a positive number, got {args[1]!r}")
         params["lr"] = lr
     return params
 
@@ -93,12 +93,12 @@ def parse_attacks(specs: Iterable[str]) -> list[AttackSpec]:
                 continue
             kind, *args = item.split(":")
             if kind not in ATTACKS:
-                raise ValueError(f"--attack {item!r}: unknown attack; choose from {', '.join(ATTACKS)}")
+                raise ValueError(f"attack spec {item!r}: unknown attack; choose from {', '.join(ATTACKS)}")
             parse, _, name = ATTACKS[kind]
             params = parse(args)
             spec = AttackSpec(kind, params, name(params))
             if any(s.name == spec.name for s in out):
-                raise ValueError(f"--attack {item!r}: {spec.name} is asked for twice")
+                raise ValueError(f"attack spec {item!r}: {spec.name} is asked for twice")
             out.append(spec)
     return out
 

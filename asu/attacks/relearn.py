@@ -234,7 +234,7 @@ def reference_variants(
         raise ValueError(
             "the reference's relearning used another protocol or other forget rows than this one "
             f"(reference {section.get('protocol')}, here {protocol}); evaluate the reference with the same "
-            "--attack relearn settings and forget rows"
+            "relearn attack settings and forget rows"
         )
     return section
 
