@@ -55,13 +55,13 @@ def run(
     *,
     append: bool = False,
 ) -> Path:
-    """The sweep into ``out`` (CSV, markdown, plot); returns the markdown path. ``append`` keeps the rows of
-    the other providers already in ``out`` (a rerun of some providers replaces theirs)."""
+    """The sweep into ``out`` (CSV, markdown, plot); returns the markdown path. ``append`` keeps the rows
+    already in ``out`` except those of the (provider, N) points measured again."""
     torch.set_num_threads(1)  # the device column names the thread count the children use
     out.mkdir(parents=True, exist_ok=True)
     load = scaling.load_state()
     rec = Recorder(out / "results.csv", "cpu", append=append)
-    rec.rows = [r for r in rec.rows if r["provider"] not in provider_names]
+    rec.rows = scaling.keep_other_points(rec.rows, provider_names, lengths)
     columns = dict(
         dtype=torch.float32, batch=1, heads_q=HEADS, heads_kv=HEADS, head_dim=HEAD_DIM, causal=True,
         temperature=TEMPERATURE, params=f"threads=1;cap_gb={cap_gb:g}",
@@ -143,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cap-gb", type=float, default=14.0, help="kill a point above this resident size")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per point")
     p.add_argument("--out", type=Path, default=None, help=f"default benchmarks/results/{PREFIX}-<date>")
-    p.add_argument("--append", action="store_true", help="keep the other providers' rows already in --out")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows already in --out but those of the (provider, N) points run again",
+    )
     p.add_argument(
         "--render", action="store_true", help="rewrite --out's markdown and plot from its CSV; no run"
     )

@@ -386,6 +386,21 @@ def search_step(
 # ------------------------------------------------------------------------------------------------- reporting
 
 
+def _caps_text(rows: list[dict[str, str]], cap_gb: float) -> str:
+    """`` 16 GB resident.``, or each cap with the points it applied to when points were added under others."""
+    caps = scaling.caps_of(rows)
+    if len(caps) <= 1:
+        return f" {caps[0] if caps else cap_gb:g} GB resident."
+    where = []
+    for cap in caps:
+        points = sorted(
+            {(r["provider"], int(r["seqlen"])) for r in rows if f"cap_gb={cap:g}" in r["params"].split(";")},
+            key=lambda pn: (pn[1], pn[0]),
+        )
+        where.append(f"{cap:g} GB resident for " + ", ".join(f"{p} at {n:,}" for p, n in points))
+    return " " + "; ".join(where) + "."
+
+
 def write_markdown(out: Path, rows: list[dict[str, str]], load: str | None, cap_gb: float | None) -> Path:
     """``results.md`` and ``results.png`` of one run (one model; ``load``: the load at its start)."""
     first = rows[0]
@@ -401,7 +416,7 @@ def write_markdown(out: Path, rows: list[dict[str, str]], load: str | None, cap_
         f"Produced by `python -m benchmarks.long_context --model {model}`. Settings: `{first['params']}`, "
         f"{first['dtype']}; one forget and one retain document of N tokens, batch 1; see the module docstring"
         " for the pipelines."
-        + (f" Each point ran in its own process, killed above {cap_gb:g} GB resident." if cap_gb else ""),
+        + (" Each point ran in its own process, killed above" + _caps_text(rows, cap_gb) if cap_gb else ""),
         "",
         "Seconds for the step (ours: the teacher cache pass and the Trainer set-up included):",
         "",
@@ -465,13 +480,12 @@ def _run_summary(rows: list[dict[str, str]], md: Path, readme: Path) -> list[str
             stops.append(f"{p} stopped at N = {int(bad['seqlen']):,} ({bad['status']}: {bad['note']})")
         elif reach[p] is not None:
             stops.append(f"{p} never failed: {reach[p]:,} is the longest N the run asked for")
-    cap = params.get("cap_gb")
     memory = "peak RSS" if first["device"].startswith("CPU") else "peak allocated"
     head = (
         f"**{params.get('model', '?')}** on {first['device']} ({first['date'][:10]}, torch {first['torch']}, "
         f"transformers {first['transformers']}; {memory}; "
         f"[full results]({os.path.relpath(md, readme.parent)})). "
-        f"Longest step that ran{f' within {cap} GB resident' if cap else ''}: " + ", ".join(parts) + "."
+        f"Longest step that ran{scaling.cap_phrase(rows)}: " + ", ".join(parts) + "."
     )
     if stops:
         head += " " + "; ".join(stops) + "."
@@ -544,11 +558,12 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     load = scaling.load_state()
     rec = Recorder(out / "results.csv", device, append=args.append)
-    rec.rows = [r for r in rec.rows if r["provider"] not in pipelines]  # a rerun replaces its pipelines' rows
     if device == "cuda":
+        rec.rows = scaling.keep_other_points(rec.rows, pipelines, None)  # the search replaces every N
         cuda_search(rec, model, pipelines, args.max_tokens, args.budget_s)
         return 0  # the GPU report renders the context rows
     lengths = [int(x) for x in args.lengths.split(",") if x]
+    rec.rows = scaling.keep_other_points(rec.rows, pipelines, lengths)
     cpu_sweep(rec, model, lengths, pipelines, args.cap_gb, args.timeout, args.budget_s)
     write_markdown(out, read_csv(out / "results.csv"), load, args.cap_gb)
     return 0
@@ -563,7 +578,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--lengths", default="2048,4096,8192,16384,32768", help="CPU: comma-separated N")
     p.add_argument("--pipelines", default=",".join(DEFAULT_PIPELINES), help=f"some of {', '.join(PIPELINES)}")
-    p.add_argument("--append", action="store_true", help="keep the other pipelines' rows already in --out")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows already in --out but those of the (pipeline, N) points run again",
+    )
     p.add_argument("--cap-gb", type=float, default=16.0, help="CPU: kill a point above this resident size")
     p.add_argument("--timeout", type=float, default=3600.0, help="CPU: seconds per point")
     p.add_argument("--budget-s", type=float, default=math.inf, help="no new point after this many seconds")

@@ -45,6 +45,21 @@ class Sweep:
     notes: dict[str, str] = field(default_factory=dict)  # provider -> note on its time rows
 
 
+def keep_other_points(
+    rows: Sequence[Row], providers: Sequence[str], lengths: Sequence[int] | None
+) -> list[Row]:
+    """The rows of an appended-to CSV that a rerun of ``providers`` at ``lengths`` does not replace: only the
+    (provider, N) points being measured again go (``lengths`` None: every N of those providers), so a rerun
+    at one N never drops the same provider's other lengths."""
+    chosen = set(providers)
+    return [
+        r
+        for r in rows
+        if r["provider"] not in chosen
+        or (lengths is not None and int(float(r["seqlen"])) not in set(lengths))
+    ]
+
+
 def run_sweep(rec: Recorder, sw: Sweep) -> None:
     """Measure every provider at every length (see the module docstring).
 
@@ -127,12 +142,31 @@ def machine_line(rows: Sequence[Row], load: str | None) -> str:
     )
 
 
+def caps_of(rows: Sequence[Row]) -> list[float]:
+    """The distinct memory caps (GB, ascending) the rows' ``params`` record (``cap_gb=...``): several when
+    points were added to a results folder under another ``--cap-gb``."""
+    caps = set()
+    for row in rows:
+        for part in row["params"].split(";"):
+            if part.startswith("cap_gb="):
+                caps.add(float(part.split("=", 1)[1]))
+    return sorted(caps)
+
+
 def cap_of(rows: Sequence[Row]) -> float | None:
-    """The memory cap (GB) the rows' ``params`` record (``cap_gb=...``), None when absent."""
-    for part in rows[0]["params"].split(";") if rows else ():
-        if part.startswith("cap_gb="):
-            return float(part.split("=", 1)[1])
-    return None
+    """The memory cap (GB) of the rows, the largest where they differ; None when none is recorded."""
+    caps = caps_of(rows)
+    return caps[-1] if caps else None
+
+
+def cap_phrase(rows: Sequence[Row]) -> str:
+    """`` within 16 GB resident`` / `` within each point's memory cap (12 to 16 GB resident)`` / ``""``."""
+    caps = caps_of(rows)
+    if not caps:
+        return ""
+    if len(caps) == 1:
+        return f" within {caps[0]:g} GB resident"
+    return f" within each point's memory cap ({caps[0]:g} to {caps[-1]:g} GB resident)"
 
 
 def load_state() -> str:

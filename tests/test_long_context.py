@@ -141,3 +141,31 @@ def test_search_step_runs_both_pipelines(monkeypatch):
         before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
         long_context.search_step(pipeline, model, word_tokenizer(200), "cpu")(ids)
         assert not torch.equal(before, model.model.layers[0].mlp.up_proj.weight), pipeline  # one step taken
+
+
+def test_a_rerun_replaces_only_the_points_it_measures_again():
+    """--append with a provider at one N keeps that provider's other lengths (a rerun once dropped them)."""
+    rows = [
+        {"provider": p, "seqlen": str(n), "metric": "s", "median": "1.0"}
+        for p in ("ours", "authors")
+        for n in (2048, 4096)
+    ]
+    kept = scaling.keep_other_points(rows, ["authors"], [4096])
+    assert [(r["provider"], r["seqlen"]) for r in kept] == [
+        ("ours", "2048"),
+        ("ours", "4096"),
+        ("authors", "2048"),
+    ]
+    every_length = scaling.keep_other_points(rows, ["authors"], None)
+    assert {r["provider"] for r in every_length} == {"ours"}
+
+
+def test_points_added_under_another_cap_are_described_as_such():
+    rows = [{"provider": "ours", "seqlen": "2048", "params": "model=m;cap_gb=16;threads=1"}]
+    assert scaling.cap_phrase(rows) == " within 16 GB resident"
+    rows.append({"provider": "authors", "seqlen": "4096", "params": "model=m;cap_gb=12;threads=1"})
+    assert scaling.cap_phrase(rows) == " within each point's memory cap (12 to 16 GB resident)"
+    assert (
+        long_context._caps_text(rows, 16.0)
+        == " 12 GB resident for authors at 4,096; 16 GB resident for ours at 2,048."
+    )
