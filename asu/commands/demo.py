@@ -105,6 +105,6 @@ def run(args: argparse.Namespace) -> int:
     threads = cpu_threads(args.threads)
     if threads is not None:
         torch.set_num_threads(threads)
-    with locked_output(args.out, "demo", args.overwrite):
+    with locked_output(args.out, "demo", args.overwrite) as output, output.writing():
         run_demo(settings, args.out, args.cache_dir, args.method, progress=not args.no_progress)
     return 0

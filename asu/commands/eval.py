@@ -401,9 +401,10 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model(Path(args.model), args.device, ctx["template"], qa)
     _check_layers(args, model)
     runner = _run_tofu if args.benchmark == "tofu" else _run_muse
-    with locked_output(args.out, "eval", args.overwrite):
+    with locked_output(args.out, "eval", args.overwrite) as output:
         result = runner(args, rows, model, tokenizer, ctx)
-        _write(args, result, sources, ctx)
+        with output.writing():
+            _write(args, result, sources, ctx)
     print(summary_table(result, _title(args, ctx)))
     if "tau_preview" in result:
         print("τ preview (smoothed model, no training):\n" + _preview_table(result))

@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=dtype, device=device)
     parse_layers(args.layers, len(attention_modules(model)))
     examples = {name: _encode_set(tokenizer, rows[name], sources[name], args) for name in sources}
-    with locked_output(args.out, "inspect", args.overwrite):
+    with locked_output(args.out, "inspect", args.overwrite) as output:
         report = inspect_model(model, examples, temperatures=temperatures, layers=args.layers, rows=args.rows)
         report["model"] = str(args.model)
         report["data"] = {
@@ -160,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         report["max_length"] = args.max_length
         report["template"] = describe_template(template, tokenizer)
         report["seconds"] = round(time.perf_counter() - start, 3)
-        paths = write_outputs(report, args.out)
+        with output.writing():
+            paths = write_outputs(report, args.out)
     print(summarize(report), end="")
     print(f"wrote {len(paths)} files to {args.out}")
     return 0
