@@ -51,6 +51,7 @@ from asu.files import (
     CONTINUAL_RECORD,
     atomic_write_json,
     check_finished_result,
+    check_not_in_use,
     in_passing,
     output_lock,
     read_json,
@@ -200,6 +201,7 @@ def check_continual_output(
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"{FLAG} {output_dir} exists and is not a directory")
     if os.path.isdir(output_dir):
+        check_not_in_use(output_dir, flag=FLAG)  # a running run is named, not taken for a finished one
         check_finished_result(output_dir, "continual", flag=FLAG)
     if not os.path.isfile(path):
         if resume:
@@ -224,7 +226,23 @@ def check_continual_output(
             f"{output_dir} already holds a continual run ({SUMMARY_FILE}); resume it or choose another "
             "output directory"
         )
-    _compare_run(read_json(path), settings, request_names)
+    before = read_json(path)
+    _compare_run(before, settings, request_names)
+    _check_finished_steps(output_dir, before)
+
+
+def _check_finished_steps(output_dir: str, before: dict[str, Any]) -> None:
+    """Refuse to resume when a step ``continual.json`` records as finished no longer holds its result (its
+    folder removed or emptied by hand): retraining it would leave the later steps trained from another
+    model."""
+    for entry in before.get("steps", []):
+        k = entry.get("step") if isinstance(entry, dict) else None
+        if isinstance(k, int) and not os.path.isfile(os.path.join(step_dir(output_dir, k), RUN_FILE)):
+            raise ValueError(
+                f"cannot resume: {SUMMARY_FILE} records step {k} as finished but {step_dir(output_dir, k)} "
+                f"no longer holds its result ({RUN_FILE}); retraining it would not give the recorded model "
+                "the later steps start from: start a new run in another folder"
+            )
 
 
 def _compare_run(before: dict[str, Any], now: dict[str, Any], names: Sequence[str] | None) -> None:

@@ -973,9 +973,10 @@ HOLD_LOCK = (
 
 
 def test_a_second_run_into_a_busy_continual_out_names_the_holder(continual_run, inputs, tmp_path, capsys):
-    """Only each step-K was locked, not --out: a second continual was refused without naming the run."""
-    out = tmp_path / "out"
-    out.mkdir()
+    """Only each step-K was locked, not --out: a second continual was refused without naming the run (and,
+    with the first run's continual.json there, was told to resume it)."""
+    out = Path(shutil.copytree(continual_run["out"], tmp_path / "out"))
+    before = tree_digest(out)
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, str(out)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=ENV,
@@ -992,7 +993,18 @@ def test_a_second_run_into_a_busy_continual_out_names_the_holder(continual_run, 
             assert code == 2 and f"(pid {holder.pid})" in error_line(err, command)
     finally:
         holder.communicate("", timeout=60)
-    assert sorted(p.name for p in out.iterdir()) == []
+    assert tree_digest(out) == before
+
+
+def test_continual_resume_refuses_a_finished_step_removed_by_hand(continual_run, tmp_path, capsys):
+    """Retraining a removed step 1 would leave step 2 trained from another model than the new step 1."""
+    files, out = continual_run, Path(shutil.copytree(continual_run["out"], tmp_path / "run"))
+    shutil.rmtree(out / "step-1")
+    argv = _continual_argv(files, out, "--no-eval", "--template", files["template"], second=files["second"])
+    code, err = run_main(capsys, *argv, "--resume")
+    assert code == 2, err
+    assert f"records step 1 as finished but {out / 'step-1'} no longer holds" in error_line(err, "continual")
+    assert not (out / "step-1").exists()
 
 
 # ---- finished results: refused unless --overwrite, and replaced as one transaction -----------------------

@@ -274,9 +274,9 @@ def test_hub_names(monkeypatch):
     with pytest.raises(DataError) as e:
         load_rows("locuslab/TOFU:offline")
     assert str(e.value) == (
-        "locuslab/TOFU:offline: the Hugging Face hub is unreachable (https://huggingface.co: no answer within "
-        "2 s) and the local cache does not hold locuslab/TOFU (config offline, split train); connect, or give "
-        "a local file"
+        "locuslab/TOFU:offline: the Hugging Face hub is unreachable (https://huggingface.co: no answer "
+        "within 2 s) and the local cache does not hold locuslab/TOFU (config offline, split train); connect, "
+        "or give a local file"
     )
     # A path-like name that does not exist is a missing file, not a hub dataset.
     with pytest.raises(DataError, match="no such file"):

@@ -290,7 +290,7 @@ def _world_checker(args: argparse.Namespace) -> Callable[[str], bool] | None:
         raise ValueError(f"{path}: not a world.json of an asu world ({e})") from None
 
 
-def _load_model(model_dir: Path, device: str, template: str | None, rows: Any) -> tuple[Any, Any]:
+def _load_model(model_dir: str, device: str, template: str | None, rows: Any) -> tuple[Any, Any]:
     """The model (on ``device``, weights checked finite) and its tokenizer (:mod:`asu.models`); the TOFU
     template renders the first row with the tokenizer before the weights are read."""
     tokenizer = load_tokenizer(model_dir)
@@ -398,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
     command's error boundary."""
     sources, rows, ctx = _prepare(args)
     qa = rows["forget"] if args.benchmark == "tofu" else None
-    model, tokenizer = _load_model(Path(args.model), args.device, ctx["template"], qa)
+    model, tokenizer = _load_model(args.model, args.device, ctx["template"], qa)
     _check_layers(args, model)
     runner = _run_tofu if args.benchmark == "tofu" else _run_muse
     with locked_output(args.out, "eval", args.overwrite) as output:

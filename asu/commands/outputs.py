@@ -26,6 +26,7 @@ from pathlib import Path
 from asu.files import (
     FinishedResult,
     check_finished_result,
+    check_not_in_use,
     output_lock,
     remove_stale_temporaries,
     result_transaction,
@@ -51,9 +52,11 @@ def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def check_output_folder(args: argparse.Namespace, command: str) -> None:
-    """The finished-result rule for ``args.out`` (when the command has one), before the command runs."""
+    """The finished-result rule for ``args.out`` (when the command has one), before the command runs; a folder
+    another run holds is named as such first (:func:`asu.files.check_not_in_use`)."""
     out = getattr(args, "out", None)
     if isinstance(out, (str, os.PathLike)) and os.path.isdir(out):
+        check_not_in_use(out)  # a busy folder names the run holding it, whatever else it holds
         check_finished_result(out, command, overwrite=bool(getattr(args, "overwrite", False)))
 
 
