@@ -571,7 +571,7 @@ def write_report(
     output_dir: str, steps: Sequence[ContinualStep], title: str = "continual unlearning"
 ) -> None:
     """``continual.md`` (the table) and ``continual.png`` (forget and utility across steps, when matplotlib
-    is installed) in ``output_dir``."""
+    is installed and a step was evaluated) in ``output_dir``."""
     from asu.charts import load_pyplot, save_figure
     from asu.files import atomic_write_text
 
@@ -579,12 +579,16 @@ def write_report(
     plt = load_pyplot(quiet=True)
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(6.0, 3.6))
     xs = [s.step for s in steps]
-    for part, key, label in STEP_COLUMNS:
-        ys = [step_value(s.evaluation, part, key) for s in steps]
-        if any(y is not None for y in ys):
-            ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=label)
+    series = {
+        label: [step_value(s.evaluation, part, key) for s in steps] for part, key, label in STEP_COLUMNS
+    }
+    series = {label: ys for label, ys in series.items() if any(y is not None for y in ys)}
+    if not series:  # nothing evaluated (--no-eval): no chart, rather than empty axes
+        return
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    for label, ys in series.items():
+        ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=label)
     ax.set_xlabel("step (forget request)")
     ax.set_xticks(xs)
     ax.set_ylim(0, 1.05)

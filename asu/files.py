@@ -364,13 +364,47 @@ class FinishedResultError(ValueError):
     """The output folder holds a finished result that a run would overwrite."""
 
 
+def _read_manifest(path: Path) -> tuple[str, str, tuple[str, ...]]:
+    """The command and the entries of the manifest ``path``; :class:`FinishedResultError` when it is not one
+    asu wrote: not JSON, no command, or an entry that is not a plain name in its folder (``--overwrite`` moves
+    the entries aside and deletes them, so a hand-made ``../x`` or ``/x`` must never be followed)."""
+    why = None
+    try:
+        manifest = read_json(path)
+    except ValueError as e:
+        manifest, why = None, str(e).removeprefix(f"{path}: ")
+    entries = manifest.get("entries", []) if isinstance(manifest, dict) else []
+    if why is None and not (isinstance(manifest, dict) and isinstance(manifest.get("command"), str)):
+        why = "no command"
+    elif why is None and (not isinstance(entries, list) or not all(_plain_name(e) for e in entries)):
+        why = "an entry that is not a file name in its folder"
+    if why is not None:
+        raise FinishedResultError(
+            f"{path}: not a result manifest written by asu ({why}); it marks its folder as holding a "
+            "finished result: remove it (and the files it lists) or choose another folder"
+        )
+    return manifest["command"], tuple(entries)
+
+
+def _plain_name(entry: Any) -> bool:
+    """Whether ``entry`` names something directly in a folder (not ``.``, ``..``, a path, a temporary)."""
+    return (
+        isinstance(entry, str)
+        and entry not in ("", ".", "..", RESULT_MANIFEST)
+        and "/" not in entry
+        and os.sep not in entry
+        and "\0" not in entry
+        and not in_passing(entry)
+    )
+
+
 class FinishedResult(NamedTuple):
-    """A finished result in a folder: the ``command`` that made it, the ``record`` it is recognised by, and
-    the entries the manifest lists (``asu eval`` / ``inspect`` / ``demo`` only; empty otherwise)."""
+    """A finished result in a folder: the ``command`` that made it, the entries the manifest lists (``asu
+    eval`` / ``inspect`` / ``demo`` only; empty otherwise) and the ``record`` it is recognised by."""
 
     command: str
-    record: str
     entries: tuple[str, ...] = ()
+    record: str = RESULT_MANIFEST
 
     @property
     def replaceable(self) -> bool:
@@ -393,12 +427,8 @@ def finished_result(directory: str | os.PathLike[str]) -> FinishedResult | None:
         if not path.is_file():
             continue
         if command:
-            return FinishedResult(command, record)
-        manifest = read_json(path)
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("command"), str):
-            raise ValueError(f"{path}: not a result manifest of asu (no command)")
-        entries = tuple(str(e) for e in manifest.get("entries", []))
-        return FinishedResult(manifest["command"], record, entries)
+            return FinishedResult(command, record=record)
+        return FinishedResult(*_read_manifest(path), record=record)
     return None
 
 

@@ -795,7 +795,7 @@ def test_continual_killed_in_its_first_step_resumes(inputs, tmp_path, capsys, un
     """SIGKILL while step 1 trains, before its first checkpoint: "nothing to resume: DIR holds no
     continual.json", and a plain rerun said the folder was not empty: the run could not be continued."""
     out = tmp_path / "out"
-    argv = _continual_argv(inputs, out, "--no-eval", "--epochs", "20")
+    argv = _continual_argv(inputs, out, "--no-eval", "--epochs", "4")
     first = asu_process(*argv, wait=False)
     started = out / "step-1" / "checkpoints" / "unlearn_config.json"
     try:
@@ -924,7 +924,7 @@ def test_continual_resume_after_an_edit_between_runs_is_refused(
     shutil.copytree(continual_run["out"], out)
     key, message = EDITS[edit]
     if key == "template":
-        files[key].write_text(files[key].read_text().replace("assistant:", "answer:"))
+        files[key].write_text("### a chat\n" + files[key].read_text())
     else:
         _edit(files[key])
     before = tree_digest(out)
@@ -1154,3 +1154,31 @@ def test_overwrite_killed_while_writing_is_rolled_back_by_the_next_run(finished,
     assert "already holds a finished asu eval result" in lines[-1]
     assert tree_digest(out) == before
     del transaction
+
+
+@pytest.mark.parametrize(
+    ("manifest", "why"),
+    [
+        (
+            '{"command": "eval", "entries": ["../victim.txt"]}',
+            "an entry that is not a file name in its folder",
+        ),
+        ('{"command": "eval", "entries": ["VICTIM"]}', "an entry that is not a file name in its folder"),
+        ('{"command": "eval", "entries": [', "not valid JSON"),
+        ('{"entries": []}', "no command"),
+    ],
+)
+def test_a_hand_made_result_manifest_is_never_followed(manifest, why, inputs, tmp_path, capsys, untouched):
+    """--overwrite moves the entries a manifest lists aside and deletes them: one naming a file outside the
+    folder (or an absolute path) would delete the user's file."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "asu-result.json").write_text(manifest.replace("VICTIM", str(victim)))
+    code, err = run_main(capsys, *_command_argv("eval", inputs, out), "--overwrite")
+    assert code == 2, err
+    line = error_line(err, "eval")
+    assert f"{out / 'asu-result.json'}: not a result manifest written by asu" in line and why in line, line
+    assert victim.read_text() == "the user's"
+    assert sorted(p.name for p in out.iterdir()) == ["asu-result.json"]
