@@ -867,7 +867,8 @@ def test_continual_stopped_after_a_checkpoint_or_before_its_evaluation_resumes(
     assert (out / "step-1" / "run.json").is_file() and not (out / "step-1" / "eval.json").exists()
     code, err = run_main(capsys, *argv, "--resume")
     assert code == 0, err
-    assert resumes == [False, True] and evaluated == [1, 1, 2]  # step 1 loaded and evaluated, not retrained
+    # step 1 was loaded and evaluated, not retrained; step 2 trained afresh
+    assert resumes == [False, True, False] and evaluated == [1, 1, 2]
     summary = json.loads((out / "continual.json").read_text())
     assert [s["step"] for s in summary["steps"]] == [1, 2] and summary["steps"][0]["evaluation"]
     assert (out / "step-1" / "eval.json").is_file() and not (out / LOCK_FILE).exists()
