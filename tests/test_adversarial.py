@@ -875,25 +875,34 @@ def test_continual_stopped_after_a_checkpoint_or_before_its_evaluation_resumes(
 
 
 @pytest.fixture(scope="module")
-def continual_run(inputs, tmp_path_factory) -> dict[str, Path]:
-    """A finished two-step continual run (no evaluation) of copies of the inputs and a template file."""
+def continual_run(inputs, tmp_path_factory) -> Path:
+    """A folder holding a finished two-step continual run ``run`` (no evaluation) of the files beside it:
+    ``forget.jsonl``, ``second.jsonl`` (the requests), ``retain.jsonl`` and the template ``chat.jinja``, all
+    named relative to the folder (a copy of it resumes with the same settings)."""
     root = tmp_path_factory.mktemp("continual")
-    files = {"model": inputs["model"], "forget": root / "forget.jsonl", "retain": root / "retain.jsonl"}
-    shutil.copy(inputs["forget"], files["forget"])
-    shutil.copy(inputs["retain"], files["retain"])
-    files["second"] = shutil.copy(inputs["retain"], root / "second.jsonl")
-    files["template"] = root / "chat.jinja"
-    files["template"].write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
-                                 "{% if add_generation_prompt %}assistant:{% endif %}")  # fmt: skip
-    files["out"] = root / "run"
-    env = {**ENV, "ASU_KERNELS_BACKEND": "reference"}
-    argv = _continual_argv(
-        files, files["out"], "--no-eval", "--template", files["template"], second=files["second"]
-    )
-    done = subprocess.run([sys.executable, "-m", "asu.commands", *map(str, argv)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    shutil.copy(inputs["forget"], root / "forget.jsonl")
+    shutil.copy(inputs["retain"], root / "retain.jsonl")
+    shutil.copy(inputs["retain"], root / "second.jsonl")
+    (root / "chat.jinja").write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                                     "{% if add_generation_prompt %}assistant:{% endif %}")  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "asu.commands", *map(str, _resume_argv(inputs["model"]))],
+                          env=ENV, cwd=root, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    return files
+    return root
+
+
+def _resume_argv(model: Path, out: object = "run", *, second: str = "second.jsonl") -> list:
+    """``asu continual`` of :func:`continual_run`'s files (relative to the current folder) into ``out``."""
+    files = {"model": model, "forget": Path("forget.jsonl"), "retain": Path("retain.jsonl")}
+    return _continual_argv(files, out, "--no-eval", "--template", "chat.jinja", second=second)
+
+
+@pytest.fixture
+def continual_copy(continual_run, tmp_path, monkeypatch) -> Path:
+    """A copy of :func:`continual_run`'s folder, made the current folder."""
+    here = Path(shutil.copytree(continual_run, tmp_path / "here"))
+    monkeypatch.chdir(here)
+    return here
 
 
 def _edit(path: Path) -> None:
@@ -904,66 +913,56 @@ def _edit(path: Path) -> None:
 
 EDITS = {
     # what is changed between the runs -> a piece of the refusal
-    "a request file": ("second", "forget request 2 ({second}) changed since the run was started"),
-    "the retain file": ("retain", "retain rows changed"),
-    "the template file": ("template", "prompt template changed"),
+    "a request file": ("second.jsonl", "forget request 2 (second.jsonl) changed since the run was started"),
+    "the retain file": ("retain.jsonl", "retain rows changed"),
+    "the template file": ("chat.jinja", "prompt template changed"),
 }
 
 
 @pytest.mark.parametrize("edit", list(EDITS))
 def test_continual_resume_after_an_edit_between_runs_is_refused(
-    edit, continual_run, tmp_path, capsys, reference_backend
+    edit, inputs, continual_copy, capsys, reference_backend
 ):
     """--resume after a request file was edited exited 0 and kept the step trained on the old rows (only the
     requests' sizes were recorded)."""
-    files = {
-        k: (shutil.copy(v, tmp_path / v.name) if k not in ("model", "out") else v)
-        for k, v in continual_run.items()
-    }
-    files = {k: Path(v) for k, v in files.items()}
-    out = tmp_path / "run"
-    shutil.copytree(continual_run["out"], out)
-    key, message = EDITS[edit]
-    if key == "template":
-        files[key].write_text("### a chat\n" + files[key].read_text())
+    name, message = EDITS[edit]
+    if name.endswith(".jinja"):
+        (continual_copy / name).write_text("### a chat\n" + (continual_copy / name).read_text())
     else:
-        _edit(files[key])
-    before = tree_digest(out)
-    argv = _continual_argv(files, out, "--no-eval", "--template", files["template"], second=files["second"])
-    code, err = run_main(capsys, *argv, "--resume")
+        _edit(continual_copy / name)
+    before = tree_digest(continual_copy / "run")
+    code, err = run_main(capsys, *_resume_argv(inputs["model"]), "--resume")
     assert code == 2, err
     line = error_line(err, "continual")
-    assert "cannot resume with different data" in line and message.format(**files) in line, line
-    assert tree_digest(out) == before
+    assert "cannot resume with different data" in line and message in line, line
+    assert tree_digest(continual_copy / "run") == before
 
 
-def test_continual_resume_and_rerun_rules(continual_run, inputs, tmp_path, capsys, reference_backend):
+def test_continual_resume_and_rerun_rules(inputs, continual_copy, capsys, reference_backend):
     """A finished run resumes to itself and is never overwritten; --resume of nothing is refused (it used to
     start a fresh run with exit 0); other settings or another number of requests are refused."""
-    files, run = continual_run, continual_run["out"]
-    argv = _continual_argv(files, run, "--no-eval", "--template", files["template"], second=files["second"])
+    run, argv = continual_copy / "run", _resume_argv(inputs["model"])
     before = tree_digest(run)
     code, err = run_main(capsys, *argv)
     assert code == 2 and "already holds a continual run" in error_line(err, "continual")
-    code, err = run_main(capsys, *argv[:-2], "--lr", "1e-2", "--out", run, "--resume")
+    code, err = run_main(capsys, *argv, "--lr", "1e-2", "--resume")
     assert code == 2 and "different settings: config.lr changed" in error_line(err, "continual")
-    fewer = argv[:5] + argv[7:]
+    fewer = [a for a in argv if a != "second.jsonl"]
+    fewer.remove("--forget")
     code, err = run_main(capsys, *fewer, "--resume")
-    assert code == 2 and "cannot resume with 1 forget requests: the run was started with 2" in error_line(
-        err, "continual"
-    )
+    line = error_line(err, "continual")
+    assert code == 2 and "cannot resume with 1 forget requests: the run was started with 2" in line, line
     steps = {k: tree_digest(run / f"step-{k}") for k in (1, 2)}
     assert tree_digest(run) == before
     capsys.readouterr()
     code = main([str(a) for a in (*argv, "--resume")])
     assert code == 0 and capsys.readouterr().out.count("(already done)") == 2
     assert {k: tree_digest(run / f"step-{k}") for k in (1, 2)} == steps  # loaded, not redone
-    for missing in (tmp_path / "nope", tmp_path / "empty"):
-        if missing.name == "empty":
-            missing.mkdir()
-        code, err = run_main(capsys, *argv[:-1], missing, "--resume")
+    Path("empty").mkdir()
+    for missing in ("nope", "empty"):
+        code, err = run_main(capsys, *_resume_argv(inputs["model"], missing), "--resume")
         assert code == 2 and f"nothing to resume: --out {missing}" in error_line(err, "continual")
-    assert not (tmp_path / "nope").exists() and list((tmp_path / "empty").iterdir()) == []
+    assert not Path("nope").exists() and list(Path("empty").iterdir()) == []
 
 
 #: A process holding an output folder's lock as a run does, until its stdin closes.
@@ -973,10 +972,10 @@ HOLD_LOCK = (
 )
 
 
-def test_a_second_run_into_a_busy_continual_out_names_the_holder(continual_run, inputs, tmp_path, capsys):
+def test_a_second_run_into_a_busy_continual_out_names_the_holder(inputs, continual_copy, capsys):
     """Only each step-K was locked, not --out: a second continual was refused without naming the run (and,
     with the first run's continual.json there, was told to resume it)."""
-    out = Path(shutil.copytree(continual_run["out"], tmp_path / "out"))
+    out = continual_copy / "run"
     before = tree_digest(out)
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, str(out)],
@@ -985,10 +984,9 @@ def test_a_second_run_into_a_busy_continual_out_names_the_holder(continual_run, 
     try:
         assert holder.stdout.readline().strip() == "held"
         for extra in ([], ["--resume"]):
-            code, err = run_main(capsys, *_continual_argv(inputs, out, "--no-eval"), *extra)
-            assert code == 2 and f"is in use by another asu run (pid {holder.pid})" in error_line(
-                err, "continual"
-            )
+            code, err = run_main(capsys, *_resume_argv(inputs["model"]), *extra)
+            line = error_line(err, "continual")
+            assert code == 2 and f"is in use by another asu run (pid {holder.pid})" in line, line
         for command in ("unlearn", "eval", "inspect"):
             code, err = run_main(capsys, *_command_argv(command, inputs, out))
             assert code == 2 and f"(pid {holder.pid})" in error_line(err, command)
@@ -997,15 +995,13 @@ def test_a_second_run_into_a_busy_continual_out_names_the_holder(continual_run, 
     assert tree_digest(out) == before
 
 
-def test_continual_resume_refuses_a_finished_step_removed_by_hand(continual_run, tmp_path, capsys):
+def test_continual_resume_refuses_a_finished_step_removed_by_hand(inputs, continual_copy, capsys):
     """Retraining a removed step 1 would leave step 2 trained from another model than the new step 1."""
-    files, out = continual_run, Path(shutil.copytree(continual_run["out"], tmp_path / "run"))
-    shutil.rmtree(out / "step-1")
-    argv = _continual_argv(files, out, "--no-eval", "--template", files["template"], second=files["second"])
-    code, err = run_main(capsys, *argv, "--resume")
+    shutil.rmtree(continual_copy / "run" / "step-1")
+    code, err = run_main(capsys, *_resume_argv(inputs["model"]), "--resume")
     assert code == 2, err
-    assert f"records step 1 as finished but {out / 'step-1'} no longer holds" in error_line(err, "continual")
-    assert not (out / "step-1").exists()
+    assert "records step 1 as finished but run/step-1 no longer holds" in error_line(err, "continual")
+    assert not (continual_copy / "run" / "step-1").exists()
 
 
 # ---- finished results: refused unless --overwrite, and replaced as one transaction -----------------------
@@ -1079,16 +1075,13 @@ def test_no_command_writes_over_another_commands_result_even_with_overwrite(
 
 
 def test_eval_and_inspect_refuse_an_unlearn_or_continual_run(continual_run, inputs, tmp_path, capsys):
-    step = continual_run["out"] / "step-1"
-    before = tree_digest(continual_run["out"])
+    run, step = continual_run / "run", continual_run / "run" / "step-1"
+    before = tree_digest(run)
     for command in ("eval", "inspect"):
-        for out, what in (
-            (continual_run["out"], "an asu continual run"),
-            (step, "a finished asu unlearn run"),
-        ):
+        for out, what in ((run, "an asu continual run"), (step, "a finished asu unlearn run")):
             code, err = run_main(capsys, *_command_argv(command, inputs, out), "--overwrite")
             assert code == 2 and f"already holds {what}" in error_line(err, command)
-    assert tree_digest(continual_run["out"]) == before
+    assert tree_digest(run) == before
 
 
 def test_overwrite_replaces_the_whole_result(
@@ -1115,10 +1108,12 @@ def test_overwrite_that_fails_keeps_the_old_result(
     import asu.commands.eval as eval_command
 
     out, before = _copy_of(finished, "eval", tmp_path)
+    old_files = {p.name: p.read_bytes() for p in out.iterdir()}
     seen = []
 
     def broken_run(*args, **kwargs):
-        seen.append(tree_digest(out))  # while the new run computes, the old result is in place, unchanged
+        # While the new run computes, the old result is in place, unchanged (beside the run's lock).
+        seen.append({p.name: p.read_bytes() for p in out.iterdir() if p.name != LOCK_FILE})
         raise RuntimeError("the machine fell over")
 
     def broken_write(result, folder, *args, **kwargs):
@@ -1132,7 +1127,7 @@ def test_overwrite_that_fails_keeps_the_old_result(
         monkeypatch.setattr(eval_command, "write_results", broken_write)
     code, err = run_main(capsys, *_command_argv("eval", inputs, out), "--overwrite")
     assert code in (1, 2) and err, err
-    assert seen in ([before], [])
+    assert seen == ([old_files] if when == "while evaluating" else [])
     assert tree_digest(out) == before
 
 
