@@ -10,7 +10,13 @@ The classes: malformed data and arguments in every command (inspect had no error
 before any write (eval wrote files before checking --temperature / --layers), truncated, garbled and NaN
 model files, a training run that goes NaN, --out inside or around --model, two runs into one --out,
 --resume with other data, a shared teacher cache at two temperatures and a truncated cache file, a 50 MB
-row, encoding errors and unpaired surrogates, Ctrl-C, and what a killed run leaves behind.
+row, encoding errors and unpaired surrogates, Ctrl-C, and what a killed run leaves behind. Then: broken
+--template files in every command; hub names with no hub (a refused endpoint) and mistyped local model
+folders; asu continual killed at any point (SIGKILL in its first step, Ctrl-C after a checkpoint and between a
+step's model and its evaluation), edited between runs (a request, the retain set, the template, the
+settings, a removed step), resumed into nothing, and a second run into its busy --out; finished results of
+eval / inspect / unlearn / continual refused without --overwrite (and across commands), --overwrite that
+completes, fails while computing or writing, or is killed mid-write, and a hand-made result manifest.
 """
 
 from __future__ import annotations
