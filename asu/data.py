@@ -61,6 +61,7 @@ from typing import Any
 
 import torch
 
+from asu.files import did_you_mean
 from asu.formatting import IGNORE_INDEX, encode_qa
 from asu.sources import (
     DataError,
@@ -107,7 +108,7 @@ __all__ = [
 def _read_text(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: no such file{did_you_mean(path)}")
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory, expected a file")
     with open(path, "rb") as f:

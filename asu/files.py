@@ -19,7 +19,20 @@ Output folders (the commands' ``--out``):
 * :func:`output_lock` holds an exclusive ``fcntl.flock`` on ``DIR/.asu.lock`` for a run, so a second run
   into the same folder fails at once, naming the holder's process id;
 * :func:`remove_stale_temporaries` deletes what a killed run left: ``atomic_write``'s temporary files and
-  the scratch folders (``.result-*``) a result is assembled in. Finished files are never touched.
+  the scratch folders (``.result-*``) a result is assembled in, and rolls back a killed
+  :func:`result_transaction` (below). Finished files are never touched.
+
+Finished results (one rule for every command):
+
+* a finished result is recognised by the record its run writes last (:data:`FINISHED_RECORDS`): the
+  manifest ``asu-result.json`` (``asu eval``, ``inspect``, ``demo``: the command and every entry it wrote),
+  ``unlearn()``'s ``run.json``, a continual run's ``continual.json``; :func:`finished_result` describes it and
+  :func:`check_finished_result` refuses to write over it (``overwrite`` replaces a manifest result of the same
+  command only);
+* :func:`result_transaction` makes a run's writes into a folder one transaction: the entries it creates or
+  changes become the manifest's list, written last; a result being replaced is moved aside into a journal
+  folder (``.asu-journal-*``) first and restored if the run fails or is killed, so the folder holds the old
+  result or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -35,21 +48,31 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
+    "FINISHED_RECORDS",
     "LOCK_FILE",
+    "RESULT_MANIFEST",
+    "FinishedResult",
+    "FinishedResultError",
     "OutputInUseError",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_finished_result",
     "check_not_in_use",
     "check_output_location",
+    "did_you_mean",
+    "finished_result",
     "finite_json",
+    "in_passing",
     "output_lock",
+    "read_json",
     "remove_stale_temporaries",
     "replace_section",
+    "result_transaction",
 ]
 
 FILE_MODE = 0o644
@@ -58,6 +81,16 @@ LOCK_FILE = ".asu.lock"
 # What atomic_write (mkstemp: 8 random characters) and a result's scratch folder (mkdtemp) are called.
 _TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[^./]*)?$")
 _SCRATCH = re.compile(r"^\.result-[A-Za-z0-9_]{8}$")
+#: The manifest of a finished ``asu eval`` / ``inspect`` / ``demo`` result, written last.
+RESULT_MANIFEST = "asu-result.json"
+#: unlearn()'s record of a finished run and a continual run's summary, each written last by its run.
+RUN_RECORD = "run.json"
+CONTINUAL_RECORD = "continual.json"
+#: The records a finished result is recognised by -> the command that made it ("" = the manifest names it).
+FINISHED_RECORDS = {RESULT_MANIFEST: "", RUN_RECORD: "unlearn", CONTINUAL_RECORD: "continual"}
+#: The folder a result transaction keeps its journal (and a result being replaced) in (mkdtemp's 8 chars).
+_JOURNAL_PREFIX = ".asu-journal-"
+_JOURNAL = re.compile(r"^\.asu-journal-[A-Za-z0-9_]{8}$")
 
 log = logging.getLogger(__name__)
 
@@ -273,11 +306,15 @@ def output_lock(directory: str | os.PathLike[str], flag: str = "--out") -> Itera
 
 def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[str]:
     """Delete, directly in ``directory``, the temporary files of :func:`atomic_write` and the ``.result-*``
-    scratch folders a killed run left; returns their names. Call it only while holding the folder's
-    :func:`output_lock` (a running writer's temporary file looks the same)."""
-    removed = []
+    scratch folders a killed run left, after rolling back a killed :func:`result_transaction`; returns the
+    names removed. Call it only while holding the folder's :func:`output_lock` (a running writer's temporary
+    file looks the same)."""
+    removed: list[str] = []
     if not os.path.isdir(directory):
         return removed
+    for name in sorted(os.listdir(directory)):
+        if _JOURNAL.match(name) and os.path.isdir(os.path.join(directory, name)):
+            removed += _recover(Path(directory), Path(directory) / name)
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
         if _SCRATCH.match(name) and os.path.isdir(path) and not os.path.islink(path):
@@ -288,6 +325,219 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[str]:
             continue
         removed.append(name)
     return removed
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON document in ``path``; ValueError naming the file when it is not UTF-8 or not valid JSON (a
+    record edited by hand, or cut short by a full disk)."""
+    data = Path(path).read_bytes()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{os.fspath(path)}: not UTF-8 text (byte offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{os.fspath(path)}: not valid JSON (line {e.lineno}: {e.msg})") from None
+
+
+def did_you_mean(path: str | os.PathLike[str], want: Callable[[Path], bool] | None = None) -> str:
+    """`` (did you mean P?)`` naming the entry beside the missing ``path`` whose name is closest to its own
+    (and passes ``want``, e.g. "is a model folder"), or an empty string when none is close."""
+    import difflib
+
+    target = Path(os.path.expanduser(os.fspath(path)))
+    parent = target.parent
+    try:
+        names = [p.name for p in parent.iterdir() if want is None or want(p)]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(target.name, names, n=1, cutoff=0.75)
+    if not close:
+        return ""
+    shown = os.path.join(os.path.dirname(os.fspath(path)), close[0])
+    return f" (did you mean {shown}?)"
+
+
+# ----------------------------------------------------------------------------------------- finished results
+
+
+class FinishedResultError(ValueError):
+    """The output folder holds a finished result that a run would overwrite."""
+
+
+def _read_manifest(path: Path) -> tuple[str, str, tuple[str, ...]]:
+    """The command and the entries of the manifest ``path``; :class:`FinishedResultError` when it is not one
+    asu wrote: not JSON, no command, or an entry that is not a plain name in its folder (``--overwrite`` moves
+    the entries aside and deletes them, so a hand-made ``../x`` or ``/x`` must never be followed)."""
+    why = None
+    try:
+        manifest = read_json(path)
+    except ValueError as e:
+        manifest, why = None, str(e).removeprefix(f"{path}: ")
+    entries = manifest.get("entries", []) if isinstance(manifest, dict) else []
+    if why is None and not (isinstance(manifest, dict) and isinstance(manifest.get("command"), str)):
+        why = "no command"
+    elif why is None and (not isinstance(entries, list) or not all(_plain_name(e) for e in entries)):
+        why = "an entry that is not a file name in its folder"
+    if why is not None:
+        raise FinishedResultError(
+            f"{path}: not a result manifest written by asu ({why}); it marks its folder as holding a "
+            "finished result: remove it (and the files it lists) or choose another folder"
+        )
+    return manifest["command"], tuple(entries)
+
+
+def _plain_name(entry: Any) -> bool:
+    """Whether ``entry`` names something directly in a folder (not ``.``, ``..``, a path, a temporary)."""
+    return (
+        isinstance(entry, str)
+        and entry not in ("", ".", "..", RESULT_MANIFEST)
+        and "/" not in entry
+        and os.sep not in entry
+        and "\0" not in entry
+        and not in_passing(entry)
+    )
+
+
+class FinishedResult(NamedTuple):
+    """A finished result in a folder: the ``command`` that made it, the entries the manifest lists (``asu
+    eval`` / ``inspect`` / ``demo`` only; empty otherwise) and the ``record`` it is recognised by."""
+
+    command: str
+    entries: tuple[str, ...] = ()
+    record: str = RESULT_MANIFEST
+
+    @property
+    def replaceable(self) -> bool:
+        """A manifest result (``--overwrite`` may replace it); unlearn and continual runs never are."""
+        return self.record == RESULT_MANIFEST
+
+    def describe(self) -> str:
+        if not self.replaceable:
+            kind = "a finished asu unlearn run" if self.command == "unlearn" else "an asu continual run"
+            return f"{kind} ({self.record})"
+        shown = ", ".join(self.entries[:4]) + (", ..." if len(self.entries) > 4 else "")
+        return f"a finished asu {self.command} result ({self.record}: {shown})"
+
+
+def finished_result(directory: str | os.PathLike[str]) -> FinishedResult | None:
+    """The finished result ``directory`` holds (see the module docstring), or None."""
+    folder = Path(directory)
+    for record, command in FINISHED_RECORDS.items():
+        path = folder / record
+        if not path.is_file():
+            continue
+        if command:
+            return FinishedResult(command, record=record)
+        return FinishedResult(*_read_manifest(path), record=record)
+    return None
+
+
+def check_finished_result(
+    directory: str | os.PathLike[str], command: str, *, overwrite: bool = False, flag: str = "--out"
+) -> FinishedResult | None:
+    """Refuse (:class:`FinishedResultError`, naming what is there) to write ``command``'s output into a folder
+    holding a finished result, unless it is a manifest result of the same command and ``overwrite`` is
+    given; returns that result (the one to replace). A run record of the same command (``run.json`` for
+    unlearn, ``continual.json`` for continual) is returned for the command's own rules (resume)."""
+    found = finished_result(directory)
+    if found is None or (found.command == command and (overwrite or not found.replaceable)):
+        return found
+    if found.command == command:
+        hint = "pass --overwrite to replace it, or choose another folder"
+    else:
+        hint = f"choose another folder (asu {command} never writes over another command's result)"
+    raise FinishedResultError(f"{flag} {os.fspath(directory)} already holds {found.describe()}; {hint}")
+
+
+def _signature(path: Path) -> tuple:
+    """What changes when an entry is written: size, mtime and inode of a file (of every file in a folder)."""
+    st = path.lstat()
+    if not path.is_dir() or path.is_symlink():
+        return (st.st_size, st.st_mtime_ns, st.st_ino)
+    parts = []
+    for root, _, files in os.walk(path):
+        for name in sorted(files):
+            f = os.lstat(os.path.join(root, name))
+            parts.append(
+                (os.path.relpath(os.path.join(root, name), path), f.st_size, f.st_mtime_ns, f.st_ino)
+            )
+    return (st.st_ino, tuple(sorted(parts)))
+
+
+def in_passing(name: str) -> bool:
+    """Whether ``name`` is something asu writes in passing into an output folder: the lock, an
+    :func:`atomic_write` temporary, a result's scratch folder or a transaction's journal."""
+    return name == LOCK_FILE or any(p.match(name) for p in (_TEMPORARY, _SCRATCH, _JOURNAL))
+
+
+def _entries(folder: Path) -> dict[str, tuple]:
+    """The folder's entries (not those written :func:`in_passing`) -> their :func:`_signature`."""
+    return {p.name: _signature(p) for p in folder.iterdir() if not in_passing(p.name)}
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def result_transaction(
+    directory: str | os.PathLike[str], command: str, replace: FinishedResult | None = None
+) -> Iterator[Path]:
+    """The block's writes into ``directory`` as one finished result of ``command``; call it holding the
+    folder's :func:`output_lock`.
+
+    A journal folder records the entries present at the start; ``replace`` (a finished manifest result) is
+    moved into it, manifest first. When the block completes, the entries it created or changed are listed in
+    a new :data:`RESULT_MANIFEST`, written last, and the journal (with the old result) is deleted. When the
+    block fails, or the run is killed and the next run into the folder finds the journal
+    (:func:`remove_stale_temporaries`), the entries created since the start are removed and the old result is
+    moved back: the folder holds the old result or the new one, never a mix, never a half-written file.
+    """
+    folder = Path(directory)
+    journal = Path(tempfile.mkdtemp(dir=folder, prefix=_JOURNAL_PREFIX))
+    atomic_write_json(journal / "journal.json", {"command": command, "present": sorted(_entries(folder))})
+    if replace is not None:
+        (journal / "old").mkdir()
+        for name in (RESULT_MANIFEST, *replace.entries):
+            if (folder / name).exists() or (folder / name).is_symlink():
+                os.replace(folder / name, journal / "old" / name)
+    before = _entries(folder)
+    try:
+        yield folder
+    except BaseException:
+        _recover(folder, journal)
+        raise
+    made = sorted(name for name, sig in _entries(folder).items() if before.get(name) != sig)
+    finished = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    record = {"command": command, "entries": made, "finished": finished, "journal": journal.name}
+    atomic_write_json(folder / RESULT_MANIFEST, record, indent=2)
+    shutil.rmtree(journal, ignore_errors=True)
+
+
+def _recover(folder: Path, journal: Path) -> list[str]:
+    """Finish or roll back the transaction of ``journal`` (see :func:`result_transaction`); returns the names
+    of the entries removed (the journal's, and those the unfinished run had written)."""
+    try:
+        manifest = read_json(folder / RESULT_MANIFEST) if (folder / RESULT_MANIFEST).is_file() else None
+    except ValueError:
+        manifest = None
+    removed = []
+    committed = isinstance(manifest, dict) and manifest.get("journal") == journal.name
+    if not committed and (journal / "journal.json").is_file():
+        present = set(read_json(journal / "journal.json").get("present", []))
+        for name in sorted(_entries(folder)):
+            if name not in present:
+                _remove(folder / name)
+                removed.append(name)
+        old = journal / "old"
+        for path in sorted(old.iterdir()) if old.is_dir() else []:
+            _remove(folder / path.name)
+            os.replace(path, folder / path.name)
+    shutil.rmtree(journal, ignore_errors=True)
+    return [*removed, journal.name]
 
 
 def replace_section(path: str | os.PathLike[str], section: str, markers: tuple[str, str]) -> bool:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from asu.templates import Template, has_chat_template, resolve_template
+from asu.templates import Template, answer_end, has_chat_template, resolve_template
 
 __all__ = [
     "IGNORE_INDEX",
@@ -70,21 +70,6 @@ def _special_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
-def _content_end(full: str, prompt: str, answer: str, question: str) -> int:
-    """Where the answer's content ends in the rendered conversation (it follows the generation prompt)."""
-    if not full.startswith(prompt):
-        raise ValueError(
-            "the template's generation prompt is not the start of the rendered conversation, so no prompt "
-            f"can match what the model was trained on (question {question[:60]!r})"
-        )
-    # Chat templates may trim the content (Llama 3: ``content | trim``).
-    for content in (answer, answer.strip()):
-        at = full.find(content, len(prompt))
-        if at >= 0:
-            return at + len(content)
-    raise ValueError(f"the answer does not appear in the rendered conversation (question {question[:60]!r})")
-
-
 def answer_span(
     tokenizer: Any, question: str, answer: str, template: TemplateSpec = None
 ) -> tuple[list[int], int, int]:
@@ -100,7 +85,7 @@ def answer_span(
     tpl = resolve_template(template, tokenizer)
     full = tpl.render(tokenizer, question, answer)
     prompt = tpl.render(tokenizer, question)
-    content_end = _content_end(full, prompt, answer, question)
+    content_end = answer_end(tpl, full, prompt, answer, question)
     at = len(prompt)
     fast = bool(getattr(tokenizer, "is_fast", False))
     enc = tokenizer(full, add_special_tokens=tpl.add_special_tokens, return_offsets_mapping=fast)

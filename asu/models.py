@@ -3,7 +3,11 @@ folder or the file, and a model whose weights are not finite is refused.
 
 What is checked, in order, before and after ``from_pretrained``:
 
-* the folder exists and holds a valid ``config.json`` (a hub name, ``org/model``, skips the folder checks);
+* the folder exists and holds a valid ``config.json``; a missing one is named as a missing folder, with the
+  closest folder beside it ("did you mean"). A hub name, ``org/model``, is one only when no local path of
+  that name or its first part exists (``runs/x`` with a ``runs`` folder is a mistyped local folder); it skips
+  the folder checks, and is refused at once, naming it, when the hub is unreachable
+  (:func:`asu.sources.hub_unreachable`) and the local cache does not hold it;
 * every ``*.safetensors`` file has a readable header that covers the whole file (a truncated, empty or
   garbled file is named, instead of surfacing as safetensors' ``SafetensorError`` mid-load);
 * the tokenizer and the model load (their ``OSError`` / ``ValueError`` become one line);
@@ -22,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from asu.files import did_you_mean
+
 __all__ = ["ModelError", "check_model_folder", "check_finite_weights", "load_model", "load_tokenizer"]
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -37,21 +43,44 @@ def _first_line(error: BaseException) -> str:
 
 
 def _is_hub_name(path: str) -> bool:
-    return not os.path.exists(path) and bool(_HUB_NAME.match(path))
+    """``org/name`` with neither it nor ``org`` on disk (else it is a local path, perhaps mistyped)."""
+    if os.path.exists(path) or not _HUB_NAME.match(path):
+        return False
+    return not os.path.exists(path.split("/", 1)[0])
+
+
+def _check_hub_model(name: str) -> None:
+    """ModelError naming ``name`` when the hub is unreachable and the local cache does not hold its
+    ``config.json`` (a reachable hub, or a cached model, is left to ``from_pretrained``)."""
+    from asu.sources import hub_unreachable
+
+    unreachable = hub_unreachable()
+    if unreachable is None:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    raise ModelError(
+        f"model {name}: no such local folder{did_you_mean(name, Path.is_dir)}, and the Hugging Face hub is "
+        f"unreachable ({unreachable}) with the model not in the local cache"
+    )
 
 
 def check_model_folder(path: str | os.PathLike[str]) -> None:
     """ModelError unless ``path`` is a folder with ``config.json`` whose safetensors files all open.
 
     Opening a safetensors file reads only its header; safetensors checks that the header's tensors cover
-    the file exactly, so a truncated or padded file fails here (a hub name passes unchecked).
+    the file exactly, so a truncated or padded file fails here. A hub name is checked only for an
+    unreachable hub (see the module docstring).
     """
     source = os.fspath(path)
     if _is_hub_name(source):
+        _check_hub_model(source)
         return
     folder = Path(source)
     if not folder.exists():
-        raise ModelError(f"model folder {source} does not exist")
+        raise ModelError(f"model folder {source} does not exist{did_you_mean(source, Path.is_dir)}")
     if not folder.is_dir():
         raise ModelError(f"model folder {source} is not a directory")
     if not (folder / "config.json").is_file():
@@ -88,9 +117,11 @@ def check_finite_weights(model: nn.Module, source: str | os.PathLike[str] = "the
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Any:
-    """``AutoTokenizer.from_pretrained(path)``, its failures as one ModelError."""
+    """``AutoTokenizer.from_pretrained(path)`` after :func:`check_model_folder`, its failures as one
+    ModelError."""
     from transformers import AutoTokenizer
 
+    check_model_folder(path)
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError) as e:

@@ -12,12 +12,14 @@ Layout of ``DIR`` (a run's ``output_dir``)::
 
 What it guarantees (README "Guarantees"):
 
-* :func:`check_output_dir` before any work: not a file, no finished run in it, no interrupted one unless
-  resuming (and then a complete checkpoint to resume from), not locked by another run;
+* :func:`check_output_dir` before any work: not a file, no finished run in it (nor another command's finished
+  result, :func:`asu.files.check_finished_result`), no interrupted one unless resuming (and then a complete
+  checkpoint to resume from), not locked by another run;
 * :func:`claimed_output` for the run: the folder locked (a second run fails at once), checked again under the
-  lock, and the temporary files and scratch folders of a killed run removed;
-* :func:`save_or_compare_config`: a resumed run refuses settings or data that differ from the interrupted
-  run's (only :data:`RESUMABLE_CHANGES` may change);
+  lock, and the temporary files, scratch folders and half-written checkpoints (no ``trainer_state.json``,
+  which the Trainer writes last) of a killed run removed;
+* :func:`save_or_compare_config`: a resumed run refuses settings or data (rows, tokenizer, the prompt
+  template's text) that differ from the interrupted run's (only :data:`RESUMABLE_CHANGES` may change);
 * :func:`write_result`: the model and tokenizer assembled in a scratch folder and moved in, ``run.json``
   last, every JSON file atomically.
 
@@ -40,10 +42,18 @@ import torch
 from asu.data import Rows, rows_fingerprint, tokenizer_fingerprint
 from asu.distributed import barrier, complete_checkpoints, engine, is_main_process
 from asu.environment import library_versions
-from asu.files import atomic_write_json, check_not_in_use, output_lock, remove_stale_temporaries
+from asu.files import (
+    RUN_RECORD,
+    atomic_write_json,
+    check_finished_result,
+    check_not_in_use,
+    output_lock,
+    read_json,
+    remove_stale_temporaries,
+)
 from asu.methods import RETAIN_LOSS_ALIASES
 from asu.teachers import is_peft_model
-from asu.templates import describe_template
+from asu.templates import Template, describe_template
 
 __all__ = [
     "RUN_FILE",
@@ -52,6 +62,7 @@ __all__ = [
     "FINGERPRINT_FILE",
     "TAU_FILE",
     "RESUMABLE_CHANGES",
+    "changed_fingerprints",
     "checkpoints",
     "check_output_dir",
     "claimed_output",
@@ -61,7 +72,7 @@ __all__ = [
     "write_result",
 ]
 
-RUN_FILE = "run.json"
+RUN_FILE = RUN_RECORD
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "unlearn_config.json"
 FINGERPRINT_FILE = "data_fingerprint.json"
@@ -83,24 +94,34 @@ def checkpoints(directory: str) -> list[str]:
     return sorted(found, key=lambda d: int(d.split("-")[-1]))
 
 
+def _started(ckpt_dir: str, name: str) -> bool:
+    """Whether checkpoint ``name`` was written to the end by the main process (``trainer_state.json``, which
+    the Trainer writes last); one without it is what a run killed while saving left."""
+    return os.path.isfile(os.path.join(ckpt_dir, name, "trainer_state.json"))
+
+
 def check_output_dir(output_dir: str, resume: bool) -> None:
-    """Refuse to overwrite a finished run, or to start over an interrupted one without ``resume``."""
+    """Refuse to overwrite a finished run (or another command's finished result), or to start over an
+    interrupted one without ``resume``."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"{FLAG} {output_dir} exists and is not a directory")
     if is_main_process():
         # Only the main process takes the folder's lock (claimed_output), so under a multi-process launch
         # the other ranks would find it held by their own job's main process.
         check_not_in_use(output_dir, flag=FLAG)
+    if os.path.isdir(output_dir):
+        check_finished_result(output_dir, "unlearn", flag=FLAG)
     ckpt_dir = os.path.join(output_dir, CHECKPOINTS)
     if resume:
         if not complete_checkpoints(ckpt_dir):
-            raise ValueError(f"nothing to resume: {ckpt_dir} holds no complete checkpoint")
+            where = ckpt_dir if os.path.isdir(output_dir) else f"{output_dir} (it does not exist)"
+            raise ValueError(f"nothing to resume: {where} holds no complete checkpoint")
         return
     if os.path.exists(os.path.join(output_dir, RUN_FILE)):
         raise ValueError(
             f"{output_dir} already holds a finished run ({RUN_FILE}); choose another output directory"
         )
-    if checkpoints(ckpt_dir):
+    if any(_started(ckpt_dir, name) for name in checkpoints(ckpt_dir)):
         raise ValueError(
             f"{output_dir} holds checkpoints of an interrupted run; resume it or choose another directory"
         )
@@ -124,6 +145,10 @@ def claimed_output(output_dir: str, resume: bool) -> Iterator[bool]:
         for folder in (output_dir, trainer_dir):
             for name in remove_stale_temporaries(folder):
                 log.warning(f"removed {os.path.join(folder, name)}, left by an interrupted run")
+        for name in checkpoints(trainer_dir):
+            if not _started(trainer_dir, name):
+                shutil.rmtree(os.path.join(trainer_dir, name), ignore_errors=True)
+                log.warning(f"removed {os.path.join(trainer_dir, name)}, half-written by an interrupted run")
         try:
             yield created
         except BaseException:
@@ -138,14 +163,26 @@ def data_fingerprint(
     retain_rows: Rows | None,
     idk_answers: Sequence[str] | None,
     tokenizer: Any,
+    template: Template | None = None,
 ) -> dict[str, str | None]:
-    """SHA-256 digests of what a run's examples are made of besides its settings."""
-    return {
+    """SHA-256 digests of what a run's examples are made of besides its settings: the rows, the refusals, the
+    tokenizer and (given the run's ``template``) the prompt template's text, so an edited template file is
+    seen even though its path is the same."""
+    fingerprint = {
         "forget rows": rows_fingerprint(forget_rows),
         "retain rows": None if retain_rows is None else rows_fingerprint(retain_rows),
         "IDK answers": None if idk_answers is None else rows_fingerprint(list(idk_answers)),
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
+    if template is not None:
+        fingerprint["prompt template"] = rows_fingerprint([describe_template(template, tokenizer)])
+    return fingerprint
+
+
+def changed_fingerprints(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The keys whose digest differs; a key ``before`` does not record (a run started by an older version)
+    is not compared."""
+    return [k for k in now if k in before and before[k] != now[k]]
 
 
 def _compare_fingerprint(trainer_dir: str, fingerprint: dict[str, str | None]) -> None:
@@ -153,9 +190,7 @@ def _compare_fingerprint(trainer_dir: str, fingerprint: dict[str, str | None]) -
     if not os.path.exists(path):
         log.warning(f"{trainer_dir} records no data fingerprint (an older run): the data is not checked")
         return
-    with open(path, encoding="utf-8") as f:
-        before = json.load(f)
-    changed = [k for k in fingerprint if before.get(k) != fingerprint[k]]
+    changed = changed_fingerprints(read_json(path), fingerprint)
     if changed:
         raise ValueError(
             f"cannot resume with different data: {', '.join(changed)} changed since the run was started; "
@@ -192,8 +227,7 @@ def save_or_compare_config(
         _compare_fingerprint(trainer_dir, fingerprint)
     now = json.loads(json.dumps(settings, default=str))
     if resume and os.path.exists(saved_cfg):
-        with open(saved_cfg) as f:
-            before = json.load(f)
+        before = read_json(saved_cfg)
         changed = _changed_settings(before, now, json.loads(json.dumps(defaults, default=str)))
         if changed:
             raise ValueError(f"cannot resume with different settings: {', '.join(changed)} changed")

@@ -6,6 +6,12 @@ row has no line: Parquet, ``datasets`` folders, the hub; errors then name the ro
 
 The ``datasets`` package is optional: it is imported only by the readers that need it (Parquet, saved
 folders, the hub), and its absence is one clear error naming the source.
+
+The hub is asked only when it answers: :func:`hub_unreachable` checks once per process, with a short timeout,
+that its endpoint accepts a connection (or that offline mode is not set); when it does not, the hub clients
+are switched to offline mode for the rest of the process, so what the local cache holds still loads and a
+name that is not there fails at once, naming it (instead of after the clients' retries, half a minute).
+Datasets and models (:mod:`asu.models`) follow this one rule.
 """
 
 from __future__ import annotations
@@ -16,12 +22,17 @@ import io
 import logging
 import os
 import re
+import socket
+import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 __all__ = [
     "DataError",
     "decode_utf8",
+    "hub_unreachable",
     "is_hub_name",
     "read_csv",
     "read_parquet",
@@ -33,6 +44,10 @@ __all__ = [
 #: ``NAME:CONFIG[:SPLIT]`` with NAME like ``locuslab/TOFU``.
 _HUB = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?:[\w.-]+(:[\w.\[\]%+-]+)?$")
 _INSTALL = "pip install datasets (or pip install 'asu[data]')"
+#: Seconds the hub's endpoint has to accept a connection before it counts as unreachable.
+HUB_TIMEOUT_S = 2.0
+#: The answer of :func:`hub_unreachable` for this process, once known.
+_HUB_STATE: dict[str, str | None] = {}
 
 
 class DataError(ValueError):
@@ -133,18 +148,68 @@ def _quiet_hub() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def _connects(host: str, port: int, timeout: float) -> str | None:
+    """None when ``host:port`` accepts a TCP connection within ``timeout`` seconds, else why not. The name
+    lookup runs in a thread too, since ``getaddrinfo`` has no timeout of its own."""
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(e.strerror or str(e) or type(e).__name__)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be used by this process (None when it can): offline mode set
+    (``HF_HUB_OFFLINE``), or no connection to its endpoint (``HF_ENDPOINT``) within :data:`HUB_TIMEOUT_S`.
+    Checked once per process; when the hub is unreachable its clients are switched to offline mode (see the
+    module docstring)."""
+    if "reason" in _HUB_STATE:
+        return _HUB_STATE["reason"]
+    from huggingface_hub import constants
+
+    reason = None
+    if constants.HF_HUB_OFFLINE:
+        reason = "offline mode is set: HF_HUB_OFFLINE"
+    else:
+        url = urlsplit(constants.ENDPOINT)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        why = _connects(url.hostname or "", port, HUB_TIMEOUT_S)
+        if why is not None:
+            reason = f"{constants.ENDPOINT}: {why}"
+            constants.HF_HUB_OFFLINE = True  # the cache still answers; nothing waits for retries
+            if "datasets.config" in sys.modules:
+                sys.modules["datasets.config"].HF_HUB_OFFLINE = True
+    _HUB_STATE["reason"] = reason
+    return reason
+
+
 def read_hub(source: str) -> tuple[list[dict[str, Any]], list[int]]:
-    """Rows of hub dataset ``NAME:CONFIG[:SPLIT]`` (split ``train`` by default), via ``datasets``."""
+    """Rows of hub dataset ``NAME:CONFIG[:SPLIT]`` (split ``train`` by default), via ``datasets``; from the
+    local cache alone when the hub is unreachable (:func:`hub_unreachable`)."""
     datasets = _datasets(source, "a hub dataset")
     name, config, *rest = source.split(":", 2)
     split = rest[0] if rest else "train"
+    unreachable = hub_unreachable()
     try:
         with _quiet_hub():
             data = datasets.load_dataset(name, config, split=split)
     except Exception as e:
+        if unreachable:
+            raise DataError(
+                f"{source}: the Hugging Face hub is unreachable ({unreachable}) and the local cache does not "
+                f"hold {name} (config {config}, split {split}); connect, or give a local file"
+            ) from None
         raise DataError(
             f"{source}: cannot load {name} (config {config}, split {split}) from the Hugging Face hub: "
-            f"{_first_line(e)} (offline? a dataset already in the local cache loads with HF_HUB_OFFLINE=1)"
+            f"{_first_line(e)}"
         ) from None
     rows = data.to_list()
     return rows, [0] * len(rows)

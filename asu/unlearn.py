@@ -136,7 +136,7 @@ def unlearn(
     if output_dir is None:
         with tempfile.TemporaryDirectory(prefix="asu-unlearn-", ignore_cleanup_errors=True) as scratch:
             return _train_and_write(run, scratch, None, resume=False)
-    fingerprint = data_fingerprint(forget_rows, retain_rows, idk_answers, tokenizer)
+    fingerprint = data_fingerprint(forget_rows, retain_rows, idk_answers, tokenizer, cfg.prompt_template())
     trainer_dir = os.path.join(output_dir, CHECKPOINTS)
     with claimed_output(output_dir, resume):
         _save_or_compare_config(trainer_dir, cfg, resume, fingerprint=fingerprint)

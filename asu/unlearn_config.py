@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -239,10 +240,22 @@ class UnlearnConfig:
         return method_setup(self.method, self.retain_loss, fields, self.method_args)
 
     def prompt_template(self) -> Template:
-        """The :class:`asu.templates.Template` QA rows are rendered in (``auto`` not yet resolved)."""
+        """The :class:`asu.templates.Template` QA rows are rendered in (``auto`` not yet resolved).
+
+        A template file is read once per config and the same template returned after (while ``template`` and
+        ``system_prompt`` stay the same): a run encodes, previews and records one template even if the file
+        is edited or removed while it runs."""
+        key = (self.template if isinstance(self.template, (str, os.PathLike)) else id(self.template),
+               self.system_prompt)  # fmt: skip
+        memo = self.__dict__.get("_template_memo")
+        if memo is not None and memo[0] == key:
+            return memo[1]
         if self.system_prompt is None:
-            return get_template(self.template)
-        return get_template(self.template, system_prompt=self.system_prompt)
+            template = get_template(self.template)
+        else:
+            template = get_template(self.template, system_prompt=self.system_prompt)
+        self.__dict__["_template_memo"] = (key, template)
+        return template
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

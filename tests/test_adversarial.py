@@ -10,7 +10,13 @@ The classes: malformed data and arguments in every command (inspect had no error
 before any write (eval wrote files before checking --temperature / --layers), truncated, garbled and NaN
 model files, a training run that goes NaN, --out inside or around --model, two runs into one --out,
 --resume with other data, a shared teacher cache at two temperatures and a truncated cache file, a 50 MB
-row, encoding errors and unpaired surrogates, Ctrl-C, and what a killed run leaves behind.
+row, encoding errors and unpaired surrogates, Ctrl-C, and what a killed run leaves behind. Then: broken
+--template files in every command; hub names with no hub (a refused endpoint) and mistyped local model
+folders; asu continual killed at any point (SIGKILL in its first step, Ctrl-C after a checkpoint and between a
+step's model and its evaluation), edited between runs (a request, the retain set, the template, the
+settings, a removed step), resumed into nothing, and a second run into its busy --out; finished results of
+eval / inspect / unlearn / continual refused without --overwrite (and across commands), --overwrite that
+completes, fails while computing or writing, or is killed mid-write, and a hand-made result manifest.
 """
 
 from __future__ import annotations
@@ -599,3 +605,585 @@ def test_a_damaged_checkpoint_is_named_on_resume(inputs, interrupted, capsys):
     )
     assert code == 2
     assert f"{weights}: unreadable checkpoint weights" in error_line(err, "unlearn")
+
+
+# ---- prompt template files: every way one can be broken is named, in every command ------------------------
+
+TEMPLATE_FILES = {
+    "syntax error": (b"{% for m in messages %}{{ m.content }\n{% endfor %}", "line 1: Jinja syntax error"),
+    "undefined method": (
+        b"{% for m in messages %}{{ m.role }}: {{ m.content.frobnicate() }}\n{% endfor %}",
+        "has no attribute 'frobnicate' (a name or method the template uses does not exist)",
+    ),
+    "raise_exception": (
+        b"{{ raise_exception('this template takes no user role') }}",
+        "the template stopped with raise_exception: this template takes no user role",
+    ),
+    "not UTF-8": (b"\xff\xfe{% for m in messages %}{{ m.content }}{% endfor %}", "not UTF-8 text (byte 0xff"),
+    "empty": (b"", "is empty"),
+    "printed name nobody gives": (
+        b"{{ bos }}{% for m in messages %}{{ m.content }}{% endfor %}",
+        "'bos' is undefined",
+    ),
+    "no assistant answer": (
+        b'{% for m in messages %}{% if m.role == "user" %}Q: {{ m.content }}\n{% endif %}{% endfor %}'
+        b"{% if add_generation_prompt %}A:{% endif %}",
+        "generation prompt is not the start of the rendered conversation",
+    ),
+}
+
+
+def _command_argv(command: str, inputs: dict[str, Path], out: Path) -> list:
+    """The quickest valid argv of each command that writes a result into ``out``."""
+    m, f, r = inputs["model"], inputs["forget"], inputs["retain"]
+    return {
+        "unlearn": ["unlearn", "--model", m, "--forget", f, "--retain", r, *TRAIN, "--out", out],
+        "eval": ["eval", "--model", m, "--data", f, "--retain", r, *EVAL, "--out", out],
+        "inspect": ["inspect", "--model", m, "--data", f, "--max-length", "48", "--out", out],
+        "continual": ["continual", "--model", m, "--forget", f, "--forget", r, "--retain", r, *TRAIN,
+                      "--no-eval", "--out", out],
+    }[command]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["unlearn", "eval", "inspect", "continual"])
+@pytest.mark.parametrize("kind", list(TEMPLATE_FILES))
+def test_a_broken_template_file_is_named_before_anything_is_written(
+    kind, command, inputs, tmp_path, capsys, untouched
+):
+    """A broken --template file ended in the catch-all "unexpected ..." line (exit 1) naming neither the file
+    nor the problem."""
+    content, message = TEMPLATE_FILES[kind]
+    template = tmp_path / "chat.jinja"
+    template.write_bytes(content)
+    code, err = run_main(capsys, *_command_argv(command, inputs, tmp_path / "out"), "--template", template)
+    assert code == 2, err
+    line = error_line(err, command)
+    assert f"template file {template}" in line and message in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jinja"]
+
+
+def test_a_mistyped_template_file_or_name_says_what_was_meant(inputs, tmp_path, capsys):
+    (tmp_path / "chat.jinja").write_text("{% for m in messages %}{{ m.content }}\n{% endfor %}")
+    argv = _command_argv("unlearn", inputs, tmp_path / "out")
+    code, err = run_main(capsys, *argv, "--template", tmp_path / "chta.jinja")
+    assert code == 2 and f"(did you mean {tmp_path / 'chat.jinja'}?)" in error_line(err, "unlearn")
+    code, err = run_main(capsys, *argv, "--template", "lama3")
+    assert code == 2 and "(did you mean llama3?)" in error_line(err, "unlearn")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- hub names with no hub: one line at once, naming the name; a mistyped local folder is named ----------
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """A hub endpoint that refuses connections (nothing listens on port 9 of this machine), checked afresh;
+    the offline switch the check flips is restored after the test."""
+    pytest.importorskip("datasets")
+    from huggingface_hub import constants
+
+    import asu.sources
+
+    monkeypatch.setattr(asu.sources, "_HUB_STATE", {})
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    if "datasets.config" in sys.modules:
+        monkeypatch.setattr(
+            sys.modules["datasets.config"], "HF_HUB_OFFLINE", sys.modules["datasets.config"].HF_HUB_OFFLINE
+        )
+
+
+def _offline_cases(inputs: dict[str, Path], out: Path) -> dict[str, tuple[list, str]]:
+    """name -> (argv, the hub name the error must name)."""
+    m, f, r = inputs["model"], inputs["forget"], inputs["retain"]
+    hub_model = "asu-test-org/no-such-model"
+    return {
+        "unlearn --forget NAME:CONFIG": (
+            ["unlearn", "--model", m, "--forget", "asu-test-org/none:forget10", "--retain", r, *TRAIN],
+            "asu-test-org/none",
+        ),
+        "unlearn --retain NAME:CONFIG": (
+            ["unlearn", "--model", m, "--forget", f, "--retain", "asu-test-org/none:retain90", *TRAIN],
+            "retain90",
+        ),
+        "eval --split forget10": (["eval", "--model", m, "--split", "forget10", *EVAL], "locuslab/TOFU"),
+        "inspect --data NAME:CONFIG": (
+            ["inspect", "--model", m, "--data", "asu-test-org/none:forget05"],
+            "forget05",
+        ),
+        "continual hub request": (
+            [
+                "continual",
+                "--model",
+                m,
+                "--forget",
+                f,
+                "--forget",
+                "asu-test-org/none:forget01",
+                "--retain",
+                r,
+                *TRAIN,
+            ],
+            "asu-test-org/none:forget01",
+        ),
+        "unlearn --model org/name": (
+            ["unlearn", "--model", hub_model, "--forget", f, "--retain", r, *TRAIN],
+            hub_model,
+        ),
+        "eval --model org/name": (["eval", "--model", hub_model, "--data", f, *EVAL], hub_model),
+        "inspect --model org/name": (["inspect", "--model", hub_model, "--data", f], hub_model),
+        "continual --model org/name": (
+            ["continual", "--model", hub_model, "--forget", f, "--forget", r, *TRAIN, "--no-eval"],
+            hub_model,
+        ),
+    }
+
+
+OFFLINE_CASES = list(_offline_cases({k: Path("x") for k in ("model", "forget", "retain")}, Path("x")))
+
+
+@pytest.mark.parametrize("name", OFFLINE_CASES)
+def test_a_hub_name_with_no_hub_fails_at_once_naming_it(name, inputs, tmp_path, capsys, no_hub, untouched):
+    """These failed correctly but only after ~27 s of the hub client's retries: the hub is now probed once
+    (a refused connection answers at once) and its clients switched to offline mode, so nothing retries."""
+    argv, named = _offline_cases(inputs, tmp_path / "out")[name]
+    command = argv[0]
+    code, err = run_main(capsys, *argv, "--out", tmp_path / "out")
+    assert code == 2, err
+    line = error_line(err, command)
+    assert named in line and "hub is unreachable (http://127.0.0.1:9" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_hub_probe_answers_within_its_timeout():
+    """A network that swallows packets (no refusal, no answer) costs the probe's timeout, not the clients'
+    retries; a listening endpoint counts as reachable."""
+    import socket
+
+    from asu.sources import _connects
+
+    start = time.monotonic()
+    _connects("10.255.255.1", 80, 0.5)  # unroutable: times out (or is refused at once)
+    assert time.monotonic() - start < 5
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        assert _connects("127.0.0.1", server.getsockname()[1], 5) is None
+    assert _connects("127.0.0.1", 9, 1) is not None
+
+
+@pytest.mark.parametrize("command", ["unlearn", "eval", "inspect", "continual"])
+def test_a_mistyped_local_model_folder_is_named_not_taken_for_a_hub_id(command, inputs, tmp_path, capsys):
+    """``runs/modle`` (with a ``runs`` folder) was read as a hub id: the error named neither."""
+    runs = tmp_path / "runs"
+    shutil.copytree(inputs["model"], runs / "model")
+    argv = _command_argv(command, inputs, tmp_path / "out")
+    argv[argv.index("--model") + 1] = "runs/modle"
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        code, err = run_main(capsys, *argv)
+    finally:
+        os.chdir(cwd)
+    assert code == 2, err
+    assert "model folder runs/modle does not exist (did you mean runs/model?)" in error_line(err, command)
+    assert not (tmp_path / "out").exists()
+
+
+# ---- asu continual: a kill at any point resumes; an edit between runs is refused; --out is locked --------
+
+#: continual's quick flags: two requests (the forget rows, then the retain file's rows) and a retain set.
+CONTINUAL = [*TRAIN, "--batch-size", "1", "--save-steps", "1000"]
+
+
+def _continual_argv(inputs: dict[str, Path], out: Path, *extra: object, second: Path | None = None) -> list:
+    m, f, r = inputs["model"], inputs["forget"], inputs["retain"]
+    return ["continual", "--model", m, "--forget", f, "--forget", second or r, "--retain", r, *CONTINUAL,
+            *extra, "--out", out]  # fmt: skip
+
+
+def test_continual_killed_in_its_first_step_resumes(inputs, tmp_path, capsys, untouched, reference_backend):
+    """SIGKILL while step 1 trains, before its first checkpoint: "nothing to resume: DIR holds no
+    continual.json", and a plain rerun said the folder was not empty: the run could not be continued."""
+    out = tmp_path / "out"
+    argv = _continual_argv(inputs, out, "--no-eval", "--epochs", "4")
+    first = asu_process(*argv, wait=False)
+    started = out / "step-1" / "checkpoints" / "unlearn_config.json"
+    try:
+        end = time.monotonic() + 300
+        while not started.exists():
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < end, "step 1 never started"
+            time.sleep(0.02)
+        first.kill()
+        first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert not (out / "step-1" / "run.json").exists()  # killed in step 1
+    assert json.loads((out / "continual.json").read_text())["steps"] == []
+    code, err = run_main(capsys, *argv)
+    assert code == 2 and "already holds a continual run (continual.json); resume it" in error_line(
+        err, "continual"
+    )
+    code, err = run_main(capsys, *argv, "--resume")
+    assert code == 0, err
+    summary = json.loads((out / "continual.json").read_text())
+    assert [s["step"] for s in summary["steps"]] == [1, 2]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_continual_stopped_after_a_checkpoint_or_before_its_evaluation_resumes(
+    inputs, tmp_path, capsys, monkeypatch, untouched, reference_backend
+):
+    """Stopped in step 1 after a checkpoint (the step resumes from it), then between step 1's model and its
+    evaluation (the step is loaded and evaluated, not retrained); the run holds --out's lock throughout."""
+    import asu.commands.continual as continual_command
+    import asu.continual
+
+    out = tmp_path / "out"
+    argv = _continual_argv(inputs, out, "--eval-max-new-tokens", "4", "--save-steps", "2")
+    real_unlearn = asu.continual.unlearn
+    resumes = []
+
+    def unlearn_stopped_at_step_2(*args, **kwargs):
+        resumes.append(kwargs["resume"])
+        if len(resumes) == 1:
+            kwargs["callbacks"] = [StopAt(3)]  # step 1, after checkpoint-2
+        return real_unlearn(*args, **kwargs)
+
+    monkeypatch.setattr(asu.continual, "unlearn", unlearn_stopped_at_step_2)
+    code, err = run_main(capsys, *argv)
+    assert code == 130, err
+    assert complete_checkpoints(str(out / "step-1" / "checkpoints")) == ["checkpoint-2"]
+
+    real_evaluator = continual_command.step_evaluator
+    evaluated = []
+
+    def evaluator(*args, **kwargs):
+        evaluate = real_evaluator(*args, **kwargs)
+
+        def stop_once(model, k):
+            assert (out / LOCK_FILE).read_text().strip() == str(os.getpid())  # --out is locked by the run
+            evaluated.append(k)
+            if evaluated == [1]:
+                raise KeyboardInterrupt
+            return evaluate(model, k)
+
+        return stop_once
+
+    monkeypatch.setattr(continual_command, "step_evaluator", evaluator)
+    code, err = run_main(capsys, *argv, "--resume")
+    assert code == 130 and resumes == [False, True], err  # step 1 continued from its checkpoint
+    assert (out / "step-1" / "run.json").is_file() and not (out / "step-1" / "eval.json").exists()
+    code, err = run_main(capsys, *argv, "--resume")
+    assert code == 0, err
+    # step 1 was loaded and evaluated, not retrained; step 2 trained afresh
+    assert resumes == [False, True, False] and evaluated == [1, 1, 2]
+    summary = json.loads((out / "continual.json").read_text())
+    assert [s["step"] for s in summary["steps"]] == [1, 2] and summary["steps"][0]["evaluation"]
+    assert (out / "step-1" / "eval.json").is_file() and not (out / LOCK_FILE).exists()
+
+
+@pytest.fixture(scope="module")
+def continual_run(inputs, tmp_path_factory) -> Path:
+    """A folder holding a finished two-step continual run ``run`` (no evaluation) of the files beside it:
+    ``forget.jsonl``, ``second.jsonl`` (the requests), ``retain.jsonl`` and the template ``chat.jinja``, all
+    named relative to the folder (a copy of it resumes with the same settings)."""
+    root = tmp_path_factory.mktemp("continual")
+    shutil.copy(inputs["forget"], root / "forget.jsonl")
+    shutil.copy(inputs["retain"], root / "retain.jsonl")
+    shutil.copy(inputs["retain"], root / "second.jsonl")
+    (root / "chat.jinja").write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                                     "{% if add_generation_prompt %}assistant:{% endif %}")  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "asu.commands", *map(str, _resume_argv(inputs["model"]))],
+                          env=ENV, cwd=root, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return root
+
+
+def _resume_argv(model: Path, out: object = "run", *, second: str = "second.jsonl") -> list:
+    """``asu continual`` of :func:`continual_run`'s files (relative to the current folder) into ``out``."""
+    files = {"model": model, "forget": Path("forget.jsonl"), "retain": Path("retain.jsonl")}
+    return _continual_argv(files, out, "--no-eval", "--template", "chat.jinja", second=second)
+
+
+@pytest.fixture
+def continual_copy(continual_run, tmp_path, monkeypatch) -> Path:
+    """A copy of :func:`continual_run`'s folder, made the current folder."""
+    here = Path(shutil.copytree(continual_run, tmp_path / "here"))
+    monkeypatch.chdir(here)
+    return here
+
+
+def _edit(path: Path) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[0]["answer"] += " (corrected)"
+    _jsonl(path, rows)
+
+
+EDITS = {
+    # what is changed between the runs -> a piece of the refusal
+    "a request file": ("second.jsonl", "forget request 2 (second.jsonl) changed since the run was started"),
+    "the retain file": ("retain.jsonl", "retain rows changed"),
+    "the template file": ("chat.jinja", "prompt template changed"),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_continual_resume_after_an_edit_between_runs_is_refused(
+    edit, inputs, continual_copy, capsys, reference_backend
+):
+    """--resume after a request file was edited exited 0 and kept the step trained on the old rows (only the
+    requests' sizes were recorded)."""
+    name, message = EDITS[edit]
+    if name.endswith(".jinja"):
+        (continual_copy / name).write_text("### a chat\n" + (continual_copy / name).read_text())
+    else:
+        _edit(continual_copy / name)
+    before = tree_digest(continual_copy / "run")
+    code, err = run_main(capsys, *_resume_argv(inputs["model"]), "--resume")
+    assert code == 2, err
+    line = error_line(err, "continual")
+    assert "cannot resume with different data" in line and message in line, line
+    assert tree_digest(continual_copy / "run") == before
+
+
+def test_continual_resume_and_rerun_rules(inputs, continual_copy, capsys, reference_backend):
+    """A finished run resumes to itself and is never overwritten; --resume of nothing is refused (it used to
+    start a fresh run with exit 0); other settings or another number of requests are refused."""
+    run, argv = continual_copy / "run", _resume_argv(inputs["model"])
+    before = tree_digest(run)
+    code, err = run_main(capsys, *argv)
+    assert code == 2 and "already holds a continual run" in error_line(err, "continual")
+    code, err = run_main(capsys, *argv, "--lr", "1e-2", "--resume")
+    assert code == 2 and "different settings: config.lr changed" in error_line(err, "continual")
+    at = argv.index("second.jsonl")
+    fewer = argv[: at - 1] + argv[at + 1 :]  # without "--forget second.jsonl"
+    code, err = run_main(capsys, *fewer, "--resume")
+    line = error_line(err, "continual")
+    assert code == 2 and "cannot resume with 1 forget requests: the run was started with 2" in line, line
+    steps = {k: tree_digest(run / f"step-{k}") for k in (1, 2)}
+    assert tree_digest(run) == before
+    capsys.readouterr()
+    code = main([str(a) for a in (*argv, "--resume")])
+    assert code == 0 and capsys.readouterr().out.count("(already done)") == 2
+    assert {k: tree_digest(run / f"step-{k}") for k in (1, 2)} == steps  # loaded, not redone
+    Path("empty").mkdir()
+    for missing in ("nope", "empty"):
+        code, err = run_main(capsys, *_resume_argv(inputs["model"], missing), "--resume")
+        assert code == 2 and f"nothing to resume: --out {missing}" in error_line(err, "continual")
+    assert not Path("nope").exists() and list(Path("empty").iterdir()) == []
+
+
+#: A process holding an output folder's lock as a run does, until its stdin closes.
+HOLD_LOCK = (
+    "import sys; from asu.files import output_lock; lock = output_lock(sys.argv[1]); lock.__enter__(); "
+    "print('held', flush=True); sys.stdin.read()"
+)
+
+
+def test_a_second_run_into_a_busy_continual_out_names_the_holder(inputs, continual_copy, capsys):
+    """Only each step-K was locked, not --out: a second continual was refused without naming the run (and,
+    with the first run's continual.json there, was told to resume it)."""
+    out = continual_copy / "run"
+    before = tree_digest(out)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=ENV,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for extra in ([], ["--resume"]):
+            code, err = run_main(capsys, *_resume_argv(inputs["model"]), *extra)
+            line = error_line(err, "continual")
+            assert code == 2 and f"is in use by another asu run (pid {holder.pid})" in line, line
+        for command in ("unlearn", "eval", "inspect"):
+            code, err = run_main(capsys, *_command_argv(command, inputs, out))
+            assert code == 2 and f"(pid {holder.pid})" in error_line(err, command)
+    finally:
+        holder.communicate("", timeout=60)
+    assert tree_digest(out) == before
+
+
+def test_continual_resume_refuses_a_finished_step_removed_by_hand(inputs, continual_copy, capsys):
+    """Retraining a removed step 1 would leave step 2 trained from another model than the new step 1."""
+    shutil.rmtree(continual_copy / "run" / "step-1")
+    code, err = run_main(capsys, *_resume_argv(inputs["model"]), "--resume")
+    assert code == 2, err
+    assert "records step 1 as finished but run/step-1 no longer holds" in error_line(err, "continual")
+    assert not (continual_copy / "run" / "step-1").exists()
+
+
+# ---- finished results: refused unless --overwrite, and replaced as one transaction -----------------------
+
+
+@pytest.fixture(scope="module")
+def finished(inputs, tmp_path_factory) -> dict[str, Path]:
+    """A finished ``asu eval`` result (with a τ preview) and a finished ``asu inspect`` result."""
+    root = tmp_path_factory.mktemp("finished")
+    m, f, r = inputs["model"], inputs["forget"], inputs["retain"]
+    env = {**ENV, "ASU_KERNELS_BACKEND": "reference"}
+    for argv in (
+        [
+            "eval",
+            "--model",
+            m,
+            "--data",
+            f,
+            "--retain",
+            r,
+            *EVAL,
+            "--temperature",
+            "2",
+            "--out",
+            root / "eval",
+        ],
+        ["inspect", "--model", m, "--data", f, "--max-length", "48", "--out", root / "inspect"],
+    ):
+        done = subprocess.run([sys.executable, "-m", "asu.commands", *map(str, argv)], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    return {"eval": root / "eval", "inspect": root / "inspect"}
+
+
+def _copy_of(finished: dict[str, Path], command: str, tmp_path: Path) -> tuple[Path, str]:
+    out = Path(shutil.copytree(finished[command], tmp_path / command))
+    return out, tree_digest(out)
+
+
+@pytest.mark.parametrize("command", ["eval", "inspect"])
+def test_a_second_run_into_a_finished_result_is_refused_without_overwrite(
+    command, finished, inputs, tmp_path, capsys, untouched
+):
+    """A second asu eval replaced TOFU_EVAL.json, summary.json...; a second inspect replaced inspect.json and
+    its heatmaps."""
+    out, before = _copy_of(finished, command, tmp_path)
+    manifest = json.loads((out / "asu-result.json").read_text())
+    assert manifest["command"] == command and manifest["entries"]
+    code, err = run_main(capsys, *_command_argv(command, inputs, out))
+    assert code == 2, err
+    line = error_line(err, command)
+    assert f"--out {out} already holds a finished asu {command} result (asu-result.json" in line
+    assert "pass --overwrite to replace it" in line
+    assert tree_digest(out) == before
+
+
+@pytest.mark.parametrize(
+    ("command", "holder"),
+    [("eval", "inspect"), ("inspect", "eval"), ("unlearn", "eval"), ("continual", "inspect")],
+)
+def test_no_command_writes_over_another_commands_result_even_with_overwrite(
+    command, holder, finished, inputs, tmp_path, capsys
+):
+    out, before = _copy_of(finished, holder, tmp_path)
+    extra = ["--overwrite"] if command in ("eval", "inspect") else []
+    code, err = run_main(capsys, *_command_argv(command, inputs, out), *extra)
+    assert code == 2, err
+    assert f"already holds a finished asu {holder} result" in error_line(err, command)
+    assert "never writes over another command's result" in error_line(err, command)
+    assert tree_digest(out) == before
+
+
+def test_eval_and_inspect_refuse_an_unlearn_or_continual_run(continual_run, inputs, tmp_path, capsys):
+    run, step = continual_run / "run", continual_run / "run" / "step-1"
+    before = tree_digest(run)
+    for command in ("eval", "inspect"):
+        for out, what in ((run, "an asu continual run"), (step, "a finished asu unlearn run")):
+            code, err = run_main(capsys, *_command_argv(command, inputs, out), "--overwrite")
+            assert code == 2 and f"already holds {what}" in error_line(err, command)
+    assert tree_digest(run) == before
+
+
+def test_overwrite_replaces_the_whole_result(
+    finished, inputs, tmp_path, capsys, untouched, reference_backend
+):
+    """The new result replaces the old one entirely: a file only the old run wrote (its τ preview) goes; the
+    user's own file stays."""
+    out, _ = _copy_of(finished, "eval", tmp_path)
+    (out / "notes.md").write_text("mine")
+    assert (out / "tau_preview.json").is_file()
+    code, err = run_main(capsys, *_command_argv("eval", inputs, out), "--overwrite")
+    assert code == 0, err
+    manifest = json.loads((out / "asu-result.json").read_text())
+    assert "tau_preview.json" not in manifest["entries"] and not (out / "tau_preview.json").exists()
+    assert {"TOFU_EVAL.json", "summary.json", "eval_config.json"} <= set(manifest["entries"])
+    assert (out / "notes.md").read_text() == "mine" and "notes.md" not in manifest["entries"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("when", ["while evaluating", "while writing"])
+def test_overwrite_that_fails_keeps_the_old_result(
+    when, finished, inputs, tmp_path, capsys, monkeypatch, untouched
+):
+    import asu.commands.eval as eval_command
+
+    out, before = _copy_of(finished, "eval", tmp_path)
+    old_files = {p.name: p.read_bytes() for p in out.iterdir()}
+    seen = []
+
+    def broken_run(*args, **kwargs):
+        # While the new run computes, the old result is in place, unchanged (beside the run's lock).
+        seen.append({p.name: p.read_bytes() for p in out.iterdir() if p.name != LOCK_FILE})
+        raise RuntimeError("the machine fell over")
+
+    def broken_write(result, folder, *args, **kwargs):
+        (Path(folder) / "TOFU_EVAL.json").write_text("{half")
+        (Path(folder) / "new-file.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    if when == "while evaluating":
+        monkeypatch.setattr(eval_command, "_run_tofu", broken_run)
+    else:
+        monkeypatch.setattr(eval_command, "write_results", broken_write)
+    code, err = run_main(capsys, *_command_argv("eval", inputs, out), "--overwrite")
+    assert code in (1, 2) and err, err
+    assert seen == ([old_files] if when == "while evaluating" else [])
+    assert tree_digest(out) == before
+
+
+def test_overwrite_killed_while_writing_is_rolled_back_by_the_next_run(finished, inputs, tmp_path, capsys):
+    """A run killed inside its transaction leaves the old result in its journal; the next run into the folder
+    (of any command) restores it before anything else."""
+    from asu.files import check_finished_result, output_lock, result_transaction
+
+    out, before = _copy_of(finished, "eval", tmp_path)
+    with output_lock(out):
+        transaction = result_transaction(out, "eval", check_finished_result(out, "eval", overwrite=True))
+        transaction.__enter__()  # never left: what SIGKILL leaves
+        (out / "TOFU_EVAL.json").write_text("{half")
+        (out / "summary.json").write_text("{}")
+    assert not (out / "asu-result.json").exists()
+    code, err = run_main(capsys, *_command_argv("inspect", inputs, out), "--overwrite")
+    lines = [line for line in err.splitlines() if line.startswith("asu ")]
+    assert code == 2 and "Traceback" not in err and len(lines) >= 2, err
+    assert all(line.endswith("left by an interrupted run") for line in lines[:-1])
+    assert "already holds a finished asu eval result" in lines[-1]
+    assert tree_digest(out) == before
+    del transaction
+
+
+@pytest.mark.parametrize(
+    ("manifest", "why"),
+    [
+        (
+            '{"command": "eval", "entries": ["../victim.txt"]}',
+            "an entry that is not a file name in its folder",
+        ),
+        ('{"command": "eval", "entries": ["VICTIM"]}', "an entry that is not a file name in its folder"),
+        ('{"command": "eval", "entries": [', "not valid JSON"),
+        ('{"entries": []}', "no command"),
+    ],
+)
+def test_a_hand_made_result_manifest_is_never_followed(manifest, why, inputs, tmp_path, capsys, untouched):
+    """--overwrite moves the entries a manifest lists aside and deletes them: one naming a file outside the
+    folder (or an absolute path) would delete the user's file."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "asu-result.json").write_text(manifest.replace("VICTIM", str(victim)))
+    code, err = run_main(capsys, *_command_argv("eval", inputs, out), "--overwrite")
+    assert code == 2, err
+    line = error_line(err, "eval")
+    assert f"{out / 'asu-result.json'}: not a result manifest written by asu" in line and why in line, line
+    assert victim.read_text() == "the user's"
+    assert sorted(p.name for p in out.iterdir()) == ["asu-result.json"]

@@ -258,6 +258,7 @@ def test_hub_names(monkeypatch):
         return datasets.Dataset.from_list(TOFU_ROWS)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr("asu.sources._HUB_STATE", {"reason": None})  # a hub that answers
     assert load_rows("locuslab/TOFU:forget10") == TOFU_ROWS
     assert load_rows("locuslab/TOFU:forget10_perturbed:train") == TOFU_ROWS
     assert calls == [("locuslab/TOFU", "forget10", "train"), ("locuslab/TOFU", "forget10_perturbed", "train")]
@@ -268,6 +269,15 @@ def test_hub_names(monkeypatch):
         "locuslab/TOFU:offline: cannot load locuslab/TOFU (config offline, split train)"
     )
     assert "Couldn't reach" in message and len(message.splitlines()) == 1
+    # A hub that does not answer: the name, and that the hub is unreachable (not the client's own words).
+    monkeypatch.setattr("asu.sources._HUB_STATE", {"reason": "https://huggingface.co: no answer within 2 s"})
+    with pytest.raises(DataError) as e:
+        load_rows("locuslab/TOFU:offline")
+    assert str(e.value) == (
+        "locuslab/TOFU:offline: the Hugging Face hub is unreachable (https://huggingface.co: no answer "
+        "within 2 s) and the local cache does not hold locuslab/TOFU (config offline, split train); connect, "
+        "or give a local file"
+    )
     # A path-like name that does not exist is a missing file, not a hub dataset.
     with pytest.raises(DataError, match="no such file"):
         load_rows("data/forget10.jsonl")

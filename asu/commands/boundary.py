@@ -9,6 +9,10 @@
   nothing is cleaned up that a resume needs (``asu unlearn`` keeps its completed checkpoints).
 
 ``--debug`` (before or after the subcommand) prints the traceback of every failure as well.
+
+Before a command runs, the boundary applies the finished-result rule to its ``--out``
+(:func:`asu.commands.outputs.check_output_folder`): every command, present or future, refuses a folder
+holding a finished result before it loads or writes anything.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import argparse
 import sys
 import traceback
 from collections.abc import Callable
+
+from asu.commands.outputs import check_output_folder
 
 __all__ = ["EXPECTED_ERRORS", "EXIT_ERROR", "EXIT_BUG", "EXIT_INTERRUPTED", "one_line", "run_command"]
 
@@ -51,6 +57,7 @@ def run_command(
     """``run(args)`` inside the boundary (see the module docstring); returns the exit status."""
     debug = bool(getattr(args, "debug", False))
     try:
+        check_output_folder(args, command)
         return int(run(args) or 0)
     except KeyboardInterrupt:
         note = INTERRUPTED_NOTES.get(command)

@@ -4,9 +4,13 @@
 runs :func:`asu.continual.unlearn_sequence`: step ``k`` unlearns request ``k`` with the retain set plus the
 requests still to come, its teacher made from the original model or the previous step
 (``--teacher-anchor``), evaluates the model (:func:`asu.continual.step_evaluator`, unless ``--no-eval``),
-and writes ``DIR/step-K/`` before the next step starts. ``DIR/continual.json`` lists the finished steps,
-``continual.md`` / ``continual.png`` show forget and utility across them. ``--resume`` continues a run
-that was stopped, without redoing finished steps. Every other flag is ``asu unlearn``'s and applies to each
+and writes ``DIR/step-K/`` before the next step starts. ``DIR/continual.json`` (written before step 1) lists
+the finished steps, ``continual.md`` / ``continual.png`` show forget and utility across them. ``--resume``
+continues a run that was stopped at any point, without redoing finished steps, after checking that the
+settings and the content of every request, the retain set, the refusals, the tokenizer and the template are
+the ones it started with; ``--out`` is locked while the command runs. Everything that can be checked (the
+flags, the data, the template, ``--out`` and what a resume would continue) is checked before the model is
+loaded. Every other flag is ``asu unlearn``'s and applies to each
 step (``--temperature auto`` chooses τ afresh at each step).
 
 A command of its own rather than a repeated ``asu unlearn --forget``: its output is a directory per step
@@ -25,11 +29,20 @@ from asu.commands.unlearn import (
     add_run_arguments,
     describe_temperature,
     flag_names,
+    load_checked_tokenizer,
     load_idk,
-    load_model_and_tokenizer,
     load_retain,
+    load_unlearn_model,
 )
-from asu.continual import ANCHORS, ContinualStep, step_evaluator, unlearn_sequence, write_report
+from asu.continual import (
+    ANCHORS,
+    ContinualStep,
+    check_continual_output,
+    continual_settings,
+    step_evaluator,
+    unlearn_sequence,
+    write_report,
+)
 from asu.data import load_rows
 from asu.files import check_output_location
 from asu.models import check_model_folder
@@ -91,7 +104,11 @@ def run(args: argparse.Namespace) -> int:
     requests = [load_rows(source, **keys) for source in args.forget]
     retain_rows = load_retain(args, cfg)
     idk_answers = load_idk(args, cfg)
-    model, tokenizer = load_model_and_tokenizer(args, cfg)
+    tokenizer = load_checked_tokenizer(args, cfg, [row for rows in requests for row in rows])
+    settings = continual_settings(requests, retain_rows, cfg, args.teacher_anchor, tokenizer, idk_answers)
+    with flag_names():
+        check_continual_output(args.out, settings, args.resume, args.forget)
+    model = load_unlearn_model(args)
     evaluate = None
     if args.eval:
         evaluate = step_evaluator(
@@ -102,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         result = unlearn_sequence(
             model, tokenizer, requests, retain_rows, cfg, output_dir=args.out,
             teacher_anchor=args.teacher_anchor, evaluate=evaluate, idk_answers=idk_answers,
-            resume=args.resume, on_step=lambda s: _print_step(s, len(requests)),
+            resume=args.resume, on_step=lambda s: _print_step(s, len(requests)), request_names=args.forget,
         )  # fmt: skip
     write_report(
         args.out, result.steps, f"asu continual ({cfg.method}, teacher anchor {args.teacher_anchor})"

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from asu.commands.outputs import locked_output
+from asu.commands.outputs import add_overwrite_argument, locked_output
 from asu.commands.unlearn import temperature_arg
 from asu.demo.run import DemoSettings, default_settings, run_demo
 from asu.tau import is_auto, parse_auto
@@ -29,6 +29,7 @@ DEMO_CPU_THREADS = 1
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", help="model cache (default $ASU_CACHE or ~/.cache/asu)")
     parser.add_argument("--out", default="asu-demo", help="output directory (default ./asu-demo)")
+    add_overwrite_argument(parser)
     parser.add_argument(
         "--method", default="asu", help="unlearning method to show against GA+GD (default asu)"
     )
@@ -104,6 +105,6 @@ def run(args: argparse.Namespace) -> int:
     threads = cpu_threads(args.threads)
     if threads is not None:
         torch.set_num_threads(threads)
-    with locked_output(args.out, "demo"):
+    with locked_output(args.out, "demo", args.overwrite) as output, output.writing():
         run_demo(settings, args.out, args.cache_dir, args.method, progress=not args.no_progress)
     return 0

@@ -18,7 +18,7 @@ import torch
 
 from asu.charts import load_pyplot, save_figure
 from asu.commands import attack_options
-from asu.commands.outputs import locked_output
+from asu.commands.outputs import add_overwrite_argument, locked_output
 from asu.data import load_rows
 from asu.environment import environment
 from asu.evaluate import (
@@ -37,6 +37,7 @@ from asu.evaluate import (
 from asu.files import atomic_write_json, atomic_write_text, check_output_location
 from asu.metrics.muse import VERBMEM_PREFIX_TOKENS
 from asu.models import load_model, load_tokenizer
+from asu.templates import check_template, get_template
 
 TOFU_HUB = "locuslab/TOFU"
 MUSE_HUB = "muse-bench/MUSE-{corpus}"
@@ -78,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hugging Face model directory (with its tokenizer)")
     parser.add_argument("--benchmark", choices=("tofu", "muse"), default="tofu")
     parser.add_argument("--out", required=True, help="output directory")
+    add_overwrite_argument(parser)
     _add_set_arguments(parser.add_argument_group("evaluation sets"))
     muse = parser.add_argument_group("MUSE sets (--benchmark muse)")
     for flag, text in MUSE_SETS:
@@ -290,10 +292,13 @@ def _world_checker(args: argparse.Namespace) -> Callable[[str], bool] | None:
         raise ValueError(f"{path}: not a world.json of an asu world ({e})") from None
 
 
-def _load_model(model_dir: Path, device: str) -> tuple[Any, Any]:
-    """The model (on ``device``, weights checked finite) and its tokenizer (:mod:`asu.models`)."""
-    model = load_model(model_dir, device=device)
-    return model, load_tokenizer(model_dir)
+def _load_model(model_dir: str, device: str, template: str | None, rows: Any) -> tuple[Any, Any]:
+    """The model (on ``device``, weights checked finite) and its tokenizer (:mod:`asu.models`); the TOFU
+    template renders the first row with the tokenizer before the weights are read."""
+    tokenizer = load_tokenizer(model_dir)
+    if rows is not None:
+        check_template(template, tokenizer, rows)
+    return load_model(model_dir, device=device), tokenizer
 
 
 def _check_layers(args: argparse.Namespace, model: Any) -> None:
@@ -380,8 +385,10 @@ def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], 
     reference = load_reference_stats(args.reference) if args.reference else None
     if reference is not None and args.benchmark == "tofu":
         reference_from(reference, args.reference, n_forget=len(rows["forget"]))
+    template = _template(args, Path(args.model))
+    get_template(template)  # a missing, non-UTF-8 or unparsable template file fails now
     ctx = {
-        "template": _template(args, Path(args.model)),
+        "template": template,
         "reference": reference,
         "temperatures": _parse_floats(args.temperature, "--temperature") if args.temperature else [],
         "checker": _world_checker(args) if args.benchmark == "tofu" else None,
@@ -394,12 +401,14 @@ def run(args: argparse.Namespace) -> int:
     """``asu eval``: validate, load, evaluate into the locked ``--out``; failures are exceptions for the
     command's error boundary."""
     sources, rows, ctx = _prepare(args)
-    model, tokenizer = _load_model(Path(args.model), args.device)
+    qa = rows["forget"] if args.benchmark == "tofu" else None
+    model, tokenizer = _load_model(args.model, args.device, ctx["template"], qa)
     _check_layers(args, model)
     runner = _run_tofu if args.benchmark == "tofu" else _run_muse
-    with locked_output(args.out, "eval"):
+    with locked_output(args.out, "eval", args.overwrite) as output:
         result = runner(args, rows, model, tokenizer, ctx)
-        _write(args, result, sources, ctx)
+        with output.writing():
+            _write(args, result, sources, ctx)
     print(summary_table(result, _title(args, ctx)))
     if "tau_preview" in result:
         print("τ preview (smoothed model, no training):\n" + _preview_table(result))

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from asu.commands.outputs import locked_output
+from asu.commands.outputs import add_overwrite_argument, locked_output
 from asu.commands.unlearn import add_data_arguments
 from asu.files import atomic_write, atomic_write_json, atomic_write_text, check_output_location
 from asu.inspection import ROW_CHOICES, inspect_model, parse_temperatures, summarize
@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="query rows averaged: those predicting answer tokens (default) or every row",
     )
     parser.add_argument("--out", required=True, help="output directory")
+    add_overwrite_argument(parser)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument(
         "--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto", help="model dtype"
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     for the command's error boundary."""
     from asu.data import load_rows
     from asu.smoothing import attention_modules, parse_layers
-    from asu.templates import describe_template
+    from asu.templates import check_template, describe_template
 
     temperatures = parse_temperatures(args.temperature)
     if args.max_length < 2:
@@ -144,11 +145,12 @@ def run(args: argparse.Namespace) -> int:
         "float16": torch.float16,
     }[args.dtype]
     start = time.perf_counter()
-    model = load_model(args.model, dtype=dtype, device=device)
     tokenizer = load_tokenizer(args.model)
+    check_template(template, tokenizer, [row for name in sources for row in rows[name]])
+    model = load_model(args.model, dtype=dtype, device=device)
     parse_layers(args.layers, len(attention_modules(model)))
     examples = {name: _encode_set(tokenizer, rows[name], sources[name], args) for name in sources}
-    with locked_output(args.out, "inspect"):
+    with locked_output(args.out, "inspect", args.overwrite) as output:
         report = inspect_model(model, examples, temperatures=temperatures, layers=args.layers, rows=args.rows)
         report["model"] = str(args.model)
         report["data"] = {
@@ -158,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         report["max_length"] = args.max_length
         report["template"] = describe_template(template, tokenizer)
         report["seconds"] = round(time.perf_counter() - start, 3)
-        paths = write_outputs(report, args.out)
+        with output.writing():
+            paths = write_outputs(report, args.out)
     print(summarize(report), end="")
     print(f"wrote {len(paths)} files to {args.out}")
     return 0

@@ -30,7 +30,7 @@ from asu.presets import PRESETS, preset_values
 from asu.smoothing import parse_layers
 from asu.tau import DEFAULT_FRACTION, is_auto
 from asu.teachers import TEACHER_SOURCES
-from asu.templates import TEMPLATE_NAMES
+from asu.templates import TEMPLATE_NAMES, check_template
 from asu.unlearn import LR_SCHEDULES, UnlearnConfig, check_output_dir, unlearn
 
 #: UnlearnConfig fields a preset may set, each a flag of the same name. Their argparse default is None, so a
@@ -273,9 +273,10 @@ def _load_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_model_and_tokenizer(args: argparse.Namespace, cfg: UnlearnConfig) -> tuple[Any, Any]:
-    """The model and tokenizer of ``--model`` in ``--dtype`` with ``--attn-implementation``; the layer
-    selection is checked against the model's config before any weights are read."""
+def load_checked_tokenizer(args: argparse.Namespace, cfg: UnlearnConfig, rows: Any = None) -> Any:
+    """The tokenizer of ``--model``, after the layer selection is checked against the model's config and the
+    prompt template has rendered the first QA row of ``rows`` with it (:func:`asu.templates.check_template`):
+    both fail before any weights are read."""
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
@@ -285,14 +286,28 @@ def load_model_and_tokenizer(args: argparse.Namespace, cfg: UnlearnConfig) -> tu
     num_layers = getattr(model_config, "num_hidden_layers", None)
     if cfg.layers is not None and isinstance(num_layers, int):
         parse_layers(cfg.layers, num_layers)
+    tokenizer = load_tokenizer(args.model)
+    if rows is not None:
+        check_template(cfg.prompt_template(), tokenizer, rows)
+    return tokenizer
+
+
+def load_unlearn_model(args: argparse.Namespace) -> Any:
+    """The model of ``--model`` in ``--dtype`` with ``--attn-implementation``."""
     attn = args.attn_implementation
     if attn == "auto":
         attn = "asu" if torch.cuda.is_available() else "sdpa"
     if attn == "asu":
         import asu.attention  # noqa: F401  (registers the "asu" attention)
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=_load_dtype(args.dtype), attn_implementation=attn)
-    return model, tokenizer
+    return load_model(args.model, dtype=_load_dtype(args.dtype), attn_implementation=attn)
+
+
+def load_model_and_tokenizer(
+    args: argparse.Namespace, cfg: UnlearnConfig, rows: Any = None
+) -> tuple[Any, Any]:
+    """:func:`load_checked_tokenizer`, then :func:`load_unlearn_model`."""
+    tokenizer = load_checked_tokenizer(args, cfg, rows)
+    return load_unlearn_model(args), tokenizer
 
 
 def load_retain(args: argparse.Namespace, cfg: UnlearnConfig) -> list[dict[str, Any]] | None:
@@ -365,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
     idk_answers = load_idk(args, cfg)
     with flag_names():
         check_output_dir(args.out, args.resume)
-    model, tokenizer = load_model_and_tokenizer(args, cfg)
+    model, tokenizer = load_model_and_tokenizer(args, cfg, forget_rows)
     with flag_names():
         result = unlearn(
             model, tokenizer, forget_rows, retain_rows, cfg, output_dir=args.out, idk_answers=idk_answers,
