@@ -4,6 +4,7 @@ classes, and ``asu eval --metrics closer-look`` / ``--benchmark real-world`` end
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -14,6 +15,7 @@ from scipy.stats import hmean
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from asu import closer_look
+from asu.commands import main
 from asu.judges import Judges, load_embedder, load_nli
 from asu.metrics import closer_look as formulas
 
@@ -294,3 +296,120 @@ def test_a_missing_judge_is_one_error_naming_it(tmp_path, monkeypatch):
     pytest.importorskip("sentence_transformers")
     with pytest.raises(ValueError, match=r"embedding model 'nobody/no-embedder'.*--embedding-model DIR"):
         load_embedder("nobody/no-embedder")
+
+
+# ------------------------------------------------------------------------------------------- asu eval
+
+
+def _write_jsonl(path, rows) -> str:
+    """Rows as closer-look's data files hold them: one JSON object per line."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, bpe):
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    tiny_lm(bpe).save_pretrained(path)
+    bpe.save_pretrained(path)
+    return str(path)
+
+
+def _recomputed(out) -> dict:
+    """closer-look's aggregates recomputed from the per-set logs the run wrote (its layout)."""
+    logs = json.loads((out / "CLOSER_LOOK_EVAL.json").read_text())
+    names = {file: split for split, (file, _) in formulas.SET_FILES.items()}
+    return formulas.results({names[f]: log for f, log in logs.items()})
+
+
+def test_asu_eval_closer_look_beside_open_unlearning(tmp_path, model_dir, judge_dirs, capsys):
+    files = {
+        "--data": _write_jsonl(tmp_path / "forget.json", _qa_rows()[:3]),
+        "--retain": _write_jsonl(tmp_path / "retain.json", _qa_rows()),
+        "--real-authors": _write_jsonl(tmp_path / "ra.json", _qa_rows(general=True)),
+        "--world-facts": _write_jsonl(tmp_path / "wf.json", _qa_rows(general=True)[1:]),
+    }
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", model_dir, *[x for kv in files.items() for x in kv], "--no-progress"]
+    argv += ["--metrics", "closer-look", "--nli-model", judge_dirs["nli"], "--max-new-tokens", "8"]
+    argv += ["--closer-look-max-length", "48"]
+    assert main([*argv, "--embedding-model", judge_dirs["embedding"], "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| cl_model_utility |" in printed and "| forget_Q_A_ROUGE |" in printed  # both currencies
+    summary = json.loads((out / "summary.json").read_text())
+    written = json.loads((out / "CLOSER_LOOK_SUMMARY.json").read_text())
+    assert written == pytest.approx(_recomputed(out))
+    assert summary["cl_model_utility"] == pytest.approx(written["Model Utility"])
+    assert summary["cl_avg"] == pytest.approx((written["Model Utility"] + written["Forget Efficacy"]) / 2)
+    assert (out / "TOFU_EVAL.json").is_file() and "forget_Q_A_ROUGE" in summary
+    logs = json.loads((out / "CLOSER_LOOK_EVAL.json").read_text())
+    assert {f: len(log["avg_gt_loss"]) for f, log in logs.items()} == {
+        "eval_log_forget.json": 3,
+        "eval_log.json": 4,
+        "eval_real_author_wo_options.json": 4,
+        "eval_real_world_wo_options.json": 3,
+    }
+    prompt, _, truth, target = logs["eval_log_forget.json"]["generated_text"][0]
+    assert (prompt, truth, target) == (f"Question: {QUESTIONS[0]}\nAnswer: ", ANSWERS[0], ANSWERS[0])
+    recorded = json.loads((out / "eval_config.json").read_text())["closer_look"]
+    assert recorded["format"] == "phi" and recorded["nli_model"] == judge_dirs["nli"]
+    assert recorded["max_length"] == 48 and recorded["rows_per_set"] == closer_look.TOFU_ROWS
+
+
+def _real_world_rows(n: int) -> list[dict]:
+    return _qa_rows(real_world=True)[:n]
+
+
+def test_asu_eval_real_world_reads_closer_looks_files(tmp_path, model_dir, judge_dirs, capsys):
+    forget = _write_jsonl(tmp_path / "forget_perturbed.json", _real_world_rows(3))
+    neighbour = _write_jsonl(tmp_path / "neighbor_perturbed.json", _real_world_rows(4))
+    judges = ["--nli-model", judge_dirs["nli"], "--embedding-model", judge_dirs["embedding"]]
+    argv = ["eval", "--benchmark", "real-world", "--model", model_dir, *judges, "--no-progress"]
+    argv += ["--closer-look-max-length", "48"]
+    out = tmp_path / "rw"
+    assert main([*argv, "--data", forget, "--retain", neighbour, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    written = json.loads((out / "CLOSER_LOOK_SUMMARY.json").read_text())
+    assert written == pytest.approx(_recomputed(out))
+    retain = [written[f"Retain {c}"] for c in formulas.COMPONENTS]
+    assert summary["cl_model_utility"] == pytest.approx(hmean(retain))  # the neighbour set alone
+    assert not (out / "TOFU_EVAL.json").exists()
+    logs = json.loads((out / "CLOSER_LOOK_EVAL.json").read_text())
+    # the real-world setting scores golden_answer and embeds against the row's long answer
+    _, _, truth, target = logs["eval_log.json"]["generated_text"][1]
+    assert (truth, target) == (ANSWERS[1], _real_world_rows(4)[1]["answer"])
+    capsys.readouterr()
+    bad = _real_world_rows(2)
+    del bad[1]["golden_answer"]
+    broken = _write_jsonl(tmp_path / "broken.json", bad)
+    assert main([*argv, "--data", broken, "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "row 1 has no usable 'golden_answer'" in err and not (tmp_path / "bad").exists()
+    assert main([*argv, "--data", forget, "--split", "forget01", "--out", str(tmp_path / "bad")]) == 2
+    assert "--split: not part of the real-world setting" in capsys.readouterr().err
+
+
+def test_real_world_training_files_load_as_question_answer_rows(tmp_path):
+    """The real-world preset trains on closer-look's forget.json / neighbor.json: question and answer."""
+    from asu.data import load_rows
+
+    rows = [
+        {k: r[k] for k in ("name", "question", "answer", "golden_answer", "task_id")}
+        for r in _real_world_rows(2)
+    ]
+    loaded = load_rows(_write_jsonl(tmp_path / "forget.json", rows))
+    assert [(r["question"], r["answer"]) for r in loaded] == [(r["question"], r["answer"]) for r in rows]
+
+
+def test_closer_look_flags_are_checked_before_the_model_loads(tmp_path, capsys):
+    forget = _write_jsonl(tmp_path / "forget.json", _qa_rows())
+    argv = ["eval", "--model", str(tmp_path / "no-model"), "--data", forget, "--out", str(tmp_path / "o")]
+    assert main([*argv, "--metrics", "rouge-only"]) == 2
+    assert "--metrics rouge-only: unknown" in capsys.readouterr().err
+    bare = _write_jsonl(
+        tmp_path / "bare.json",
+        [{"question": q, "answer": a} for q, a in zip(QUESTIONS, ANSWERS, strict=True)],
+    )
+    argv[4] = bare
+    assert main([*argv, "--metrics", "closer-look"]) == 2
+    assert "no usable 'paraphrased_answer'" in capsys.readouterr().err

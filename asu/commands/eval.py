@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from asu.charts import load_pyplot, save_figure
+from asu.commands import closer_look_options, lm_eval_options
 from asu.commands.outputs import locked_output
 from asu.data import load_rows
 from asu.environment import environment
@@ -75,7 +76,7 @@ MUSE_SETS = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hugging Face model directory (with its tokenizer)")
-    parser.add_argument("--benchmark", choices=("tofu", "muse"), default="tofu")
+    parser.add_argument("--benchmark", choices=("tofu", "muse", "real-world"), default="tofu")
     parser.add_argument("--out", required=True, help="output directory")
     _add_set_arguments(parser.add_argument_group("evaluation sets"))
     muse = parser.add_argument_group("MUSE sets (--benchmark muse)")
@@ -85,6 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     preview = parser.add_argument_group("τ preview: the smoothed model, no training (TOFU only)")
     preview.add_argument("--temperature", help="comma-separated attention temperatures, e.g. 2,2.3,3,5")
     preview.add_argument("--layers", help="layers to smooth, e.g. 6-8 or 0,2,5 (default all)")
+    closer_look_options.add_arguments(
+        parser.add_argument_group("closer-look's metrics: the ASU paper's MU / FE")
+    )
+    lm_eval_options.add_arguments(parser.add_argument_group("general ability: lm-evaluation-harness"))
 
 
 def _add_set_arguments(group: argparse._ArgumentGroup) -> None:
@@ -367,7 +372,9 @@ def _run_muse(args: argparse.Namespace, rows: dict[str, Any], model: Any, tokeni
 def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Sources, rows and the run context (template, reference, temperatures, checker), all validated."""
     _check_settings(args)
-    sources = _tofu_sources(args) if args.benchmark == "tofu" else _muse_sources(args)
+    sources = {
+        "tofu": _tofu_sources, "muse": _muse_sources, "real-world": closer_look_options.real_world_sources
+    }[args.benchmark](args)  # fmt: skip
     rows = _load(sources)
     if args.benchmark == "tofu":  # the rows' fields, before the model is loaded
         check_tofu_inputs(
@@ -383,6 +390,8 @@ def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], 
         "temperatures": _parse_floats(args.temperature, "--temperature") if args.temperature else [],
         "checker": _world_checker(args) if args.benchmark == "tofu" else None,
     }
+    ctx["closer_look"] = closer_look_options.prepare(args, rows, ctx["template"])
+    ctx["lm_eval"] = lm_eval_options.prepare(args)
     return sources, rows, ctx
 
 
@@ -392,9 +401,11 @@ def run(args: argparse.Namespace) -> int:
     sources, rows, ctx = _prepare(args)
     model, tokenizer = _load_model(Path(args.model), args.device)
     _check_layers(args, model)
-    runner = _run_tofu if args.benchmark == "tofu" else _run_muse
+    runner = {"tofu": _run_tofu, "muse": _run_muse, "real-world": closer_look_options.base_result}
     with locked_output(args.out, "eval"):
-        result = runner(args, rows, model, tokenizer, ctx)
+        result = runner[args.benchmark](args, rows, model, tokenizer, ctx)
+        closer_look_options.run(ctx["closer_look"], result, model, tokenizer)
+        lm_eval_options.run(ctx["lm_eval"], result, model, tokenizer)
         _write(args, result, sources, ctx)
     print(summary_table(result, _title(args, ctx)))
     if "tau_preview" in result:
@@ -434,6 +445,7 @@ def _write(args: argparse.Namespace, result: dict[str, Any], sources: dict[str, 
         "notes": result["notes"],
         "warnings": result.get("warnings", []),
         "environment": environment(args.device),
+        **result.get("settings", {}),
     }
     atomic_write_json(out / "eval_config.json", settings, indent=2, default=str)
     if "tau_preview" in result:
