@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from asu.charts import load_pyplot, save_figure
-from asu.commands import attack_options
+from asu.commands import attack_options, closer_look_options, lm_eval_options
 from asu.commands.outputs import add_overwrite_argument, locked_output
 from asu.data import load_rows
 from asu.environment import environment
@@ -77,7 +77,7 @@ MUSE_SETS = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hugging Face model directory (with its tokenizer)")
-    parser.add_argument("--benchmark", choices=("tofu", "muse"), default="tofu")
+    parser.add_argument("--benchmark", choices=("tofu", "muse", "real-world"), default="tofu")
     parser.add_argument("--out", required=True, help="output directory")
     add_overwrite_argument(parser)
     _add_set_arguments(parser.add_argument_group("evaluation sets"))
@@ -89,6 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     preview.add_argument("--temperature", help="comma-separated attention temperatures, e.g. 2,2.3,3,5")
     preview.add_argument("--layers", help="layers to smooth, e.g. 6-8 or 0,2,5 (default all)")
     attack_options.add_arguments(parser.add_argument_group("attacks: does the knowledge come back? (TOFU)"))
+    closer_look_options.add_arguments(
+        parser.add_argument_group("closer-look's metrics: the ASU paper's MU / FE")
+    )
+    lm_eval_options.add_arguments(parser.add_argument_group("general ability: lm-evaluation-harness"))
 
 
 def _add_set_arguments(group: argparse._ArgumentGroup) -> None:
@@ -375,7 +379,9 @@ def _run_muse(args: argparse.Namespace, rows: dict[str, Any], model: Any, tokeni
 def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Sources, rows and the run context (template, reference, temperatures, checker), all validated."""
     _check_settings(args)
-    sources = _tofu_sources(args) if args.benchmark == "tofu" else _muse_sources(args)
+    sources = {
+        "tofu": _tofu_sources, "muse": _muse_sources, "real-world": closer_look_options.real_world_sources
+    }[args.benchmark](args)  # fmt: skip
     rows = _load(sources)
     if args.benchmark == "tofu":  # the rows' fields, before the model is loaded
         check_tofu_inputs(
@@ -394,6 +400,8 @@ def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], 
         "checker": _world_checker(args) if args.benchmark == "tofu" else None,
         "attacks": attack_options.prepare(args, rows),
     }
+    ctx["closer_look"] = closer_look_options.prepare(args, rows, ctx["template"])
+    ctx["lm_eval"] = lm_eval_options.prepare(args)
     return sources, rows, ctx
 
 
@@ -404,9 +412,11 @@ def run(args: argparse.Namespace) -> int:
     qa = rows["forget"] if args.benchmark == "tofu" else None
     model, tokenizer = _load_model(args.model, args.device, ctx["template"], qa)
     _check_layers(args, model)
-    runner = _run_tofu if args.benchmark == "tofu" else _run_muse
+    runner = {"tofu": _run_tofu, "muse": _run_muse, "real-world": closer_look_options.base_result}
     with locked_output(args.out, "eval", args.overwrite) as output:
-        result = runner(args, rows, model, tokenizer, ctx)
+        result = runner[args.benchmark](args, rows, model, tokenizer, ctx)
+        closer_look_options.run(ctx["closer_look"], result, model, tokenizer)
+        lm_eval_options.run(ctx["lm_eval"], result, model, tokenizer)
         with output.writing():
             _write(args, result, sources, ctx)
     print(summary_table(result, _title(args, ctx)))
@@ -447,6 +457,7 @@ def _write(args: argparse.Namespace, result: dict[str, Any], sources: dict[str, 
         "notes": result["notes"],
         "warnings": result.get("warnings", []),
         "environment": environment(args.device),
+        **result.get("settings", {}),
     }
     atomic_write_json(out / "eval_config.json", settings, indent=2, default=str)
     if "tau_preview" in result:

@@ -131,6 +131,7 @@ def _table_names(result: dict[str, Any]) -> list[str]:
         # the shares of empty answers only where there are some (they are part of the degenerate share)
         if key not in names and not (key.endswith(breakdown) and not result["summary"].get(key)):
             names.append(key)
+    names += [k for k in result.get("added", ()) if k not in names]  # other currencies: closer-look, lm-eval
     return [n for n in names if result["summary"].get(n) is not None]
 
 
@@ -141,7 +142,11 @@ def summary_table(result: dict[str, Any], title: str | None = None) -> str:
     for warning in result.get("warnings") or ():
         lines += [f"**Warning:** {warning}", ""]
     lines += ["| metric | value | meaning |", "|---|---|---|"]
-    lines += [f"| {n} | {_fmt(result['summary'][n])} | {_describe(n)} |" for n in _table_names(result)]
+    described = result.get("descriptions") or {}
+    lines += [
+        f"| {n} | {_fmt(result['summary'][n])} | {described.get(n) or _describe(n)} |"
+        for n in _table_names(result)
+    ]
     if result["notes"]:
         lines += [""] + [f"* {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
@@ -150,16 +155,24 @@ def summary_table(result: dict[str, Any], title: str | None = None) -> str:
 def write_results(
     result: dict[str, Any], out_dir: str | os.PathLike[str], title: str | None = None
 ) -> list[Path]:
-    """``{TOFU,MUSE}_EVAL.json`` and ``_SUMMARY.json`` (open-unlearning's layout, keys sorted, indent 4),
-    ``ASU_EVAL.json``, ``summary.json``, ``summary.md`` and ``generations.json`` under ``out_dir``, each
-    written atomically; returns their paths."""
+    """``{TOFU,MUSE}_EVAL.json`` and ``_SUMMARY.json`` (open-unlearning's layout, keys sorted, indent 4; left
+    out when no open-unlearning metric was computed), ``ASU_EVAL.json``, ``summary.json``, ``summary.md``,
+    ``generations.json`` and the result's other ``files`` (name -> object: closer-look's, lm-eval's) under
+    ``out_dir``, each written atomically; returns their paths."""
     out, bench = Path(out_dir), result["benchmark"]
     summary = {k: v for k, v in result["summary"].items() if k not in LEGACY_SUMMARY_KEYS}
-    return [
-        atomic_write_json(out / f"{bench}_EVAL.json", dict(sorted(result["logs"].items())), indent=4),
-        atomic_write_json(out / f"{bench}_SUMMARY.json", dict(sorted(result["headline"].items())), indent=4),
+    written = []
+    if result["logs"]:
+        written += [
+            atomic_write_json(out / f"{bench}_EVAL.json", dict(sorted(result["logs"].items())), indent=4),
+            atomic_write_json(
+                out / f"{bench}_SUMMARY.json", dict(sorted(result["headline"].items())), indent=4
+            ),
+        ]
+    return written + [
         atomic_write_json(out / "ASU_EVAL.json", dict(sorted(result["extras"].items())), indent=4),
         atomic_write_json(out / "summary.json", summary),
         atomic_write_json(out / "generations.json", result["generations"]),
         atomic_write_text(out / "summary.md", summary_table(result, title)),
+        *(atomic_write_json(out / name, obj, indent=4) for name, obj in (result.get("files") or {}).items()),
     ]
