@@ -490,7 +490,9 @@ def choose_temperature(
                      max_degenerate)  # fmt: skip
     goal = target.fraction * search.original["forget_rouge"]
     tau, reached, reason, curve = search.run(goal, layers, max_steps, tolerance)
-    suggestions = _suggest(search, goal, layers) if not reached and suggest_layers else []
+    # Other layers cannot help when the original model itself does not answer.
+    suggest = not reached and suggest_layers and reason != ORIGINAL_DEGENERATE
+    suggestions = _suggest(search, goal, layers) if suggest else []
     choice = TauChoice(
         temperature=tau, target=goal, fraction=target.fraction, original=search.original["forget_rouge"],
         reached=reached, curve=curve, rows=len(search.rows), max_new_tokens=search.tokens,
