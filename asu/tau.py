@@ -384,7 +384,7 @@ class _Search:
     batch_size: int
     eos: str
     max_degenerate: float
-    tokens: int = 0
+    tokens: int | None = None
     original: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -392,7 +392,7 @@ class _Search:
         _check_eos(self.eos)
         if not 0.0 <= self.max_degenerate < 1.0:
             raise ValueError(f"max_degenerate must be in [0, 1), got {self.max_degenerate!r}")
-        self.tokens = _generation_length(self.tokenizer, self.rows)
+        self.tokens = self.tokens or _generation_length(self.tokenizer, self.rows)
         # The original model (τ = 1) never has its stop tokens banned: it is the reference as it answers.
         self.original = self.preview(1.0, None, eos="keep")
 
@@ -471,6 +471,7 @@ def choose_temperature(
     max_degenerate: float = MAX_DEGENERATE,
     suggest_layers: bool = True,
     warn: bool = True,
+    max_new_tokens: int | None = None,
 ) -> TauChoice:
     """The τ at which the smoothed teacher's forget ROUGE-L reaches ``target`` (see the module docstring).
 
@@ -480,6 +481,8 @@ def choose_temperature(
     ``seed``). A preview with more than ``max_degenerate`` degenerate answers is a collapsed teacher. When the
     target is not reached: with ``suggest_layers`` the candidate layer sets are bracketed and named in the
     choice, and with ``warn`` an :class:`asu.warning.AsuWarning` says so (:meth:`TauChoice.describe`).
+    ``max_new_tokens`` caps the previews' answers (None: twice the longest forget answer plus 16, at most
+    200); a smaller cap makes each preview cheaper on a slow machine.
     """
     import time
     import warnings
@@ -487,7 +490,7 @@ def choose_temperature(
     target = _as_target(target)
     t0 = time.perf_counter()
     search = _Search(model, tokenizer, _sample(forget_rows, max_rows, seed), template, batch_size, eos,
-                     max_degenerate)  # fmt: skip
+                     max_degenerate, max_new_tokens)  # fmt: skip
     goal = target.fraction * search.original["forget_rouge"]
     tau, reached, reason, curve = search.run(goal, layers, max_steps, tolerance)
     # Other layers cannot help when the original model itself does not answer.
@@ -519,6 +522,7 @@ def choose_layers(
     max_steps: int = 8,
     eos: str = "keep",
     max_degenerate: float = MAX_DEGENERATE,
+    max_new_tokens: int | None = None,
 ) -> tuple[TauChoice | None, list[TauChoice]]:
     """Layers chosen by preview: the automatic τ searched on every candidate layer set (default: all layers
     and :func:`candidate_layers`), and the best: among the sets whose fluent teacher reaches the target, the
@@ -528,7 +532,7 @@ def choose_layers(
 
     target = _as_target(target)
     search = _Search(model, tokenizer, _sample(forget_rows, max_rows, seed), template, batch_size, eos,
-                     max_degenerate)  # fmt: skip
+                     max_degenerate, max_new_tokens)  # fmt: skip
     goal = target.fraction * search.original["forget_rouge"]
     sets = candidates if candidates is not None else [None, *candidate_layers(_num_layers(model))]
     choices = []

