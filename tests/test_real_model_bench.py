@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 from helpers import tiny_model
 
+from asu.demo.real_facts import TRAINED_KINDS, UNRELATED_KIND, make_splits
 from benchmarks import real_model as rm
-from benchmarks.real_model_data import TRAINED_KINDS, UNRELATED_KIND, make_splits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

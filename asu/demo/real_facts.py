@@ -1,4 +1,4 @@
-"""The real-model benchmark's data: facts the model itself states, grouped by kind, and the forget splits.
+"""Facts a real model states, for the real-model benchmark and `asu demo --real`: grouped by kind, and splits.
 
 Candidates are general-knowledge questions with a short keyword each (the fact: ``Paris`` for the capital
 of France). :func:`stated_facts` asks the model every question greedily and keeps those whose answer
@@ -9,13 +9,16 @@ A split (:func:`make_splits`) forgets part of one *trained kind*: ``forget`` (th
 of the kind, in a seeded order), ``neighbours`` (the rest of that kind: same kind, never trained: the
 collateral damage), ``retain`` (facts of the other trained kinds, trained on by the retain term) and
 ``unrelated`` (the ``science`` kind, never trained on). :data:`GENERAL_TEXT` is ordinary prose for the
-perplexity on general text.
+perplexity on general text, and :func:`evaluate` scores a model on a split.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
+
+import torch
 
 #: kind -> (question, keyword) candidates. ``science`` is never trained on (the unrelated knowledge).
 CANDIDATES: dict[str, list[tuple[str, str]]] = {
@@ -75,6 +78,8 @@ CANDIDATES: dict[str, list[tuple[str, str]]] = {
     ],
 }
 UNRELATED_KIND = "science"
+#: The parts of a split, in the order they are evaluated.
+PARTS = ("forget", "neighbours", "retain", "unrelated")
 TRAINED_KINDS = tuple(k for k in CANDIDATES if k != UNRELATED_KIND)
 
 #: Ordinary prose for the perplexity on general text (none of it is a benchmark fact).
@@ -135,3 +140,41 @@ def make_splits(rows: list[dict[str, Any]], n_forget: int, n_retain: int, seed: 
             "unrelated": shuffled.get(UNRELATED_KIND, []),
         })  # fmt: skip
     return splits
+
+
+def evaluate(model: Any, tokenizer: Any, template: Any, split: dict[str, Any]) -> dict[str, Any]:
+    """``{part: {"fact", "empty", "degenerate", "answers"}}`` for :data:`PARTS`, and ``"ppl"``."""
+    from asu.metrics.scoring import encode_question, greedy_generate
+    from asu.metrics.text import EMPTY, STOPS_AT_ONCE, degenerate_reason
+
+    model.eval()
+    rows = [(p, r) for p in PARTS for r in split[p]]
+    prompts = [encode_question(tokenizer, r["question"], template) for _, r in rows]
+    with torch.no_grad():
+        ids = greedy_generate(model, tokenizer, prompts, 32, 24)
+    out: dict[str, Any] = {p: {"answers": []} for p in PARTS}
+    for (part, r), x in zip(rows, ids, strict=True):
+        text = tokenizer.decode(x, skip_special_tokens=True).strip()
+        why = degenerate_reason(x, text)
+        out[part]["answers"].append({
+            "question": r["question"], "answer": text, "fact": r["facts"][0].lower() in text.lower(),
+            "empty": why in (STOPS_AT_ONCE, EMPTY), "degenerate": why is not None,
+        })  # fmt: skip
+    for part in PARTS:
+        answers = out[part]["answers"]
+        for key in ("fact", "empty", "degenerate"):
+            out[part][key] = sum(a[key] for a in answers) / max(1, len(answers))
+    out["ppl"] = perplexity(model, tokenizer)
+    return out
+
+
+def perplexity(model: Any, tokenizer: Any) -> float:
+    """``exp`` of the token-mean NLL of :data:`GENERAL_TEXT` (each paragraph on its own, BOS if any)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in GENERAL_TEXT:
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            loss = model(input_ids=ids, labels=ids).loss
+            n = ids.shape[1] - 1
+            total, count = total + float(loss) * n, count + n
+    return math.exp(total / count)
