@@ -167,14 +167,24 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-METRICS = [(p, k) for p in PARTS for k in ("fact", "empty")] + [("ppl", None)]
+METRICS = [(p, k) for p in PARTS for k in ("fact", "empty", "unanswered")] + [("ppl", None)]
+
+
+def unanswered(answer: dict[str, Any]) -> bool:
+    """No answer given: empty, or the turn ended right after announcing one (the text ends with ``:``, as
+    SmolLM2's "The answer to this question is:" after unlearning) — counted from the saved answers."""
+    return bool(answer["empty"]) or answer["answer"].rstrip().endswith(":")
 
 
 def aggregate(splits: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
     """``{method: {metric: [mean, spread, n]}}`` over the splits a method ran on (``original`` too);
-    metric names are ``part.fact``, ``part.empty``, ``ppl``, ``seconds_per_step``."""
+    metric names are ``part.fact``, ``part.empty``, ``part.unanswered`` (:func:`unanswered`), ``ppl``,
+    ``seconds_per_step``."""
 
     def value(ev: dict[str, Any], part: str, key: str | None) -> float:
+        if key == "unanswered":
+            answers = ev[part]["answers"]
+            return sum(map(unanswered, answers)) / max(1, len(answers))
         return ev[part] if key is None else ev[part][key]
 
     out: dict[str, Any] = {}
@@ -202,7 +212,7 @@ def _cell(row: dict[str, Any], key: str, digits: int = 2) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """The results table (mean ± std over splits) and the per-split τ choices, from ``results`` only."""
+    """The results table (mean ± std over splits), the τ choices and example answers, from ``results``."""
     agg, env, s = results["aggregate"], results["environment"], results["settings"]
     n = len(results["splits"])
     lines = [
@@ -210,39 +220,59 @@ def markdown(results: dict[str, Any]) -> str:
         f"{', '.join(x['kind'] for x in results['splits'])}), {s['n_forget']} forget facts each; "
         f"lr {s['lr']:g}, {s['epochs']:g} epochs, batch {s['batch_size']}, λ {s['lam']:g}. "
         f"Machine: {env['machine']}, torch {env['torch']}, transformers {env['transformers']}, "
-        f"{env['torch_threads']} threads; {results['seconds'] / 60:.1f} min in all. Cells: mean ± std over "
-        "the splits of the share of questions whose greedy answer states the fact (`fact`) or is empty "
-        "(`empty`); `ppl`: perplexity on general prose. Lower forget is better; higher neighbours, retain "
-        "and unrelated are better.",
+        f"{env['torch_threads']} thread per process; {results['seconds'] / 60:.0f} min summed over the "
+        "stages (the splits ran side by side on a shared machine). Cells: mean ± std over the splits (`[k]`: "
+        "a method that finished on k splits only) of the share of questions whose greedy answer states the "
+        "fact (`fact`) or gives no answer (`none`: empty, or the turn ends right after announcing an answer, "
+        '"The answer to this question is:"); `ppl`: perplexity on general prose. Lower forget is '
+        "better; higher neighbours, retain and unrelated are better.",
         "",
-        "| method | forget fact | forget empty | neighbours fact | neighbours empty | retain fact | "
+        "| method | forget fact | forget none | neighbours fact | neighbours none | retain fact | "
         "unrelated fact | ppl | s / step |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    keys = ("forget.fact", "forget.unanswered", "neighbours.fact", "neighbours.unanswered", "retain.fact",
+            "unrelated.fact")  # fmt: skip
     for name, row in agg.items():
-        cells = [_cell(row, k) for k in ("forget.fact", "forget.empty", "neighbours.fact", "neighbours.empty",
-                                         "retain.fact", "unrelated.fact")]  # fmt: skip
-        lines.append(f"| {name} | {' | '.join(cells)} | {_cell(row, 'ppl', 1)} | "
-                     f"{_cell(row, 'seconds_per_step', 1)} |")  # fmt: skip
+        label = name if row["forget.fact"][2] == n else f"{name} [{row['forget.fact'][2]}]"
+        cells = " | ".join(_cell(row, k) for k in keys)
+        lines.append(f"| {label} | {cells} | {_cell(row, 'ppl', 1)} | {_cell(row, 'seconds_per_step', 1)} |")
     lines += ["", "τ chosen per split (`NOT reached`: no fluent teacher met the target):", ""]
     for sp in results["splits"]:
         lines += [f"* {sp['kind']} / {name}: {_tau_line(c)}" for name, c in sp["tau_choices"].items()]
-        layered = sp["runs"].get("asu-layers", {})
-        if "config" in layered:
-            where = f"layers {layered['config']['layers']}, τ {layered['temperature']:.3g}"
-            lines.append(f"* {sp['kind']} / asu-layers: {where} (suggested by the preview)")
-    return "\n".join(lines) + "\n"
+        if "layer_choices" in sp:
+            found = [f"{c['layers']} (τ {c['temperature']:.3g})" for c in sp["layer_choices"] if c["reached"]]
+            lines.append(f"* {sp['kind']} / asu-layers, thirds of the depth searched: reached on "
+                         f"{', '.join(found) if found else 'none'}")  # fmt: skip
+    return "\n".join(lines + _examples(results["splits"][0])) + "\n"
+
+
+def _examples(split: dict[str, Any]) -> list[str]:
+    """The first two forget and neighbour answers of every run of one split."""
+    lines = [
+        "",
+        f"Answers on the {split['kind']} split (first two forget, then first two neighbour questions):",
+        "",
+    ]
+    runs = {"original": {"eval": split["original"]}, **split["runs"]}
+    for name, run in runs.items():
+        if "eval" not in run:
+            continue
+        said = [a["answer"][:60] for p in ("forget", "neighbours") for a in run["eval"][p]["answers"][:2]]
+        lines.append(f"* {name}: " + " / ".join(f'"{t}"' for t in said))
+    return lines
 
 
 def _tau_line(choice: dict[str, Any]) -> str:
     """A τ choice in words, with the largest share of immediately-ended teacher answers on its curve."""
     state = "reached" if choice["reached"] else f"NOT reached ({choice['reason']})"
     stops = max((p["immediate_stop"] or 0.0) for p in choice["curve"])
+    bad = max((p["degenerate"] or 0.0) for p in choice["curve"])
     found = [f"{x['layers']} (τ {x['temperature']:.3g})" for x in choice["suggestions"] if x["reached"]]
     where = f"; reached on layers {', '.join(found)}" if found else ""
     return (
-        f"τ {choice['temperature']:.3g} on all layers ({choice['eos']}), {state}; up to {stops:.0%} of the "
-        f"teacher's answers ended at once along the curve{where}"
+        f"τ {choice['temperature']:.3g} on all layers ({choice['eos']}), {state}; along the curve up to "
+        f"{bad:.0%} of the teacher's answers degenerate, {stops:.0%} ended at once{where}"
     )
 
 
@@ -259,7 +289,7 @@ def verdict(agg: dict[str, Any]) -> list[str]:
         )
         out.append(
             f"{name}: forget facts stated {orig['forget.fact'][0]:.0%} → {f:.0%}, neighbours "
-            f"{orig['neighbours.fact'][0]:.0%} → {nb:.0%} (empty answers {row['neighbours.empty'][0]:.0%}), "
+            f"{orig['neighbours.fact'][0]:.0%} → {nb:.0%} (no answer {row['neighbours.unanswered'][0]:.0%}), "
             f"retain {orig['retain.fact'][0]:.0%} → {ret:.0%}, "
             f"unrelated {orig['unrelated.fact'][0]:.0%} → {un:.0%}, "
             f"ppl {orig['ppl'][0]:.1f} → {row['ppl'][0]:.1f}."
@@ -269,13 +299,13 @@ def verdict(agg: dict[str, Any]) -> list[str]:
 
 def best_asu(agg: dict[str, Any]) -> str | None:
     """The ASU variant that wins across splits: the largest (forget drop) - (neighbour drop) - (retain drop)
-    - (unrelated drop), mean over splits; empty answers on the forget set count as not forgotten."""
+    - (unrelated drop), mean over splits; unanswered forget questions count as not forgotten."""
     orig = agg["original"]
     scores = {}
     for name, row in agg.items():
         if not name.startswith("asu"):
             continue
-        forgot = orig["forget.fact"][0] - row["forget.fact"][0] - row["forget.empty"][0]
+        forgot = orig["forget.fact"][0] - row["forget.fact"][0] - row["forget.unanswered"][0]
         harm = sum(orig[k][0] - row[k][0] for k in ("neighbours.fact", "retain.fact", "unrelated.fact"))
         scores[name] = forgot - max(0.0, harm)
     return max(scores, key=scores.get) if scores else None
@@ -292,8 +322,8 @@ def readme_section(results: dict[str, Any], results_dir: str) -> str:
         "What the numbers say (mean over splits):",
         "",
         *[f"* {v}" for v in verdict(agg)],
-        f"* By forgetting gained less damage done (empty forget answers counted as not forgotten), the best "
-        f"ASU variant here is `{best}`."
+        f"* By forgetting gained less damage done (a forget question left unanswered counts as not "
+        f"forgotten), the best ASU variant here is `{best}`."
         if best
         else "* No ASU variant ran.",
         "* The baselines ran at the same learning rate and epochs as ASU, **not** at matched forgetting.",
