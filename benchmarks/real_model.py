@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from asu.demo.real_facts import PARTS, evaluate, make_splits, stated_facts
+from asu.demo.real_facts import PARTS, evaluate, make_splits, stated_facts, unanswered
 from asu.environment import environment
 from asu.files import atomic_write_json, atomic_write_text, replace_section
 
@@ -170,16 +170,10 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
 METRICS = [(p, k) for p in PARTS for k in ("fact", "empty", "unanswered")] + [("ppl", None)]
 
 
-def unanswered(answer: dict[str, Any]) -> bool:
-    """No answer given: empty, or the turn ended right after announcing one (the text ends with ``:``, as
-    SmolLM2's "The answer to this question is:" after unlearning) — counted from the saved answers."""
-    return bool(answer["empty"]) or answer["answer"].rstrip().endswith(":")
-
-
 def aggregate(splits: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
     """``{method: {metric: [mean, spread, n]}}`` over the splits a method ran on (``original`` too);
-    metric names are ``part.fact``, ``part.empty``, ``part.unanswered`` (:func:`unanswered`), ``ppl``,
-    ``seconds_per_step``."""
+    metric names are ``part.fact``, ``part.empty``, ``part.unanswered`` (counted from the saved answers by
+    :func:`asu.demo.real_facts.unanswered`), ``ppl``, ``seconds_per_step``."""
 
     def value(ev: dict[str, Any], part: str, key: str | None) -> float:
         if key == "unanswered":

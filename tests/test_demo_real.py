@@ -14,7 +14,8 @@ from asu.demo.real_facts import PARTS, UNRELATED_KIND
 
 
 def _evaluation(fact: dict[str, float], empty: float = 0.0, n: int = 4) -> dict:
-    out = {p: {"fact": fact[p], "empty": empty, "degenerate": empty, "answers": [{}] * n} for p in PARTS}
+    out = {p: {"fact": fact[p], "empty": empty, "degenerate": empty, "unanswered": empty, "answers": [{}] * n}
+           for p in PARTS}  # fmt: skip
     out["ppl"] = 10.0
     return out
 
@@ -51,3 +52,12 @@ def test_the_demo_flow_on_a_stand_in_model(tok, tmp_path, monkeypatch, capsys):
     assert len(saved["split"]["forget"]) == 3 and saved["tau"]["eos"] == "renorm"
     out = capsys.readouterr().out
     assert "before:" in out and "after:" in out and out.count("claim ") == 3
+
+
+def test_an_announced_answer_that_never_comes_is_unanswered():
+    from asu.demo.real_facts import unanswered
+
+    assert unanswered({"empty": False, "answer": "The answer to this question is: "})
+    assert unanswered({"empty": True, "answer": ""})
+    assert not unanswered({"empty": False, "answer": "The capital of France is Paris."})
+    assert not unanswered({"empty": False, "answer": "Note: it is Paris."})

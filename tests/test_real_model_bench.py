@@ -38,7 +38,7 @@ def test_a_split_runs_every_method_and_reports(tok, tmp_path, monkeypatch):
              "retain": _rows("language", 2), "unrelated": _rows(UNRELATED_KIND, 1)}  # fmt: skip
     args = SimpleNamespace(lam=1.0, lr=1e-3, epochs=1, batch_size=2, seed=0, preview_tokens=4,
                            preview_steps=2, methods=list(rm.METHODS), model="tiny", readme=None)  # fmt: skip
-    monkeypatch.setattr(rm, "GENERAL_TEXT", ["the author wrote books about rivers ."])
+    monkeypatch.setattr("asu.demo.real_facts.GENERAL_TEXT", ["the author wrote books about rivers ."])
     with pytest.warns(Warning):
         result = rm.run_split(tiny_model(vocab_size=len(tok)), tok, None, split, args)
     assert set(result["runs"]) == set(rm.METHODS) and set(result["tau_choices"]) == {"asu", "asu-renorm"}

@@ -9,7 +9,8 @@ a collapsed teacher's empty answers forgetting), ASU unlearns the three facts, a
 answer before and after and checks three claims on its own numbers:
 
 1. fewer forget questions are answered with the fact than before;
-2. no forget or neighbour answer is empty (the teacher's end of turn did not become the student's answer);
+2. every forget and neighbour question is still answered (no empty answer, no "The answer is:" followed by
+   the end of the turn: the teacher's end of turn did not become the student's answer);
 3. at most one unrelated fact is lost.
 
 Each claim is printed as holding or not, with its numbers; ``DIR/demo-real.json`` holds everything.
@@ -39,13 +40,13 @@ def claims(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, Any]
     lost = round(
         (before["unrelated"]["fact"] - after["unrelated"]["fact"]) * len(after["unrelated"]["answers"])
     )
-    empty = max(after["forget"]["empty"], after["neighbours"]["empty"])
+    empty = max(after["forget"]["unanswered"], after["neighbours"]["unanswered"])
     return [
         {"claim": "fewer forget questions are answered with the fact",
          "holds": after["forget"]["fact"] < before["forget"]["fact"],
          "numbers": f"{before['forget']['fact']:.0%} -> {after['forget']['fact']:.0%}"},
-        {"claim": "no forget or neighbour answer is empty", "holds": empty == 0.0,
-         "numbers": f"largest empty share {empty:.0%}"},
+        {"claim": "every forget and neighbour question is still answered", "holds": empty == 0.0,
+         "numbers": f"largest share left unanswered {empty:.0%}"},
         {"claim": "at most one unrelated fact is lost", "holds": lost <= 1,
          "numbers": f"{before['unrelated']['fact']:.0%} -> {after['unrelated']['fact']:.0%}"},
     ]  # fmt: skip

@@ -142,8 +142,17 @@ def make_splits(rows: list[dict[str, Any]], n_forget: int, n_retain: int, seed: 
     return splits
 
 
+def unanswered(answer: dict[str, Any]) -> bool:
+    """No answer given: empty, or the turn ended right after announcing one (the text ends with ``:``, as
+    SmolLM2's "The answer to this question is:" after unlearning). ``answer``: an entry of :func:`evaluate`'s
+    ``answers``."""
+    return bool(answer["empty"]) or answer["answer"].rstrip().endswith(":")
+
+
 def evaluate(model: Any, tokenizer: Any, template: Any, split: dict[str, Any]) -> dict[str, Any]:
-    """``{part: {"fact", "empty", "degenerate", "answers"}}`` for :data:`PARTS`, and ``"ppl"``."""
+    """``{part: {"fact", "empty", "degenerate", "unanswered", "answers"}}`` for :data:`PARTS` (shares of the
+    part's questions; ``answers``: one ``{"question", "answer", "fact", "empty", "degenerate"}`` each), and
+    ``"ppl"`` (:func:`perplexity`)."""
     from asu.metrics.scoring import encode_question, greedy_generate
     from asu.metrics.text import EMPTY, STOPS_AT_ONCE, degenerate_reason
 
@@ -164,6 +173,7 @@ def evaluate(model: Any, tokenizer: Any, template: Any, split: dict[str, Any]) -
         answers = out[part]["answers"]
         for key in ("fact", "empty", "degenerate"):
             out[part][key] = sum(a[key] for a in answers) / max(1, len(answers))
+        out[part]["unanswered"] = sum(map(unanswered, answers)) / max(1, len(answers))
     out["ppl"] = perplexity(model, tokenizer)
     return out
 
