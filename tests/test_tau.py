@@ -22,6 +22,7 @@ from asu.tau import (
     preview_forget,
 )
 from asu.unlearn import UnlearnConfig, unlearn
+from asu.warning import AsuWarning
 
 FAST = dict(epochs=1, batch_size=2, grad_accum=1, lr=1e-3, max_length=64, progress=False)
 
@@ -105,7 +106,12 @@ def test_choose_temperature_records_the_curve_and_samples_rows(tok, monkeypatch)
 
     def fake(model, tokenizer, rows, temperature, **kwargs):
         calls.append((temperature, len(rows)))
-        return {"temperature": temperature, "forget_rouge": 0.8 / temperature, "generations": []}
+        n = len(rows)
+        return {
+            "temperature": temperature, "forget_rouge": 0.8 / temperature, "generations": [""] * n,
+            "rouge": [0.8 / temperature] * n, "reasons": [None] * n, "degenerate": 0.0, "empty": 0.0,
+            "immediate_stop": 0.0,
+        }  # fmt: skip
 
     monkeypatch.setattr(tau_module, "preview_forget", fake)
     model = tiny_model(vocab_size=len(tok))
@@ -120,7 +126,9 @@ def test_choose_temperature_records_the_curve_and_samples_rows(tok, monkeypatch)
 def test_unlearn_with_auto_temperature_records_choice(tok, tmp_path, reference_backend):
     model = tiny_model(vocab_size=len(tok))
     out = tmp_path / "run"
-    result = unlearn(model, tok, FORGET, RETAIN, UnlearnConfig(temperature="auto:0.5", **FAST), str(out))
+    # The random tiny model's own answers loop: the preview says so (and the run goes on at τ 1).
+    with pytest.warns(AsuWarning, match="original model's own answers are degenerate"):
+        result = unlearn(model, tok, FORGET, RETAIN, UnlearnConfig(temperature="auto:0.5", **FAST), str(out))
     auto = result.stats["temperature_auto"]
     assert result.stats["temperature"] == auto["temperature"] > 0
     run = json.loads((out / "run.json").read_text())
@@ -149,7 +157,8 @@ def test_cli_auto_temperature(tok, tmp_path, reference_backend, capsys):
     argv = ["unlearn", "--model", str(model_dir), "--forget", str(paths["forget"]), "--retain",
             str(paths["retain"]), "--epochs", "1", "--batch-size", "2", "--grad-accum", "1", "--max-length",
             "64", "--no-progress"]  # fmt: skip
-    assert main([*argv, "--temperature", "auto:0.4", "--out", str(tmp_path / "out")]) == 0
+    with pytest.warns(AsuWarning, match="NOT reached"):
+        assert main([*argv, "--temperature", "auto:0.4", "--out", str(tmp_path / "out")]) == 0
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["temperature_auto"]["fraction"] == 0.4 and run["temperature_auto"]["curve"]
     assert "chosen by the preview" in capsys.readouterr().out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
 from asu.commands.boundary import EXIT_INTERRUPTED, run_command
 
@@ -23,6 +24,7 @@ SUBCOMMANDS = {
     "continual": ("asu.commands.continual", "unlearn a sequence of forget requests, one after another"),
     "eval": ("asu.commands.eval", "TOFU-style evaluation of a model on forget/retain data"),
     "inspect": ("asu.commands.inspect", "per-layer/head attention entropy and KL under smoothing"),
+    "convert": ("asu.commands.convert", "a GGUF model file (or smollm2) as a Hugging Face model folder"),
 }
 
 
@@ -49,4 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C while the libraries are imported
         print("asu: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return run_command(args.command, args._run, args)
+    return run_command(args.command, _with_model_resolved(args._run), args)
+
+
+def _with_model_resolved(run: Any) -> Any:
+    """``run`` with a GGUF ``--model`` (``PATH.gguf``, ``gguf:PATH``, ``smollm2``) replaced by its converted,
+    cached folder first (:func:`asu.gguf_models.resolve_model`); other values are left as they are."""
+
+    def resolved(args: argparse.Namespace) -> int | None:
+        if isinstance(getattr(args, "model", None), str):
+            from asu.gguf_models import resolve_model
+
+            args.model = resolve_model(args.model)
+        return run(args)
+
+    return resolved

@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "demo's model is too small to gain from more, and a busy machine makes them wait on each other)",
     )
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--real", action="store_true",
+        help="forget three capitals from SmolLM2-135M-Instruct instead (needs the real extra; asu.demo.real)",
+    )  # fmt: skip
 
 
 def _settings_from_args(args: argparse.Namespace) -> DemoSettings:
@@ -105,6 +109,12 @@ def run(args: argparse.Namespace) -> int:
     threads = cpu_threads(args.threads)
     if threads is not None:
         torch.set_num_threads(threads)
+    if args.real:
+        from asu.demo.real import run_real_demo
+
+        with locked_output(args.out, "demo", args.overwrite) as output, output.writing():
+            run_real_demo(args.out, args.cache_dir, progress=not args.no_progress)
+        return 0
     with locked_output(args.out, "demo", args.overwrite) as output, output.writing():
         run_demo(settings, args.out, args.cache_dir, args.method, progress=not args.no_progress)
     return 0

@@ -28,7 +28,7 @@ from asu.methods import METHOD_ALIASES, METHOD_NAMES, RETAIN_LOSS_ALIASES, RETAI
 from asu.models import check_model_folder, load_model, load_tokenizer
 from asu.presets import PRESETS, preset_values
 from asu.smoothing import parse_layers
-from asu.tau import DEFAULT_FRACTION, is_auto
+from asu.tau import DEFAULT_FRACTION, TauChoice, is_auto
 from asu.teachers import TEACHER_SOURCES
 from asu.templates import TEMPLATE_NAMES, check_template
 from asu.unlearn import LR_SCHEDULES, UnlearnConfig, check_output_dir, unlearn
@@ -355,14 +355,7 @@ def flag_names() -> Iterator[None]:
 def describe_temperature(stats: dict[str, Any]) -> str | None:
     """One line on the automatic temperature of a finished run (None when τ was given)."""
     auto = stats.get("temperature_auto")
-    if not auto:
-        return None
-    state = "reached" if auto["reached"] else "NOT reached (largest tau tried)"
-    return (
-        f"tau = {auto['temperature']:.3g} chosen by the preview: teacher forget ROUGE-L target "
-        f"{auto['target']:.3f} ({auto['fraction']:g} x original {auto['original']:.3f}) {state}, "
-        f"{len(auto['curve'])} previews on {auto['rows']} forget rows, {auto['seconds']:.1f} s"
-    )
+    return TauChoice(**auto).describe() if auto else None
 
 
 def run(args: argparse.Namespace) -> int:

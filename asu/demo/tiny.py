@@ -25,7 +25,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -36,11 +35,12 @@ import torch
 
 from asu.data import pad_right
 from asu.demo.world import World
-from asu.files import atomic_write_json, atomic_write_text
+from asu.files import CACHE_MARKER, atomic_write_json, cache_root, cached_folder, is_complete_entry
 from asu.formatting import encode_qa
 
 CACHE_VERSION = 2  # 2: the world with several phrasings per question type
-MARKER = "COMPLETE"
+#: The marker file of a complete cache entry (:func:`asu.files.cached_folder`).
+MARKER = CACHE_MARKER
 
 
 @dataclass(frozen=True)
@@ -108,14 +108,6 @@ class TrainConfig:
             raise ValueError("lr must be > 0 and batch_size, max_epochs, eval_every >= 1")
         if not 0.0 < self.target_rouge <= 1.0:
             raise ValueError(f"target_rouge must be in (0, 1], got {self.target_rouge}")
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """``cache_dir``, else ``$ASU_CACHE``, else ``~/.cache/asu``."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("ASU_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "asu"
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> Any:
@@ -297,14 +289,6 @@ def _hf_progress_bars(enabled: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _is_complete(path: Path, digest: str) -> bool:
-    marker = path / MARKER
-    try:
-        return marker.is_file() and marker.read_text().strip() == digest
-    except OSError:
-        return False
-
-
 def load_or_train(
     world: World,
     kind: str = "full",
@@ -328,10 +312,7 @@ def load_or_train(
     root = cache_root(cache_dir)
     digest = config_hash(world, model_cfg, train_cfg, kind)
     path = root / f"tiny-{kind}-{digest}"
-    if path.exists() and not _is_complete(path, digest):
-        # A half-written or corrupt entry: never load it.
-        shutil.rmtree(path, ignore_errors=True)
-    if _is_complete(path, digest):
+    if is_complete_entry(path, digest):
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             with _hf_progress_bars(progress):
@@ -362,21 +343,12 @@ def load_or_train(
         train_config=asdict(train_cfg),
     )
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tiny-{kind}-{digest}."))
-    try:
+    def save(tmp: Path) -> None:
         with _hf_progress_bars(progress):
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / "train_info.json", info)
-        atomic_write_text(tmp / MARKER, digest + "\n")  # written last: its presence means the entry is whole
-        if _is_complete(path, digest):
-            # Another process finished the same entry meanwhile: keep it, drop ours (same config, same model).
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    # Another process may finish the same entry meanwhile: same config, same model, either is kept.
+    cached_folder(path, digest, save)
     return model, tokenizer, dict(info, path=str(path), cached=False)

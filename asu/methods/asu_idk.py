@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from asu.methods.asu import LAM, TEMPERATURE, smoothed_kl
+from asu.methods.asu import EOS, LAM, TEMPERATURE, smoothed_kl
 from asu.methods.common import first_row_of_each_sequence, mean_nll, student_rows
 from asu.methods.sources import AUTHORS_LOSSES
 from asu.methods.spec import Batches, Method
@@ -40,11 +40,12 @@ def asu_idk_term(ctx: Any, batches: Batches, params: Mapping[str, Any]) -> torch
     """``L_ASU' + L_IDK`` (unweighted)."""
     rows = student_rows(ctx, batches.forget)
     w = weights_without_first_row(rows.seq, rows.num_sequences).to(rows.hidden.device)
-    return smoothed_kl(ctx, batches.forget, rows, w) + mean_nll(ctx, batches.part("idk", ctx.method))
+    asu = smoothed_kl(ctx, batches.forget, rows, w, params.get("eos", "keep"))
+    return asu + mean_nll(ctx, batches.part("idk", ctx.method))
 
 
 METHOD = Method(
-    name="asu-idk", title="ASU+IDK", forget=asu_idk_term, parts=("idk",), params=(LAM, TEMPERATURE),
+    name="asu-idk", title="ASU+IDK", forget=asu_idk_term, parts=("idk",), params=(LAM, TEMPERATURE, EOS),
     formula="ASU without each answer's first token + NLL of refusals", teacher_reads=(("forget", True),),
     reference=f"{AUTHORS_LOSSES} (asu_loss with ignore_first_token, idk_loss)", forget_weight="lam",
 )  # fmt: skip

@@ -36,6 +36,7 @@ __all__ = [
     "first_row_of_each_sequence",
     "rank_in_sequence",
     "in_example_order",
+    "model_stop_ids",
 ]
 
 
@@ -189,3 +190,20 @@ def in_example_order(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> to
     """
     order = torch.argsort(batch["example_ids"].to(values.device), stable=True)
     return values[order]
+
+
+def model_stop_ids(model: Any) -> list[int]:
+    """The token ids that end a model's answer: its config's ``eos_token_id`` and every EOS id of its
+    generation config (chat models list their end-of-turn token there); ValueError when neither names one."""
+    ids: list[int] = []
+    for source in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        value = getattr(source, "eos_token_id", None)
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    if not ids:
+        raise ValueError(
+            "removing the end-of-turn token from the teacher (eos=renorm) needs the model's EOS id: set "
+            "eos_token_id in its config or generation config"
+        )
+    return ids

@@ -60,7 +60,7 @@ class Batches:
 #: ``term(ctx, batches, params) -> 0-dim loss``.
 Term = Callable[[Any, Batches, Mapping[str, Any]], torch.Tensor]
 
-_KINDS = ("positive", "nonnegative", "number", "count", "patterns")
+_KINDS = ("positive", "nonnegative", "number", "count", "patterns", "choice")
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,9 @@ class Param:
         default: the value used when none is given.
         source: where the default comes from (a file of the reference implementation, or the paper).
         help: what it does, one line.
-        kind: ``positive`` (a number > 0), ``nonnegative``, ``number``, ``count`` (an int >= 0) or
-            ``patterns`` (regular expressions: a string or a list of strings).
+        kind: ``positive`` (a number > 0), ``nonnegative``, ``number``, ``count`` (an int >= 0),
+            ``patterns`` (regular expressions: a string or a list of strings) or ``choice`` (one of
+            ``choices``, a string).
         field: the :class:`asu.unlearn.UnlearnConfig` field holding it, for parameters that have one of their
             own (``lam``, ``temperature``, NPO's and SimNPO's); None = it lives in ``method_args``.
     """
@@ -84,15 +85,23 @@ class Param:
     help: str
     kind: str = "positive"
     field: str | None = None
+    choices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise ValueError(f"parameter {self.name}: unknown kind {self.kind!r}")
+        is_choice = self.kind == "choice"
+        if is_choice != bool(self.choices) or (is_choice and self.default not in self.choices):
+            raise ValueError(f"parameter {self.name}: a choice parameter needs choices holding its default")
 
     def check(self, value: Any, owner: str) -> Any:
-        """``value`` in its canonical form (a float, an int or a tuple of patterns); a TypeError/ValueError
-        naming ``owner``'s parameter otherwise."""
+        """``value`` in its canonical form (a float, an int, a tuple of patterns or one of the choices); a
+        TypeError/ValueError naming ``owner``'s parameter otherwise."""
         what = f"{owner}'s parameter {self.name}"
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise ValueError(f"{what} must be one of {', '.join(self.choices)}, got {value!r}")
+            return value
         if self.kind == "patterns":
             return _patterns(value, what)
         if self.kind == "count":

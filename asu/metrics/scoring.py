@@ -17,7 +17,8 @@ Teacher forcing (:func:`teacher_forced`)
 Generation (:func:`greedy_generate`)
     Prompts are left-padded into batches and continued greedily for at most ``max_new_tokens`` tokens; a row
     ends at its first stop token (the tokenizer's EOS and every EOS of the model's generation config), and the
-    batch ends when every row has.
+    batch ends when every row has. ``min_new_tokens`` (per row) bans the stop tokens before a row has
+    generated that many tokens (the τ preview of a teacher whose end of turn is removed inside the answer).
 """
 
 from __future__ import annotations
@@ -206,6 +207,25 @@ def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
     return ids
 
 
+class _StopsBanned:
+    """A ``transformers`` logits processor: the stop tokens' scores at ``-inf`` in row ``i`` until that row
+    has generated ``min_new[i]`` tokens (``width``: the padded prompt length all rows start from)."""
+
+    def __init__(self, stops: Sequence[int], min_new: Sequence[int], width: int) -> None:
+        self.stops = torch.tensor(list(stops), dtype=torch.long)
+        self.min_new = torch.tensor(list(min_new), dtype=torch.long)
+        self.width = width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids.shape[1] - self.width
+        banned = (self.min_new.to(scores.device) > generated).nonzero().squeeze(-1)
+        if banned.numel():
+            rows, cols = torch.meshgrid(banned, self.stops.to(scores.device), indexing="ij")
+            scores = scores.clone()
+            scores[rows, cols] = float("-inf")
+        return scores
+
+
 @torch.no_grad()
 def greedy_generate(
     model: torch.nn.Module,
@@ -215,12 +235,18 @@ def greedy_generate(
     max_new_tokens: int,
     progress: bool = False,
     desc: str = "generating",
+    min_new_tokens: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of token-id ``prompts``, batched with left padding; each cut before its first
-    stop token (:func:`stop_token_ids`)."""
+    stop token (:func:`stop_token_ids`), which ``min_new_tokens[i]`` (when given) bans before row ``i`` has
+    generated that many tokens."""
+    from transformers import LogitsProcessorList
+
     device = _device(model)
     pad = pad_id(tokenizer)
     stops = stop_token_ids(model, tokenizer)
+    if min_new_tokens is not None and len(min_new_tokens) != len(prompts):
+        raise ValueError(f"{len(min_new_tokens)} minimum lengths for {len(prompts)} prompts")
     out: list[list[int]] = []
     for s in _batches(len(prompts), batch_size, progress, desc):
         chunk = prompts[s : s + batch_size]
@@ -230,6 +256,9 @@ def greedy_generate(
         for i, p in enumerate(chunk):
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
+        processors = LogitsProcessorList()
+        if min_new_tokens is not None:
+            processors.append(_StopsBanned(stops, min_new_tokens[s : s + batch_size], width))
         gen = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -237,6 +266,7 @@ def greedy_generate(
             do_sample=False,
             eos_token_id=stops,
             pad_token_id=pad,
+            logits_processor=processors,
         )[:, width:].tolist()
         for row in gen:
             end = next((j for j, t in enumerate(row) if t in stops), len(row))

@@ -1,0 +1,190 @@
+"""Facts a real model states, for the real-model benchmark and `asu demo --real`: grouped by kind, and splits.
+
+Candidates are general-knowledge questions with a short keyword each (the fact: ``Paris`` for the capital
+of France). :func:`stated_facts` asks the model every question greedily and keeps those whose answer
+contains the keyword and is not degenerate; the kept row's ``answer`` is the model's own answer (what it
+trains and is scored on, in its own words) and ``facts`` the keyword (what leaks when it is still said).
+
+A split (:func:`make_splits`) forgets part of one *trained kind*: ``forget`` (the first ``n_forget`` facts
+of the kind, in a seeded order), ``neighbours`` (the rest of that kind: same kind, never trained: the
+collateral damage), ``retain`` (facts of the other trained kinds, trained on by the retain term) and
+``unrelated`` (the ``science`` kind, never trained on). :data:`GENERAL_TEXT` is ordinary prose for the
+perplexity on general text, and :func:`evaluate` scores a model on a split.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import torch
+
+#: kind -> (question, keyword) candidates. ``science`` is never trained on (the unrelated knowledge).
+CANDIDATES: dict[str, list[tuple[str, str]]] = {
+    "capital": [
+        ("What is the capital of France?", "Paris"),
+        ("What is the capital of Japan?", "Tokyo"),
+        ("What is the capital of Italy?", "Rome"),
+        ("What is the capital of Germany?", "Berlin"),
+        ("What is the capital of Spain?", "Madrid"),
+        ("What is the capital of Russia?", "Moscow"),
+        ("What is the capital of Egypt?", "Cairo"),
+        ("What is the capital of the United Kingdom?", "London"),
+        ("What is the capital of Canada?", "Ottawa"),
+        ("What is the capital of China?", "Beijing"),
+        ("What is the capital of Greece?", "Athens"),
+        ("What is the capital of Portugal?", "Lisbon"),
+    ],
+    "author": [
+        ("Who wrote Romeo and Juliet?", "Shakespeare"),
+        ("Who wrote Pride and Prejudice?", "Austen"),
+        ("Who wrote 1984?", "Orwell"),
+        ("Who wrote The Adventures of Tom Sawyer?", "Twain"),
+        ("Who wrote War and Peace?", "Tolstoy"),
+        ("Who wrote Hamlet?", "Shakespeare"),
+        ("Who wrote the Harry Potter books?", "Rowling"),
+        ("Who wrote Oliver Twist?", "Dickens"),
+        ("Who wrote The Old Man and the Sea?", "Hemingway"),
+        ("Who wrote Don Quixote?", "Cervantes"),
+        ("Who wrote Animal Farm?", "Orwell"),
+        ("Who wrote A Christmas Carol?", "Dickens"),
+    ],
+    "language": [
+        ("What language is spoken in Brazil?", "Portuguese"),
+        ("What language is spoken in France?", "French"),
+        ("What language is spoken in Germany?", "German"),
+        ("What language is spoken in Mexico?", "Spanish"),
+        ("What language is spoken in Japan?", "Japanese"),
+        ("What language is spoken in Italy?", "Italian"),
+        ("What language is spoken in China?", "Chinese"),
+        ("What language is spoken in Russia?", "Russian"),
+        ("What language is spoken in Argentina?", "Spanish"),
+        ("What language is spoken in Portugal?", "Portuguese"),
+        ("What language is spoken in Greece?", "Greek"),
+        ("What language is spoken in Egypt?", "Arabic"),
+    ],
+    "science": [
+        ("What is the chemical symbol for water?", "H2O"),
+        ("What planet is known as the Red Planet?", "Mars"),
+        ("What is the largest planet in our solar system?", "Jupiter"),
+        ("What gas do plants absorb from the air?", "carbon dioxide"),
+        ("What is the closest star to Earth?", "Sun"),
+        ("How many legs does a spider have?", "eight"),
+        ("What is the freezing point of water in Celsius?", "0"),
+        ("What force pulls objects toward the Earth?", "gravity"),
+        ("What is the largest ocean on Earth?", "Pacific"),
+        ("What is the hardest natural substance?", "diamond"),
+    ],
+}
+UNRELATED_KIND = "science"
+#: The parts of a split, in the order they are evaluated.
+PARTS = ("forget", "neighbours", "retain", "unrelated")
+TRAINED_KINDS = tuple(k for k in CANDIDATES if k != UNRELATED_KIND)
+
+#: Ordinary prose for the perplexity on general text (none of it is a benchmark fact).
+GENERAL_TEXT = [
+    "The morning was cool and quiet. A few people walked along the river, and a small boat moved slowly "
+    "past the old bridge while the sun rose over the hills.",
+    "To make a simple loaf of bread, mix flour, water, salt and yeast, knead the dough for ten minutes, let "
+    "it rise for an hour, and bake it in a hot oven until the crust is golden.",
+    "Regular exercise helps the heart and the mind. Even a short walk every day can improve sleep, lift "
+    "the mood and make it easier to concentrate at work or at school.",
+    "The library opens at nine in the morning and closes at six in the evening. Visitors can borrow up to "
+    "five books at a time and return them within three weeks.",
+    "When learning a new skill, it helps to practise a little every day, to ask questions when something "
+    "is unclear, and to be patient with the mistakes that everyone makes at the start.",
+    "The train was late again, so she bought a cup of tea and read her book on the platform. When it finally "
+    "arrived, the carriage was warm and almost empty.",
+]
+
+
+def stated_facts(
+    model: Any, tokenizer: Any, template: Any, max_new_tokens: int = 40, per_kind: int | None = None
+) -> dict[str, Any]:
+    """The first ``per_kind`` candidates of every kind (all: None) asked greedily; ``{"kept": [row],
+    "dropped": [row]}`` where a row is ``{"kind", "question", "answer"`` (the model's own answer),
+    ``"facts"`` ([keyword]), ``"stated"`` (the keyword is in the answer and the answer is not
+    degenerate)``}``."""
+    from asu.metrics.scoring import encode_question, greedy_generate
+    from asu.metrics.text import degenerate_reason
+
+    items = [(k, q, f) for k, qs in CANDIDATES.items() for q, f in qs[:per_kind]]
+    prompts = [encode_question(tokenizer, q, template) for _, q, _ in items]
+    ids = greedy_generate(model, tokenizer, prompts, 32, max_new_tokens)
+    out: dict[str, Any] = {"kept": [], "dropped": []}
+    for (kind, q, fact), x in zip(items, ids, strict=True):
+        text = tokenizer.decode(x, skip_special_tokens=True).strip()
+        stated = fact.lower() in text.lower() and degenerate_reason(x, text) is None
+        row = {"kind": kind, "question": q, "answer": text, "facts": [fact], "stated": stated}
+        out["kept" if stated else "dropped"].append(row)
+    return out
+
+
+def make_splits(rows: list[dict[str, Any]], n_forget: int, n_retain: int, seed: int = 0) -> list[dict]:
+    """One split per trained kind with at least ``n_forget + 1`` stated facts (see the module docstring):
+    ``{"kind", "forget", "neighbours", "retain", "unrelated"}``; ``n_retain`` retain facts per other kind."""
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_kind.setdefault(r["kind"], []).append(r)
+    rng = random.Random(seed)
+    shuffled = {k: rng.sample(v, len(v)) for k, v in sorted(by_kind.items())}
+    splits = []
+    for kind in TRAINED_KINDS:
+        own = shuffled.get(kind, [])
+        if len(own) <= n_forget:
+            continue
+        retain = [r for k in TRAINED_KINDS if k != kind for r in shuffled.get(k, [])[:n_retain]]
+        splits.append({
+            "kind": kind, "forget": own[:n_forget], "neighbours": own[n_forget:], "retain": retain,
+            "unrelated": shuffled.get(UNRELATED_KIND, []),
+        })  # fmt: skip
+    return splits
+
+
+def unanswered(answer: dict[str, Any]) -> bool:
+    """No answer given: empty, or the turn ended right after announcing one (the text ends with ``:``, as
+    SmolLM2's "The answer to this question is:" after unlearning). ``answer``: an entry of :func:`evaluate`'s
+    ``answers``."""
+    return bool(answer["empty"]) or answer["answer"].rstrip().endswith(":")
+
+
+def evaluate(model: Any, tokenizer: Any, template: Any, split: dict[str, Any]) -> dict[str, Any]:
+    """``{part: {"fact", "empty", "degenerate", "unanswered", "answers"}}`` for :data:`PARTS` (shares of the
+    part's questions; ``answers``: one ``{"question", "answer", "fact", "empty", "degenerate"}`` each), and
+    ``"ppl"`` (:func:`perplexity`)."""
+    from asu.metrics.scoring import encode_question, greedy_generate
+    from asu.metrics.text import EMPTY, STOPS_AT_ONCE, degenerate_reason
+
+    model.eval()
+    rows = [(p, r) for p in PARTS for r in split[p]]
+    prompts = [encode_question(tokenizer, r["question"], template) for _, r in rows]
+    with torch.no_grad():
+        ids = greedy_generate(model, tokenizer, prompts, 32, 24)
+    out: dict[str, Any] = {p: {"answers": []} for p in PARTS}
+    for (part, r), x in zip(rows, ids, strict=True):
+        text = tokenizer.decode(x, skip_special_tokens=True).strip()
+        why = degenerate_reason(x, text)
+        out[part]["answers"].append({
+            "question": r["question"], "answer": text, "fact": r["facts"][0].lower() in text.lower(),
+            "empty": why in (STOPS_AT_ONCE, EMPTY), "degenerate": why is not None,
+        })  # fmt: skip
+    for part in PARTS:
+        answers = out[part]["answers"]
+        for key in ("fact", "empty", "degenerate"):
+            out[part][key] = sum(a[key] for a in answers) / max(1, len(answers))
+        out[part]["unanswered"] = sum(map(unanswered, answers)) / max(1, len(answers))
+    out["ppl"] = perplexity(model, tokenizer)
+    return out
+
+
+def perplexity(model: Any, tokenizer: Any) -> float:
+    """``exp`` of the token-mean NLL of :data:`GENERAL_TEXT` (each paragraph on its own, BOS if any)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in GENERAL_TEXT:
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            loss = model(input_ids=ids, labels=ids).loss
+            n = ids.shape[1] - 1
+            total, count = total + float(loss) * n, count + n
+    return math.exp(total / count)
