@@ -49,7 +49,7 @@ def test_the_demo_flow_on_a_stand_in_model(tok, tmp_path, monkeypatch, capsys):
     record = real.run_real_demo(str(tmp_path), progress=False, epochs=1, lr=1e-3, preview_tokens=4)
     saved = json.loads((tmp_path / "demo-real.json").read_text())
     assert saved["claims"] == record["claims"] and len(saved["claims"]) == 3
-    assert len(saved["split"]["forget"]) == 3 and saved["tau"]["eos"] == "renorm"
+    assert len(saved["split"]["forget"]) == 3 and saved["tau"]["eos"] == "keep"
     out = capsys.readouterr().out
     assert "before:" in out and "after:" in out and out.count("claim ") == 3
 

@@ -31,7 +31,7 @@ __all__ = ["DEFAULTS", "claims", "run_real_demo"]
 
 #: The demo's settings: learning rate, epochs (one step each: the 3 forget rows are one batch), λ, the ASU
 #: teacher's end-of-turn handling and the cap on the τ previews' answers.
-DEFAULTS: dict[str, Any] = {"lr": 2e-5, "epochs": 4, "lam": 1.0, "eos": "renorm", "preview_tokens": 16}
+DEFAULTS: dict[str, Any] = {"lr": 2e-5, "epochs": 4, "lam": 1.0, "eos": "keep", "preview_tokens": 16}
 FORGET_KIND = "capital"
 
 
