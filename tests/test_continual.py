@@ -15,6 +15,7 @@ import asu.unlearn as unlearn_module
 from asu.commands import main
 from asu.continual import step_evaluator, step_retain, steps_table, unlearn_sequence
 from asu.unlearn import UnlearnConfig
+from asu.warning import AsuWarning
 
 FAST = dict(
     epochs=1,
@@ -159,7 +160,9 @@ def test_cli_continual(tok, tmp_path, reference_backend, capsys):
             "--retain", str(paths[2]), "--teacher-anchor", "previous", "--temperature", "auto:0.5",
             "--epochs", "1", "--batch-size", "2", "--grad-accum", "1", "--max-length", "64",
             "--eval-max-new-tokens", "6", "--no-progress", "--out", str(out)]  # fmt: skip
-    assert main(argv) == 0
+    # A random-init model's own answers loop: the preview says its target cannot be judged, for each step.
+    with pytest.warns(AsuWarning, match="NOT reached: the original model's own answers are degenerate"):
+        assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "step 1/2" in printed and "step 2/2" in printed and "chosen by the preview" in printed
     summary = json.loads((out / "continual.json").read_text())

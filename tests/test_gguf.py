@@ -225,8 +225,17 @@ def test_every_command_takes_a_gguf_model(written, tmp_path, monkeypatch, capsys
     assert main(["convert", f"gguf:{path}", "--out", str(out)]) == 0
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     assert not (out / "COMPLETE").exists()
-    assert main(["convert", str(path), "--out", str(out)]) == 2  # already holds a model
+    assert main(["convert", str(path), "--out", str(out)]) == 2  # a finished result: refused
+    assert "already holds a finished" in capsys.readouterr().err
+    assert main(["convert", str(path), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "config.json").is_file()
+    capsys.readouterr()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+    assert main(["convert", str(path), "--out", str(foreign), "--overwrite"]) == 2
     assert "already holds a model" in capsys.readouterr().err
+    assert (foreign / "config.json").read_text() == "{}"
     rows = tmp_path / "forget.jsonl"
     rows.write_text(json.dumps({"question": "who wrote hamlet", "answer": "gold is au"}) + "\n")
     argv = ["inspect", "--model", f"gguf:{path}", "--data", str(rows), "--retain", str(rows),

@@ -14,8 +14,8 @@ import argparse
 import shutil
 from pathlib import Path
 
-from asu.commands.outputs import locked_output
-from asu.files import CACHE_MARKER, atomic_write, check_output_location
+from asu.commands.outputs import add_overwrite_argument, locked_output
+from asu.files import CACHE_MARKER, RESULT_MANIFEST, atomic_write, check_output_location
 from asu.gguf_models import GGUF_PREFIX, SMOLLM2, convert_gguf, gguf_path, is_gguf_source
 
 
@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", help="copy the model folder here (default: print the cached folder)")
     parser.add_argument("--cache-dir", help="conversion cache (default $ASU_CACHE or ~/.cache/asu)")
+    add_overwrite_argument(parser)
 
 
 def _copy_folder(source: Path, out: Path) -> None:
@@ -40,13 +41,15 @@ def run(args: argparse.Namespace) -> int:
     path = gguf_path(args.source if is_gguf_source(args.source) else GGUF_PREFIX + args.source)
     if args.out is not None:
         check_output_location(args.out, {"the GGUF file's": str(path.parent)})
-        if (Path(args.out) / "config.json").exists():
+        # A model folder that `asu convert` did not write (no result manifest) is never written over, not even
+        # with --overwrite; one it wrote is a finished result like any other command's.
+        if (Path(args.out) / "config.json").exists() and not (Path(args.out) / RESULT_MANIFEST).exists():
             raise ValueError(f"--out {args.out} already holds a model (config.json); choose another folder")
     folder = convert_gguf(path, args.cache_dir)
     if args.out is None:
         print(folder)
         return 0
-    with locked_output(args.out, "convert") as out:
+    with locked_output(args.out, "convert", args.overwrite) as output, output.writing() as out:
         _copy_folder(folder, out)
     print(args.out)
     return 0

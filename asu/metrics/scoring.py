@@ -256,9 +256,11 @@ def greedy_generate(
         for i, p in enumerate(chunk):
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
-        processors = LogitsProcessorList()
-        if min_new_tokens is not None:
-            processors.append(_StopsBanned(stops, min_new_tokens[s : s + batch_size], width))
+        extra = {}
+        if min_new_tokens is not None:  # only then: the plain call stays the one every generate() accepts
+            extra["logits_processor"] = LogitsProcessorList(
+                [_StopsBanned(stops, min_new_tokens[s : s + batch_size], width)]
+            )
         gen = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -266,7 +268,7 @@ def greedy_generate(
             do_sample=False,
             eos_token_id=stops,
             pad_token_id=pad,
-            logits_processor=processors,
+            **extra,
         )[:, width:].tolist()
         for row in gen:
             end = next((j for j, t in enumerate(row) if t in stops), len(row))
