@@ -76,8 +76,8 @@ def test_quick_demo_end_to_end(tmp_path):
     for split in ("forget", "retain", "general"):
         assert (tmp_path / "out" / "data" / f"{split}.jsonl").is_file()
     assert not res["training"]["full"]["cached"]
-    # Second run: both models come from the cache.
-    assert main([*argv, "--no-progress"]) == 0
+    # Second run (its own earlier result replaced on purpose): both models come from the cache.
+    assert main([*argv, "--no-progress", "--overwrite"]) == 0
     res2 = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res2["training"]["full"]["cached"] and res2["training"]["oracle"]["cached"]
     assert res2["models"]["original"] == res["models"]["original"]
