@@ -388,7 +388,7 @@ def _caps_text(rows: list[dict[str, str]], cap_gb: float) -> str:
     where = []
     for cap in caps:
         points = sorted(
-            {(r["provider"], int(r["seqlen"])) for r in rows if f"cap_gb={cap:g}" in r["params"].split(";")},
+            {(r["provider"], int(r["seqlen"])) for r in rows if scaling.row_cap(r) == cap},
             key=lambda pn: (pn[1], pn[0]),
         )
         where.append(f"{cap:g} GB resident for " + ", ".join(f"{p} at {n:,}" for p, n in points))

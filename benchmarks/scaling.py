@@ -52,11 +52,11 @@ def keep_other_points(
     (provider, N) points being measured again go (``lengths`` None: every N of those providers), so a rerun
     at one N never drops the same provider's other lengths."""
     chosen = set(providers)
+    rerun = None if lengths is None else set(lengths)
     return [
         r
         for r in rows
-        if r["provider"] not in chosen
-        or (lengths is not None and int(float(r["seqlen"])) not in set(lengths))
+        if r["provider"] not in chosen or (rerun is not None and int(float(r["seqlen"])) not in rerun)
     ]
 
 
@@ -142,15 +142,18 @@ def machine_line(rows: Sequence[Row], load: str | None) -> str:
     )
 
 
+def row_cap(row: Row) -> float | None:
+    """The memory cap (GB) one row's ``params`` record (``cap_gb=...``), None when absent."""
+    for part in row["params"].split(";"):
+        if part.startswith("cap_gb="):
+            return float(part.split("=", 1)[1])
+    return None
+
+
 def caps_of(rows: Sequence[Row]) -> list[float]:
-    """The distinct memory caps (GB, ascending) the rows' ``params`` record (``cap_gb=...``): several when
-    points were added to a results folder under another ``--cap-gb``."""
-    caps = set()
-    for row in rows:
-        for part in row["params"].split(";"):
-            if part.startswith("cap_gb="):
-                caps.add(float(part.split("=", 1)[1]))
-    return sorted(caps)
+    """The distinct memory caps (GB, ascending) the rows record: several when points were added to a results
+    folder under another ``--cap-gb``."""
+    return sorted({cap for cap in map(row_cap, rows) if cap is not None})
 
 
 def cap_of(rows: Sequence[Row]) -> float | None:

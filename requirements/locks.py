@@ -172,13 +172,14 @@ def unmet_requirements(venv: Path) -> list[str]:
     if out.returncode == 0:
         return []
     lines = [line.strip() for line in out.stdout.splitlines() if line.strip()]
-    kept = []
-    for line in lines:
-        match = _PIP_CHECK_LINE.match(line)
-        if match and (canonical(match.group(1)), canonical(match.group(2))) in UNUSED_REQUIREMENTS:
-            continue
-        kept.append(line)
-    return kept or ([] if lines else [out.stderr.strip() or f"exit status {out.returncode}"])
+    if not lines:  # pip check failed without saying which requirement: report what it did say
+        return [out.stderr.strip() or f"exit status {out.returncode}"]
+    return [line for line in lines if not _left_out_on_purpose(line)]
+
+
+def _left_out_on_purpose(pip_check_line: str) -> bool:
+    match = _PIP_CHECK_LINE.match(pip_check_line)
+    return match is not None and (canonical(match.group(1)), canonical(match.group(2))) in UNUSED_REQUIREMENTS
 
 
 def cmd_freeze(args: argparse.Namespace) -> None:
