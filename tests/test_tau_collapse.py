@@ -97,6 +97,28 @@ def test_a_collapsing_teacher_never_reaches_the_target(tok, monkeypatch):
     assert "stops answering" in text and "reached on layers 0" in text
 
 
+def test_a_teacher_that_announces_an_answer_and_ends_its_turn_has_collapsed(tok, monkeypatch):
+    """SmolLM2's smoothed teacher says "The answer to this question is:" and ends its turn: no fact, so raw
+    ROUGE-L is near 0, but it is an empty answer, not forgetting. An answer cut at the token cap that ends
+    with a colon may go on, and is not counted."""
+    opener = tok("the is", add_special_tokens=False)["input_ids"]
+    decode = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda ids, **kw: "The answer to this question is:"
+                        if list(ids) == opener else decode(ids, **kw))  # fmt: skip
+
+    def generate(model, tokenizer, prompts, batch_size, max_new_tokens, min_new_tokens=None, **kw):
+        hot = all(t >= 2.0 for t in _temperatures(model))
+        return [list(opener) if hot else list(opener) + [5] * (max_new_tokens - len(opener)) for _ in prompts]
+
+    monkeypatch.setattr(tau_module, "greedy_generate", generate)
+    model = tiny_model(vocab_size=len(tok))
+    hot = preview_forget(model, tok, FORGET, 2.0, max_new_tokens=8)
+    assert hot["reasons"] == ["announces an answer and stops"] * len(FORGET)
+    assert hot["empty"] == 1.0 and hot["degenerate"] == 1.0
+    cut = preview_forget(model, tok, FORGET, 2.0, max_new_tokens=len(opener))
+    assert cut["degenerate"] == 0.0
+
+
 def test_the_degenerate_share_is_a_setting(tok, monkeypatch):
     """Allowing every answer to be degenerate brings the old rule back: τ 2 'reaches' a score of 0 raw; the
     score that counts degenerate answers as the original's answer still refuses it."""

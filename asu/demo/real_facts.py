@@ -1,9 +1,10 @@
 """Facts a real model states, for the real-model benchmark and `asu demo --real`: grouped by kind, and splits.
 
 Candidates are general-knowledge questions with a short keyword each (the fact: ``Paris`` for the capital
-of France). :func:`stated_facts` asks the model every question greedily and keeps those whose answer
-contains the keyword and is not degenerate; the kept row's ``answer`` is the model's own answer (what it
-trains and is scored on, in its own words) and ``facts`` the keyword (what leaks when it is still said).
+of France); new candidates go at the end of a kind's list, so a ``per_kind`` prefix asks the same questions.
+:func:`stated_facts` asks the model every question greedily and keeps those whose answer contains the
+keyword and is not degenerate; the kept row's ``answer`` is the model's own answer (what it trains and is
+scored on, in its own words) and ``facts`` the keyword (what leaks when it is still said).
 
 A split (:func:`make_splits`) forgets part of one *trained kind*: ``forget`` (the first ``n_forget`` facts
 of the kind, in a seeded order), ``neighbours`` (the rest of that kind: same kind, never trained: the
@@ -35,6 +36,14 @@ CANDIDATES: dict[str, list[tuple[str, str]]] = {
         ("What is the capital of China?", "Beijing"),
         ("What is the capital of Greece?", "Athens"),
         ("What is the capital of Portugal?", "Lisbon"),
+        ("What is the capital of Australia?", "Canberra"),
+        ("What is the capital of Sweden?", "Stockholm"),
+        ("What is the capital of Norway?", "Oslo"),
+        ("What is the capital of Poland?", "Warsaw"),
+        ("What is the capital of Austria?", "Vienna"),
+        ("What is the capital of Ireland?", "Dublin"),
+        ("What is the capital of South Korea?", "Seoul"),
+        ("What is the capital of Turkey?", "Ankara"),
     ],
     "author": [
         ("Who wrote Romeo and Juliet?", "Shakespeare"),
@@ -49,6 +58,14 @@ CANDIDATES: dict[str, list[tuple[str, str]]] = {
         ("Who wrote Don Quixote?", "Cervantes"),
         ("Who wrote Animal Farm?", "Orwell"),
         ("Who wrote A Christmas Carol?", "Dickens"),
+        ("Who wrote Macbeth?", "Shakespeare"),
+        ("Who wrote Moby-Dick?", "Melville"),
+        ("Who wrote The Great Gatsby?", "Fitzgerald"),
+        ("Who wrote Frankenstein?", "Shelley"),
+        ("Who wrote Les Misérables?", "Hugo"),
+        ("Who wrote The Hobbit?", "Tolkien"),
+        ("Who wrote Crime and Punishment?", "Dostoevsky"),
+        ("Who wrote The Odyssey?", "Homer"),
     ],
     "language": [
         ("What language is spoken in Brazil?", "Portuguese"),
@@ -63,6 +80,14 @@ CANDIDATES: dict[str, list[tuple[str, str]]] = {
         ("What language is spoken in Portugal?", "Portuguese"),
         ("What language is spoken in Greece?", "Greek"),
         ("What language is spoken in Egypt?", "Arabic"),
+        ("What language is spoken in the Netherlands?", "Dutch"),
+        ("What language is spoken in Sweden?", "Swedish"),
+        ("What language is spoken in Poland?", "Polish"),
+        ("What language is spoken in Turkey?", "Turkish"),
+        ("What language is spoken in South Korea?", "Korean"),
+        ("What language is spoken in Austria?", "German"),
+        ("What language is spoken in Chile?", "Spanish"),
+        ("What language is spoken in Israel?", "Hebrew"),
     ],
     "science": [
         ("What is the chemical symbol for water?", "H2O"),
@@ -75,9 +100,15 @@ CANDIDATES: dict[str, list[tuple[str, str]]] = {
         ("What force pulls objects toward the Earth?", "gravity"),
         ("What is the largest ocean on Earth?", "Pacific"),
         ("What is the hardest natural substance?", "diamond"),
+        ("What is the boiling point of water in Celsius?", "100"),
+        ("What do bees make?", "honey"),
+        ("What is the chemical symbol for gold?", "Au"),
+        ("What organ pumps blood through the body?", "heart"),
     ],
 }
 UNRELATED_KIND = "science"
+#: Greedy answer tokens per question in :func:`evaluate`.
+ANSWER_TOKENS = 24
 #: The parts of a split, in the order they are evaluated.
 PARTS = ("forget", "neighbours", "retain", "unrelated")
 TRAINED_KINDS = tuple(k for k in CANDIDATES if k != UNRELATED_KIND)
@@ -115,7 +146,7 @@ def stated_facts(
     out: dict[str, Any] = {"kept": [], "dropped": []}
     for (kind, q, fact), x in zip(items, ids, strict=True):
         text = tokenizer.decode(x, skip_special_tokens=True).strip()
-        stated = fact.lower() in text.lower() and degenerate_reason(x, text) is None
+        stated = fact.lower() in text.lower() and degenerate_reason(x, text, len(x) < max_new_tokens) is None
         row = {"kind": kind, "question": q, "answer": text, "facts": [fact], "stated": stated}
         out["kept" if stated else "dropped"].append(row)
     return out
@@ -143,32 +174,51 @@ def make_splits(rows: list[dict[str, Any]], n_forget: int, n_retain: int, seed: 
 
 
 def unanswered(answer: dict[str, Any]) -> bool:
-    """No answer given: empty, or the turn ended right after announcing one (the text ends with ``:``, as
-    SmolLM2's "The answer to this question is:" after unlearning). ``answer``: an entry of :func:`evaluate`'s
+    """No answer given: empty (which :func:`evaluate` counts with the turn ended right after announcing an
+    answer), or a text ending with ``:`` (SmolLM2's "The answer to this question is:" after unlearning; the
+    check results saved before ``empty`` included it still need). ``answer``: an entry of :func:`evaluate`'s
     ``answers``."""
     return bool(answer["empty"]) or answer["answer"].rstrip().endswith(":")
 
 
+def answer_rows(model: Any, tokenizer: Any, template: Any, rows: list[dict[str, Any]]) -> list[dict]:
+    """``model``'s greedy answers (:data:`ANSWER_TOKENS` at most) to ``rows``' questions: one dict each with
+    ``question``, ``answer``, ``fact`` (the row's keyword is in the answer), ``empty`` and ``degenerate``
+    (:func:`asu.metrics.text.degenerate_reason`)."""
+    from asu.metrics.scoring import encode_question, greedy_generate
+    from asu.metrics.text import EMPTY_REASONS, degenerate_reason
+
+    if not rows:
+        return []
+    model.eval()
+    prompts = [encode_question(tokenizer, r["question"], template) for r in rows]
+    with torch.no_grad():
+        ids = greedy_generate(model, tokenizer, prompts, 32, ANSWER_TOKENS)
+    out = []
+    for r, x in zip(rows, ids, strict=True):
+        text = tokenizer.decode(x, skip_special_tokens=True).strip()
+        why = degenerate_reason(x, text, stopped=len(x) < ANSWER_TOKENS)
+        out.append({
+            "question": r["question"], "answer": text, "fact": r["facts"][0].lower() in text.lower(),
+            "empty": why in EMPTY_REASONS, "degenerate": why is not None,
+        })  # fmt: skip
+    return out
+
+
+def fact_share(model: Any, tokenizer: Any, template: Any, rows: list[dict[str, Any]]) -> float:
+    """The share of ``rows`` whose greedy answer still states the fact (:func:`answer_rows`)."""
+    answers = answer_rows(model, tokenizer, template, rows)
+    return sum(a["fact"] for a in answers) / max(1, len(answers))
+
+
 def evaluate(model: Any, tokenizer: Any, template: Any, split: dict[str, Any]) -> dict[str, Any]:
     """``{part: {"fact", "empty", "degenerate", "unanswered", "answers"}}`` for :data:`PARTS` (shares of the
-    part's questions; ``answers``: one ``{"question", "answer", "fact", "empty", "degenerate"}`` each), and
-    ``"ppl"`` (:func:`perplexity`)."""
-    from asu.metrics.scoring import encode_question, greedy_generate
-    from asu.metrics.text import EMPTY, STOPS_AT_ONCE, degenerate_reason
-
-    model.eval()
+    part's questions; ``answers``: :func:`answer_rows`), and ``"ppl"`` (:func:`perplexity`)."""
     rows = [(p, r) for p in PARTS for r in split[p]]
-    prompts = [encode_question(tokenizer, r["question"], template) for _, r in rows]
-    with torch.no_grad():
-        ids = greedy_generate(model, tokenizer, prompts, 32, 24)
+    answers = answer_rows(model, tokenizer, template, [r for _, r in rows])
     out: dict[str, Any] = {p: {"answers": []} for p in PARTS}
-    for (part, r), x in zip(rows, ids, strict=True):
-        text = tokenizer.decode(x, skip_special_tokens=True).strip()
-        why = degenerate_reason(x, text)
-        out[part]["answers"].append({
-            "question": r["question"], "answer": text, "fact": r["facts"][0].lower() in text.lower(),
-            "empty": why in (STOPS_AT_ONCE, EMPTY), "degenerate": why is not None,
-        })  # fmt: skip
+    for (part, _), a in zip(rows, answers, strict=True):
+        out[part]["answers"].append(a)
     for part in PARTS:
         answers = out[part]["answers"]
         for key in ("fact", "empty", "degenerate"):

@@ -23,7 +23,14 @@ import numpy as np
 
 from asu.metrics import privacy, tofu
 from asu.metrics.scoring import TokenScores
-from asu.metrics.text import EMPTY, STOPS_AT_ONCE, degenerate_reason, fact_leakage, has_repeat, token_entropy
+from asu.metrics.text import (
+    EMPTY_REASONS,
+    STOPS_AT_ONCE,
+    degenerate_reason,
+    fact_leakage,
+    has_repeat,
+    token_entropy,
+)
 
 # ------------------------------------------------------------------------------------------- reference
 
@@ -256,7 +263,7 @@ def degenerate_entries(split: str, generations: Sequence[dict[str, Any]]) -> dic
     reasons = [degenerate_reason(g["ids"], g["generation"]) for g in generations]
     flags = {
         "immediate_stop": [float(r == STOPS_AT_ONCE) for r in reasons],
-        "empty_answers": [float(r in (STOPS_AT_ONCE, EMPTY)) for r in reasons],
+        "empty_answers": [float(r in EMPTY_REASONS) for r in reasons],
         "degenerate_answers": [float(r is not None) for r in reasons],
     }
     out = {f"{split}_{k}": score_entry(v) for k, v in flags.items()}

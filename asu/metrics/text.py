@@ -88,30 +88,40 @@ EMPTY = "empty"
 NO_LETTER = "no letter or digit"
 ONE_TOKEN = "one token repeated"
 LOOPS = "repeated 3-grams"
+ANNOUNCES_ONLY = "announces an answer and stops"
 #: Why a generation is degenerate (:func:`degenerate_reason`), in the order the rules are tried.
-DEGENERATE_REASONS = (STOPS_AT_ONCE, EMPTY, NO_LETTER, ONE_TOKEN, LOOPS)
+DEGENERATE_REASONS = (STOPS_AT_ONCE, EMPTY, ANNOUNCES_ONLY, NO_LETTER, ONE_TOKEN, LOOPS)
+#: The reasons that make an answer *empty* (no content at all), a subset of :data:`DEGENERATE_REASONS`.
+EMPTY_REASONS = (STOPS_AT_ONCE, EMPTY, ANNOUNCES_ONLY)
 
 
-def degenerate_reason(ids: Sequence[int], text: str) -> str | None:
+def degenerate_reason(ids: Sequence[int], text: str, stopped: bool = False) -> str | None:
     """Why a greedy answer is no answer at all, or None when it is an answer (right or wrong).
 
     ``ids`` are the generated tokens before the first stop token (EOS / end of turn); ``text`` their
-    decoding with special tokens dropped. The first rule that holds gives the reason:
+    decoding with special tokens dropped; ``stopped``: the model itself ended the answer with a stop token
+    (it was not cut at the token limit; callers that cannot tell leave it False, and rule 3 never applies).
+    The first rule that holds gives the reason:
 
     1. ``"stops at once"``: no token before the stop token (the first generated token ends the answer);
     2. ``"empty"``: the text is empty once whitespace is stripped (only special tokens or whitespace);
-    3. ``"no letter or digit"``: not one character of the text is a letter or a digit (``str.isalnum``, any
+    3. ``"announces an answer and stops"``: ``stopped`` and the text ends with ``:`` — the turn ends right
+       after an opener such as "The answer to this question is:" (what a real instruct model's smoothed
+       teacher, and a student trained on it, say instead of the fact: end of turn gained the mass);
+    4. ``"no letter or digit"``: not one character of the text is a letter or a digit (``str.isalnum``, any
        script), e.g. ``"..."`` or ``"?!"`` — digits count, so ``"1979"`` is an answer;
-    4. ``"one token repeated"``: at least :data:`SINGLE_TOKEN_RUN` tokens, all the same token;
-    5. ``"repeated 3-grams"``: :func:`repeated_ngram_share` of the tokens is at least :data:`LOOP_SHARE`
+    5. ``"one token repeated"``: at least :data:`SINGLE_TOKEN_RUN` tokens, all the same token;
+    6. ``"repeated 3-grams"``: :func:`repeated_ngram_share` of the tokens is at least :data:`LOOP_SHARE`
        (the answer loops: at least half of its 3-grams it has said before).
 
-    Rules 1-2 make an answer *empty*; all five make it *degenerate*.
+    Rules 1-3 make an answer *empty* (:data:`EMPTY_REASONS`); all six make it *degenerate*.
     """
     if len(ids) == 0:
         return STOPS_AT_ONCE
     if not text.strip():
         return EMPTY
+    if stopped and text.rstrip().endswith(":"):
+        return ANNOUNCES_ONLY
     if not any(c.isalnum() for c in text):
         return NO_LETTER
     if len(ids) >= SINGLE_TOKEN_RUN and len(set(ids)) == 1:
