@@ -18,12 +18,13 @@ the split's forget facts from the original model, keeping the retain facts, and 
 Methods (:data:`METHODS`): ASU at its automatic τ on all layers with the paper's teacher (``asu``) and with
 the end-of-turn mass removed (``asu-renorm``, ``eos=renorm``), ASU on the layer set chosen by preview
 (:func:`asu.tau.choose_layers`, ``asu-layers``), and GA+GD and NPO, all at the same learning rate.
-Matched forgetting: :class:`ForgetWatch` answers the forget questions after every epoch and stops a run at
-the first epoch where at most ``--match`` of them still state the fact (a learning-rate bisection per method
-does not fit the CPU budget; stopping along one run costs only the answers). Then every run is attacked
-(:func:`attack_scores`: NF4 quantization, relearning on the forget rows, relearning on half of them and
-asking the other half) to see whether the knowledge comes back. Results: ``DIR/results.json`` (every split,
-every run, the τ choices, the machine and versions, the time per step), ``DIR/results.md`` and, with
+Matched forgetting: :class:`asu.demo.real_facts.ForgetWatch` answers the forget questions after every
+epoch and stops a run at the first epoch where at most ``--match`` of them still state the fact (a
+learning-rate bisection per method does not fit the CPU budget; stopping along one run costs only the
+answers). Then every run is attacked (:func:`attack_scores`: NF4 quantization, relearning on the forget rows,
+relearning on half of them and asking the other half) to see whether the knowledge comes back. Results:
+``DIR/results.json`` (every split, every run, the τ choices, the machine and versions, the time per step),
+``DIR/results.md`` and, with
 ``--readme``, the README's ``<!-- real-model:start -->`` section.
 """
 
@@ -39,9 +40,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
 
-from asu.demo.real_facts import PARTS, evaluate, fact_share, make_splits, stated_facts, unanswered
+from asu.demo.real_facts import (
+    PARTS,
+    ForgetWatch,
+    evaluate,
+    fact_share,
+    make_splits,
+    stated_facts,
+    unanswered,
+)
 from asu.environment import environment
 from asu.files import atomic_write_json, atomic_write_text, replace_section
 
@@ -65,27 +73,6 @@ def _config(name: str, args: argparse.Namespace, extra: dict[str, Any]) -> Any:
         max_length=256, template="auto", seed=args.seed, progress=False, warmup_epochs=1.0,
         **fields,
     )  # fmt: skip
-
-
-class ForgetWatch(TrainerCallback):
-    """Answers the forget questions after every epoch and stops the run once at most ``target`` of them still
-    state the fact (matched forgetting: every method is read at the first epoch it forgets as much).
-    ``trajectory``: ``[{"epoch", "forget_fact"}]``; ``reached_epoch``: the epoch it stopped at, or None."""
-
-    def __init__(self, model: Any, tokenizer: Any, template: Any, rows: list, target: float) -> None:
-        self.model, self.tokenizer, self.template, self.rows = model, tokenizer, template, rows
-        self.target, self.trajectory, self.reached_epoch = target, [], None
-
-    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        was_training = self.model.training
-        share = fact_share(self.model, self.tokenizer, self.template, self.rows)
-        self.model.train(was_training)
-        epoch = round(float(state.epoch or 0.0), 3)
-        self.trajectory.append({"epoch": epoch, "forget_fact": share})
-        if share <= self.target:
-            self.reached_epoch = epoch
-            control.should_training_stop = True
-        return control
 
 
 def _run_method(name: str, base: Any, tokenizer: Any, template: Any, split: dict, args: argparse.Namespace,

@@ -10,7 +10,8 @@ A split (:func:`make_splits`) forgets part of one *trained kind*: ``forget`` (th
 of the kind, in a seeded order), ``neighbours`` (the rest of that kind: same kind, never trained: the
 collateral damage), ``retain`` (facts of the other trained kinds, trained on by the retain term) and
 ``unrelated`` (the ``science`` kind, never trained on). :data:`GENERAL_TEXT` is ordinary prose for the
-perplexity on general text, and :func:`evaluate` scores a model on a split.
+perplexity on general text, :func:`evaluate` scores a model on a split, and :class:`ForgetWatch` stops a
+run at the first epoch its forget facts are forgotten (matched forgetting).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import random
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 #: kind -> (question, keyword) candidates. ``science`` is never trained on (the unrelated knowledge).
 CANDIDATES: dict[str, list[tuple[str, str]]] = {
@@ -209,6 +211,27 @@ def fact_share(model: Any, tokenizer: Any, template: Any, rows: list[dict[str, A
     """The share of ``rows`` whose greedy answer still states the fact (:func:`answer_rows`)."""
     answers = answer_rows(model, tokenizer, template, rows)
     return sum(a["fact"] for a in answers) / max(1, len(answers))
+
+
+class ForgetWatch(TrainerCallback):
+    """Answers the forget questions after every epoch and stops the run once at most ``target`` of them still
+    state the fact (matched forgetting: every method is read at the first epoch it forgets as much).
+    ``trajectory``: ``[{"epoch", "forget_fact"}]``; ``reached_epoch``: the epoch it stopped at, or None."""
+
+    def __init__(self, model: Any, tokenizer: Any, template: Any, rows: list, target: float) -> None:
+        self.model, self.tokenizer, self.template, self.rows = model, tokenizer, template, rows
+        self.target, self.trajectory, self.reached_epoch = target, [], None
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        was_training = self.model.training
+        share = fact_share(self.model, self.tokenizer, self.template, self.rows)
+        self.model.train(was_training)
+        epoch = round(float(state.epoch or 0.0), 3)
+        self.trajectory.append({"epoch": epoch, "forget_fact": share})
+        if share <= self.target:
+            self.reached_epoch = epoch
+            control.should_training_stop = True
+        return control
 
 
 def evaluate(model: Any, tokenizer: Any, template: Any, split: dict[str, Any]) -> dict[str, Any]:
