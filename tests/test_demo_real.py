@@ -52,6 +52,12 @@ def test_the_demo_flow_on_a_stand_in_model(tok, tmp_path, monkeypatch, capsys):
     assert len(saved["split"]["forget"]) == 3 and saved["tau"]["eos"] == "keep"
     out = capsys.readouterr().out
     assert "before:" in out and "after:" in out and out.count("claim ") == 3
+    assert saved["stopped_at_epoch"] is None  # no match: every epoch runs
+    # Stopping at matched forgetting: the stand-in never states the fact, so the first epoch is enough.
+    record = real.run_real_demo(str(tmp_path / "matched"), progress=False, epochs=3, lr=1e-3, preview_tokens=4,
+                                layers="auto", match=0.0)  # fmt: skip
+    assert record["stopped_at_epoch"] == 1
+    assert "training stopped at matched forgetting" in capsys.readouterr().out
 
 
 def test_an_announced_answer_that_never_comes_is_unanswered():

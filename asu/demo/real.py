@@ -24,14 +24,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from asu.demo.real_facts import PARTS, evaluate, make_splits, stated_facts
+from asu.demo.real_facts import PARTS, ForgetWatch, evaluate, make_splits, stated_facts
 from asu.files import atomic_write_json
 
 __all__ = ["DEFAULTS", "claims", "run_real_demo"]
 
-#: The demo's settings: learning rate, epochs (one step each: the 3 forget rows are one batch), λ, the ASU
-#: teacher's end-of-turn handling and the cap on the τ previews' answers.
-DEFAULTS: dict[str, Any] = {"lr": 2e-5, "epochs": 4, "lam": 1.0, "eos": "keep", "preview_tokens": 16}
+#: The demo's settings: learning rate, epochs at most (one step each: the 3 forget rows are one batch), λ,
+#: the ASU teacher's end-of-turn handling, the cap on the τ previews' answers, the smoothed layers (``"all"``,
+#: or ``"auto"``: all when a fluent all-layer teacher reaches the target, else the third of the depth chosen
+#: by preview, :func:`asu.tau.choose_layers`) and ``match``: training stops after the first epoch at which
+#: at most this share of the forget facts is still stated (:class:`asu.demo.real_facts.ForgetWatch`; None:
+#: every epoch runs).
+DEFAULTS: dict[str, Any] = {"lr": 2e-5, "epochs": 4, "lam": 1.0, "eos": "keep", "preview_tokens": 16,
+                            "layers": "all", "match": None}  # fmt: skip
 FORGET_KIND = "capital"
 
 
@@ -73,6 +78,21 @@ def _split(model: Any, tokenizer: Any, template: Any) -> dict[str, Any]:
     return splits[0]
 
 
+def _layer_choice(model: Any, tokenizer: Any, split: dict, template: Any, s: dict[str, Any]) -> Any:
+    """The thirds of the depth searched (:func:`asu.tau.choose_layers`); the best reached choice or None."""
+    from asu.smoothing import attention_modules
+    from asu.tau import candidate_layers, choose_layers
+
+    sets = candidate_layers(len(attention_modules(model)))
+    best, _ = choose_layers(model, tokenizer, split["forget"], "auto", candidates=sets, template=template,
+                            eos=s["eos"], max_new_tokens=s["preview_tokens"], max_steps=6)  # fmt: skip
+    if best is None:
+        _say("no third of the depth has a fluent teacher reaching the target either: all layers it is")
+    else:
+        _say(f"smoothing layers {best.layers} instead: {best.describe()}")
+    return best
+
+
 def run_real_demo(out: str, cache_dir: str | None = None, progress: bool = True, **settings: Any) -> dict:
     """The demo (module docstring); ``settings`` override :data:`DEFAULTS`. Returns what it writes."""
     from asu.gguf_models import SMOLLM2, resolve_model
@@ -96,9 +116,20 @@ def run_real_demo(out: str, cache_dir: str | None = None, progress: bool = True,
     choice = choose_temperature(original, tokenizer, split["forget"], "auto", template=template, eos=s["eos"],
                                 max_new_tokens=s["preview_tokens"], max_steps=6, warn=False)  # fmt: skip
     _say(choice.describe())
+    if s["layers"] == "auto" and not choice.reached:
+        choice = _layer_choice(original, tokenizer, split, template, s) or choice
     student = copy.deepcopy(original)
-    tuned = dataclasses.replace(cfg, temperature=choice.temperature)
-    result = unlearn(student, tokenizer, split["forget"], split["retain"], tuned)
+    tuned = dataclasses.replace(cfg, temperature=choice.temperature, layers=choice.layers)
+    watch = (
+        None if s["match"] is None else ForgetWatch(student, tokenizer, template, split["forget"], s["match"])
+    )
+    result = unlearn(student, tokenizer, split["forget"], split["retain"], tuned,
+                     callbacks=[watch] if watch else None)  # fmt: skip
+    if watch is not None:
+        epoch = watch.reached_epoch
+        when = f"after epoch {epoch:g}" if epoch else f"not reached within {s['epochs']:g} epochs"
+        _say(f"training stopped at matched forgetting (at most {s['match']:.0%} of the forget facts stated): "
+             f"{when}")  # fmt: skip
     after = evaluate(result.model, tokenizer, template, split)
     _show(before, after)
     checked = claims(before, after)
@@ -106,7 +137,8 @@ def run_real_demo(out: str, cache_dir: str | None = None, progress: bool = True,
     for c in checked:
         _say(f"claim {'holds' if c['holds'] else 'DOES NOT HOLD'}: {c['claim']} ({c['numbers']})")
     record = {"settings": s, "split": {p: [r["question"] for r in split[p]] for p in PARTS},
-              "tau": choice.to_dict(), "before": before, "after": after, "claims": checked,
+              "tau": choice.to_dict(), "stopped_at_epoch": watch.reached_epoch if watch else None,
+              "before": before, "after": after, "claims": checked,
               "seconds": time.perf_counter() - t0}  # fmt: skip
     atomic_write_json(Path(out) / "demo-real.json", record)
     _say(f"\n{record['seconds'] / 60:.1f} min in all; everything in {Path(out) / 'demo-real.json'}")
