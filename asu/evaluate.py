@@ -459,9 +459,9 @@ class _Runner:
     ) -> list[dict[str, Any]]:
         """Greedy answers to ``prompts`` scored against ``references`` (token ids whose text, minus the
         prompt's, is the ground truth), per row as open-unlearning's ``rouge`` stores it, plus ``ids``."""
+        cap = max_new_tokens or self.max_new_tokens
         gens = greedy_generate(
-            self.model, self.tokenizer, prompts, self.batch_size, max_new_tokens or self.max_new_tokens,
-            self.progress, desc,
+            self.model, self.tokenizer, prompts, self.batch_size, cap, self.progress, desc,
         )  # fmt: skip
         out = []
         for prompt, ref, ids in zip(prompts, references, gens, strict=True):
@@ -475,6 +475,9 @@ class _Runner:
                     "ground_truth": truth,
                     "generation": text,
                     "ids": ids,
+                    # The model ended the answer itself (not cut at the cap, nor at a stopword): only then
+                    # can "The answer is:" be an announced answer that never came (degenerate_reason).
+                    "stopped": len(ids) < cap and not stopwords,
                 }
             )
         return out

@@ -223,7 +223,8 @@ def _line(run: dict[str, Any]) -> str:
     e, a = run["eval"], run.get("attacks", {})
     parts = ", ".join(f"{p} {e[p]['fact']:.2f} (empty {e[p]['empty']:.2f})" for p in PARTS)
     attacks = ", ".join(f"{k} {a[k]:.2f}" for k in ATTACKS if k in a)
-    return (f"tau {run['temperature']}, matched at epoch {run.get('reached_epoch')}: {parts}, "
+    tau = f"tau {run['temperature']:.3g}, " if run["config"].get("method") == "asu" else ""
+    return (f"{tau}matched at epoch {run.get('reached_epoch')}: {parts}, "
             f"ppl {e['ppl']:.1f}; after attacks: {attacks}; "
             f"{run['seconds_per_step']:.1f} s/step")  # fmt: skip
 

@@ -192,7 +192,7 @@ def normalised_entry(
 def rouge_entry(generations: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:
     """open-unlearning's ``rouge``: per row the three ROUGE numbers, input, ground truth and generation;
     aggregate the mean of ``key`` (``rougeL_recall`` for TOFU, ``rougeL_f1`` for MUSE)."""
-    items = [{k: v for k, v in g.items() if k != "ids"} for g in generations]
+    items = [{k: v for k, v in g.items() if k not in ("ids", "stopped")} for g in generations]
     return {"agg_value": _mean([it[key] for it in items]), "value_by_index": _by_index(items)}
 
 
@@ -259,8 +259,9 @@ DEGENERATE_METRICS = ("immediate_stop", "empty_answers", "degenerate_answers")
 def degenerate_entries(split: str, generations: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """``{split}_immediate_stop``, ``_empty_answers``, ``_degenerate_answers``: per row 1.0 / 0.0 and the
     share over rows, by :func:`asu.metrics.text.degenerate_reason` (each row of ``_degenerate_answers`` also
-    carries its ``reason``, or None)."""
-    reasons = [degenerate_reason(g["ids"], g["generation"]) for g in generations]
+    carries its ``reason``, or None). A generation's ``stopped`` (the model ended it: not cut at the token
+    cap) lets an answer that only announces one count as empty."""
+    reasons = [degenerate_reason(g["ids"], g["generation"], g.get("stopped", False)) for g in generations]
     flags = {
         "immediate_stop": [float(r == STOPS_AT_ONCE) for r in reasons],
         "empty_answers": [float(r in EMPTY_REASONS) for r in reasons],
