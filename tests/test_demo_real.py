@@ -54,8 +54,8 @@ def test_the_demo_flow_on_a_stand_in_model(tok, tmp_path, monkeypatch, capsys):
     assert "before:" in out and "after:" in out and out.count("claim ") == 3
     assert saved["stopped_at_epoch"] is None  # no match: every epoch runs
     # Stopping at matched forgetting: the stand-in never states the fact, so the first epoch is enough.
-    record = real.run_real_demo(str(tmp_path / "matched"), progress=False, epochs=3, lr=1e-3, preview_tokens=4,
-                                layers="auto", match=0.0)  # fmt: skip
+    record = real.run_real_demo(str(tmp_path / "matched"), progress=False, epochs=3, lr=1e-3,
+                                preview_tokens=4, layers="auto", match=0.0)  # fmt: skip
     assert record["stopped_at_epoch"] == 1
     assert "training stopped at matched forgetting" in capsys.readouterr().out
 

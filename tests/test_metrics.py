@@ -294,6 +294,24 @@ def test_degenerate_entries_nest_and_carry_the_reason():
     ]
     reasons = [v["reason"] for v in e["forget_degenerate_answers"]["value_by_index"].values()]
     assert reasons == ["stops at once", "empty", "one token repeated", None]
+    # An opener the model ended its turn after is empty; the same text cut at the token cap is not judged.
+    announced = {"ids": [4, 5], "generation": "The answer is:"}
+    e = degenerate_entries("forget", [{**announced, "stopped": True}, {**announced, "stopped": False}])
+    assert [v["reason"] for v in e["forget_degenerate_answers"]["value_by_index"].values()] == [
+        "announces an answer and stops",
+        None,
+    ]
+    assert e["forget_empty_answers"]["agg_value"] == 0.5
+
+
+def test_generations_record_whether_the_model_stopped_and_keep_it_out_of_the_reference_layout():
+    from asu.metrics.layout import rouge_entry
+
+    gens = [{"rougeL_recall": 1.0, "generation": "x", "ids": [1], "stopped": True}]
+    assert rouge_entry(gens, "rougeL_recall")["value_by_index"]["0"] == {
+        "rougeL_recall": 1.0,
+        "generation": "x",
+    }
 
 
 def test_an_empty_answer_is_not_fluent():
