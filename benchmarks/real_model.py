@@ -301,6 +301,15 @@ def _epochs_cell(row: dict[str, Any], n: int) -> str:
     return f"{_cell(row, 'epochs', 1)}" + ("" if k == n else f" ({k}/{n} reached)")
 
 
+def _split_names(splits: list[dict[str, Any]]) -> str:
+    """``capital, author, language`` (one seed), or ``capital/0, ..., language/1`` (kind / split seed)."""
+    seeds = {sp.get("seed", 0) for sp in splits}
+    if len(seeds) == 1:
+        return "one per kind of fact: " + ", ".join(sp["kind"] for sp in splits)
+    named = ", ".join(f"{sp['kind']}/{sp.get('seed', 0)}" for sp in splits)
+    return f"kind of fact / seed of the draw: {named}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The results table (mean ± std over splits), the τ choices and example answers, from ``results``."""
     agg, env, s = results["aggregate"], results["environment"], results["settings"]
@@ -313,8 +322,8 @@ def markdown(results: dict[str, Any]) -> str:
         else f"{s['epochs']:g} epochs for every method (not matched in forgetting)"
     )
     lines = [
-        f"SmolLM2-135M-Instruct (`--model smollm2`), {n} forget splits (one per kind of fact: "
-        f"{', '.join(x['kind'] for x in results['splits'])}), {s['n_forget']} forget facts each; "
+        f"SmolLM2-135M-Instruct (`--model smollm2`), {n} forget splits ({_split_names(results['splits'])}), "
+        f"{s['n_forget']} forget facts each; "
         f"lr {s['lr']:g}, batch {s['batch_size']}, λ {s['lam']:g}; {stop}. "
         f"Machine: {env['machine']}, torch {env['torch']}, transformers {env['transformers']}, "
         f"{env['torch_threads']} thread per process; {results['seconds'] / 60:.0f} min summed over the "
@@ -329,10 +338,8 @@ def markdown(results: dict[str, Any]) -> str:
             "unrelated.fact")  # fmt: skip
     head = ("| method | forget fact | forget none | neighbours fact | neighbours none | retain fact | "
             "unrelated fact |")  # fmt: skip
-    lines += [
-        f"{head} ppl |" + (" epochs to match |" if matched else "") + " s / step | min / run |",
-        "|---" * (9 + matched) + "|",
-    ]
+    head += " ppl |" + (" epochs to match |" if matched else "") + " s / step | min / run |"
+    lines += [head, "|---" * (head.count("|") - 1) + "|"]
     for name, row in agg.items():
         label = name if row["forget.fact"][2] == n else f"{name} [{row['forget.fact'][2]}]"
         cells = " | ".join(_cell(row, k) for k in keys)
@@ -434,18 +441,44 @@ def verdict(agg: dict[str, Any]) -> list[str]:
     return out
 
 
-def best_asu(agg: dict[str, Any]) -> str | None:
-    """The ASU variant that wins across splits: the largest (forget drop) - (neighbour drop) - (retain drop)
-    - (unrelated drop), mean over splits; unanswered forget questions count as not forgotten."""
+def net_scores(agg: dict[str, Any]) -> dict[str, float]:
+    """Per method, mean over splits: (forget drop) - (neighbour drop) - (retain drop) - (unrelated drop),
+    where an unanswered forget question counts as not forgotten (harm below zero counts as zero)."""
     orig = agg["original"]
     scores = {}
     for name, row in agg.items():
-        if not name.startswith("asu"):
+        if name == "original":
             continue
         forgot = orig["forget.fact"][0] - row["forget.fact"][0] - row["forget.unanswered"][0]
         harm = sum(orig[k][0] - row[k][0] for k in ("neighbours.fact", "retain.fact", "unrelated.fact"))
         scores[name] = forgot - max(0.0, harm)
+    return scores
+
+
+def best_asu(agg: dict[str, Any]) -> str | None:
+    """The ASU variant that wins across splits by :func:`net_scores`."""
+    scores = {k: v for k, v in net_scores(agg).items() if k.startswith("asu")}
     return max(scores, key=scores.get) if scores else None
+
+
+def _ranking_line(agg: dict[str, Any], best: str | None) -> str:
+    """The methods ranked by :func:`net_scores`, the best ASU variant, and whether a baseline beat it."""
+    if best is None:
+        return "* No ASU variant ran."
+    scores = net_scores(agg)
+    ranked = sorted(scores, key=scores.get, reverse=True)
+    order = ", ".join(f"`{k}` {scores[k]:+.2f}" for k in ranked)
+    beaten = [k for k in ranked if not k.startswith("asu") and scores[k] > scores[best]]
+    verdict = (
+        f"the baselines {', '.join(f'`{k}`' for k in beaten)} did better than every ASU variant here"
+        if beaten
+        else "no baseline did better"
+    )
+    return (
+        "* Forgetting gained less damage done (forget drop, with an unanswered forget question counted as "
+        "not forgotten, minus the neighbour, retain and unrelated drops; mean over splits): "
+        f"{order}. The best ASU variant is `{best}`; {verdict}."
+    )
 
 
 def readme_section(results: dict[str, Any], results_dir: str) -> str:
@@ -459,10 +492,7 @@ def readme_section(results: dict[str, Any], results_dir: str) -> str:
         "What the numbers say (mean over splits):",
         "",
         *[f"* {v}" for v in verdict(agg)],
-        f"* By forgetting gained less damage done (a forget question left unanswered counts as not "
-        f"forgotten), the best ASU variant here is `{best}`."
-        if best
-        else "* No ASU variant ran.",
+        _ranking_line(agg, best),
         "* Every method ran at the same learning rate; "
         + (
             "each run stopped at the first epoch its forget facts fell to the matched level (a method that "
@@ -491,7 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--relearn-lr", type=float, default=2e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-kind", type=int, default=None, help="candidate questions asked per kind (all)")
-    parser.add_argument("--splits", type=int, default=3, help="at most this many splits")
+    parser.add_argument("--splits", type=int, default=3, help="at most this many splits per split seed")
+    parser.add_argument("--split-seeds", default="0",
+                        help="comma-separated seeds, each drawing its own forget facts per kind")  # fmt: skip
     parser.add_argument("--preview-tokens", type=int, default=16, help="cap on each τ preview's answers")
     parser.add_argument("--preview-steps", type=int, default=6, help="previews per τ search")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated: {', '.join(METHODS)}")
@@ -507,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= args.match < 1.0:
         parser.error(f"--match must be in [0, 1), got {args.match}")
     args.methods = [m for m in args.methods.split(",") if m]
+    args.split_seeds = [int(x) for x in str(args.split_seeds).split(",") if x.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
@@ -537,7 +570,10 @@ def facts_stage(args: argparse.Namespace, out: Path) -> int:
     t0 = time.perf_counter()
     path, tokenizer, base, template = _load(args)
     facts = stated_facts(base, tokenizer, template, max_new_tokens=24, per_kind=args.per_kind)
-    splits = make_splits(facts["kept"], args.n_forget, args.n_retain, args.seed)[: args.splits]
+    splits = []
+    for seed in args.split_seeds:  # each seed draws other forget facts of every kind
+        drawn = make_splits(facts["kept"], args.n_forget, args.n_retain, seed)[: args.splits]
+        splits += [{**sp, "seed": seed} for sp in drawn]
     print(f"[real-model] {len(facts['kept'])} facts stated of {len(facts['kept']) + len(facts['dropped'])}; "
           f"{len(splits)} splits", flush=True)  # fmt: skip
     if not splits:

@@ -67,3 +67,21 @@ def test_a_split_runs_every_method_and_reports(tok, tmp_path, monkeypatch):
     assert agg["asu"]["reached"] == [1, 0.0, 1] and agg["asu"]["epochs"][0] == 1.0
     assert "attack.relearn_half" in agg["asu"] and "attack.nf4" in agg["original"]
     assert "| epochs to match |" in text and "relearn half → other half" in text
+
+
+def test_the_ranking_names_a_baseline_that_beats_every_asu_variant():
+    def row(forget, unanswered, neighbours, retain=1.0, unrelated=1.0):
+        cells = {"forget.fact": forget, "forget.unanswered": unanswered, "neighbours.fact": neighbours,
+                 "retain.fact": retain, "unrelated.fact": unrelated}  # fmt: skip
+        return {k: [v, 0.0, 3] for k, v in cells.items()}
+
+    agg = {"original": row(1.0, 0.0, 1.0), "asu": row(0.0, 0.5, 0.5), "npo": row(0.25, 0.0, 0.75)}
+    scores = rm.net_scores(agg)
+    # asu: forgot 1 - 0 - 0.5 (unanswered is not forgotten) = 0.5, harm 0.5; npo: 0.75 - 0.25
+    assert scores == {"asu": 0.0, "npo": 0.5} and rm.best_asu(agg) == "asu"
+    assert "the baselines `npo` did better than every ASU variant" in rm._ranking_line(agg, "asu")
+    agg["npo"] = row(1.0, 0.0, 1.0)
+    assert "no baseline did better" in rm._ranking_line(agg, "asu")
+    assert rm._split_names([{"kind": "capital", "seed": 0}, {"kind": "capital", "seed": 1}]).endswith(
+        "capital/0, capital/1"
+    )
