@@ -195,7 +195,8 @@ def run_split(base: Any, tokenizer: Any, template: Any, split: dict, args: argpa
     print(f"[real-model] split {split['kind']}: {len(split['forget'])} forget, "
           f"{len(split['neighbours'])} neighbours, {len(split['retain'])} retain", flush=True)  # fmt: skip
     t0 = time.perf_counter()
-    out: dict[str, Any] = {"kind": split["kind"], "sizes": {p: len(split[p]) for p in PARTS}, "runs": {}}
+    out: dict[str, Any] = {"kind": split["kind"], "seed": split.get("seed", 0),
+                           "sizes": {p: len(split[p]) for p in PARTS}, "runs": {}}  # fmt: skip
     out["original"] = evaluate(base, tokenizer, template, split)
     out["original_attacks"] = {"nf4": _nf4_fact_share(base, tokenizer, template, split["forget"])}
     settings = choose_settings(base, tokenizer, template, split, args)
@@ -455,6 +456,34 @@ def net_scores(agg: dict[str, Any]) -> dict[str, float]:
     return scores
 
 
+def split_net_scores(split: dict[str, Any]) -> dict[str, float]:
+    """:func:`net_scores` on one split's own numbers."""
+    agg = {"original": {f"{p}.{k}": [split["original"][p][k], 0.0, 1] for p in PARTS for k in ("fact",)}}
+    agg["original"]["forget.unanswered"] = [0.0, 0.0, 1]
+    for name, run in split["runs"].items():
+        if "eval" in run:
+            e = run["eval"]
+            row = {f"{p}.fact": [e[p]["fact"], 0.0, 1] for p in PARTS}
+            said = e["forget"]["answers"]
+            row["forget.unanswered"] = [sum(map(unanswered, said)) / max(1, len(said)), 0.0, 1]
+            agg[name] = row
+    return net_scores(agg)
+
+
+def wins_over_default(splits: list[dict[str, Any]], default: str = "asu") -> dict[str, list[int]]:
+    """Per method: ``[splits it scores higher than default on, lower, equal]`` (:func:`split_net_scores`)."""
+    out: dict[str, list[int]] = {}
+    for sp in splits:
+        scores = split_net_scores(sp)
+        if default not in scores:
+            continue
+        for name, v in scores.items():
+            if name != default:
+                w = out.setdefault(name, [0, 0, 0])
+                w[0 if v > scores[default] + 1e-9 else 1 if v < scores[default] - 1e-9 else 2] += 1
+    return out
+
+
 def best_asu(agg: dict[str, Any]) -> str | None:
     """The ASU variant that wins across splits by :func:`net_scores`."""
     scores = {k: v for k, v in net_scores(agg).items() if k.startswith("asu")}
@@ -481,6 +510,17 @@ def _ranking_line(agg: dict[str, Any], best: str | None) -> str:
     )
 
 
+def _wins_lines(splits: list[dict[str, Any]]) -> list[str]:
+    wins = wins_over_default(splits)
+    if not wins:
+        return []
+    said = "; ".join(f"`{k}` {w[0]} better, {w[1]} worse, {w[2]} tied" for k, w in wins.items())
+    return [
+        f"* Split by split against `asu` (the default: the paper's teacher on all layers), same score: "
+        f"{said}."
+    ]
+
+
 def readme_section(results: dict[str, Any], results_dir: str) -> str:
     agg = results["aggregate"]
     best = best_asu(agg)
@@ -493,6 +533,7 @@ def readme_section(results: dict[str, Any], results_dir: str) -> str:
         "",
         *[f"* {v}" for v in verdict(agg)],
         _ranking_line(agg, best),
+        *_wins_lines(results["splits"]),
         "* Every method ran at the same learning rate; "
         + (
             "each run stopped at the first epoch its forget facts fell to the matched level (a method that "
@@ -602,7 +643,12 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def report_stage(args: argparse.Namespace, out: Path) -> int:
     """``out/results.json`` and ``results.md`` from the split files; the README section with ``--readme``."""
     facts = json.loads((out / "facts.json").read_text())
-    done = [json.loads(p.read_text()) for p in sorted(out.glob("split-*.json"))]
+    paths = sorted(out.glob("split-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    done = [json.loads(p.read_text()) for p in paths]
+    for path, d in zip(paths, done, strict=True):  # split files written before splits carried their seed
+        k = int(path.stem.split("-")[1])
+        if "seed" not in d:
+            d["seed"] = facts["splits"][k].get("seed", 0) if k < len(facts["splits"]) else 0
     if not done:
         print(f"{out}: no split results", file=sys.stderr)
         return 1

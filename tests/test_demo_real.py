@@ -46,7 +46,9 @@ def test_the_demo_flow_on_a_stand_in_model(tok, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(asu.models, "load_tokenizer", lambda path: tok)
     monkeypatch.setattr(asu.models, "load_model", lambda path: tiny_model(vocab_size=len(tok)))
     monkeypatch.setattr("asu.demo.real_facts.GENERAL_TEXT", ["the author wrote books ."])
-    record = real.run_real_demo(str(tmp_path), progress=False, epochs=1, lr=1e-3, preview_tokens=4)
+    record = real.run_real_demo(
+        str(tmp_path), progress=False, epochs=1, lr=1e-3, preview_tokens=4, match=None
+    )
     saved = json.loads((tmp_path / "demo-real.json").read_text())
     assert saved["claims"] == record["claims"] and len(saved["claims"]) == 3
     assert len(saved["split"]["forget"]) == 3 and saved["tau"]["eos"] == "keep"

@@ -85,3 +85,19 @@ def test_the_ranking_names_a_baseline_that_beats_every_asu_variant():
     assert rm._split_names([{"kind": "capital", "seed": 0}, {"kind": "capital", "seed": 1}]).endswith(
         "capital/0, capital/1"
     )
+
+
+def test_wins_over_the_default_are_counted_split_by_split():
+    def split(asu_forget, npo_forget):
+        def ev(forget):
+            answers = [{"empty": False, "answer": "x"}]
+            return {"forget": {"fact": forget, "answers": answers}, "neighbours": {"fact": 1.0},
+                    "retain": {"fact": 1.0}, "unrelated": {"fact": 1.0}}  # fmt: skip
+
+        return {
+            "original": ev(1.0),
+            "runs": {"asu": {"eval": ev(asu_forget)}, "npo": {"eval": ev(npo_forget)}},
+        }
+
+    splits = [split(0.0, 0.5), split(0.5, 0.0), split(0.5, 0.0), split(0.25, 0.25)]
+    assert rm.wins_over_default(splits) == {"npo": [2, 1, 1]}

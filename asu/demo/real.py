@@ -5,8 +5,9 @@ cached, :mod:`asu.gguf_models`) is asked the candidate questions of :mod:`asu.de
 states in its own words make the split: three capitals to forget, the other capitals it knows
 (neighbours: the same kind, not forgotten), facts of other kinds to retain, and science facts never trained
 on (unrelated). ASU's τ is chosen by the preview (:func:`asu.tau.choose_temperature`, which refuses to call
-a collapsed teacher's empty answers forgetting), ASU unlearns the three facts, and the demo prints every
-answer before and after and checks three claims on its own numbers:
+a collapsed teacher's empty answers forgetting), ASU unlearns the three facts (stopping at the first epoch at
+which at most one of them is still stated), and the demo prints every answer before and after and checks
+three claims on its own numbers:
 
 1. fewer forget questions are answered with the fact than before;
 2. every forget and neighbour question is still answered (no empty answer, no "The answer is:" followed by
@@ -35,8 +36,12 @@ __all__ = ["DEFAULTS", "claims", "run_real_demo"]
 #: by preview, :func:`asu.tau.choose_layers`) and ``match``: training stops after the first epoch at which
 #: at most this share of the forget facts is still stated (:class:`asu.demo.real_facts.ForgetWatch`; None:
 #: every epoch runs).
-DEFAULTS: dict[str, Any] = {"lr": 2e-5, "epochs": 4, "lam": 1.0, "eos": "keep", "preview_tokens": 16,
-                            "layers": "all", "match": None}  # fmt: skip
+#: Measured on the real model (2 cores): lr 1e-5 (the paper's TOFU rate), stopping once at most one of the
+#: three facts is stated, leaves every question answered; at 2e-5 (4 epochs) and 4e-5 (stopped at matched
+#: forgetting) the student learns to end its turn after "The answer to your question is:", and smoothing the
+#: layer third chosen by preview forgets more but loses the other capitals and unrelated facts.
+DEFAULTS: dict[str, Any] = {"lr": 1e-5, "epochs": 12, "lam": 1.0, "eos": "keep", "preview_tokens": 16,
+                            "layers": "all", "match": 1 / 3}  # fmt: skip
 FORGET_KIND = "capital"
 
 
