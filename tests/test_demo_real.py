@@ -59,7 +59,7 @@ def test_the_demo_flow_on_a_stand_in_model(tok, tmp_path, monkeypatch, capsys):
     record = real.run_real_demo(str(tmp_path / "matched"), progress=False, epochs=3, lr=1e-3,
                                 preview_tokens=4, layers="auto", match=0.0)  # fmt: skip
     assert record["stopped_at_epoch"] == 1
-    assert "training stopped at matched forgetting" in capsys.readouterr().out
+    assert "reached after epoch 1, training stopped" in capsys.readouterr().out
 
 
 def test_an_announced_answer_that_never_comes_is_unanswered():

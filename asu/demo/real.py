@@ -132,9 +132,9 @@ def run_real_demo(out: str, cache_dir: str | None = None, progress: bool = True,
                      callbacks=[watch] if watch else None)  # fmt: skip
     if watch is not None:
         epoch = watch.reached_epoch
-        when = f"after epoch {epoch:g}" if epoch else f"not reached within {s['epochs']:g} epochs"
-        _say(f"training stopped at matched forgetting (at most {s['match']:.0%} of the forget facts stated): "
-             f"{when}")  # fmt: skip
+        when = f"reached after epoch {epoch:g}, training stopped" if epoch else (
+            f"not reached within {s['epochs']:g} epochs")  # fmt: skip
+        _say(f"matched forgetting (at most {s['match']:.0%} of the forget facts stated): {when}")
     after = evaluate(result.model, tokenizer, template, split)
     _show(before, after)
     checked = claims(before, after)
