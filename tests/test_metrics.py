@@ -321,13 +321,14 @@ def test_an_empty_answer_is_not_fluent():
         {"ids": [], "generation": ""},
         {"ids": [4], "generation": "\n"},
         {"ids": [1, 2], "generation": "ok"},
+        {"ids": [1, 2], "generation": "The answer is:", "stopped": True},  # ended after an opener
     ]
     f = fluency_entries("forget", gens, well_formed=lambda g: True)
     scores = {k: [v["score"] for v in e["value_by_index"].values()] for k, e in f.items()}
     assert scores == {
-        "forget_token_entropy": [0.0, 0.0, 1.0],
-        "forget_no_repeat": [0.0, 0.0, 1.0],
-        "forget_well_formed": [0.0, 0.0, 1.0],
+        "forget_token_entropy": [0.0, 0.0, 1.0, 1.0],
+        "forget_no_repeat": [0.0, 0.0, 1.0, 0.0],
+        "forget_well_formed": [0.0, 0.0, 1.0, 0.0],
     }
 
 

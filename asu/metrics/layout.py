@@ -229,7 +229,11 @@ def memorisation_entries(scores: Sequence[TokenScores]) -> tuple[dict[str, Any],
 
 
 def _empty(generation: dict[str, Any]) -> bool:
-    return not generation["generation"].strip()
+    """No answer: whitespace only, or (when the model ended it) an opener such as "The answer is:"."""
+    text = generation["generation"]
+    if not text.strip():
+        return True
+    return degenerate_reason(generation["ids"], text, generation.get("stopped", False)) in EMPTY_REASONS
 
 
 def fluency_entries(
@@ -237,8 +241,9 @@ def fluency_entries(
 ) -> dict[str, Any]:
     """Token entropy, no-repeat fraction and (with a checker) well-formed fraction of the generations.
 
-    An empty answer (nothing but whitespace once special tokens are dropped) is not fluent: it scores 0 in
-    all three (its token entropy is 0 by definition, it counts as repeating, and it is not well formed)."""
+    An empty answer (nothing but whitespace once special tokens are dropped, or an opener the model ended its
+    turn after, :data:`asu.metrics.text.EMPTY_REASONS`) is not fluent: it counts as repeating and is not well
+    formed (a whitespace-only answer's token entropy is 0 as well; an opener keeps its own)."""
     out = {
         f"{split}_token_entropy": score_entry([token_entropy(g["ids"]) for g in generations]),
         f"{split}_no_repeat": score_entry(

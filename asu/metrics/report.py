@@ -97,7 +97,7 @@ _DESCRIPTIONS = {
     "forget_no_repeat": "forget answers non-empty, no repeated 3-gram",
     "forget_well_formed": "forget answers in the world's grammar",
     "degenerate_answers": "answers empty, without letters, or looping",
-    "empty_answers": "answers empty (special tokens, whitespace)",
+    "empty_answers": "answers empty (whitespace, or an opener then end of turn)",
     "immediate_stop": "answers whose first token is EOS / end of turn",
     # asu eval --attack (asu.attacks): the robustness scores.
     "relearn_R": "relearning vs the reference's: min(Δref/Δmodel, 1)",
