@@ -373,11 +373,13 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{_cell(row, 'attack.relearn')} | {before} | {_cell(row, 'attack.relearn_half')} |"
             )
     lines += ["", "τ chosen per split (`NOT reached`: no fluent teacher met the target):", ""]
+    seeds = len({sp.get("seed", 0) for sp in results["splits"]}) > 1
     for sp in results["splits"]:
-        lines += [f"* {sp['kind']} / {name}: {_tau_line(c)}" for name, c in sp["tau_choices"].items()]
+        where = f"{sp['kind']}/{sp.get('seed', 0)}" if seeds else sp["kind"]
+        lines += [f"* {where} / {name}: {_tau_line(c)}" for name, c in sp["tau_choices"].items()]
         if "layer_choices" in sp:
             found = [f"{c['layers']} (τ {c['temperature']:.3g})" for c in sp["layer_choices"] if c["reached"]]
-            lines.append(f"* {sp['kind']} / asu-layers, thirds of the depth searched: reached on "
+            lines.append(f"* {where} / asu-layers, thirds of the depth searched: reached on "
                          f"{', '.join(found) if found else 'none'}")  # fmt: skip
     return "\n".join(lines + _examples(results["splits"][0])) + "\n"
 
