@@ -148,7 +148,8 @@ def stated_facts(
     out: dict[str, Any] = {"kept": [], "dropped": []}
     for (kind, q, fact), x in zip(items, ids, strict=True):
         text = tokenizer.decode(x, skip_special_tokens=True).strip()
-        stated = fact.lower() in text.lower() and degenerate_reason(x, text, len(x) < max_new_tokens) is None
+        fluent = degenerate_reason(x, text, stopped=len(x) < max_new_tokens) is None
+        stated = fact.lower() in text.lower() and fluent
         row = {"kind": kind, "question": q, "answer": text, "facts": [fact], "stated": stated}
         out["kept" if stated else "dropped"].append(row)
     return out

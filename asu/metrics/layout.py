@@ -230,10 +230,8 @@ def memorisation_entries(scores: Sequence[TokenScores]) -> tuple[dict[str, Any],
 
 def _empty(generation: dict[str, Any]) -> bool:
     """No answer: whitespace only, or (when the model ended it) an opener such as "The answer is:"."""
-    text = generation["generation"]
-    if not text.strip():
-        return True
-    return degenerate_reason(generation["ids"], text, generation.get("stopped", False)) in EMPTY_REASONS
+    reason = degenerate_reason(generation["ids"], generation["generation"], generation.get("stopped", False))
+    return reason in EMPTY_REASONS
 
 
 def fluency_entries(
